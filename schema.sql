@@ -1,0 +1,75 @@
+-- casfs metadata schema: the single source of truth.
+-- Loaded by `casfs init` into the volume's database. Statements end with ';' at end of line.
+-- Bump schema_version (and cas/meta.py SCHEMA_VERSION) on any change; casfs refuses a
+-- database whose version differs.
+
+CREATE TABLE meta (
+    k VARCHAR(64) NOT NULL PRIMARY KEY,
+    v VARCHAR(255) NOT NULL
+) ENGINE=InnoDB;
+
+INSERT INTO meta (k, v) VALUES ('schema_version', '1');
+
+-- One row per inode. Times in ns since the epoch. nlink = 0 marks a file unlinked while
+-- still open; it is freed at its last release (or at the next mount after a crash).
+CREATE TABLE inodes (
+    id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    mode INT UNSIGNED NOT NULL,
+    uid INT UNSIGNED NOT NULL,
+    gid INT UNSIGNED NOT NULL,
+    nlink INT UNSIGNED NOT NULL,
+    size BIGINT UNSIGNED NOT NULL DEFAULT 0,
+    rdev BIGINT UNSIGNED NOT NULL DEFAULT 0,
+    atime_ns BIGINT NOT NULL,
+    mtime_ns BIGINT NOT NULL,
+    ctime_ns BIGINT NOT NULL,
+    KEY nlink_idx (nlink)
+) ENGINE=InnoDB;
+
+-- Directory entries. id is the stable readdir offset of the entry.
+CREATE TABLE dentries (
+    parent BIGINT UNSIGNED NOT NULL,
+    name VARBINARY(255) NOT NULL,
+    inode BIGINT UNSIGNED NOT NULL,
+    id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
+    PRIMARY KEY (parent, name),
+    UNIQUE KEY id_idx (id),
+    KEY parent_id_idx (parent, id),
+    KEY inode_idx (inode)
+) ENGINE=InnoDB;
+
+CREATE TABLE symlinks (
+    inode BIGINT UNSIGNED NOT NULL PRIMARY KEY,
+    target VARBINARY(4096) NOT NULL
+) ENGINE=InnoDB;
+
+CREATE TABLE xattrs (
+    inode BIGINT UNSIGNED NOT NULL,
+    name VARBINARY(255) NOT NULL,
+    value MEDIUMBLOB NOT NULL,
+    PRIMARY KEY (inode, name)
+) ENGINE=InnoDB;
+
+-- Chunks: id = SHA-256 of the plaintext. length = plaintext bytes; stored_length = bytes
+-- of the envelope in the local store. refcount = number of manifest slots naming it.
+-- zero_since: server time when refcount last reached 0 (NULL while referenced); gc
+-- deletes a chunk only when it has been zero for longer than the grace period.
+CREATE TABLE chunks (
+    id BINARY(32) NOT NULL PRIMARY KEY,
+    length INT UNSIGNED NOT NULL,
+    stored_length INT UNSIGNED NOT NULL,
+    refcount BIGINT NOT NULL,
+    zero_since DATETIME(6) NULL,
+    created DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+    KEY zero_idx (refcount, zero_since)
+) ENGINE=InnoDB;
+
+-- File manifests: slot i of inode covers bytes [i*chunk_size, (i+1)*chunk_size).
+-- A slot with no row is a hole (reads as zeros).
+CREATE TABLE manifests (
+    inode BIGINT UNSIGNED NOT NULL,
+    slot BIGINT UNSIGNED NOT NULL,
+    chunk BINARY(32) NOT NULL,
+    PRIMARY KEY (inode, slot),
+    KEY chunk_idx (chunk)
+) ENGINE=InnoDB;
