@@ -1,0 +1,223 @@
+"""The embedded metadata server: a private MariaDB for one volume.
+
+With no ``meta_url`` a volume keeps its database in ``VOLUME/mysql`` and talks to a
+mariadbd that listens on a unix socket only (``--skip-networking``). Every process that
+needs the database (a mount, ``casfs gc``, ``casfs stats`` ...) calls :meth:`acquire`,
+which starts the server if it is not running, and :meth:`release` when done; the last
+user to leave stops it. Users are counted with flock(2): each holds a shared lock on
+``run/mysql.users`` for its lifetime, so a user killed by SIGKILL is uncounted by the
+kernel. Starting and stopping happen under an exclusive lock on ``run/mysql.control``.
+A server left running by a killed mount is found through its socket and reused.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import ServerError
+
+INSTALL_HINT = (
+    "install it with `apt-get install mariadb-server` (Debian/Ubuntu), "
+    "or use an existing server with `casfs init --meta mysql://USER@HOST:PORT/DB`"
+)
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 60.0
+
+
+def _find(binary: str) -> str | None:
+    return shutil.which(binary) or next(
+        (p for p in (f"/usr/sbin/{binary}", f"/usr/bin/{binary}") if os.access(p, os.X_OK)), None)
+
+
+def socket_path_for(run_dir: Path) -> Path:
+    """Unix socket path for a server whose run directory is ``run_dir``.
+
+    sun_path holds 108 bytes (unix(7)); a long volume path falls back to a per-volume
+    directory in the system temp dir.
+    """
+    p = run_dir / "mysqld.sock"
+    if len(str(p)) < 100:
+        return p
+    digest = hashlib.sha256(str(run_dir).encode()).hexdigest()[:16]
+    d = Path(tempfile.gettempdir()) / f"casfs-{os.getuid()}-{digest}"
+    d.mkdir(mode=0o700, exist_ok=True)
+    return d / "mysqld.sock"
+
+
+class EmbeddedServer:
+    """The private mariadbd of a volume; see the module docstring for the protocol."""
+
+    def __init__(self, datadir: Path, run_dir: Path, log_dir: Path) -> None:
+        self.datadir = datadir
+        self.run_dir = run_dir
+        self.log_dir = log_dir
+        self.socket = socket_path_for(run_dir)
+        self.pid_file = run_dir / "mysqld.pid"
+        self._users_fd: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    # -- state -------------------------------------------------------------------------
+    def alive(self) -> bool:
+        """Whether a server answers on the socket."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(2.0)
+        try:
+            s.connect(str(self.socket))
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
+
+    def pid(self) -> int | None:
+        """Process id from the server's pid file, if that process still runs."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _pid_running(pid) else None
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def install(self) -> None:
+        """Create the datadir with mariadb-install-db (root@localhost, no password)."""
+        tool = _find("mariadb-install-db") or _find("mysql_install_db")
+        if not _find("mariadbd") or not tool:
+            raise ServerError(f"mariadbd is not installed: {INSTALL_HINT}")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [tool, "--no-defaults", f"--datadir={self.datadir}",
+               "--auth-root-authentication-method=normal", "--skip-test-db"]
+        cmd += _user_args()
+        with open(self.log_dir / "mariadb-install.log", "wb") as log:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+        if rc != 0:
+            raise ServerError(f"mariadb-install-db failed (exit {rc}); see {self.log_dir / 'mariadb-install.log'}")
+
+    def acquire(self) -> None:
+        """Register as a user of the server, starting it if needed. Raises ServerError."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with _flock(self.run_dir / "mysql.control"):
+            fd = os.open(self.run_dir / "mysql.users", os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            self._users_fd = fd
+            try:
+                if not self.alive():
+                    self._start()
+            except BaseException:
+                self._drop_users_lock()
+                raise
+
+    def release(self) -> None:
+        """Unregister; the last user stops the server."""
+        if self._users_fd is None:
+            return
+        with _flock(self.run_dir / "mysql.control"):
+            fd = self._users_fd
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._drop_users_lock()
+                return
+            try:
+                self.stop()
+            finally:
+                self._drop_users_lock()
+
+    def _drop_users_lock(self) -> None:
+        if self._users_fd is not None:
+            os.close(self._users_fd)
+            self._users_fd = None
+
+    def _start(self) -> None:
+        binary = _find("mariadbd")
+        if not binary:
+            raise ServerError(f"mariadbd is not installed: {INSTALL_HINT}")
+        if not (self.datadir / "mysql").is_dir():
+            self.install()
+        stale = self.pid()
+        if stale is not None:  # running but not answering: stop it before starting anew
+            _terminate(stale, STOP_TIMEOUT_S)
+        try:
+            self.socket.unlink()
+        except FileNotFoundError:
+            pass
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [binary, "--no-defaults", f"--datadir={self.datadir}", f"--socket={self.socket}",
+               "--skip-networking", f"--pid-file={self.pid_file}",
+               f"--log-error={self.log_dir / 'mariadb.err'}",
+               "--innodb-buffer-pool-size=128M", "--innodb-log-file-size=64M",
+               "--max-connections=200", "--character-set-server=utf8mb4",
+               "--skip-name-resolve", "--transaction-isolation=READ-COMMITTED"]
+        cmd += _user_args()
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise ServerError(f"mariadbd exited at start (code {self._proc.returncode}); "
+                                  f"see {self.log_dir / 'mariadb.err'}")
+            if self.alive():
+                return
+            time.sleep(0.05)
+        raise ServerError(f"mariadbd did not answer within {START_TIMEOUT_S:.0f} s; see {self.log_dir / 'mariadb.err'}")
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, wait for exit). No-op if it is not running."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+            return
+        pid = self.pid()
+        if pid is not None:
+            _terminate(pid, STOP_TIMEOUT_S)
+
+
+def _user_args() -> list[str]:
+    return ["--user=root"] if os.geteuid() == 0 else []
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _terminate(pid: int, timeout: float) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while _pid_running(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+
+
+class _flock:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = -1
+
+    def __enter__(self) -> "_flock":
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)

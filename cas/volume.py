@@ -1,0 +1,162 @@
+"""Volumes: where a volume lives, its config file, and how it is created and opened.
+
+A volume is a directory ``$XDG_DATA_HOME/casfs/NAME/`` (``~/.local/share`` when unset)::
+
+    volume.toml   config: format, uuid, chunk_size, compression, meta_url, meta_password
+    chunks/       the local chunk store (cas.store)
+    mysql/        datadir of the embedded MariaDB server (embedded volumes only)
+    run/          socket, lock files, mount.json of a running mount
+    log/          mount daemon and MariaDB logs
+
+The chunk size is fixed at init: a power of two between 64 KiB and 16 MiB.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+from .envelope import parse_codec
+from .errors import VolumeError
+
+CONFIG_FORMAT = 1
+MIN_CHUNK = 64 * 1024
+MAX_CHUNK = 16 * 1024 * 1024
+DEFAULT_CHUNK = 1024 * 1024
+DEFAULT_NAME = "default"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def data_home() -> Path:
+    """The casfs data directory: ``$XDG_DATA_HOME/casfs`` (XDG Base Directory spec)."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "casfs"
+
+
+def check_chunk_size(size: int) -> int:
+    """Return ``size`` if it is a power of two in [64 KiB, 16 MiB]; else raise VolumeError."""
+    if size < MIN_CHUNK or size > MAX_CHUNK or size & (size - 1):
+        raise VolumeError(f"chunk size {size} must be a power of two between 64 KiB and 16 MiB")
+    return size
+
+
+@dataclass
+class Volume:
+    """An opened volume directory and its configuration."""
+
+    path: Path
+    name: str
+    uuid: str
+    chunk_size: int
+    compression: str
+    meta_url: str = ""
+    meta_password: str = ""
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def embedded(self) -> bool:
+        """True when the volume uses its private MariaDB server (no meta URL)."""
+        return not self.meta_url
+
+    @property
+    def chunk_dir(self) -> Path:
+        return self.path / "chunks"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.path / "log"
+
+    @property
+    def mysql_dir(self) -> Path:
+        return self.path / "mysql"
+
+    @property
+    def codec(self) -> tuple[int, int]:
+        return parse_codec(self.compression)
+
+    def save(self) -> None:
+        cfg: dict[str, object] = {
+            "format": CONFIG_FORMAT,
+            "name": self.name,
+            "uuid": self.uuid,
+            "chunk_size": self.chunk_size,
+            "compression": self.compression,
+            "meta_url": self.meta_url,
+        }
+        if self.meta_password:
+            cfg["meta_password"] = self.meta_password
+        tmp = self.path / "volume.toml.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            tomli_w.dump(cfg, f)
+        os.replace(tmp, self.path / "volume.toml")
+
+
+def volume_path(name: str) -> Path:
+    """The directory of volume ``name``; a name containing '/' is taken as a path."""
+    if "/" in name:
+        return Path(name).resolve()
+    if not _NAME_RE.match(name):
+        raise VolumeError(f"bad volume name {name!r}: use letters, digits, '.', '_', '-'")
+    return data_home() / name
+
+
+def open_volume(name: str) -> Volume:
+    """Open an existing volume. Raises VolumeError if it does not exist or is malformed."""
+    path = volume_path(name)
+    cfg_file = path / "volume.toml"
+    if not cfg_file.is_file():
+        raise VolumeError(f"volume {name!r} does not exist ({path}); create it with `casfs init {name}`")
+    try:
+        cfg = tomllib.loads(cfg_file.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise VolumeError(f"volume {name!r}: cannot read {cfg_file}: {exc}") from exc
+    if cfg.get("format") != CONFIG_FORMAT:
+        raise VolumeError(f"volume {name!r}: config format {cfg.get('format')!r} not supported")
+    try:
+        vol = Volume(
+            path=path,
+            name=str(cfg["name"]),
+            uuid=str(cfg["uuid"]),
+            chunk_size=check_chunk_size(int(cfg["chunk_size"])),
+            compression=str(cfg["compression"]),
+            meta_url=str(cfg.get("meta_url", "")),
+            meta_password=str(cfg.get("meta_password", "")),
+        )
+        parse_codec(vol.compression)
+    except (KeyError, ValueError) as exc:
+        raise VolumeError(f"volume {name!r}: bad config {cfg_file}: {exc}") from exc
+    return vol
+
+
+def create_volume_dir(name: str, chunk_size: int, compression: str, meta_url: str) -> Volume:
+    """Create the directory and config of a new volume (not its database).
+
+    Raises VolumeError if the volume exists already or arguments are invalid.
+    """
+    check_chunk_size(chunk_size)
+    try:
+        parse_codec(compression)
+    except ValueError as exc:
+        raise VolumeError(str(exc)) from exc
+    path = volume_path(name)
+    if (path / "volume.toml").exists():
+        raise VolumeError(f"volume {name!r} already exists ({path})")
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for sub in ("chunks", "run", "log"):
+            (path / sub).mkdir(exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise VolumeError(f"cannot create volume directory {path}: {exc}") from exc
+    vol = Volume(path=path, name=path.name if "/" in name else name, uuid=str(uuid.uuid4()),
+                 chunk_size=chunk_size, compression=compression, meta_url=meta_url)
+    return vol
