@@ -1,0 +1,281 @@
+"""The metadata database: connecting, the schema, and transactions with retry.
+
+PyMySQL errors are converted to :class:`~cas.errors.MetaError` here, where they enter the
+engine. The session runs in READ COMMITTED with autocommit on; :meth:`Database.tx` opens
+an explicit transaction, retried whole on deadlock (1213) and lock wait timeout (1205).
+``schema.sql`` (repository root) is the single source of truth of the schema.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, unquote, urlparse
+
+import pymysql
+import pymysql.cursors
+
+from .errors import MetaError, SchemaMismatch
+from .server import EmbeddedServer
+from .volume import Volume
+
+SCHEMA_VERSION = 1
+SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schema.sql"
+EMBEDDED_DB = "casfs"
+ROOT_INODE = 1
+_RETRY_CODES = {1213, 1205}
+_RECONNECT_CODES = {2006, 2013}
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class MetaTarget:
+    """Where a volume's database lives: TCP host/port or a unix socket, and credentials."""
+
+    user: str
+    password: str
+    database: str
+    host: str = "localhost"
+    port: int = 3306
+    unix_socket: str | None = None
+
+    def describe(self) -> str:
+        where = self.unix_socket or f"{self.host}:{self.port}"
+        return f"{self.user}@{where}/{self.database}"
+
+
+def parse_meta_url(url: str, password: str = "") -> MetaTarget:
+    """Parse ``mysql://USER@HOST[:PORT]/DB[?unix_socket=PATH]``.
+
+    The password comes from ``password`` (the volume config) or ``CASFS_MYSQL_PASSWORD``;
+    a password inside the URL is refused so that it never sits on a command line.
+    Raises MetaError for a malformed URL.
+    """
+    u = urlparse(url)
+    if u.scheme not in ("mysql", "mariadb"):
+        raise MetaError(f"meta URL {url!r}: scheme must be mysql://")
+    if u.password:
+        raise MetaError("meta URL must not carry a password: put it in the volume config "
+                        "(meta_password) or CASFS_MYSQL_PASSWORD")
+    db = u.path.lstrip("/")
+    if not u.username or not u.hostname or not re.fullmatch(r"[A-Za-z0-9_$]{1,64}", db or ""):
+        raise MetaError(f"meta URL {url!r}: expected mysql://USER@HOST[:PORT]/DATABASE")
+    q = parse_qs(u.query)
+    sock = q.get("unix_socket", [None])[0]
+    try:
+        port = u.port or 3306
+    except ValueError as exc:
+        raise MetaError(f"meta URL {url!r}: bad port") from exc
+    return MetaTarget(user=unquote(u.username), password=password or os.environ.get("CASFS_MYSQL_PASSWORD", ""),
+                      database=db, host=u.hostname, port=port, unix_socket=sock)
+
+
+def _convert(exc: pymysql.err.MySQLError, target: MetaTarget) -> MetaError:
+    code = exc.args[0] if exc.args else 0
+    msg = exc.args[1] if len(exc.args) > 1 else str(exc)
+    if code == 1045:
+        return MetaError(f"MySQL refused the credentials for {target.describe()}: {msg}")
+    if code in (2002, 2003, 2005, 2006, 2013):
+        return MetaError(f"cannot reach MySQL at {target.describe()}: {msg}")
+    if code == 1049:
+        return MetaError(f"database {target.database!r} does not exist on {target.describe()}")
+    return MetaError(f"MySQL error {code} on {target.describe()}: {msg}")
+
+
+class Database:
+    """One PyMySQL connection; not thread-safe (callers serialize access)."""
+
+    def __init__(self, target: MetaTarget, database: str | None = None) -> None:
+        self.target = target
+        self._database = target.database if database is None else database
+        self.conn = self._connect()
+
+    def _connect(self) -> pymysql.connections.Connection:
+        t = self.target
+        try:
+            return pymysql.connect(
+                host=t.host, port=t.port, unix_socket=t.unix_socket, user=t.user,
+                password=t.password, database=self._database or None, autocommit=True,
+                charset="utf8mb4", connect_timeout=10, binary_prefix=True,
+                init_command="SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        except pymysql.err.MySQLError as exc:
+            raise _convert(exc, t) from exc
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except pymysql.err.Error:
+            pass
+
+    def query(self, sql: str, args: Sequence[Any] | dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        """Run one statement outside a transaction; return its rows. Raises MetaError."""
+        for attempt in (0, 1):
+            try:
+                with self.conn.cursor() as cur:
+                    cur.execute(sql, args)
+                    return list(cur.fetchall())
+            except pymysql.err.OperationalError as exc:
+                if attempt == 0 and exc.args and exc.args[0] in _RECONNECT_CODES:
+                    self.conn = self._connect()
+                    continue
+                raise _convert(exc, self.target) from exc
+            except pymysql.err.MySQLError as exc:
+                raise _convert(exc, self.target) from exc
+        raise AssertionError("unreachable")
+
+    def execute(self, sql: str, args: Sequence[Any] | None = None) -> int:
+        """Run one statement outside a transaction; return the affected row count."""
+        try:
+            with self.conn.cursor() as cur:
+                return int(cur.execute(sql, args))
+        except pymysql.err.MySQLError as exc:
+            raise _convert(exc, self.target) from exc
+
+    def transaction(self, body: Callable[[pymysql.cursors.Cursor], T], retries: int = 20) -> T:
+        """Run ``body(cursor)`` in one transaction and commit; retry on deadlock.
+
+        ``body`` may run more than once, so it must not have effects outside the
+        database that a retry would repeat wrongly. Raises MetaError; on any exception
+        the transaction is rolled back.
+        """
+        for attempt in range(retries):
+            try:
+                self.conn.begin()
+                with self.conn.cursor() as cur:
+                    result = body(cur)
+                self.conn.commit()
+                return result
+            except pymysql.err.MySQLError as exc:
+                self._rollback()
+                if exc.args and exc.args[0] in _RETRY_CODES and attempt + 1 < retries:
+                    time.sleep(min(0.5, 0.01 * 2 ** attempt))
+                    continue
+                if exc.args and exc.args[0] in _RECONNECT_CODES and attempt == 0:
+                    self.conn = self._connect()
+                    continue
+                raise _convert(exc, self.target) from exc
+            except BaseException:
+                self._rollback()
+                raise
+        raise AssertionError("unreachable")
+
+    def _rollback(self) -> None:
+        try:
+            self.conn.rollback()
+        except pymysql.err.Error:
+            pass
+
+
+def schema_statements() -> Iterator[str]:
+    """The statements of schema.sql, comments removed."""
+    text = "\n".join(line for line in SCHEMA_FILE.read_text().splitlines()
+                     if not line.lstrip().startswith("--"))
+    for stmt in re.split(r";\s*$", text, flags=re.M):
+        if stmt.strip():
+            yield stmt.strip()
+
+
+class Metadata:
+    """A volume's database connection and, for embedded volumes, its server."""
+
+    def __init__(self, volume: Volume, db: Database, server: EmbeddedServer | None) -> None:
+        self.volume = volume
+        self.db = db
+        self.server = server
+
+    def close(self) -> None:
+        self.db.close()
+        if self.server is not None:
+            self.server.release()
+            self.server = None
+
+    def __enter__(self) -> "Metadata":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _target_for(volume: Volume, server: EmbeddedServer | None) -> MetaTarget:
+    if server is not None:
+        return MetaTarget(user="root", password="", database=EMBEDDED_DB, unix_socket=str(server.socket))
+    return parse_meta_url(volume.meta_url, volume.meta_password)
+
+
+def _server_for(volume: Volume) -> EmbeddedServer | None:
+    if not volume.embedded:
+        return None
+    return EmbeddedServer(volume.mysql_dir, volume.run_dir, volume.log_dir)
+
+
+def connect(volume: Volume) -> Metadata:
+    """Connect to an initialized volume's database and check its schema and identity.
+
+    Raises MetaError (unreachable, refused), SchemaMismatch, ServerError (embedded
+    server cannot start).
+    """
+    server = _server_for(volume)
+    if server is not None:
+        server.acquire()
+    try:
+        db = Database(_target_for(volume, server))
+        try:
+            rows = dict(db.query("SELECT k, v FROM meta"))
+        except MetaError as exc:
+            db.close()
+            raise MetaError(f"database {db.target.describe()} holds no casfs volume ({exc})") from exc
+        version = rows.get("schema_version")
+        if version != str(SCHEMA_VERSION):
+            db.close()
+            raise SchemaMismatch(f"database schema version {version}, this casfs speaks version "
+                                 f"{SCHEMA_VERSION}: use a matching casfs release")
+        if rows.get("volume_uuid") != volume.uuid:
+            db.close()
+            raise MetaError(f"database {db.target.describe()} belongs to another volume "
+                            f"({rows.get('volume_uuid')}, expected {volume.uuid})")
+    except BaseException:
+        if server is not None:
+            server.release()
+        raise
+    return Metadata(volume, db, server)
+
+
+def initialize(volume: Volume, uid: int, gid: int) -> None:
+    """Create the volume's database from schema.sql with its root directory inode.
+
+    Raises MetaError if the database already holds tables, or on any server error.
+    """
+    server = _server_for(volume)
+    if server is not None:
+        server.acquire()
+    try:
+        target = _target_for(volume, server)
+        admin = Database(target, database="")
+        try:
+            admin.execute(f"CREATE DATABASE IF NOT EXISTS `{target.database}` CHARACTER SET utf8mb4")
+            n = admin.query("SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = %s",
+                            (target.database,))[0][0]
+            if n:
+                raise MetaError(f"database {target.describe()} is not empty: it may hold another volume")
+        finally:
+            admin.close()
+        db = Database(target)
+        try:
+            for stmt in schema_statements():
+                db.execute(stmt)
+            now = time.time_ns()
+            db.execute("INSERT INTO meta (k, v) VALUES ('volume_uuid', %s), ('chunk_size', %s)",
+                       (volume.uuid, str(volume.chunk_size)))
+            db.execute("INSERT INTO inodes (id, mode, uid, gid, nlink, atime_ns, mtime_ns, ctime_ns) "
+                       "VALUES (%s, %s, %s, %s, 2, %s, %s, %s)",
+                       (ROOT_INODE, 0o40755, uid, gid, now, now, now))
+        finally:
+            db.close()
+    finally:
+        if server is not None:
+            server.release()
