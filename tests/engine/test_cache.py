@@ -224,13 +224,26 @@ def test_aging_halves_and_keeps_recency_order() -> None:
     c.put(k(2), bytes(10))  # 3
     for _ in range(3):
         c.get(k(0))         # 4-6: k(0) freq 4
-    c.get(k(1))             # 7: k(1) freq 2
-    c.get(k(2))             # 8: k(2) freq 2, most recent
-    c.get(k(2))             # 9: k(2) freq 3
-    c.get(k(1))             # 10: k(1) freq 3, most recent -> aging: 2, 1, 1
-    # k(1) and k(2) now tie at frequency 1; k(2) was used less recently.
+    c.get(k(2))             # 7
+    c.get(k(2))             # 8: k(2) freq 3
+    c.get(k(1))             # 9: k(1) freq 2, more recent than k(2)
+    c.get(k(0))             # 10: k(0) freq 5 -> aging: k(0) 2, k(1) 1, k(2) 1
+    # k(1) and k(2) came from different buckets and now tie at frequency 1;
+    # k(2) was used less recently, so it goes first, then k(1).
     c.put(k(3), bytes(10))
     assert k(2) not in c and all(k(i) in c for i in (0, 1, 3))
+    c.put(k(4), bytes(10))
+    assert k(1) not in c and all(k(i) in c for i in (0, 3, 4))
+
+
+def test_aging_keeps_frequency_at_least_one() -> None:
+    c = LFUCache(30, aging_period=3)
+    c.put(k(0), bytes(10))  # 1
+    c.put(k(1), bytes(10))  # 2
+    c.get(k(1))             # 3 -> aging: k(0) 1 -> 1 (not 0), k(1) 2 -> 1
+    c.put(k(2), bytes(10))  # 4: k(2) freq 1, the most recent
+    c.put(k(3), bytes(10))  # 5: must evict k(0), the oldest of three at freq 1
+    assert k(0) not in c and all(k(i) in c for i in (1, 2, 3))
 
 
 # -- admission, capacity 0, counters, validation ---------------------------------

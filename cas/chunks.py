@@ -1,0 +1,145 @@
+"""Chunks: loading verified plaintext, storing new chunks, and reference counting.
+
+This module owns the dedup protocol between writers and gc (DESIGN invariants 1-3):
+
+1. Before a transaction, :meth:`ChunkManager.store_unknown` writes durable files for the
+   chunks whose id has no referenced row (a chunk with refcount > 0 is never stored again).
+2. Inside the transaction, :meth:`ChunkManager.apply_deltas` takes the row lock of every
+   chunk gaining references (``SELECT ... FOR UPDATE`` in id order). For each one whose
+   row is missing or at refcount 0 (a gc candidate) it checks the file is present, and
+   rewrites it when gc got there first. gc deletes a file only under that same row lock.
+3. Refcount changes are applied as net deltas per chunk, in the caller's transaction,
+   together with the manifest change; ``zero_since`` records when a refcount hit 0.
+
+Hashing and compression run in a thread pool (hashlib and zstandard release the GIL).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .cache import LFUCache
+from .envelope import chunk_id, open_envelope, seal
+from .errors import IntegrityError
+from .store import LocalStore
+
+log = logging.getLogger(__name__)
+_IN_BATCH = 500
+
+
+def _batches(items: list[Any], n: int = _IN_BATCH) -> Iterable[list[Any]]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+class ChunkManager:
+    """The local store, the RAM cache and the refcount protocol of one volume."""
+
+    def __init__(self, store: LocalStore, cache: LFUCache, codec: int, level: int,
+                 pool: ThreadPoolExecutor) -> None:
+        self.store = store
+        self.cache = cache
+        self.codec = codec
+        self.level = level
+        self.pool = pool
+
+    # -- reading ---------------------------------------------------------------------
+    def load(self, cid: bytes) -> bytes:
+        """Plaintext of chunk ``cid``, verified against its SHA-256.
+
+        Raises ChunkMissing or IntegrityError (both EIO); a mismatch is logged.
+        """
+        data = self.cache.get(cid)
+        if data is not None:
+            return data
+        blob = self.store.get(cid)
+        try:
+            data = open_envelope(blob, cid)
+        except IntegrityError:
+            log.error("integrity: chunk %s in %s fails verification", cid.hex(), self.store.path(cid))
+            raise
+        self.cache.put(cid, data)
+        return data
+
+    # -- writing ---------------------------------------------------------------------
+    def ids_of(self, datas: list[bytes]) -> list[bytes]:
+        """Chunk ids (SHA-256) of ``datas``, computed in parallel."""
+        if len(datas) <= 1:
+            return [chunk_id(d) for d in datas]
+        return list(self.pool.map(chunk_id, datas))
+
+    def referenced(self, cur: Any, ids: Iterable[bytes]) -> set[bytes]:
+        """The ids among ``ids`` that have a row with refcount > 0 (no locks taken)."""
+        found: set[bytes] = set()
+        for batch in _batches(sorted(set(ids))):
+            cur.execute("SELECT id FROM chunks WHERE refcount > 0 AND id IN %s", (batch,))
+            found.update(bytes(r[0]) for r in cur.fetchall())
+        return found
+
+    def store_unknown(self, cur: Any, chunks: Mapping[bytes, bytes]) -> dict[bytes, int]:
+        """Durably store the chunks of ``chunks`` (id -> plaintext) not yet referenced.
+
+        Returns id -> envelope length in bytes for the chunks written. Raises NoSpace
+        (ENOSPC) or FsError(EIO) from the store; nothing is committed by this call.
+        """
+        todo = [cid for cid in chunks if cid not in self.referenced(cur, chunks)]
+        if not todo:
+            return {}
+        blobs = list(self.pool.map(lambda c: seal(chunks[c], self.codec, self.level), todo))
+        self.store.put_many(zip(todo, blobs))
+        return {cid: len(b) for cid, b in zip(todo, blobs)}
+
+    def apply_deltas(self, cur: Any, deltas: Mapping[bytes, int], chunks: Mapping[bytes, bytes],
+                     stored: Mapping[bytes, int]) -> None:
+        """Apply net refcount ``deltas`` (id -> +/-n) inside the caller's transaction.
+
+        ``chunks`` must hold the plaintext of every id with a positive delta; ``stored``
+        the envelope length of those written by :meth:`store_unknown`. Takes the row
+        locks of gaining chunks and makes sure their files exist (invariant 3).
+        """
+        gain = sorted(c for c, d in deltas.items() if d > 0)
+        rows: dict[bytes, tuple[int, int]] = {}
+        for batch in _batches(gain):
+            cur.execute("SELECT id, refcount, stored_length FROM chunks WHERE id IN %s "
+                        "ORDER BY id FOR UPDATE", (batch,))
+            rows.update({bytes(r[0]): (int(r[1]), int(r[2])) for r in cur.fetchall()})
+        values = []
+        for cid in gain:
+            row = rows.get(cid)
+            slen = row[1] if row else stored.get(cid, 0)
+            if row is None or row[0] <= 0:
+                st = self.store.stat(cid)
+                if st is None:  # gc removed it after our pre-check: write it again
+                    blob = seal(chunks[cid], self.codec, self.level)
+                    self.store.put(cid, blob)
+                    slen = len(blob)
+                elif not slen:
+                    slen = st.size
+            values.append((cid, len(chunks[cid]), slen, deltas[cid]))
+        for batch in _batches(values):
+            cur.execute(
+                "INSERT INTO chunks (id, length, stored_length, refcount) VALUES "
+                + ",".join(["(%s,%s,%s,%s)"] * len(batch))
+                + " ON DUPLICATE KEY UPDATE zero_since = IF(refcount + VALUES(refcount) > 0, NULL, zero_since),"
+                  " refcount = refcount + VALUES(refcount)",
+                [v for row in batch for v in row])
+        by_delta: dict[int, list[bytes]] = {}
+        for cid, d in deltas.items():
+            if d < 0:
+                by_delta.setdefault(d, []).append(cid)
+        for d, ids in by_delta.items():
+            for batch in _batches(sorted(ids)):
+                cur.execute("UPDATE chunks SET zero_since = IF(refcount + %s <= 0, NOW(6), zero_since), "
+                            "refcount = refcount + %s WHERE id IN %s", (d, d, batch))
+
+
+def net_deltas(gained: Iterable[bytes], lost: Iterable[bytes]) -> dict[bytes, int]:
+    """Net refcount change per chunk id: +1 per gained reference, -1 per lost one."""
+    out: dict[bytes, int] = {}
+    for c in gained:
+        out[c] = out.get(c, 0) + 1
+    for c in lost:
+        out[c] = out.get(c, 0) - 1
+    return {c: d for c, d in out.items() if d}
