@@ -92,7 +92,8 @@ NKEYS = 7
 ops_strategy = st.lists(
     st.one_of(
         st.tuples(st.just("get"), st.integers(0, NKEYS - 1)),
-        st.tuples(st.just("put"), st.integers(0, NKEYS - 1), st.integers(0, 45)),
+        st.tuples(st.just("put"), st.integers(0, NKEYS - 1),
+                  st.one_of(st.integers(0, 10), st.integers(0, 45))),
         st.tuples(st.just("discard"), st.integers(0, NKEYS - 1)),
         st.tuples(st.just("clear")),
     ),
