@@ -23,6 +23,7 @@ from typing import Any
 from .cache import LFUCache
 from .envelope import chunk_id, open_envelope, seal
 from .errors import IntegrityError
+from .meta import Database
 from .store import LocalStore
 
 log = logging.getLogger(__name__)
@@ -70,21 +71,25 @@ class ChunkManager:
             return [chunk_id(d) for d in datas]
         return list(self.pool.map(chunk_id, datas))
 
-    def referenced(self, cur: Any, ids: Iterable[bytes]) -> set[bytes]:
+    @staticmethod
+    def referenced(db: Database, ids: Iterable[bytes]) -> set[bytes]:
         """The ids among ``ids`` that have a row with refcount > 0 (no locks taken)."""
         found: set[bytes] = set()
         for batch in _batches(sorted(set(ids))):
-            cur.execute("SELECT id FROM chunks WHERE refcount > 0 AND id IN %s", (batch,))
-            found.update(bytes(r[0]) for r in cur.fetchall())
+            found.update(bytes(r[0]) for r in
+                         db.query("SELECT id FROM chunks WHERE refcount > 0 AND id IN %s", (batch,)))
         return found
 
-    def store_unknown(self, cur: Any, chunks: Mapping[bytes, bytes]) -> dict[bytes, int]:
+    def store_unknown(self, db: Database, chunks: Mapping[bytes, bytes]) -> dict[bytes, int]:
         """Durably store the chunks of ``chunks`` (id -> plaintext) not yet referenced.
 
         Returns id -> envelope length in bytes for the chunks written. Raises NoSpace
         (ENOSPC) or FsError(EIO) from the store; nothing is committed by this call.
         """
-        todo = [cid for cid in chunks if cid not in self.referenced(cur, chunks)]
+        if not chunks:
+            return {}
+        known = self.referenced(db, chunks)
+        todo = [cid for cid in chunks if cid not in known]
         if not todo:
             return {}
         blobs = list(self.pool.map(lambda c: seal(chunks[c], self.codec, self.level), todo))

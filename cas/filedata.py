@@ -120,6 +120,8 @@ class FileData:
         from a flush forced by the buffer limit; the data then stays buffered.
         """
         st = self.load_state(ino)
+        if not st.needs_flush:
+            st.dirty_since = time.monotonic()
         cs = self.cs
         n = len(data)
         view = memoryview(data)
@@ -150,11 +152,10 @@ class FileData:
             self.flush(st)
         return n
 
-    def _touch(self, st: InodeData) -> None:
-        now = time.time_ns()
-        st.mtime_ns = st.ctime_ns = now
-        if not st.needs_flush or not st.times_dirty:
-            st.dirty_since = st.dirty_since if st.needs_flush else time.monotonic()
+    @staticmethod
+    def _touch(st: InodeData) -> None:
+        """Record a content change: mtime and ctime become now (POSIX write/truncate)."""
+        st.mtime_ns = st.ctime_ns = time.time_ns()
         st.times_dirty = True
 
     def truncate(self, ino: int, size: int) -> None:
@@ -203,8 +204,7 @@ class FileData:
             new[slot] = None
         for cid, (slot, _) in zip(ids, nonzero):
             new[slot] = cid
-        with self.db.conn.cursor() as cur:
-            stored = self.chunks.store_unknown(cur, chunk_data)
+        stored = self.chunks.store_unknown(self.db, chunk_data)
         trunc = st.truncate_from
 
         def body(cur: Any) -> dict[int, bytes]:
@@ -246,7 +246,6 @@ class FileData:
                 st.manifest.pop(slot, None)
             else:
                 st.manifest[slot] = cid
-                self.chunks.cache.put(cid, chunk_data[cid]) if len(chunk_data[cid]) < cs // 2 else None
         st.dirty.clear()
         st.dirty_bytes = 0
         st.truncate_from = None

@@ -1,0 +1,607 @@
+"""The filesystem engine: POSIX namespace and file operations on top of MySQL and chunks.
+
+:class:`Filesystem` is what the FUSE layer (and tests) call. Inode numbers are the
+``inodes.id`` column; the root is inode 1. Every public method holds one re-entrant
+lock, so calls are serialized (see docs/concurrency.md); errors are raised as
+:class:`~cas.errors.FsError` subclasses carrying the POSIX errno.
+
+Semantics follow POSIX and Linux: unlink of a file still open keeps its data readable
+through the open handles until the last release (the inode row stays with nlink 0 and is
+freed then, or at the next start after a crash); directory link counts are 2 + the
+number of subdirectories; mtime/ctime of a directory change when entries are added or
+removed.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import stat as S
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+from .cache import LFUCache
+from .chunks import ChunkManager
+from .errors import (Exists, FsError, InvalidArgument, IsADirectory, NameTooLong, NoData,
+                     NotADirectory, NotEmpty, NotFound)
+from .filedata import FileData
+from .meta import ROOT_INODE, Metadata
+from .store import LocalStore
+
+NAME_MAX = 255          # bytes, POSIX NAME_MAX on Linux
+XATTR_SIZE_MAX = 65536  # bytes, Linux limits.h
+RENAME_NOREPLACE = 1    # linux/fs.h
+RENAME_EXCHANGE = 2
+_COLS = "id, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns"
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Attr:
+    """The attributes of one inode; sizes in bytes, times in ns since the epoch."""
+
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    rdev: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+@dataclass(frozen=True)
+class StatFs:
+    """statvfs(3) figures: block size and counts in bytes/blocks, inode counts."""
+
+    bsize: int
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    namemax: int
+
+
+def _locked(fn: Callable[P, R]) -> Callable[P, R]:
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        self = args[0]
+        with self.lock:  # type: ignore[attr-defined]
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise NameTooLong(f"name of {len(name)} bytes")
+    if not name or b"/" in name or name in (b".", b".."):
+        raise InvalidArgument(f"bad name {name!r}")
+
+
+class Filesystem:
+    """A mounted (or mountable) casfs volume. Close with :meth:`close`."""
+
+    def __init__(self, meta: Metadata, cache_bytes: int = 256 << 20, workers: int = 2) -> None:
+        vol = meta.volume
+        self.meta = meta
+        self.db = meta.db
+        self.chunk_size = vol.chunk_size
+        self.lock = threading.RLock()
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="casfs-chunk")
+        codec, level = vol.codec
+        self.store = LocalStore(vol.chunk_dir)
+        self.cache = LFUCache(cache_bytes)
+        self.chunks = ChunkManager(self.store, self.cache, codec, level, self.pool)
+        self.data = FileData(self.db, self.chunks, vol.chunk_size)
+        self.lookups: dict[int, int] = {}
+
+    # -- life cycle ------------------------------------------------------------------
+    @_locked
+    def recover(self) -> int:
+        """Free inodes left with nlink 0 by a crash (unlinked while open). Returns count."""
+        rows = self.db.query("SELECT id FROM inodes WHERE nlink = 0")
+        for (ino,) in rows:
+            self._free_inode(int(ino))
+        return len(rows)
+
+    @_locked
+    def close(self) -> None:
+        """Flush everything, free unlinked inodes, release the pool and the database."""
+        try:
+            self.data.flush_all()
+            for ino in list(self.data.states):
+                self._maybe_free(ino)
+        finally:
+            self.pool.shutdown(wait=True)
+            self.meta.close()
+
+    # -- attributes ------------------------------------------------------------------
+    def _attr_row(self, row: tuple[Any, ...]) -> Attr:
+        a = Attr(*(int(v) for v in row))
+        pending = self.data.pending_size(a.ino)
+        if pending is not None:
+            size, mtime, ctime = pending
+            a = Attr(a.ino, a.mode, a.uid, a.gid, a.nlink, size, a.rdev, a.atime_ns,
+                     mtime or a.mtime_ns, ctime or a.ctime_ns)
+        return a
+
+    def _get(self, ino: int) -> Attr:
+        rows = self.db.query(f"SELECT {_COLS} FROM inodes WHERE id = %s", (ino,))
+        if not rows:
+            raise NotFound(f"inode {ino}")
+        return self._attr_row(rows[0])
+
+    def _remember(self, attr: Attr, n: int = 1) -> Attr:
+        self.lookups[attr.ino] = self.lookups.get(attr.ino, 0) + n
+        return attr
+
+    @_locked
+    def getattr(self, ino: int) -> Attr:
+        """Attributes of ``ino``. Raises NotFound."""
+        return self._get(ino)
+
+    @_locked
+    def lookup(self, parent: int, name: bytes) -> Attr:
+        """Attributes of entry ``name`` in directory ``parent``; counts a kernel lookup.
+
+        Raises NotFound (ENOENT), NameTooLong.
+        """
+        if len(name) > NAME_MAX:
+            raise NameTooLong(f"name of {len(name)} bytes")
+        if name == b".":
+            return self._remember(self._get(parent))
+        if name == b"..":
+            rows = self.db.query("SELECT parent FROM dentries WHERE inode = %s LIMIT 1", (parent,))
+            return self._remember(self._get(int(rows[0][0]) if rows else ROOT_INODE))
+        rows = self.db.query(f"SELECT {', '.join('i.' + c.strip() for c in _COLS.split(','))} "
+                             "FROM dentries d JOIN inodes i ON i.id = d.inode "
+                             "WHERE d.parent = %s AND d.name = %s", (parent, name))
+        if not rows:
+            raise NotFound(name.decode(errors="replace"))
+        return self._remember(self._attr_row(rows[0]))
+
+    @_locked
+    def forget(self, items: list[tuple[int, int]]) -> None:
+        """Drop kernel lookup references: (inode, count) pairs (FUSE_FORGET)."""
+        for ino, n in items:
+            left = self.lookups.get(ino, 0) - n
+            if left > 0:
+                self.lookups[ino] = left
+            else:
+                self.lookups.pop(ino, None)
+
+    @_locked
+    def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
+                gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
+                mtime_ns: int | None = None) -> Attr:
+        """Change attributes (chmod, chown, truncate, utimens); ctime becomes now.
+
+        Raises NotFound, IsADirectory (size on a directory), InvalidArgument.
+        """
+        cur = self._get(ino)
+        now = time.time_ns()
+        if size is not None:
+            if S.S_ISDIR(cur.mode):
+                raise IsADirectory("truncate of a directory")
+            if not S.S_ISREG(cur.mode):
+                raise InvalidArgument("truncate of a special file")
+            transient = ino not in self.data.states
+            self.data.truncate(ino, size)
+            if transient:
+                self.data.drop_state(ino)
+        sets: list[str] = []
+        args: list[Any] = []
+        if mode is not None:
+            sets.append("mode = %s")
+            args.append((cur.mode & ~0o7777) | (mode & 0o7777))
+        if uid is not None:
+            sets.append("uid = %s")
+            args.append(uid)
+        if gid is not None:
+            sets.append("gid = %s")
+            args.append(gid)
+        if atime_ns is not None:
+            sets.append("atime_ns = %s")
+            args.append(atime_ns)
+        if mtime_ns is not None:
+            sets.append("mtime_ns = %s")
+            args.append(mtime_ns)
+            st = self.data.states.get(ino)
+            if st is not None and st.needs_flush:
+                st.mtime_ns = mtime_ns
+        sets.append("ctime_ns = %s")
+        args.append(now)
+        self.db.execute(f"UPDATE inodes SET {', '.join(sets)} WHERE id = %s", [*args, ino])
+        st = self.data.states.get(ino)
+        if st is not None and st.needs_flush:
+            st.ctime_ns = now
+        return self._get(ino)
+
+    # -- namespace -------------------------------------------------------------------
+    def _dir(self, ino: int) -> Attr:
+        a = self._get(ino)
+        if not S.S_ISDIR(a.mode):
+            raise NotADirectory(f"inode {ino}")
+        return a
+
+    def _entry(self, cur: Any, parent: int, name: bytes, lock: bool = True) -> int | None:
+        cur.execute("SELECT inode FROM dentries WHERE parent = %s AND name = %s"
+                    + (" FOR UPDATE" if lock else ""), (parent, name))
+        row = cur.fetchone()
+        return int(row[0]) if row else None
+
+    @staticmethod
+    def _touch_dir(cur: Any, ino: int, now: int, nlink_delta: int = 0) -> None:
+        cur.execute("UPDATE inodes SET mtime_ns = %s, ctime_ns = %s, nlink = nlink + %s WHERE id = %s",
+                    (now, now, nlink_delta, ino))
+
+    def _make(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
+              target: bytes | None = None) -> Attr:
+        _check_name(name)
+        pdir = self._dir(parent)
+        if pdir.mode & S.S_ISGID:  # BSD group semantics of a setgid directory
+            gid = pdir.gid
+            if S.S_ISDIR(mode):
+                mode |= S.S_ISGID
+        is_dir = S.S_ISDIR(mode)
+        size = len(target) if target is not None else 0
+
+        def body(cur: Any) -> int:
+            if self._entry(cur, parent, name) is not None:
+                raise Exists(name.decode(errors="replace"))
+            now = time.time_ns()
+            cur.execute("INSERT INTO inodes (mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns) "
+                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                        (mode, uid, gid, 2 if is_dir else 1, size, rdev, now, now, now))
+            ino = int(cur.lastrowid)
+            cur.execute("INSERT INTO dentries (parent, name, inode) VALUES (%s, %s, %s)", (parent, name, ino))
+            if target is not None:
+                cur.execute("INSERT INTO symlinks (inode, target) VALUES (%s, %s)", (ino, target))
+            self._touch_dir(cur, parent, now, 1 if is_dir else 0)
+            return ino
+
+        ino = self.db.transaction(body)
+        return self._remember(self._get(ino))
+
+    @_locked
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Attr:
+        """Create a regular file, fifo, socket or device node. Raises Exists, NotFound."""
+        if not (S.S_ISREG(mode) or S.S_ISFIFO(mode) or S.S_ISSOCK(mode) or S.S_ISCHR(mode)
+                or S.S_ISBLK(mode)):
+            raise InvalidArgument(f"mknod mode {mode:o}")
+        return self._make(parent, name, mode, uid, gid, rdev)
+
+    @_locked
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        """Create a directory. Raises Exists, NotFound, NotADirectory, NameTooLong."""
+        return self._make(parent, name, S.S_IFDIR | (mode & 0o7777), uid, gid)
+
+    @_locked
+    def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        """Create and open a regular file (open count +1). Raises Exists, NotFound."""
+        attr = self._make(parent, name, S.S_IFREG | (mode & 0o7777), uid, gid)
+        self._open(attr.ino)
+        return attr
+
+    @_locked
+    def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
+        """Create a symbolic link to ``target`` (at most 4096 bytes, PATH_MAX)."""
+        if len(target) > 4096:
+            raise NameTooLong("symlink target longer than PATH_MAX")
+        return self._make(parent, name, S.S_IFLNK | 0o777, uid, gid, target=target)
+
+    @_locked
+    def readlink(self, ino: int) -> bytes:
+        """Target of symlink ``ino``. Raises NotFound, InvalidArgument (not a symlink)."""
+        rows = self.db.query("SELECT target FROM symlinks WHERE inode = %s", (ino,))
+        if not rows:
+            self._get(ino)
+            raise InvalidArgument("not a symlink")
+        return bytes(rows[0][0])
+
+    @_locked
+    def link(self, ino: int, parent: int, name: bytes) -> Attr:
+        """Hard link ``ino`` as ``name`` in ``parent``. Directories cannot be linked (EPERM)."""
+        _check_name(name)
+        self._dir(parent)
+        a = self._get(ino)
+        if S.S_ISDIR(a.mode):
+            raise FsError("hard link to a directory", errno.EPERM)
+
+        def body(cur: Any) -> None:
+            if self._entry(cur, parent, name) is not None:
+                raise Exists(name.decode(errors="replace"))
+            now = time.time_ns()
+            cur.execute("INSERT INTO dentries (parent, name, inode) VALUES (%s, %s, %s)", (parent, name, ino))
+            cur.execute("UPDATE inodes SET nlink = nlink + 1, ctime_ns = %s WHERE id = %s", (now, ino))
+            self._touch_dir(cur, parent, now)
+
+        self.db.transaction(body)
+        return self._remember(self._get(ino))
+
+    def _drop_link(self, cur: Any, ino: int, now: int) -> None:
+        cur.execute("UPDATE inodes SET nlink = nlink - 1, ctime_ns = %s WHERE id = %s AND nlink > 0", (now, ino))
+
+    @_locked
+    def unlink(self, parent: int, name: bytes) -> None:
+        """Remove a non-directory entry. Raises NotFound, IsADirectory."""
+        def body(cur: Any) -> int:
+            ino = self._entry(cur, parent, name)
+            if ino is None:
+                raise NotFound(name.decode(errors="replace"))
+            cur.execute("SELECT mode FROM inodes WHERE id = %s FOR UPDATE", (ino,))
+            if S.S_ISDIR(int(cur.fetchone()[0])):
+                raise IsADirectory(name.decode(errors="replace"))
+            now = time.time_ns()
+            cur.execute("DELETE FROM dentries WHERE parent = %s AND name = %s", (parent, name))
+            self._drop_link(cur, ino, now)
+            self._touch_dir(cur, parent, now)
+            return ino
+
+        self._maybe_free(self.db.transaction(body))
+
+    @_locked
+    def rmdir(self, parent: int, name: bytes) -> None:
+        """Remove an empty directory. Raises NotFound, NotADirectory, NotEmpty."""
+        def body(cur: Any) -> int:
+            ino = self._entry(cur, parent, name)
+            if ino is None:
+                raise NotFound(name.decode(errors="replace"))
+            cur.execute("SELECT mode FROM inodes WHERE id = %s FOR UPDATE", (ino,))
+            if not S.S_ISDIR(int(cur.fetchone()[0])):
+                raise NotADirectory(name.decode(errors="replace"))
+            cur.execute("SELECT 1 FROM dentries WHERE parent = %s LIMIT 1", (ino,))
+            if cur.fetchone():
+                raise NotEmpty(name.decode(errors="replace"))
+            now = time.time_ns()
+            cur.execute("DELETE FROM dentries WHERE parent = %s AND name = %s", (parent, name))
+            cur.execute("UPDATE inodes SET nlink = 0, ctime_ns = %s WHERE id = %s", (now, ino))
+            self._touch_dir(cur, parent, now, -1)
+            return ino
+
+        self._maybe_free(self.db.transaction(body))
+
+    @_locked
+    def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+               flags: int = 0) -> None:
+        """rename(2)/renameat2(2) with RENAME_NOREPLACE and RENAME_EXCHANGE.
+
+        Raises NotFound, Exists (NOREPLACE), NotEmpty, IsADirectory, NotADirectory,
+        InvalidArgument (unknown flags, or moving a directory below itself).
+        """
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            raise InvalidArgument(f"rename flags {flags}")
+        _check_name(new_name)
+        self._dir(new_parent)
+
+        def mode_of(cur: Any, ino: int) -> int:
+            cur.execute("SELECT mode FROM inodes WHERE id = %s FOR UPDATE", (ino,))
+            return int(cur.fetchone()[0])
+
+        def body(cur: Any) -> int | None:
+            src = self._entry(cur, old_parent, old_name)
+            if src is None:
+                raise NotFound(old_name.decode(errors="replace"))
+            dst = self._entry(cur, new_parent, new_name)
+            src_dir = S.S_ISDIR(mode_of(cur, src))
+            if src_dir and new_parent != old_parent:
+                self._check_not_below(cur, new_parent, src)
+            now = time.time_ns()
+            if flags & RENAME_EXCHANGE:
+                if dst is None:
+                    raise NotFound(new_name.decode(errors="replace"))
+                dst_dir = S.S_ISDIR(mode_of(cur, dst))
+                if dst_dir and new_parent != old_parent:
+                    self._check_not_below(cur, old_parent, dst)
+                cur.execute("UPDATE dentries SET inode = %s WHERE parent = %s AND name = %s", (dst, old_parent, old_name))
+                cur.execute("UPDATE dentries SET inode = %s WHERE parent = %s AND name = %s", (src, new_parent, new_name))
+                if src_dir != dst_dir and old_parent != new_parent:
+                    d = 1 if src_dir else -1
+                    self._touch_dir(cur, new_parent, now, d)
+                    self._touch_dir(cur, old_parent, now, -d)
+                else:
+                    self._touch_dir(cur, new_parent, now)
+                    self._touch_dir(cur, old_parent, now)
+                cur.execute("UPDATE inodes SET ctime_ns = %s WHERE id IN (%s, %s)", (now, src, dst))
+                return None
+            if dst == src:
+                return None  # same inode: POSIX says do nothing
+            freed: int | None = None
+            if dst is not None:
+                if flags & RENAME_NOREPLACE:
+                    raise Exists(new_name.decode(errors="replace"))
+                dst_dir = S.S_ISDIR(mode_of(cur, dst))
+                if src_dir and not dst_dir:
+                    raise NotADirectory(new_name.decode(errors="replace"))
+                if dst_dir and not src_dir:
+                    raise IsADirectory(new_name.decode(errors="replace"))
+                if dst_dir:
+                    cur.execute("SELECT 1 FROM dentries WHERE parent = %s LIMIT 1", (dst,))
+                    if cur.fetchone():
+                        raise NotEmpty(new_name.decode(errors="replace"))
+                    cur.execute("UPDATE inodes SET nlink = 0, ctime_ns = %s WHERE id = %s", (now, dst))
+                    self._touch_dir(cur, new_parent, now, -1)
+                else:
+                    self._drop_link(cur, dst, now)
+                cur.execute("DELETE FROM dentries WHERE parent = %s AND name = %s", (new_parent, new_name))
+                freed = dst
+            cur.execute("UPDATE dentries SET parent = %s, name = %s WHERE parent = %s AND name = %s",
+                        (new_parent, new_name, old_parent, old_name))
+            if src_dir and old_parent != new_parent:
+                self._touch_dir(cur, old_parent, now, -1)
+                self._touch_dir(cur, new_parent, now, 1)
+            else:
+                self._touch_dir(cur, old_parent, now)
+                if new_parent != old_parent:
+                    self._touch_dir(cur, new_parent, now)
+            cur.execute("UPDATE inodes SET ctime_ns = %s WHERE id = %s", (now, src))
+            return freed
+
+        freed = self.db.transaction(body)
+        if freed is not None:
+            self._maybe_free(freed)
+
+    @staticmethod
+    def _check_not_below(cur: Any, target_parent: int, moved_dir: int) -> None:
+        """Raise InvalidArgument if ``target_parent`` is ``moved_dir`` or below it."""
+        ino = target_parent
+        while ino != ROOT_INODE:
+            if ino == moved_dir:
+                raise InvalidArgument("cannot move a directory below itself")
+            cur.execute("SELECT parent FROM dentries WHERE inode = %s LIMIT 1", (ino,))
+            row = cur.fetchone()
+            if row is None:
+                return
+            ino = int(row[0])
+
+    @_locked
+    def readdir(self, ino: int, after: int, limit: int = 256) -> list[tuple[bytes, Attr, int]]:
+        """Entries of directory ``ino`` after readdir offset ``after`` (0 = start).
+
+        Returns (name, attributes, offset of this entry) in stable offset order; the
+        offsets survive concurrent additions and removals. '.' and '..' are not listed.
+        """
+        rows = self.db.query(
+            f"SELECT d.name, d.id, {', '.join('i.' + c.strip() for c in _COLS.split(','))} "
+            "FROM dentries d JOIN inodes i ON i.id = d.inode WHERE d.parent = %s AND d.id > %s "
+            "ORDER BY d.id LIMIT %s", (ino, after, limit))
+        if not rows and after == 0:
+            self._dir(ino)
+        return [(bytes(r[0]), self._attr_row(r[2:]), int(r[1])) for r in rows]
+
+    # -- open files ------------------------------------------------------------------
+    def _open(self, ino: int) -> None:
+        self.data.load_state(ino).opens += 1
+
+    @_locked
+    def open(self, ino: int, truncate: bool = False) -> None:
+        """Open ``ino`` (open count +1); with ``truncate`` (O_TRUNC) set its size to 0."""
+        a = self._get(ino)
+        if S.S_ISDIR(a.mode):
+            raise IsADirectory(f"inode {ino}")
+        self._open(ino)
+        if truncate:
+            self.data.truncate(ino, 0)
+
+    @_locked
+    def read(self, ino: int, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes at ``offset`` of open file ``ino``. Raises EIO errors."""
+        return self.data.read(ino, offset, length)
+
+    @_locked
+    def write(self, ino: int, offset: int, data: bytes) -> int:
+        """Write ``data`` at ``offset`` into open file ``ino``; returns len(data)."""
+        return self.data.write(ino, offset, data)
+
+    @_locked
+    def fsync(self, ino: int) -> None:
+        """Make ``ino``'s data and metadata durable before returning (fsync(2))."""
+        st = self.data.states.get(ino)
+        if st is not None:
+            self.data.flush(st)
+
+    @_locked
+    def release(self, ino: int) -> None:
+        """Close one open handle; the last close flushes, and frees an unlinked file."""
+        st = self.data.states.get(ino)
+        if st is None:
+            return
+        st.opens -= 1
+        if st.opens > 0:
+            return
+        try:
+            self.data.flush(st)
+        finally:
+            if not st.needs_flush:
+                self.data.drop_state(ino)
+                self._maybe_free(ino)
+
+    @_locked
+    def flush_due(self, older_than_s: float) -> None:
+        """Flush buffers older than ``older_than_s`` seconds (the writeback timer)."""
+        self.data.flush_due(older_than_s)
+
+    @_locked
+    def flush_all(self) -> None:
+        """Flush every buffer (sync(2))."""
+        self.data.flush_all()
+
+    def _maybe_free(self, ino: int) -> None:
+        """Free ``ino`` if it has no links and is not open."""
+        if ino in self.data.states:
+            return
+        rows = self.db.query("SELECT nlink FROM inodes WHERE id = %s", (ino,))
+        if rows and int(rows[0][0]) == 0:
+            self._free_inode(ino)
+
+    def _free_inode(self, ino: int) -> None:
+        def body(cur: Any) -> None:
+            cur.execute("SELECT nlink FROM inodes WHERE id = %s FOR UPDATE", (ino,))
+            row = cur.fetchone()
+            if row is None or int(row[0]) != 0:
+                return
+            self.data.free_manifest(cur, ino)
+            for table, col in (("symlinks", "inode"), ("xattrs", "inode"), ("inodes", "id")):
+                cur.execute(f"DELETE FROM {table} WHERE {col} = %s", (ino,))
+        self.db.transaction(body)
+
+    # -- xattrs ----------------------------------------------------------------------
+    @_locked
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        """Value of extended attribute ``name``. Raises NoData (ENODATA), NotFound."""
+        rows = self.db.query("SELECT value FROM xattrs WHERE inode = %s AND name = %s", (ino, name))
+        if not rows:
+            self._get(ino)
+            raise NoData(name.decode(errors="replace"))
+        return bytes(rows[0][0])
+
+    @_locked
+    def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        """Set extended attribute ``name`` (at most 255 bytes) to ``value`` (64 KiB max)."""
+        if len(name) > 255 or not name:
+            raise FsError("xattr name", errno.ERANGE)
+        if len(value) > XATTR_SIZE_MAX:
+            raise FsError("xattr value too large", errno.E2BIG)
+        self._get(ino)
+        now = time.time_ns()
+
+        def body(cur: Any) -> None:
+            cur.execute("REPLACE INTO xattrs (inode, name, value) VALUES (%s, %s, %s)", (ino, name, value))
+            cur.execute("UPDATE inodes SET ctime_ns = %s WHERE id = %s", (now, ino))
+        self.db.transaction(body)
+
+    @_locked
+    def listxattr(self, ino: int) -> list[bytes]:
+        """Names of ``ino``'s extended attributes."""
+        self._get(ino)
+        return [bytes(r[0]) for r in self.db.query("SELECT name FROM xattrs WHERE inode = %s ORDER BY name", (ino,))]
+
+    @_locked
+    def removexattr(self, ino: int, name: bytes) -> None:
+        """Remove extended attribute ``name``. Raises NoData if absent."""
+        now = time.time_ns()
+
+        def body(cur: Any) -> None:
+            cur.execute("DELETE FROM xattrs WHERE inode = %s AND name = %s", (ino, name))
+            if cur.rowcount == 0:
+                raise NoData(name.decode(errors="replace"))
+            cur.execute("UPDATE inodes SET ctime_ns = %s WHERE id = %s", (now, ino))
+        self.db.transaction(body)
+
+    # -- statfs ----------------------------------------------------------------------
+    @_locked
+    def statfs(self) -> StatFs:
+        """Space figures: the chunk store's disk, in blocks of 4096 bytes."""
+        free, total = self.store.disk_usage()
+        files = int(self.db.query("SELECT COUNT(*) FROM inodes")[0][0])
+        bs = 4096
+        return StatFs(bsize=bs, blocks=total // bs, bfree=free // bs, bavail=free // bs,
+                      files=files + (1 << 32), ffree=1 << 32, namemax=NAME_MAX)

@@ -1,0 +1,763 @@
+"""Side-by-side benchmark: a native directory, the null pyfuse3 filesystem, casfs.
+
+Usage::
+
+    python -m tools.bench [--size-mib 1024] [--files 10000] [--out FILE]
+                          [--only native,null,casfs] [--chunk-size N]
+
+One run measures three targets with the same workloads and the same data:
+
+``native``
+    a plain directory on the same disk as the benchmark's scratch directory;
+``null``
+    ``tools/nullfs.py`` -- a pyfuse3 filesystem that stores nothing, i.e. the
+    ceiling of any pyfuse3 filesystem on this machine -- started as a
+    subprocess and unmounted with ``fusermount3 -u``;
+``casfs``
+    driven only through its CLI (``python -m tools.cli``) with ``XDG_DATA_HOME``
+    pointing into the scratch directory: ``casfs init bench``, ``casfs mount MP
+    bench``, ``casfs umount MP``.  If ``casfs init`` fails the column is skipped
+    with a "casfs: not available: <error>" line.
+
+Workloads (all "higher is better"):
+
+* sequential write of SIZE MiB of new incompressible data (1 MiB ``write()``
+  calls, ending with ``fsync``), MiB/s;
+* the same data written again to a second file (all duplicates for casfs);
+* sequential read, cold (native: ``posix_fadvise(DONTNEED)`` after ``fsync``;
+  null: remount; casfs: unmount + remount, and its data directory's files are
+  evicted from the page cache the same way as the native file), 1 MiB reads;
+* sequential read, warm (the file is re-opened and read again right away);
+* creation of N 4 KiB files in one directory followed by ``fsync`` of the
+  directory, files/s;
+* ``lstat`` of every entry of that directory (``os.scandir`` +
+  ``entry.stat(follow_symlinks=False)``, after one untimed warm-up pass),
+  entries/s, and ``ls -l`` of it (subprocess), entries/s.
+
+The benchmark only measures and prints; it asserts nothing about speed.  Every
+mount is unmounted and every subprocess ended in ``finally`` blocks, also on
+errors, Ctrl-C and SIGTERM.  Processes are only ever signalled by the PID this
+script started them with.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+MiB = 1 << 20
+SMALL_FILE_SIZE = 4096
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TARGETS = ("native", "null", "casfs")
+TARGET_LABELS = {"native": "native", "null": "null pyfuse3", "casfs": "casfs"}
+
+MOUNT_TIMEOUT = 30.0        # seconds to wait for a mount to appear
+PROC_EXIT_TIMEOUT = 30.0    # seconds to wait for a FUSE daemon to exit after unmount
+
+
+class NotAvailable(Exception):
+    """The target cannot be benchmarked at all (e.g. ``casfs init`` failed)."""
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+@dataclass(frozen=True)
+class Workload:
+    key: str
+    label: str
+
+
+def workloads(size_mib: int, files: int) -> list[Workload]:
+    return [
+        Workload("write_new", f"seq write {size_mib} MiB, new data (MiB/s)"),
+        Workload("write_dup", f"seq write {size_mib} MiB, same data again (MiB/s)"),
+        Workload("read_cold", f"seq read {size_mib} MiB, cold (MiB/s)"),
+        Workload("read_warm", f"seq read {size_mib} MiB, warm (MiB/s)"),
+        Workload("create", f"create {files} x 4 KiB files + fsync dir (files/s)"),
+        Workload("stat", f"scandir + lstat {files} entries, warm (entries/s)"),
+        Workload("ls", f"ls -l {files} entries (entries/s)"),
+    ]
+
+
+@dataclass
+class TargetResult:
+    name: str
+    values: dict[str, float] = field(default_factory=dict)
+    error: str | None = None       # set when the target failed part-way
+    unavailable: str | None = None  # set when the target could not start at all
+    skipped: bool = False          # not selected with --only
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def bench_write(path: Path, blocks: Sequence[bytes]) -> float:
+    """Write *blocks* (1 MiB each) to a new file, fsync, close; return MiB/s."""
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for block in blocks:
+            _write_all(fd, block)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    elapsed = time.perf_counter() - t0
+    return len(blocks) / elapsed
+
+
+def bench_read(path: Path, size: int, buf: bytearray) -> float:
+    """Read *path* sequentially with 1 MiB reads; return MiB/s."""
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_RDONLY)
+    total = 0
+    try:
+        while True:
+            n = os.readv(fd, [buf])
+            if n == 0:
+                break
+            total += n
+    finally:
+        os.close(fd)
+    elapsed = time.perf_counter() - t0
+    if total != size:
+        raise RuntimeError(f"read {total} bytes from {path}, expected {size}")
+    return size / MiB / elapsed
+
+
+def check_content(path: Path, blocks: Sequence[bytes], zeros: bool) -> None:
+    """Untimed sanity check of the first and last block of a big file."""
+    with open(path, "rb", buffering=0) as f:
+        for idx in sorted({0, len(blocks) - 1}):
+            f.seek(idx * MiB)
+            got = f.read(MiB)
+            want = bytes(len(blocks[idx])) if zeros else blocks[idx]
+            if got != want:
+                raise RuntimeError(f"{path}: block {idx} does not read back as written")
+
+
+def bench_create(directory: Path, n: int, payload: bytes) -> float:
+    """Create *n* 4 KiB files (distinct content) in *directory*, fsync it; files/s."""
+    view = memoryview(payload)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    names = [os.path.join(directory, f"f{i:06d}") for i in range(n)]
+    t0 = time.perf_counter()
+    for i, name in enumerate(names):
+        fd = os.open(name, flags, 0o644)
+        try:
+            _write_all(fd, view[i * SMALL_FILE_SIZE:(i + 1) * SMALL_FILE_SIZE])
+        finally:
+            os.close(fd)
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    elapsed = time.perf_counter() - t0
+    return n / elapsed
+
+
+def _stat_pass(directory: Path) -> int:
+    count = 0
+    with os.scandir(directory) as it:
+        for entry in it:
+            entry.stat(follow_symlinks=False)
+            count += 1
+    return count
+
+
+def bench_stat(directory: Path, n: int) -> float:
+    """lstat every entry of *directory* (after an untimed warm-up pass); entries/s."""
+    _stat_pass(directory)
+    t0 = time.perf_counter()
+    count = _stat_pass(directory)
+    elapsed = time.perf_counter() - t0
+    if count != n:
+        raise RuntimeError(f"{directory} has {count} entries, expected {n}")
+    return n / elapsed
+
+
+def bench_ls(directory: Path, n: int) -> float:
+    """Time ``ls -l DIR`` (output discarded); entries/s."""
+    env = dict(os.environ, LC_ALL="C")
+    t0 = time.perf_counter()
+    subprocess.run(["ls", "-l", str(directory)], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.PIPE, env=env, check=True, timeout=600)
+    elapsed = time.perf_counter() - t0
+    return n / elapsed
+
+
+# --------------------------------------------------------------------- mount helpers
+
+
+def _unescape_mount_field(s: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
+
+
+def mounted_fstype(mountpoint: Path) -> str | None:
+    """Filesystem type mounted exactly on *mountpoint* (per /proc/self/mounts)."""
+    target = os.path.realpath(mountpoint)
+    found: str | None = None
+    with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3 and _unescape_mount_field(parts[1]) == target:
+                found = parts[2]  # the last one listed is the topmost
+    return found
+
+
+def is_fuse_mounted(mountpoint: Path) -> bool:
+    fstype = mounted_fstype(mountpoint)
+    return fstype is not None and fstype.startswith("fuse")
+
+
+def fs_of(path: Path) -> str:
+    """'<device> (<fstype>)' of the filesystem holding *path*."""
+    target = os.path.realpath(path)
+    best = ("?", "?", "")
+    with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) < 3:
+                continue
+            mp = _unescape_mount_field(parts[1])
+            if (target == mp or target.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best[2]):
+                best = (parts[0], parts[2], mp)
+    return f"{best[0]} ({best[1]}, mounted on {best[2]})"
+
+
+def wait_mounted(mountpoint: Path, proc: subprocess.Popen[bytes] | None = None,
+                 timeout: float = MOUNT_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not is_fuse_mounted(mountpoint):
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"filesystem process exited with status {proc.returncode} before mounting")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{mountpoint} not mounted after {timeout:.0f} s")
+        time.sleep(0.02)
+
+
+def fusermount_u(mountpoint: Path, lazy: bool = False) -> bool:
+    """``fusermount3 -u [-z] MP``; True on success."""
+    cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(mountpoint)]
+    try:
+        r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        warn(f"{' '.join(cmd)}: {e}")
+        return False
+    if r.returncode != 0:
+        warn(f"{' '.join(cmd)}: {r.stderr.decode(errors='replace').strip()}")
+    return r.returncode == 0
+
+
+def force_unmount(mountpoint: Path) -> None:
+    """Last resort: fusermount3 -u with retries, then a lazy unmount."""
+    for _ in range(5):
+        if not is_fuse_mounted(mountpoint):
+            return
+        if fusermount_u(mountpoint):
+            return
+        time.sleep(0.5)
+    if is_fuse_mounted(mountpoint):
+        fusermount_u(mountpoint, lazy=True)
+
+
+def end_process(proc: subprocess.Popen[bytes], timeout: float = PROC_EXIT_TIMEOUT) -> None:
+    """Wait for a process we started; SIGTERM then SIGKILL it (by its PID) if it hangs."""
+    if proc.poll() is not None:
+        return
+    try:
+        proc.wait(timeout=timeout)
+        return
+    except subprocess.TimeoutExpired:
+        warn(f"pid {proc.pid} still running {timeout:.0f} s after unmount; sending SIGTERM")
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+        return
+    except subprocess.TimeoutExpired:
+        warn(f"pid {proc.pid} ignored SIGTERM; sending SIGKILL")
+    proc.kill()
+    proc.wait()
+
+
+@contextlib.contextmanager
+def no_interrupts() -> Iterator[None]:
+    """Hold off SIGINT/SIGTERM while cleaning up (cleanup steps all have timeouts)."""
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    old_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+
+
+def warn(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def drop_file_cache(path: Path) -> None:
+    """fsync *path* and evict its pages from the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def drop_tree_cache(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            p = Path(dirpath, name)
+            try:
+                if p.is_file() and not p.is_symlink():
+                    drop_file_cache(p)
+            except OSError:
+                pass
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    pp = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + pp if pp else "")
+    return env
+
+
+# --------------------------------------------------------------------------- targets
+
+
+class Target:
+    """A place to run the workloads in; subclasses know how to set it up and tear it down."""
+
+    name = "?"
+
+    def __init__(self, scratch: Path) -> None:
+        self.scratch = scratch
+
+    def start(self) -> Path:
+        """Prepare the target; return the directory the workloads run in."""
+        raise NotImplementedError
+
+    def make_cold(self, path: Path, size: int) -> None:
+        """Make the next read of *path* cold."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Undo start(): must be idempotent and must not raise."""
+        raise NotImplementedError
+
+    content_is_zero = False
+
+
+class NativeTarget(Target):
+    name = "native"
+
+    def start(self) -> Path:
+        self.dir = self.scratch / "native"
+        self.dir.mkdir()
+        return self.dir
+
+    def make_cold(self, path: Path, size: int) -> None:
+        drop_file_cache(path)
+
+    def stop(self) -> None:
+        shutil.rmtree(self.scratch / "native", ignore_errors=True)
+
+
+class NullTarget(Target):
+    name = "null"
+    content_is_zero = True
+
+    def __init__(self, scratch: Path) -> None:
+        super().__init__(scratch)
+        self.mp = scratch / "null-mnt"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = scratch / "nullfs.log"
+
+    def _spawn(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tools.nullfs", str(self.mp)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                env=child_env(), start_new_session=True)
+        try:
+            wait_mounted(self.mp, self.proc)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}; log: {self._log_tail()}") from None
+
+    def _log_tail(self) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(lines[-5:]) or "(empty log)"
+
+    def _unmount(self) -> None:
+        if is_fuse_mounted(self.mp):
+            force_unmount(self.mp)
+        if self.proc is not None:
+            end_process(self.proc)
+            self.proc = None
+
+    def start(self) -> Path:
+        self.mp.mkdir()
+        self._spawn()
+        return self.mp
+
+    def make_cold(self, path: Path, size: int) -> None:
+        self._unmount()
+        self._spawn()
+        # The null fs forgets everything on unmount: recreate the file (sparse,
+        # no data transfer) so that there is something of the right size to read.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+
+    def stop(self) -> None:
+        try:
+            self._unmount()
+        except Exception as e:  # noqa: BLE001 - stop() must not raise
+            warn(f"null: cleanup: {e}")
+
+
+class CasfsTarget(Target):
+    name = "casfs"
+
+    def __init__(self, scratch: Path, chunk_size: str | None, init_args: Sequence[str],
+                 timeout: float) -> None:
+        super().__init__(scratch)
+        self.mp = scratch / "casfs-mnt"
+        self.data_home = scratch / "casfs-data"
+        self.chunk_size = chunk_size
+        self.init_args = list(init_args)
+        self.timeout = timeout
+        self.env = child_env()
+        self.env["XDG_DATA_HOME"] = str(self.data_home)
+
+    def _cli(self, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [sys.executable, "-m", "tools.cli", *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=self.env, timeout=timeout or self.timeout)
+
+    @staticmethod
+    def _why(r: subprocess.CompletedProcess[bytes]) -> str:
+        text = (r.stderr or b"").decode(errors="replace").strip() or \
+            (r.stdout or b"").decode(errors="replace").strip()
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        return f"exit status {r.returncode}" + (f": {lines[-1].strip()}" if lines else "")
+
+    def _mount(self) -> None:
+        r = self._cli("mount", str(self.mp), "bench")
+        if r.returncode != 0:
+            raise RuntimeError(f"casfs mount failed: {self._why(r)}")
+        wait_mounted(self.mp, timeout=10)
+
+    def _umount(self) -> None:
+        if not is_fuse_mounted(self.mp):
+            return
+        try:
+            r = self._cli("umount", str(self.mp))
+            if r.returncode != 0:
+                warn(f"casfs umount failed: {self._why(r)}")
+        except (OSError, subprocess.TimeoutExpired) as e:
+            warn(f"casfs umount: {e}")
+        if is_fuse_mounted(self.mp):
+            warn("casfs still mounted after 'casfs umount'; trying fusermount3 -u")
+            force_unmount(self.mp)
+
+    def start(self) -> Path:
+        self.data_home.mkdir()
+        self.mp.mkdir()
+        args = ["init", "bench", *self.init_args]
+        if self.chunk_size:
+            args += ["--chunk-size", self.chunk_size]
+        try:
+            r = self._cli(*args)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise NotAvailable(str(e)) from None
+        if r.returncode != 0:
+            raise NotAvailable(f"casfs init: {self._why(r)}")
+        self._mount()
+        return self.mp
+
+    def make_cold(self, path: Path, size: int) -> None:
+        self._umount()
+        if is_fuse_mounted(self.mp):
+            raise RuntimeError("could not unmount casfs for the cold read")
+        drop_tree_cache(self.data_home)
+        self._mount()
+
+    def stop(self) -> None:
+        try:
+            self._umount()
+        except Exception as e:  # noqa: BLE001 - stop() must not raise
+            warn(f"casfs: cleanup: {e}")
+
+
+# ------------------------------------------------------------------------------ run
+
+
+@dataclass
+class BenchData:
+    blocks: list[bytes]
+    small_payload: bytes
+    size: int
+    files: int
+
+
+def run_target(target: Target, data: BenchData, progress: Callable[[str], None]) -> TargetResult:
+    res = TargetResult(target.name)
+    step = "start"
+    try:
+        try:
+            workdir = target.start()
+        except NotAvailable as e:
+            res.unavailable = str(e)
+            return res
+        buf = bytearray(MiB)
+        big1, big2 = workdir / "big1", workdir / "big2"
+
+        step = "write_new"
+        progress(f"{target.name}: sequential write, new data")
+        res.values["write_new"] = bench_write(big1, data.blocks)
+        step = "write_dup"
+        progress(f"{target.name}: sequential write, same data again")
+        res.values["write_dup"] = bench_write(big2, data.blocks)
+        step = "read_cold"
+        progress(f"{target.name}: sequential read, cold")
+        target.make_cold(big1, data.size)
+        res.values["read_cold"] = bench_read(big1, data.size, buf)
+        step = "read_warm"
+        progress(f"{target.name}: sequential read, warm")
+        res.values["read_warm"] = bench_read(big1, data.size, buf)
+        step = "check"
+        check_content(big1, data.blocks, zeros=target.content_is_zero)
+
+        small = workdir / "small"
+        small.mkdir()
+        step = "create"
+        progress(f"{target.name}: create {data.files} small files")
+        res.values["create"] = bench_create(small, data.files, data.small_payload)
+        step = "stat"
+        progress(f"{target.name}: stat {data.files} entries")
+        res.values["stat"] = bench_stat(small, data.files)
+        step = "ls"
+        progress(f"{target.name}: ls -l")
+        res.values["ls"] = bench_ls(small, data.files)
+    except Exception as e:  # noqa: BLE001 - report and go on with the next target
+        res.error = f"{step}: {type(e).__name__}: {e}"
+    finally:
+        with no_interrupts():
+            target.stop()
+    return res
+
+
+# --------------------------------------------------------------------------- report
+
+
+def machine_info(scratch: Path) -> list[str]:
+    mem_kib = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem_kib = int(line.split()[1])
+    except OSError:
+        pass
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        import pyfuse3
+        pyfuse3_version = pyfuse3.__version__
+    except Exception:  # noqa: BLE001
+        pyfuse3_version = "not importable"
+    try:
+        fm = subprocess.run(["fusermount3", "-V"], capture_output=True, text=True, timeout=10)
+        fuse_version = (fm.stdout + fm.stderr).strip().split()[-1]
+    except (OSError, subprocess.TimeoutExpired, IndexError):
+        fuse_version = "?"
+    naff = len(os.sched_getaffinity(0))
+    return [
+        f"date:    {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"machine: nproc={naff} (cpu_count={os.cpu_count()}), memory={mem_kib / 1024 / 1024:.1f} GiB, cpu={cpu}",
+        f"system:  {platform.system()} {platform.release()}, Python {platform.python_version()}, "
+        f"pyfuse3 {pyfuse3_version}, fusermount3 {fuse_version}",
+        f"disk:    {fs_of(scratch)}",
+    ]
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if v >= 100:
+        return f"{v:,.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "-"
+    return f"{a / b:.2f}x"
+
+
+def format_table(wls: list[Workload], results: dict[str, TargetResult]) -> list[str]:
+    header = ["workload", "native", "null pyfuse3", "casfs", "casfs/null", "casfs/native"]
+    rows = [header]
+    for w in wls:
+        vals = {t: results[t].values.get(w.key) if t in results else None for t in TARGETS}
+        rows.append([w.label, _fmt(vals["native"]), _fmt(vals["null"]), _fmt(vals["casfs"]),
+                     _ratio(vals["casfs"], vals["null"]), _ratio(vals["casfs"], vals["native"])])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+
+    def line(r: list[str]) -> str:
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        return "| " + " | ".join(cells) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return [line(rows[0]), sep] + [line(r) for r in rows[1:]]
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tools.bench",
+                                description="Benchmark native vs null pyfuse3 vs casfs.")
+    p.add_argument("--size-mib", type=int, default=1024, help="size of the big file (MiB, default 1024)")
+    p.add_argument("--files", type=int, default=10000, help="number of small files (default 10000)")
+    p.add_argument("--out", type=Path, help="also write the report to this file")
+    p.add_argument("--only", default=",".join(TARGETS),
+                   help="comma-separated targets to run, from: native,null,casfs (default all)")
+    p.add_argument("--chunk-size", help="passed to 'casfs init --chunk-size'")
+    p.add_argument("--casfs-init-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for 'casfs init' (repeatable)")
+    p.add_argument("--casfs-timeout", type=float, default=1800.0,
+                   help="timeout (s) of each casfs CLI call (default 1800)")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="where to create the scratch directory (default: the system temp dir)")
+    p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    args = p.parse_args(argv)
+    only = [t.strip() for t in args.only.split(",") if t.strip()]
+    bad = [t for t in only if t not in TARGETS]
+    if bad or not only:
+        p.error(f"--only: unknown target(s) {','.join(bad) or '(none)'}; choose from {','.join(TARGETS)}")
+    if args.size_mib < 1 or args.files < 1:
+        p.error("--size-mib and --files must be >= 1")
+    args.only = only
+    return args
+
+
+def _sigterm_to_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+
+    def progress(msg: str) -> None:
+        if not args.quiet:
+            print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+    scratch = Path(tempfile.mkdtemp(prefix="casfs-bench-", dir=args.workdir))
+    targets: list[Target] = []
+    results: dict[str, TargetResult] = {}
+    try:
+        progress(f"scratch directory {scratch}; generating {args.size_mib} MiB of random data")
+        data = BenchData(
+            blocks=[os.urandom(MiB) for _ in range(args.size_mib)],
+            small_payload=os.urandom(SMALL_FILE_SIZE * args.files),
+            size=args.size_mib * MiB,
+            files=args.files,
+        )
+        for name in TARGETS:
+            if name not in args.only:
+                results[name] = TargetResult(name, skipped=True)
+                continue
+            target: Target
+            if name == "native":
+                target = NativeTarget(scratch)
+            elif name == "null":
+                target = NullTarget(scratch)
+            else:
+                target = CasfsTarget(scratch, args.chunk_size, args.casfs_init_arg, args.casfs_timeout)
+            targets.append(target)
+            results[name] = run_target(target, data, progress)
+            del target
+    finally:
+        with no_interrupts():
+            for t in targets:
+                t.stop()  # idempotent; already done in run_target on the normal path
+            leftover = [mp for mp in (scratch / "null-mnt", scratch / "casfs-mnt") if is_fuse_mounted(mp)]
+            if leftover:
+                warn(f"still mounted, not removing {scratch}: {', '.join(map(str, leftover))}")
+            else:
+                shutil.rmtree(scratch, ignore_errors=True)
+
+    wls = workloads(args.size_mib, args.files)
+    lines = machine_info(Path(tempfile.gettempdir()) if args.workdir is None else args.workdir)
+    lines.append(f"params:  --size-mib {args.size_mib} --files {args.files} --only {','.join(args.only)}"
+                 + (f" --chunk-size {args.chunk_size}" if args.chunk_size else ""))
+    lines.append("")
+    for name in TARGETS:
+        r = results.get(name)
+        if r is None or r.skipped:
+            lines.append(f"{name}: skipped (not in --only)")
+        elif r.unavailable is not None:
+            lines.append(f"{name}: not available: {r.unavailable}")
+        elif r.error is not None:
+            lines.append(f"{name}: error during {r.error}")
+    if lines[-1] != "":
+        lines.append("")
+    lines += format_table(wls, results)
+    lines += [
+        "",
+        "MiB/s = 2^20 bytes/s; all figures higher-is-better; ratios are casfs divided by the other column.",
+        "cold read: native = fsync + POSIX_FADV_DONTNEED; null = remount; casfs = umount + mount "
+        "+ DONTNEED on its data dir. warm read = re-open and read again right away.",
+    ]
+    report = "\n".join(lines) + "\n"
+    sys.stdout.write(report)
+    sys.stdout.flush()
+    if args.out:
+        args.out.write_text(report)
+    failed = [r for r in results.values() if r.error is not None]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        sys.exit(130)
