@@ -169,6 +169,11 @@ class Filesystem:
         return self._remember(self._attr_row(rows[0]))
 
     @_locked
+    def count_lookup(self, ino: int) -> None:
+        """Count one kernel reference to ``ino`` handed out outside lookup (readdirplus)."""
+        self.lookups[ino] = self.lookups.get(ino, 0) + 1
+
+    @_locked
     def forget(self, items: list[tuple[int, int]]) -> None:
         """Drop kernel lookup references: (inode, count) pairs (FUSE_FORGET)."""
         for ino, n in items:

@@ -1,0 +1,69 @@
+"""Running a mount: pyfuse3 init, the trio main loop, the writeback timer, teardown.
+
+:func:`serve` blocks until the filesystem is unmounted (``fusermount3 -u``) or the
+process gets SIGTERM/SIGINT, in which case it unmounts itself. It never closes the
+engine: the caller flushes and closes it afterwards.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from cas.fs import Filesystem
+
+from .operations import CasOperations
+
+log = logging.getLogger(__name__)
+WRITEBACK_INTERVAL_S = 1.0   # how often the timer looks for old dirty buffers
+WRITEBACK_AGE_S = 5.0        # a dirty buffer older than this is flushed
+
+
+async def _writeback(fs: Filesystem) -> None:
+    while True:
+        await trio.sleep(WRITEBACK_INTERVAL_S)
+        try:
+            fs.flush_due(WRITEBACK_AGE_S)
+        except Exception:  # logged, retried on the next tick; the data stays buffered
+            log.exception("writeback failed")
+
+
+async def _main(fs: Filesystem, state: dict[str, bool]) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_writeback, fs)
+
+        async def watch_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("signal %d: unmounting", signum)
+                    nursery.cancel_scope.cancel()
+                    return
+
+        nursery.start_soon(watch_signals)
+        await pyfuse3.main()
+        state["unmounted"] = True
+        nursery.cancel_scope.cancel()
+
+
+def serve(fs: Filesystem, mountpoint: Path, *, fsname: str, allow_other: bool = False,
+          on_ready: Callable[[], None] = lambda: None) -> None:
+    """Mount ``fs`` at ``mountpoint`` and serve requests until unmounted.
+
+    ``on_ready`` is called once the kernel mount exists. Raises RuntimeError from
+    pyfuse3.init when the kernel refuses the mount.
+    """
+    ops = CasOperations(fs)
+    options = set(pyfuse3.default_options) | {f"fsname={fsname}", "subtype=casfs"}
+    if allow_other:
+        options.add("allow_other")
+    pyfuse3.init(ops, str(mountpoint), options)
+    state = {"unmounted": False}
+    try:
+        on_ready()
+        trio.run(_main, fs, state)
+    finally:
+        pyfuse3.close(unmount=not state["unmounted"])
