@@ -1,0 +1,70 @@
+"""Volume statistics: sizes, dedup and compression ratios, chunk counts.
+
+Definitions (bytes):
+- logical: the sum of the sizes of the regular files in the namespace (a hard-linked
+  file counts once); what ``du --apparent-size`` would report.
+- referenced: the sum, over every manifest slot, of its chunk's plaintext length.
+- unique: the plaintext bytes of the chunks with refcount > 0 (each counted once).
+- stored: the envelope bytes of every chunk row (after compression), garbage included.
+- dedup ratio = logical / unique; compression ratio = unique / stored bytes of live chunks.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .meta import Metadata
+
+
+@dataclass(frozen=True)
+class VolumeStats:
+    """A snapshot of a volume's figures; see the module docstring for definitions."""
+
+    files: int
+    directories: int
+    symlinks: int
+    logical_bytes: int
+    referenced_bytes: int
+    unique_bytes: int
+    stored_bytes: int
+    live_stored_bytes: int
+    chunks: int
+    live_chunks: int
+    garbage_chunks: int
+    garbage_bytes: int
+    chunk_size: int
+
+    @property
+    def dedup_ratio(self) -> float:
+        return self.logical_bytes / self.unique_bytes if self.unique_bytes else 1.0
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.unique_bytes / self.live_stored_bytes if self.live_stored_bytes else 1.0
+
+    def as_dict(self) -> dict[str, float | int]:
+        d: dict[str, float | int] = dict(asdict(self))
+        d["dedup_ratio"] = round(self.dedup_ratio, 6)
+        d["compression_ratio"] = round(self.compression_ratio, 6)
+        return d
+
+
+def collect(meta: Metadata) -> VolumeStats:
+    """Compute the figures of ``meta``'s volume (works while it is mounted)."""
+    q = meta.db.query
+    files, dirs, links, logical = q(
+        "SELECT COALESCE(SUM(mode & 0o170000 = 0o100000), 0), COALESCE(SUM(mode & 0o170000 = 0o040000), 0), "
+        "COALESCE(SUM(mode & 0o170000 = 0o120000), 0), "
+        "COALESCE(SUM(IF(mode & 0o170000 = 0o100000, size, 0)), 0) FROM inodes WHERE nlink > 0"
+        .replace("0o170000", str(0o170000)).replace("0o100000", str(0o100000))
+        .replace("0o040000", str(0o040000)).replace("0o120000", str(0o120000)))[0]
+    referenced = q("SELECT COALESCE(SUM(c.length), 0) FROM manifests m JOIN chunks c ON c.id = m.chunk")[0][0]
+    chunks, stored, live, unique, live_stored = q(
+        "SELECT COUNT(*), COALESCE(SUM(stored_length), 0), COALESCE(SUM(refcount > 0), 0), "
+        "COALESCE(SUM(IF(refcount > 0, length, 0)), 0), COALESCE(SUM(IF(refcount > 0, stored_length, 0)), 0) "
+        "FROM chunks")[0]
+    return VolumeStats(
+        files=int(files), directories=int(dirs), symlinks=int(links), logical_bytes=int(logical),
+        referenced_bytes=int(referenced), unique_bytes=int(unique), stored_bytes=int(stored),
+        live_stored_bytes=int(live_stored), chunks=int(chunks), live_chunks=int(live),
+        garbage_chunks=int(chunks) - int(live), garbage_bytes=int(stored) - int(live_stored),
+        chunk_size=meta.volume.chunk_size)
