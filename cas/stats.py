@@ -10,6 +10,7 @@ Definitions (bytes):
 """
 from __future__ import annotations
 
+import stat as S
 from dataclasses import asdict, dataclass
 
 from .meta import Metadata
@@ -51,12 +52,11 @@ class VolumeStats:
 def collect(meta: Metadata) -> VolumeStats:
     """Compute the figures of ``meta``'s volume (works while it is mounted)."""
     q = meta.db.query
+    fmt, reg, dir_, lnk = S.S_IFMT(0o170000), S.S_IFREG, S.S_IFDIR, S.S_IFLNK
     files, dirs, links, logical = q(
-        "SELECT COALESCE(SUM(mode & 0o170000 = 0o100000), 0), COALESCE(SUM(mode & 0o170000 = 0o040000), 0), "
-        "COALESCE(SUM(mode & 0o170000 = 0o120000), 0), "
-        "COALESCE(SUM(IF(mode & 0o170000 = 0o100000, size, 0)), 0) FROM inodes WHERE nlink > 0"
-        .replace("0o170000", str(0o170000)).replace("0o100000", str(0o100000))
-        .replace("0o040000", str(0o040000)).replace("0o120000", str(0o120000)))[0]
+        "SELECT COALESCE(SUM(mode & %s = %s), 0), COALESCE(SUM(mode & %s = %s), 0), "
+        "COALESCE(SUM(mode & %s = %s), 0), COALESCE(SUM(IF(mode & %s = %s, size, 0)), 0) "
+        "FROM inodes WHERE nlink > 0", (fmt, reg, fmt, dir_, fmt, lnk, fmt, reg))[0]
     referenced = q("SELECT COALESCE(SUM(c.length), 0) FROM manifests m JOIN chunks c ON c.id = m.chunk")[0][0]
     chunks, stored, live, unique, live_stored = q(
         "SELECT COUNT(*), COALESCE(SUM(stored_length), 0), COALESCE(SUM(refcount > 0), 0), "
