@@ -164,7 +164,7 @@ class LFUCache:
                 self._remove(key, entry)
 
     def clear(self) -> None:
-        """Drop every entry; the counters in :meth:`stats` are kept. O(entries)."""
+        """Drop every entry and restart the aging period; stats counters are kept."""
         with self._lock:
             self._entries.clear()
             self._head.next = self._head.prev = self._head

@@ -83,7 +83,7 @@ class EmbeddedServer:
             pid = int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
             return None
-        return pid if _pid_running(pid) else None
+        return pid if pid_running(pid) else None
 
     # -- lifecycle ---------------------------------------------------------------------
     def install(self) -> None:
@@ -188,7 +188,8 @@ def _user_args() -> list[str]:
     return ["--user=root"] if os.geteuid() == 0 else []
 
 
-def _pid_running(pid: int) -> bool:
+def pid_running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (/proc/PID/stat state)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             state = f.read().rsplit(")", 1)[1].split()[0]
@@ -203,7 +204,7 @@ def _terminate(pid: int, timeout: float) -> None:
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout
-    while _pid_running(pid):
+    while pid_running(pid):
         if time.monotonic() > deadline:
             os.kill(pid, signal.SIGKILL)
         time.sleep(0.05)

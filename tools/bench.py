@@ -266,8 +266,31 @@ def fusermount_u(mountpoint: Path, lazy: bool = False) -> bool:
     return r.returncode == 0
 
 
+def close_fds_under(mountpoint: Path) -> None:
+    """Close this process's own descriptors that point into *mountpoint*.
+
+    An interrupt (Ctrl-C, SIGTERM) can arrive between ``os.open()`` returning and
+    the ``finally`` that would close the descriptor; such a leaked descriptor
+    would keep the mount busy.
+    """
+    prefix = os.path.realpath(mountpoint)
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return
+    for name in fds:
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if target == prefix or target.startswith(prefix + "/"):
+            with contextlib.suppress(OSError):
+                os.close(int(name))
+
+
 def force_unmount(mountpoint: Path) -> None:
     """Last resort: fusermount3 -u with retries, then a lazy unmount."""
+    close_fds_under(mountpoint)
     for _ in range(5):
         if not is_fuse_mounted(mountpoint):
             return
@@ -411,6 +434,7 @@ class NullTarget(Target):
         return " | ".join(lines[-5:]) or "(empty log)"
 
     def _unmount(self) -> None:
+        close_fds_under(self.mp)
         if is_fuse_mounted(self.mp):
             force_unmount(self.mp)
         if self.proc is not None:
@@ -476,6 +500,7 @@ class CasfsTarget(Target):
     def _umount(self) -> None:
         if not is_fuse_mounted(self.mp):
             return
+        close_fds_under(self.mp)
         try:
             r = self._cli("umount", str(self.mp))
             if r.returncode != 0:

@@ -16,8 +16,9 @@ the "null pyfuse3" column next to a native directory and casfs.
 
 For a fair comparison it is mounted with the options a serious filesystem would
 use: pyfuse3's defaults (``default_permissions``; max_write / big writes as
-pyfuse3 + libfuse negotiate them by default) plus ``fsname=nullfs``, and entry /
-attribute timeouts of 1.0 s (the values casfs uses).
+pyfuse3 + libfuse negotiate them by default, no writeback cache) plus
+``fsname=nullfs``, entry / attribute timeouts of 1.0 s and ``keep_cache`` on
+open -- the values casfs uses.
 
 Run in the foreground::
 
@@ -61,6 +62,9 @@ log = logging.getLogger("nullfs")
 #: Entry and attribute cache timeouts (seconds) -- the same as casfs.
 ENTRY_TIMEOUT = 1.0
 ATTR_TIMEOUT = 1.0
+#: Keep the kernel page cache across opens (FOPEN_KEEP_CACHE) -- as casfs does.
+#: Contents can only change through this mount, so cached pages stay valid.
+KEEP_CACHE = True
 
 #: Size of the shared zero buffer.  FUSE reads are at most max_read (<= 1 MiB
 #: with max_pages=256); larger requests fall back to a fresh allocation.
@@ -408,13 +412,13 @@ class NullFS(pyfuse3.Operations):
         if flags & os.O_TRUNC:  # not passed by the kernel, but be safe
             node.size = 0
         node.opens += 1
-        return FileInfo(fh=FileHandleT(node.ino))
+        return FileInfo(fh=FileHandleT(node.ino), keep_cache=KEEP_CACHE)
 
     async def create(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT,
                      ctx: RequestContext) -> tuple[FileInfo, EntryAttributes]:
         node = self._new_entry(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
         node.opens += 1
-        return FileInfo(fh=FileHandleT(node.ino)), self._attr(node)
+        return FileInfo(fh=FileHandleT(node.ino), keep_cache=KEEP_CACHE), self._attr(node)
 
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
         node = self.inodes[fh]
@@ -538,9 +542,11 @@ class NullFS(pyfuse3.Operations):
 
 
 def mount_options() -> set[str]:
-    """pyfuse3's default options (``default_permissions``) plus ``fsname=nullfs``."""
+    """pyfuse3's default options (``default_permissions``) plus ``fsname=nullfs``
+    (and ``subtype=nullfs``, mirroring casfs's ``subtype=casfs``)."""
     opts = set(pyfuse3.default_options)
     opts.add("fsname=nullfs")
+    opts.add("subtype=nullfs")
     return opts
 
 

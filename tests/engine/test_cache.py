@@ -111,7 +111,7 @@ def test_matches_reference_model(cap: int, period: int | None, ops: list) -> Non
         if op[0] == "get":
             assert cache.get(k(op[1])) == ref.get(k(op[1]))
         elif op[0] == "put":
-            value = bytes([step % 256]) * op[2]  # distinct per step: catches stale values
+            value = bytes([step % 256]) * op[2]  # distinct per step: stale values show
             cache.put(k(op[1]), value)
             ref.put(k(op[1]), value)
         elif op[0] == "discard":
@@ -120,6 +120,7 @@ def test_matches_reference_model(cap: int, period: int | None, ops: list) -> Non
         else:
             cache.clear()
             ref.d.clear()
+            ref.accesses = 0  # clear restarts the aging period
         assert cache.size_bytes <= cap
         assert {i for i in range(NKEYS) if k(i) in cache} == \
                {i for i in range(NKEYS) if k(i) in ref.d}

@@ -1,0 +1,103 @@
+"""The casfs command line: `casfs init | mount | umount | stats | gc | fsck`.
+
+Each command group lives in its own module; this one holds the click group and the
+volume commands (init, mount, umount).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+
+import click
+
+from cas.meta import initialize
+from cas.errors import VolumeError
+from cas.volume import DEFAULT_CHUNK, DEFAULT_NAME, create_volume_dir, open_volume, volume_path
+
+from . import maint, mountcmd
+from .common import human, parse_size, user_errors
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="casfs")
+def main() -> None:
+    """casfs: a deduplicating FUSE filesystem (SHA-256 chunks, zstd, MySQL metadata)."""
+    logging.basicConfig(level=logging.WARNING, format="casfs: %(levelname)s: %(message)s")
+
+
+def init_volume(name: str, chunk_size: int, compression: str, meta: str) -> None:
+    """Create volume ``name`` (directory, config, database); undo the directory on failure."""
+    existed = volume_path(name).exists()
+    vol = create_volume_dir(name, chunk_size, compression, meta)
+    try:
+        initialize(vol, os.getuid(), os.getgid())
+        vol.save()
+    except BaseException:
+        if not existed:
+            shutil.rmtree(vol.path, ignore_errors=True)
+        raise
+
+
+@main.command()
+@click.option("--chunk-size", default="1MiB", show_default=True,
+              help="Chunk size: a power of two from 64KiB to 16MiB, fixed for the volume's life.")
+@click.option("--compression", default="zstd:3", show_default=True, help="zstd:LEVEL (1-22) or none.")
+@click.option("--meta", default="", metavar="URL",
+              help="mysql://USER@HOST[:PORT]/DB of an existing MariaDB>=10.6/MySQL 8 server "
+                   "(password: config meta_password or CASFS_MYSQL_PASSWORD). Default: a private "
+                   "embedded MariaDB in the volume directory.")
+@click.argument("name", default=DEFAULT_NAME)
+@user_errors
+def init(chunk_size: str, compression: str, meta: str, name: str) -> None:
+    """Create volume NAME (default: "default")."""
+    size = parse_size(chunk_size)
+    init_volume(name, size, compression, meta)
+    vol = open_volume(name)
+    click.echo(f"created volume {vol.name} at {vol.path} (chunk size {human(vol.chunk_size)}, "
+               f"{vol.compression}, metadata: {vol.meta_url or 'embedded MariaDB'})")
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(file_okay=True, dir_okay=True))
+@click.argument("volume", default=DEFAULT_NAME)
+@click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground (logs to stderr).")
+@click.option("--allow-other", is_flag=True, help="Let other users access the mount (needs "
+              "user_allow_other in /etc/fuse.conf unless root).")
+@click.option("--cache-size", default="256MiB", show_default=True, help="RAM for the LFU chunk cache.")
+@click.option("--debug", is_flag=True, help="Debug logging.")
+@user_errors
+def mount(mountpoint: str, volume: str, foreground: bool, allow_other: bool, cache_size: str,
+          debug: bool) -> None:
+    """Mount VOLUME (default: "default", created if missing) at MOUNTPOINT.
+
+    Returns once the mount is ready; the daemon runs in the background until
+    `casfs umount MOUNTPOINT`.
+    """
+    cache = parse_size(cache_size)
+    try:
+        vol = open_volume(volume)
+    except VolumeError:
+        if volume != DEFAULT_NAME:
+            raise
+        init_volume(DEFAULT_NAME, DEFAULT_CHUNK, "zstd:3", "")
+        vol = open_volume(DEFAULT_NAME)
+        click.echo(f"created the default volume at {vol.path}", err=True)
+    mountcmd.mount(vol, mountpoint, foreground=foreground, allow_other=allow_other,
+                   cache_bytes=cache, debug=debug)
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path())
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for the daemon to exit.")
+@user_errors
+def umount(mountpoint: str, timeout: float) -> None:
+    """Unmount MOUNTPOINT: flush everything and wait for the daemon to exit."""
+    mountcmd.umount(mountpoint, timeout)
+
+
+maint.register(main)
+
+if __name__ == "__main__":
+    sys.exit(main())

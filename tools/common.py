@@ -1,0 +1,49 @@
+"""Helpers shared by the CLI command modules: sizes, errors, opening volumes."""
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+import click
+
+from cas.errors import CasError
+from fusefront.mountpoint import MountpointError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Parse a byte size such as ``1MiB``, ``64K``, ``256mib`` or ``4096`` into bytes.
+
+    Binary units (K, M, G, KiB ...) are powers of 1024, KB/MB/GB powers of 1000.
+    Raises click.BadParameter for anything else.
+    """
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise click.BadParameter(f"{text!r} is not a size (examples: 4096, 64KiB, 1MiB, 2G)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def human(n: float) -> str:
+    """Bytes as a short human string (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Report engine and mountpoint errors as a one-line message and exit status 1."""
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except (CasError, MountpointError) as exc:
+            raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    return wrapper

@@ -1,0 +1,101 @@
+"""Operator commands: `casfs stats`, `casfs gc`, `casfs fsck`.
+
+Each opens the volume's database directly (starting the embedded server if no mount
+runs) and works while the volume is mounted.
+"""
+from __future__ import annotations
+
+import json
+
+import click
+
+from cas import fsck as fsck_mod
+from cas import gc as gc_mod
+from cas import stats as stats_mod
+from cas.meta import connect
+from cas.safety import DEFAULT_GRACE_S
+from cas.volume import DEFAULT_NAME, open_volume
+
+from .common import human, user_errors
+
+
+@click.command()
+@click.argument("volume", default=DEFAULT_NAME)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@user_errors
+def stats(volume: str, as_json: bool) -> None:
+    """Show VOLUME's files, logical/unique/stored bytes and dedup ratio."""
+    with connect(open_volume(volume)) as meta:
+        s = stats_mod.collect(meta)
+    if as_json:
+        click.echo(json.dumps(s.as_dict(), sort_keys=True))
+        return
+    rows = [
+        ("files", f"{s.files} ({s.directories} directories, {s.symlinks} symlinks)"),
+        ("logical bytes", f"{human(s.logical_bytes)} ({s.logical_bytes})"),
+        ("unique bytes", f"{human(s.unique_bytes)} ({s.unique_bytes})"),
+        ("stored bytes", f"{human(s.stored_bytes)} ({s.stored_bytes}, after compression)"),
+        ("dedup ratio", f"{s.dedup_ratio:.3f}"),
+        ("compression ratio", f"{s.compression_ratio:.3f}"),
+        ("chunks", f"{s.chunks} ({s.live_chunks} live, {s.garbage_chunks} awaiting gc, "
+                   f"{human(s.garbage_bytes)})"),
+        ("chunk size", human(s.chunk_size)),
+    ]
+    for k, v in rows:
+        click.echo(f"{k:18} {v}")
+
+
+@click.command()
+@click.argument("volume", default=DEFAULT_NAME)
+@click.option("--dry-run", is_flag=True, help="Report what would be freed; delete nothing.")
+@click.option("--grace", default=DEFAULT_GRACE_S, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds a chunk must have been unreferenced before it is deleted.")
+@user_errors
+def gc(volume: str, dry_run: bool, grace: float) -> None:
+    """Delete chunks no file references (safe while mounted)."""
+    with connect(open_volume(volume)) as meta:
+        r = gc_mod.collect(meta, grace_s=grace, dry_run=dry_run)
+    verb = "would free" if dry_run else "freed"
+    click.echo(f"{verb} {r.chunks_deleted} chunks ({human(r.bytes_freed)}) and {r.orphans_deleted} "
+               f"orphan files ({human(r.orphan_bytes_freed)})")
+
+
+@click.command()
+@click.argument("volume", default=DEFAULT_NAME)
+@click.option("--repair", is_flag=True, help="Rewrite refcounts and link counts from the manifests.")
+@click.option("--no-verify", is_flag=True, help="Check chunk files exist, without hashing them.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@user_errors
+def fsck(volume: str, repair: bool, no_verify: bool, as_json: bool) -> None:
+    """Check refcounts, link counts, and every referenced chunk's presence and hash.
+
+    Exits 1 when a problem is found and not repaired.
+    """
+    with connect(open_volume(volume)) as meta:
+        r = fsck_mod.check(meta, repair=repair, verify=not no_verify)
+    if as_json:
+        d = {k: getattr(r, k) for k in r.__dataclass_fields__}
+        d["clean"] = r.clean
+        click.echo(json.dumps(d))
+    else:
+        click.echo(f"checked {r.chunks_checked} live chunks: {len(r.refcount_mismatches)} refcount "
+                   f"mismatches, {len(r.missing_rows)} missing rows, {len(r.missing_files)} missing files, "
+                   f"{len(r.corrupt_chunks)} corrupt, {len(r.nlink_mismatches)} link count mismatches, "
+                   f"{len(r.dangling_entries)} dangling entries, {r.orphan_files} orphan files")
+        for cid, had, actual in r.refcount_mismatches[:20]:
+            click.echo(f"  refcount {cid}: recorded {had}, manifests say {actual}")
+        for cid in r.missing_files[:20]:
+            click.echo(f"  missing chunk file {cid}")
+        for cid in r.corrupt_chunks[:20]:
+            click.echo(f"  corrupt chunk {cid}")
+    unrepaired = r.missing_rows or r.missing_files or r.corrupt_chunks or r.dangling_entries
+    if not r.clean and (not repair or unrepaired):
+        raise SystemExit(1)
+    if repair and r.repaired:
+        click.echo("repaired refcounts and link counts")
+
+
+def register(group: click.Group) -> None:
+    """Add the operator commands to the casfs command group."""
+    for cmd in (stats, gc, fsck):
+        group.add_command(cmd)

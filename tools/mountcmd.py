@@ -1,0 +1,176 @@
+"""`casfs mount` and `casfs umount`: starting the mount daemon and stopping it.
+
+The daemon is a forked child in its own session. It reports over a pipe either
+"OK" (the kernel mount exists) or "ERR <message>"; `casfs mount` prints the message and
+exits 1, so every start-up failure reaches the user. A registry file
+``$XDG_DATA_HOME/casfs/mounts/<hash>.json`` maps a mountpoint to its daemon's pid, which
+`casfs umount` waits for after ``fusermount3 -u``.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from cas.errors import CasError, VolumeError
+from cas.fs import Filesystem
+from cas.meta import connect
+from cas.server import pid_running
+from cas.store import LocalStore
+from cas.volume import Volume, data_home
+from fusefront.daemon import serve
+from fusefront.mountpoint import (MountpointError, check_mountpoint, find_mount, is_dead_mount,
+                                  unmount)
+
+log = logging.getLogger("casfs.mount")
+
+
+def registry_file(mountpoint: str | Path) -> Path:
+    """Registry file of the mount at ``mountpoint`` (absolute path)."""
+    h = hashlib.sha256(os.path.abspath(mountpoint).encode()).hexdigest()[:24]
+    return data_home() / "mounts" / f"{h}.json"
+
+
+def _check_store(vol: Volume) -> None:
+    try:
+        vol.chunk_dir.mkdir(parents=True, exist_ok=True)
+        LocalStore(vol.chunk_dir).check_writable()
+    except OSError as exc:
+        raise VolumeError(f"chunk store {vol.chunk_dir} is not writable: {exc.strerror}") from exc
+
+
+def run_daemon(vol: Volume, mp: Path, *, allow_other: bool, cache_bytes: int,
+               on_ready: Callable[[], None]) -> None:
+    """Mount ``vol`` at ``mp`` in this process until unmounted; flush and close after."""
+    vol.run_dir.mkdir(parents=True, exist_ok=True)
+    lock_fd = os.open(vol.run_dir / "mount.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock_fd)
+        raise VolumeError(f"volume {vol.name} is already mounted") from None
+    reg = registry_file(mp)
+    try:
+        meta = connect(vol)
+        fs = Filesystem(meta, cache_bytes=cache_bytes)
+        try:
+            freed = fs.recover()
+            if freed:
+                log.warning("freed %d inodes unlinked while open before a crash", freed)
+            reg.parent.mkdir(parents=True, exist_ok=True)
+            reg.write_text(json.dumps({"pid": os.getpid(), "mountpoint": str(mp), "volume": str(vol.path)}))
+            serve(fs, mp, fsname=f"casfs:{vol.name}", allow_other=allow_other, on_ready=on_ready)
+        finally:
+            fs.close()
+    finally:
+        try:
+            reg.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(lock_fd)
+
+
+def mount(vol: Volume, mountpoint: str, *, foreground: bool, allow_other: bool, cache_bytes: int,
+          debug: bool) -> None:
+    """Validate, then mount in the foreground or in a daemon; return when ready."""
+    mp = check_mountpoint(mountpoint)
+    _check_store(vol)
+    level = logging.DEBUG if debug else logging.INFO
+    if foreground:
+        logging.getLogger().setLevel(level)
+        run_daemon(vol, mp, allow_other=allow_other, cache_bytes=cache_bytes,
+                   on_ready=lambda: click.echo(f"mounted {vol.name} at {mp}", err=True))
+        return
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(rfd)
+        _become_daemon(vol, level)
+        code = 0
+        try:
+            run_daemon(vol, mp, allow_other=allow_other, cache_bytes=cache_bytes,
+                       on_ready=lambda: _report(wfd, "OK"))
+        except BaseException as exc:  # report start-up failures to the parent
+            code = 1
+            log.error("mount failed: %s", "".join(traceback.format_exception(exc)))
+            msg = str(exc) if isinstance(exc, (CasError, MountpointError)) else f"{type(exc).__name__}: {exc}"
+            _report(wfd, "ERR " + (msg.splitlines()[0] if msg else type(exc).__name__))
+        finally:
+            logging.shutdown()
+            os._exit(code)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as f:
+        line = f.readline().decode(errors="replace").strip()
+    if line == "OK":
+        click.echo(f"mounted {vol.name} at {mp} (daemon pid {pid})", err=True)
+        return
+    if line.startswith("ERR "):
+        raise click.ClickException(line[4:])
+    raise click.ClickException(f"mount daemon exited during start-up; see {vol.log_dir / 'mount.log'}")
+
+
+def _report(fd: int, line: str) -> None:
+    try:
+        os.write(fd, (line + "\n").encode())
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _become_daemon(vol: Volume, level: int) -> None:
+    os.setsid()
+    vol.log_dir.mkdir(parents=True, exist_ok=True)
+    logf = os.open(vol.log_dir / "mount.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(logf, 1)
+    os.dup2(logf, 2)
+    os.close(null)
+    os.close(logf)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def umount(mountpoint: str, timeout: float) -> None:
+    """Unmount ``mountpoint`` and wait until its daemon has exited (all data flushed).
+
+    A mount whose daemon died is cleaned up. Raises MountpointError: not mounted,
+    busy, or the daemon did not exit within ``timeout`` seconds.
+    """
+    mp = os.path.abspath(mountpoint)
+    reg = registry_file(mp)
+    pid = None
+    try:
+        pid = int(json.loads(reg.read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        pass
+    if is_dead_mount(mp):
+        unmount(mp, lazy=True)
+        if pid is not None and not pid_running(pid):
+            reg.unlink(missing_ok=True)
+        click.echo(f"cleaned up {mp}: its daemon had died", err=True)
+        return
+    if find_mount(mp) is None:
+        raise MountpointError(f"{mp} is not mounted")
+    unmount(mp)
+    if pid is None:
+        return
+    deadline = time.monotonic() + timeout
+    while pid_running(pid):
+        if time.monotonic() > deadline:
+            raise MountpointError(f"unmounted {mp}, but daemon {pid} did not exit within {timeout:.0f} s")
+        time.sleep(0.05)
