@@ -33,6 +33,9 @@ STOP_TIMEOUT_S = 60.0
 
 
 def _find(binary: str) -> str | None:
+    if binary == "mariadbd" and "CASFS_MARIADBD" in os.environ:  # override; empty = none
+        p = os.environ["CASFS_MARIADBD"]
+        return p if p and os.access(p, os.X_OK) else None
     return shutil.which(binary) or next(
         (p for p in (f"/usr/sbin/{binary}", f"/usr/bin/{binary}") if os.access(p, os.X_OK)), None)
 

@@ -147,7 +147,7 @@ def create_volume_dir(name: str, chunk_size: int, compression: str, meta_url: st
     try:
         parse_codec(compression)
     except ValueError as exc:
-        raise VolumeError(str(exc)) from exc
+        raise VolumeError(f"bad compression {compression!r}: use zstd:LEVEL (LEVEL 1-22) or none") from exc
     path = volume_path(name)
     if (path / "volume.toml").exists():
         raise VolumeError(f"volume {name!r} already exists ({path})")

@@ -69,9 +69,12 @@ def unmount(path: str | Path, lazy: bool = False) -> None:
 
 
 def is_dead_mount(path: str | Path) -> bool:
-    """Whether ``path`` is a FUSE mount whose daemon is gone (ENOTCONN)."""
+    """Whether ``path`` is a FUSE mount whose daemon is gone (ENOTCONN).
+
+    statvfs always reaches the daemon (stat may be answered from the attribute cache).
+    """
     try:
-        os.stat(path)
+        os.statvfs(path)
         return False
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
