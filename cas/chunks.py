@@ -3,7 +3,7 @@
 This module owns the dedup protocol between writers and gc (DESIGN invariants 1-3):
 
 1. Before a transaction, :meth:`ChunkManager.store_unknown` writes durable files for the
-   chunks whose id has no referenced row (a chunk with refcount > 0 is never stored again).
+   chunks whose id has no row (a chunk already recorded is never stored again).
 2. Inside the transaction, :meth:`ChunkManager.apply_deltas` takes the row lock of every
    chunk gaining references (``SELECT ... FOR UPDATE`` in id order). For each one whose
    row is missing or at refcount 0 (a gc candidate) it checks the file is present, and
@@ -72,23 +72,26 @@ class ChunkManager:
         return list(self.pool.map(chunk_id, datas))
 
     @staticmethod
-    def referenced(db: Database, ids: Iterable[bytes]) -> set[bytes]:
-        """The ids among ``ids`` that have a row with refcount > 0 (no locks taken)."""
+    def recorded(db: Database, ids: Iterable[bytes]) -> set[bytes]:
+        """The ids among ``ids`` that have a chunk row, any refcount (no locks taken)."""
         found: set[bytes] = set()
         for batch in _batches(sorted(set(ids))):
-            found.update(bytes(r[0]) for r in
-                         db.query("SELECT id FROM chunks WHERE refcount > 0 AND id IN %s", (batch,)))
+            found.update(bytes(r[0]) for r in db.query("SELECT id FROM chunks WHERE id IN %s", (batch,)))
         return found
 
     def store_unknown(self, db: Database, chunks: Mapping[bytes, bytes]) -> dict[bytes, int]:
-        """Durably store the chunks of ``chunks`` (id -> plaintext) not yet referenced.
+        """Durably store the chunks of ``chunks`` (id -> plaintext) that have no row.
+
+        A chunk with a row is stored already (a row is written only after its file is
+        durable); one at refcount 0 may be collected before our commit, which
+        :meth:`apply_deltas` detects under the row lock and repairs.
 
         Returns id -> envelope length in bytes for the chunks written. Raises NoSpace
         (ENOSPC) or FsError(EIO) from the store; nothing is committed by this call.
         """
         if not chunks:
             return {}
-        known = self.referenced(db, chunks)
+        known = self.recorded(db, chunks)
         todo = [cid for cid in chunks if cid not in known]
         if not todo:
             return {}

@@ -31,6 +31,7 @@ CODEC_RAW = 0
 CODEC_ZSTD = 1
 _HEADER = struct.Struct(">4sBBHQ")
 HEADER_SIZE = _HEADER.size  # 16 bytes
+MAX_PLAINTEXT = 16 << 20    # bytes: the largest chunk size a volume can have
 
 _local = threading.local()
 
@@ -99,6 +100,8 @@ def open_envelope(blob: bytes, expected_id: bytes) -> bytes:
     magic, version, codec, _flags, length = _HEADER.unpack_from(blob)
     if magic != MAGIC or version != FORMAT_VERSION:
         raise IntegrityError(f"chunk {expected_id.hex()}: bad envelope header")
+    if length > MAX_PLAINTEXT:
+        raise IntegrityError(f"chunk {expected_id.hex()}: recorded length {length} is impossible")
     payload = memoryview(blob)[HEADER_SIZE:]
     try:
         if codec == CODEC_ZSTD:

@@ -12,6 +12,7 @@ Not thread-safe by itself: :class:`cas.fs.Filesystem` serializes every call.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,14 +32,22 @@ class InodeData:
     dirty: dict[int, bytearray] = field(default_factory=dict)
     dirty_bytes: int = 0
     truncate_from: int | None = None   # slots >= this lose their manifest rows at flush
-    times_dirty: bool = False
-    mtime_ns: int = 0
-    ctime_ns: int = 0
+    attrs: dict[str, int] = field(default_factory=dict)  # inode columns to write at flush
     dirty_since: float = 0.0       # time.monotonic() of the oldest unflushed change
 
     @property
     def needs_flush(self) -> bool:
-        return bool(self.dirty) or self.times_dirty or self.truncate_from is not None
+        return bool(self.dirty) or bool(self.attrs) or self.truncate_from is not None
+
+    def mark(self) -> None:
+        """Note that a change is about to be buffered (starts the writeback clock)."""
+        if not self.needs_flush:
+            self.dirty_since = time.monotonic()
+
+    def set_attrs(self, **cols: int) -> None:
+        """Buffer inode column changes (mode, uid, gid, atime_ns, mtime_ns, ctime_ns)."""
+        self.mark()
+        self.attrs.update(cols)
 
 
 class FileData:
@@ -52,8 +61,14 @@ class FileData:
         self.inode_dirty_limit = inode_dirty_limit
         self.states: dict[int, InodeData] = {}
         self._zeros = bytes(chunk_size)
+        self.on_commit: Callable[[InodeData], None] | None = None  # after a flush commits
 
     # -- state -----------------------------------------------------------------------
+    def new_state(self, ino: int) -> InodeData:
+        """RAM state for a file just created (size 0, no manifest): no query needed."""
+        st = self.states[ino] = InodeData(ino=ino, size=0, manifest={})
+        return st
+
     def load_state(self, ino: int) -> InodeData:
         """The RAM state of ``ino``, created from the database if absent. Raises NotFound."""
         st = self.states.get(ino)
@@ -68,16 +83,21 @@ class FileData:
         self.states[ino] = st
         return st
 
+    def discard(self, st: InodeData) -> None:
+        """Throw away ``st``'s uncommitted changes (its file was unlinked and closed)."""
+        st.dirty.clear()
+        st.dirty_bytes = 0
+        st.attrs.clear()
+        st.truncate_from = None
+
     def drop_state(self, ino: int) -> None:
         """Forget the RAM state of ``ino`` (it must be flushed)."""
         self.states.pop(ino, None)
 
-    def pending_size(self, ino: int) -> tuple[int, int, int] | None:
-        """(size, mtime_ns, ctime_ns) not yet committed for ``ino``, or None."""
+    def pending(self, ino: int) -> InodeData | None:
+        """The state of ``ino`` if it holds changes not yet committed, else None."""
         st = self.states.get(ino)
-        if st is None or not st.needs_flush:
-            return None
-        return st.size, st.mtime_ns, st.ctime_ns
+        return st if st is not None and st.needs_flush else None
 
     # -- reads -----------------------------------------------------------------------
     def _slot_content(self, st: InodeData, slot: int) -> bytes | bytearray:
@@ -120,8 +140,7 @@ class FileData:
         from a flush forced by the buffer limit; the data then stays buffered.
         """
         st = self.load_state(ino)
-        if not st.needs_flush:
-            st.dirty_since = time.monotonic()
+        st.mark()
         cs = self.cs
         n = len(data)
         view = memoryview(data)
@@ -155,12 +174,13 @@ class FileData:
     @staticmethod
     def _touch(st: InodeData) -> None:
         """Record a content change: mtime and ctime become now (POSIX write/truncate)."""
-        st.mtime_ns = st.ctime_ns = time.time_ns()
-        st.times_dirty = True
+        now = time.time_ns()
+        st.set_attrs(mtime_ns=now, ctime_ns=now)
 
     def truncate(self, ino: int, size: int) -> None:
         """Set the size of ``ino`` to ``size`` bytes (POSIX truncate) and commit it."""
         st = self.load_state(ino)
+        st.mark()
         cs = self.cs
         if size < st.size:
             keep = -(-size // cs)
@@ -178,90 +198,103 @@ class FileData:
         self.flush(st)
 
     # -- flush -----------------------------------------------------------------------
+    def _slot_bytes(self, st: InodeData, slot: int) -> bytes:
+        """The canonical bytes of dirty ``slot``: exactly the slot's part of the file."""
+        valid = max(0, min(self.cs, st.size - slot * self.cs))
+        d = bytes(st.dirty[slot][:valid])
+        return d + self._zeros[:valid - len(d)] if len(d) < valid else d
+
     def flush(self, st: InodeData) -> None:
-        """Commit ``st``'s dirty slots, truncation and size/times in one transaction.
+        """Commit one inode's changes; see :meth:`flush_many`."""
+        self.flush_many([st])
 
-        New chunk files are made durable first. Raises NoSpace/FsError (nothing is
-        committed and the buffers are kept) or MetaError.
+    def flush_many(self, states: list[InodeData]) -> None:
+        """Commit the dirty slots, truncations and size/times of ``states`` in ONE transaction.
+
+        New chunk files are made durable first (invariant 1); manifest rows, refcount
+        deltas and inode rows then commit together (invariant 2). Raises NoSpace or
+        FsError (nothing is committed and the buffers are kept) or MetaError.
         """
-        if not st.needs_flush:
+        states = [st for st in states if st.needs_flush]
+        if not states:
             return
-        cs = self.cs
-        slots = sorted(st.dirty)
-        datas: list[bytes] = []
-        for slot in slots:
-            valid = max(0, min(cs, st.size - slot * cs))
-            buf = st.dirty[slot]
-            d = bytes(buf[:valid])
-            if len(d) < valid:
-                d += self._zeros[:valid - len(d)]
-            datas.append(d)
-        new: dict[int, bytes | None] = {}
-        nonzero = [(s, d) for s, d in zip(slots, datas) if d and d != self._zeros[:len(d)]]
-        ids = self.chunks.ids_of([d for _, d in nonzero])
-        chunk_data = {cid: d for cid, (_, d) in zip(ids, nonzero)}
-        for slot in slots:
-            new[slot] = None
-        for cid, (slot, _) in zip(ids, nonzero):
-            new[slot] = cid
+        # slot contents -> chunk ids (all-zero slots are holes: None)
+        plan: list[tuple[InodeData, dict[int, bytes | None]]] = []
+        nonzero: list[bytes] = []
+        where: list[tuple[int, int]] = []
+        for k, st in enumerate(states):
+            new: dict[int, bytes | None] = {}
+            for slot in sorted(st.dirty):
+                d = self._slot_bytes(st, slot)
+                new[slot] = None
+                if d and d != self._zeros[:len(d)]:
+                    nonzero.append(d)
+                    where.append((k, slot))
+            plan.append((st, new))
+        ids = self.chunks.ids_of(nonzero)
+        chunk_data: dict[bytes, bytes] = {}
+        for cid, d, (k, slot) in zip(ids, nonzero, where):
+            plan[k][1][slot] = cid
+            chunk_data[cid] = d
         stored = self.chunks.store_unknown(self.db, chunk_data)
-        trunc = st.truncate_from
 
-        def body(cur: Any) -> dict[int, bytes]:
-            old: dict[int, bytes] = {}
-            if slots:
-                cur.execute("SELECT slot, chunk FROM manifests WHERE inode = %s AND slot IN %s FOR UPDATE",
-                            (st.ino, slots))
-                old.update({int(s): bytes(c) for s, c in cur.fetchall()})
-            if trunc is not None:
-                cur.execute("SELECT slot, chunk FROM manifests WHERE inode = %s AND slot >= %s FOR UPDATE",
-                            (st.ino, trunc))
-                old.update({int(s): bytes(c) for s, c in cur.fetchall()})
-            gained = [c for c in new.values() if c is not None]
-            self.chunks.apply_deltas(cur, net_deltas(gained, old.values()), chunk_data, stored)
-            if trunc is not None:
-                cur.execute("DELETE FROM manifests WHERE inode = %s AND slot >= %s", (st.ino, trunc))
-            holes = [s for s, c in new.items() if c is None and s in old]
-            if holes:
-                cur.execute("DELETE FROM manifests WHERE inode = %s AND slot IN %s", (st.ino, holes))
-            rows = [(st.ino, s, c) for s, c in new.items() if c is not None]
-            for i in range(0, len(rows), 500):
-                batch = rows[i:i + 500]
+        def body(cur: Any) -> None:
+            gained: list[bytes] = []
+            lost: list[bytes] = []
+            manifest_rows: list[tuple[int, int, bytes]] = []
+            for st, new in plan:
+                # this mount is the only writer of its open inodes' manifests: the RAM
+                # manifest is the committed one
+                old = {s: st.manifest[s] for s in new if s in st.manifest}
+                if st.truncate_from is not None:
+                    old.update({s: c for s, c in st.manifest.items() if s >= st.truncate_from})
+                    cur.execute("DELETE FROM manifests WHERE inode = %s AND slot >= %s",
+                                (st.ino, st.truncate_from))
+                lost.extend(old.values())
+                holes = [s for s, c in new.items() if c is None and s in old]
+                if holes:
+                    cur.execute("DELETE FROM manifests WHERE inode = %s AND slot IN %s", (st.ino, holes))
+                for s, c in new.items():
+                    if c is not None:
+                        gained.append(c)
+                        manifest_rows.append((st.ino, s, c))
+                cols = sorted(st.attrs)
+                cur.execute("UPDATE inodes SET " + "".join(f"{c} = %s, " for c in cols) + "size = %s WHERE id = %s",
+                            [*(st.attrs[c] for c in cols), st.size, st.ino])
+            self.chunks.apply_deltas(cur, net_deltas(gained, lost), chunk_data, stored)
+            for i in range(0, len(manifest_rows), 500):
+                batch = manifest_rows[i:i + 500]
                 cur.execute("REPLACE INTO manifests (inode, slot, chunk) VALUES "
                             + ",".join(["(%s,%s,%s)"] * len(batch)), [v for r in batch for v in r])
-            if st.times_dirty:
-                cur.execute("UPDATE inodes SET size = %s, mtime_ns = %s, ctime_ns = %s WHERE id = %s",
-                            (st.size, st.mtime_ns, st.ctime_ns, st.ino))
-            else:
-                cur.execute("UPDATE inodes SET size = %s WHERE id = %s", (st.size, st.ino))
-            return old
 
         self.db.transaction(body)
         # committed: bring the RAM state in line
-        if trunc is not None:
-            for s in [s for s in st.manifest if s >= trunc]:
-                del st.manifest[s]
-        for slot, cid in new.items():
-            if cid is None:
-                st.manifest.pop(slot, None)
-            else:
-                st.manifest[slot] = cid
-        st.dirty.clear()
-        st.dirty_bytes = 0
-        st.truncate_from = None
-        st.times_dirty = False
+        for st, new in plan:
+            if st.truncate_from is not None:
+                for s in [s for s in st.manifest if s >= st.truncate_from]:
+                    del st.manifest[s]
+            for slot, cid in new.items():
+                if cid is None:
+                    st.manifest.pop(slot, None)
+                else:
+                    st.manifest[slot] = cid
+            st.dirty.clear()
+            st.dirty_bytes = 0
+            st.truncate_from = None
+            if self.on_commit is not None:
+                self.on_commit(st)
+            st.attrs.clear()
 
-    def flush_due(self, older_than_s: float) -> None:
-        """Flush every inode whose oldest unflushed change is older than ``older_than_s``."""
+    def flush_due(self, older_than_s: float, also: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+        """Flush, in one transaction, every inode whose oldest unflushed change is older
+        than ``older_than_s`` seconds, and the inodes in ``also``."""
         now = time.monotonic()
-        for st in list(self.states.values()):
-            if st.needs_flush and now - st.dirty_since >= older_than_s:
-                self.flush(st)
+        self.flush_many([st for st in self.states.values()
+                         if st.needs_flush and (st.ino in also or now - st.dirty_since >= older_than_s)])
 
     def flush_all(self) -> None:
-        """Flush every inode with unflushed changes."""
-        for st in list(self.states.values()):
-            self.flush(st)
+        """Flush every inode with unflushed changes, in one transaction."""
+        self.flush_many(list(self.states.values()))
 
     def free_manifest(self, cur: Any, ino: int) -> None:
         """Inside a transaction: drop ``ino``'s manifest and its chunks' references."""

@@ -21,14 +21,17 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 from typing import Any, ParamSpec, TypeVar
+
+import pymysql
 
 from .cache import LFUCache
 from .chunks import ChunkManager
 from .errors import (Exists, FsError, InvalidArgument, IsADirectory, NameTooLong, NoData,
                      NotADirectory, NotEmpty, NotFound)
-from .filedata import FileData
+from .filedata import FileData, InodeData
 from .meta import ROOT_INODE, Metadata
 from .store import LocalStore
 
@@ -36,6 +39,8 @@ NAME_MAX = 255          # bytes, POSIX NAME_MAX on Linux
 XATTR_SIZE_MAX = 65536  # bytes, Linux limits.h
 RENAME_NOREPLACE = 1    # linux/fs.h
 RENAME_EXCHANGE = 2
+ATTR_CACHE_ENTRIES = 100_000  # inode rows kept in RAM (about 250 bytes each)
+CLOSED_DIRTY_BATCH = 256      # released dirty files flushed together at this count
 _COLS = "id, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns"
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -101,7 +106,13 @@ class Filesystem:
         self.cache = LFUCache(cache_bytes)
         self.chunks = ChunkManager(self.store, self.cache, codec, level, self.pool)
         self.data = FileData(self.db, self.chunks, vol.chunk_size)
+        self.data.on_commit = self._committed
         self.lookups: dict[int, int] = {}
+        # Write-through cache of inode rows. This mount is the only writer of the
+        # namespace of its volume (a volume mounts once), so the cache is never stale.
+        self.attrs: OrderedDict[int, Attr] = OrderedDict()
+        self.closed_dirty: set[int] = set()  # released files whose flush is batched
+        self.xattr_cache: OrderedDict[int, dict[bytes, bytes]] = OrderedDict()
 
     # -- life cycle ------------------------------------------------------------------
     @_locked
@@ -118,26 +129,59 @@ class Filesystem:
         try:
             self.data.flush_all()
             for ino in list(self.data.states):
-                self._maybe_free(ino)
+                self._drop(ino)
         finally:
             self.pool.shutdown(wait=True)
             self.meta.close()
 
     # -- attributes ------------------------------------------------------------------
     def _attr_row(self, row: tuple[Any, ...]) -> Attr:
-        a = Attr(*(int(v) for v in row))
-        pending = self.data.pending_size(a.ino)
-        if pending is not None:
-            size, mtime, ctime = pending
-            a = Attr(a.ino, a.mode, a.uid, a.gid, a.nlink, size, a.rdev, a.atime_ns,
-                     mtime or a.mtime_ns, ctime or a.ctime_ns)
-        return a
+        """Attributes from an inodes row (cached), with unflushed size/times applied."""
+        a = self.attrs.get(int(row[0])) or self._cache(Attr(*(int(v) for v in row)))
+        return self._with_pending(a)
+
+    def _xattrs(self, ino: int) -> dict[bytes, bytes]:
+        """The extended attributes of ``ino`` (write-through cache, like attrs)."""
+        x = self.xattr_cache.get(ino)
+        if x is None:
+            x = {bytes(n): bytes(v) for n, v in
+                 self.db.query("SELECT name, value FROM xattrs WHERE inode = %s", (ino,))}
+            self.xattr_cache[ino] = x
+            if len(self.xattr_cache) > ATTR_CACHE_ENTRIES:
+                self.xattr_cache.popitem(last=False)
+        return x
+
+    def _cache(self, attr: Attr) -> Attr:
+        self.attrs[attr.ino] = attr
+        self.attrs.move_to_end(attr.ino)
+        if len(self.attrs) > ATTR_CACHE_ENTRIES:
+            self.attrs.popitem(last=False)
+        return attr
+
+    def _patch(self, ino: int, nlink_delta: int = 0, **changes: int) -> None:
+        """Apply a committed change to the cached attributes of ``ino`` (if cached)."""
+        a = self.attrs.get(ino)
+        if a is not None:
+            self.attrs[ino] = replace(a, nlink=max(0, a.nlink + nlink_delta), **changes)
 
     def _get(self, ino: int) -> Attr:
-        rows = self.db.query(f"SELECT {_COLS} FROM inodes WHERE id = %s", (ino,))
-        if not rows:
-            raise NotFound(f"inode {ino}")
-        return self._attr_row(rows[0])
+        a = self.attrs.get(ino)
+        if a is None:
+            rows = self.db.query(f"SELECT {_COLS} FROM inodes WHERE id = %s", (ino,))
+            if not rows:
+                raise NotFound(f"inode {ino}")
+            a = self._cache(Attr(*(int(v) for v in rows[0])))
+        return self._with_pending(a)
+
+    def _with_pending(self, a: Attr) -> Attr:
+        st = self.data.pending(a.ino)
+        return a if st is None else replace(a, size=st.size, **st.attrs)
+
+    def _committed(self, st: InodeData) -> None:
+        """A flush of ``st`` committed: its size and buffered columns are the row's now."""
+        a = self.attrs.get(st.ino)
+        if a is not None:
+            self.attrs[st.ino] = replace(a, size=st.size, **st.attrs)
 
     def _remember(self, attr: Attr, n: int = 1) -> Attr:
         self.lookups[attr.ino] = self.lookups.get(attr.ino, 0) + n
@@ -202,32 +246,20 @@ class Filesystem:
             self.data.truncate(ino, size)
             if transient:
                 self.data.drop_state(ino)
-        sets: list[str] = []
-        args: list[Any] = []
+        changes: dict[str, int] = {"ctime_ns": now}
         if mode is not None:
-            sets.append("mode = %s")
-            args.append((cur.mode & ~0o7777) | (mode & 0o7777))
-        if uid is not None:
-            sets.append("uid = %s")
-            args.append(uid)
-        if gid is not None:
-            sets.append("gid = %s")
-            args.append(gid)
-        if atime_ns is not None:
-            sets.append("atime_ns = %s")
-            args.append(atime_ns)
-        if mtime_ns is not None:
-            sets.append("mtime_ns = %s")
-            args.append(mtime_ns)
-            st = self.data.states.get(ino)
-            if st is not None and st.needs_flush:
-                st.mtime_ns = mtime_ns
-        sets.append("ctime_ns = %s")
-        args.append(now)
-        self.db.execute(f"UPDATE inodes SET {', '.join(sets)} WHERE id = %s", [*args, ino])
+            changes["mode"] = (cur.mode & ~0o7777) | (mode & 0o7777)
+        for col, val in (("uid", uid), ("gid", gid), ("atime_ns", atime_ns), ("mtime_ns", mtime_ns)):
+            if val is not None:
+                changes[col] = val
         st = self.data.states.get(ino)
-        if st is not None and st.needs_flush:
-            st.ctime_ns = now
+        if st is not None:  # an open (or release-pending) file: commit with its next flush
+            st.set_attrs(**changes)
+        else:
+            cols = sorted(changes)
+            self.db.execute("UPDATE inodes SET " + ", ".join(f"{c} = %s" for c in cols) + " WHERE id = %s",
+                            [*(changes[c] for c in cols), ino])
+            self._patch(ino, **changes)
         return self._get(ino)
 
     # -- namespace -------------------------------------------------------------------
@@ -259,22 +291,34 @@ class Filesystem:
         is_dir = S.S_ISDIR(mode)
         size = len(target) if target is not None else 0
 
+        now = time.time_ns()
+        nlink = 2 if is_dir else 1
+
         def body(cur: Any) -> int:
-            if self._entry(cur, parent, name) is not None:
-                raise Exists(name.decode(errors="replace"))
-            now = time.time_ns()
             cur.execute("INSERT INTO inodes (mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns) "
                         "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                        (mode, uid, gid, 2 if is_dir else 1, size, rdev, now, now, now))
+                        (mode, uid, gid, nlink, size, rdev, now, now, now))
             ino = int(cur.lastrowid)
-            cur.execute("INSERT INTO dentries (parent, name, inode) VALUES (%s, %s, %s)", (parent, name, ino))
+            self._insert_entry(cur, parent, name, ino)
             if target is not None:
                 cur.execute("INSERT INTO symlinks (inode, target) VALUES (%s, %s)", (ino, target))
             self._touch_dir(cur, parent, now, 1 if is_dir else 0)
             return ino
 
         ino = self.db.transaction(body)
-        return self._remember(self._get(ino))
+        self._patch(parent, 1 if is_dir else 0, mtime_ns=now, ctime_ns=now)
+        self.xattr_cache[ino] = {}
+        return self._remember(self._cache(Attr(ino, mode, uid, gid, nlink, size, rdev, now, now, now)))
+
+    @staticmethod
+    def _insert_entry(cur: Any, parent: int, name: bytes, ino: int) -> None:
+        """Insert a directory entry; Exists (EEXIST) if ``name`` is taken (primary key)."""
+        try:
+            cur.execute("INSERT INTO dentries (parent, name, inode) VALUES (%s, %s, %s)", (parent, name, ino))
+        except pymysql.err.IntegrityError as exc:
+            if exc.args and exc.args[0] == 1062:
+                raise Exists(name.decode(errors="replace")) from None
+            raise
 
     @_locked
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Attr:
@@ -293,7 +337,7 @@ class Filesystem:
     def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
         """Create and open a regular file (open count +1). Raises Exists, NotFound."""
         attr = self._make(parent, name, S.S_IFREG | (mode & 0o7777), uid, gid)
-        self._open(attr.ino)
+        self.data.new_state(attr.ino).opens += 1
         return attr
 
     @_locked
@@ -321,15 +365,16 @@ class Filesystem:
         if S.S_ISDIR(a.mode):
             raise FsError("hard link to a directory", errno.EPERM)
 
+        now = time.time_ns()
+
         def body(cur: Any) -> None:
-            if self._entry(cur, parent, name) is not None:
-                raise Exists(name.decode(errors="replace"))
-            now = time.time_ns()
-            cur.execute("INSERT INTO dentries (parent, name, inode) VALUES (%s, %s, %s)", (parent, name, ino))
+            self._insert_entry(cur, parent, name, ino)
             cur.execute("UPDATE inodes SET nlink = nlink + 1, ctime_ns = %s WHERE id = %s", (now, ino))
             self._touch_dir(cur, parent, now)
 
         self.db.transaction(body)
+        self._patch(ino, 1, ctime_ns=now)
+        self._patch(parent, mtime_ns=now, ctime_ns=now)
         return self._remember(self._get(ino))
 
     def _drop_link(self, cur: Any, ino: int, now: int) -> None:
@@ -351,7 +396,10 @@ class Filesystem:
             self._touch_dir(cur, parent, now)
             return ino
 
-        self._maybe_free(self.db.transaction(body))
+        ino = self.db.transaction(body)
+        self.attrs.pop(ino, None)
+        self.attrs.pop(parent, None)
+        self._maybe_free(ino)
 
     @_locked
     def rmdir(self, parent: int, name: bytes) -> None:
@@ -372,7 +420,10 @@ class Filesystem:
             self._touch_dir(cur, parent, now, -1)
             return ino
 
-        self._maybe_free(self.db.transaction(body))
+        ino = self.db.transaction(body)
+        self.attrs.pop(ino, None)
+        self.attrs.pop(parent, None)
+        self._maybe_free(ino)
 
     @_locked
     def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
@@ -391,7 +442,7 @@ class Filesystem:
             cur.execute("SELECT mode FROM inodes WHERE id = %s FOR UPDATE", (ino,))
             return int(cur.fetchone()[0])
 
-        def body(cur: Any) -> int | None:
+        def body(cur: Any) -> tuple[int, int | None, int | None]:
             src = self._entry(cur, old_parent, old_name)
             if src is None:
                 raise NotFound(old_name.decode(errors="replace"))
@@ -416,9 +467,9 @@ class Filesystem:
                     self._touch_dir(cur, new_parent, now)
                     self._touch_dir(cur, old_parent, now)
                 cur.execute("UPDATE inodes SET ctime_ns = %s WHERE id IN (%s, %s)", (now, src, dst))
-                return None
+                return src, dst, None
             if dst == src:
-                return None  # same inode: POSIX says do nothing
+                return src, None, None  # same inode: POSIX says do nothing
             freed: int | None = None
             if dst is not None:
                 if flags & RENAME_NOREPLACE:
@@ -448,9 +499,12 @@ class Filesystem:
                 if new_parent != old_parent:
                     self._touch_dir(cur, new_parent, now)
             cur.execute("UPDATE inodes SET ctime_ns = %s WHERE id = %s", (now, src))
-            return freed
+            return src, dst, freed
 
-        freed = self.db.transaction(body)
+        src, dst, freed = self.db.transaction(body)
+        for ino in (old_parent, new_parent, src, dst):  # changed rows: re-read when needed
+            if ino is not None:
+                self.attrs.pop(ino, None)
         if freed is not None:
             self._maybe_free(freed)
 
@@ -485,9 +539,10 @@ class Filesystem:
     # -- open files ------------------------------------------------------------------
     def _open(self, ino: int) -> None:
         self.data.load_state(ino).opens += 1
+        self.closed_dirty.discard(ino)
 
     @_locked
-    def open(self, ino: int, truncate: bool = False) -> None:
+    def open(self, ino: int, truncate: bool = False) -> None:  # noqa: A003
         """Open ``ino`` (open count +1); with ``truncate`` (O_TRUNC) set its size to 0."""
         a = self._get(ino)
         if S.S_ISDIR(a.mode):
@@ -515,36 +570,65 @@ class Filesystem:
 
     @_locked
     def release(self, ino: int) -> None:
-        """Close one open handle; the last close flushes, and frees an unlinked file."""
+        """Close one open handle (FUSE_RELEASE).
+
+        At the last close a file with unflushed changes joins the batch of released
+        files; the batch commits in one transaction at CLOSED_DIRTY_BATCH files or at
+        the next writeback tick (:meth:`writeback`). A clean file is dropped from RAM at
+        once, and freed if it was unlinked.
+        """
         st = self.data.states.get(ino)
         if st is None:
             return
         st.opens -= 1
         if st.opens > 0:
             return
-        try:
-            self.data.flush(st)
-        finally:
-            if not st.needs_flush:
-                self.data.drop_state(ino)
-                self._maybe_free(ino)
+        if self._get(ino).nlink == 0:
+            # unlinked and now closed: nobody can reach its buffered bytes any more
+            self.data.discard(st)
+            self._drop(ino)
+        elif st.needs_flush:
+            self.closed_dirty.add(ino)
+            if len(self.closed_dirty) >= CLOSED_DIRTY_BATCH:
+                self._flush_closed()
+        else:
+            self._drop(ino)
+
+    def _drop(self, ino: int) -> None:
+        self.closed_dirty.discard(ino)
+        self.data.drop_state(ino)
+        self._maybe_free(ino)
+
+    def _flush_closed(self, older_than_s: float | None = None) -> None:
+        """Flush released files (and, with ``older_than_s``, old open buffers) together."""
+        closed = set(self.closed_dirty)
+        self.data.flush_due(float("inf") if older_than_s is None else older_than_s, also=closed)
+        for ino in closed:
+            st = self.data.states.get(ino)
+            if st is not None and st.opens == 0 and not st.needs_flush:
+                self._drop(ino)
 
     @_locked
-    def flush_due(self, older_than_s: float) -> None:
-        """Flush buffers older than ``older_than_s`` seconds (the writeback timer)."""
-        self.data.flush_due(older_than_s)
+    def writeback(self, older_than_s: float) -> None:
+        """The writeback tick: commit released files, and open files' buffers older than
+        ``older_than_s`` seconds, in one transaction."""
+        self._flush_closed(older_than_s)
 
     @_locked
     def flush_all(self) -> None:
-        """Flush every buffer (sync(2))."""
+        """Commit every buffer (sync(2)); release-pending files are dropped after."""
         self.data.flush_all()
+        self._flush_closed()
 
     def _maybe_free(self, ino: int) -> None:
         """Free ``ino`` if it has no links and is not open."""
         if ino in self.data.states:
             return
-        rows = self.db.query("SELECT nlink FROM inodes WHERE id = %s", (ino,))
-        if rows and int(rows[0][0]) == 0:
+        try:
+            nlink = self._get(ino).nlink
+        except NotFound:
+            return
+        if nlink == 0:
             self._free_inode(ino)
 
     def _free_inode(self, ino: int) -> None:
@@ -557,49 +641,61 @@ class Filesystem:
             for table, col in (("symlinks", "inode"), ("xattrs", "inode"), ("inodes", "id")):
                 cur.execute(f"DELETE FROM {table} WHERE {col} = %s", (ino,))
         self.db.transaction(body)
+        self.attrs.pop(ino, None)
+        self.xattr_cache.pop(ino, None)
 
     # -- xattrs ----------------------------------------------------------------------
     @_locked
     def getxattr(self, ino: int, name: bytes) -> bytes:
         """Value of extended attribute ``name``. Raises NoData (ENODATA), NotFound."""
-        rows = self.db.query("SELECT value FROM xattrs WHERE inode = %s AND name = %s", (ino, name))
-        if not rows:
-            self._get(ino)
+        self._get(ino)
+        value = self._xattrs(ino).get(name)
+        if value is None:
             raise NoData(name.decode(errors="replace"))
-        return bytes(rows[0][0])
+        return value
 
     @_locked
     def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
-        """Set extended attribute ``name`` (at most 255 bytes) to ``value`` (64 KiB max)."""
+        """Set extended attribute ``name`` (at most 255 bytes) to ``value`` (64 KiB max).
+
+        Raises ERANGE for a bad name, E2BIG for a large value (Linux xattr(7)), NotFound.
+        """
         if len(name) > 255 or not name:
             raise FsError("xattr name", errno.ERANGE)
         if len(value) > XATTR_SIZE_MAX:
             raise FsError("xattr value too large", errno.E2BIG)
         self._get(ino)
+        xattrs = self._xattrs(ino)
         now = time.time_ns()
 
         def body(cur: Any) -> None:
             cur.execute("REPLACE INTO xattrs (inode, name, value) VALUES (%s, %s, %s)", (ino, name, value))
             cur.execute("UPDATE inodes SET ctime_ns = %s WHERE id = %s", (now, ino))
         self.db.transaction(body)
+        xattrs[name] = bytes(value)
+        self._patch(ino, ctime_ns=now)
 
     @_locked
     def listxattr(self, ino: int) -> list[bytes]:
-        """Names of ``ino``'s extended attributes."""
+        """Names of ``ino``'s extended attributes, sorted."""
         self._get(ino)
-        return [bytes(r[0]) for r in self.db.query("SELECT name FROM xattrs WHERE inode = %s ORDER BY name", (ino,))]
+        return sorted(self._xattrs(ino))
 
     @_locked
     def removexattr(self, ino: int, name: bytes) -> None:
-        """Remove extended attribute ``name``. Raises NoData if absent."""
+        """Remove extended attribute ``name``. Raises NoData if absent, NotFound."""
+        self._get(ino)
+        xattrs = self._xattrs(ino)
+        if name not in xattrs:
+            raise NoData(name.decode(errors="replace"))
         now = time.time_ns()
 
         def body(cur: Any) -> None:
             cur.execute("DELETE FROM xattrs WHERE inode = %s AND name = %s", (ino, name))
-            if cur.rowcount == 0:
-                raise NoData(name.decode(errors="replace"))
             cur.execute("UPDATE inodes SET ctime_ns = %s WHERE id = %s", (now, ino))
         self.db.transaction(body)
+        del xattrs[name]
+        self._patch(ino, ctime_ns=now)
 
     # -- statfs ----------------------------------------------------------------------
     @_locked

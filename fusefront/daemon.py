@@ -14,22 +14,30 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from cas.errors import CasError
 from cas.fs import Filesystem
 
 from .operations import CasOperations
 
 log = logging.getLogger(__name__)
-WRITEBACK_INTERVAL_S = 1.0   # how often the timer looks for old dirty buffers
-WRITEBACK_AGE_S = 5.0        # a dirty buffer older than this is flushed
+WRITEBACK_INTERVAL_S = 0.5   # how often released files are committed (in one transaction)
+WRITEBACK_AGE_S = 5.0        # an open file's dirty buffer older than this is committed too
 
 
 async def _writeback(fs: Filesystem) -> None:
+    last_error = ""
     while True:
         await trio.sleep(WRITEBACK_INTERVAL_S)
         try:
-            fs.flush_due(WRITEBACK_AGE_S)
-        except Exception:  # logged, retried on the next tick; the data stays buffered
-            log.exception("writeback failed")
+            fs.writeback(WRITEBACK_AGE_S)
+        except CasError as exc:  # retried next tick; the data stays buffered
+            if str(exc) != last_error:
+                log.error("writeback failed (will retry): %s", exc)
+            last_error = str(exc)
+        except Exception:
+            log.exception("writeback failed (will retry)")
+        else:
+            last_error = ""
 
 
 async def _main(fs: Filesystem, state: dict[str, bool]) -> None:

@@ -167,7 +167,9 @@ class CasOperations(pyfuse3.Operations):
 
     @_translate
     async def flush(self, fh: int) -> None:
-        self.fs.fsync(fh)
+        # close(2) does not promise durability (POSIX); buffers are committed at release
+        # (batched) or fsync. Errors of a later commit are logged; the data stays buffered.
+        return None
 
     @_translate
     async def fsync(self, fh: int, datasync: bool) -> None:

@@ -496,8 +496,8 @@ def test_errnos_inside_mount(casenv: CasEnv, mounted: Callable[..., Path], tmp_p
 # -- a full chunk store ----------------------------------------------------------------
 
 @pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """An 8 MiB tmpfs, unmounted at teardown."""
+def small_tmpfs(casenv: CasEnv, tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB tmpfs, unmounted at teardown (after casenv's mounts are gone)."""
     d = tmp_path / "tmpfs"
     d.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(d)],

@@ -173,7 +173,7 @@ def compare_trees(ref_root: Path, cas_root: Path, context: str = "") -> None:
 
 # -- strategies ---------------------------------------------------------------------------
 
-NAMES = ["a", "b", "c", "d"]
+NAMES = ["a", "b", "c", "d", "n" * 255, "m" * 256]   # 255 bytes is NAME_MAX; 256 is too long
 MAX_DEPTH = 2                         # directories nest at most this deep
 SYMLINK_TARGETS = ["a", "b", "c", "d", "a/b", "b/a", "nowhere", "x" * 200]
 XATTR_NAMES = ["user.a", "user.b", "user.cas." + "n" * 40]
@@ -289,7 +289,7 @@ class PosixModel(RuleBasedStateMachine):
         self.both(f"start {name} with {len(payload)} bytes", op)
 
     # -- files --------------------------------------------------------------------------
-    @rule(data=st.data(), flags=st.sampled_from(["O_CREAT", "O_CREAT|O_EXCL"]),
+    @rule(data=st.data(), flags=st.sampled_from(["O_CREAT", "O_CREAT|O_EXCL", "O_CREAT|O_TRUNC"]),
           mode=modes, payload=payloads)
     def create_file(self, data: st.DataObject, flags: str, mode: int, payload: bytes) -> None:
         path = self.any_path(data)
@@ -446,10 +446,12 @@ class PosixModel(RuleBasedStateMachine):
                 return (before, after, s.st_nlink, s.st_size, s2.st_nlink, s2.st_size, whole)
             finally:
                 os.close(fd)
-        self.both(f"open {path}, read {length} at {offset}, unlink, read, write {len(payload)} at {woff}", op)
+        self.both(f"open-unlink-read {path}: read {length} at {offset}, unlink, read, "
+                  f"write {len(payload)} at {woff}", op)
 
     @precondition(lambda self: len(self.fds) < 4)
-    @rule(data=st.data(), flags=st.sampled_from(["O_RDWR", "O_RDONLY", "O_WRONLY|O_APPEND", "O_RDWR|O_CREAT"]))
+    @rule(data=st.data(), flags=st.sampled_from(["O_RDWR", "O_RDONLY", "O_WRONLY|O_APPEND", "O_RDWR|O_CREAT",
+                                                "O_RDWR|O_TRUNC"]))
     def open_fd(self, data: st.DataObject, flags: str) -> None:
         path = self.any_path(data) if "CREAT" in flags else self.existing(data)
         fl = eval_flags(flags)
@@ -556,7 +558,7 @@ def test_random_operations_match_a_real_directory(casenv: Any, tmp_path: Path) -
     PosixModel.ref_top, PosixModel.cas_top = ref_top, mp
     try:
         run_state_machine_as_test(PosixModel, settings=settings(
-            max_examples=int(os.environ.get("CASFS_MODEL_EXAMPLES", "60")), stateful_step_count=40, deadline=None, database=None,
+            max_examples=int(os.environ.get("CASFS_MODEL_EXAMPLES", "100")), stateful_step_count=40, deadline=None, database=None,
             suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                    HealthCheck.data_too_large]))
     except BaseException:
