@@ -54,11 +54,12 @@ class FileData:
     """Reads and writes file contents through dirty buffers and the chunk manager."""
 
     def __init__(self, db: Database, chunks: ChunkManager, chunk_size: int,
-                 inode_dirty_limit: int = 64 << 20) -> None:
+                 inode_dirty_limit: int = 64 << 20, total_dirty_limit: int = 256 << 20) -> None:
         self.db = db
         self.chunks = chunks
         self.cs = chunk_size
-        self.inode_dirty_limit = inode_dirty_limit
+        self.inode_dirty_limit = inode_dirty_limit   # bytes buffered per file before a flush
+        self.total_dirty_limit = total_dirty_limit   # bytes buffered in all files together
         self.states: dict[int, InodeData] = {}
         self._zeros = bytes(chunk_size)
         self.on_commit: Callable[[InodeData], None] | None = None  # after a flush commits
@@ -134,7 +135,8 @@ class FileData:
 
     # -- writes ----------------------------------------------------------------------
     def write(self, ino: int, offset: int, data: bytes) -> int:
-        """Buffer ``data`` at ``offset``; flush when the inode's buffers pass the limit.
+        """Buffer ``data`` at ``offset``; flush when the file's buffers pass
+        ``inode_dirty_limit`` or all files' buffers pass ``total_dirty_limit``.
 
         Returns the number of bytes written (all of them). Raises NoSpace/FsError only
         from a flush forced by the buffer limit; the data then stays buffered.
@@ -169,6 +171,8 @@ class FileData:
         self._touch(st)
         if st.dirty_bytes >= self.inode_dirty_limit:
             self.flush(st)
+        elif sum(s.dirty_bytes for s in self.states.values()) >= self.total_dirty_limit:
+            self.flush_all()
         return n
 
     @staticmethod
@@ -273,11 +277,11 @@ class FileData:
             if st.truncate_from is not None:
                 for s in [s for s in st.manifest if s >= st.truncate_from]:
                     del st.manifest[s]
-            for slot, cid in new.items():
-                if cid is None:
+            for slot, maybe in new.items():
+                if maybe is None:
                     st.manifest.pop(slot, None)
                 else:
-                    st.manifest[slot] = cid
+                    st.manifest[slot] = maybe
             st.dirty.clear()
             st.dirty_bytes = 0
             st.truncate_from = None

@@ -135,9 +135,6 @@ def test_any_flipped_header_byte_is_detected(data: bytes) -> None:
                 open_envelope(bytes(b), cid)
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError,
-                   reason="BUG: cas/envelope.py passes a length >= 2**63 to zstd as max_output_size "
-                          "and OverflowError escapes instead of IntegrityError")
 def test_length_with_top_bit_set() -> None:
     """A corrupt length field >= 2**63 is reported as IntegrityError like any other."""
     for data in (INCOMPRESSIBLE, COMPRESSIBLE):
