@@ -27,6 +27,7 @@ from .meta import Database
 from .store import LocalStore
 
 log = logging.getLogger(__name__)
+Plain = bytes | bytearray  # chunk plaintext as buffered (never modified while in use)
 _IN_BATCH = 500
 
 
@@ -39,12 +40,13 @@ class ChunkManager:
     """The local store, the RAM cache and the refcount protocol of one volume."""
 
     def __init__(self, store: LocalStore, cache: LFUCache, codec: int, level: int,
-                 pool: ThreadPoolExecutor) -> None:
+                 pool: ThreadPoolExecutor, io_pool: ThreadPoolExecutor | None = None) -> None:
         self.store = store
         self.cache = cache
         self.codec = codec
         self.level = level
-        self.pool = pool
+        self.pool = pool          # CPU: hashing and compression
+        self.io_pool = io_pool    # disk: durable chunk writes
 
     # -- reading ---------------------------------------------------------------------
     def load(self, cid: bytes) -> bytes:
@@ -65,7 +67,7 @@ class ChunkManager:
         return data
 
     # -- writing ---------------------------------------------------------------------
-    def ids_of(self, datas: list[bytes]) -> list[bytes]:
+    def ids_of(self, datas: list[Plain]) -> list[bytes]:
         """Chunk ids (SHA-256) of ``datas``, computed in parallel."""
         if len(datas) <= 1:
             return [chunk_id(d) for d in datas]
@@ -79,7 +81,7 @@ class ChunkManager:
             found.update(bytes(r[0]) for r in db.query("SELECT id FROM chunks WHERE id IN %s", (batch,)))
         return found
 
-    def store_unknown(self, db: Database, chunks: Mapping[bytes, bytes]) -> dict[bytes, int]:
+    def store_unknown(self, db: Database, chunks: Mapping[bytes, Plain]) -> dict[bytes, int]:
         """Durably store the chunks of ``chunks`` (id -> plaintext) that have no row.
 
         A chunk with a row is stored already (a row is written only after its file is
@@ -96,10 +98,10 @@ class ChunkManager:
         if not todo:
             return {}
         blobs = list(self.pool.map(lambda c: seal(chunks[c], self.codec, self.level), todo))
-        self.store.put_many(zip(todo, blobs))
+        self.store.put_many(zip(todo, blobs), self.io_pool)
         return {cid: len(b) for cid, b in zip(todo, blobs)}
 
-    def apply_deltas(self, cur: Any, deltas: Mapping[bytes, int], chunks: Mapping[bytes, bytes],
+    def apply_deltas(self, cur: Any, deltas: Mapping[bytes, int], chunks: Mapping[bytes, Plain],
                      stored: Mapping[bytes, int]) -> None:
         """Apply net refcount ``deltas`` (id -> +/-n) inside the caller's transaction.
 

@@ -74,13 +74,13 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dctx
 
 
-def seal(data: bytes, codec: int = CODEC_ZSTD, level: int = 3) -> bytes:
+def seal(data: bytes | bytearray, codec: int = CODEC_ZSTD, level: int = 3) -> bytes:
     """Return the envelope (header + payload) holding ``data`` (plaintext bytes).
 
     With ``codec == CODEC_ZSTD`` the payload is compressed at ``level`` unless that does
     not shrink it, in which case it is stored raw.
     """
-    payload = data
+    payload: bytes | bytearray = data
     used = CODEC_RAW
     if codec == CODEC_ZSTD and data:
         packed = _compressor(level).compress(data)

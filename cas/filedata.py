@@ -29,7 +29,9 @@ class InodeData:
     size: int                      # logical size in bytes, including unflushed writes
     manifest: dict[int, bytes]     # committed slot -> chunk id
     opens: int = 0
-    dirty: dict[int, bytearray] = field(default_factory=dict)
+    # slot -> current bytes; a bytes object is a whole slot kept as the kernel gave it
+    # (no copy), turned into a bytearray when a partial write modifies it
+    dirty: dict[int, bytes | bytearray] = field(default_factory=dict)
     dirty_bytes: int = 0
     truncate_from: int | None = None   # slots >= this lose their manifest rows at flush
     attrs: dict[str, int] = field(default_factory=dict)  # inode columns to write at flush
@@ -145,35 +147,55 @@ class FileData:
         st.mark()
         cs = self.cs
         n = len(data)
+        if offset + n > st.size:
+            self._grow(st, offset + n)
         view = memoryview(data)
         pos = 0
         while pos < n:
             slot, so = divmod(offset + pos, cs)
             take = min(cs - so, n - pos)
-            buf = st.dirty.get(slot)
-            if buf is None:
-                if so == 0 and take == cs:
-                    st.dirty[slot] = bytearray(view[pos:pos + take])
-                    st.dirty_bytes += cs
-                    pos += take
-                    continue
+            old = st.dirty.get(slot)
+            if so == 0 and take == cs:  # the whole slot is replaced
+                whole = data if take == n and type(data) is bytes else bytes(view[pos:pos + take])
+                st.dirty[slot] = whole
+                st.dirty_bytes += cs - (len(old) if old is not None else 0)
+                pos += take
+                continue
+            if old is None:
                 valid = max(0, min(cs, st.size - slot * cs))
                 buf = bytearray(memoryview(self._slot_content(st, slot))[:valid])
-                st.dirty[slot] = buf
                 st.dirty_bytes += len(buf)
+            elif isinstance(old, bytearray):
+                buf = old
+            else:
+                buf = bytearray(old)
+            st.dirty[slot] = buf
             before = len(buf)
             if before < so:
                 buf.extend(self._zeros[:so - before])
             buf[so:so + take] = view[pos:pos + take]
             st.dirty_bytes += len(buf) - before
             pos += take
-        st.size = max(st.size, offset + n)
         self._touch(st)
         if st.dirty_bytes >= self.inode_dirty_limit:
             self.flush(st)
         elif sum(s.dirty_bytes for s in self.states.values()) >= self.total_dirty_limit:
             self.flush_all()
         return n
+
+    def _grow(self, st: InodeData, size: int) -> None:
+        """Extend ``st`` to ``size`` bytes. The old last slot, if it was short, becomes
+        dirty so that its chunk is cut again to the slot's full bytes (zeros follow the
+        old end): a slot's chunk depends on its bytes only, never on the file's history.
+        """
+        cs = self.cs
+        if st.size % cs:
+            last = st.size // cs
+            if last not in st.dirty and last in st.manifest and size > st.size:
+                buf = bytearray(self._slot_content(st, last))
+                st.dirty[last] = buf
+                st.dirty_bytes += len(buf)
+        st.size = size
 
     @staticmethod
     def _touch(st: InodeData) -> None:
@@ -197,16 +219,28 @@ class FileData:
                 st.dirty_bytes += len(content) - (len(old) if old is not None else 0)
                 st.dirty[last] = content
             st.truncate_from = keep if st.truncate_from is None else min(st.truncate_from, keep)
-        st.size = size
+            st.size = size
+        elif size > st.size:
+            self._grow(st, size)
         self._touch(st)
         self.flush(st)
 
     # -- flush -----------------------------------------------------------------------
-    def _slot_bytes(self, st: InodeData, slot: int) -> bytes:
-        """The canonical bytes of dirty ``slot``: exactly the slot's part of the file."""
+    def _slot_bytes(self, st: InodeData, slot: int) -> bytes | bytearray:
+        """The canonical bytes of dirty ``slot``: exactly the slot's part of the file.
+
+        Returns the buffer itself when it has the right length (no copy).
+        """
         valid = max(0, min(self.cs, st.size - slot * self.cs))
-        d = bytes(st.dirty[slot][:valid])
-        return d + self._zeros[:valid - len(d)] if len(d) < valid else d
+        d = st.dirty[slot]
+        if len(d) == valid:
+            return d
+        if len(d) > valid:
+            return bytes(memoryview(d)[:valid])
+        return bytes(d) + self._zeros[:valid - len(d)]
+
+    def _is_zero(self, d: bytes | bytearray) -> bool:
+        return d == self._zeros if len(d) == self.cs else d == self._zeros[:len(d)]
 
     def flush(self, st: InodeData) -> None:
         """Commit one inode's changes; see :meth:`flush_many`."""
@@ -224,19 +258,19 @@ class FileData:
             return
         # slot contents -> chunk ids (all-zero slots are holes: None)
         plan: list[tuple[InodeData, dict[int, bytes | None]]] = []
-        nonzero: list[bytes] = []
+        nonzero: list[bytes | bytearray] = []
         where: list[tuple[int, int]] = []
         for k, st in enumerate(states):
             new: dict[int, bytes | None] = {}
             for slot in sorted(st.dirty):
                 d = self._slot_bytes(st, slot)
                 new[slot] = None
-                if d and d != self._zeros[:len(d)]:
+                if d and not self._is_zero(d):
                     nonzero.append(d)
                     where.append((k, slot))
             plan.append((st, new))
         ids = self.chunks.ids_of(nonzero)
-        chunk_data: dict[bytes, bytes] = {}
+        chunk_data: dict[bytes, bytes | bytearray] = {}
         for cid, d, (k, slot) in zip(ids, nonzero, where):
             plan[k][1][slot] = cid
             chunk_data[cid] = d

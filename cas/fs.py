@@ -40,6 +40,7 @@ XATTR_SIZE_MAX = 65536  # bytes, Linux limits.h
 RENAME_NOREPLACE = 1    # linux/fs.h
 RENAME_EXCHANGE = 2
 ATTR_CACHE_ENTRIES = 100_000  # inode rows kept in RAM (about 250 bytes each)
+IO_THREADS = 8                # threads writing chunk files (fsync waits overlap)
 CLOSED_DIRTY_BATCH = 256      # released dirty files flushed together at this count
 _COLS = "id, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns"
 P = ParamSpec("P")
@@ -94,17 +95,21 @@ def _check_name(name: bytes) -> None:
 class Filesystem:
     """A mounted (or mountable) casfs volume. Close with :meth:`close`."""
 
-    def __init__(self, meta: Metadata, cache_bytes: int = 256 << 20, workers: int = 2) -> None:
+    def __init__(self, meta: Metadata, cache_bytes: int = 256 << 20, workers: int = 2,
+                 group_commit: bool = True) -> None:
         vol = meta.volume
         self.meta = meta
         self.db = meta.db
+        if group_commit:  # see Database.start_group_commit and docs/concurrency.md
+            self.db.start_group_commit()
         self.chunk_size = vol.chunk_size
         self.lock = threading.RLock()
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="casfs-chunk")
+        self.io_pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="casfs-io")
         codec, level = vol.codec
         self.store = LocalStore(vol.chunk_dir)
         self.cache = LFUCache(cache_bytes)
-        self.chunks = ChunkManager(self.store, self.cache, codec, level, self.pool)
+        self.chunks = ChunkManager(self.store, self.cache, codec, level, self.pool, self.io_pool)
         self.data = FileData(self.db, self.chunks, vol.chunk_size)
         self.data.on_commit = self._committed
         self.lookups: dict[int, int] = {}
@@ -121,6 +126,7 @@ class Filesystem:
         rows = self.db.query("SELECT id FROM inodes WHERE nlink = 0")
         for (ino,) in rows:
             self._free_inode(int(ino))
+        self.db.commit()
         return len(rows)
 
     @_locked
@@ -132,6 +138,7 @@ class Filesystem:
                 self._drop(ino)
         finally:
             self.pool.shutdown(wait=True)
+            self.io_pool.shutdown(wait=True)
             self.meta.close()
 
     # -- attributes ------------------------------------------------------------------
@@ -383,41 +390,36 @@ class Filesystem:
     @_locked
     def unlink(self, parent: int, name: bytes) -> None:
         """Remove a non-directory entry. Raises NotFound, IsADirectory."""
-        def body(cur: Any) -> int:
-            ino = self._entry(cur, parent, name)
-            if ino is None:
-                raise NotFound(name.decode(errors="replace"))
-            cur.execute("SELECT mode FROM inodes WHERE id = %s FOR UPDATE", (ino,))
-            if S.S_ISDIR(int(cur.fetchone()[0])):
-                raise IsADirectory(name.decode(errors="replace"))
-            now = time.time_ns()
-            cur.execute("DELETE FROM dentries WHERE parent = %s AND name = %s", (parent, name))
-            self._drop_link(cur, ino, now)
-            self._touch_dir(cur, parent, now)
-            return ino
-
-        ino = self.db.transaction(body)
-        self.attrs.pop(ino, None)
-        self.attrs.pop(parent, None)
-        self._maybe_free(ino)
+        self._remove(parent, name, directory=False)
 
     @_locked
     def rmdir(self, parent: int, name: bytes) -> None:
         """Remove an empty directory. Raises NotFound, NotADirectory, NotEmpty."""
+        self._remove(parent, name, directory=True)
+
+    def _remove(self, parent: int, name: bytes, directory: bool) -> None:
+        label = name.decode(errors="replace")
+
         def body(cur: Any) -> int:
             ino = self._entry(cur, parent, name)
             if ino is None:
-                raise NotFound(name.decode(errors="replace"))
+                raise NotFound(label)
             cur.execute("SELECT mode FROM inodes WHERE id = %s FOR UPDATE", (ino,))
-            if not S.S_ISDIR(int(cur.fetchone()[0])):
-                raise NotADirectory(name.decode(errors="replace"))
-            cur.execute("SELECT 1 FROM dentries WHERE parent = %s LIMIT 1", (ino,))
-            if cur.fetchone():
-                raise NotEmpty(name.decode(errors="replace"))
+            is_dir = S.S_ISDIR(int(cur.fetchone()[0]))
+            if is_dir and not directory:
+                raise IsADirectory(label)
+            if directory and not is_dir:
+                raise NotADirectory(label)
             now = time.time_ns()
+            if is_dir:
+                cur.execute("SELECT 1 FROM dentries WHERE parent = %s LIMIT 1", (ino,))
+                if cur.fetchone():
+                    raise NotEmpty(label)
+                cur.execute("UPDATE inodes SET nlink = 0, ctime_ns = %s WHERE id = %s", (now, ino))
+            else:
+                self._drop_link(cur, ino, now)
             cur.execute("DELETE FROM dentries WHERE parent = %s AND name = %s", (parent, name))
-            cur.execute("UPDATE inodes SET nlink = 0, ctime_ns = %s WHERE id = %s", (now, ino))
-            self._touch_dir(cur, parent, now, -1)
+            self._touch_dir(cur, parent, now, -1 if is_dir else 0)
             return ino
 
         ino = self.db.transaction(body)
@@ -567,6 +569,13 @@ class Filesystem:
         st = self.data.states.get(ino)
         if st is not None:
             self.data.flush(st)
+        self.db.commit()
+
+    @_locked
+    def sync(self) -> None:
+        """Make every namespace change so far durable (fsyncdir(2)); file buffers are
+        committed by :meth:`fsync` or :meth:`flush_all`."""
+        self.db.commit()
 
     @_locked
     def release(self, ino: int) -> None:
@@ -601,6 +610,11 @@ class Filesystem:
 
     def _flush_closed(self, older_than_s: float | None = None) -> None:
         """Flush released files (and, with ``older_than_s``, old open buffers) together."""
+        for ino in list(self.closed_dirty):
+            st = self.data.states.get(ino)
+            if st is not None and st.opens == 0 and self._get(ino).nlink == 0:
+                self.data.discard(st)  # unlinked since its release: nothing to keep
+                self._drop(ino)
         closed = set(self.closed_dirty)
         self.data.flush_due(float("inf") if older_than_s is None else older_than_s, also=closed)
         for ino in closed:
@@ -610,15 +624,22 @@ class Filesystem:
 
     @_locked
     def writeback(self, older_than_s: float) -> None:
-        """The writeback tick: commit released files, and open files' buffers older than
-        ``older_than_s`` seconds, in one transaction."""
-        self._flush_closed(older_than_s)
+        """The writeback tick: flush released files, and open files' buffers older than
+        ``older_than_s`` seconds, together; then commit the group transaction (also when
+        the flush failed: the namespace changes must not wait for a full disk)."""
+        try:
+            self._flush_closed(older_than_s)
+        finally:
+            self.db.commit()
 
     @_locked
     def flush_all(self) -> None:
-        """Commit every buffer (sync(2)); release-pending files are dropped after."""
-        self.data.flush_all()
-        self._flush_closed()
+        """Commit every buffer and namespace change (sync(2))."""
+        try:
+            self.data.flush_all()
+            self._flush_closed()
+        finally:
+            self.db.commit()
 
     def _maybe_free(self, ino: int) -> None:
         """Free ``ino`` if it has no links and is not open."""

@@ -30,6 +30,8 @@ EMBEDDED_DB = "casfs"
 ROOT_INODE = 1
 _RETRY_CODES = {1213, 1205}
 _RECONNECT_CODES = {2006, 2013}
+_GROUP_FATAL = {1213} | _RECONNECT_CODES  # errors after which InnoDB kept nothing
+GROUP_COMMIT_MAX_OPS = 1000
 T = TypeVar("T")
 
 
@@ -94,6 +96,9 @@ class Database:
         self.target = target
         self._database = target.database if database is None else database
         self.conn = self._connect()
+        self._group_max = 0       # 0: every transaction commits at once
+        self._group_open = False
+        self._group_ops = 0
 
     def _connect(self) -> pymysql.connections.Connection:
         t = self.target
@@ -107,6 +112,13 @@ class Database:
             raise _convert(exc, t) from exc
 
     def close(self) -> None:
+        """Commit any open group transaction and close the connection."""
+        try:
+            self.commit()
+        finally:
+            self._close_conn()
+
+    def _close_conn(self) -> None:
         try:
             self.conn.close()
         except pymysql.err.Error:
@@ -120,6 +132,8 @@ class Database:
                     cur.execute(sql, args)
                     return list(cur.fetchall())
             except pymysql.err.OperationalError as exc:
+                if self._group_open:
+                    self._group_lost(exc)
                 if attempt == 0 and exc.args and exc.args[0] in _RECONNECT_CODES:
                     self.conn = self._connect()
                     continue
@@ -136,13 +150,73 @@ class Database:
         except pymysql.err.MySQLError as exc:
             raise _convert(exc, self.target) from exc
 
+    # -- group commit -------------------------------------------------------------------
+    def start_group_commit(self, max_ops: int = GROUP_COMMIT_MAX_OPS) -> None:
+        """From now on, :meth:`transaction` bodies join one open transaction (each in its
+        own savepoint) that commits at :meth:`commit`, or after ``max_ops`` bodies.
+
+        For a connection that is the only writer of the rows it changes in bulk (a
+        mount's namespace): no deadlock can then roll the open transaction back.
+        """
+        self._group_max = max_ops
+
+    @property
+    def uncommitted(self) -> int:
+        """Transaction bodies run since the last group commit."""
+        return self._group_ops
+
+    def commit(self) -> None:
+        """Commit the open group transaction, if any (durable when this returns)."""
+        if not self._group_open:
+            return
+        try:
+            self.conn.commit()
+        except pymysql.err.MySQLError as exc:
+            self._group_lost(exc)
+        self._group_open = False
+        self._group_ops = 0
+
+    def _group_lost(self, exc: pymysql.err.MySQLError) -> None:
+        self._rollback()
+        self._group_open = False
+        n, self._group_ops = self._group_ops, 0
+        raise MetaError(f"{_convert(exc, self.target)}: the last {n} uncommitted operations were lost") from exc
+
+    def _in_group(self, body: Callable[[pymysql.cursors.Cursor], T]) -> T:
+        try:
+            if not self._group_open:
+                self.conn.begin()
+                self._group_open = True
+            with self.conn.cursor() as cur:
+                cur.execute("SAVEPOINT op")
+                try:
+                    result = body(cur)
+                except pymysql.err.MySQLError as exc:
+                    if exc.args and exc.args[0] in _GROUP_FATAL:
+                        raise  # the server rolled back the whole transaction
+                    cur.execute("ROLLBACK TO SAVEPOINT op")
+                    raise _convert(exc, self.target) from exc
+                except BaseException:
+                    cur.execute("ROLLBACK TO SAVEPOINT op")
+                    raise
+        except pymysql.err.MySQLError as exc:  # the server rolled the whole group back
+            self._group_lost(exc)
+        self._group_ops += 1
+        if self._group_ops >= self._group_max:
+            self.commit()
+        return result
+
     def transaction(self, body: Callable[[pymysql.cursors.Cursor], T], retries: int = 20) -> T:
         """Run ``body(cursor)`` in one transaction and commit; retry on deadlock.
 
         ``body`` may run more than once, so it must not have effects outside the
         database that a retry would repeat wrongly. Raises MetaError; on any exception
-        the transaction is rolled back.
+        the transaction is rolled back. Under group commit (:meth:`start_group_commit`)
+        the body runs in a savepoint of the open group transaction instead: an exception
+        undoes the body alone, and the commit happens later.
         """
+        if self._group_max:
+            return self._in_group(body)
         for attempt in range(retries):
             try:
                 self.conn.begin()
@@ -189,10 +263,13 @@ class Metadata:
         self.server = server
 
     def close(self) -> None:
-        self.db.close()
-        if self.server is not None:
-            self.server.release()
-            self.server = None
+        """Commit and close the connection; release the embedded server."""
+        try:
+            self.db.close()
+        finally:
+            if self.server is not None:
+                self.server.release()
+                self.server = None
 
     def __enter__(self) -> "Metadata":
         return self

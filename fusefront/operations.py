@@ -204,8 +204,7 @@ class CasOperations(pyfuse3.Operations):
 
     @_translate
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        # namespace changes commit synchronously; nothing is buffered for directories
-        return None
+        self.fs.sync()
 
     @_translate
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
