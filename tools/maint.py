@@ -17,6 +17,7 @@ from cas.safety import DEFAULT_GRACE_S
 from cas.volume import DEFAULT_NAME, open_volume
 
 from .common import human, user_errors
+from .mountcmd import is_mounted
 
 
 @click.command()
@@ -71,7 +72,10 @@ def fsck(volume: str, repair: bool, no_verify: bool, as_json: bool) -> None:
 
     Exits 1 when a problem is found and not repaired.
     """
-    with connect(open_volume(volume)) as meta:
+    vol = open_volume(volume)
+    if repair and is_mounted(vol):
+        raise click.ClickException(f"volume {vol.name} is mounted: unmount it before `casfs fsck --repair`")
+    with connect(vol) as meta:
         r = fsck_mod.check(meta, repair=repair, verify=not no_verify)
     if as_json:
         d = {k: getattr(r, k) for k in r.__dataclass_fields__}

@@ -40,6 +40,21 @@ def registry_file(mountpoint: str | Path) -> Path:
     return data_home() / "mounts" / f"{h}.json"
 
 
+def is_mounted(vol: Volume) -> bool:
+    """Whether a mount daemon holds ``vol`` (its run/mount.lock flock is taken)."""
+    try:
+        fd = os.open(vol.run_dir / "mount.lock", os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def _check_store(vol: Volume) -> None:
     try:
         vol.chunk_dir.mkdir(parents=True, exist_ok=True)
