@@ -1,17 +1,19 @@
 """The local chunk store: one envelope file per chunk, fanned out by id prefix.
 
 Layout: ``ROOT/ab/cd/abcd...(64 hex)`` for chunk id ``abcd...``. A put writes a temporary
-file in the same directory, fsyncs it, renames it into place and fsyncs the directory,
-so a chunk file is either absent or complete and durable (DESIGN invariant 1).
+file in the same directory and renames it into place, so a chunk file is never seen
+half-written; a batch of puts ends with one syncfs(2), so every chunk is durable before
+the transaction that references it commits (DESIGN invariant 1).
 ENOSPC/EDQUOT become :class:`~cas.errors.NoSpace`; a missing file on get is
 :class:`~cas.errors.ChunkMissing`.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,20 @@ from pathlib import Path
 from .errors import ChunkMissing, FsError, NoSpace
 
 _TMP_SUFFIX = ".tmp"
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    """libc's syncfs(2) (Linux), or None where it cannot be had."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_syncfs = _load_syncfs()
 
 
 @dataclass(frozen=True)
@@ -50,27 +66,34 @@ class LocalStore:
     def put_many(self, items: Iterable[tuple[bytes, bytes]], pool: Executor | None = None) -> int:
         """Store each (chunk id, envelope bytes) durably; return bytes written.
 
-        Each file is written to a temporary name, fsynced and renamed; every touched
-        directory is fsynced once at the end. With ``pool`` the files are written in its
-        threads (fsync releases the GIL; concurrent fsyncs share journal commits).
-        Raises NoSpace on ENOSPC/EDQUOT (the partial temporary file is removed) and
-        FsError(EIO) on other OS errors.
+        Each file is written to a temporary name and renamed into place (in ``pool``'s
+        threads when given); then ONE syncfs(2) of the store's filesystem makes all of
+        them, and their directory entries, durable before this returns. A file that an
+        OS crash caught between rename and sync has no committed row (rows are written
+        after this returns), so it is an orphan: writers store row-less chunks again,
+        and gc removes orphans. Raises NoSpace on ENOSPC/EDQUOT (the partial temporary
+        file is removed) and FsError(EIO) on other OS errors.
         """
         items = list(items)
         if pool is not None and len(items) > 1:
-            dirs = set(pool.map(self._put_one, items))
+            list(pool.map(self._put_one, items))
         else:
-            dirs = {self._put_one(item) for item in items}
-        for d in dirs:
-            dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            for item in items:
+                self._put_one(item)
+        if items:
+            self._sync()
         return sum(len(blob) for _, blob in items)
 
-    def _put_one(self, item: tuple[bytes, bytes]) -> Path:
-        """Write one chunk file durably (temp + fsync + rename); return its directory."""
+    def _sync(self) -> None:
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _syncfs is None or _syncfs(fd) != 0:
+                os.sync()
+        finally:
+            os.close(fd)
+
+    def _put_one(self, item: tuple[bytes, bytes]) -> None:
+        """Write one chunk file (temp + rename); durability comes from :meth:`_sync`."""
         cid, blob = item
         final = self.path(cid)
         tmp = final.with_name(final.name + f".{os.getpid()}.{threading.get_ident()}{_TMP_SUFFIX}")
@@ -82,7 +105,6 @@ class LocalStore:
                 while view:
                     n = os.write(fd, view)
                     view = view[n:]
-                os.fsync(fd)
             finally:
                 os.close(fd)
             os.rename(tmp, final)
@@ -94,7 +116,6 @@ class LocalStore:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NoSpace(f"chunk store full: {exc}") from exc
             raise FsError(f"chunk store: {exc}") from exc
-        return final.parent
 
     def put(self, cid: bytes, blob: bytes) -> int:
         """Store one envelope durably; see :meth:`put_many`."""
