@@ -86,6 +86,18 @@ class FileData:
         self.states[ino] = st
         return st
 
+    def reload_all(self) -> None:
+        """Reload every state's committed manifest and size from the database (after a
+        lost transaction). Buffered slots stay dirty; a file whose row is gone keeps
+        only its buffers."""
+        for st in self.states.values():
+            rows = self.db.query("SELECT size FROM inodes WHERE id = %s", (st.ino,))
+            st.manifest = {int(s): bytes(c) for s, c in
+                           self.db.query("SELECT slot, chunk FROM manifests WHERE inode = %s", (st.ino,))}
+            committed = int(rows[0][0]) if rows else 0
+            st.size = max([committed] + [s * self.cs + len(b) for s, b in st.dirty.items()])
+            st.truncate_from = None
+
     def discard(self, st: InodeData) -> None:
         """Throw away ``st``'s uncommitted changes (its file was unlinked and closed)."""
         st.dirty.clear()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import os
 import stat as S
 import threading
@@ -34,6 +35,8 @@ from .errors import (Exists, FsError, InvalidArgument, IsADirectory, NameTooLong
 from .filedata import FileData, InodeData
 from .meta import ROOT_INODE, Metadata
 from .store import LocalStore
+
+log = logging.getLogger(__name__)
 
 NAME_MAX = 255          # bytes, POSIX NAME_MAX on Linux
 XATTR_SIZE_MAX = 65536  # bytes, Linux limits.h
@@ -102,6 +105,7 @@ class Filesystem:
         self.db = meta.db
         if group_commit:  # see Database.start_group_commit and docs/concurrency.md
             self.db.start_group_commit()
+            self.db.on_group_lost = self._resync
         self.chunk_size = vol.chunk_size
         self.lock = threading.RLock()
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="casfs-chunk")
@@ -140,6 +144,15 @@ class Filesystem:
             self.pool.shutdown(wait=True)
             self.io_pool.shutdown(wait=True)
             self.meta.close()
+
+    def _resync(self) -> None:
+        """The group transaction was lost: what it held never happened. Drop every RAM
+        copy of database state, and reload open files' manifests and sizes (their
+        uncommitted buffers stay)."""
+        log.error("metadata transaction lost: reloading cached state from the database")
+        self.attrs.clear()
+        self.xattr_cache.clear()
+        self.data.reload_all()
 
     # -- attributes ------------------------------------------------------------------
     def _attr_row(self, row: tuple[Any, ...]) -> Attr:

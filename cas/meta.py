@@ -99,6 +99,7 @@ class Database:
         self._group_max = 0       # 0: every transaction commits at once
         self._group_open = False
         self._group_ops = 0
+        self.on_group_lost: Callable[[], None] | None = None  # RAM state must be reloaded
 
     def _connect(self) -> pymysql.connections.Connection:
         t = self.target
@@ -128,6 +129,8 @@ class Database:
         """Run one statement outside a transaction; return its rows. Raises MetaError."""
         for attempt in (0, 1):
             try:
+                if not self._group_open:
+                    self._ensure_conn()
                 with self.conn.cursor() as cur:
                     cur.execute(sql, args)
                     return list(cur.fetchall())
@@ -145,6 +148,8 @@ class Database:
     def execute(self, sql: str, args: Sequence[Any] | None = None) -> int:
         """Run one statement outside a transaction; return the affected row count."""
         try:
+            if not self._group_open:
+                self._ensure_conn()
             with self.conn.cursor() as cur:
                 return int(cur.execute(sql, args))
         except pymysql.err.MySQLError as exc:
@@ -177,14 +182,30 @@ class Database:
         self._group_ops = 0
 
     def _group_lost(self, exc: pymysql.err.MySQLError) -> None:
+        """The open group transaction is gone (deadlock victim, connection lost): start
+        a fresh session, let the owner resynchronize its RAM state (``on_group_lost``),
+        and raise MetaError (EIO) for the operation that found out."""
         self._rollback()
         self._group_open = False
         n, self._group_ops = self._group_ops, 0
+        self._close_conn()
+        try:
+            self.conn = self._connect()
+        except MetaError:
+            pass  # still down: the next call reconnects (_ensure_conn)
+        if self.on_group_lost is not None:
+            self.on_group_lost()
         raise MetaError(f"{_convert(exc, self.target)}: the last {n} uncommitted operations were lost") from exc
+
+    def _ensure_conn(self) -> None:
+        """Reconnect if the session is closed; a group transaction cannot be open then."""
+        if not self.conn.open:
+            self.conn = self._connect()
 
     def _in_group(self, body: Callable[[pymysql.cursors.Cursor], T]) -> T:
         try:
             if not self._group_open:
+                self._ensure_conn()
                 self.conn.begin()
                 self._group_open = True
             with self.conn.cursor() as cur:
@@ -219,6 +240,7 @@ class Database:
             return self._in_group(body)
         for attempt in range(retries):
             try:
+                self._ensure_conn()
                 self.conn.begin()
                 with self.conn.cursor() as cur:
                     result = body(cur)

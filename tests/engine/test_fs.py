@@ -842,10 +842,6 @@ def test_crash_loses_only_uncommitted_namespace_ops(eng: Engine) -> None:
     assert report.clean, report
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: after the MySQL connection drops (wait_timeout on an idle "
-                   "mount, server restart) the engine never reconnects: Database._in_group "
-                   "(cas/meta.py) does not reconnect and _group_lost leaves a closed pymysql "
-                   "connection whose InterfaceError(0) query() does not treat as reconnectable")
 def test_reconnects_after_idle_timeout(eng: Engine) -> None:
     fs = eng.fs
     fs.mkdir(ROOT, b"a", 0o755, UID, GID)
@@ -863,11 +859,6 @@ def test_reconnects_after_idle_timeout(eng: Engine) -> None:
     assert eng.fsck().clean
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: when the group transaction is lost (connection killed), "
-                   "cas/meta.py never reconnects; and the RAM state (open files' manifests, attr and "
-                   "xattr caches) was already updated at savepoint time (FileData.flush_many, "
-                   "Filesystem._make/_patch), so a reconnect alone would drop the refcount of "
-                   "another file's chunk to 0 and gc would delete it")
 def test_lost_group_transaction_keeps_refcounts_true(eng: Engine) -> None:
     fs = eng.fs
     rng = random.Random(53)
