@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from .cache import LFUCache
@@ -29,6 +29,7 @@ from .store import LocalStore
 log = logging.getLogger(__name__)
 Plain = bytes | bytearray  # chunk plaintext as buffered (never modified while in use)
 _IN_BATCH = 500
+READAHEAD_MAX = 16  # chunk loads under way or waiting to be collected
 
 
 def _batches(items: list[Any], n: int = _IN_BATCH) -> Iterable[list[Any]]:
@@ -46,17 +47,41 @@ class ChunkManager:
         self.codec = codec
         self.level = level
         self.pool = pool          # CPU: hashing and compression
-        self.io_pool = io_pool    # disk: durable chunk writes
+        self.io_pool = io_pool    # disk: chunk writes and read-ahead
+        self._readahead: dict[bytes, Future[bytes]] = {}
 
     # -- reading ---------------------------------------------------------------------
     def load(self, cid: bytes) -> bytes:
         """Plaintext of chunk ``cid``, verified against its SHA-256.
 
+        Served from the RAM cache, a read-ahead already under way, or the store.
         Raises ChunkMissing or IntegrityError (both EIO); a mismatch is logged.
         """
         data = self.cache.get(cid)
         if data is not None:
             return data
+        fut = self._readahead.pop(cid, None)
+        if fut is not None:
+            return fut.result()
+        return self._load_from_store(cid)
+
+    def prefetch(self, cids: Iterable[bytes]) -> None:
+        """Start loading ``cids`` in the I/O threads (read-ahead); :meth:`load` collects
+        them. At most READAHEAD_MAX loads are kept; finished ones not yet collected
+        are dropped first. Call from the engine's thread only."""
+        if self.io_pool is None:
+            return
+        for cid in cids:
+            if cid in self._readahead or cid in self.cache:
+                continue
+            if len(self._readahead) >= READAHEAD_MAX:
+                for old in [c for c, f in self._readahead.items() if f.done()]:
+                    del self._readahead[old]
+                if len(self._readahead) >= READAHEAD_MAX:
+                    return
+            self._readahead[cid] = self.io_pool.submit(self._load_from_store, cid)
+
+    def _load_from_store(self, cid: bytes) -> bytes:
         blob = self.store.get(cid)
         try:
             data = open_envelope(blob, cid)

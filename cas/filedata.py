@@ -36,6 +36,7 @@ class InodeData:
     truncate_from: int | None = None   # slots >= this lose their manifest rows at flush
     attrs: dict[str, int] = field(default_factory=dict)  # inode columns to write at flush
     dirty_since: float = 0.0       # time.monotonic() of the oldest unflushed change
+    read_end: int = -1             # where the last read ended (sequential detection)
 
     @property
     def needs_flush(self) -> bool:
@@ -50,6 +51,9 @@ class InodeData:
         """Buffer inode column changes (mode, uid, gid, atime_ns, mtime_ns, ctime_ns)."""
         self.mark()
         self.attrs.update(cols)
+
+
+READAHEAD_SLOTS = 4  # slots loaded ahead of a sequential reader
 
 
 class FileData:
@@ -132,6 +136,11 @@ class FileData:
         if offset >= end:
             return b""
         cs = self.cs
+        if offset == st.read_end:  # sequential: load the next slots in the background
+            first = (end - 1) // cs + 1
+            self.chunks.prefetch(st.manifest[s] for s in range(first, first + READAHEAD_SLOTS)
+                                 if s in st.manifest and s not in st.dirty)
+        st.read_end = end
         parts: list[bytes | bytearray | memoryview] = []
         pos = offset
         while pos < end:
