@@ -121,6 +121,7 @@ class Filesystem:
         # namespace of its volume (a volume mounts once), so the cache is never stale.
         self.attrs: OrderedDict[int, Attr] = OrderedDict()
         self.closed_dirty: set[int] = set()  # released files whose flush is batched
+        self.dir_opens: dict[int, int] = {}  # directory inode -> open handles
         self.xattr_cache: OrderedDict[int, dict[bytes, bytes]] = OrderedDict()
 
     # -- life cycle ------------------------------------------------------------------
@@ -140,6 +141,9 @@ class Filesystem:
             self.data.flush_all()
             for ino in list(self.data.states):
                 self._drop(ino)
+            for ino in list(self.dir_opens):
+                self.dir_opens.pop(ino)
+                self._maybe_free(ino)
         finally:
             self.pool.shutdown(wait=True)
             self.io_pool.shutdown(wait=True)
@@ -654,9 +658,26 @@ class Filesystem:
         finally:
             self.db.commit()
 
+    @_locked
+    def opendir(self, ino: int) -> None:
+        """Open directory ``ino`` (open count +1). Raises NotFound, NotADirectory."""
+        self._dir(ino)
+        self.dir_opens[ino] = self.dir_opens.get(ino, 0) + 1
+
+    @_locked
+    def releasedir(self, ino: int) -> None:
+        """Close one handle of directory ``ino``; a removed directory is freed at the last."""
+        left = self.dir_opens.get(ino, 0) - 1
+        if left > 0:
+            self.dir_opens[ino] = left
+            return
+        self.dir_opens.pop(ino, None)
+        self._maybe_free(ino)
+
     def _maybe_free(self, ino: int) -> None:
-        """Free ``ino`` if it has no links and is not open."""
-        if ino in self.data.states:
+        """Free ``ino`` if it has no links and is not open (POSIX unlink/rmdir: the
+        inode lives until its last open handle is closed)."""
+        if ino in self.data.states or ino in self.dir_opens:
             return
         try:
             nlink = self._get(ino).nlink

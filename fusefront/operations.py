@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -148,7 +149,8 @@ class CasOperations(pyfuse3.Operations):
 
     @_translate
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        self.fs.open(inode)
+        # pyfuse3 asks for FUSE_ATOMIC_O_TRUNC: the kernel leaves O_TRUNC to us
+        self.fs.open(inode, truncate=bool(flags & os.O_TRUNC))
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     @_translate
@@ -181,9 +183,7 @@ class CasOperations(pyfuse3.Operations):
 
     @_translate
     async def opendir(self, inode: int, ctx: Any) -> int:
-        a = self.fs.getattr(inode)
-        if not (a.mode & 0o170000) == 0o040000:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        self.fs.opendir(inode)
         return inode
 
     @_translate
@@ -199,8 +199,9 @@ class CasOperations(pyfuse3.Operations):
                 self.fs.count_lookup(attr.ino)  # readdirplus replies count as lookups
                 after = off
 
+    @_translate
     async def releasedir(self, fh: int) -> None:
-        return None
+        self.fs.releasedir(fh)
 
     @_translate
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
