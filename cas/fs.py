@@ -16,7 +16,6 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import os
 import stat as S
 import threading
 import time
@@ -293,9 +292,11 @@ class Filesystem:
             raise NotADirectory(f"inode {ino}")
         return a
 
-    def _entry(self, cur: Any, parent: int, name: bytes, lock: bool = True) -> int | None:
-        cur.execute("SELECT inode FROM dentries WHERE parent = %s AND name = %s"
-                    + (" FOR UPDATE" if lock else ""), (parent, name))
+    @staticmethod
+    def _entry(cur: Any, parent: int, name: bytes) -> int | None:
+        """Inode of entry ``name`` in ``parent``, row-locked, or None."""
+        cur.execute("SELECT inode FROM dentries WHERE parent = %s AND name = %s FOR UPDATE",
+                    (parent, name))
         row = cur.fetchone()
         return int(row[0]) if row else None
 
@@ -561,7 +562,7 @@ class Filesystem:
         self.closed_dirty.discard(ino)
 
     @_locked
-    def open(self, ino: int, truncate: bool = False) -> None:  # noqa: A003
+    def open(self, ino: int, truncate: bool = False) -> None:
         """Open ``ino`` (open count +1); with ``truncate`` (O_TRUNC) set its size to 0."""
         a = self._get(ino)
         if S.S_ISDIR(a.mode):
