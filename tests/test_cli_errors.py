@@ -26,6 +26,7 @@ from cas.server import EmbeddedServer, pid_running
 from fusefront.mountpoint import find_mount, is_dead_mount
 
 from .conftest import CasEnv
+from .treeutil import tmpfs
 
 pytestmark = [
     pytest.mark.mount,
@@ -498,18 +499,8 @@ def test_errnos_inside_mount(casenv: CasEnv, mounted: Callable[..., Path], tmp_p
 @pytest.fixture
 def small_tmpfs(casenv: CasEnv, tmp_path: Path) -> Iterator[Path]:
     """An 8 MiB tmpfs, unmounted at teardown (after casenv's mounts are gone)."""
-    d = tmp_path / "tmpfs"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(d)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "tmpfs", "8m") as d:
         yield d
-    finally:
-        r = subprocess.run(["umount", str(d)], capture_output=True, text=True)
-        if r.returncode != 0:
-            subprocess.run(["umount", "-l", str(d)], capture_output=True)
 
 
 def _fsck_clean(casenv: CasEnv, vol: str) -> str:

@@ -1,11 +1,14 @@
 """Helpers for tests that copy and compare real directory trees."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import subprocess
 import shutil
 import stat as S
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 
 IGNORED = shutil.ignore_patterns("site-packages", "dist-packages")
@@ -86,3 +89,20 @@ def unique_chunk_bytes(roots: list[Path], chunk_size: int) -> tuple[int, int]:
                             seen.add(d)
                             unique += len(block)
     return logical, unique
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str, mode: str = "0700") -> Iterator[Path]:
+    """A tmpfs of ``size`` (e.g. "8m") mounted at ``path`` (needs root), unmounted after.
+
+    A tmpfs that cannot be mounted fails the test: the full-disk tests must run.
+    """
+    path.mkdir(exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode={mode}", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, f"cannot mount a tmpfs: {r.stderr.strip()}"
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.treeutil import tmpfs
 
 from cas.envelope import chunk_id, open_envelope, seal
 from cas.errors import ChunkMissing, FsError, NoSpace
@@ -170,17 +171,8 @@ def test_put_into_a_file_is_fs_error(tmp_path: Path) -> None:
 @pytest.fixture
 def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs (needs root), unmounted at teardown."""
-    d = tmp_path / "tmpfs"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "tmpfs", "1m", mode="0755") as d:
         yield d
-    finally:
-        if subprocess.run(["umount", str(d)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(d)], capture_output=True)
 
 
 def test_enospc_is_nospace(tiny_tmpfs: Path) -> None:
