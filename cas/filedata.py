@@ -81,25 +81,26 @@ class FileData:
         st = self.states.get(ino)
         if st is not None:
             return st
-        rows = self.db.query("SELECT size FROM inodes WHERE id = %s", (ino,))
-        if not rows:
+        size, manifest = self._committed(ino)
+        if size is None:
             raise NotFound(f"inode {ino}")
+        st = self.states[ino] = InodeData(ino=ino, size=size, manifest=manifest)
+        return st
+
+    def _committed(self, ino: int) -> tuple[int | None, dict[int, bytes]]:
+        """The committed size (None: no such inode) and manifest of ``ino``."""
+        rows = self.db.query("SELECT size FROM inodes WHERE id = %s", (ino,))
         manifest = {int(s): bytes(c) for s, c in
                     self.db.query("SELECT slot, chunk FROM manifests WHERE inode = %s", (ino,))}
-        st = InodeData(ino=ino, size=int(rows[0][0]), manifest=manifest)
-        self.states[ino] = st
-        return st
+        return (int(rows[0][0]) if rows else None), manifest
 
     def reload_all(self) -> None:
         """Reload every state's committed manifest and size from the database (after a
         lost transaction). Buffered slots stay dirty; a file whose row is gone keeps
         only its buffers."""
         for st in self.states.values():
-            rows = self.db.query("SELECT size FROM inodes WHERE id = %s", (st.ino,))
-            st.manifest = {int(s): bytes(c) for s, c in
-                           self.db.query("SELECT slot, chunk FROM manifests WHERE inode = %s", (st.ino,))}
-            committed = int(rows[0][0]) if rows else 0
-            st.size = max([committed] + [s * self.cs + len(b) for s, b in st.dirty.items()])
+            committed, st.manifest = self._committed(st.ino)
+            st.size = max([committed or 0] + [s * self.cs + len(b) for s, b in st.dirty.items()])
             st.truncate_from = None
 
     def discard(self, st: InodeData) -> None:

@@ -45,6 +45,7 @@ ATTR_CACHE_ENTRIES = 100_000  # inode rows kept in RAM (about 250 bytes each)
 IO_THREADS = 8                # threads writing chunk files (fsync waits overlap)
 CLOSED_DIRTY_BATCH = 256      # released dirty files flushed together at this count
 _COLS = "id, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns"
+_ICOLS = ", ".join("i." + c.strip() for c in _COLS.split(","))  # the same, of alias i
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -85,6 +86,18 @@ def _locked(fn: Callable[P, R]) -> Callable[P, R]:
         with self.lock:  # type: ignore[attr-defined]
             return fn(*args, **kwargs)
     return wrapper
+
+
+V = TypeVar("V")
+
+
+def _bounded_put(cache: OrderedDict[int, V], key: int, value: V) -> V:
+    """Insert ``value`` as the newest entry; drop the oldest past ATTR_CACHE_ENTRIES."""
+    cache[key] = value
+    cache.move_to_end(key)
+    if len(cache) > ATTR_CACHE_ENTRIES:
+        cache.popitem(last=False)
+    return value
 
 
 def _check_name(name: bytes) -> None:
@@ -167,19 +180,12 @@ class Filesystem:
         """The extended attributes of ``ino`` (write-through cache, like attrs)."""
         x = self.xattr_cache.get(ino)
         if x is None:
-            x = {bytes(n): bytes(v) for n, v in
-                 self.db.query("SELECT name, value FROM xattrs WHERE inode = %s", (ino,))}
-            self.xattr_cache[ino] = x
-            if len(self.xattr_cache) > ATTR_CACHE_ENTRIES:
-                self.xattr_cache.popitem(last=False)
+            x = _bounded_put(self.xattr_cache, ino, {bytes(n): bytes(v) for n, v in self.db.query(
+                "SELECT name, value FROM xattrs WHERE inode = %s", (ino,))})
         return x
 
     def _cache(self, attr: Attr) -> Attr:
-        self.attrs[attr.ino] = attr
-        self.attrs.move_to_end(attr.ino)
-        if len(self.attrs) > ATTR_CACHE_ENTRIES:
-            self.attrs.popitem(last=False)
-        return attr
+        return _bounded_put(self.attrs, attr.ino, attr)
 
     def _patch(self, ino: int, nlink_delta: int = 0, **changes: int) -> None:
         """Apply a committed change to the cached attributes of ``ino`` (if cached)."""
@@ -206,8 +212,12 @@ class Filesystem:
         if a is not None:
             self.attrs[st.ino] = replace(a, size=st.size, **st.attrs)
 
-    def _remember(self, attr: Attr, n: int = 1) -> Attr:
-        self.lookups[attr.ino] = self.lookups.get(attr.ino, 0) + n
+    def _count(self, ino: int) -> None:
+        self.lookups[ino] = self.lookups.get(ino, 0) + 1
+
+    def _remember(self, attr: Attr) -> Attr:
+        """Count one kernel lookup reference to ``attr.ino`` and return ``attr``."""
+        self._count(attr.ino)
         return attr
 
     @_locked
@@ -228,7 +238,7 @@ class Filesystem:
         if name == b"..":
             rows = self.db.query("SELECT parent FROM dentries WHERE inode = %s LIMIT 1", (parent,))
             return self._remember(self._get(int(rows[0][0]) if rows else ROOT_INODE))
-        rows = self.db.query(f"SELECT {', '.join('i.' + c.strip() for c in _COLS.split(','))} "
+        rows = self.db.query(f"SELECT {_ICOLS} "
                              "FROM dentries d JOIN inodes i ON i.id = d.inode "
                              "WHERE d.parent = %s AND d.name = %s", (parent, name))
         if not rows:
@@ -238,7 +248,7 @@ class Filesystem:
     @_locked
     def count_lookup(self, ino: int) -> None:
         """Count one kernel reference to ``ino`` handed out outside lookup (readdirplus)."""
-        self.lookups[ino] = self.lookups.get(ino, 0) + 1
+        self._count(ino)
 
     @_locked
     def forget(self, items: list[tuple[int, int]]) -> None:
@@ -280,8 +290,9 @@ class Filesystem:
             st.set_attrs(**changes)
         else:
             cols = sorted(changes)
-            self.db.execute("UPDATE inodes SET " + ", ".join(f"{c} = %s" for c in cols) + " WHERE id = %s",
-                            [*(changes[c] for c in cols), ino])
+            self.db.transaction(lambda cur: cur.execute(
+                "UPDATE inodes SET " + ", ".join(f"{c} = %s" for c in cols) + " WHERE id = %s",
+                [*(changes[c] for c in cols), ino]))
             self._patch(ino, **changes)
         return self._get(ino)
 
@@ -332,7 +343,7 @@ class Filesystem:
 
         ino = self.db.transaction(body)
         self._patch(parent, 1 if is_dir else 0, mtime_ns=now, ctime_ns=now)
-        self.xattr_cache[ino] = {}
+        _bounded_put(self.xattr_cache, ino, {})
         return self._remember(self._cache(Attr(ino, mode, uid, gid, nlink, size, rdev, now, now, now)))
 
     @staticmethod
@@ -549,7 +560,7 @@ class Filesystem:
         offsets survive concurrent additions and removals. '.' and '..' are not listed.
         """
         rows = self.db.query(
-            f"SELECT d.name, d.id, {', '.join('i.' + c.strip() for c in _COLS.split(','))} "
+            f"SELECT d.name, d.id, {_ICOLS} "
             "FROM dentries d JOIN inodes i ON i.id = d.inode WHERE d.parent = %s AND d.id > %s "
             "ORDER BY d.id LIMIT %s", (ino, after, limit))
         if not rows and after == 0:
