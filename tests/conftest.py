@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from cas.server import EmbeddedServer, pid_running  # noqa: E402
 from fusefront.mountpoint import find_mount, is_dead_mount  # noqa: E402
+from tools.mountcmd import registry_file  # noqa: E402
 
 _db_counter = itertools.count()
 
@@ -94,9 +95,8 @@ class CasEnv:
         self.run("umount", str(mp))
 
     def daemon_pid(self, mp: Path) -> int:
-        import hashlib
-        h = hashlib.sha256(os.path.abspath(mp).encode()).hexdigest()[:24]
-        return int(json.loads((self.data_home / "mounts" / f"{h}.json").read_text())["pid"])
+        """Pid of the daemon serving ``mp``, from the mount registry."""
+        return int(json.loads(registry_file(mp).read_text())["pid"])
 
     def cleanup(self) -> None:
         for mp in self.mounts:
