@@ -8,7 +8,7 @@ CREATE TABLE meta (
     v VARCHAR(255) NOT NULL
 ) ENGINE=InnoDB;
 
-INSERT INTO meta (k, v) VALUES ('schema_version', '1');
+INSERT INTO meta (k, v) VALUES ('schema_version', '2');
 
 -- One row per inode. Times in ns since the epoch. nlink = 0 marks a file unlinked while
 -- still open; it is freed at its last release (or at the next mount after a crash).
@@ -61,6 +61,7 @@ CREATE TABLE chunks (
     refcount BIGINT NOT NULL,
     zero_since DATETIME(6) NULL,
     created DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+    is_local TINYINT NOT NULL DEFAULT 1,
     KEY zero_idx (refcount, zero_since)
 ) ENGINE=InnoDB;
 
@@ -72,4 +73,48 @@ CREATE TABLE manifests (
     chunk BINARY(32) NOT NULL,
     PRIMARY KEY (inode, slot),
     KEY chunk_idx (chunk)
+) ENGINE=InnoDB;
+
+-- The cloud tier (cas/cloud.py, docs/cloud.md). A pack is one object in the cloud store
+-- (a Drive file) holding chunk envelopes back to back. name is chosen before the upload
+-- starts (so a crash leaves a recognisable object); object_id is the store's id once
+-- the upload is confirmed (size, md5 and sha256 compared). An 'uploading' pack is owned
+-- by one uploader (owner = host:pid:token) until lease_until.
+CREATE TABLE packs (
+    id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    name VARCHAR(64) NOT NULL,
+    state ENUM('uploading', 'confirmed') NOT NULL,
+    object_id VARCHAR(128) NULL,
+    size BIGINT UNSIGNED NOT NULL,
+    md5 BINARY(16) NOT NULL,
+    sha256 BINARY(32) NOT NULL,
+    owner VARCHAR(128) NULL,
+    lease_until DATETIME(6) NULL,
+    created DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+    confirmed DATETIME(6) NULL,
+    UNIQUE KEY name_idx (name),
+    KEY state_idx (state)
+) ENGINE=InnoDB;
+
+-- Where a chunk's confirmed cloud copy is: bytes [pos, pos + length) of a pack.
+-- One row per chunk at most: a chunk confirmed in a pack is never uploaded again.
+CREATE TABLE pack_entries (
+    chunk BINARY(32) NOT NULL PRIMARY KEY,
+    pack BIGINT UNSIGNED NOT NULL,
+    pos BIGINT UNSIGNED NOT NULL,
+    length INT UNSIGNED NOT NULL,
+    KEY pack_idx (pack)
+) ENGINE=InnoDB;
+
+-- The persistent upload queue: chunks stored locally and not yet confirmed in the cloud.
+-- A row is added in the transaction that creates the chunk row (when the cloud tier is
+-- enabled: meta key cloud_enabled). pack, pos and length are set when an uploader claims the row
+-- for a pack; the row is deleted when that pack is confirmed.
+CREATE TABLE upload_queue (
+    chunk BINARY(32) NOT NULL PRIMARY KEY,
+    queued DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+    pack BIGINT UNSIGNED NULL,
+    pos BIGINT UNSIGNED NULL,
+    length INT UNSIGNED NULL,
+    KEY pack_idx (pack, queued)
 ) ENGINE=InnoDB;

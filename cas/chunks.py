@@ -18,13 +18,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .cache import LFUCache
 from .envelope import chunk_id, open_envelope, seal
-from .errors import IntegrityError
+from .errors import ChunkMissing, IntegrityError
 from .meta import Database
 from .store import LocalStore
+
+if TYPE_CHECKING:
+    from .cloud import CloudTier
 
 log = logging.getLogger(__name__)
 Plain = bytes | bytearray  # chunk plaintext as buffered (never modified while in use)
@@ -49,14 +52,21 @@ class ChunkManager:
         self.pool = pool          # CPU: hashing and compression
         self.io_pool = io_pool    # disk: chunk writes and read-ahead
         self._readahead: dict[bytes, Future[bytes]] = {}
+        # The cloud tier (set by a mount that has one): reads of evicted chunks go to it.
+        self.cloud: CloudTier | None = None
+        # Queue new chunks for upload in the transaction that creates their row.
+        self.enqueue = False
 
     # -- reading ---------------------------------------------------------------------
     def load(self, cid: bytes) -> bytes:
         """Plaintext of chunk ``cid``, verified against its SHA-256.
 
-        Served from the RAM cache, a read-ahead already under way, or the store.
+        Served from the RAM cache, a read-ahead already under way, the store, or (for a
+        chunk evicted from the store) the cloud tier, which keeps a local copy again.
         Raises ChunkMissing or IntegrityError (both EIO); a mismatch is logged.
         """
+        if self.cloud is not None:
+            self.cloud.counts.touch(cid)
         data = self.cache.get(cid)
         if data is not None:
             return data
@@ -82,12 +92,29 @@ class ChunkManager:
             self._readahead[cid] = self.io_pool.submit(self._load_from_store, cid)
 
     def _load_from_store(self, cid: bytes) -> bytes:
-        blob = self.store.get(cid)
+        try:
+            blob = self.store.get(cid)
+        except ChunkMissing:
+            if self.cloud is None:
+                raise
+            return self._load_from_cloud(cid)
         try:
             data = open_envelope(blob, cid)
         except IntegrityError:
             log.error("integrity: chunk %s in %s fails verification", cid.hex(), self.store.path(cid))
             raise
+        self.cache.put(cid, data)
+        return data
+
+    def _load_from_cloud(self, cid: bytes) -> bytes:
+        assert self.cloud is not None
+        blob = self.cloud.fetch(cid)
+        try:
+            data = open_envelope(blob, cid)
+        except IntegrityError:
+            log.error("integrity: chunk %s read from the cloud fails verification", cid.hex())
+            raise
+        self.cloud.keep_local(cid, blob)
         self.cache.put(cid, data)
         return data
 
@@ -141,15 +168,18 @@ class ChunkManager:
                         "ORDER BY id FOR UPDATE", (batch,))
             rows.update({bytes(r[0]): (int(r[1]), int(r[2])) for r in cur.fetchall()})
         values = []
+        relocal: list[bytes] = []
         for cid in gain:
             row = rows.get(cid)
             slen = row[1] if row else stored.get(cid, 0)
             if row is None or row[0] <= 0:
                 st = self.store.stat(cid)
-                if st is None:  # gc removed it after our pre-check: write it again
+                if st is None:  # gc (or eviction) removed it after our pre-check: write it again
                     blob = seal(chunks[cid], self.codec, self.level)
                     self.store.put(cid, blob)
                     slen = len(blob)
+                    if row is not None:
+                        relocal.append(cid)
                 elif not slen:
                     slen = st.size
             values.append((cid, len(chunks[cid]), slen, deltas[cid]))
@@ -160,6 +190,13 @@ class ChunkManager:
                 + " ON DUPLICATE KEY UPDATE zero_since = IF(refcount + VALUES(refcount) > 0, NULL, zero_since),"
                   " refcount = refcount + VALUES(refcount)",
                 [v for row in batch for v in row])
+        if relocal:
+            cur.execute("UPDATE chunks SET is_local = 1 WHERE id IN %s", (relocal,))
+        if self.enqueue:
+            new = [cid for cid in gain if cid not in rows]
+            for batch in _batches(new):
+                cur.execute("INSERT IGNORE INTO upload_queue (chunk) VALUES "
+                            + ",".join(["(%s)"] * len(batch)), batch)
         by_delta: dict[int, list[bytes]] = {}
         for cid, d in deltas.items():
             if d < 0:

@@ -29,6 +29,8 @@ import pymysql
 
 from .cache import LFUCache
 from .chunks import ChunkManager
+from .cloud import CloudTier
+from .cloud import enabled as cloud_enabled
 from .errors import (Exists, FsError, InvalidArgument, IsADirectory, NameTooLong, NoData,
                      NotADirectory, NotEmpty, NotFound)
 from .filedata import FileData, InodeData
@@ -135,6 +137,15 @@ class Filesystem:
         self.closed_dirty: set[int] = set()  # released files whose flush is batched
         self.dir_opens: dict[int, int] = {}  # directory inode -> open handles
         self.xattr_cache: OrderedDict[int, dict[bytes, bytes]] = OrderedDict()
+        self.cloud: CloudTier | None = None
+        # New chunks join the upload queue whenever the volume has a cloud tier, even
+        # while this mount cannot reach it (the queue is drained by a later mount).
+        self.chunks.enqueue = cloud_enabled(self.db)
+
+    def attach_cloud(self, tier: CloudTier) -> None:
+        """Use ``tier`` for reads of evicted chunks; :meth:`close` stops it."""
+        self.cloud = tier
+        self.chunks.cloud = tier
 
     # -- life cycle ------------------------------------------------------------------
     @_locked
@@ -157,6 +168,8 @@ class Filesystem:
                 self.dir_opens.pop(ino)
                 self._maybe_free(ino)
         finally:
+            if self.cloud is not None:
+                self.cloud.close()
             self.pool.shutdown(wait=True)
             self.io_pool.shutdown(wait=True)
             self.meta.close()

@@ -2,8 +2,9 @@
 
 Checks, on one consistent snapshot of the database (REPEATABLE READ):
 - every chunk's refcount equals the number of manifest slots naming it;
-- every chunk a manifest names has a row, a file, and (unless ``verify=False``)
-  a file whose plaintext hashes to its id;
+- every chunk a manifest names has a row, a file or a confirmed cloud copy, and
+  (unless ``verify=False``) a local file whose plaintext hashes to its id (cloud copies
+  are verified when read, not by fsck);
 - every non-directory inode's nlink equals its number of directory entries;
 - no directory entry points to a missing inode;
 and lists orphan chunk files (a file with no row; gc removes them after the grace
@@ -35,6 +36,7 @@ class FsckReport:
     dangling_entries: list[tuple[int, str]] = field(default_factory=list)
     orphan_files: int = 0
     repaired: bool = False
+    cloud_only: int = 0   # live chunks with no local file but a confirmed cloud copy (not an error)
 
     @property
     def clean(self) -> bool:
@@ -56,8 +58,11 @@ def check(meta: Metadata, repair: bool = False, verify: bool = True) -> FsckRepo
         cur.execute("SELECT DISTINCT m.chunk FROM manifests m LEFT JOIN chunks c ON c.id = m.chunk "
                     "WHERE c.id IS NULL")
         no_row = [bytes(r[0]) for r in cur.fetchall()]
-        cur.execute("SELECT id FROM chunks WHERE refcount > 0")
-        live = [bytes(r[0]) for r in cur.fetchall()]
+        cur.execute("SELECT c.id, e.chunk IS NOT NULL FROM chunks c LEFT JOIN pack_entries e ON e.chunk = c.id "
+                    "WHERE c.refcount > 0")
+        rows = cur.fetchall()
+        live = [bytes(r[0]) for r in rows]
+        in_cloud = {bytes(r[0]) for r in rows if r[1]}
         cur.execute("SELECT i.id, i.nlink, COUNT(d.inode) FROM inodes i LEFT JOIN dentries d ON d.inode = i.id "
                     "WHERE i.mode & %s <> %s AND i.nlink > 0 GROUP BY i.id, i.nlink "
                     "HAVING i.nlink <> COUNT(d.inode)", (S.S_IFMT(0o170000), S.S_IFDIR))
@@ -67,21 +72,25 @@ def check(meta: Metadata, repair: bool = False, verify: bool = True) -> FsckRepo
         dangling = [(int(r[0]), bytes(r[1]).decode(errors="replace")) for r in cur.fetchall()]
         cur.execute("SELECT id FROM chunks")
         all_ids = {bytes(r[0]) for r in cur.fetchall()}
-        return refs, no_row, live, nlinks, dangling, all_ids
+        return refs, no_row, live, in_cloud, nlinks, dangling, all_ids
 
     db.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
     try:
-        refs, no_row, live, nlinks, dangling, all_ids = db.transaction(snapshot)
+        refs, no_row, live, in_cloud, nlinks, dangling, all_ids = db.transaction(snapshot)
     finally:
         db.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
     missing, corrupt = [], []
+    cloud_only = 0
     for cid in live:
         try:
             blob = store.get(cid)
             if verify:
                 open_envelope(blob, cid)
         except ChunkMissing:
-            missing.append(cid.hex())
+            if cid in in_cloud:
+                cloud_only += 1   # evicted, or lost locally: reads fetch it (casfs restore)
+            else:
+                missing.append(cid.hex())
         except IntegrityError:
             corrupt.append(cid.hex())
     orphans = sum(1 for cid in store.iter_ids() if cid not in all_ids)
@@ -101,4 +110,5 @@ def check(meta: Metadata, repair: bool = False, verify: bool = True) -> FsckRepo
         chunks_checked=len(live),
         refcount_mismatches=[(c.hex(), a, b) for c, a, b in refs],
         missing_rows=[c.hex() for c in no_row], missing_files=missing, corrupt_chunks=corrupt,
-        nlink_mismatches=nlinks, dangling_entries=dangling, orphan_files=orphans, repaired=repaired)
+        nlink_mismatches=nlinks, dangling_entries=dangling, orphan_files=orphans, repaired=repaired,
+        cloud_only=cloud_only)

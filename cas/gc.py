@@ -10,11 +10,18 @@ period, under the lock of a placeholder row that gc inserts and deletes.
 """
 from __future__ import annotations
 
+import hashlib
+import secrets
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
+from .cloud import LEASE_S, PACK_PREFIX, CloudTier, forget_sql, put_checked
+from .envelope import open_envelope
+from .errors import ChunkMissing, FsError
 from .meta import Metadata
+from .objstore import ObjectNotFound, now_utc, retrying
 from .safety import DEFAULT_GRACE_S
 from .store import LocalStore
 
@@ -54,6 +61,7 @@ def collect(meta: Metadata, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = Fa
             if not dry_run:
                 store.delete(cid)
                 cur.execute("DELETE FROM chunks WHERE id = %s", (cid,))
+                forget_sql(cur, cid)
             return int(row[1])
         n = db.transaction(body)
         if n is not None:
@@ -98,3 +106,141 @@ def _sweep_orphans(meta: Metadata, store: LocalStore, grace_s: float, dry_run: b
             count += 1
             total += n
     return count, total
+
+
+# -- the cloud tier ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CloudGcResult:
+    """What a cloud gc run did (or would do, with dry_run); sizes in bytes of pack objects."""
+
+    packs_deleted: int
+    pack_bytes_deleted: int
+    packs_rewritten: int
+    bytes_rewritten: int
+    new_packs: int
+    orphans_deleted: int
+    orphan_bytes_deleted: int
+    dry_run: bool
+
+
+def collect_cloud(tier: CloudTier, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False) -> CloudGcResult:
+    """Reclaim cloud space after :func:`collect` has dropped dead chunks:
+
+    1. rewrite packs whose live fraction (bytes of chunks still recorded / pack size) is
+       below ``repack_threshold``: their live chunks are copied into new packs (from
+       local files, else ranged reads of the old pack, verified), and their locations
+       move to the new pack in the transaction that confirms it;
+    2. delete packs with no live chunk (a confirmed pack never gains entries);
+    3. delete orphan objects in the folder (no confirmed pack names them, no upload is
+       under way under their name) older than ``grace_s``.
+    Raises ObjectStoreError/TryAgain from the store; what was done so far stays consistent.
+    """
+    db = tier.db
+    rows = db.query("SELECT p.id, p.size, COALESCE(SUM(e.length), 0), COUNT(e.chunk) FROM packs p "
+                    "LEFT JOIN pack_entries e ON e.pack = p.id WHERE p.state = 'confirmed' "
+                    "GROUP BY p.id, p.size")
+    sparse = [(int(pid), int(size), int(live)) for pid, size, live, n in rows
+              if int(n) and int(size) and int(live) / int(size) < tier.cfg.repack_threshold]
+    rewritten = rewritten_bytes = new_packs = 0
+    if sparse and not dry_run:
+        rewritten, rewritten_bytes, new_packs = _repack(tier, [p for p, _, _ in sparse])
+    elif dry_run:
+        rewritten, rewritten_bytes = len(sparse), sum(live for _, _, live in sparse)
+    dead = db.query("SELECT p.id, p.object_id, p.size FROM packs p LEFT JOIN pack_entries e ON e.pack = p.id "
+                    "WHERE p.state = 'confirmed' AND e.chunk IS NULL")
+    deleted = deleted_bytes = 0
+    for pid, oid, size in dead:
+        if not dry_run:
+            try:
+                tier.objects.delete(str(oid))
+            except ObjectNotFound:
+                pass
+            db.execute("DELETE FROM packs WHERE id = %s", (pid,))
+        deleted += 1
+        deleted_bytes += int(size)
+    orphans, orphan_bytes = _sweep_cloud_orphans(tier, grace_s, dry_run)
+    return CloudGcResult(deleted, deleted_bytes, rewritten, rewritten_bytes, new_packs, orphans,
+                         orphan_bytes, dry_run)
+
+
+def _repack(tier: CloudTier, packs: list[int]) -> tuple[int, int, int]:
+    """Copy the live chunks of ``packs`` into new packs; returns (old packs emptied, bytes
+    copied, new packs)."""
+    db = tier.db
+    entries = [(bytes(c), int(p), int(pos), int(n), str(oid)) for c, p, pos, n, oid in db.query(
+        "SELECT e.chunk, e.pack, e.pos, e.length, p.object_id FROM pack_entries e JOIN packs p ON p.id = e.pack "
+        "WHERE e.pack IN %s ORDER BY e.pack, e.pos", (packs,))]
+    copied = new = 0
+    batch: list[tuple[bytes, int, bytes]] = []   # (chunk, old pack, envelope)
+    size = 0
+
+    def flush() -> None:
+        nonlocal new, size
+        if batch:
+            _write_pack(tier, batch)
+            new += 1
+            batch.clear()
+            size = 0
+    for cid, old, pos, n, oid in entries:
+        blob = None
+        try:
+            local = tier.store.get(cid)
+            open_envelope(local, cid)
+            blob = local
+        except (ChunkMissing, FsError):
+            pass
+        if blob is None:
+            blob = retrying(lambda: tier.objects.get(oid, pos, n), tier.cfg.read_attempts, 0.5, 4.0)
+            open_envelope(blob, cid)   # IntegrityError: never copy a bad chunk
+        if size and size + len(blob) > tier.cfg.pack_size:
+            flush()
+        batch.append((cid, old, blob))
+        size += len(blob)
+        copied += len(blob)
+    flush()
+    return len(packs), copied, new
+
+
+def _write_pack(tier: CloudTier, batch: list[tuple[bytes, int, bytes]]) -> None:
+    blob = b"".join(b for _, _, b in batch)
+    name = PACK_PREFIX + secrets.token_hex(12)
+    db = tier.db
+    db.execute("INSERT INTO packs (name, state, size, md5, sha256, owner, lease_until) VALUES "
+               "(%s, 'uploading', %s, %s, %s, %s, NOW(6) + INTERVAL %s SECOND)",
+               (name, len(blob), hashlib.md5(blob).digest(), hashlib.sha256(blob).digest(), tier.owner, LEASE_S))
+    pack = int(db.query("SELECT id FROM packs WHERE name = %s", (name,))[0][0])
+    try:
+        info = put_checked(tier.objects, name, blob, tier.volume.uuid)
+    except BaseException:
+        db.execute("DELETE FROM packs WHERE id = %s", (pack,))
+        raise
+
+    def confirm(cur: Any) -> None:
+        cur.execute("UPDATE packs SET state = 'confirmed', object_id = %s, confirmed = NOW(6), owner = NULL, "
+                    "lease_until = NULL WHERE id = %s", (info.id, pack))
+        pos = 0
+        for cid, old, b in batch:
+            cur.execute("UPDATE pack_entries SET pack = %s, pos = %s WHERE chunk = %s AND pack = %s",
+                        (pack, pos, cid, old))
+            pos += len(b)
+    db.transaction(confirm)
+
+
+def _sweep_cloud_orphans(tier: CloudTier, grace_s: float, dry_run: bool) -> tuple[int, int]:
+    db = tier.db
+    known = {str(r[0]) for r in db.query("SELECT object_id FROM packs WHERE state = 'confirmed'")}
+    busy = {str(r[0]) for r in db.query("SELECT name FROM packs WHERE state = 'uploading'")}
+    cutoff = now_utc() - timedelta(seconds=grace_s)
+    n = total = 0
+    for obj in list(tier.objects.list()):
+        if obj.id in known or obj.name in busy or obj.created > cutoff:
+            continue
+        if not dry_run:
+            try:
+                tier.objects.delete(obj.id)
+            except ObjectNotFound:
+                continue
+        n += 1
+        total += obj.size
+    return n, total

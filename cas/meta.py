@@ -23,7 +23,7 @@ from .errors import MetaError, SchemaMismatch
 from .server import EmbeddedServer
 from .volume import Volume
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schema.sql"
 EMBEDDED_DB = "casfs"
 ROOT_INODE = 1

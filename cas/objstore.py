@@ -107,7 +107,7 @@ BACKOFF_MAX_S = 32.0   # Drive docs: exponential backoff capped at 32-64 s
 
 
 def _wait(initial: float, cap: float) -> Callable[[tenacity.RetryCallState], float]:
-    jitter = tenacity.wait_exponential_jitter(initial=initial, max=cap, jitter=initial)
+    jitter = tenacity.wait_exponential_jitter(multiplier=initial, max=cap, jitter=initial)
 
     def wait(state: tenacity.RetryCallState) -> float:
         delay = jitter(state)

@@ -7,6 +7,8 @@ Definitions (bytes):
 - unique: the plaintext bytes of the chunks with refcount > 0 (each counted once).
 - stored: the envelope bytes of every chunk row (after compression), garbage included.
 - dedup ratio = logical / unique; compression ratio = unique / stored bytes of live chunks.
+- local: envelope bytes with a file in the local store; cloud: bytes of confirmed packs.
+  A live chunk is local-only (not yet confirmed in a pack), cloud-only (evicted) or both.
 """
 from __future__ import annotations
 
@@ -33,6 +35,13 @@ class VolumeStats:
     garbage_chunks: int
     garbage_bytes: int
     chunk_size: int
+    local_bytes: int = 0          # envelope bytes of chunks with a local file
+    local_only_chunks: int = 0    # live chunks with no confirmed cloud copy yet
+    cloud_only_chunks: int = 0    # live chunks evicted from the local store
+    both_chunks: int = 0          # live chunks local and in the cloud
+    cloud_bytes: int = 0          # bytes of confirmed packs (what the cloud store holds)
+    cloud_packs: int = 0
+    queued_chunks: int = 0        # upload queue length
 
     @property
     def dedup_ratio(self) -> float:
@@ -67,4 +76,19 @@ def collect(meta: Metadata) -> VolumeStats:
         referenced_bytes=int(referenced), unique_bytes=int(unique), stored_bytes=int(stored),
         live_stored_bytes=int(live_stored), chunks=int(chunks), live_chunks=int(live),
         garbage_chunks=int(chunks) - int(live), garbage_bytes=int(stored) - int(live_stored),
-        chunk_size=meta.volume.chunk_size)
+        chunk_size=meta.volume.chunk_size, **_cloud_figures(meta))
+
+
+def _cloud_figures(meta: Metadata) -> dict[str, int]:
+    q = meta.db.query
+    local_bytes, local_only, cloud_only, both = q(
+        "SELECT COALESCE(SUM(IF(c.is_local = 1, c.stored_length, 0)), 0), "
+        "COALESCE(SUM(c.refcount > 0 AND c.is_local = 1 AND e.chunk IS NULL), 0), "
+        "COALESCE(SUM(c.refcount > 0 AND c.is_local = 0), 0), "
+        "COALESCE(SUM(c.refcount > 0 AND c.is_local = 1 AND e.chunk IS NOT NULL), 0) "
+        "FROM chunks c LEFT JOIN pack_entries e ON e.chunk = c.id")[0]
+    packs, cloud_bytes = q("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM packs WHERE state = 'confirmed'")[0]
+    queued = q("SELECT COUNT(*) FROM upload_queue")[0][0]
+    return {"local_bytes": int(local_bytes), "local_only_chunks": int(local_only),
+            "cloud_only_chunks": int(cloud_only), "both_chunks": int(both), "cloud_bytes": int(cloud_bytes),
+            "cloud_packs": int(packs), "queued_chunks": int(queued)}

@@ -2,7 +2,8 @@
 
 A volume is a directory ``$XDG_DATA_HOME/casfs/NAME/`` (``~/.local/share`` when unset)::
 
-    volume.toml   config: format, uuid, chunk_size, compression, meta_url, meta_password
+    volume.toml   config: format, uuid, chunk_size, compression, meta_url, meta_password,
+                  [drive] (cloud tier, cas.cloud.CloudConfig)
     chunks/       the local chunk store (cas.store)
     mysql/        datadir of the embedded MariaDB server (embedded volumes only)
     run/          socket, lock files, mount.json of a running mount
@@ -56,7 +57,7 @@ class Volume:
     compression: str
     meta_url: str = ""
     meta_password: str = ""
-    extra: dict[str, object] = field(default_factory=dict)
+    drive: dict[str, object] = field(default_factory=dict)   # the [drive] table (cas.cloud.CloudConfig)
 
     @property
     def embedded(self) -> bool:
@@ -94,6 +95,8 @@ class Volume:
         }
         if self.meta_password:
             cfg["meta_password"] = self.meta_password
+        if self.drive:
+            cfg["drive"] = dict(self.drive)
         tmp = self.path / "volume.toml.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
@@ -131,6 +134,7 @@ def open_volume(name: str) -> Volume:
             compression=str(cfg["compression"]),
             meta_url=str(cfg.get("meta_url", "")),
             meta_password=str(cfg.get("meta_password", "")),
+            drive=dict(cfg.get("drive", {})),
         )
         parse_codec(vol.compression)
     except (KeyError, ValueError) as exc:

@@ -16,7 +16,7 @@ from cas.meta import initialize
 from cas.errors import VolumeError
 from cas.volume import DEFAULT_CHUNK, DEFAULT_NAME, create_volume_dir, open_volume, volume_path
 
-from . import maint, mountcmd
+from . import drivecmd, maint, mountcmd
 from .common import human, parse_size, user_errors
 
 
@@ -66,10 +66,16 @@ def init(chunk_size: str, compression: str, meta: str, name: str) -> None:
 @click.option("--allow-other", is_flag=True, help="Let other users access the mount (needs "
               "user_allow_other in /etc/fuse.conf unless root).")
 @click.option("--cache-size", default="256MiB", show_default=True, help="RAM for the LFU chunk cache.")
+@click.option("--local-limit", default=None, metavar="SIZE",
+              help="Keep at most SIZE of chunks on local disk; chunks already confirmed on Drive "
+                   "are evicted (least frequently used first) and read back on demand.")
+@click.option("--drive-endpoint", default=None, metavar="URL",
+              help="Use this Drive-compatible server instead of the volume's configured one "
+                   "(e.g. python -m tools.drivesim).")
 @click.option("--debug", is_flag=True, help="Debug logging.")
 @user_errors
 def mount(mountpoint: str, volume: str, foreground: bool, allow_other: bool, cache_size: str,
-          debug: bool) -> None:
+          local_limit: str | None, drive_endpoint: str | None, debug: bool) -> None:
     """Mount VOLUME (default: "default", created if missing) at MOUNTPOINT.
 
     Returns once the mount is ready; the daemon runs in the background until
@@ -84,8 +90,10 @@ def mount(mountpoint: str, volume: str, foreground: bool, allow_other: bool, cac
         init_volume(DEFAULT_NAME, DEFAULT_CHUNK, "zstd:3", "")
         vol = open_volume(DEFAULT_NAME)
         click.echo(f"created the default volume at {vol.path}", err=True)
-    mountcmd.mount(vol, mountpoint, foreground=foreground, allow_other=allow_other,
-                   cache_bytes=cache, debug=debug)
+    opts = mountcmd.MountOptions(allow_other=allow_other, cache_bytes=cache,
+                                 local_limit=None if local_limit is None else parse_size(local_limit),
+                                 drive_endpoint=drive_endpoint)
+    mountcmd.mount(vol, mountpoint, opts, foreground=foreground, debug=debug)
 
 
 @main.command()
@@ -98,6 +106,7 @@ def umount(mountpoint: str, timeout: float) -> None:
 
 
 maint.register(main)
+drivecmd.register(main)
 
 if __name__ == "__main__":
     sys.exit(main())

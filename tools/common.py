@@ -8,7 +8,10 @@ from typing import ParamSpec, TypeVar
 
 import click
 
+from cas import cloud
 from cas.errors import CasError
+from cas.meta import Metadata
+from cas.objstore import ObjectStoreError
 from fusefront.mountpoint import MountpointError
 
 P = ParamSpec("P")
@@ -44,6 +47,18 @@ def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
-        except (CasError, MountpointError) as exc:
+        except (CasError, MountpointError, ObjectStoreError) as exc:
             raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
     return wrapper
+
+
+def open_tier(meta: Metadata, endpoint: str | None = None) -> cloud.CloudTier:
+    """The volume's cloud tier for a CLI command (no background thread); ``endpoint``
+    overrides the configured one. Raises VolumeError when the tier is not enabled."""
+    from cas.errors import VolumeError
+    if not cloud.enabled(meta.db):
+        raise VolumeError(f"volume {meta.volume.name} has no cloud tier; set one up with `casfs drive auth`")
+    cfg = cloud.CloudConfig.from_volume(meta.volume)
+    if endpoint is not None:
+        cfg.endpoint = endpoint
+    return cloud.CloudTier(meta, cloud.open_objects(meta.volume, cfg, meta.db), cfg)

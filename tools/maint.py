@@ -9,6 +9,7 @@ import json
 
 import click
 
+from cas import cloud
 from cas import fsck as fsck_mod
 from cas import gc as gc_mod
 from cas import stats as stats_mod
@@ -16,7 +17,7 @@ from cas.meta import connect
 from cas.safety import DEFAULT_GRACE_S
 from cas.volume import DEFAULT_NAME, open_volume
 
-from .common import human, user_errors
+from .common import human, open_tier, user_errors
 from .mountcmd import is_mounted
 
 
@@ -41,6 +42,10 @@ def stats(volume: str, as_json: bool) -> None:
         ("chunks", f"{s.chunks} ({s.live_chunks} live, {s.garbage_chunks} awaiting gc, "
                    f"{human(s.garbage_bytes)})"),
         ("chunk size", human(s.chunk_size)),
+        ("local store", f"{human(s.local_bytes)} ({s.local_bytes})"),
+        ("cloud", f"{human(s.cloud_bytes)} in {s.cloud_packs} packs; live chunks: {s.local_only_chunks} "
+                  f"local only, {s.both_chunks} local and cloud, {s.cloud_only_chunks} cloud only; "
+                  f"{s.queued_chunks} queued for upload"),
     ]
     for k, v in rows:
         click.echo(f"{k:18} {v}")
@@ -50,15 +55,31 @@ def stats(volume: str, as_json: bool) -> None:
 @click.argument("volume", default=DEFAULT_NAME)
 @click.option("--dry-run", is_flag=True, help="Report what would be freed; delete nothing.")
 @click.option("--grace", default=DEFAULT_GRACE_S, show_default=True, type=click.FloatRange(min=0),
-              help="Seconds a chunk must have been unreferenced before it is deleted.")
+              help="Seconds a chunk must have been unreferenced (or an orphan cloud object "
+                   "unrecorded) before it is deleted.")
+@click.option("--drive-endpoint", default=None, metavar="URL", help="Override the volume's Drive endpoint.")
 @user_errors
-def gc(volume: str, dry_run: bool, grace: float) -> None:
-    """Delete chunks no file references (safe while mounted)."""
-    with connect(open_volume(volume)) as meta:
+def gc(volume: str, dry_run: bool, grace: float, drive_endpoint: str | None) -> None:
+    """Delete chunks no file references, then empty, sparse and orphan packs on Drive
+    (safe while mounted)."""
+    vol = open_volume(volume)
+    with connect(vol) as meta:
         r = gc_mod.collect(meta, grace_s=grace, dry_run=dry_run)
-    verb = "would free" if dry_run else "freed"
-    click.echo(f"{verb} {r.chunks_deleted} chunks ({human(r.bytes_freed)}) and {r.orphans_deleted} "
-               f"orphan files ({human(r.orphan_bytes_freed)})")
+        verb = "would free" if dry_run else "freed"
+        click.echo(f"{verb} {r.chunks_deleted} chunks ({human(r.bytes_freed)}) and {r.orphans_deleted} "
+                   f"orphan files ({human(r.orphan_bytes_freed)})")
+        if not cloud.enabled(meta.db):
+            return
+        tier = open_tier(meta, drive_endpoint)
+        try:
+            c = gc_mod.collect_cloud(tier, grace_s=grace, dry_run=dry_run)
+        finally:
+            tier.close()
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"cloud: {verb} {c.packs_deleted} empty packs ({human(c.pack_bytes_deleted)}), "
+               f"{'would rewrite' if dry_run else 'rewrote'} {c.packs_rewritten} sparse packs "
+               f"({human(c.bytes_rewritten)} live) into {c.new_packs} new ones, {verb} "
+               f"{c.orphans_deleted} orphan objects ({human(c.orphan_bytes_deleted)})")
 
 
 @click.command()
@@ -85,7 +106,8 @@ def fsck(volume: str, repair: bool, no_verify: bool, as_json: bool) -> None:
         click.echo(f"checked {r.chunks_checked} live chunks: {len(r.refcount_mismatches)} refcount "
                    f"mismatches, {len(r.missing_rows)} missing rows, {len(r.missing_files)} missing files, "
                    f"{len(r.corrupt_chunks)} corrupt, {len(r.nlink_mismatches)} link count mismatches, "
-                   f"{len(r.dangling_entries)} dangling entries, {r.orphan_files} orphan files")
+                   f"{len(r.dangling_entries)} dangling entries, {r.orphan_files} orphan files, "
+                   f"{r.cloud_only} chunks only in the cloud")
         for cid, had, actual in r.refcount_mismatches[:20]:
             click.echo(f"  refcount {cid}: recorded {had}, manifests say {actual}")
         for cid in r.missing_files[:20]:

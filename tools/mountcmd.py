@@ -17,13 +17,16 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
+from cas import cloud
 from cas.errors import CasError, VolumeError
 from cas.fs import Filesystem
-from cas.meta import connect
+from cas.meta import Metadata, connect
+from cas.objstore import ObjectStoreError
 from cas.server import pid_running
 from cas.store import LocalStore
 from cas.volume import Volume, data_home
@@ -63,8 +66,42 @@ def _check_store(vol: Volume) -> None:
         raise VolumeError(f"chunk store {vol.chunk_dir} is not writable: {exc.strerror}") from exc
 
 
-def run_daemon(vol: Volume, mp: Path, *, allow_other: bool, cache_bytes: int,
-               on_ready: Callable[[], None]) -> None:
+@dataclass(frozen=True)
+class MountOptions:
+    """What `casfs mount` was asked for. Sizes in bytes; ``local_limit`` None = no limit;
+    ``drive_endpoint`` overrides the volume's [drive] endpoint for this mount."""
+
+    allow_other: bool = False
+    cache_bytes: int = 256 << 20
+    local_limit: int | None = None
+    drive_endpoint: str | None = None
+
+
+def start_cloud(meta: Metadata, fs: Filesystem, opts: MountOptions) -> cloud.CloudTier | None:
+    """Attach and start the volume's cloud tier, if it has one. A store that cannot be
+    opened (no network, bad credentials) is logged and the mount goes on: uploads stay
+    queued in the database for the next mount."""
+    vol = meta.volume
+    if not cloud.enabled(meta.db):
+        if opts.local_limit is not None:
+            raise VolumeError(f"volume {vol.name} has no cloud tier: --local-limit needs one "
+                              "(casfs drive auth)")
+        return None
+    cfg = cloud.CloudConfig.from_volume(vol)
+    if opts.drive_endpoint is not None:
+        cfg.endpoint = opts.drive_endpoint
+    try:
+        objects = cloud.open_objects(vol, cfg, meta.db)
+    except ObjectStoreError as exc:
+        log.error("cloud tier unavailable, uploads stay queued: %s", exc)
+        return None
+    tier = cloud.CloudTier(meta, objects, cfg, local_limit=opts.local_limit)
+    fs.attach_cloud(tier)
+    tier.start()
+    return tier
+
+
+def run_daemon(vol: Volume, mp: Path, opts: MountOptions, on_ready: Callable[[], None]) -> None:
     """Mount ``vol`` at ``mp`` in this process until unmounted; flush and close after."""
     vol.run_dir.mkdir(parents=True, exist_ok=True)
     lock_fd = os.open(vol.run_dir / "mount.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -76,14 +113,15 @@ def run_daemon(vol: Volume, mp: Path, *, allow_other: bool, cache_bytes: int,
     reg = registry_file(mp)
     try:
         meta = connect(vol)
-        fs = Filesystem(meta, cache_bytes=cache_bytes)
+        fs = Filesystem(meta, cache_bytes=opts.cache_bytes)
         try:
+            start_cloud(meta, fs, opts)
             freed = fs.recover()
             if freed:
                 log.warning("freed %d inodes unlinked while open before a crash", freed)
             reg.parent.mkdir(parents=True, exist_ok=True)
             reg.write_text(json.dumps({"pid": os.getpid(), "mountpoint": str(mp), "volume": str(vol.path)}))
-            serve(fs, mp, fsname=f"casfs:{vol.name}", allow_other=allow_other, on_ready=on_ready)
+            serve(fs, mp, fsname=f"casfs:{vol.name}", allow_other=opts.allow_other, on_ready=on_ready)
         finally:
             fs.close()
     finally:
@@ -94,16 +132,14 @@ def run_daemon(vol: Volume, mp: Path, *, allow_other: bool, cache_bytes: int,
         os.close(lock_fd)
 
 
-def mount(vol: Volume, mountpoint: str, *, foreground: bool, allow_other: bool, cache_bytes: int,
-          debug: bool) -> None:
+def mount(vol: Volume, mountpoint: str, opts: MountOptions, *, foreground: bool, debug: bool) -> None:
     """Validate, then mount in the foreground or in a daemon; return when ready."""
     mp = check_mountpoint(mountpoint)
     _check_store(vol)
     level = logging.DEBUG if debug else logging.INFO
     if foreground:
         logging.getLogger().setLevel(level)
-        run_daemon(vol, mp, allow_other=allow_other, cache_bytes=cache_bytes,
-                   on_ready=lambda: click.echo(f"mounted {vol.name} at {mp}", err=True))
+        run_daemon(vol, mp, opts, on_ready=lambda: click.echo(f"mounted {vol.name} at {mp}", err=True))
         return
     rfd, wfd = os.pipe()
     pid = os.fork()
@@ -112,8 +148,7 @@ def mount(vol: Volume, mountpoint: str, *, foreground: bool, allow_other: bool, 
         _become_daemon(vol, level)
         code = 0
         try:
-            run_daemon(vol, mp, allow_other=allow_other, cache_bytes=cache_bytes,
-                       on_ready=lambda: _report(wfd, "OK"))
+            run_daemon(vol, mp, opts, on_ready=lambda: _report(wfd, "OK"))
         except BaseException as exc:  # report start-up failures to the parent
             code = 1
             log.error("mount failed: %s", "".join(traceback.format_exception(exc)))

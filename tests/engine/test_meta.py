@@ -131,7 +131,8 @@ def test_initialize_and_connect(volume: Volume) -> None:
         root = db.query("SELECT id, mode, uid, gid, nlink, size FROM inodes")
         assert root == [(ROOT_INODE, 0o40755, 1234, 5678, 2, 0)]
         tables = {r[0] for r in db.query("SHOW TABLES")}
-        assert tables == {"meta", "inodes", "dentries", "symlinks", "xattrs", "chunks", "manifests"}
+        assert tables == {"meta", "inodes", "dentries", "symlinks", "xattrs", "chunks", "manifests",
+                          "packs", "pack_entries", "upload_queue"}
         # tx_isolation (MariaDB < 11.1) or transaction_isolation (MySQL 8, MariaDB >= 11.1)
         iso = {v for _, v in db.query("SHOW SESSION VARIABLES WHERE Variable_name IN "
                                           "('tx_isolation', 'transaction_isolation')")}
@@ -144,7 +145,7 @@ def test_initialize_and_connect(volume: Volume) -> None:
 
 def test_schema_statements_cover_schema() -> None:
     stmts = list(schema_statements())
-    assert sum(s.upper().startswith("CREATE TABLE") for s in stmts) == 7
+    assert sum(s.upper().startswith("CREATE TABLE") for s in stmts) == 10
     assert any(f"'schema_version', '{SCHEMA_VERSION}'" in s for s in stmts)
     assert not any("--" in s.splitlines()[0] for s in stmts)
 

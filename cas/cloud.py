@@ -1,0 +1,745 @@
+"""The cloud tier: packs, the persistent upload queue, reads of evicted chunks, eviction.
+
+Model (schema.sql: packs, pack_entries, upload_queue; docs/cloud.md):
+
+- With the tier enabled (meta key ``cloud_enabled``), every new chunk row gets an
+  ``upload_queue`` row in the same transaction (cas.chunks.ChunkManager.apply_deltas), so no pending
+  upload is ever lost: the queue is in MySQL, not in RAM.
+- An :class:`Uploader` claims queued chunks (``FOR UPDATE SKIP LOCKED``, so several
+  uploaders sharing a database never claim the same chunk), writes a ``packs`` row
+  ('uploading', owner, lease) and the layout into the claimed queue rows, builds the pack
+  from the chunk envelopes in the local store, uploads it, and *confirms* it: the store's
+  size, md5 and sha256 must equal ours. Only then, in one transaction, the pack becomes
+  'confirmed', its chunks get ``pack_entries`` rows (``INSERT IGNORE``: a chunk already
+  confirmed elsewhere keeps its first copy) and their queue rows go (DESIGN invariant 5).
+- A pack whose uploader died is *recovered*: when the object it names already exists
+  with the recorded size and checksums it is adopted (confirmed without a second upload);
+  otherwise any partial objects of that name are deleted and the claims released.
+- :meth:`CloudTier.fetch` reads an evicted chunk with a ranged GET on its pack, with
+  bounded retries, so an unreachable store gives EIO, not a hang.
+- :meth:`CloudTier.evict` keeps the local store under ``local_limit`` bytes by deleting
+  the files of chunks that have a confirmed copy, least frequently used first (the
+  access counts of :class:`AccessCounts`). A chunk still in the queue is never evicted.
+
+Object-store errors (cas.objstore) drive the uploader: TryAgain backs off exponentially
+with jitter, at least Retry-After; DailyLimit pauses uploads for ``pause_s`` and says
+so in ``casfs drive status``.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import CasError, ChunkMissing, FsError, MetaError, VolumeError
+from .meta import Database, Metadata
+from .objstore import DailyLimit, ObjectInfo, ObjectNotFound, ObjectStore, ObjectStoreError, TryAgain, retrying
+from .server import pid_running
+from .store import LocalStore
+from .volume import Volume
+
+log = logging.getLogger(__name__)
+
+PACK_PREFIX = "casfs-pack-"
+LEASE_S = 600            # an uploading pack belongs to its owner this long without renewal
+_CLAIM_BATCH = 5000
+
+
+@dataclass
+class CloudConfig:
+    """The ``[drive]`` table of volume.toml. Sizes in bytes, times in seconds.
+
+    ``endpoint``: "" for Google Drive; ``http://HOST:PORT/`` for a Drive-compatible server
+    (tools/drivesim.py); ``file:/PATH`` for a directory (cas.objstore.DirObjectStore).
+    ``credentials``: file in the volume directory holding an OAuth token or a
+    service-account key ("" = none, only for a test endpoint).
+    """
+
+    endpoint: str = ""
+    credentials: str = ""
+    folder: str = ""
+    pack_size: int = 32 << 20
+    pack_age_s: float = 60.0
+    bwlimit: int = 0
+    repack_threshold: float = 0.5
+    timeout_s: float = 30.0
+    read_attempts: int = 3
+    pause_s: float = 3600.0
+    upload_chunk: int = 8 << 20
+
+    @classmethod
+    def from_volume(cls, volume: Volume) -> "CloudConfig":
+        """The volume's config; raises VolumeError on a bad value."""
+        raw = dict(volume.drive)
+        known = {f.name: f.type for f in fields(cls)}
+        cfg = cls()
+        for k, v in raw.items():
+            if k not in known:
+                raise VolumeError(f"volume {volume.name}: unknown [drive] key {k!r}")
+            cur = getattr(cfg, k)
+            try:
+                setattr(cfg, k, type(cur)(v))
+            except (TypeError, ValueError) as exc:
+                raise VolumeError(f"volume {volume.name}: bad [drive] {k} = {v!r}") from exc
+        if cfg.pack_size < 1 or not 0 <= cfg.repack_threshold <= 1 or cfg.read_attempts < 1:
+            raise VolumeError(f"volume {volume.name}: bad [drive] values {raw}")
+        if not cfg.folder:
+            cfg.folder = f"casfs-{volume.uuid}"
+        return cfg
+
+    def as_table(self) -> dict[str, object]:
+        """Non-default values, for volume.toml."""
+        d = CloudConfig()
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) != getattr(d, f.name)}
+
+
+def enabled(db: Database) -> bool:
+    """Whether the volume's cloud tier is enabled (meta key cloud_enabled = 1)."""
+    rows = db.query("SELECT v FROM meta WHERE k = 'cloud_enabled'")
+    return bool(rows) and rows[0][0] == "1"
+
+
+def enable(db: Database) -> int:
+    """Enable the cloud tier: queue every chunk not yet confirmed in a pack. Returns the
+    number of chunks queued. Idempotent."""
+    def body(cur: Any) -> int:
+        cur.execute("INSERT INTO meta (k, v) VALUES ('cloud_enabled', '1') ON DUPLICATE KEY UPDATE v = '1'")
+        return int(cur.execute(
+            "INSERT IGNORE INTO upload_queue (chunk) SELECT c.id FROM chunks c "
+            "LEFT JOIN pack_entries p ON p.chunk = c.id WHERE p.chunk IS NULL"))
+    return db.transaction(body)
+
+
+def forget_sql(cur: Any, cid: bytes) -> None:
+    """Drop a deleted chunk's queue row and cloud location (caller holds its row lock)."""
+    cur.execute("DELETE FROM upload_queue WHERE chunk = %s", (cid,))
+    cur.execute("DELETE FROM pack_entries WHERE chunk = %s", (cid,))
+
+
+def owner_id() -> str:
+    """host:pid:token, naming this process as the owner of packs it uploads."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def _owner_dead(owner: str | None) -> bool:
+    """True when ``owner`` names a process of this host that no longer runs."""
+    if not owner:
+        return True
+    parts = owner.rsplit(":", 2)
+    if len(parts) != 3 or parts[0] != socket.gethostname():
+        return False
+    try:
+        return not pid_running(int(parts[1]))
+    except ValueError:
+        return True
+
+
+class AccessCounts:
+    """Approximate access frequency per chunk id, bounded to ``max_entries`` entries.
+
+    When full, every count is halved and zeros are dropped (aging, as in the RAM LFU),
+    so the counts follow a changing working set. Thread-safe.
+    """
+
+    def __init__(self, max_entries: int = 200_000) -> None:
+        self.max_entries = max_entries
+        self._counts: dict[bytes, int] = {}
+        self._lock = threading.Lock()
+
+    def touch(self, cid: bytes) -> None:
+        with self._lock:
+            self._counts[cid] = self._counts.get(cid, 0) + 1
+            if len(self._counts) > self.max_entries:
+                self._counts = {k: v >> 1 for k, v in self._counts.items() if v > 1}
+
+    def get(self, cid: bytes) -> int:
+        with self._lock:
+            return self._counts.get(cid, 0)
+
+
+@dataclass
+class TierStatus:
+    """What ``casfs drive status`` shows of a volume's cloud tier (bytes, counts)."""
+
+    enabled: bool
+    queued_chunks: int
+    queued_bytes: int
+    uploading_packs: int
+    packs: int
+    cloud_bytes: int
+    live_cloud_bytes: int
+    last_error: str
+    last_error_at: str
+    paused_until: str
+    last_upload_at: str
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def status(db: Database) -> TierStatus:
+    """The tier's figures from the database (works while mounted)."""
+    meta = dict(db.query("SELECT k, v FROM meta WHERE k LIKE 'cloud%%' OR k LIKE 'drive%%'"))
+    qn, qb = db.query("SELECT COUNT(*), COALESCE(SUM(c.stored_length), 0) FROM upload_queue q "
+                      "JOIN chunks c ON c.id = q.chunk")[0]
+    up = db.query("SELECT COUNT(*) FROM packs WHERE state = 'uploading'")[0][0]
+    pn, pb = db.query("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM packs WHERE state = 'confirmed'")[0]
+    live = db.query("SELECT COALESCE(SUM(length), 0) FROM pack_entries")[0][0]
+    paused = meta.get("drive_paused_until", "")
+    if paused and float(paused) < time.time():
+        paused = ""
+    return TierStatus(
+        enabled=meta.get("cloud_enabled") == "1", queued_chunks=int(qn), queued_bytes=int(qb),
+        uploading_packs=int(up), packs=int(pn), cloud_bytes=int(pb), live_cloud_bytes=int(live),
+        last_error=meta.get("drive_last_error", ""), last_error_at=meta.get("drive_last_error_at", ""),
+        paused_until=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(paused))) if paused else "",
+        last_upload_at=meta.get("drive_last_upload_at", ""))
+
+
+def _set_meta(db: Database, values: dict[str, str]) -> None:
+    for k, v in values.items():
+        db.execute("INSERT INTO meta (k, v) VALUES (%s, %s) ON DUPLICATE KEY UPDATE v = VALUES(v)", (k, v[:255]))
+
+
+def _now_text() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+class PackMismatch(ObjectStoreError):
+    """The store's size or checksum of an uploaded pack differs from ours."""
+
+
+def put_checked(objects: ObjectStore, name: str, blob: bytes, volume_uuid: str) -> ObjectInfo:
+    """Upload ``blob`` as object ``name`` and confirm it: the store's size, md5 and
+    sha256 must equal ours, else the object is deleted and PackMismatch raised."""
+    info = objects.put(name, blob, {"casfs_volume": volume_uuid[:60], "casfs_pack": name})
+    if (info.size != len(blob) or info.md5 != hashlib.md5(blob).hexdigest()
+            or info.sha256 != hashlib.sha256(blob).hexdigest()):
+        try:
+            objects.delete(info.id)
+        except ObjectStoreError:
+            pass
+        raise PackMismatch(f"pack {name}: the store reports {info.size} bytes md5 {info.md5}, "
+                           f"we sent {len(blob)} bytes md5 {hashlib.md5(blob).hexdigest()}")
+    return info
+
+
+def objects_named(objects: ObjectStore, name: str) -> list[ObjectInfo]:
+    """The store's objects called ``name``."""
+    return [o for o in objects.list() if o.name == name]
+
+
+class CloudTier:
+    """A volume's cloud tier as used by a mount (or a CLI command): uploads, fetches of
+    evicted chunks, eviction. Uses its own database connections, never the mount's.
+
+    ``local_limit``: bytes the local store may hold (None: no eviction).
+    """
+
+    def __init__(self, meta: Metadata, objects: ObjectStore, cfg: CloudConfig,
+                 local_limit: int | None = None, owner: str | None = None) -> None:
+        self.volume = meta.volume
+        self.target = meta.db.target
+        self.objects = objects
+        self.cfg = cfg
+        self.local_limit = local_limit
+        self.owner = owner or owner_id()
+        self.store = LocalStore(meta.volume.chunk_dir)
+        self.counts = AccessCounts()
+        self._db: Database | None = None       # uploader / evictor thread
+        self._read_db: Database | None = None  # fetches (any thread, under _read_lock)
+        self._read_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._kick = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.uploaded_packs = 0
+        self.uploaded_bytes = 0
+        self.fetches = 0
+
+    # -- connections -------------------------------------------------------------------
+    @property
+    def db(self) -> Database:
+        if self._db is None:
+            self._db = Database(self.target)
+        return self._db
+
+    def close(self) -> None:
+        """Stop the background thread and close the connections."""
+        self.stop()
+        for d in (self._db, self._read_db):
+            if d is not None:
+                d.close()
+        self._db = self._read_db = None
+
+    # -- reading evicted chunks --------------------------------------------------------
+    def locate(self, cid: bytes) -> tuple[str, int, int] | None:
+        """(object id, offset, length in bytes) of chunk ``cid``'s confirmed cloud copy."""
+        with self._read_lock:
+            if self._read_db is None:
+                self._read_db = Database(self.target)
+            rows = self._read_db.query(
+                "SELECT p.object_id, e.pos, e.length FROM pack_entries e JOIN packs p ON p.id = e.pack "
+                "WHERE e.chunk = %s AND p.state = 'confirmed'", (cid,))
+        if not rows:
+            return None
+        return str(rows[0][0]), int(rows[0][1]), int(rows[0][2])
+
+    def fetch(self, cid: bytes) -> bytes:
+        """The envelope of chunk ``cid`` from its pack (ranged GET), not yet verified.
+
+        Retries transient errors ``read_attempts`` times with short backoff; raises
+        ChunkMissing (EIO) when the chunk has no cloud copy or the store cannot give it.
+        """
+        loc = self.locate(cid)
+        if loc is None:
+            raise ChunkMissing(f"chunk {cid.hex()} is neither in the local store nor in the cloud")
+        oid, pos, length = loc
+        try:
+            blob = retrying(lambda: self.objects.get(oid, pos, length), self.cfg.read_attempts,
+                            initial_s=0.5, cap_s=4.0)
+        except ObjectStoreError as exc:
+            log.error("cloud read of chunk %s (pack object %s) failed: %s", cid.hex(), oid, exc)
+            raise ChunkMissing(f"chunk {cid.hex()}: cloud read failed: {exc}") from exc
+        if len(blob) != length:
+            raise ChunkMissing(f"chunk {cid.hex()}: cloud returned {len(blob)} of {length} bytes")
+        self.fetches += 1
+        return blob
+
+    def keep_local(self, cid: bytes, blob: bytes) -> None:
+        """Store a verified fetched envelope locally again and mark the chunk local."""
+        try:
+            self.store.put(cid, blob)
+        except FsError as exc:
+            log.warning("could not keep chunk %s locally: %s", cid.hex(), exc)
+            return
+        with self._read_lock:
+            if self._read_db is None:
+                self._read_db = Database(self.target)
+            self._read_db.execute("UPDATE chunks SET is_local = 1 WHERE id = %s", (cid,))
+
+    # -- eviction ----------------------------------------------------------------------
+    def local_bytes(self) -> int:
+        """Envelope bytes of the chunks marked local."""
+        return int(self.db.query("SELECT COALESCE(SUM(stored_length), 0) FROM chunks WHERE is_local = 1")[0][0])
+
+    def evict(self, limit: int) -> tuple[int, int]:
+        """Delete local files of chunks confirmed in the cloud, least frequently used first,
+        until the local store holds at most ``limit`` bytes (or nothing evictable is
+        left). Returns (chunks evicted, bytes freed)."""
+        excess = self.local_bytes() - limit
+        done = freed = 0
+        while excess > 0:
+            rows = self.db.query(
+                "SELECT c.id, c.stored_length FROM chunks c JOIN pack_entries e ON e.chunk = c.id "
+                "JOIN packs p ON p.id = e.pack WHERE c.is_local = 1 AND p.state = 'confirmed' LIMIT %s",
+                (_CLAIM_BATCH,))
+            if not rows:
+                break
+            cands = sorted(((bytes(r[0]), int(r[1])) for r in rows), key=lambda x: self.counts.get(x[0]))
+            victims: list[bytes] = []
+            for cid, n in cands:
+                if excess <= 0:
+                    break
+                victims.append(cid)
+                excess -= n
+                freed += n
+
+            def body(cur: Any) -> list[bytes]:
+                cur.execute("SELECT c.id FROM chunks c JOIN pack_entries e ON e.chunk = c.id "
+                            "WHERE c.id IN %s AND c.is_local = 1 FOR UPDATE", (victims,))
+                ids = [bytes(r[0]) for r in cur.fetchall()]
+                if ids:
+                    cur.execute("UPDATE chunks SET is_local = 0 WHERE id IN %s", (ids,))
+                return ids
+            ids = self.db.transaction(body)
+            for cid in ids:   # after the commit: a reader that misses the file fetches it
+                self.store.delete(cid)
+            done += len(ids)
+            if len(rows) < _CLAIM_BATCH and not ids:
+                break
+        return done, freed
+
+    # -- uploading ---------------------------------------------------------------------
+    def ready_to_upload(self, force: bool) -> bool:
+        """True when the unclaimed queue holds a pack's worth of bytes, or its oldest
+        entry is older than pack_age_s, or ``force``."""
+        n, size, old = self.db.query(
+            "SELECT COUNT(*), COALESCE(SUM(c.stored_length), 0), "
+            "COALESCE(MIN(q.queued) <= NOW(6) - INTERVAL %s MICROSECOND, 0) "
+            "FROM upload_queue q JOIN chunks c ON c.id = q.chunk WHERE q.pack IS NULL",
+            (int(self.cfg.pack_age_s * 1e6),))[0]
+        return int(n) > 0 and (force or int(size) >= self.cfg.pack_size or bool(old))
+
+    def _claim(self) -> tuple[int, str, list[tuple[bytes, int, int]]] | None:
+        """Claim up to pack_size bytes of queued chunks for a new pack.
+        Returns (pack id, name, [(chunk id, pos, length)]) or None."""
+        name = PACK_PREFIX + secrets.token_hex(12)
+
+        def body(cur: Any) -> tuple[int, str, list[tuple[bytes, int, int]]] | None:
+            cur.execute("DELETE q FROM upload_queue q JOIN pack_entries e ON e.chunk = q.chunk "
+                        "WHERE q.pack IS NULL")
+            cur.execute("SELECT chunk FROM upload_queue WHERE pack IS NULL ORDER BY queued, chunk "
+                        "LIMIT %s FOR UPDATE SKIP LOCKED", (_CLAIM_BATCH,))
+            ids = [bytes(r[0]) for r in cur.fetchall()]
+            layout: list[tuple[bytes, int, int]] = []
+            pos = 0
+            missing: list[bytes] = []
+            for cid in ids:
+                st = self.store.stat(cid)
+                if st is None:
+                    missing.append(cid)
+                    continue
+                if pos and pos + st.size > self.cfg.pack_size:
+                    break
+                layout.append((cid, pos, st.size))
+                pos += st.size
+            for cid in missing:   # gc deleted the chunk (its queue row goes with it) or the file is lost
+                cur.execute("SELECT is_local FROM chunks WHERE id = %s", (cid,))
+                if cur.fetchone() is None:
+                    cur.execute("DELETE FROM upload_queue WHERE chunk = %s", (cid,))
+                else:
+                    log.error("chunk %s is queued for upload but its local file is missing "
+                              "(run casfs fsck)", cid.hex())
+            if not layout:
+                return None
+            cur.execute("INSERT INTO packs (name, state, size, md5, sha256, owner, lease_until) "
+                        "VALUES (%s, 'uploading', %s, %s, %s, %s, NOW(6) + INTERVAL %s SECOND)",
+                        (name, pos, b"\0" * 16, b"\0" * 32, self.owner, LEASE_S))
+            pack = int(cur.lastrowid)
+            for cid, p, n in layout:
+                cur.execute("UPDATE upload_queue SET pack = %s, pos = %s, length = %s WHERE chunk = %s",
+                            (pack, p, n, cid))
+            return pack, name, layout
+        return self.db.transaction(body)
+
+    def _build(self, layout: list[tuple[bytes, int, int]]) -> bytes | None:
+        parts = []
+        for cid, pos, n in layout:
+            try:
+                blob = self.store.get(cid)
+            except FsError:
+                return None
+            if len(blob) != n:
+                return None
+            parts.append(blob)
+        return b"".join(parts)
+
+    def _release(self, pack: int) -> None:
+        """Give a pack's claims back to the queue and delete its row."""
+        def body(cur: Any) -> None:
+            cur.execute("UPDATE upload_queue SET pack = NULL, pos = NULL, length = NULL WHERE pack = %s", (pack,))
+            cur.execute("DELETE FROM packs WHERE id = %s AND state = 'uploading'", (pack,))
+        self.db.transaction(body)
+
+    def _confirm(self, pack: int, info: ObjectInfo, owner: str | None) -> bool:
+        """Make ``pack`` confirmed with object ``info``: its chunks' cloud copies count
+        from this commit on. False if the pack is no longer ours (recovered by another)."""
+        def body(cur: Any) -> bool:
+            cur.execute("SELECT state, owner FROM packs WHERE id = %s FOR UPDATE", (pack,))
+            row = cur.fetchone()
+            if row is None or row[0] != "uploading" or (owner is not None and row[1] != owner):
+                return False
+            cur.execute("UPDATE packs SET state = 'confirmed', object_id = %s, confirmed = NOW(6), "
+                        "owner = NULL, lease_until = NULL, md5 = %s, sha256 = %s WHERE id = %s",
+                        (info.id, bytes.fromhex(info.md5), bytes.fromhex(info.sha256), pack))
+            cur.execute("INSERT IGNORE INTO pack_entries (chunk, pack, pos, length) "
+                        "SELECT q.chunk, q.pack, q.pos, q.length FROM upload_queue q "
+                        "JOIN chunks c ON c.id = q.chunk WHERE q.pack = %s", (pack,))
+            cur.execute("DELETE FROM upload_queue WHERE pack = %s", (pack,))
+            return True
+        return self.db.transaction(body)
+
+    def upload_one(self, force: bool = False) -> int:
+        """Build, upload and confirm one pack if the queue is ready; return its size in
+        bytes (0 when nothing was uploaded). Raises TryAgain / DailyLimit /
+        ObjectStoreError from the store; the claim is released first."""
+        if not self.ready_to_upload(force):
+            return 0
+        claim = self._claim()
+        if claim is None:
+            return 0
+        pack, name, layout = claim
+        blob = self._build(layout)
+        if blob is None:   # a file changed or went away under us: try again with a fresh claim
+            self._release(pack)
+            return 0
+        self.db.execute("UPDATE packs SET md5 = %s, sha256 = %s WHERE id = %s",
+                        (hashlib.md5(blob).digest(), hashlib.sha256(blob).digest(), pack))
+        try:
+            info = put_checked(self.objects, name, blob, self.volume.uuid)
+        except BaseException:
+            self._release_or_adopt(pack, name, len(blob))
+            raise
+        if not self._confirm(pack, info, self.owner):
+            log.warning("pack %s was taken over while uploading; its object is left to gc", name)
+            return 0
+        self.uploaded_packs += 1
+        self.uploaded_bytes += len(blob)
+        _set_meta(self.db, {"drive_last_upload_at": _now_text()})
+        return len(blob)
+
+    def _release_or_adopt(self, pack: int, name: str, size: int) -> None:
+        """After a failed put: adopt an object that did arrive complete (the failure hit the
+        answer, not the upload), else delete partial ones and release the claims."""
+        try:
+            self.recover_pack(pack, name)
+        except (ObjectStoreError, MetaError) as exc:
+            log.warning("pack %s: recovery after a failed upload deferred: %s", name, exc)
+
+    def recover_pack(self, pack: int, name: str) -> str:
+        """Settle an 'uploading' pack whose upload is over (failed or owner dead).
+        Returns 'adopted' or 'released'."""
+        rows = self.db.query("SELECT size, md5, sha256 FROM packs WHERE id = %s AND state = 'uploading'", (pack,))
+        if not rows:
+            return "released"
+        size, md5, sha = int(rows[0][0]), bytes(rows[0][1]).hex(), bytes(rows[0][2]).hex()
+        found = objects_named(self.objects, name)
+        keep = next((o for o in found if o.size == size and o.md5 == md5 and o.sha256 == sha), None)
+        for o in found:
+            if o is not keep:
+                try:
+                    self.objects.delete(o.id)
+                except ObjectNotFound:
+                    pass
+        if keep is not None and self._confirm(pack, keep, None):
+            log.info("pack %s: adopted the upload already in the store", name)
+            return "adopted"
+        self._release(pack)
+        return "released"
+
+    def recover(self, all_expired: bool = True) -> int:
+        """Recover 'uploading' packs whose owner died (this host) or whose lease expired.
+        Returns how many were settled."""
+        rows = self.db.query("SELECT id, name, owner, lease_until < NOW(6) FROM packs WHERE state = 'uploading'")
+        n = 0
+        for pack, name, owner, expired in rows:
+            if owner == self.owner:
+                continue
+            if _owner_dead(owner) or (all_expired and expired):
+                self.recover_pack(int(pack), str(name))
+                n += 1
+        return n
+
+    def drain(self, deadline_s: float | None = None, on_pack: Callable[[int], None] | None = None) -> int:
+        """Upload until the queue is empty (ignoring the pack age), retrying transient
+        errors with backoff. Returns bytes uploaded. Raises DailyLimit, ObjectStoreError,
+        or TryAgain when ``deadline_s`` (seconds from now) passes."""
+        end = None if deadline_s is None else time.monotonic() + deadline_s
+        total = 0
+        attempt = 0
+        self.recover()
+        while True:
+            try:
+                n = self.upload_one(force=True)
+            except TryAgain as exc:
+                attempt += 1
+                delay = min(self.cfg.timeout_s, 2.0 ** min(attempt, 5) * 0.25)
+                if exc.retry_after is not None:
+                    delay = max(delay, exc.retry_after)
+                if end is not None and time.monotonic() + delay > end:
+                    raise
+                time.sleep(delay)
+                continue
+            attempt = 0
+            if n == 0:
+                if not self.ready_to_upload(True) and not self._uploading_left():
+                    return total
+                if end is not None and time.monotonic() > end:
+                    raise TryAgain("queue not drained before the deadline")
+                time.sleep(0.2)
+                self.recover()
+                continue
+            total += n
+            if on_pack is not None:
+                on_pack(n)
+
+    def _uploading_left(self) -> bool:
+        return bool(self.db.query("SELECT 1 FROM packs WHERE state = 'uploading' LIMIT 1"))
+
+    # -- the background thread of a mount ----------------------------------------------
+    def start(self) -> None:
+        """Start the uploader/evictor thread (a mount calls this once)."""
+        self._thread = threading.Thread(target=self._run, name="casfs-cloud", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask the thread to stop after the current request and wait for it."""
+        self._stop.set()
+        self._kick.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def kick(self) -> None:
+        """Wake the thread now (e.g. after a flush queued new chunks)."""
+        self._kick.set()
+
+    def _wait(self, seconds: float) -> None:
+        self._kick.wait(seconds)
+        self._kick.clear()
+
+    def _run(self) -> None:
+        backoff = 0
+        try:
+            self.recover()
+        except (ObjectStoreError, CasError) as exc:
+            log.warning("cloud tier: recovery deferred: %s", exc)
+        while not self._stop.is_set():
+            try:
+                started = time.monotonic()
+                n = self.upload_one()
+                if n and self.cfg.bwlimit:
+                    self._wait(max(0.0, n / self.cfg.bwlimit - (time.monotonic() - started)))
+                if self.local_limit is not None:
+                    self.evict(self.local_limit)
+                if backoff:
+                    _set_meta(self.db, {"drive_last_error": "", "drive_paused_until": ""})
+                backoff = 0
+                if not n:
+                    self._wait(1.0)
+            except DailyLimit as exc:
+                until = time.time() + self.cfg.pause_s
+                log.error("cloud tier: daily upload limit reached; uploads paused for %.0f s: %s",
+                          self.cfg.pause_s, exc)
+                self._note_error(exc, paused_until=until)
+                self._wait(self.cfg.pause_s)
+                self.recover()
+            except TryAgain as exc:
+                backoff += 1
+                delay = min(32.0, 2.0 ** min(backoff, 5) * 0.5)
+                if exc.retry_after is not None:
+                    delay = max(delay, exc.retry_after)
+                self._note_error(exc)
+                self._wait(delay)
+            except (ObjectStoreError, CasError) as exc:
+                backoff += 1
+                log.error("cloud tier: %s", exc)
+                self._note_error(exc)
+                self._wait(min(60.0, 2.0 ** min(backoff, 6)))
+            except Exception as exc:
+                backoff += 1
+                log.exception("cloud tier: unexpected error")
+                self._note_error(exc)
+                self._wait(min(60.0, 2.0 ** min(backoff, 6)))
+
+    def _note_error(self, exc: BaseException, paused_until: float | None = None) -> None:
+        msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        try:
+            vals = {"drive_last_error": msg, "drive_last_error_at": _now_text()}
+            if paused_until is not None:
+                vals["drive_paused_until"] = f"{paused_until:.0f}"
+            _set_meta(self.db, vals)
+        except MetaError:
+            pass
+
+
+
+# -- opening the store -------------------------------------------------------------------
+
+def open_objects(volume: Volume, cfg: CloudConfig, db: Database) -> ObjectStore:
+    """The object store the volume's config names, its folder created on first use
+    (the folder id is kept in meta key drive_folder_id, shared by all mounts).
+
+    Raises ObjectStoreError (bad credentials, unreachable store) or VolumeError.
+    """
+    if cfg.endpoint.startswith("file:"):
+        from .objstore import DirObjectStore
+        return DirObjectStore(Path(cfg.endpoint[5:]))
+    from . import drive
+    cred_path = volume.path / cfg.credentials if cfg.credentials else None
+    if cred_path is None and not cfg.endpoint:
+        raise VolumeError(f"volume {volume.name}: no Drive credentials; run `casfs drive auth`")
+    creds = drive.load_credentials(cred_path)
+
+    def factory() -> Any:
+        return drive.build_service(cfg.endpoint or None, creds, timeout=cfg.timeout_s)
+    rows = db.query("SELECT v FROM meta WHERE k = 'drive_folder_id'")
+    if rows:
+        folder = str(rows[0][0])
+    else:
+        folder = retrying(lambda: drive.ensure_folder(factory(), cfg.folder), 3, initial_s=0.5, cap_s=4.0)
+        db.execute("INSERT IGNORE INTO meta (k, v) VALUES ('drive_folder_id', %s)", (folder,))
+        folder = str(db.query("SELECT v FROM meta WHERE k = 'drive_folder_id'")[0][0])
+    return drive.DriveObjectStore(factory, folder, chunk_size=cfg.upload_chunk)
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    """What :func:`restore` did: chunks (and envelope bytes) written back to the local
+    store, chunks marked cloud-only instead (``lazy``), and chunks found nowhere."""
+
+    restored: int
+    restored_bytes: int
+    marked_remote: int
+    lost: list[str]
+
+
+def restore(tier: CloudTier, lazy: bool = False, everything: bool = False,
+            progress: Callable[[int], None] | None = None) -> RestoreResult:
+    """Rebuild a lost or damaged local store from the cloud, given the database.
+
+    Every chunk row whose local file is missing (or, with ``everything``, every chunk
+    not local) and that has a confirmed cloud copy is downloaded, verified against its
+    id and written to the local store; with ``lazy`` it is only marked cloud-only
+    (``is_local = 0``) so that reads fetch it on demand. A pack is read whole when more
+    than half of it is needed, else chunk by chunk with ranged GETs. Chunks with neither
+    a local file nor a cloud copy are returned as ``lost``. ``progress`` is called with
+    the bytes of each chunk handled.
+    """
+    from .envelope import open_envelope
+    db = tier.db
+    rows = db.query("SELECT c.id, c.is_local, e.pack, e.pos, e.length, p.object_id, p.size "
+                    "FROM chunks c LEFT JOIN pack_entries e ON e.chunk = c.id "
+                    "LEFT JOIN packs p ON p.id = e.pack AND p.state = 'confirmed' "
+                    "WHERE c.refcount > 0 OR c.is_local = 1")
+    need: dict[int, list[tuple[bytes, int, int]]] = {}
+    packs: dict[int, tuple[str, int]] = {}
+    lost: list[str] = []
+    marked = 0
+    for cid_b, is_local, pack, pos, length, oid, psize in rows:
+        cid = bytes(cid_b)
+        if is_local and tier.store.exists(cid):
+            continue
+        if not is_local and not everything:
+            continue
+        if oid is None:
+            lost.append(cid.hex())
+            continue
+        if lazy:
+            if is_local:
+                db.execute("UPDATE chunks SET is_local = 0 WHERE id = %s", (cid,))
+                marked += 1
+            continue
+        need.setdefault(int(pack), []).append((cid, int(pos), int(length)))
+        packs[int(pack)] = (str(oid), int(psize))
+    restored = restored_bytes = 0
+    for pack, items in need.items():
+        oid, psize = packs[pack]
+        whole = None
+        if sum(n for _, _, n in items) * 2 > psize:
+            whole = retrying(lambda: tier.objects.get(oid), tier.cfg.read_attempts, 0.5, 4.0)
+        for cid, pos, n in items:
+            if whole is not None:
+                blob = whole[pos:pos + n]
+            else:
+                blob = retrying(lambda: tier.objects.get(oid, pos, n), tier.cfg.read_attempts, 0.5, 4.0)
+            try:
+                open_envelope(blob, cid)
+            except FsError:
+                log.error("restore: chunk %s in pack object %s fails verification", cid.hex(), oid)
+                lost.append(cid.hex())
+                continue
+            tier.store.put(cid, blob)
+            db.execute("UPDATE chunks SET is_local = 1 WHERE id = %s", (cid,))
+            restored += 1
+            restored_bytes += len(blob)
+            if progress is not None:
+                progress(len(blob))
+    return RestoreResult(restored, restored_bytes, marked, lost)

@@ -1,0 +1,215 @@
+"""The cloud-tier commands: `casfs drive auth | status | push` and `casfs restore`.
+
+`drive auth` stores credentials in the volume directory (files 0600), writes the
+``[drive]`` table of volume.toml, creates the volume's folder on Drive and enables the
+tier (every chunk not yet in a pack joins the upload queue). The next mount uploads.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from cas import cloud
+from cas.errors import VolumeError
+from cas.meta import Metadata, connect
+from cas.volume import DEFAULT_NAME, Volume, open_volume
+
+from .common import human, open_tier, parse_size, user_errors
+from .mountcmd import is_mounted
+
+DRIVE_SCOPES = ["https://www.googleapis.com/auth/drive.file"]
+TOKEN_FILE = "drive-token.json"
+SERVICE_ACCOUNT_FILE = "drive-service-account.json"
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` with mode 0600 (it holds a secret)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _oauth_token(client_secrets: Path, open_browser: bool) -> bytes:
+    """Run Google's OAuth installed-app flow; return the authorized-user JSON."""
+    from google_auth_oauthlib.flow import InstalledAppFlow
+    try:
+        flow = InstalledAppFlow.from_client_secrets_file(str(client_secrets), scopes=DRIVE_SCOPES)
+    except (OSError, ValueError) as exc:
+        raise VolumeError(f"cannot use client secrets {client_secrets}: {exc}") from exc
+    creds = flow.run_local_server(port=0, open_browser=open_browser)
+    return str(creds.to_json()).encode()
+
+
+@click.group()
+def drive() -> None:
+    """Google Drive cloud tier: credentials, status, uploads."""
+
+
+@drive.command()
+@click.argument("volume", default=DEFAULT_NAME)
+@click.option("--client-secrets", type=click.Path(dir_okay=False, path_type=Path),
+              help="OAuth client JSON of a Desktop app (Google Cloud console): runs the browser "
+                   "sign-in and keeps the token in the volume directory.")
+@click.option("--service-account", type=click.Path(dir_okay=False, path_type=Path),
+              help="A service-account key JSON file instead of a user sign-in.")
+@click.option("--endpoint", default="", metavar="URL",
+              help="A Drive-compatible server (e.g. python -m tools.drivesim) instead of Google.")
+@click.option("--folder", default="", help="Drive folder name [default: casfs-<volume uuid>].")
+@click.option("--pack-size", default="32MiB", show_default=True, help="Target size of a pack file.")
+@click.option("--pack-age", default=60.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds after which a partly filled pack is uploaded anyway.")
+@click.option("--bwlimit", default="0", help="Upload bandwidth limit, bytes/s (e.g. 2MiB); 0 = none.")
+@click.option("--repack-threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="gc rewrites packs whose live fraction is below this.")
+@click.option("--no-browser", is_flag=True, help="Print the sign-in URL instead of opening a browser.")
+@user_errors
+def auth(volume: str, client_secrets: Path | None, service_account: Path | None, endpoint: str,
+         folder: str, pack_size: str, pack_age: float, bwlimit: str, repack_threshold: float,
+         no_browser: bool) -> None:
+    """Connect VOLUME to Google Drive (or a Drive-compatible server) and enable uploads."""
+    vol = open_volume(volume)
+    if is_mounted(vol):
+        raise VolumeError(f"volume {vol.name} is mounted: unmount it before `casfs drive auth`")
+    if client_secrets and service_account:
+        raise click.UsageError("give --client-secrets or --service-account, not both")
+    if not (client_secrets or service_account or endpoint):
+        raise click.UsageError("give --client-secrets FILE (Google sign-in), --service-account FILE, "
+                               "or --endpoint URL (a test server)")
+    cfg = cloud.CloudConfig.from_volume(vol)
+    cfg.endpoint = endpoint
+    cfg.folder = folder or cfg.folder
+    cfg.pack_size = parse_size(pack_size)
+    cfg.pack_age_s = pack_age
+    cfg.bwlimit = parse_size(bwlimit)
+    cfg.repack_threshold = repack_threshold
+    if service_account:
+        try:
+            data = service_account.read_bytes()
+            if json.loads(data).get("type") != "service_account":
+                raise VolumeError(f"{service_account} is not a service-account key file")
+        except (OSError, ValueError) as exc:
+            raise VolumeError(f"cannot read service-account key {service_account}: {exc}") from exc
+        _write_private(vol.path / SERVICE_ACCOUNT_FILE, data)
+        cfg.credentials = SERVICE_ACCOUNT_FILE
+    elif client_secrets:
+        _write_private(vol.path / TOKEN_FILE, _oauth_token(client_secrets, not no_browser))
+        cfg.credentials = TOKEN_FILE
+    else:
+        cfg.credentials = ""
+    _save_drive(vol, cfg)
+    with connect(vol) as meta:
+        if _folder_changed(meta, cfg):   # another endpoint or folder name: make a new folder
+            meta.db.execute("DELETE FROM meta WHERE k = 'drive_folder_id'")
+        cloud.open_objects(vol, cfg, meta.db)   # creates the folder; proves the credentials work
+        queued = cloud.enable(meta.db)
+        folder_id = meta.db.query("SELECT v FROM meta WHERE k = 'drive_folder_id'")[0][0]
+    where = cfg.endpoint or "Google Drive"
+    click.echo(f"volume {vol.name}: cloud tier on {where}, folder {cfg.folder} ({folder_id}); "
+               f"{queued} chunks queued for upload (the next mount uploads them)")
+
+
+def _folder_changed(meta: Metadata, cfg: cloud.CloudConfig) -> bool:
+    """Whether the folder recorded in the database was made for another endpoint/name."""
+    rows = dict(meta.db.query("SELECT k, v FROM meta WHERE k IN ('drive_folder_id', 'drive_folder_key')"))
+    key = f"{cfg.endpoint}|{cfg.folder}"
+    if rows.get("drive_folder_key") == key:
+        return False
+    meta.db.execute("INSERT INTO meta (k, v) VALUES ('drive_folder_key', %s) ON DUPLICATE KEY UPDATE v = VALUES(v)",
+                    (key[:255],))
+    return "drive_folder_id" in rows
+
+
+def _save_drive(vol: Volume, cfg: cloud.CloudConfig) -> None:
+    table = cfg.as_table()
+    if cfg.folder == f"casfs-{vol.uuid}":
+        table.pop("folder", None)
+    vol.drive = table
+    vol.save()
+
+
+@drive.command()
+@click.argument("volume", default=DEFAULT_NAME)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@user_errors
+def status(volume: str, as_json: bool) -> None:
+    """Upload queue, packs and bytes on Drive, last error, paused or not."""
+    vol = open_volume(volume)
+    with connect(vol) as meta:
+        st = cloud.status(meta.db)
+    if as_json:
+        click.echo(json.dumps(asdict(st), sort_keys=True))
+        return
+    if not st.enabled:
+        click.echo(f"volume {vol.name}: no cloud tier (set one up with `casfs drive auth`)")
+        return
+    cfg = cloud.CloudConfig.from_volume(vol)
+    rows = [
+        ("store", cfg.endpoint or "Google Drive"),
+        ("queue", f"{st.queued_chunks} chunks, {human(st.queued_bytes)}"
+                  + (f" ({st.uploading_packs} packs uploading)" if st.uploading_packs else "")),
+        ("on drive", f"{st.packs} packs, {human(st.cloud_bytes)} ({human(st.live_cloud_bytes)} live)"),
+        ("last upload", st.last_upload_at or "never"),
+        ("uploads", f"PAUSED until {st.paused_until} (daily upload limit)" if st.paused_until else "running"),
+        ("last error", f"{st.last_error} at {st.last_error_at}" if st.last_error else "none"),
+    ]
+    for k, v in rows:
+        click.echo(f"{k:12} {v}")
+
+
+@drive.command()
+@click.argument("volume", default=DEFAULT_NAME)
+@click.option("--timeout", default=None, type=float, help="Give up after this many seconds.")
+@click.option("--drive-endpoint", default=None, metavar="URL", help="Override the volume's endpoint.")
+@user_errors
+def push(volume: str, timeout: float | None, drive_endpoint: str | None) -> None:
+    """Upload everything queued now, without waiting for a full pack (safe while mounted)."""
+    vol = open_volume(volume)
+    with connect(vol) as meta:
+        tier = open_tier(meta, drive_endpoint)
+        try:
+            n = tier.drain(timeout)
+        finally:
+            tier.close()
+    click.echo(f"uploaded {tier.uploaded_packs} packs ({human(n)}); queue empty")
+
+
+@click.command()
+@click.argument("volume", default=DEFAULT_NAME)
+@click.option("--lazy", is_flag=True, help="Only mark missing chunks as cloud-only; reads fetch them.")
+@click.option("--all", "everything", is_flag=True, help="Also bring back chunks evicted on purpose.")
+@click.option("--drive-endpoint", default=None, metavar="URL", help="Override the volume's endpoint.")
+@user_errors
+def restore(volume: str, lazy: bool, everything: bool, drive_endpoint: str | None) -> None:
+    """Rebuild VOLUME's local chunk store from Drive, given its database.
+
+    Exits 1 when some chunk is neither local nor on Drive.
+    """
+    vol = open_volume(volume)
+    if is_mounted(vol):
+        raise VolumeError(f"volume {vol.name} is mounted: unmount it before `casfs restore`")
+    vol.chunk_dir.mkdir(parents=True, exist_ok=True)
+    with connect(vol) as meta:
+        tier = open_tier(meta, drive_endpoint)
+        try:
+            r = cloud.restore(tier, lazy=lazy, everything=everything)
+        finally:
+            tier.close()
+    click.echo(f"restored {r.restored} chunks ({human(r.restored_bytes)}), marked {r.marked_remote} "
+               f"cloud-only, {len(r.lost)} lost")
+    for cid in r.lost[:20]:
+        click.echo(f"  lost chunk {cid}")
+    if r.lost:
+        raise SystemExit(1)
+
+
+def register(group: click.Group) -> None:
+    """Add the cloud commands to the casfs command group."""
+    group.add_command(drive)
+    group.add_command(restore)
+
