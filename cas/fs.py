@@ -142,6 +142,19 @@ class Filesystem:
         # while this mount cannot reach it (the queue is drained by a later mount).
         self.chunks.enqueue = cloud_enabled(self.db)
 
+    def runtime_stats(self) -> dict[str, float | int]:
+        """Live counters of this mount, for `casfs stats`: the RAM cache's hits, misses,
+        hit ratio, size and capacity (bytes), evictions; cloud uploads and fetches."""
+        c = self.cache.stats()
+        out: dict[str, float | int] = {
+            "cache_hits": c.hits, "cache_misses": c.misses, "cache_hit_ratio": round(c.hit_ratio, 6),
+            "cache_bytes": c.size_bytes, "cache_capacity_bytes": c.capacity_bytes,
+            "cache_entries": c.entries, "cache_evictions": c.evictions}
+        if self.cloud is not None:
+            out.update(cloud_uploaded_packs=self.cloud.uploaded_packs,
+                       cloud_uploaded_bytes=self.cloud.uploaded_bytes, cloud_fetches=self.cloud.fetches)
+        return out
+
     def attach_cloud(self, tier: CloudTier) -> None:
         """Use ``tier`` for reads of evicted chunks; :meth:`close` stops it."""
         self.cloud = tier

@@ -6,8 +6,11 @@ engine: the caller flushes and closes it afterwards.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +25,25 @@ from .operations import CasOperations
 log = logging.getLogger(__name__)
 WRITEBACK_INTERVAL_S = 0.5   # how often released files are committed (in one transaction)
 WRITEBACK_AGE_S = 5.0        # an open file's dirty buffer older than this is committed too
+STATS_INTERVAL_S = 2.0       # how often run/stats.json (live counters for `casfs stats`) is rewritten
+STATS_FILE = "stats.json"
+
+
+def publish_stats(fs: Filesystem) -> None:
+    """Write the mount's live counters to ``run/stats.json`` (atomically)."""
+    run = fs.meta.volume.run_dir
+    tmp = run / (STATS_FILE + ".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "time": time.time(), **fs.runtime_stats()}))
+    os.replace(tmp, run / STATS_FILE)
+
+
+async def _publish(fs: Filesystem) -> None:
+    while True:
+        try:
+            publish_stats(fs)
+        except OSError as exc:
+            log.warning("cannot write live stats: %s", exc)
+        await trio.sleep(STATS_INTERVAL_S)
 
 
 async def _writeback(fs: Filesystem) -> None:
@@ -43,6 +65,7 @@ async def _writeback(fs: Filesystem) -> None:
 async def _main(fs: Filesystem, state: dict[str, bool]) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_writeback, fs)
+        nursery.start_soon(_publish, fs)
 
         async def watch_signals() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -6,6 +6,7 @@ runs) and works while the volume is mounted.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
@@ -15,7 +16,8 @@ from cas import gc as gc_mod
 from cas import stats as stats_mod
 from cas.meta import connect
 from cas.safety import DEFAULT_GRACE_S
-from cas.volume import DEFAULT_NAME, open_volume
+from cas.volume import DEFAULT_NAME, Volume, open_volume
+from fusefront.daemon import STATS_FILE
 
 from .common import human, open_tier, user_errors
 from .mountcmd import is_mounted
@@ -27,10 +29,14 @@ from .mountcmd import is_mounted
 @user_errors
 def stats(volume: str, as_json: bool) -> None:
     """Show VOLUME's files, logical/unique/stored bytes and dedup ratio."""
-    with connect(open_volume(volume)) as meta:
+    vol = open_volume(volume)
+    with connect(vol) as meta:
         s = stats_mod.collect(meta)
+    live = _live_stats(vol)
     if as_json:
-        click.echo(json.dumps(s.as_dict(), sort_keys=True))
+        d: dict[str, object] = dict(s.as_dict())
+        d["mount"] = live
+        click.echo(json.dumps(d, sort_keys=True))
         return
     rows = [
         ("files", f"{s.files} ({s.directories} directories, {s.symlinks} symlinks)"),
@@ -47,8 +53,26 @@ def stats(volume: str, as_json: bool) -> None:
                   f"local only, {s.both_chunks} local and cloud, {s.cloud_only_chunks} cloud only; "
                   f"{s.queued_chunks} queued for upload"),
     ]
+    if live:
+        lookups = int(live["cache_hits"]) + int(live["cache_misses"])
+        rows.append(("RAM cache", f"hit ratio {float(live['cache_hit_ratio']) * 100:.1f}% of {lookups} "
+                                  f"chunk reads since mount; {human(int(live['cache_bytes']))} of "
+                                  f"{human(int(live['cache_capacity_bytes']))} used"))
+    else:
+        rows.append(("RAM cache", "not mounted"))
     for k, v in rows:
         click.echo(f"{k:18} {v}")
+
+
+def _live_stats(vol: Volume) -> dict[str, Any] | None:
+    """The running mount's live counters (run/stats.json), or None when not mounted."""
+    if not is_mounted(vol):
+        return None
+    try:
+        data = json.loads((vol.run_dir / STATS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "cache_hits" in data else None
 
 
 @click.command()
