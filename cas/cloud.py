@@ -514,15 +514,15 @@ class CloudTier:
         self._release(pack)
         return "released"
 
-    def recover(self, all_expired: bool = True) -> int:
-        """Recover 'uploading' packs whose owner died (this host) or whose lease expired.
+    def recover(self) -> int:
+        """Settle 'uploading' packs whose upload is over: our own (this tier uploads one
+        pack at a time, so any left between calls failed and could not be settled then),
+        those whose owner died (this host), and those whose lease expired.
         Returns how many were settled."""
         rows = self.db.query("SELECT id, name, owner, lease_until < NOW(6) FROM packs WHERE state = 'uploading'")
         n = 0
         for pack, name, owner, expired in rows:
-            if owner == self.owner:
-                continue
-            if _owner_dead(owner) or (all_expired and expired):
+            if owner == self.owner or _owner_dead(owner) or expired:
                 self.recover_pack(int(pack), str(name))
                 n += 1
         return n
@@ -534,7 +534,7 @@ class CloudTier:
         end = None if deadline_s is None else time.monotonic() + deadline_s
         total = 0
         attempt = 0
-        self.recover()
+        self._recover_quietly()
         while True:
             try:
                 n = self.upload_one(force=True)
@@ -546,6 +546,7 @@ class CloudTier:
                 if end is not None and time.monotonic() + delay > end:
                     raise
                 time.sleep(delay)
+                self._recover_quietly()
                 continue
             attempt = 0
             if n == 0:
@@ -554,7 +555,7 @@ class CloudTier:
                 if end is not None and time.monotonic() > end:
                     raise TryAgain("queue not drained before the deadline")
                 time.sleep(0.2)
-                self.recover()
+                self._recover_quietly()
                 continue
             total += n
             if on_pack is not None:
@@ -587,10 +588,7 @@ class CloudTier:
 
     def _run(self) -> None:
         backoff = 0
-        try:
-            self.recover()
-        except (ObjectStoreError, CasError) as exc:
-            log.warning("cloud tier: recovery deferred: %s", exc)
+        self._recover_quietly()
         while not self._stop.is_set():
             try:
                 started = time.monotonic()
@@ -610,7 +608,7 @@ class CloudTier:
                           self.cfg.pause_s, exc)
                 self._note_error(exc, paused_until=until)
                 self._wait(self.cfg.pause_s)
-                self.recover()
+                self._recover_quietly()
             except TryAgain as exc:
                 backoff += 1
                 delay = min(32.0, 2.0 ** min(backoff, 5) * 0.5)
@@ -618,6 +616,7 @@ class CloudTier:
                     delay = max(delay, exc.retry_after)
                 self._note_error(exc)
                 self._wait(delay)
+                self._recover_quietly()
             except (ObjectStoreError, CasError) as exc:
                 backoff += 1
                 log.error("cloud tier: %s", exc)
@@ -628,6 +627,12 @@ class CloudTier:
                 log.exception("cloud tier: unexpected error")
                 self._note_error(exc)
                 self._wait(min(60.0, 2.0 ** min(backoff, 6)))
+
+    def _recover_quietly(self) -> None:
+        try:
+            self.recover()
+        except (ObjectStoreError, CasError) as exc:
+            log.info("cloud tier: recovery deferred: %s", exc)
 
     def _note_error(self, exc: BaseException, paused_until: float | None = None) -> None:
         msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
