@@ -34,6 +34,7 @@ import secrets
 import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -49,6 +50,7 @@ from .volume import Volume
 log = logging.getLogger(__name__)
 
 PACK_PREFIX = "casfs-pack-"
+AHEAD_MAX = 64 << 20    # bytes of pack read-ahead kept in RAM
 LEASE_S = 600            # an uploading pack belongs to its owner this long without renewal
 _CLAIM_BATCH = 5000
 
@@ -74,6 +76,7 @@ class CloudConfig:
     read_attempts: int = 3
     pause_s: float = 3600.0
     upload_chunk: int = 8 << 20
+    fetch_span: int = 8 << 20
 
     @classmethod
     def from_volume(cls, volume: Volume) -> "CloudConfig":
@@ -256,6 +259,10 @@ class CloudTier:
         self._db: Database | None = None       # uploader / evictor thread
         self._read_db: Database | None = None  # fetches (any thread, under _read_lock)
         self._read_lock = threading.Lock()
+        self._relocal: list[bytes] = []        # fetched chunks kept locally, not yet marked
+        self._ahead: OrderedDict[bytes, bytes] = OrderedDict()   # pack read-ahead (envelopes)
+        self._ahead_bytes = 0
+        self._inflight: dict[bytes, threading.Event] = {}   # chunk -> download under way
         self._stop = threading.Event()
         self._kick = threading.Event()
         self._thread: threading.Thread | None = None
@@ -271,58 +278,128 @@ class CloudTier:
         return self._db
 
     def close(self) -> None:
-        """Stop the background thread and close the connections."""
+        """Stop the background thread, record pending local marks, close the connections."""
         self.stop()
+        try:
+            self.flush_local_marks()
+        except CasError as exc:
+            log.warning("could not record chunks kept locally: %s", exc)
         for d in (self._db, self._read_db):
             if d is not None:
                 d.close()
         self._db = self._read_db = None
 
     # -- reading evicted chunks --------------------------------------------------------
-    def locate(self, cid: bytes) -> tuple[str, int, int] | None:
-        """(object id, offset, length in bytes) of chunk ``cid``'s confirmed cloud copy."""
+    def locate(self, cid: bytes) -> tuple[str, list[tuple[bytes, int, int]]] | None:
+        """Where chunk ``cid``'s confirmed cloud copy is: (object id, [(chunk id, offset,
+        length in bytes)]) for ``cid`` followed by the evicted chunks stored right after
+        it in the same pack, up to ``fetch_span`` bytes in all (pack read-ahead: files
+        written in order sit in packs in order)."""
         with self._read_lock:
             if self._read_db is None:
                 self._read_db = Database(self.target)
             rows = self._read_db.query(
-                "SELECT p.object_id, e.pos, e.length FROM pack_entries e JOIN packs p ON p.id = e.pack "
+                "SELECT p.object_id, e.pack, e.pos, e.length FROM pack_entries e JOIN packs p ON p.id = e.pack "
                 "WHERE e.chunk = %s AND p.state = 'confirmed'", (cid,))
-        if not rows:
-            return None
-        return str(rows[0][0]), int(rows[0][1]), int(rows[0][2])
+            if not rows:
+                return None
+            oid, pack, pos, length = str(rows[0][0]), int(rows[0][1]), int(rows[0][2]), int(rows[0][3])
+            span = [(cid, pos, length)]
+            if self.cfg.fetch_span > length:
+                after = self._read_db.query(
+                    "SELECT e.chunk, e.pos, e.length, c.is_local FROM pack_entries e JOIN chunks c ON c.id = e.chunk "
+                    "WHERE e.pack = %s AND e.pos > %s AND e.pos < %s ORDER BY e.pos",
+                    (pack, pos, pos + self.cfg.fetch_span))
+                end = pos + length
+                for c, p, n, is_local in after:
+                    if int(p) != end or is_local or int(p) + int(n) - pos > self.cfg.fetch_span:
+                        break
+                    span.append((bytes(c), int(p), int(n)))
+                    end += int(n)
+        return oid, span
 
     def fetch(self, cid: bytes) -> bytes:
         """The envelope of chunk ``cid`` from its pack (ranged GET), not yet verified.
 
+        One GET also brings the evicted chunks that follow ``cid`` in its pack (see
+        :meth:`locate`); they wait in a bounded RAM buffer for the reads that usually
+        follow, and a fetch of a chunk whose span is already being downloaded by another
+        thread (read-ahead) waits for that download instead of starting its own.
         Retries transient errors ``read_attempts`` times with short backoff; raises
         ChunkMissing (EIO) when the chunk has no cloud copy or the store cannot give it.
         """
+        while True:
+            with self._read_lock:
+                blob = self._ahead.pop(cid, None)
+                if blob is not None:
+                    self._ahead_bytes -= len(blob)
+                    return blob
+                pending = self._inflight.get(cid)
+            if pending is None:
+                break
+            pending.wait(self.cfg.timeout_s * self.cfg.read_attempts)
+            if cid not in self._ahead:   # that download failed or was cut short: our own GET
+                break
         loc = self.locate(cid)
         if loc is None:
             raise ChunkMissing(f"chunk {cid.hex()} is neither in the local store nor in the cloud")
-        oid, pos, length = loc
+        oid, span = loc
+        done = threading.Event()
+        with self._read_lock:
+            keep = span[:1]
+            for e in span[1:]:   # stop where another download or the buffer has it already
+                if e[0] in self._inflight or e[0] in self._ahead:
+                    break
+                keep.append(e)
+            span = keep
+            for c, _, _ in span[1:]:
+                self._inflight[c] = done
         try:
-            blob = retrying(lambda: self.objects.get(oid, pos, length), self.cfg.read_attempts,
-                            initial_s=0.5, cap_s=4.0)
-        except ObjectStoreError as exc:
-            log.error("cloud read of chunk %s (pack object %s) failed: %s", cid.hex(), oid, exc)
-            raise ChunkMissing(f"chunk {cid.hex()}: cloud read failed: {exc}") from exc
-        if len(blob) != length:
-            raise ChunkMissing(f"chunk {cid.hex()}: cloud returned {len(blob)} of {length} bytes")
-        self.fetches += 1
-        return blob
+            start = span[0][1]
+            total = span[-1][1] + span[-1][2] - start
+            try:
+                data = retrying(lambda: self.objects.get(oid, start, total), self.cfg.read_attempts,
+                                initial_s=0.5, cap_s=4.0)
+            except ObjectStoreError as exc:
+                log.error("cloud read of chunk %s (pack object %s) failed: %s", cid.hex(), oid, exc)
+                raise ChunkMissing(f"chunk {cid.hex()}: cloud read failed: {exc}") from exc
+            if len(data) != total:
+                raise ChunkMissing(f"chunk {cid.hex()}: cloud returned {len(data)} of {total} bytes")
+            self.fetches += 1
+            with self._read_lock:
+                for c, p, n in span[1:]:
+                    if c not in self._ahead:
+                        self._ahead[c] = data[p - start:p - start + n]
+                        self._ahead_bytes += n
+                while self._ahead_bytes > AHEAD_MAX:
+                    _, old = self._ahead.popitem(last=False)
+                    self._ahead_bytes -= len(old)
+            return data[:span[0][2]]
+        finally:
+            with self._read_lock:
+                for c, _, _ in span[1:]:
+                    if self._inflight.get(c) is done:
+                        del self._inflight[c]
+            done.set()
 
     def keep_local(self, cid: bytes, blob: bytes) -> None:
-        """Store a verified fetched envelope locally again and mark the chunk local."""
+        """Store a verified fetched envelope locally again (no fsync: the cloud holds the
+        durable copy) and mark the chunk local at the next :meth:`flush_local_marks`
+        (until then the evictor does not see the file, which is harmless)."""
         try:
-            self.store.put(cid, blob)
+            self.store.put_cached(cid, blob)
         except FsError as exc:
             log.warning("could not keep chunk %s locally: %s", cid.hex(), exc)
             return
         with self._read_lock:
-            if self._read_db is None:
-                self._read_db = Database(self.target)
-            self._read_db.execute("UPDATE chunks SET is_local = 1 WHERE id = %s", (cid,))
+            self._relocal.append(cid)
+
+    def flush_local_marks(self) -> None:
+        """Record ``is_local = 1`` for the chunks :meth:`keep_local` wrote (one statement)."""
+        with self._read_lock:
+            ids, self._relocal = self._relocal, []
+        for i in range(0, len(ids), 1000):
+            self.db.execute("UPDATE chunks SET is_local = 1 WHERE id IN %s", (ids[i:i + 1000],))
 
     # -- eviction ----------------------------------------------------------------------
     def local_bytes(self) -> int:
@@ -595,6 +672,7 @@ class CloudTier:
                 n = self.upload_one()
                 if n and self.cfg.bwlimit:
                     self._wait(max(0.0, n / self.cfg.bwlimit - (time.monotonic() - started)))
+                self.flush_local_marks()
                 if self.local_limit is not None:
                     self.evict(self.local_limit)
                 if backoff:

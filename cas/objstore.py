@@ -142,7 +142,7 @@ class DirObjectStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, object_id: str) -> Path:
-        if not object_id or "/" in object_id or object_id.startswith("."):
+        if not object_id or "/" in object_id or object_id.startswith(".") or object_id.endswith(".name"):
             raise ObjectNotFound(f"no object {object_id!r}")
         return self.root / object_id
 

@@ -121,6 +121,12 @@ class LocalStore:
         """Store one envelope durably; see :meth:`put_many`."""
         return self.put_many([(cid, blob)])
 
+    def put_cached(self, cid: bytes, blob: bytes) -> int:
+        """Store a local copy of a chunk whose durable copy is elsewhere (the cloud):
+        temp + rename, no sync. Raises like :meth:`put_many`."""
+        self._put_one((cid, blob))
+        return len(blob)
+
     def get(self, cid: bytes) -> bytes:
         """Return the envelope bytes of chunk ``cid``. Raises ChunkMissing if absent."""
         try:

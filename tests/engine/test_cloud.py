@@ -160,10 +160,12 @@ def test_evict_everything_then_read_back_from_the_cloud(ceng: CloudEngine) -> No
     st = ceng.stats()
     assert st.cloud_only_chunks == evicted and st.local_only_chunks == len(queued)
     fs = ceng.reopen(cache_bytes=0)
-    fs.attach_cloud(ceng.tier())
+    reader = ceng.tier()
+    fs.attach_cloud(reader)
     for name, data in files.items():
         assert read_name(fs, name) == data
     assert read_name(fs, b"late") == rand(3 * CS, 99)
+    reader.flush_local_marks()
     back = set(ceng.store_files())             # fetched chunks are kept locally again
     assert back > queued
     assert all(ceng.q("SELECT is_local FROM chunks WHERE id = %s", (c,))[0][0] == 1 for c in back)
