@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 PACK_PREFIX = "casfs-pack-"
 AHEAD_MAX = 64 << 20    # bytes of pack read-ahead kept in RAM
+EVICT_INTERVAL_S = 2.0  # how often the mount's thread checks the local limit
 LEASE_S = 600            # an uploading pack belongs to its owner this long without renewal
 _CLAIM_BATCH = 5000
 
@@ -665,6 +666,7 @@ class CloudTier:
 
     def _run(self) -> None:
         backoff = 0
+        next_evict = 0.0
         self._recover_quietly()
         while not self._stop.is_set():
             try:
@@ -673,8 +675,9 @@ class CloudTier:
                 if n and self.cfg.bwlimit:
                     self._wait(max(0.0, n / self.cfg.bwlimit - (time.monotonic() - started)))
                 self.flush_local_marks()
-                if self.local_limit is not None:
-                    self.evict(self.local_limit)
+                if self.local_limit is not None and time.monotonic() >= next_evict:
+                    self.evict(self.local_limit)   # sums the local bytes: not every round
+                    next_evict = time.monotonic() + EVICT_INTERVAL_S
                 if backoff:
                     _set_meta(self.db, {"drive_last_error": "", "drive_paused_until": ""})
                 backoff = 0

@@ -7,6 +7,7 @@ an explicit transaction, retried whole on deadlock (1213) and lock wait timeout 
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -22,6 +23,8 @@ import pymysql.cursors
 from .errors import MetaError, SchemaMismatch
 from .server import EmbeddedServer
 from .volume import Volume
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schema.sql"
@@ -275,6 +278,33 @@ def schema_statements() -> Iterator[str]:
             yield stmt.strip()
 
 
+def _v1_to_v2(db: Database) -> None:
+    """Schema 1 -> 2: chunks.is_local, and the cloud tier's tables (from schema.sql)."""
+    cols = {r[0] for r in db.query("SELECT column_name FROM information_schema.columns "
+                                   "WHERE table_schema = DATABASE() AND table_name = 'chunks'")}
+    if "is_local" not in cols:
+        db.execute("ALTER TABLE chunks ADD COLUMN is_local TINYINT NOT NULL DEFAULT 1")
+    for stmt in schema_statements():
+        for table in ("packs", "pack_entries", "upload_queue"):
+            if stmt.startswith(f"CREATE TABLE {table} "):
+                db.execute(stmt.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS", 1))
+
+
+#: from_version -> the step to the next version; each step is idempotent (DDL commits
+#: on its own in MySQL, so a step cut short by a crash is simply run again).
+_MIGRATIONS: dict[str, Callable[[Database], None]] = {"1": _v1_to_v2}
+
+
+def _upgrade(db: Database, version: int) -> None:
+    """Bring a database of schema ``version`` up to SCHEMA_VERSION, step by step."""
+    while version < SCHEMA_VERSION:
+        log.warning("upgrading the volume's database from schema %d to %d", version, version + 1)
+        _MIGRATIONS[str(version)](db)
+        db.execute("UPDATE meta SET v = %s WHERE k = 'schema_version' AND v = %s",
+                   (str(version + 1), str(version)))
+        version += 1
+
+
 class Metadata:
     """A volume's database connection and, for embedded volumes, its server."""
 
@@ -328,6 +358,9 @@ def connect(volume: Volume) -> Metadata:
             db.close()
             raise MetaError(f"database {db.target.describe()} holds no casfs volume ({exc})") from exc
         version = rows.get("schema_version")
+        if version in _MIGRATIONS:
+            _upgrade(db, int(version))
+            version = str(SCHEMA_VERSION)
         if version != str(SCHEMA_VERSION):
             db.close()
             raise SchemaMismatch(f"database schema version {version}, this casfs speaks version "

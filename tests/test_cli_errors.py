@@ -7,6 +7,7 @@ immutable flag a test creates is removed in a finally block or by the ``casenv``
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -21,7 +22,7 @@ from typing import Any
 import pymysql
 import pytest
 
-from cas.meta import parse_meta_url
+from cas.meta import SCHEMA_VERSION, parse_meta_url
 from cas.server import EmbeddedServer, pid_running
 from fusefront.mountpoint import find_mount, is_dead_mount
 
@@ -335,6 +336,39 @@ def test_wrong_credentials(casenv: CasEnv, mysql_user: tuple[str, str, str]) -> 
     casenv.umount(mp)
 
 
+def test_schema_1_volume_is_upgraded_and_keeps_its_files(casenv: CasEnv) -> None:
+    """A volume made by the first release (schema 1: no cloud tables, no is_local) is
+    upgraded on first use and its files read back."""
+    casenv.init("vol", chunk_size="64KiB")
+    mp = casenv.mount("vol")
+    data = os.urandom(200_000)
+    (mp / "f").write_bytes(data)
+    casenv.umount(mp)
+    conn = admin(casenv.server, volume_db(casenv, "vol"))
+    try:
+        with conn.cursor() as cur:
+            for t in ("packs", "pack_entries", "upload_queue"):
+                cur.execute(f"DROP TABLE {t}")
+            cur.execute("ALTER TABLE chunks DROP COLUMN is_local")
+            cur.execute("UPDATE meta SET v = '1' WHERE k = 'schema_version'")
+    finally:
+        conn.close()
+    st = json.loads(casenv.run("stats", "--json", "vol").stdout)
+    assert st["files"] == 1 and st["local_bytes"] > 0
+    conn = admin(casenv.server, volume_db(casenv, "vol"))
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT v FROM meta WHERE k = 'schema_version'")
+            assert cur.fetchone()[0] == str(SCHEMA_VERSION)
+            cur.execute("SHOW TABLES")
+            assert {"packs", "pack_entries", "upload_queue"} <= {r[0] for r in cur.fetchall()}
+    finally:
+        conn.close()
+    casenv.mount("vol", mp)
+    assert (mp / "f").read_bytes() == data
+    assert json.loads(casenv.run("fsck", "--json", "vol").stdout)["clean"]
+
+
 def test_wrong_schema_version(casenv: CasEnv) -> None:
     casenv.init("vol")
     conn = admin(casenv.server, volume_db(casenv, "vol"))
@@ -344,7 +378,7 @@ def test_wrong_schema_version(casenv: CasEnv) -> None:
     finally:
         conn.close()
     for cmd in ("stats", "gc", "fsck"):
-        assert_error(casenv.run(cmd, "vol", check=False), "schema version 999", "version 1")
+        assert_error(casenv.run(cmd, "vol", check=False), "schema version 999", f"version {SCHEMA_VERSION}")
     mp = new_mountpoint(casenv, "schema")
     assert_error(casenv.run("mount", str(mp), "vol", check=False), "schema version 999")
     assert find_mount(mp) is None

@@ -82,6 +82,19 @@ def setup_volume(casenv: CasEnv, sim: DriveSim, *extra: str) -> None:
     assert "cloud tier on " + sim.url in out
 
 
+def upload_tree(casenv: CasEnv, sim: DriveSim, seed: int) -> tuple[Path, Path]:
+    """Set up the volume, mount it, copy a random tree in as ``t`` and wait until every
+    chunk is on Drive. Returns (mountpoint, source tree)."""
+    setup_volume(casenv, sim)
+    mp = casenv.mount("vol")
+    src = casenv.tmp / "src"
+    make_tree(src, seed=seed)
+    shutil.copytree(src, mp / "t")
+    fsync_tree(mp)
+    wait_for("the upload queue to drain", lambda: drained(casenv))
+    return mp, src
+
+
 def assert_each_chunk_once(casenv: CasEnv, sim: DriveSim) -> None:
     """The server holds exactly the confirmed packs, each created once, and their bytes
     are exactly the envelope bytes of the volume's chunks (each chunk once)."""
@@ -116,13 +129,7 @@ def test_tree_uploaded_once_and_identical_tree_adds_nothing(casenv: CasEnv, driv
 
 
 def test_evict_everything_then_read_back_from_drive(casenv: CasEnv, drive_sim: DriveSim) -> None:
-    setup_volume(casenv, drive_sim)
-    mp = casenv.mount("vol")
-    src = casenv.tmp / "src"
-    make_tree(src, seed=2)
-    shutil.copytree(src, mp / "t")
-    fsync_tree(mp)
-    wait_for("the upload queue to drain", lambda: drained(casenv))
+    mp, src = upload_tree(casenv, drive_sim, seed=2)
     casenv.umount(mp)
     casenv.mount("vol", mp, "--local-limit", "0")
     wait_for("eviction of every local chunk", lambda: stats(casenv)["local_bytes"] == 0)
@@ -246,13 +253,7 @@ def test_drive_unreachable_local_works_and_evicted_reads_fail_with_eio(
 
 
 def test_restore_rebuilds_a_lost_local_store(casenv: CasEnv, drive_sim: DriveSim) -> None:
-    setup_volume(casenv, drive_sim)
-    mp = casenv.mount("vol")
-    src = casenv.tmp / "src"
-    make_tree(src, seed=5)
-    shutil.copytree(src, mp / "t")
-    fsync_tree(mp)
-    wait_for("the upload queue to drain", lambda: drained(casenv))
+    mp, src = upload_tree(casenv, drive_sim, seed=5)
     casenv.umount(mp)
     shutil.rmtree(casenv.data_home / "vol" / "chunks")      # the disk is lost
     out = casenv.run("restore", "vol").stdout

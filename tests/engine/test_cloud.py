@@ -237,8 +237,10 @@ def _dead_owner() -> str:
     return f"{socket.gethostname()}:{pid}:dead"
 
 
-def test_recovery_adopts_a_completed_upload_of_a_dead_uploader(ceng: CloudEngine) -> None:
-    make_file(ceng.fs, b"a", rand(4 * CS, 50))
+def _claimed_by_dead_uploader(ceng: CloudEngine, data: bytes) -> tuple[int, str, bytes]:
+    """Write ``data`` and let an uploader that then "dies" claim it and build its pack
+    (row, layout and checksums recorded, nothing uploaded). Returns (pack, name, blob)."""
+    make_file(ceng.fs, b"a", data)
     ceng.fs.sync()
     t = ceng.tier(pack_size=1 << 20)
     t.owner = _dead_owner()
@@ -249,6 +251,11 @@ def test_recovery_adopts_a_completed_upload_of_a_dead_uploader(ceng: CloudEngine
     assert blob is not None
     ceng.q("UPDATE packs SET md5 = %s, sha256 = %s WHERE id = %s",
            (hashlib.md5(blob).digest(), hashlib.sha256(blob).digest(), pack))
+    return pack, name, blob
+
+
+def test_recovery_adopts_a_completed_upload_of_a_dead_uploader(ceng: CloudEngine) -> None:
+    _, name, blob = _claimed_by_dead_uploader(ceng, rand(4 * CS, 50))
     cas.cloud.put_checked(ceng.objects, name, blob, ceng.vol.uuid)   # ... and then it died
     fresh = ceng.tier()
     assert fresh.recover() == 1
@@ -261,17 +268,7 @@ def test_recovery_adopts_a_completed_upload_of_a_dead_uploader(ceng: CloudEngine
 
 def test_recovery_releases_a_partial_upload_and_deletes_its_object(ceng: CloudEngine) -> None:
     data = rand(4 * CS, 51)
-    make_file(ceng.fs, b"a", data)
-    ceng.fs.sync()
-    t = ceng.tier(pack_size=1 << 20)
-    t.owner = _dead_owner()
-    claim = t._claim()
-    assert claim is not None
-    pack, name, layout = claim
-    blob = t._build(layout)
-    assert blob is not None
-    ceng.q("UPDATE packs SET md5 = %s, sha256 = %s WHERE id = %s",
-           (hashlib.md5(blob).digest(), hashlib.sha256(blob).digest(), pack))
+    _, name, blob = _claimed_by_dead_uploader(ceng, data)
     ceng.objects.put(name, blob[: len(blob) // 2])         # a truncated object of that name
     fresh = ceng.tier()
     assert fresh.recover() == 1
