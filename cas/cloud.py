@@ -61,7 +61,7 @@ class CloudConfig:
     """The ``[drive]`` table of volume.toml. Sizes in bytes, times in seconds.
 
     ``endpoint``: "" for Google Drive; ``http://HOST:PORT/`` for a Drive-compatible server
-    (tools/drivesim.py); ``file:/PATH`` for a directory (cas.objstore.DirObjectStore).
+    (tools/drivesim/); ``file:/PATH`` for a directory (cas.objstore.DirObjectStore).
     ``credentials``: file in the volume directory holding an OAuth token or a
     service-account key ("" = none, only for a test endpoint).
     """

@@ -1,417 +1,54 @@
-"""drivesim: a local HTTP server speaking enough of the Google Drive v3 wire protocol for
-the unmodified google-api-python-client, with fault injection, for tests and offline trials.
-
-What it serves (paths under the discovery document's ``rootUrl``):
-
-- ``POST /drive/v3/files``: create a folder or an empty file (JSON metadata, no media);
-- ``POST /upload/drive/v3/files?uploadType=multipart|media|resumable``: uploads; a
-  resumable session answers its start with 200 + ``Location``, each chunk ``PUT`` with
-  308 + ``Range: bytes=0-N`` or, when complete, 200 + the file; ``Content-Range:
-  bytes */TOTAL`` asks for the status. Like Google's servers, a non-final chunk is kept
-  only up to a multiple of 256 KiB, and a connection lost in the middle of a chunk keeps
-  the 256 KiB-aligned part received so far;
-- ``GET /drive/v3/files`` (list: ``q``, ``pageSize``, ``pageToken``, ``fields``),
-  ``GET /drive/v3/files/ID`` (get, or ``alt=media`` with ``Range: bytes=S-E``),
-  ``PATCH /drive/v3/files/ID`` (name, appProperties, trashed), ``DELETE /drive/v3/files/ID``;
-- ``POST /batch/drive/v3``: ``multipart/mixed`` of up to 100 ``application/http`` calls.
-
-``q`` understands ``name = '...'`` (also ``!=``, ``contains``), ``mimeType = / != '...'``,
-``trashed = true|false``, ``'ID' in parents``, ``appProperties has { key='k' and
-value='v' }``, joined with ``and`` / ``or`` / ``not`` and parentheses; ``\\'`` quotes a
-quote. Errors use Drive's envelope ``{"error": {"code", "message", "errors": [{"domain",
-"reason", "message"}]}}``. A request body shorter than its Content-Length is answered with
-408 after ``body_timeout`` seconds of silence instead of hanging.
-
-Files live in memory, or with ``data_dir`` as ``DIR/blobs/ID`` plus ``DIR/index.json`` so an
-offline trial survives a restart (upload sessions do not: a client resuming one after a
-restart gets 404 and must start over, as with an expired Drive session).
-
-Faults (:meth:`DriveSim.inject`), each request taking at most one, the first matching:
-
-- ``rate_limit``: 403 ``userRateLimitExceeded`` "User Rate Limit Exceeded";
-- ``too_many``: 429 ``rateLimitExceeded`` with Retry-After (1 s unless given);
-- ``server_error``: 503 ``backendError`` (``status=500`` for a 500);
-- ``daily_limit``: 403 ``userRateLimitExceeded`` "User rate limit exceeded." (the daily cap);
-- ``quota``: 403 ``storageQuotaExceeded``;
-- ``drop``: read the request (or only ``after_bytes`` of its body) and close the
-  connection without answering; nothing is processed (but see the chunk rule above);
-- ``slow``: wait ``delay`` seconds, then answer normally.
-
-The error kinds also apply to single calls inside a batch; ``drop`` and ``slow`` only to
-whole HTTP requests. Run ``python -m tools.drivesim --help`` for the command line.
-"""
+"""The :class:`DriveSim` server: its files (in memory or under ``data_dir``), upload
+sessions, fault bookkeeping and counters, and one method per Drive API call. The HTTP
+transport that feeds it lives in :mod:`tools.drivesim.handler`."""
 from __future__ import annotations
 
-import argparse
 import base64
 import copy
 import hashlib
 import json
-import logging
 import os
 import random
 import re
 import secrets
-import signal
-import socket
-import sys
 import threading
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-log = logging.getLogger("drivesim")
-
-FOLDER_MIME = "application/vnd.google-apps.folder"
-CHUNK_ALIGN = 256 * 1024          # resumable chunks are kept in multiples of this
-MAX_BATCH = 100                   # calls per batch request
-MAX_PAGE_SIZE = 1000
-DEFAULT_PAGE_SIZE = 100
-APP_PROPERTY_BYTES = 124          # key + value, UTF-8
-APP_PROPERTIES_MAX = 30
-
-KINDS = ("create", "list", "get", "download", "update", "delete", "batch", "upload_multipart",
-         "upload_media", "upload_start", "upload_chunk", "upload_status", "other")
-FAULT_KINDS = ("rate_limit", "too_many", "server_error", "daily_limit", "quota", "drop", "slow")
-_DEFAULT_FIELDS = "kind,id,name,mimeType"
-
-
-# -- replies and errors ----------------------------------------------------------------
-
-@dataclass
-class _Reply:
-    status: int
-    body: bytes = b""
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-class _ApiError(Exception):
-    """A Drive error reply: raised anywhere in request handling, turned into the envelope."""
-
-    def __init__(self, status: int, reason: str, message: str, domain: str = "global",
-                 retry_after: float | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.reason, self.message, self.domain = status, reason, message, domain
-        self.headers = dict(headers or {})
-        if retry_after is not None:
-            self.headers["Retry-After"] = _fmt_seconds(retry_after)
-
-    def reply(self) -> _Reply:
-        env = {"error": {"code": self.status, "message": self.message,
-                         "errors": [{"domain": self.domain, "reason": self.reason,
-                                     "message": self.message}]}}
-        return _json_reply(self.status, env, self.headers)
-
-
-def _fmt_seconds(s: float) -> str:
-    return str(int(s)) if float(s).is_integer() else repr(float(s))
-
-
-def _json_reply(status: int, obj: Any, headers: dict[str, str] | None = None) -> _Reply:
-    h = {"Content-Type": "application/json; charset=UTF-8", **(headers or {})}
-    return _Reply(status, json.dumps(obj).encode(), h)
-
-
-def _not_found(file_id: str) -> _ApiError:
-    return _ApiError(404, "notFound", f"File not found: {file_id}.")
-
-
-def _bad_request(message: str, reason: str = "badRequest") -> _ApiError:
-    return _ApiError(400, reason, message)
-
-
-# -- field masks: "nextPageToken, files(id,name)", "files/id", "*" -----------------------
-
-Mask = dict[str, "Mask | None"]
-
-
-def parse_fields(text: str) -> Mask:
-    """Parse a Drive ``fields`` mask into a tree (a None leaf selects the whole value):
-    ``a,b(c,d),e/f`` -> ``{"a": None, "b": {"c": None, "d": None}, "e": {"f": None}}``."""
-    pos = 0
-    name_re = re.compile(r"\s*([A-Za-z_*][A-Za-z0-9_]*)\s*")
-
-    def fail() -> _ApiError:
-        return _bad_request(f"Invalid field selection {text}", "invalidParameter")
-
-    def item(out: Mask) -> None:
-        nonlocal pos
-        m = name_re.match(text, pos)
-        if not m:
-            raise fail()
-        name, pos = m.group(1), m.end()
-        sub: Mask | None = None
-        if text.startswith("(", pos):
-            pos += 1
-            sub = items()
-            if not text.startswith(")", pos):
-                raise fail()
-            pos += 1
-        elif text.startswith("/", pos):
-            pos += 1
-            sub = {}
-            item(sub)
-        out[name] = _merge(out[name], sub) if name in out else sub
-        while pos < len(text) and text[pos].isspace():
-            pos += 1
-
-    def items() -> Mask:
-        nonlocal pos
-        out: Mask = {}
-        item(out)
-        while text.startswith(",", pos):
-            pos += 1
-            item(out)
-        return out
-
-    mask = items()
-    if pos != len(text):
-        raise fail()
-    return mask
-
-
-def _merge(a: Mask | None, b: Mask | None) -> Mask | None:
-    if a is None or b is None:
-        return None
-    return {**a, **{k: _merge(a[k], v) if k in a else v for k, v in b.items()}}
-
-
-def apply_fields(obj: dict[str, Any], mask: Mask | None) -> dict[str, Any]:
-    """Keep only the parts of ``obj`` that ``mask`` selects."""
-    if mask is None or "*" in mask:
-        return obj
-    out: dict[str, Any] = {}
-    for key, sub in mask.items():
-        if key not in obj:
-            continue
-        value = obj[key]
-        if sub is not None and isinstance(value, list):
-            value = [apply_fields(v, sub) if isinstance(v, dict) else v for v in value]
-        elif sub is not None and isinstance(value, dict):
-            value = apply_fields(value, sub)
-        out[key] = value
-    return out
-
-
-# -- the q language --------------------------------------------------------------------
-
-_TOKEN = re.compile(r"\s*(?:(?P<str>'(?:[^'\\]|\\.)*')|(?P<op>!=|=|\(|\)|\{|\})"
-                    r"|(?P<word>[A-Za-z_][A-Za-z0-9_]*))")
-Predicate = Callable[[dict[str, Any]], bool]
-
-
-def parse_query(q: str, root_id: str) -> Predicate:
-    """Compile a files.list ``q`` into a predicate over file records (see module doc)."""
-    tokens: list[tuple[str, str]] = []
-    pos = 0
-    while pos < len(q):
-        m = _TOKEN.match(q, pos)
-        if not m or m.end() == pos:
-            if q[pos:].strip() == "":
-                break
-            raise _invalid_q()
-        pos = m.end()
-        kind = m.lastgroup or ""
-        value = m.group(kind)
-        if kind == "str":
-            value = re.sub(r"\\(.)", r"\1", value[1:-1])
-        tokens.append((kind, value))
-    i = 0
-
-    def peek(value: str | None = None) -> bool:
-        return i < len(tokens) and (value is None or tokens[i][1] == value) and tokens[i][0] != "str"
-
-    def take(kind: str | None = None, value: str | None = None) -> str:
-        nonlocal i
-        if i >= len(tokens) or (kind and tokens[i][0] != kind) or (value and tokens[i][1] != value):
-            raise _invalid_q()
-        i += 1
-        return tokens[i - 1][1]
-
-    def expr() -> Predicate:
-        terms = [term()]
-        while peek("or"):
-            take()
-            terms.append(term())
-        return terms[0] if len(terms) == 1 else (lambda f: any(t(f) for t in terms))
-
-    def term() -> Predicate:
-        factors = [factor()]
-        while peek("and"):
-            take()
-            factors.append(factor())
-        return factors[0] if len(factors) == 1 else (lambda f: all(p(f) for p in factors))
-
-    def factor() -> Predicate:
-        if peek("not"):
-            take()
-            inner = factor()
-            return lambda f: not inner(f)
-        if peek("("):
-            take()
-            inner = expr()
-            take("op", ")")
-            return inner
-        if i < len(tokens) and tokens[i][0] == "str":
-            parent = take("str")
-            take("word", "in")
-            take("word", "parents")
-            parent = root_id if parent == "root" else parent
-            return lambda f: parent in f.get("parents", [])
-        name = take("word")
-        if name in ("appProperties", "properties"):
-            take("word", "has")
-            take("op", "{")
-            take("word", "key")
-            take("op", "=")
-            key = take("str")
-            take("word", "and")
-            take("word", "value")
-            take("op", "=")
-            value = take("str")
-            take("op", "}")
-            return lambda f: f.get(name, {}).get(key) == value
-        op = take()
-        if name == "trashed" and op in ("=", "!="):
-            flag = take("word")
-            if flag not in ("true", "false"):
-                raise _invalid_q()
-            want = (flag == "true") == (op == "=")
-            return lambda f: bool(f.get("trashed")) == want
-        if name in ("name", "mimeType") and op in ("=", "!="):
-            value = take("str")
-            eq = op == "="
-            return lambda f: (f.get(name) == value) == eq
-        if name == "name" and op == "contains":
-            value = take("str")
-            return lambda f: any(w.startswith(value) for w in [f["name"], *f["name"].split()])
-        raise _invalid_q()
-
-    if not tokens:
-        return lambda f: True
-    pred = expr()
-    if i != len(tokens):
-        raise _invalid_q()
-    return pred
-
-
-def _invalid_q() -> _ApiError:
-    return _ApiError(400, "invalid", "Invalid Value")
-
-
-# -- multipart bodies ------------------------------------------------------------------
-
-def _boundary(content_type: str) -> bytes:
-    m = re.search(r'boundary="?([^";]+)"?', content_type)
-    if not m:
-        raise _bad_request("Missing boundary in multipart content type")
-    return m.group(1).encode()
-
-
-def split_multipart(body: bytes, boundary: bytes) -> list[bytes]:
-    """The parts of a MIME multipart body. Line ends (LF, as the Google client writes, or
-    CRLF) are taken from the first delimiter line, so binary content keeps its bytes."""
-    delim = b"--" + boundary
-    start = body.find(delim)
-    if start < 0:
-        raise _bad_request("Malformed multipart body")
-    eol = body.find(b"\n", start)
-    nl = b"\r\n" if eol > 0 and body[eol - 1:eol] == b"\r" else b"\n"
-    parts, pos = [], start + len(delim)
-    while not body.startswith(b"--", pos):
-        eol = body.find(b"\n", pos)
-        if eol < 0:
-            raise _bad_request("Malformed multipart body")
-        pos = eol + 1
-        end = body.find(nl + delim, pos - len(nl))
-        if end < 0:
-            raise _bad_request("Malformed multipart body")
-        parts.append(body[pos:max(end, pos)])
-        pos = end + len(nl) + len(delim)
-    return parts
-
-
-def split_head(part: bytes) -> tuple[dict[str, str], bytes]:
-    """Split a MIME part or an HTTP message into (lower-cased headers, body)."""
-    m = re.search(rb"\r?\n\r?\n", part)
-    head, body = (part[:m.start()], part[m.end():]) if m else (part, b"")
-    headers: dict[str, str] = {}
-    last = ""
-    for line in head.decode("utf-8", "replace").splitlines():
-        if line[:1] in (" ", "\t") and last:
-            headers[last] += " " + line.strip()
-        elif ":" in line:
-            key, value = line.split(":", 1)
-            last = key.strip().lower()
-            headers[last] = value.strip()
-    return headers, body
-
-
-# -- faults and counters ---------------------------------------------------------------
-
-@dataclass
-class Fault:
-    """One injected fault; see :meth:`DriveSim.inject`. ``fired`` counts its uses."""
-
-    kind: str
-    times: int | None = None
-    probability: float | None = None
-    match: str | None = None
-    retry_after: float | None = None
-    delay: float = 0.5
-    status: int | None = None
-    after_bytes: int | None = None
-    skip: int = 0
-    fired: int = 0
-    seen: int = 0
-
-    def matches(self, kind: str, target: str) -> bool:
-        if self.match is None:
-            return True
-        if self.match in KINDS:
-            return self.match == kind
-        return re.search(self.match, target) is not None
-
-    def error(self) -> _ApiError:
-        ra = self.retry_after
-        if self.kind == "rate_limit":
-            return _ApiError(403, "userRateLimitExceeded", "User Rate Limit Exceeded", "usageLimits", ra)
-        if self.kind == "too_many":
-            return _ApiError(429, "rateLimitExceeded", "Rate Limit Exceeded", "usageLimits",
-                             1.0 if ra is None else ra)
-        if self.kind == "daily_limit":
-            return _ApiError(403, "userRateLimitExceeded", "User rate limit exceeded.", "usageLimits", ra)
-        if self.kind == "quota":
-            return _ApiError(403, "storageQuotaExceeded",
-                             "The user's Drive storage quota has been exceeded.", "usageLimits")
-        if self.status == 500:
-            return _ApiError(500, "internalError", "Internal Error", "global", ra)
-        return _ApiError(self.status or 503, "backendError", "Service Unavailable", "global", ra)
-
-
-@dataclass(frozen=True)
-class SimCounters:
-    """A snapshot of the server's counters.
-
-    ``requests``: HTTP requests (and calls inside batches) per kind (see ``KINDS``), faulted
-    ones included; ``faults``: faults fired per fault kind; ``files_created``: files and
-    folders created; ``created_by_name``: the same per name; ``bytes_uploaded``: media bytes
-    in completed uploads; ``bytes_received``: body bytes of upload calls read off the wire
-    (multipart envelopes included), re-sent and abandoned ones too; ``uploads_started``:
-    resumable sessions opened."""
-
-    requests: dict[str, int]
-    faults: dict[str, int]
-    files_created: int
-    created_by_name: dict[str, int]
-    bytes_uploaded: int
-    bytes_received: int
-    uploads_started: int
+from tools.drivesim.faults import Fault, SimCounters
+from tools.drivesim.handler import _Server
+from tools.drivesim.parsing import (
+    _boundary,
+    _parse_content_range,
+    apply_fields,
+    parse_fields,
+    parse_query,
+    split_head,
+    split_multipart,
+)
+from tools.drivesim.protocol import (
+    _DEFAULT_FIELDS,
+    APP_PROPERTIES_MAX,
+    APP_PROPERTY_BYTES,
+    CHUNK_ALIGN,
+    DEFAULT_PAGE_SIZE,
+    FAULT_KINDS,
+    FOLDER_MIME,
+    MAX_BATCH,
+    MAX_PAGE_SIZE,
+    _ApiError,
+    _bad_request,
+    _json_reply,
+    _not_found,
+    _reason,
+    _Reply,
+    _Request,
+    classify,
+)
 
 
 @dataclass
@@ -423,16 +60,6 @@ class _Session:
     done_id: str | None = None
 
 
-@dataclass
-class _Request:
-    method: str
-    path: str
-    query: dict[str, str]
-    headers: dict[str, str]
-    body: bytes
-    host: str
-
-
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -440,18 +67,6 @@ def _now() -> str:
 def _new_id() -> str:
     return "1" + secrets.token_urlsafe(24)
 
-
-def _parse_content_range(value: str) -> tuple[int | None, int | None, int | None]:
-    """``bytes a-b/T`` -> (a, b, T); ``bytes */T`` -> (None, None, T); ``*`` totals -> None."""
-    m = re.fullmatch(r"\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*", value)
-    if not m:
-        raise _bad_request(f"Invalid Content-Range: {value}")
-    a, b, t = m.groups()
-    return (None if a is None else int(a), None if b is None else int(b),
-            None if t == "*" else int(t))
-
-
-# -- the server ------------------------------------------------------------------------
 
 class DriveSim:
     """A Drive v3 test server on ``host:port`` (port 0: any free port), in a thread.
@@ -556,7 +171,7 @@ class DriveSim:
     def inject(self, kind: str, *, times: int | None = None, probability: float | None = None,
                match: str | None = None, retry_after: float | None = None, delay: float = 0.5,
                status: int | None = None, after_bytes: int | None = None, skip: int = 0) -> Fault:
-        """Add a fault of ``kind`` (one of ``FAULT_KINDS``, see the module doc).
+        """Add a fault of ``kind`` (one of ``FAULT_KINDS``, see the package doc).
 
         It lets the first ``skip`` matching requests pass, then fires on the next ``times``,
         or on each with ``probability`` (both: at most ``times`` times; neither: once).
@@ -913,217 +528,3 @@ class DriveSim:
                        f"Content-Length: {len(reply.body)}\r\n\r\n".encode() + reply.body + b"\r\n")
         body = b"".join(out) + f"--{boundary}--\r\n".encode()
         return _Reply(200, body, {"Content-Type": f"multipart/mixed; boundary={boundary}"})
-
-
-def _reason(status: int) -> str:
-    return BaseHTTPRequestHandler.responses.get(status, ("",))[0]
-
-
-def classify(method: str, path: str, query: dict[str, str], headers: dict[str, str]) -> str:
-    """The request kind (one of ``KINDS``) of a call, from its line and headers alone."""
-    if path == "batch/drive/v3" and method == "POST":
-        return "batch"
-    if path == "upload/drive/v3/files":
-        if method == "POST":
-            return {"multipart": "upload_multipart", "resumable": "upload_start",
-                    "media": "upload_media"}.get(query.get("uploadType", ""), "other")
-        if method == "PUT":
-            return "upload_status" if headers.get("content-range", "").replace(" ", "") \
-                .startswith("bytes*/") else "upload_chunk"
-    if path == "drive/v3/files":
-        return {"GET": "list", "POST": "create"}.get(method, "other")
-    if path.startswith("drive/v3/files/") and "/" not in path[len("drive/v3/files/"):]:
-        if method == "GET":
-            return "download" if query.get("alt") == "media" else "get"
-        return {"DELETE": "delete", "PATCH": "update"}.get(method, "other")
-    return "other"
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = False        # server_close() joins the handler threads
-    block_on_close = True
-
-    def __init__(self, addr: tuple[str, int], sim: DriveSim) -> None:
-        self.sim = sim
-        self.live: set[socket.socket] = set()
-        self.live_lock = threading.Lock()
-        super().__init__(addr, _Handler)
-
-    def close_connections(self) -> None:
-        with self.live_lock:
-            for sock in self.live:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "drivesim/1"
-    disable_nagle_algorithm = True
-    server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        with self.server.live_lock:
-            self.server.live.add(self.connection)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        except OSError:
-            pass
-        finally:
-            with self.server.live_lock:
-                self.server.live.discard(self.connection)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s " + format, self.address_string(), *args)
-
-    def do_GET(self) -> None:
-        self._serve()
-
-    def do_POST(self) -> None:
-        self._serve()
-
-    def do_PUT(self) -> None:
-        self._serve()
-
-    def do_DELETE(self) -> None:
-        self._serve()
-
-    def do_PATCH(self) -> None:
-        self._serve()
-
-    def _read_body(self, n: int) -> tuple[bytes, bool]:
-        """Up to ``n`` body bytes; False when the client went quiet or away before ``n``."""
-        sim = self.server.sim
-        buf = bytearray()
-        self.connection.settimeout(sim.body_timeout)
-        try:
-            while len(buf) < n:
-                piece = self.rfile.read1(min(n - len(buf), 1 << 20))
-                if not piece:
-                    break
-                buf += piece
-        except OSError:
-            pass
-        finally:
-            try:
-                self.connection.settimeout(None)
-            except OSError:
-                pass
-        return bytes(buf), len(buf) == n
-
-    def _serve(self) -> None:
-        sim = self.server.sim
-        url = urlsplit(self.path)
-        headers = {k.lower(): v for k, v in self.headers.items()}
-        req = _Request(self.command, unquote(url.path).lstrip("/"),
-                       dict(parse_qsl(url.query, keep_blank_values=True)), headers, b"",
-                       headers.get("host") or f"{sim.host}:{sim.port}")
-        kind = classify(req.method, req.path, req.query, headers)
-        fault = sim._take_fault(kind, f"{req.method} /{req.path}")
-        try:
-            length = int(headers.get("content-length") or 0)
-        except ValueError:
-            length = -1
-        if length < 0:
-            self._send(_bad_request("Invalid Content-Length").reply())
-            self.close_connection = True
-            return
-        media = kind.startswith("upload") and kind != "upload_start"
-        if fault is not None and fault.kind == "drop":
-            limit = length if fault.after_bytes is None else min(fault.after_bytes, length)
-            data, _ = self._read_body(limit)
-            if media:
-                with sim._lock:
-                    sim._bytes_received += len(data)
-            if kind == "upload_chunk" and fault.after_bytes is not None:
-                sim._interrupted_chunk(req, data)
-            self.close_connection = True
-            return
-        req.body, complete = self._read_body(length)
-        if media:
-            with sim._lock:
-                sim._bytes_received += len(req.body)
-        if not complete:
-            if kind == "upload_chunk":
-                sim._interrupted_chunk(req, req.body)
-            self._send(_ApiError(408, "requestTimeout", f"Request body ended after "
-                                 f"{len(req.body)} of {length} bytes").reply())
-            self.close_connection = True
-            return
-        if fault is not None and fault.kind == "slow":
-            if sim._stopping.wait(fault.delay):
-                self.close_connection = True
-                return
-            fault = None
-        try:
-            reply = fault.error().reply() if fault is not None else sim._dispatch(req, kind)
-        except Exception as e:                          # a bug here: say so, keep serving
-            log.exception("drivesim: internal error")
-            reply = _ApiError(500, "internalError", f"drivesim internal error: {e!r}").reply()
-        self._send(reply)
-
-    def _send(self, reply: _Reply) -> None:
-        try:
-            self.send_response(reply.status)
-            for key, value in reply.headers.items():
-                self.send_header(key, value)
-            self.send_header("Content-Length", str(len(reply.body)))
-            self.end_headers()
-            self.wfile.write(reply.body)
-        except OSError:
-            self.close_connection = True
-
-
-# -- command line ----------------------------------------------------------------------
-
-def _parse_fault(text: str) -> tuple[str, float, str | None]:
-    kind, _, rest = text.partition(":")
-    prob, _, match = rest.partition(":")
-    try:
-        p = float(prob) if prob else 1.0
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad probability in {text!r}") from None
-    if kind not in FAULT_KINDS or not 0 <= p <= 1:
-        raise argparse.ArgumentTypeError(f"bad fault {text!r}: KIND:PROB[:MATCH], KIND one of "
-                                         f"{', '.join(FAULT_KINDS)}, PROB in [0, 1]")
-    return kind, p, match or None
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Serve until SIGINT or SIGTERM; print the URL (the rootUrl) as the first stdout line."""
-    ap = argparse.ArgumentParser(prog="python -m tools.drivesim",
-                                 description="A local Google Drive v3 test server.")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=0, help="0 (default): any free port")
-    ap.add_argument("--data-dir", type=Path, help="keep files here across restarts")
-    ap.add_argument("--fault", action="append", type=_parse_fault, default=[],
-                    metavar="KIND:PROB[:MATCH]",
-                    help=f"inject a fault with probability PROB; KIND: {', '.join(FAULT_KINDS)}; "
-                         f"MATCH: a request kind or path regex")
-    ap.add_argument("--seed", type=int, help="seed for probabilistic faults")
-    ap.add_argument("-v", "--verbose", action="store_true", help="log every request")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="drivesim: %(message)s")
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    sim = DriveSim(args.data_dir, args.host, args.port, seed=args.seed)
-    for kind, p, match in args.fault:
-        sim.inject(kind, probability=p, match=match)
-    with sim:
-        print(sim.url, flush=True)
-        print(f"drivesim: serving Drive v3 at {sim.url} (root folder id {sim.root_id}); "
-              f"Ctrl-C stops", file=sys.stderr, flush=True)
-        while not done.wait(0.5):
-            pass
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
