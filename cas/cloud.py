@@ -235,11 +235,6 @@ def put_checked(objects: ObjectStore, name: str, blob: bytes, volume_uuid: str) 
     return info
 
 
-def objects_named(objects: ObjectStore, name: str) -> list[ObjectInfo]:
-    """The store's objects called ``name``."""
-    return [o for o in objects.list() if o.name == name]
-
-
 class CloudTier:
     """A volume's cloud tier as used by a mount (or a CLI command): uploads, fetches of
     evicted chunks, eviction. Uses its own database connections, never the mount's.
@@ -578,7 +573,7 @@ class CloudTier:
         if not rows:
             return "released"
         size, md5, sha = int(rows[0][0]), bytes(rows[0][1]).hex(), bytes(rows[0][2]).hex()
-        found = objects_named(self.objects, name)
+        found = self.objects.find(name)
         keep = next((o for o in found if o.size == size and o.md5 == md5 and o.sha256 == sha), None)
         for o in found:
             if o is not keep:

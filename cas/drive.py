@@ -30,7 +30,7 @@ import io
 import json
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -434,8 +434,16 @@ class DriveObjectStore:
     def list(self) -> Iterator[ObjectInfo]:
         """Every non-trashed file in the folder (folders excluded), page by page, in no
         set order. Raises TryAgain, ObjectStoreError while iterating."""
+        return self._query("")
+
+    def find(self, name: str) -> Sequence[ObjectInfo]:
+        """The non-trashed files in the folder called ``name`` (one list call with
+        ``name = '...'`` in ``q``). Raises TryAgain, ObjectStoreError."""
+        return list(self._query(f" and name = '{_quote(name)}'"))
+
+    def _query(self, extra: str) -> Iterator[ObjectInfo]:
         q = (f"'{_quote(self.folder_id)}' in parents and trashed = false and "
-             f"mimeType != '{FOLDER_MIME}'")
+             f"mimeType != '{FOLDER_MIME}'" + extra)
         token: str | None = None
         while True:
             page = _run("list", lambda: self.service().files().list(

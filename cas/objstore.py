@@ -22,7 +22,7 @@ import hashlib
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -97,6 +97,10 @@ class ObjectStore(Protocol):
 
     def list(self) -> Iterator[ObjectInfo]:
         """Every object in the store (this store's folder), in no set order."""
+        ...
+
+    def find(self, name: str) -> Sequence[ObjectInfo]:
+        """The objects called ``name`` (names need not be unique)."""
         ...
 
 
@@ -187,6 +191,9 @@ class DirObjectStore:
         except FileNotFoundError:
             raise ObjectNotFound(f"no object {object_id!r}") from None
         (self.root / f"{object_id}.name").unlink(missing_ok=True)
+
+    def find(self, name: str) -> Sequence[ObjectInfo]:
+        return [o for o in self.list() if o.name == name]
 
     def list(self) -> Iterator[ObjectInfo]:
         for p in self.root.iterdir():

@@ -122,6 +122,18 @@ def test_list_sees_exactly_what_was_put_and_not_deleted(store: ObjectStore) -> N
         assert listed[o.id] == o
 
 
+def test_find_by_name(store: ObjectStore) -> None:
+    a = store.put("twin", b"one")
+    b = store.put("twin", b"two")
+    store.put("other", b"three")
+    store.put("it's", b"quoted")
+    assert {o.id for o in store.find("twin")} == {a.id, b.id}
+    assert [o.name for o in store.find("it's")] == ["it's"]
+    assert store.find("none") == []
+    store.delete(a.id)
+    assert [o.id for o in store.find("twin")] == [b.id]
+
+
 def test_delete_then_not_found(store: ObjectStore) -> None:
     info = store.put("doomed", b"bytes")
     store.delete(info.id)
