@@ -8,7 +8,6 @@ from __future__ import annotations
 import gzip
 import itertools
 import random
-import sys
 import sysconfig
 from collections.abc import Sequence
 from pathlib import Path
@@ -191,11 +190,17 @@ def test_stdlib_trace_file_is_small_and_sane() -> None:
     assert not t.uniform
 
 
-@pytest.mark.skipif(sys.version_info[:3] != (3, 11, 7), reason="recorded from CPython 3.11.7")
-def test_stdlib_trace_is_reproducible_from_the_local_stdlib() -> None:
-    ids, sizes, seq = cb.record_stdlib(Path(sysconfig.get_paths()["stdlib"]))
+def test_stdlib_trace_recording_is_deterministic() -> None:
+    """Recording twice from this interpreter's stdlib gives the same trace, and one of
+    the same shape as the shipped file (recorded from CPython 3.11.7; another version's
+    stdlib gives other chunks, so the file itself is compared only in count ranges)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    first = cb.record_stdlib(root)
+    assert first == cb.record_stdlib(root)
+    ids, sizes, seq = first
     t = cb.stdlib_trace()
-    assert [i[:8] for i in ids] == list(t.ids) and sizes == list(t.sizes) and seq == list(t.seq)
+    assert len(ids) == len(set(ids)) == len(sizes) and set(seq) == set(range(len(ids)))
+    assert 0.5 < len(ids) / len(t.ids) < 2 and 0.5 < len(seq) / len(t.seq) < 2
 
 
 def test_recorder_cuts_chunks_like_the_engine(tmp_path: Path) -> None:
