@@ -3,7 +3,7 @@
 Usage::
 
     python -m tools.bench [--size-mib 1024] [--files 10000] [--out FILE]
-                          [--only native,null,casfs] [--chunk-size N]
+                          [--only native,null,casfs] [--chunk-size N] [--extra]
 
 One run measures three targets with the same workloads and the same data:
 
@@ -33,6 +33,17 @@ Workloads (all "higher is better"):
 * ``lstat`` of every entry of that directory (``os.scandir`` +
   ``entry.stat(follow_symlinks=False)``, after one untimed warm-up pass),
   entries/s, and ``ls -l`` of it (subprocess), entries/s.
+
+With ``--extra``, two more:
+
+* re-read of an unchanged file: a file of min(SIZE, 256) MiB is written, closed
+  and read once (untimed), then re-opened and read three times; the median,
+  MiB/s. The null filesystem is remounted without ``keep_cache`` for this row, so
+  every read reaches its process: the ceiling of reads served by any pyfuse3
+  filesystem, which casfs beats only from the kernel page cache;
+* ``cp -a`` of the interpreter's standard library (site-packages excluded, a
+  snapshot in the scratch directory, read once beforehand) into the target
+  twice, files/s; the seconds are printed under the table.
 
 The benchmark only measures and prints; it asserts nothing about speed.  Every
 mount is unmounted and every subprocess ended in ``finally`` blocks, also on
@@ -80,16 +91,29 @@ class Workload:
     label: str
 
 
-def workloads(size_mib: int, files: int) -> list[Workload]:
-    return [
+REREAD_MAX_MIB = 256       # size cap of the re-read row's file
+REREAD_ROUNDS = 3
+TREE_IGNORED = shutil.ignore_patterns("site-packages", "dist-packages")
+
+
+def workloads(size_mib: int, files: int, tree_files: int | None = None) -> list[Workload]:
+    """The rows of the report; the two extra ones when ``tree_files`` is given."""
+    rows = [
         Workload("write_new", f"seq write {size_mib} MiB, new data (MiB/s)"),
         Workload("write_dup", f"seq write {size_mib} MiB, same data again (MiB/s)"),
         Workload("read_cold", f"seq read {size_mib} MiB, cold (MiB/s)"),
         Workload("read_warm", f"seq read {size_mib} MiB, warm (MiB/s)"),
+    ]
+    if tree_files is not None:
+        rows.append(Workload("reread", f"re-read unchanged {min(size_mib, REREAD_MAX_MIB)} MiB file (MiB/s)"))
+    rows += [
         Workload("create", f"create {files} x 4 KiB files + fsync dir (files/s)"),
         Workload("stat", f"scandir + lstat {files} entries, warm (entries/s)"),
         Workload("ls", f"ls -l {files} entries (entries/s)"),
     ]
+    if tree_files is not None:
+        rows.append(Workload("copy", f"cp -a stdlib twice, 2 x {tree_files} files (files/s)"))
+    return rows
 
 
 @dataclass
@@ -150,6 +174,44 @@ def check_content(path: Path, blocks: Sequence[bytes], zeros: bool) -> None:
             want = bytes(len(blocks[idx])) if zeros else blocks[idx]
             if got != want:
                 raise RuntimeError(f"{path}: block {idx} does not read back as written")
+
+
+def bench_reread(path: Path, blocks: Sequence[bytes], buf: bytearray) -> float:
+    """Write *blocks* to *path*, close, read it once; then the median MiB/s of
+    REREAD_ROUNDS re-opens and full reads of the unchanged file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for block in blocks:
+            _write_all(fd, block)
+    finally:
+        os.close(fd)
+    size = len(blocks) * MiB
+    bench_read(path, size, buf)
+    rates = sorted(bench_read(path, size, buf) for _ in range(REREAD_ROUNDS))
+    return rates[len(rates) // 2]
+
+
+def count_files(root: Path) -> tuple[int, int]:
+    """(regular files and symlinks, bytes of the regular files) below *root*."""
+    n = size = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            st = os.lstat(os.path.join(dirpath, name))
+            n += 1
+            size += st.st_size if not os.path.islink(os.path.join(dirpath, name)) else 0
+    return n, size
+
+
+def bench_copy(src: Path, directory: Path, files: int) -> tuple[float, float]:
+    """``cp -a`` *src* into *directory* twice; (files/s, seconds). Dirty pages of earlier
+    rows are written out first (untimed), so that no target pays for another's."""
+    os.sync()
+    t0 = time.perf_counter()
+    for k in (1, 2):
+        subprocess.run(["cp", "-a", str(src), str(directory / f"copy{k}")], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, check=True, timeout=3600)
+    elapsed = time.perf_counter() - t0
+    return 2 * files / elapsed, elapsed
 
 
 def bench_create(directory: Path, n: int, payload: bytes) -> float:
@@ -387,6 +449,12 @@ class Target:
         """Undo start(): must be idempotent and must not raise."""
         raise NotImplementedError
 
+    def begin_reread(self) -> None:
+        """Set up for the re-read row (the null fs: remount without keep_cache)."""
+
+    def end_reread(self) -> None:
+        """Undo begin_reread()."""
+
     content_is_zero = False
 
 
@@ -414,11 +482,13 @@ class NullTarget(Target):
         self.mp = scratch / "null-mnt"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = scratch / "nullfs.log"
+        self.keep_cache = True
 
     def _spawn(self) -> None:
+        flags = [] if self.keep_cache else ["--no-keep-cache"]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tools.nullfs", str(self.mp)],
+                [sys.executable, "-m", "tools.nullfs", *flags, str(self.mp)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
                 env=child_env(), start_new_session=True)
         try:
@@ -456,6 +526,17 @@ class NullTarget(Target):
             os.ftruncate(fd, size)
         finally:
             os.close(fd)
+
+    def begin_reread(self) -> None:
+        # the null fs forgets everything on unmount; the row writes its file afresh
+        self._unmount()
+        self.keep_cache = False
+        self._spawn()
+
+    def end_reread(self) -> None:
+        self._unmount()
+        self.keep_cache = True
+        self._spawn()
 
     def stop(self) -> None:
         try:
@@ -549,6 +630,8 @@ class BenchData:
     small_payload: bytes
     size: int
     files: int
+    tree: Path | None = None   # the tree of the copy row (--extra)
+    tree_files: int = 0
 
 
 def run_target(target: Target, data: BenchData, progress: Callable[[str], None]) -> TargetResult:
@@ -578,6 +661,12 @@ def run_target(target: Target, data: BenchData, progress: Callable[[str], None])
         res.values["read_warm"] = bench_read(big1, data.size, buf)
         step = "check"
         check_content(big1, data.blocks, zeros=target.content_is_zero)
+        if data.tree is not None:
+            step = "reread"
+            progress(f"{target.name}: re-read of an unchanged file")
+            target.begin_reread()
+            res.values["reread"] = bench_reread(workdir / "reread", data.blocks[:REREAD_MAX_MIB], buf)
+            target.end_reread()
 
         small = workdir / "small"
         small.mkdir()
@@ -590,6 +679,12 @@ def run_target(target: Target, data: BenchData, progress: Callable[[str], None])
         step = "ls"
         progress(f"{target.name}: ls -l")
         res.values["ls"] = bench_ls(small, data.files)
+        if data.tree is not None:
+            step = "copy"
+            progress(f"{target.name}: cp -a of the standard library, twice")
+            copies = workdir / "copies"
+            copies.mkdir()
+            res.values["copy"], res.values["copy_s"] = bench_copy(data.tree, copies, data.tree_files)
     except Exception as e:  # noqa: BLE001 - report and go on with the next target
         res.error = f"{step}: {type(e).__name__}: {e}"
     finally:
@@ -684,6 +779,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(TARGETS),
                    help="comma-separated targets to run, from: native,null,casfs (default all)")
     p.add_argument("--chunk-size", help="passed to 'casfs init --chunk-size'")
+    p.add_argument("--extra", action="store_true",
+                   help="also the re-read and standard-library copy rows")
     p.add_argument("--casfs-init-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for 'casfs init' (repeatable)")
     p.add_argument("--casfs-timeout", type=float, default=1800.0,
@@ -725,6 +822,12 @@ def main(argv: list[str] | None = None) -> int:
             size=args.size_mib * MiB,
             files=args.files,
         )
+        if args.extra:
+            import sysconfig
+            data.tree = scratch / "stdlib"
+            progress(f"snapshot of the standard library in {data.tree}")
+            shutil.copytree(sysconfig.get_paths()["stdlib"], data.tree, symlinks=True, ignore=TREE_IGNORED)
+            data.tree_files, tree_bytes = count_files(data.tree)
         for name in TARGETS:
             if name not in args.only:
                 results[name] = TargetResult(name, skipped=True)
@@ -749,10 +852,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 shutil.rmtree(scratch, ignore_errors=True)
 
-    wls = workloads(args.size_mib, args.files)
+    wls = workloads(args.size_mib, args.files, data.tree_files if args.extra else None)
     lines = machine_info(Path(tempfile.gettempdir()) if args.workdir is None else args.workdir)
     lines.append(f"params:  --size-mib {args.size_mib} --files {args.files} --only {','.join(args.only)}"
-                 + (f" --chunk-size {args.chunk_size}" if args.chunk_size else ""))
+                 + (f" --chunk-size {args.chunk_size}" if args.chunk_size else "")
+                 + (" --extra" if args.extra else ""))
     lines.append("")
     for name in TARGETS:
         r = results.get(name)
@@ -771,6 +875,15 @@ def main(argv: list[str] | None = None) -> int:
         "cold read: native = fsync + POSIX_FADV_DONTNEED; null = remount; casfs = umount + mount "
         "+ DONTNEED on its data dir. warm read = re-open and read again right away.",
     ]
+    if args.extra:
+        secs = {t: results[t].values.get("copy_s") for t in TARGETS if t in results}
+        lines += [
+            "re-read: written, closed, read once, then 3 re-opens + full reads (median); the null fs "
+            "runs without keep_cache for this row (every read reaches its process).",
+            f"cp -a stdlib twice ({data.tree_files} files, {tree_bytes / MiB:,.0f} MiB each time), seconds: "
+            + ", ".join(f"{TARGET_LABELS[t]} {_fmt(v)}" for t, v in secs.items())
+            + f"; casfs/native time {_ratio(secs.get('casfs'), secs.get('native'))}.",
+        ]
     report = "\n".join(lines) + "\n"
     sys.stdout.write(report)
     sys.stdout.flush()

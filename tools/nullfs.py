@@ -17,12 +17,14 @@ the "null pyfuse3" column next to a native directory and casfs.
 For a fair comparison it is mounted with the options a serious filesystem would
 use: pyfuse3's defaults (``default_permissions``; max_write / big writes as
 pyfuse3 + libfuse negotiate them by default, no writeback cache) plus
-``fsname=nullfs``, entry / attribute timeouts of 1.0 s and ``keep_cache`` on
-open -- the values casfs uses.
+``fsname=nullfs``, entry / attribute timeouts of 60 s and ``keep_cache`` on
+open -- the values casfs uses.  ``--no-keep-cache`` opens every file without
+``keep_cache``: each open drops the file's pages and every read goes to this
+process (the pyfuse3 read ceiling; the benchmark's re-read row uses it).
 
 Run in the foreground::
 
-    python -m tools.nullfs MOUNTPOINT
+    python -m tools.nullfs [--no-keep-cache] MOUNTPOINT
 
 SIGTERM / SIGINT (Ctrl-C) unmount cleanly; ``fusermount3 -u MOUNTPOINT`` also
 ends the process.
@@ -59,12 +61,10 @@ from pyfuse3 import (
 
 log = logging.getLogger("nullfs")
 
-#: Entry and attribute cache timeouts (seconds) -- the same as casfs.
-ENTRY_TIMEOUT = 1.0
-ATTR_TIMEOUT = 1.0
-#: Keep the kernel page cache across opens (FOPEN_KEEP_CACHE) -- as casfs does.
-#: Contents can only change through this mount, so cached pages stay valid.
-KEEP_CACHE = True
+#: Entry and attribute cache timeouts (seconds) -- the same as casfs
+#: (fusefront/operations.py): this process is the only writer of the namespace.
+ENTRY_TIMEOUT = 60.0
+ATTR_TIMEOUT = 60.0
 
 #: Size of the shared zero buffer.  FUSE reads are at most max_read (<= 1 MiB
 #: with max_pages=256); larger requests fall back to a fresh allocation.
@@ -149,8 +149,12 @@ class NullFS(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self) -> None:
+    def __init__(self, keep_cache: bool = True) -> None:
         super().__init__()
+        #: Keep the kernel page cache across opens (FOPEN_KEEP_CACHE), as casfs does
+        #: for unchanged files. Contents only change through this mount, so cached
+        #: pages stay valid.
+        self.keep_cache = keep_cache
         self.inodes: dict[int, Inode] = {}
         self.entries: dict[tuple[int, bytes], int] = {}
         self.next_ino = pyfuse3.ROOT_INODE + 1
@@ -412,13 +416,13 @@ class NullFS(pyfuse3.Operations):
         if flags & os.O_TRUNC:  # not passed by the kernel, but be safe
             node.size = 0
         node.opens += 1
-        return FileInfo(fh=FileHandleT(node.ino), keep_cache=KEEP_CACHE)
+        return FileInfo(fh=FileHandleT(node.ino), keep_cache=self.keep_cache)
 
     async def create(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT,
                      ctx: RequestContext) -> tuple[FileInfo, EntryAttributes]:
         node = self._new_entry(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
         node.opens += 1
-        return FileInfo(fh=FileHandleT(node.ino), keep_cache=KEEP_CACHE), self._attr(node)
+        return FileInfo(fh=FileHandleT(node.ino), keep_cache=self.keep_cache), self._attr(node)
 
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
         node = self.inodes[fh]
@@ -567,9 +571,9 @@ async def _serve() -> None:
         nursery.cancel_scope.cancel()
 
 
-def run(mountpoint: str, debug: bool = False) -> None:
+def run(mountpoint: str, debug: bool = False, keep_cache: bool = True) -> None:
     """Mount the null filesystem on *mountpoint* and serve until unmounted."""
-    ops = NullFS()
+    ops = NullFS(keep_cache=keep_cache)
     opts = mount_options()
     if debug:
         opts.add("debug")
@@ -584,11 +588,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.nullfs", description=__doc__.split("\n\n")[0])
     parser.add_argument("mountpoint")
     parser.add_argument("--debug", action="store_true", help="libfuse debug output")
+    parser.add_argument("--no-keep-cache", action="store_true",
+                        help="open files without keep_cache (every read reaches this process)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(name)s: %(message)s")
     try:
-        run(args.mountpoint, debug=args.debug)
+        run(args.mountpoint, debug=args.debug, keep_cache=not args.no_keep_cache)
     except KeyboardInterrupt:
         # A SIGINT that arrived before the signal watcher was installed.
         pass
