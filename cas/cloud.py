@@ -3,10 +3,11 @@
 Model (schema.sql: packs, pack_entries, upload_queue; docs/cloud.md):
 
 - With the tier enabled (meta key ``cloud_enabled``), every new chunk row gets an
-  ``upload_queue`` row in the same transaction (cas.chunks.ChunkManager.apply_deltas), so no pending
-  upload is ever lost: the queue is in MySQL, not in RAM.
-- An :class:`Uploader` claims queued chunks (``FOR UPDATE SKIP LOCKED``, so several
-  uploaders sharing a database never claim the same chunk), writes a ``packs`` row
+  ``upload_queue`` row in the same transaction (cas.chunks.ChunkManager.apply_deltas), so
+  no pending upload is ever lost: the queue is in MySQL, not in RAM.
+- An uploader (:meth:`CloudTier.upload_one`, run by a mount's thread or `casfs drive
+  push`) claims queued chunks (``FOR UPDATE SKIP LOCKED``, so several uploaders sharing
+  a database never claim the same chunk), writes a ``packs`` row
   ('uploading', owner, lease) and the layout into the claimed queue rows, builds the pack
   from the chunk envelopes in the local store, uploads it, and *confirms* it: the store's
   size, md5 and sha256 must equal ours. Only then, in one transaction, the pack becomes
@@ -473,13 +474,14 @@ class CloudTier:
                     break
                 layout.append((cid, pos, st.size))
                 pos += st.size
-            for cid in missing:   # gc deleted the chunk (its queue row goes with it) or the file is lost
-                cur.execute("SELECT is_local FROM chunks WHERE id = %s", (cid,))
-                if cur.fetchone() is None:
-                    cur.execute("DELETE FROM upload_queue WHERE chunk = %s", (cid,))
-                else:
-                    log.error("chunk %s is queued for upload but its local file is missing "
-                              "(run casfs fsck)", cid.hex())
+            for cid in missing:
+                # gc deleted the chunk (and its queue row) after our SELECT, or its only
+                # copy is lost (disk damage): nothing to upload either way; fsck reports it
+                cur.execute("SELECT 1 FROM chunks WHERE id = %s", (cid,))
+                if cur.fetchone() is not None:
+                    log.error("chunk %s was queued for upload but its local file is gone: "
+                              "dropped from the queue (casfs fsck lists it)", cid.hex())
+                cur.execute("DELETE FROM upload_queue WHERE chunk = %s", (cid,))
             if not layout:
                 return None
             cur.execute("INSERT INTO packs (name, state, size, md5, sha256, owner, lease_until) "
@@ -548,7 +550,7 @@ class CloudTier:
         try:
             info = put_checked(self.objects, name, blob, self.volume.uuid)
         except BaseException:
-            self._release_or_adopt(pack, name, len(blob))
+            self._release_or_adopt(pack, name)
             raise
         if not self._confirm(pack, info, self.owner):
             log.warning("pack %s was taken over while uploading; its object is left to gc", name)
@@ -558,7 +560,7 @@ class CloudTier:
         _set_meta(self.db, {"drive_last_upload_at": _now_text()})
         return len(blob)
 
-    def _release_or_adopt(self, pack: int, name: str, size: int) -> None:
+    def _release_or_adopt(self, pack: int, name: str) -> None:
         """After a failed put: adopt an object that did arrive complete (the failure hit the
         answer, not the upload), else delete partial ones and release the claims."""
         try:

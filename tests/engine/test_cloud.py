@@ -414,3 +414,18 @@ def test_config_round_trip_and_bad_values(ceng: CloudEngine) -> None:
         v.drive = bad
         with pytest.raises(VolumeError):
             CloudConfig.from_volume(v)
+
+
+def test_queued_chunk_whose_file_is_lost_leaves_the_queue(ceng: CloudEngine,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    data = rand(3 * CS, 500)
+    make_file(ceng.fs, b"a", data)
+    ceng.fs.sync()
+    lost = hashlib.sha256(data[:CS]).digest()
+    os.unlink(ceng.vol.chunk_dir / lost.hex()[:2] / lost.hex()[2:4] / lost.hex())   # disk damage
+    with caplog.at_level("ERROR", logger="cas.cloud"):
+        ceng.drain()
+    assert ceng.q("SELECT COUNT(*) FROM upload_queue")[0][0] == 0     # no endless retry
+    assert lost not in set(uploaded_chunks(ceng)) and len(uploaded_chunks(ceng)) == 2
+    assert any(lost.hex() in r.getMessage() for r in caplog.records)
+    assert ceng.fsck().missing_files == [lost.hex()]
