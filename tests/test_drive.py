@@ -270,9 +270,14 @@ def test_drive_commands_refuse_bad_use(casenv: CasEnv, drive_sim: DriveSim) -> N
     assert r.returncode != 0 and "--client-secrets" in r.stderr
     r = casenv.run("drive", "push", "vol", check=False)
     assert r.returncode == 1 and "no cloud tier" in r.stderr
-    mp = casenv.mount("vol")
-    r = casenv.run("mount", str(casenv.tmp / "x"), "vol", "--local-limit", "0", check=False)
-    assert r.returncode == 1
+    mp = casenv.tmp / "mp"
+    mp.mkdir()
+    casenv.mounts.append(mp)                                  # unmounted at teardown if mounted
+    for opt in (("--local-limit", "0"), ("--drive-endpoint", drive_sim.url)):
+        r = casenv.run("mount", str(mp), "vol", *opt, check=False)
+        assert r.returncode == 1 and "has no cloud tier" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    casenv.mount("vol", mp)
     r = casenv.run("drive", "auth", "--endpoint", drive_sim.url, "vol", check=False)
     assert r.returncode == 1 and "is mounted" in r.stderr
     casenv.umount(mp)

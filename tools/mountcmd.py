@@ -83,9 +83,9 @@ def start_cloud(meta: Metadata, fs: Filesystem, opts: MountOptions) -> cloud.Clo
     queued in the database for the next mount."""
     vol = meta.volume
     if not cloud.enabled(meta.db):
-        if opts.local_limit is not None:
-            raise VolumeError(f"volume {vol.name} has no cloud tier: --local-limit needs one "
-                              "(casfs drive auth)")
+        if opts.local_limit is not None or opts.drive_endpoint is not None:
+            raise VolumeError(f"volume {vol.name} has no cloud tier: --local-limit and "
+                              "--drive-endpoint need one (casfs drive auth)")
         return None
     cfg = cloud.CloudConfig.from_volume(vol)
     if opts.drive_endpoint is not None:
