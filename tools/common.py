@@ -9,7 +9,7 @@ from typing import ParamSpec, TypeVar
 import click
 
 from cas import cloud
-from cas.errors import CasError
+from cas.errors import CasError, VolumeError
 from cas.meta import Metadata
 from cas.objstore import ObjectStoreError
 from fusefront.mountpoint import MountpointError
@@ -55,7 +55,6 @@ def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
 def open_tier(meta: Metadata, endpoint: str | None = None) -> cloud.CloudTier:
     """The volume's cloud tier for a CLI command (no background thread); ``endpoint``
     overrides the configured one. Raises VolumeError when the tier is not enabled."""
-    from cas.errors import VolumeError
     if not cloud.enabled(meta.db):
         raise VolumeError(f"volume {meta.volume.name} has no cloud tier; set one up with `casfs drive auth`")
     cfg = cloud.CloudConfig.from_volume(meta.volume)
