@@ -208,7 +208,8 @@ def status(db: Database) -> TierStatus:
         last_upload_at=meta.get("drive_last_upload_at", ""))
 
 
-def _set_meta(db: Database, values: dict[str, str]) -> None:
+def set_meta(db: Database, values: dict[str, str]) -> None:
+    """Upsert meta keys (values cut to the column's 255 characters)."""
     for k, v in values.items():
         db.execute("INSERT INTO meta (k, v) VALUES (%s, %s) ON DUPLICATE KEY UPDATE v = VALUES(v)", (k, v[:255]))
 
@@ -315,6 +316,13 @@ class CloudTier:
                     end += int(n)
         return oid, span
 
+    def read_object(self, object_id: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Bytes of a pack object (ranged when ``length`` is given), retrying transient
+        errors ``read_attempts`` times with short backoff (0.5-4 s), so that a store that
+        cannot answer gives an error in bounded time. Raises the cas.objstore errors."""
+        return retrying(lambda: self.objects.get(object_id, offset, length), self.cfg.read_attempts,
+                        initial_s=0.5, cap_s=4.0)
+
     def fetch(self, cid: bytes) -> bytes:
         """The envelope of chunk ``cid`` from its pack (ranged GET), not yet verified.
 
@@ -355,8 +363,7 @@ class CloudTier:
             start = span[0][1]
             total = span[-1][1] + span[-1][2] - start
             try:
-                data = retrying(lambda: self.objects.get(oid, start, total), self.cfg.read_attempts,
-                                initial_s=0.5, cap_s=4.0)
+                data = self.read_object(oid, start, total)
             except ObjectStoreError as exc:
                 log.error("cloud read of chunk %s (pack object %s) failed: %s", cid.hex(), oid, exc)
                 raise ChunkMissing(f"chunk {cid.hex()}: cloud read failed: {exc}") from exc
@@ -484,15 +491,22 @@ class CloudTier:
                 cur.execute("DELETE FROM upload_queue WHERE chunk = %s", (cid,))
             if not layout:
                 return None
-            cur.execute("INSERT INTO packs (name, state, size, md5, sha256, owner, lease_until) "
-                        "VALUES (%s, 'uploading', %s, %s, %s, %s, NOW(6) + INTERVAL %s SECOND)",
-                        (name, pos, b"\0" * 16, b"\0" * 32, self.owner, LEASE_S))
-            pack = int(cur.lastrowid)
+            pack = self.insert_pack(cur, name, pos)
             for cid, p, n in layout:
                 cur.execute("UPDATE upload_queue SET pack = %s, pos = %s, length = %s WHERE chunk = %s",
                             (pack, p, n, cid))
             return pack, name, layout
         return self.db.transaction(body)
+
+    def insert_pack(self, cur: Any, name: str, size: int, md5: bytes = b"\0" * 16,
+                    sha256: bytes = b"\0" * 32) -> int:
+        """Record pack ``name`` (``size`` bytes) as 'uploading', owned by this tier for
+        LEASE_S seconds, in the caller's transaction; returns its id. Zero checksums
+        mean "not built yet" (recovery then finds nothing to adopt)."""
+        cur.execute("INSERT INTO packs (name, state, size, md5, sha256, owner, lease_until) "
+                    "VALUES (%s, 'uploading', %s, %s, %s, %s, NOW(6) + INTERVAL %s SECOND)",
+                    (name, size, md5, sha256, self.owner, LEASE_S))
+        return int(cur.lastrowid)
 
     def _build(self, layout: list[tuple[bytes, int, int]]) -> bytes | None:
         parts = []
@@ -557,7 +571,7 @@ class CloudTier:
             return 0
         self.uploaded_packs += 1
         self.uploaded_bytes += len(blob)
-        _set_meta(self.db, {"drive_last_upload_at": _now_text()})
+        set_meta(self.db, {"drive_last_upload_at": _now_text()})
         return len(blob)
 
     def _release_or_adopt(self, pack: int, name: str) -> None:
@@ -676,7 +690,7 @@ class CloudTier:
                     self.evict(self.local_limit)   # sums the local bytes: not every round
                     next_evict = time.monotonic() + EVICT_INTERVAL_S
                 if backoff:
-                    _set_meta(self.db, {"drive_last_error": "", "drive_paused_until": ""})
+                    set_meta(self.db, {"drive_last_error": "", "drive_paused_until": ""})
                 backoff = 0
                 if not n:
                     self._wait(1.0)
@@ -718,7 +732,7 @@ class CloudTier:
             vals = {"drive_last_error": msg, "drive_last_error_at": _now_text()}
             if paused_until is not None:
                 vals["drive_paused_until"] = f"{paused_until:.0f}"
-            _set_meta(self.db, vals)
+            set_meta(self.db, vals)
         except MetaError:
             pass
 
@@ -807,12 +821,12 @@ def restore(tier: CloudTier, lazy: bool = False, everything: bool = False,
         oid, psize = packs[pack]
         whole = None
         if sum(n for _, _, n in items) * 2 > psize:
-            whole = retrying(lambda: tier.objects.get(oid), tier.cfg.read_attempts, 0.5, 4.0)
+            whole = tier.read_object(oid)
         for cid, pos, n in items:
             if whole is not None:
                 blob = whole[pos:pos + n]
             else:
-                blob = retrying(lambda: tier.objects.get(oid, pos, n), tier.cfg.read_attempts, 0.5, 4.0)
+                blob = tier.read_object(oid, pos, n)
             try:
                 open_envelope(blob, cid)
             except FsError:

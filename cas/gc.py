@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from .cloud import LEASE_S, PACK_PREFIX, CloudTier, forget_sql, put_checked
+from .cloud import PACK_PREFIX, CloudTier, forget_sql, put_checked
 from .envelope import open_envelope
 from .errors import ChunkMissing, FsError
 from .meta import Metadata
-from .objstore import ObjectNotFound, now_utc, retrying
+from .objstore import ObjectNotFound, now_utc
 from .safety import DEFAULT_GRACE_S
 from .store import LocalStore
 
@@ -191,7 +191,7 @@ def _repack(tier: CloudTier, packs: list[int]) -> tuple[int, int, int]:
         except (ChunkMissing, FsError):
             pass
         if blob is None:
-            blob = retrying(lambda: tier.objects.get(oid, pos, n), tier.cfg.read_attempts, 0.5, 4.0)
+            blob = tier.read_object(oid, pos, n)
             open_envelope(blob, cid)   # IntegrityError: never copy a bad chunk
         if size and size + len(blob) > tier.cfg.pack_size:
             flush()
@@ -206,10 +206,8 @@ def _write_pack(tier: CloudTier, batch: list[tuple[bytes, int, bytes]]) -> None:
     blob = b"".join(b for _, _, b in batch)
     name = PACK_PREFIX + secrets.token_hex(12)
     db = tier.db
-    db.execute("INSERT INTO packs (name, state, size, md5, sha256, owner, lease_until) VALUES "
-               "(%s, 'uploading', %s, %s, %s, %s, NOW(6) + INTERVAL %s SECOND)",
-               (name, len(blob), hashlib.md5(blob).digest(), hashlib.sha256(blob).digest(), tier.owner, LEASE_S))
-    pack = int(db.query("SELECT id FROM packs WHERE name = %s", (name,))[0][0])
+    pack = db.transaction(lambda cur: tier.insert_pack(cur, name, len(blob), hashlib.md5(blob).digest(),
+                                                       hashlib.sha256(blob).digest()))
     try:
         info = put_checked(tier.objects, name, blob, tier.volume.uuid)
     except BaseException:

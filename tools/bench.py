@@ -799,13 +799,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _sigterm_to_interrupt(signum: int, frame: object) -> None:
+def sigterm_to_interrupt(signum: int, frame: object) -> None:
+    """SIGTERM handler: raise KeyboardInterrupt so the finally blocks unmount and clean up."""
     raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    signal.signal(signal.SIGTERM, sigterm_to_interrupt)
 
     def progress(msg: str) -> None:
         if not args.quiet:

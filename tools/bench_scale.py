@@ -44,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tools.bench import child_env, fusermount_u, is_fuse_mounted, warn
+from tools.bench import child_env, fusermount_u, is_fuse_mounted, sigterm_to_interrupt, warn
 
 SEED_SIZE = 4096
 BATCH = 20_000                 # rows per INSERT statement
@@ -290,13 +290,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _sigterm(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGTERM, sigterm_to_interrupt)
     progress = Progress(args.quiet)
     scratch = Path(tempfile.mkdtemp(prefix="casfs-scale-", dir=args.workdir))
     data_home = (args.data_home or scratch / "data").resolve()

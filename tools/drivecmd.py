@@ -104,8 +104,7 @@ def auth(volume: str, client_secrets: Path | None, service_account: Path | None,
         cfg.credentials = ""
     _save_drive(vol, cfg)
     with connect(vol) as meta:
-        if _folder_changed(meta, cfg):   # another endpoint or folder name: make a new folder
-            meta.db.execute("DELETE FROM meta WHERE k = 'drive_folder_id'")
+        _forget_other_folder(meta, cfg)
         cloud.open_objects(vol, cfg, meta.db)   # creates the folder; proves the credentials work
         queued = cloud.enable(meta.db)
         folder_id = meta.db.query("SELECT v FROM meta WHERE k = 'drive_folder_id'")[0][0]
@@ -114,15 +113,14 @@ def auth(volume: str, client_secrets: Path | None, service_account: Path | None,
                f"{queued} chunks queued for upload (the next mount uploads them)")
 
 
-def _folder_changed(meta: Metadata, cfg: cloud.CloudConfig) -> bool:
-    """Whether the folder recorded in the database was made for another endpoint/name."""
-    rows = dict(meta.db.query("SELECT k, v FROM meta WHERE k IN ('drive_folder_id', 'drive_folder_key')"))
+def _forget_other_folder(meta: Metadata, cfg: cloud.CloudConfig) -> None:
+    """Drop the recorded folder id when it was made for another endpoint or folder name
+    (open_objects then finds or creates the right one), and record which it is for."""
+    rows = dict(meta.db.query("SELECT k, v FROM meta WHERE k = 'drive_folder_key'"))
     key = f"{cfg.endpoint}|{cfg.folder}"
-    if rows.get("drive_folder_key") == key:
-        return False
-    meta.db.execute("INSERT INTO meta (k, v) VALUES ('drive_folder_key', %s) ON DUPLICATE KEY UPDATE v = VALUES(v)",
-                    (key[:255],))
-    return "drive_folder_id" in rows
+    if rows.get("drive_folder_key") != key:
+        meta.db.execute("DELETE FROM meta WHERE k = 'drive_folder_id'")
+        cloud.set_meta(meta.db, {"drive_folder_key": key})
 
 
 def _save_drive(vol: Volume, cfg: cloud.CloudConfig) -> None:
