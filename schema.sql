@@ -8,10 +8,12 @@ CREATE TABLE meta (
     v VARCHAR(255) NOT NULL
 ) ENGINE=InnoDB;
 
-INSERT INTO meta (k, v) VALUES ('schema_version', '2');
+INSERT INTO meta (k, v) VALUES ('schema_version', '3');
 
 -- One row per inode. Times in ns since the epoch. nlink = 0 marks a file unlinked while
 -- still open; it is freed at its last release (or at the next mount after a crash).
+-- data_bytes: bytes of the file that lie in stored (non-hole) slots, so st_blocks counts
+-- what is stored, not holes (schema 3).
 CREATE TABLE inodes (
     id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
     mode INT UNSIGNED NOT NULL,
@@ -23,6 +25,7 @@ CREATE TABLE inodes (
     atime_ns BIGINT NOT NULL,
     mtime_ns BIGINT NOT NULL,
     ctime_ns BIGINT NOT NULL,
+    data_bytes BIGINT UNSIGNED NOT NULL DEFAULT 0,
     KEY nlink_idx (nlink)
 ) ENGINE=InnoDB;
 
@@ -54,6 +57,9 @@ CREATE TABLE xattrs (
 -- of the envelope in the local store. refcount = number of manifest slots naming it.
 -- zero_since: server time when refcount last reached 0 (NULL while referenced); gc
 -- deletes a chunk only when it has been zero for longer than the grace period.
+-- bad = 1: the local copy failed verification; dedup never points new data at it, the
+-- next write of the same bytes rewrites it, and fsck --repair can replace it from a
+-- confirmed cloud copy (schema 3).
 CREATE TABLE chunks (
     id BINARY(32) NOT NULL PRIMARY KEY,
     length INT UNSIGNED NOT NULL,
@@ -62,7 +68,9 @@ CREATE TABLE chunks (
     zero_since DATETIME(6) NULL,
     created DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
     is_local TINYINT NOT NULL DEFAULT 1,
-    KEY zero_idx (refcount, zero_since)
+    bad TINYINT NOT NULL DEFAULT 0,
+    KEY zero_idx (refcount, zero_since),
+    KEY bad_idx (bad)
 ) ENGINE=InnoDB;
 
 -- File manifests: slot i of inode covers bytes [i*chunk_size, (i+1)*chunk_size).

@@ -26,7 +26,7 @@ from .volume import Volume
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schema.sql"
 EMBEDDED_DB = "casfs"
 ROOT_INODE = 1
@@ -280,9 +280,7 @@ def schema_statements() -> Iterator[str]:
 
 def _v1_to_v2(db: Database) -> None:
     """Schema 1 -> 2: chunks.is_local, and the cloud tier's tables (from schema.sql)."""
-    cols = {r[0] for r in db.query("SELECT column_name FROM information_schema.columns "
-                                   "WHERE table_schema = DATABASE() AND table_name = 'chunks'")}
-    if "is_local" not in cols:
+    if "is_local" not in _columns(db, "chunks"):
         db.execute("ALTER TABLE chunks ADD COLUMN is_local TINYINT NOT NULL DEFAULT 1")
     for stmt in schema_statements():
         for table in ("packs", "pack_entries", "upload_queue"):
@@ -290,9 +288,28 @@ def _v1_to_v2(db: Database) -> None:
                 db.execute(stmt.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS", 1))
 
 
+def _columns(db: Database, table: str) -> set[str]:
+    """Column names of ``table`` in the current database."""
+    return {str(r[0]) for r in db.query("SELECT column_name FROM information_schema.columns "
+                                        "WHERE table_schema = DATABASE() AND table_name = %s", (table,))}
+
+
+def _v2_to_v3(db: Database) -> None:
+    """Schema 2 -> 3: chunks.bad (chunks that failed verification) and inodes.data_bytes
+    (bytes in stored slots, for st_blocks), filled in from the manifests."""
+    if "bad" not in _columns(db, "chunks"):
+        db.execute("ALTER TABLE chunks ADD COLUMN bad TINYINT NOT NULL DEFAULT 0, ADD KEY bad_idx (bad)")
+    if "data_bytes" not in _columns(db, "inodes"):
+        db.execute("ALTER TABLE inodes ADD COLUMN data_bytes BIGINT UNSIGNED NOT NULL DEFAULT 0")
+        cs = int(db.query("SELECT v FROM meta WHERE k = 'chunk_size'")[0][0])
+        db.execute("UPDATE inodes i JOIN (SELECT m.inode, SUM(LEAST(%s, CAST(j.size AS SIGNED) - "
+                   "CAST(m.slot AS SIGNED) * %s)) AS b FROM manifests m JOIN inodes j ON j.id = m.inode "
+                   "GROUP BY m.inode) t ON t.inode = i.id SET i.data_bytes = GREATEST(t.b, 0)", (cs, cs))
+
+
 #: from_version -> the step to the next version; each step is idempotent (DDL commits
 #: on its own in MySQL, so a step cut short by a crash is simply run again).
-_MIGRATIONS: dict[str, Callable[[Database], None]] = {"1": _v1_to_v2}
+_MIGRATIONS: dict[str, Callable[[Database], None]] = {"1": _v1_to_v2, "2": _v2_to_v3}
 
 
 def _upgrade(db: Database, version: int) -> None:

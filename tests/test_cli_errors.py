@@ -337,8 +337,9 @@ def test_wrong_credentials(casenv: CasEnv, mysql_user: tuple[str, str, str]) -> 
 
 
 def test_schema_1_volume_is_upgraded_and_keeps_its_files(casenv: CasEnv) -> None:
-    """A volume made by the first release (schema 1: no cloud tables, no is_local) is
-    upgraded on first use and its files read back."""
+    """A volume made by the first release (schema 1: no cloud tables, no is_local, no
+    bad or data_bytes) is upgraded on first use (data_bytes filled in from the
+    manifests) and its files read back."""
     casenv.init("vol", chunk_size="64KiB")
     mp = casenv.mount("vol")
     data = os.urandom(200_000)
@@ -349,7 +350,8 @@ def test_schema_1_volume_is_upgraded_and_keeps_its_files(casenv: CasEnv) -> None
         with conn.cursor() as cur:
             for t in ("packs", "pack_entries", "upload_queue"):
                 cur.execute(f"DROP TABLE {t}")
-            cur.execute("ALTER TABLE chunks DROP COLUMN is_local")
+            cur.execute("ALTER TABLE chunks DROP COLUMN is_local, DROP KEY bad_idx, DROP COLUMN bad")
+            cur.execute("ALTER TABLE inodes DROP COLUMN data_bytes")
             cur.execute("UPDATE meta SET v = '1' WHERE k = 'schema_version'")
     finally:
         conn.close()
@@ -362,6 +364,10 @@ def test_schema_1_volume_is_upgraded_and_keeps_its_files(casenv: CasEnv) -> None
             assert cur.fetchone()[0] == str(SCHEMA_VERSION)
             cur.execute("SHOW TABLES")
             assert {"packs", "pack_entries", "upload_queue"} <= {r[0] for r in cur.fetchall()}
+            cur.execute("SELECT data_bytes FROM inodes WHERE size = 200000")
+            assert [r[0] for r in cur.fetchall()] == [200_000]
+            cur.execute("SELECT COUNT(*) FROM chunks WHERE bad = 0")
+            assert cur.fetchone()[0] == 4  # 200,000 bytes in 64 KiB slots
     finally:
         conn.close()
     casenv.mount("vol", mp)
