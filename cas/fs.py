@@ -115,7 +115,12 @@ def _check_name(name: bytes) -> None:
 
 
 class Filesystem:
-    """A mounted (or mountable) casfs volume. Close with :meth:`close`."""
+    """A mounted (or mountable) casfs volume. Close with :meth:`close`.
+
+    ``durability``: GROUP (namespace operations commit with the group transaction) or
+    IMMEDIATE (each commits before it returns); see docs/durability.md. Raises
+    InvalidArgument for anything else.
+    """
 
     def __init__(self, meta: Metadata, cache_bytes: int = 256 << 20, workers: int = 2,
                  group_commit: bool = True, durability: str = GROUP) -> None:
@@ -302,7 +307,9 @@ class Filesystem:
     def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
                 gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
                 mtime_ns: int | None = None) -> Attr:
-        """Change attributes (chmod, chown, truncate, utimens); ctime becomes now.
+        """Change attributes (chmod, chown, truncate, utimens); ctime becomes now. The
+        changes of an open file are committed with its next writeback, or at once under
+        IMMEDIATE durability.
 
         Raises NotFound, IsADirectory (size on a directory), InvalidArgument.
         """
