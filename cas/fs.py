@@ -46,6 +46,11 @@ RENAME_EXCHANGE = 2
 ATTR_CACHE_ENTRIES = 100_000  # inode rows kept in RAM (about 250 bytes each)
 IO_THREADS = 8                # threads writing chunk files (fsync waits overlap)
 CLOSED_DIRTY_BATCH = 256      # released dirty files flushed together at this count
+# When a namespace operation commits (docs/durability.md): with the group transaction
+# (at fsync/fsyncdir, the 0.5 s writeback tick, 1,000 operations), or before it returns.
+GROUP = "group"
+IMMEDIATE = "immediate"
+DURABILITY_MODES = (GROUP, IMMEDIATE)
 _COLS = "id, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns"
 _ICOLS = ", ".join("i." + c.strip() for c in _COLS.split(","))  # the same, of alias i
 P = ParamSpec("P")
@@ -110,15 +115,27 @@ def _check_name(name: bytes) -> None:
 
 
 class Filesystem:
-    """A mounted (or mountable) casfs volume. Close with :meth:`close`."""
+    """A mounted (or mountable) casfs volume. Close with :meth:`close`.
+
+    ``durability``: GROUP (namespace operations commit with the group transaction) or
+    IMMEDIATE (each commits before it returns); see docs/durability.md. Raises
+    InvalidArgument for anything else.
+    """
 
     def __init__(self, meta: Metadata, cache_bytes: int = 256 << 20, workers: int = 2,
-                 group_commit: bool = True) -> None:
+                 group_commit: bool = True, durability: str = GROUP) -> None:
         vol = meta.volume
         self.meta = meta
         self.db = meta.db
+        if durability not in DURABILITY_MODES:
+            raise InvalidArgument(f"durability {durability!r}: choose one of {', '.join(DURABILITY_MODES)}")
+        # IMMEDIATE: every transaction body commits before it returns (docs/durability.md)
+        self.immediate = durability == IMMEDIATE
         if group_commit:  # see Database.start_group_commit and docs/concurrency.md
-            self.db.start_group_commit()
+            if self.immediate:
+                self.db.start_group_commit(max_ops=1)
+            else:
+                self.db.start_group_commit()
             self.db.on_group_lost = self._resync
         self.chunk_size = vol.chunk_size
         self.lock = threading.RLock()
@@ -290,7 +307,9 @@ class Filesystem:
     def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
                 gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
                 mtime_ns: int | None = None) -> Attr:
-        """Change attributes (chmod, chown, truncate, utimens); ctime becomes now.
+        """Change attributes (chmod, chown, truncate, utimens); ctime becomes now. The
+        changes of an open file are committed with its next writeback, or at once under
+        IMMEDIATE durability.
 
         Raises NotFound, IsADirectory (size on a directory), InvalidArgument.
         """
@@ -312,9 +331,11 @@ class Filesystem:
             if val is not None:
                 changes[col] = val
         st = self.data.states.get(ino)
-        if st is not None:  # an open (or release-pending) file: commit with its next flush
+        if st is not None and not self.immediate:  # an open (or release-pending) file: commit with its next flush
             st.set_attrs(**changes)
         else:
+            if st is not None:  # IMMEDIATE: commit now; its next flush must not write older values back
+                st.attrs.update((c, v) for c, v in changes.items() if c in st.attrs)
             cols = sorted(changes)
             self.db.transaction(lambda cur: cur.execute(
                 "UPDATE inodes SET " + ", ".join(f"{c} = %s" for c in cols) + " WHERE id = %s",
@@ -494,6 +515,10 @@ class Filesystem:
             raise InvalidArgument(f"rename flags {flags}")
         _check_name(new_name)
         self._dir(new_parent)
+        if self.immediate:
+            self._flush_renamed(old_parent, old_name)
+            if flags & RENAME_EXCHANGE:
+                self._flush_renamed(new_parent, new_name)
 
         def mode_of(cur: Any, ino: int) -> int:
             cur.execute("SELECT mode FROM inodes WHERE id = %s FOR UPDATE", (ino,))
@@ -564,6 +589,19 @@ class Filesystem:
                 self.attrs.pop(ino, None)
         if freed is not None:
             self._maybe_free(freed)
+
+    def _flush_renamed(self, parent: int, name: bytes) -> None:
+        """IMMEDIATE durability: commit the buffered contents of the file at ``name`` before
+        a rename moves it (docs/durability.md). A crash then never leaves the new name on
+        a file whose bytes were still in RAM: write-temp-then-rename yields the old file
+        or the whole new one (what ext4's auto_da_alloc gives). Raises what the flush
+        raises (NoSpace, FsError, MetaError); the rename is then not done."""
+        if not self.data.states:
+            return
+        rows = self.db.query("SELECT inode FROM dentries WHERE parent = %s AND name = %s", (parent, name))
+        st = self.data.pending(int(rows[0][0])) if rows else None
+        if st is not None:
+            self.data.flush(st)
 
     @staticmethod
     def _check_not_below(cur: Any, target_parent: int, moved_dir: int) -> None:

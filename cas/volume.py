@@ -3,7 +3,8 @@
 A volume is a directory ``$XDG_DATA_HOME/casfs/NAME/`` (``~/.local/share`` when unset)::
 
     volume.toml   config: format, uuid, chunk_size, compression, meta_url, meta_password,
-                  [drive] (cloud tier, cas.cloud.CloudConfig)
+                  [drive] (cloud tier, cas.cloud.CloudConfig),
+                  [mount] (defaults of `casfs mount`: durability = "group" | "immediate")
     chunks/       the local chunk store (cas.store)
     mysql/        datadir of the embedded MariaDB server (embedded volumes only)
     run/          socket, lock files, mount.json of a running mount
@@ -58,6 +59,7 @@ class Volume:
     meta_url: str = ""
     meta_password: str = ""
     drive: dict[str, object] = field(default_factory=dict)   # the [drive] table (cas.cloud.CloudConfig)
+    mount: dict[str, object] = field(default_factory=dict)   # the [mount] table: defaults of `casfs mount`
 
     @property
     def embedded(self) -> bool:
@@ -97,6 +99,8 @@ class Volume:
             cfg["meta_password"] = self.meta_password
         if self.drive:
             cfg["drive"] = dict(self.drive)
+        if self.mount:
+            cfg["mount"] = dict(self.mount)
         tmp = self.path / "volume.toml.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
@@ -135,6 +139,7 @@ def open_volume(name: str) -> Volume:
             meta_url=str(cfg.get("meta_url", "")),
             meta_password=str(cfg.get("meta_password", "")),
             drive=dict(cfg.get("drive", {})),
+            mount=dict(cfg.get("mount", {})),
         )
         parse_codec(vol.compression)
     except (KeyError, ValueError) as exc:

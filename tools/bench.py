@@ -32,7 +32,14 @@ Workloads (all "higher is better"):
   directory, files/s;
 * ``lstat`` of every entry of that directory (``os.scandir`` +
   ``entry.stat(follow_symlinks=False)``, after one untimed warm-up pass),
-  entries/s, and ``ls -l`` of it (subprocess), entries/s.
+  entries/s, and ``ls -l`` of it (subprocess), entries/s;
+* rename of each of those files within the directory, then ``fsync`` of the
+  directory, files/s; then unlink of each, then ``fsync`` of the directory, files/s.
+
+casfs then remounts with ``--durability immediate`` (each namespace operation
+committed before it returns; docs/durability.md) and runs the create, rename and
+unlink rows again in a new directory; a line under the table gives each as a ratio
+of the same row on the default mount (group durability) of the same run.
 
 With ``--extra``, two more:
 
@@ -94,6 +101,8 @@ class Workload:
 REREAD_MAX_MIB = 256       # size cap of the re-read row's file
 REREAD_ROUNDS = 3
 TREE_IGNORED = shutil.ignore_patterns("site-packages", "dist-packages")
+IMMEDIATE_ROWS = ("create", "rename", "unlink")   # run again by casfs with --durability immediate
+IMMEDIATE_SUFFIX = "_imm"
 
 
 def workloads(size_mib: int, files: int, tree_files: int | None = None) -> list[Workload]:
@@ -110,9 +119,16 @@ def workloads(size_mib: int, files: int, tree_files: int | None = None) -> list[
         Workload("create", f"create {files} x 4 KiB files + fsync dir (files/s)"),
         Workload("stat", f"scandir + lstat {files} entries, warm (entries/s)"),
         Workload("ls", f"ls -l {files} entries (entries/s)"),
+        Workload("rename", f"rename {files} files + fsync dir (files/s)"),
+        Workload("unlink", f"unlink {files} files + fsync dir (files/s)"),
     ]
     if tree_files is not None:
         rows.append(Workload("copy", f"cp -a stdlib twice, 2 x {tree_files} files (files/s)"))
+    rows += [  # casfs only: the IMMEDIATE_ROWS again on a mount with --durability immediate
+        Workload("create_imm", f"create {files} x 4 KiB files + fsync dir, --durability immediate (files/s)"),
+        Workload("rename_imm", f"rename {files} files + fsync dir, --durability immediate (files/s)"),
+        Workload("unlink_imm", f"unlink {files} files + fsync dir, --durability immediate (files/s)"),
+    ]
     return rows
 
 
@@ -233,6 +249,34 @@ def bench_create(directory: Path, n: int, payload: bytes) -> float:
         os.close(dfd)
     elapsed = time.perf_counter() - t0
     return n / elapsed
+
+
+def bench_rename(directory: Path, n: int) -> float:
+    """Rename the *n* files of bench_create within *directory* (f* -> g*), fsync it; files/s."""
+    pairs = [(os.path.join(directory, f"f{i:06d}"), os.path.join(directory, f"g{i:06d}")) for i in range(n)]
+    t0 = time.perf_counter()
+    for old, new in pairs:
+        os.rename(old, new)
+    _fsync_dir(directory)
+    return n / (time.perf_counter() - t0)
+
+
+def bench_unlink(directory: Path, n: int) -> float:
+    """Unlink the *n* files that bench_rename left in *directory*, fsync it; files/s."""
+    names = [os.path.join(directory, f"g{i:06d}") for i in range(n)]
+    t0 = time.perf_counter()
+    for name in names:
+        os.unlink(name)
+    _fsync_dir(directory)
+    return n / (time.perf_counter() - t0)
+
+
+def _fsync_dir(directory: Path) -> None:
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def _stat_pass(directory: Path) -> int:
@@ -455,6 +499,11 @@ class Target:
     def end_reread(self) -> None:
         """Undo begin_reread()."""
 
+    def begin_immediate(self) -> bool:
+        """Switch to immediate namespace durability (casfs: remount with --durability
+        immediate); False if the target has no such mode."""
+        return False
+
     content_is_zero = False
 
 
@@ -572,8 +621,8 @@ class CasfsTarget(Target):
         lines = [ln for ln in text.splitlines() if ln.strip()]
         return f"exit status {r.returncode}" + (f": {lines[-1].strip()}" if lines else "")
 
-    def _mount(self) -> None:
-        r = self._cli("mount", str(self.mp), "bench")
+    def _mount(self, *extra: str) -> None:
+        r = self._cli("mount", str(self.mp), "bench", *extra)
         if r.returncode != 0:
             raise RuntimeError(f"casfs mount failed: {self._why(r)}")
         wait_mounted(self.mp, timeout=10)
@@ -613,6 +662,13 @@ class CasfsTarget(Target):
             raise RuntimeError("could not unmount casfs for the cold read")
         drop_tree_cache(self.data_home)
         self._mount()
+
+    def begin_immediate(self) -> bool:
+        self._umount()
+        if is_fuse_mounted(self.mp):
+            raise RuntimeError("could not unmount casfs to remount it with --durability immediate")
+        self._mount("--durability", "immediate")
+        return True
 
     def stop(self) -> None:
         try:
@@ -679,12 +735,31 @@ def run_target(target: Target, data: BenchData, progress: Callable[[str], None])
         step = "ls"
         progress(f"{target.name}: ls -l")
         res.values["ls"] = bench_ls(small, data.files)
+        step = "rename"
+        progress(f"{target.name}: rename {data.files} files")
+        res.values["rename"] = bench_rename(small, data.files)
+        step = "unlink"
+        progress(f"{target.name}: unlink {data.files} files")
+        res.values["unlink"] = bench_unlink(small, data.files)
         if data.tree is not None:
             step = "copy"
             progress(f"{target.name}: cp -a of the standard library, twice")
             copies = workdir / "copies"
             copies.mkdir()
             res.values["copy"], res.values["copy_s"] = bench_copy(data.tree, copies, data.tree_files)
+        step = "remount with --durability immediate"
+        if target.begin_immediate():
+            imm = workdir / "small-immediate"
+            imm.mkdir()
+            step = "create" + IMMEDIATE_SUFFIX
+            progress(f"{target.name}: create {data.files} small files, --durability immediate")
+            res.values[step] = bench_create(imm, data.files, data.small_payload)
+            step = "rename" + IMMEDIATE_SUFFIX
+            progress(f"{target.name}: rename {data.files} files, --durability immediate")
+            res.values[step] = bench_rename(imm, data.files)
+            step = "unlink" + IMMEDIATE_SUFFIX
+            progress(f"{target.name}: unlink {data.files} files, --durability immediate")
+            res.values[step] = bench_unlink(imm, data.files)
     except Exception as e:  # noqa: BLE001 - report and go on with the next target
         res.error = f"{step}: {type(e).__name__}: {e}"
     finally:
@@ -876,6 +951,10 @@ def main(argv: list[str] | None = None) -> int:
         "cold read: native = fsync + POSIX_FADV_DONTNEED; null = remount; casfs = umount + mount "
         "+ DONTNEED on its data dir. warm read = re-open and read again right away.",
     ]
+    cas_vals = results["casfs"].values if "casfs" in results else {}
+    if any(k + IMMEDIATE_SUFFIX in cas_vals for k in IMMEDIATE_ROWS):
+        lines.append("casfs --durability immediate / default (group) mount, same run: " + ", ".join(
+            f"{k} {_ratio(cas_vals.get(k + IMMEDIATE_SUFFIX), cas_vals.get(k))}" for k in IMMEDIATE_ROWS) + ".")
     if args.extra:
         secs = {t: results[t].values.get("copy_s") for t in TARGETS if t in results}
         lines += [

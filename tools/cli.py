@@ -14,6 +14,7 @@ import click
 
 from cas.meta import initialize
 from cas.errors import VolumeError
+from cas.fs import DURABILITY_MODES
 from cas.volume import DEFAULT_CHUNK, DEFAULT_NAME, create_volume_dir, open_volume, volume_path
 
 from . import drivecmd, maint, mountcmd
@@ -72,10 +73,15 @@ def init(chunk_size: str, compression: str, meta: str, name: str) -> None:
 @click.option("--drive-endpoint", default=None, metavar="URL",
               help="Use this Drive-compatible server instead of the volume's configured one "
                    "(e.g. python -m tools.drivesim).")
+@click.option("--durability", type=click.Choice(DURABILITY_MODES), default=None,
+              help="When namespace operations (create, rename, unlink, chmod ...) become durable: "
+                   "'group' (default) commits them together every 0.5 s and at fsync; 'immediate' "
+                   "commits each before it returns (slower). Default: volume.toml [mount] durability, "
+                   "else group. See docs/durability.md.")
 @click.option("--debug", is_flag=True, help="Debug logging.")
 @user_errors
 def mount(mountpoint: str, volume: str, foreground: bool, allow_other: bool, cache_size: str,
-          local_limit: str | None, drive_endpoint: str | None, debug: bool) -> None:
+          local_limit: str | None, drive_endpoint: str | None, durability: str | None, debug: bool) -> None:
     """Mount VOLUME (default: "default", created if missing) at MOUNTPOINT.
 
     Returns once the mount is ready; the daemon runs in the background until
@@ -92,7 +98,7 @@ def mount(mountpoint: str, volume: str, foreground: bool, allow_other: bool, cac
         click.echo(f"created the default volume at {vol.path}", err=True)
     opts = mountcmd.MountOptions(allow_other=allow_other, cache_bytes=cache,
                                  local_limit=None if local_limit is None else parse_size(local_limit),
-                                 drive_endpoint=drive_endpoint)
+                                 drive_endpoint=drive_endpoint, durability=durability)
     mountcmd.mount(vol, mountpoint, opts, foreground=foreground, debug=debug)
 
 

@@ -24,7 +24,7 @@ import click
 
 from cas import cloud
 from cas.errors import CasError, VolumeError
-from cas.fs import Filesystem
+from cas.fs import DURABILITY_MODES, GROUP, Filesystem
 from cas.meta import Metadata, connect
 from cas.objstore import ObjectStoreError
 from cas.server import pid_running
@@ -75,6 +75,18 @@ class MountOptions:
     cache_bytes: int = 256 << 20
     local_limit: int | None = None
     drive_endpoint: str | None = None
+    durability: str | None = None   # None: the volume's [mount] durability, else "group"
+
+
+def durability_of(vol: Volume, opts: MountOptions) -> str:
+    """The namespace durability of a mount (docs/durability.md): ``opts.durability``,
+    else ``durability`` of the volume's ``[mount]`` table, else "group". Raises
+    VolumeError for anything but "group" or "immediate"."""
+    mode = opts.durability if opts.durability is not None else vol.mount.get("durability", GROUP)
+    if mode not in DURABILITY_MODES:
+        raise VolumeError(f"volume {vol.name}: durability {mode!r} (volume.toml [mount]) is not one of "
+                          f"{', '.join(DURABILITY_MODES)}")
+    return str(mode)
 
 
 def start_cloud(meta: Metadata, fs: Filesystem, opts: MountOptions) -> cloud.CloudTier | None:
@@ -112,8 +124,10 @@ def run_daemon(vol: Volume, mp: Path, opts: MountOptions, on_ready: Callable[[],
         raise VolumeError(f"volume {vol.name} is already mounted") from None
     reg = registry_file(mp)
     try:
+        durability = durability_of(vol, opts)
         meta = connect(vol)
-        fs = Filesystem(meta, cache_bytes=opts.cache_bytes)
+        fs = Filesystem(meta, cache_bytes=opts.cache_bytes, durability=durability)
+        log.info("namespace durability: %s", durability)
         try:
             start_cloud(meta, fs, opts)
             freed = fs.recover()
