@@ -1,0 +1,259 @@
+"""No way in for other local users (docs/security.md), on real embedded volumes and mounts.
+
+* the embedded server's socket never lives in a directory another user can create or
+  write: a hostile directory at the old predictable ``/tmp/casfs-UID-HASH`` path is not
+  used, and a long volume path still mounts;
+* the embedded server refuses every file statement (``secure_file_priv``);
+* a pid in ``run/mysqld.pid`` that is not this datadir's mariadbd is never signalled;
+* ``casfs init`` refuses a directory that is not empty or that other users can write;
+* a path component the OS refuses (ENAMETOOLONG) is a one-line error for every command.
+
+Every process, mount and directory a test makes is removed by the fixtures or a finally
+block; processes are stopped by pid.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pymysql
+import pytest
+
+from cas.server import EmbeddedServer, find_server, is_server_of, pid_running, private_dir_problem
+from fusefront.mountpoint import find_mount
+
+from .conftest import CasEnv
+from .test_cli_errors import assert_error
+
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.skipif(not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
+                       reason="needs /dev/fuse and fusermount3"),
+]
+
+FOREIGN_UID = 54321   # a uid no account uses: "another local user"
+
+
+def wait_until(cond: object, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def bystander() -> Iterator[subprocess.Popen[bytes]]:
+    """An unrelated process (sleep) whose pid a stale pid file may name; killed by pid."""
+    p = subprocess.Popen(["sleep", "3600"])
+    try:
+        yield p
+    finally:
+        p.kill()
+        p.wait()
+
+
+@pytest.fixture
+def long_home(casenv: CasEnv, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """XDG_DATA_HOME long enough that no volume's run/mysqld.sock fits in sun_path
+    (108 bytes, unix(7)). Private socket directories recorded by its volumes are
+    removed at teardown."""
+    xdg = tmp_path / ("x" * 90)
+    xdg.mkdir()
+    casenv.env["XDG_DATA_HOME"] = str(xdg)
+    monkeypatch.setenv("XDG_DATA_HOME", str(xdg))
+    made: set[Path] = set()
+    casenv_data = casenv.data_home
+
+    def note() -> None:
+        for rec in casenv_data.glob("*/run/sockdir"):
+            made.add(Path(rec.read_text().strip()))
+    try:
+        yield xdg
+    finally:
+        note()
+        for d in made:
+            if d.parent == Path(tempfile.gettempdir()) and d.name.startswith("casfs-"):
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def sockdir_of(casenv: CasEnv, name: str) -> Path:
+    """The private socket directory recorded in volume ``name``'s run/sockdir."""
+    return Path((casenv.data_home / name / "run" / "sockdir").read_text().strip())
+
+
+def server_of(casenv: CasEnv, name: str) -> EmbeddedServer:
+    vol = casenv.data_home / name
+    return EmbeddedServer(vol / "mysql", vol / "run", vol / "log")
+
+
+# -- 1. the socket's directory and secure_file_priv -------------------------------------
+
+@pytest.mark.parametrize("hostile", ["foreign-owner", "world-writable"])
+def test_long_volume_path_never_uses_a_predictable_socket_dir(
+        casenv: CasEnv, long_home: Path, tmp_path: Path, hostile: str) -> None:
+    xdg = long_home
+    run_dir = casenv.data_home / "vol" / "run"
+    assert len(str(run_dir / "mysqld.sock")) > 108
+    # another user creates the directory the old code would have used, first
+    digest = hashlib.sha256(str(run_dir).encode()).hexdigest()[:16]
+    trap = Path(tempfile.gettempdir()) / f"casfs-{os.getuid()}-{digest}"
+    trap.mkdir()
+    try:
+        if hostile == "foreign-owner":
+            os.chown(trap, FOREIGN_UID, FOREIGN_UID)
+            os.chmod(trap, 0o755)
+        else:
+            os.chmod(trap, 0o777)
+        casenv.init("vol", embedded=True)
+        mp = casenv.mount("vol")
+        (mp / "f").write_bytes(b"hello" * 1000)
+        os.sync()
+        assert (mp / "f").read_bytes() == b"hello" * 1000
+        assert list(trap.iterdir()) == [], "the server used a directory another user made"
+        # the socket is in a private directory recorded in run/sockdir
+        sockdir = sockdir_of(casenv, "vol")
+        assert private_dir_problem(sockdir) is None
+        sock = sockdir / "mysqld.sock"
+        assert sock.is_socket()
+        assert server_of(casenv, "vol").socket == sock
+        # the server reads and writes no files for anyone who reaches it
+        conn = pymysql.connect(unix_socket=str(sock), user="root", password="", autocommit=True)
+        try:
+            with conn.cursor() as cur:
+                for sql in (f"SELECT 'x' INTO OUTFILE '{tmp_path / 'out'}'",
+                            f"LOAD DATA INFILE '{xdg}/casfs/vol/volume.toml' INTO TABLE casfs.meta"):
+                    with pytest.raises(pymysql.err.MySQLError) as ei:
+                        cur.execute(sql)
+                    assert ei.value.args[0] == 1290, ei.value   # ER_OPTION_PREVENTS_STATEMENT
+                cur.execute("SELECT LOAD_FILE(%s)", (f"{xdg}/casfs/vol/volume.toml",))
+                assert cur.fetchall() == ((None,),)
+        finally:
+            conn.close()
+        assert not (tmp_path / "out").exists()
+        casenv.umount(mp)
+        assert find_mount(mp) is None
+        # a removed socket directory is replaced, never re-created at a known name
+        shutil.rmtree(sockdir)
+        casenv.run("stats", "vol")
+        new = sockdir_of(casenv, "vol")
+        assert new != sockdir and private_dir_problem(new) is None
+    finally:
+        shutil.rmtree(trap, ignore_errors=True)
+
+
+def test_recorded_socket_dir_taken_over_is_not_used(casenv: CasEnv, long_home: Path) -> None:
+    casenv.init("vol", embedded=True)
+    sockdir = sockdir_of(casenv, "vol")
+    # the directory disappears (a temp cleaner) and another user re-creates it
+    shutil.rmtree(sockdir)
+    sockdir.mkdir(mode=0o777)
+    os.chmod(sockdir, 0o777)
+    try:
+        os.chown(sockdir, FOREIGN_UID, FOREIGN_UID)
+        casenv.run("stats", "vol")
+        assert list(sockdir.iterdir()) == []
+        new = sockdir_of(casenv, "vol")
+        assert new != sockdir and private_dir_problem(new) is None
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
+# -- 2. pids from the pid file are checked before any signal ------------------------------
+
+def test_stale_pid_file_never_signals_another_process(
+        casenv: CasEnv, bystander: subprocess.Popen[bytes]) -> None:
+    casenv.init("vol", embedded=True)
+    srv = server_of(casenv, "vol")
+    assert srv.pid() is None                       # init stopped its server
+    srv.pid_file.write_text(f"{bystander.pid}\n")  # a dead server's pid, reused by `sleep`
+    # starting the server (mount) must not take `sleep` for a hung server and kill it
+    mp = casenv.mount("vol")
+    (mp / "f").write_bytes(b"data")
+    assert bystander.poll() is None, "casfs signalled an unrelated process"
+    real = srv.pid()
+    assert real is not None and real != bystander.pid and is_server_of(real, srv.datadir)
+    casenv.umount(mp)
+    wait_until(lambda: not pid_running(real), "the embedded server to stop")
+    # stopping a server this process did not start goes through the pid file: it names
+    # `sleep` again; the server is found by its datadir and stopped, `sleep` lives on
+    starter = server_of(casenv, "vol")
+    starter.acquire()
+    try:
+        real = srv.pid()
+        assert real is not None and is_server_of(real, srv.datadir)
+        srv.pid_file.write_text(f"{bystander.pid}\n")
+        server_of(casenv, "vol").stop()
+        wait_until(lambda: not pid_running(real), "the embedded server to stop")
+        assert bystander.poll() is None, "casfs signalled an unrelated process"
+        assert find_server(srv.datadir) is None
+    finally:
+        starter.release()
+    assert bystander.poll() is None
+
+
+# -- 3. init refuses a directory that is not empty or that others can write ---------------
+
+def test_init_refuses_unsafe_volume_directories(casenv: CasEnv, tmp_path: Path) -> None:
+    def refused(d: Path, *needles: str) -> None:
+        before = sorted(p.name for p in d.iterdir())
+        r = casenv.run("init", "--meta", casenv.meta_url("never_created"), str(d), check=False)
+        assert_error(r, str(d), *needles)
+        assert sorted(p.name for p in d.iterdir()) == before, "a refused init created files"
+
+    full = tmp_path / "full"
+    full.mkdir(mode=0o700)
+    (full / "photo.jpg").write_bytes(b"precious")
+    refused(full, "not empty")
+    assert (full / "photo.jpg").read_bytes() == b"precious"
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    refused(shared, "other users can write")
+    os.chmod(shared, 0o770)
+    refused(shared, "other users can write")
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir(mode=0o700)
+    os.chown(foreign, FOREIGN_UID, FOREIGN_UID)
+    refused(foreign, f"owned by uid {FOREIGN_UID}")
+
+    # a world-writable parent without the sticky bit: the volume could be renamed away
+    open_parent = tmp_path / "open"
+    open_parent.mkdir()
+    os.chmod(open_parent, 0o777)
+    r = casenv.run("init", "--meta", casenv.meta_url("never_created"), str(open_parent / "vol"), check=False)
+    assert_error(r, "every user can rename")
+    assert list(open_parent.iterdir()) == []
+
+    # an empty private directory, and a new one, are fine
+    ok = tmp_path / "ok"
+    ok.mkdir(mode=0o700)
+    casenv.run("init", "--meta", casenv.meta_url(f"sec{os.getpid()}a"), str(ok))
+    assert (ok / "volume.toml").is_file()
+    casenv.run("init", "--meta", casenv.meta_url(f"sec{os.getpid()}b"), str(tmp_path / "new"))
+    assert stat.S_IMODE(os.stat(tmp_path / "new").st_mode) == 0o700
+
+
+# -- 6. a path the OS refuses is one line, not a traceback --------------------------------
+
+def test_overlong_path_component_is_one_line_for_every_command(casenv: CasEnv, tmp_path: Path) -> None:
+    long = str(tmp_path / ("a" * 300))
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    for args in (["init", long], ["init", "--meta", casenv.meta_url("never_created"), long],
+                 ["stats", long], ["mount", long], ["mount", str(mp), long], ["mount", long, "vol"],
+                 ["fsck", long], ["gc", long], ["umount", long]):
+        r = casenv.run(*args, check=False)
+        line = assert_error(r)
+        if args[0] != "umount":  # umount only looks the path up in /proc/self/mountinfo
+            assert "too long" in line and len(line) < 300, line
+    assert find_mount(mp) is None
+    assert not os.path.exists(long)
