@@ -6,6 +6,7 @@
 * the embedded server refuses every file statement (``secure_file_priv``);
 * a pid in ``run/mysqld.pid`` that is not this datadir's mariadbd is never signalled;
 * ``casfs init`` refuses a directory that is not empty or that other users can write;
+* POSIX ACLs are enforced as on ext4 (a deny entry denies; default ACLs are inherited);
 * a path component the OS refuses (ENAMETOOLONG) is a one-line error for every command.
 
 Every process, mount and directory a test makes is removed by the fixtures or a finally
@@ -13,11 +14,15 @@ block; processes are stopped by pid.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import os
 import shutil
 import stat
+import struct
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -257,3 +262,111 @@ def test_overlong_path_component_is_one_line_for_every_command(casenv: CasEnv, t
             assert "too long" in line and len(line) < 300, line
     assert find_mount(mp) is None
     assert not os.path.exists(long)
+
+
+# -- 4. POSIX ACLs are enforced, as on ext4 -----------------------------------------------
+
+ACL_ACCESS = "system.posix_acl_access"
+ACL_DEFAULT = "system.posix_acl_default"
+A_USER_OBJ, A_USER, A_GROUP_OBJ, A_GROUP, A_MASK, A_OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+NO_ID = 0xFFFFFFFF
+NOBODY = 65534
+
+_PROBE = r"""
+import errno, json, os, sys
+fd = int(sys.argv[1])
+os.umask(0)  # pyfuse3 cannot ask for FUSE_DONT_MASK: the kernel applies the umask before casfs
+out = {}
+for name, how in json.loads(sys.argv[2]):
+    flags = {"r": os.O_RDONLY, "w": os.O_WRONLY, "c": os.O_WRONLY | os.O_CREAT | os.O_EXCL}[how]
+    try:
+        os.close(os.open(name, flags, 0o666, dir_fd=fd))
+        out[name + ":" + how] = "ok"
+    except OSError as exc:
+        out[name + ":" + how] = errno.errorcode[exc.errno]
+print(json.dumps(out))
+"""
+
+
+def acl(*entries: tuple[int, int, int]) -> bytes:
+    """A POSIX ACL in the kernel's xattr form: version 2, then (tag, perm, id) entries."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def as_nobody(root: Path, probes: list[tuple[str, str]]) -> dict[str, str]:
+    """Open each (name, "r"|"w"|"c") below ``root`` as uid/gid 65534 (setpriv(1)); the
+    directory is passed as an open fd, so its ancestors need not be searchable."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        r = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                            sys.executable, "-c", _PROBE, str(fd), json.dumps(probes)],
+                           pass_fds=(fd,), capture_output=True, text=True, timeout=60, check=True)
+    finally:
+        os.close(fd)
+    return dict(json.loads(r.stdout))
+
+
+def acl_scenario(root: Path) -> tuple[dict[str, str], dict[str, object]]:
+    """The same ACL changes on ``root``: what uid 65534 may open, and the modes and ACLs."""
+    deny = root / "deny"
+    deny.write_bytes(b"secret")
+    os.chmod(deny, 0o644)
+    # a deny entry for one user: everyone else may read, that user may not
+    os.setxattr(deny, ACL_ACCESS, acl((A_USER_OBJ, 6, NO_ID), (A_USER, 0, NOBODY), (A_GROUP_OBJ, 4, NO_ID),
+                                      (A_MASK, 4, NO_ID), (A_OTHER, 4, NO_ID)))
+    grant = root / "grant"
+    grant.write_bytes(b"shared")
+    os.chmod(grant, 0o600)
+    os.setxattr(grant, ACL_ACCESS, acl((A_USER_OBJ, 6, NO_ID), (A_USER, 6, NOBODY), (A_GROUP_OBJ, 0, NO_ID),
+                                       (A_MASK, 6, NO_ID), (A_OTHER, 0, NO_ID)))
+    masked = root / "masked"
+    masked.write_bytes(b"x")
+    os.setxattr(masked, ACL_ACCESS, acl((A_USER_OBJ, 6, NO_ID), (A_USER, 6, NOBODY), (A_GROUP_OBJ, 0, NO_ID),
+                                        (A_MASK, 6, NO_ID), (A_OTHER, 0, NO_ID)))
+    os.chmod(masked, 0o600)   # chmod sets the mask to the group bits: the grant is masked out
+    shared = root / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o755)
+    os.setxattr(shared, ACL_DEFAULT, acl((A_USER_OBJ, 7, NO_ID), (A_USER, 7, NOBODY), (A_GROUP_OBJ, 5, NO_ID),
+                                         (A_MASK, 7, NO_ID), (A_OTHER, 0, NO_ID)))
+    os.setxattr(shared, ACL_ACCESS, acl((A_USER_OBJ, 7, NO_ID), (A_USER, 7, NOBODY), (A_GROUP_OBJ, 5, NO_ID),
+                                        (A_MASK, 7, NO_ID), (A_OTHER, 0, NO_ID)))
+    inherited = shared / "inherited"
+    fd = os.open(inherited, os.O_WRONLY | os.O_CREAT, 0o640)
+    os.close(fd)
+    sub = shared / "sub"
+    sub.mkdir(0o750)
+    access = as_nobody(root, [("deny", "r"), ("deny", "w"), ("grant", "r"), ("grant", "w"),
+                              ("masked", "r"), ("shared/inherited", "w"), ("shared/new", "c"),
+                              ("shared/sub/new", "c")])
+    facts: dict[str, object] = {}
+    for p in (deny, grant, masked, shared, inherited, sub, shared / "new"):
+        try:
+            facts[p.name + ":mode"] = oct(stat.S_IMODE(os.stat(p).st_mode))
+        except FileNotFoundError:
+            facts[p.name + ":mode"] = "ENOENT"
+            continue
+        for name in (ACL_ACCESS, ACL_DEFAULT):
+            try:
+                facts[f"{p.name}:{name}"] = os.getxattr(p, name).hex()
+            except OSError as exc:
+                facts[f"{p.name}:{name}"] = errno.errorcode[exc.errno or 0]
+    return access, facts
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+def test_posix_acls_are_enforced_like_ext4(casenv: CasEnv, tmp_path: Path) -> None:
+    casenv.init("vol")
+    mp = casenv.mount("vol", None, "--allow-other")   # other users may use the mount at all
+    os.chmod(mp, 0o755)
+    got, got_facts = acl_scenario(mp)
+    assert got == {"deny:r": "EACCES", "deny:w": "EACCES", "grant:r": "ok", "grant:w": "ok",
+                   "masked:r": "EACCES", "shared/inherited:w": "EACCES", "shared/new:c": "ok",
+                   "shared/sub/new:c": "EACCES"}, got   # sub's mask is its mode's r-x
+    # side by side with the local filesystem (ext4/tmpfs with ACLs): same access, modes, ACLs
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    os.chmod(ref, 0o755)
+    want, want_facts = acl_scenario(ref)
+    assert got == want
+    assert got_facts == want_facts
