@@ -418,7 +418,10 @@ class CasOperations(pyfuse3.Operations):
 
     @_translate
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        return self.fs.listxattr(inode)
+        names = self.fs.listxattr(inode)
+        if ctx.uid != 0:  # trusted.* is visible only to CAP_SYS_ADMIN (Linux xattr(7))
+            names = [n for n in names if not n.startswith(b"trusted.")]
+        return names
 
     @_translate
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:

@@ -370,3 +370,111 @@ def test_posix_acls_are_enforced_like_ext4(casenv: CasEnv, tmp_path: Path) -> No
     want, want_facts = acl_scenario(ref)
     assert got == want
     assert got_facts == want_facts
+
+
+# -- 5. xattrs and file sizes cannot grow the daemon without bound --------------------------
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_xattr_space_per_inode_is_bounded(casenv: CasEnv) -> None:
+    casenv.init("vol")
+    mp = casenv.mount("vol")
+    f = mp / "f"
+    f.write_bytes(b"x")
+    os.setxattr(f, "user.a", b"a" * 60000)
+    os.setxattr(f, "user.b", b"b" * 60000)
+    with pytest.raises(OSError) as ei:          # 120,000 + 12,000 bytes > 128 KiB
+        os.setxattr(f, "user.c", b"c" * 12000)
+    assert ei.value.errno == errno.ENOSPC
+    assert sorted(os.listxattr(f)) == ["user.a", "user.b"]
+    os.setxattr(f, "user.a", b"a" * 48000)      # replacing a value counts the new one only
+    os.setxattr(f, "user.c", b"c" * 12000)
+    assert os.getxattr(f, "user.c") == b"c" * 12000
+    # a bare namespace prefix names nothing (ext4: EINVAL)
+    for name in ("user.", "trusted.", "security."):
+        with pytest.raises(OSError) as ei:
+            os.setxattr(f, name, b"v")
+        assert ei.value.errno == errno.EINVAL, name
+    with pytest.raises(OSError) as ei:
+        os.getxattr(f, "user.")
+    assert ei.value.errno == errno.EINVAL
+    casenv.umount(mp)
+    mp = casenv.mount("vol")
+    assert os.getxattr(mp / "f", "user.a") == b"a" * 48000
+    assert "user." not in os.listxattr(mp / "f")
+
+
+def test_xattrs_do_not_grow_the_daemon(casenv: CasEnv) -> None:
+    casenv.init("vol")
+    mp = casenv.mount("vol")
+    pid = casenv.daemon_pid(mp)
+    d = mp / "d"
+    d.mkdir()
+    value = os.urandom(60000)
+    for i in range(8):              # warm up: code paths, database connection buffers
+        (d / f"w{i}").write_bytes(b"")
+        os.setxattr(d / f"w{i}", "user.v", value)
+        os.getxattr(d / f"w{i}", "user.v")
+    before = rss_kib(pid)
+    n = 1200                        # 1200 files x 120,000 bytes of values = 137 MiB
+    for i in range(n):
+        p = d / f"f{i}"
+        p.write_bytes(b"")
+        os.setxattr(p, "user.a", value)
+        os.setxattr(p, "user.b", value)
+    for i in range(n):              # read back: every inode's xattrs pass through the cache
+        assert os.getxattr(d / f"f{i}", "user.b") == value
+    grown_mib = (rss_kib(pid) - before) / 1024
+    # the cache holds at most 16 MiB; without a bound it would hold all 137 MiB
+    assert grown_mib < 64, f"daemon RSS grew by {grown_mib:.0f} MiB"
+
+
+def test_trusted_xattrs_hidden_from_other_users(casenv: CasEnv) -> None:
+    casenv.init("vol")
+    mp = casenv.mount("vol", None, "--allow-other")
+    f = mp / "f"
+    f.write_bytes(b"x")
+    os.chmod(f, 0o644)
+    os.setxattr(f, "user.visible", b"1")
+    os.setxattr(f, "trusted.hidden", b"2")
+    assert sorted(os.listxattr(f)) == ["trusted.hidden", "user.visible"]   # root sees both
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        r = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                            sys.executable, "-c", "import os, sys; print(sorted(os.listxattr(int(sys.argv[1]))))",
+                            str(fd)], pass_fds=(fd,), capture_output=True, text=True, timeout=60, check=True)
+    finally:
+        os.close(fd)
+    assert r.stdout.strip() == "['user.visible']"
+
+
+def test_maximum_file_size(casenv: CasEnv) -> None:
+    from cas.fs import MAX_FILE_SIZE
+    casenv.init("vol")
+    mp = casenv.mount("vol")
+    f = mp / "big"
+    f.write_bytes(b"head")
+    with pytest.raises(OSError) as ei:
+        os.truncate(f, MAX_FILE_SIZE + 1)
+    assert ei.value.errno == errno.EFBIG
+    assert os.stat(f).st_size == 4
+    os.truncate(f, MAX_FILE_SIZE)
+    assert os.stat(f).st_size == MAX_FILE_SIZE
+    fd = os.open(f, os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as ei:
+            os.pwrite(fd, b"tail", MAX_FILE_SIZE)
+        assert ei.value.errno == errno.EFBIG
+        assert os.pwrite(fd, b"tail", MAX_FILE_SIZE - 2) == 2   # a write stops at the maximum
+        assert os.pread(fd, 8, MAX_FILE_SIZE - 4) == b"\0\0ta"
+        assert os.pread(fd, 4, 0) == b"head"
+    finally:
+        os.close(fd)
+    casenv.umount(mp)
+    mp = casenv.mount("vol")
+    assert os.stat(mp / "big").st_size == MAX_FILE_SIZE
