@@ -395,9 +395,10 @@ class CasOperations(pyfuse3.Operations):
             self.fs.setxattr(inode, name, value)
 
     def _set_access_acl(self, inode: int, value: bytes) -> None:
-        """Without FUSE_POSIX_ACL the kernel hands ACL writes over as plain xattrs, but
-        an access ACL also sets the mode (cp -a, tar and rsync set modes this way):
-        do what a local filesystem does (posix_acl_update_mode). The mode takes the
+        """With FUSE_POSIX_ACL the kernel checks and caches ACLs but leaves the mode to
+        the filesystem (Linux fs/fuse/acl.c), and an access ACL also sets the mode (cp -a,
+        tar and rsync set modes this way): do what a local filesystem does
+        (posix_acl_update_mode). The mode takes the
         ACL's bits; an ACL that says no more than the mode is not stored."""
         perms, equivalent = acl_mode(value)
         cur = self.fs.getattr(inode)
