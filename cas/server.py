@@ -13,7 +13,8 @@ Other local users get no way in (docs/security.md): the socket lives only in a d
 that this user owns and nobody else can write (the volume's ``run/``, or for a long
 volume path a private directory made with mkdtemp(3) whose path is recorded in
 ``run/sockdir`` and checked with lstat(2) on every use); the server runs with
-``--secure-file-priv=/dev/null`` so no statement reads or writes files; and a pid from
+``--secure-file-priv=/dev/null`` so no statement reads or writes files, and with its
+temporary files in the private ``run/tmp``; and a pid from
 ``run/mysqld.pid`` is signalled only after ``/proc/PID/cmdline`` shows this datadir's
 mariadbd, through a pidfd so a reused pid is never hit.
 """
@@ -192,12 +193,26 @@ class EmbeddedServer:
             raise ServerError(f"mariadbd is not installed: {INSTALL_HINT}")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         cmd = [tool, "--no-defaults", f"--datadir={self.datadir}",
-               "--auth-root-authentication-method=normal", "--skip-test-db"]
+               "--auth-root-authentication-method=normal", "--skip-test-db",
+               f"--tmpdir={self._private_tmp()}"]
         cmd += _user_args()
         with open(self.log_dir / "mariadb-install.log", "wb") as log:
             rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
         if rc != 0:
             raise ServerError(f"mariadb-install-db failed (exit {rc}); see {self.log_dir / 'mariadb-install.log'}")
+
+    def _private_tmp(self) -> Path:
+        """``run/tmp``, the server's temporary directory (mode 0700): its temporary tables
+        and files never go to a directory other users share (/tmp). Raises ServerError."""
+        d = self.run_dir / "tmp"
+        try:
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise ServerError(f"cannot create {d}: {exc.strerror}") from exc
+        problem = private_dir_problem(d)
+        if problem is not None:
+            raise ServerError(f"refusing the server's temporary directory: {problem}")
+        return d
 
     def acquire(self) -> None:
         """Register as a user of the server, starting it if needed. Raises ServerError."""
@@ -256,7 +271,7 @@ class EmbeddedServer:
                "--innodb-buffer-pool-size=128M", "--innodb-log-file-size=64M",
                "--max-connections=200", "--character-set-server=utf8mb4",
                "--skip-name-resolve", "--transaction-isolation=READ-COMMITTED",
-               f"--secure-file-priv={SECURE_FILE_PRIV}"]
+               f"--secure-file-priv={SECURE_FILE_PRIV}", f"--tmpdir={self._private_tmp()}"]
         cmd += _user_args()
         self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL, start_new_session=True)

@@ -139,6 +139,10 @@ def test_long_volume_path_never_uses_a_predictable_socket_dir(
                     assert ei.value.args[0] == 1290, ei.value   # ER_OPTION_PREVENTS_STATEMENT
                 cur.execute("SELECT LOAD_FILE(%s)", (f"{xdg}/casfs/vol/volume.toml",))
                 assert cur.fetchall() == ((None,),)
+                # temporary files stay in the private run/tmp, not in the shared /tmp
+                cur.execute("SELECT @@tmpdir")
+                assert cur.fetchall() == ((str(run_dir / "tmp"),),)
+                assert private_dir_problem(run_dir / "tmp") is None
         finally:
             conn.close()
         assert not (tmp_path / "out").exists()
@@ -168,6 +172,19 @@ def test_recorded_socket_dir_taken_over_is_not_used(casenv: CasEnv, long_home: P
         assert new != sockdir and private_dir_problem(new) is None
     finally:
         shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def test_run_directory_others_can_write_is_refused(casenv: CasEnv) -> None:
+    casenv.init("vol", embedded=True)
+    run_dir = casenv.data_home / "vol" / "run"
+    os.chmod(run_dir, 0o777)
+    try:
+        r = casenv.run("stats", "vol", check=False)
+        assert_error(r, "refusing run directory", str(run_dir))
+        assert not (run_dir / "mysqld.sock").exists()
+    finally:
+        os.chmod(run_dir, 0o700)
+    casenv.run("stats", "vol")
 
 
 # -- 2. pids from the pid file are checked before any signal ------------------------------
