@@ -36,11 +36,16 @@ from .errors import (Exists, FsError, InvalidArgument, IsADirectory, NameTooLong
 from .filedata import FileData, InodeData
 from .meta import ROOT_INODE, Metadata
 from .store import LocalStore
+from .xattrs import XattrCache, check_name, check_space
 
 log = logging.getLogger(__name__)
 
 NAME_MAX = 255          # bytes, POSIX NAME_MAX on Linux
 XATTR_SIZE_MAX = 65536  # bytes, Linux limits.h
+# The largest file size (bytes): 8 PiB = 2**53, so that every size and offset stays exact
+# as a double (stats, JSON) and slot numbers (offset // chunk size) stay below 2**37.
+# truncate(2) beyond it is EFBIG, write(2) stops there (POSIX); docs/security.md.
+MAX_FILE_SIZE = 1 << 53
 RENAME_NOREPLACE = 1    # linux/fs.h
 RENAME_EXCHANGE = 2
 ATTR_CACHE_ENTRIES = 100_000  # inode rows kept in RAM (about 250 bytes each)
@@ -153,7 +158,7 @@ class Filesystem:
         self.attrs: OrderedDict[int, Attr] = OrderedDict()
         self.closed_dirty: set[int] = set()  # released files whose flush is batched
         self.dir_opens: dict[int, int] = {}  # directory inode -> open handles
-        self.xattr_cache: OrderedDict[int, dict[bytes, bytes]] = OrderedDict()
+        self.xattr_cache = XattrCache()  # bounded in bytes (cas/xattrs.py)
         self.cloud: CloudTier | None = None
         # New chunks join the upload queue whenever the volume has a cloud tier, even
         # while this mount cannot reach it (the queue is drained by a later mount).
@@ -316,6 +321,8 @@ class Filesystem:
         cur = self._get(ino)
         now = time.time_ns()
         if size is not None:
+            if size > MAX_FILE_SIZE:
+                raise FsError(f"size {size} is beyond the maximum file size {MAX_FILE_SIZE}", errno.EFBIG)
             if S.S_ISDIR(cur.mode):
                 raise IsADirectory("truncate of a directory")
             if not S.S_ISREG(cur.mode):
@@ -653,7 +660,13 @@ class Filesystem:
 
     @_locked
     def write(self, ino: int, offset: int, data: bytes) -> int:
-        """Write ``data`` at ``offset`` into open file ``ino``; returns len(data)."""
+        """Write ``data`` at ``offset`` into open file ``ino``; returns the bytes written:
+        len(data), or fewer when the write would pass MAX_FILE_SIZE (POSIX write(2)).
+        Raises FsError(EFBIG) for a write that starts at or beyond MAX_FILE_SIZE."""
+        if offset + len(data) > MAX_FILE_SIZE:
+            if offset >= MAX_FILE_SIZE:
+                raise FsError(f"write at {offset}: beyond the maximum file size", errno.EFBIG)
+            data = data[:MAX_FILE_SIZE - offset]
         return self.data.write(ino, offset, data)
 
     @_locked
@@ -778,7 +791,9 @@ class Filesystem:
     # -- xattrs ----------------------------------------------------------------------
     @_locked
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        """Value of extended attribute ``name``. Raises NoData (ENODATA), NotFound."""
+        """Value of extended attribute ``name``. Raises NoData (ENODATA), NotFound,
+        FsError (ERANGE, EINVAL: :func:`cas.xattrs.check_name`)."""
+        check_name(name)
         self._get(ino)
         value = self._xattrs(ino).get(name)
         if value is None:
@@ -789,14 +804,16 @@ class Filesystem:
     def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
         """Set extended attribute ``name`` (at most 255 bytes) to ``value`` (64 KiB max).
 
-        Raises ERANGE for a bad name, E2BIG for a large value (Linux xattr(7)), NotFound.
+        Raises ERANGE for a bad name, EINVAL for a bare namespace prefix, E2BIG for a
+        large value (Linux xattr(7)), ENOSPC when the inode's names and values would pass
+        XATTR_INODE_MAX (cas/xattrs.py), NotFound.
         """
-        if len(name) > 255 or not name:
-            raise FsError("xattr name", errno.ERANGE)
+        check_name(name)
         if len(value) > XATTR_SIZE_MAX:
             raise FsError("xattr value too large", errno.E2BIG)
         self._get(ino)
         xattrs = self._xattrs(ino)
+        check_space(xattrs, name, value)
         now = time.time_ns()
 
         def body(cur: Any) -> None:
@@ -804,6 +821,7 @@ class Filesystem:
             cur.execute("UPDATE inodes SET ctime_ns = %s WHERE id = %s", (now, ino))
         self.db.transaction(body)
         xattrs[name] = bytes(value)
+        self.xattr_cache.changed(ino)
         self._patch(ino, ctime_ns=now)
 
     @_locked
@@ -814,7 +832,9 @@ class Filesystem:
 
     @_locked
     def removexattr(self, ino: int, name: bytes) -> None:
-        """Remove extended attribute ``name``. Raises NoData if absent, NotFound."""
+        """Remove extended attribute ``name``. Raises NoData if absent, NotFound,
+        FsError (ERANGE, EINVAL: :func:`cas.xattrs.check_name`)."""
+        check_name(name)
         self._get(ino)
         xattrs = self._xattrs(ino)
         if name not in xattrs:
@@ -826,6 +846,7 @@ class Filesystem:
             cur.execute("UPDATE inodes SET ctime_ns = %s WHERE id = %s", (now, ino))
         self.db.transaction(body)
         del xattrs[name]
+        self.xattr_cache.changed(ino)
         self._patch(ino, ctime_ns=now)
 
     # -- statfs ----------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat as S
 import tomllib
 import uuid
 from dataclasses import dataclass, field
@@ -147,10 +148,54 @@ def open_volume(name: str) -> Volume:
     return vol
 
 
+def check_new_volume_dir(path: Path) -> None:
+    """Refuse ``path`` as the directory of a new volume unless it is safe to fill.
+
+    An existing directory must be empty (init never mixes a volume with other files),
+    owned by this effective uid and writable by nobody else (no group/other write bit):
+    other users must not be able to add, replace or remove anything in a volume (its
+    ``run/`` holds the embedded server's socket and pid file). Its parent, when it
+    exists, must not let every user rename entries (world-writable without the
+    sticky bit, see chmod(2) S_ISVTX; group write is common with user private groups and
+    allowed there). Raises VolumeError; nothing is created.
+    """
+    parent = path.parent
+    try:
+        pst = os.stat(parent)
+    except FileNotFoundError:
+        pst = None
+    except OSError as exc:
+        raise VolumeError(f"cannot use {parent}: {exc.strerror}") from exc
+    if pst is not None and pst.st_mode & 0o002 and not pst.st_mode & S.S_ISVTX:
+        raise VolumeError(f"refusing to create a volume in {parent}: every user can rename "
+                          f"entries there (mode {S.S_IMODE(pst.st_mode):04o}, no sticky bit)")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise VolumeError(f"cannot use {path}: {exc.strerror}") from exc
+    if not S.S_ISDIR(st.st_mode):
+        raise VolumeError(f"{path} exists and is not a directory")
+    if st.st_uid != os.geteuid():
+        raise VolumeError(f"refusing volume directory {path}: it is owned by uid {st.st_uid}, "
+                          f"not by uid {os.geteuid()}")
+    if st.st_mode & 0o022:
+        raise VolumeError(f"refusing volume directory {path}: other users can write into it "
+                          f"(mode {S.S_IMODE(st.st_mode):04o}); chmod 700 it first")
+    try:
+        entries = os.listdir(path)
+    except OSError as exc:
+        raise VolumeError(f"cannot use {path}: {exc.strerror}") from exc
+    if entries:
+        raise VolumeError(f"refusing volume directory {path}: it is not empty ({len(entries)} entries)")
+
+
 def create_volume_dir(name: str, chunk_size: int, compression: str, meta_url: str) -> Volume:
     """Create the directory and config of a new volume (not its database).
 
-    Raises VolumeError if the volume exists already or arguments are invalid.
+    Raises VolumeError if the volume exists already, arguments are invalid, or the
+    directory is not safe to use (:func:`check_new_volume_dir`).
     """
     check_chunk_size(chunk_size)
     try:
@@ -160,6 +205,7 @@ def create_volume_dir(name: str, chunk_size: int, compression: str, meta_url: st
     path = volume_path(name)
     if (path / "volume.toml").exists():
         raise VolumeError(f"volume {name!r} already exists ({path})")
+    check_new_volume_dir(path)
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         for sub in ("chunks", "run", "log"):

@@ -1,7 +1,7 @@
 """Kernel-facing caches of the FUSE layer: which files may keep their page cache across
 opens (``keep_cache``), recently listed directories (pyfuse3 cannot ask the kernel to
-cache listings), and the mode an access ACL implies (without FUSE_POSIX_ACL the kernel
-hands ACL writes over as plain xattrs). See fusefront/operations.py for how they are used.
+cache listings), and the mode an access ACL implies (the kernel leaves setting it to
+the filesystem; fusefront/acl.py). See fusefront/operations.py for how they are used.
 """
 from __future__ import annotations
 

@@ -18,8 +18,11 @@ coherent for every change made through the mount, so this layer lets it cache a 
   numbers and offsets of recently listed directories here, dropped by every change to
   the directory. Attributes are always taken fresh from the engine.
 
-Without FUSE_POSIX_ACL the kernel hands ACL writes to the filesystem as plain xattrs;
-an access ACL also sets the mode, as on a local filesystem (:meth:`_set_access_acl`).
+POSIX ACLs are enforced: the mount asks for FUSE_POSIX_ACL (``enable_acl``), so the
+kernel checks permissions against the ACLs it reads through getxattr, and this layer
+does the rest of what a local filesystem does: an access ACL also sets the mode
+(:meth:`_set_access_acl`), chmod rewrites the access ACL, and new inodes inherit a
+directory's default ACL (fusefront/acl.py, docs/security.md).
 
 Concurrency: pyfuse3 runs these coroutines on the trio loop thread, and the engine is
 synchronous and serializes itself with one lock; its calls are made directly from the
@@ -35,6 +38,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 from bisect import bisect_right
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -44,6 +48,7 @@ import pyfuse3
 from cas.errors import CasError, FsError, NoData, NotFound
 from cas.fs import Attr, Filesystem
 
+from .acl import ACL_DEFAULT, acl_chmod, acl_create
 from .kernelcache import Listings, PageCacheGuard, acl_mode
 
 log = logging.getLogger(__name__)
@@ -116,7 +121,7 @@ class CasOperations(pyfuse3.Operations):
     SETATTR per file.
     """
 
-    enable_acl = False
+    enable_acl = True   # FUSE_POSIX_ACL: the kernel enforces ACLs (docs/security.md)
 
     def __init__(self, fs: Filesystem, *, writeback_cache: bool = False) -> None:
         super().__init__()
@@ -178,9 +183,37 @@ class CasOperations(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
+        if fields.update_mode:
+            self._chmod_acl(inode, a.mode)
         if not fields.update_size:
             self.pages.times_changed(a)
         return self._e(a)
+
+    def _inherit(self, parent_inode: int, mode: int, umask: int) -> tuple[int, bytes | None, bytes | None]:
+        """Mode, access ACL and default ACL of a new inode of ``mode`` in ``parent_inode``:
+        with a default ACL there, what posix_acl_create() gives (the umask does not
+        apply; a directory also inherits the default ACL); else ``mode`` less the umask."""
+        try:
+            dacl = self.fs.getxattr(parent_inode, ACL_DEFAULT)
+        except NoData:
+            return mode & ~umask, None, None
+        new_mode, access = acl_create(dacl, mode)
+        return new_mode, access, (dacl if stat.S_ISDIR(mode) else None)
+
+    def _set_inherited(self, attr: Attr, access: bytes | None, dacl: bytes | None) -> Attr:
+        if access is not None:
+            self.fs.setxattr(attr.ino, ACL_ACCESS, access)
+        if dacl is not None:
+            self.fs.setxattr(attr.ino, ACL_DEFAULT, dacl)
+        return attr if access is None and dacl is None else self.fs.getattr(attr.ino)
+
+    def _chmod_acl(self, inode: int, mode: int) -> None:
+        """A chmod rewrites the owner, mask and other entries of an access ACL (posix_acl_chmod)."""
+        try:
+            access = self.fs.getxattr(inode, ACL_ACCESS)
+        except NoData:
+            return
+        self.fs.setxattr(inode, ACL_ACCESS, acl_chmod(access, mode))
 
     @_translate
     async def readlink(self, inode: int, ctx: Any) -> bytes:
@@ -189,12 +222,16 @@ class CasOperations(pyfuse3.Operations):
     @_translate
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> pyfuse3.EntryAttributes:
         self.listings.drop(parent_inode)
-        return self._e(self.fs.mknod(parent_inode, name, mode & ~ctx.umask, rdev, ctx.uid, ctx.gid))
+        mode, access, dacl = self._inherit(parent_inode, mode, ctx.umask)
+        a = self.fs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid)
+        return self._e(self._set_inherited(a, access, dacl))
 
     @_translate
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
         self.listings.drop(parent_inode)
-        return self._e(self.fs.mkdir(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid))
+        mode, access, dacl = self._inherit(parent_inode, mode | stat.S_IFDIR, ctx.umask)
+        a = self.fs.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid)
+        return self._e(self._set_inherited(a, access, dacl))
 
     @_translate
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
@@ -239,7 +276,8 @@ class CasOperations(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self.listings.drop(parent_inode)
-        a = self.fs.create(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid)
+        mode, access, dacl = self._inherit(parent_inode, mode, ctx.umask)
+        a = self._set_inherited(self.fs.create(parent_inode, name, mode, ctx.uid, ctx.gid), access, dacl)
         self.pages.record(a)
         return pyfuse3.FileInfo(fh=a.ino, keep_cache=True), self._e(a)
 
@@ -357,9 +395,10 @@ class CasOperations(pyfuse3.Operations):
             self.fs.setxattr(inode, name, value)
 
     def _set_access_acl(self, inode: int, value: bytes) -> None:
-        """Without FUSE_POSIX_ACL the kernel hands ACL writes over as plain xattrs, but
-        an access ACL also sets the mode (cp -a, tar and rsync set modes this way):
-        do what a local filesystem does (posix_acl_update_mode). The mode takes the
+        """With FUSE_POSIX_ACL the kernel checks and caches ACLs but leaves the mode to
+        the filesystem (Linux fs/fuse/acl.c), and an access ACL also sets the mode (cp -a,
+        tar and rsync set modes this way): do what a local filesystem does
+        (posix_acl_update_mode). The mode takes the
         ACL's bits; an ACL that says no more than the mode is not stored."""
         perms, equivalent = acl_mode(value)
         cur = self.fs.getattr(inode)
@@ -380,7 +419,10 @@ class CasOperations(pyfuse3.Operations):
 
     @_translate
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        return self.fs.listxattr(inode)
+        names = self.fs.listxattr(inode)
+        if ctx.uid != 0:  # trusted.* is visible only to CAP_SYS_ADMIN (Linux xattr(7))
+            names = [n for n in names if not n.startswith(b"trusted.")]
+        return names
 
     @_translate
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:

@@ -18,10 +18,10 @@ from cas.fs import DURABILITY_MODES
 from cas.volume import DEFAULT_CHUNK, DEFAULT_NAME, create_volume_dir, open_volume, volume_path
 
 from . import drivecmd, maint, mountcmd
-from .common import human, parse_size, user_errors
+from .common import CasfsGroup, human, parse_size, user_errors
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CasfsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="casfs")
 def main() -> None:
     """casfs: a deduplicating FUSE filesystem (SHA-256 chunks, zstd, MySQL metadata)."""
@@ -88,6 +88,7 @@ def mount(mountpoint: str, volume: str, foreground: bool, allow_other: bool, cac
     `casfs umount MOUNTPOINT`.
     """
     cache = parse_size(cache_size)
+    mountcmd.check_mountpoint(mountpoint)  # a bad mountpoint creates no default volume
     try:
         vol = open_volume(volume)
     except VolumeError:

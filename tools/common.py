@@ -1,10 +1,11 @@
 """Helpers shared by the CLI command modules: sizes, errors, opening volumes."""
 from __future__ import annotations
 
+import errno
 import functools
 import re
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import click
 
@@ -50,6 +51,33 @@ def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
         except (CasError, MountpointError, ObjectStoreError) as exc:
             raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
     return wrapper
+
+
+def os_error_line(exc: OSError) -> str:
+    """A one-line message for an OSError: its strerror and the path(s) it names, a long
+    path shortened in the middle (ENAMETOOLONG names one of over 255 bytes)."""
+    def short(p: object) -> str:
+        t = str(p)
+        return t if len(t) <= 120 else t[:60] + "..." + t[-40:]
+    what = exc.strerror or type(exc).__name__
+    if exc.errno == errno.ENAMETOOLONG:
+        what += " (a path component is at most 255 bytes, a path 4095)"
+    names = [short(f) for f in (exc.filename, exc.filename2) if f is not None]
+    return f"{what}: {' -> '.join(names)}" if names else what
+
+
+class CasfsGroup(click.Group):
+    """The click group of `casfs`: an OSError that escapes any command (a path the OS
+    refuses: ENAMETOOLONG, EACCES, ELOOP ...) becomes a one-line message and exit
+    status 1 here, in one place, instead of a traceback. EPIPE is left to click."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:
+                raise
+            raise click.ClickException(os_error_line(exc)) from None
 
 
 def open_tier(meta: Metadata, endpoint: str | None = None) -> cloud.CloudTier:
