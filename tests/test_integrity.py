@@ -1,0 +1,112 @@
+"""Corruption heals instead of spreading (docs/integrity.md): bad marks, healing writes,
+`casfs fsck --repair` and `casfs scrub`, on real mounts, a real MariaDB and drivesim.
+
+A chunk file is damaged on disk by the test (one flipped byte, or the file deleted);
+what casfs believes is read from its database and its CLI, what the user sees through
+the mount.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pymysql
+import pytest
+
+from tests.conftest import CasEnv
+from tools.drivesim import FOLDER_MIME, DriveSim
+
+CHUNK = 64 * 1024
+
+
+def db_of(casenv: CasEnv, vol: str = "vol") -> pymysql.connections.Connection:
+    """An autocommit connection to the volume's database on the session server."""
+    import tomllib
+    from urllib.parse import parse_qs, urlparse
+    url = urlparse(tomllib.loads((casenv.data_home / vol / "volume.toml").read_text())["meta_url"])
+    return pymysql.connect(unix_socket=parse_qs(url.query)["unix_socket"][0], user="root",
+                           database=url.path.lstrip("/"), autocommit=True)
+
+
+def query(casenv: CasEnv, sql: str, args: Any = None) -> list[tuple[Any, ...]]:
+    conn = db_of(casenv)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, args)
+            return list(cur.fetchall())
+    finally:
+        conn.close()
+
+
+def chunks_of(casenv: CasEnv, path_in_mount: str) -> list[bytes]:
+    """Chunk ids of the file called ``path_in_mount`` (a name in the root), slot order."""
+    return [bytes(r[0]) for r in query(
+        casenv, "SELECT m.chunk FROM manifests m JOIN dentries d ON d.inode = m.inode "
+                "WHERE d.parent = 1 AND d.name = %s ORDER BY m.slot", (path_in_mount.encode(),))]
+
+
+def chunk_file(casenv: CasEnv, cid: bytes) -> Path:
+    h = cid.hex()
+    return casenv.data_home / "vol" / "chunks" / h[:2] / h[2:4] / h
+
+
+def flip_byte(path: Path, offset: int = 100) -> None:
+    """Flip one bit pattern of the byte at ``offset`` (past the 16-byte envelope header)."""
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def is_bad(casenv: CasEnv, cid: bytes) -> bool:
+    return bool(query(casenv, "SELECT bad FROM chunks WHERE id = %s", (cid,))[0][0])
+
+
+def wait_for(what: str, cond: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_eio(path: Path) -> None:
+    with pytest.raises(OSError) as ei:
+        path.read_bytes()
+    assert ei.value.errno == errno.EIO
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_bad_chunk_is_marked_and_a_rewrite_of_its_bytes_heals_it(casenv: CasEnv, damage: str) -> None:
+    casenv.init("vol", chunk_size="64KiB")
+    mp = casenv.mount("vol")
+    data = os.urandom(3 * CHUNK)                         # incompressible: stored raw
+    write_synced(mp / "a", data)
+    casenv.umount(mp)                                    # empty the RAM cache
+    victim = chunks_of(casenv, "a")[1]
+    if damage == "flip":
+        flip_byte(chunk_file(casenv, victim))
+    else:
+        chunk_file(casenv, victim).unlink()
+    mp = casenv.mount("vol", mp)
+    read_eio(mp / "a")
+    wait_for("the bad mark to commit", lambda: is_bad(casenv, victim))
+    write_synced(mp / "b", data)                         # the same bytes again: heals
+    assert (mp / "b").read_bytes() == data
+    assert (mp / "a").read_bytes() == data
+    assert not is_bad(casenv, victim)
+    casenv.umount(mp)
+    mp = casenv.mount("vol", mp)                         # from disk, not from RAM
+    assert (mp / "a").read_bytes() == data and (mp / "b").read_bytes() == data
+    casenv.umount(mp)
+    assert json.loads(casenv.run("fsck", "--json", "vol").stdout)["clean"]
