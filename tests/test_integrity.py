@@ -110,3 +110,78 @@ def test_bad_chunk_is_marked_and_a_rewrite_of_its_bytes_heals_it(casenv: CasEnv,
     assert (mp / "a").read_bytes() == data and (mp / "b").read_bytes() == data
     casenv.umount(mp)
     assert json.loads(casenv.run("fsck", "--json", "vol").stdout)["clean"]
+
+
+def test_fsck_repair_without_a_cloud_copy_lists_every_path_and_fails(casenv: CasEnv) -> None:
+    casenv.init("vol", chunk_size="64KiB")
+    mp = casenv.mount("vol")
+    data = os.urandom(2 * CHUNK)
+    (mp / "d").mkdir()
+    (mp / "e" / "f").mkdir(parents=True)
+    write_synced(mp / "a", data)
+    os.link(mp / "a", mp / "d" / "x")                     # a hard link: both names are damaged
+    write_synced(mp / "e" / "f" / "copy", data[:CHUNK])   # shares the first chunk
+    write_synced(mp / "fine", os.urandom(CHUNK))
+    casenv.umount(mp)
+    victim = chunks_of(casenv, "a")[0]
+    flip_byte(chunk_file(casenv, victim))
+    r = casenv.run("fsck", "--repair", "vol", check=False)
+    assert r.returncode == 1, r.stdout + r.stderr
+    damaged = [line.split("damaged file ", 1)[1] for line in r.stdout.splitlines() if "damaged file " in line]
+    assert damaged == ["/a", "/d/x", "/e/f/copy"]
+    assert "0 replaced from the cloud" in r.stdout and "1 unrepaired" in r.stdout
+    assert len(r.stderr.strip().splitlines()) == 1 and "1 chunks stay unrepaired: 3 files" in r.stderr
+    assert is_bad(casenv, victim)
+    r = casenv.run("fsck", "--repair", "--json", "vol", check=False)
+    assert r.returncode == 1
+    rep = json.loads(r.stdout)["chunk_repair"]
+    assert rep["unrepaired"] == [victim.hex()] and rep["damaged_files"] == ["/a", "/d/x", "/e/f/copy"]
+    assert rep["paths"] == {victim.hex(): ["/a", "/d/x", "/e/f/copy"]}
+    mp = casenv.mount("vol", mp)                          # the bytes come back: the volume heals
+    write_synced(mp / "again", data[:CHUNK])
+    casenv.umount(mp)
+    assert casenv.run("fsck", "--repair", "vol").returncode == 0
+    mp = casenv.mount("vol", mp)
+    assert (mp / "d" / "x").read_bytes() == data
+
+
+@pytest.fixture
+def disk_sim(tmp_path: Path) -> Iterator[DriveSim]:
+    """A DriveSim keeping its files under tmp_path/drive (so a test can damage them)."""
+    sim = DriveSim(data_dir=tmp_path / "drive", seed=8)
+    sim.start()
+    try:
+        yield sim
+    finally:
+        sim.stop()
+
+
+def upload(casenv: CasEnv, sim: DriveSim, files: dict[str, bytes]) -> Path:
+    """A volume with a Drive tier on ``sim``, mounted, holding ``files``, all uploaded."""
+    from tests.test_drive import drained, fsync_tree, setup_volume
+    setup_volume(casenv, sim)
+    mp = casenv.mount("vol")
+    for name, data in files.items():
+        (mp / name).write_bytes(data)
+    fsync_tree(mp)
+    wait_for("the upload queue to drain", lambda: drained(casenv), 120)
+    return mp
+
+
+def test_fsck_repair_refetches_bad_and_missing_chunks_from_drive(casenv: CasEnv, disk_sim: DriveSim) -> None:
+    files = {"a": os.urandom(3 * CHUNK), "b": os.urandom(2 * CHUNK)}
+    mp = upload(casenv, disk_sim, files)
+    casenv.umount(mp)
+    flipped, deleted = chunks_of(casenv, "a")[1], chunks_of(casenv, "b")[0]
+    flip_byte(chunk_file(casenv, flipped))
+    chunk_file(casenv, deleted).unlink()
+    rep = json.loads(casenv.run("fsck", "--json", "vol", check=False).stdout)
+    assert rep["corrupt_chunks"] == [flipped.hex()] and rep["missing_files"] == [deleted.hex()]
+    r = casenv.run("fsck", "--repair", "--json", "vol")
+    fixed = json.loads(r.stdout)["chunk_repair"]
+    assert sorted(fixed["replaced"]) == sorted([flipped.hex(), deleted.hex()]) and fixed["unrepaired"] == []
+    assert json.loads(casenv.run("fsck", "--json", "vol").stdout)["clean"]
+    assert chunk_file(casenv, deleted).exists()
+    mp = casenv.mount("vol", mp)
+    for name, data in files.items():
+        assert (mp / name).read_bytes() == data
