@@ -185,3 +185,53 @@ def test_fsck_repair_refetches_bad_and_missing_chunks_from_drive(casenv: CasEnv,
     mp = casenv.mount("vol", mp)
     for name, data in files.items():
         assert (mp / name).read_bytes() == data
+
+
+def scrub(casenv: CasEnv, *args: str) -> tuple[int, dict[str, Any]]:
+    r = casenv.run("scrub", "--json", *args, "vol", check=False)
+    assert r.returncode in (0, 1), r.stdout + r.stderr
+    return r.returncode, json.loads(r.stdout)
+
+
+def test_scrub_marks_a_flipped_byte_and_resumes_from_its_cursor(casenv: CasEnv) -> None:
+    casenv.init("vol", chunk_size="64KiB")
+    mp = casenv.mount("vol")
+    write_synced(mp / "a", os.urandom(6 * CHUNK))
+    write_synced(mp / "b", os.urandom(2 * CHUNK))
+    ids = sorted(chunks_of(casenv, "a") + chunks_of(casenv, "b"))
+    victim = ids[-1]                                     # verified last (id order)
+    flip_byte(chunk_file(casenv, victim))                # while mounted: scrub is safe then
+    code, first = scrub(casenv, "--stop-after", "3")
+    assert code == 0 and not first["complete"] and first["local"]["checked"] == 3
+    cursor = query(casenv, "SELECT v FROM meta WHERE k = 'scrub_local_cursor'")
+    assert json.loads(cursor[0][0])["at"] == ids[2].hex()
+    assert not is_bad(casenv, victim)
+    code, second = scrub(casenv)                         # continues after the third chunk
+    assert code == 1 and second["complete"] and second["local"]["resumed"]
+    assert second["local"]["checked"] == len(ids) - 3 and second["local"]["pass_checked"] == len(ids)
+    assert second["local"]["bad"] == [victim.hex()]
+    assert is_bad(casenv, victim)
+    assert not query(casenv, "SELECT v FROM meta WHERE k = 'scrub_local_cursor'")
+    code, third = scrub(casenv, "--restart", "--rate", "1")  # from the start, paced at 1 MiB/s
+    assert code == 1 and third["local"]["checked"] == len(ids) and not third["local"]["resumed"]
+    r = casenv.run("scrub", "vol", check=False)          # not a terminal: plain report lines
+    assert r.returncode == 1 and f"bad chunk {victim.hex()}" in r.stdout
+    assert f"local: verified {len(ids)} chunks" in r.stdout
+
+
+def test_scrub_cloud_reports_a_corrupted_pack(casenv: CasEnv, disk_sim: DriveSim) -> None:
+    files = {"a": os.urandom(3 * CHUNK), "b": os.urandom(3 * CHUNK)}
+    mp = upload(casenv, disk_sim, files)
+    code, clean = scrub(casenv, "--cloud")
+    assert code == 0 and clean["cloud"]["complete"] and clean["cloud"]["checked"] == 6
+    victim = chunks_of(casenv, "a")[2]
+    pack, pos = query(casenv, "SELECT p.name, e.pos FROM pack_entries e JOIN packs p ON p.id = e.pack "
+                              "WHERE e.chunk = %s", (victim,))[0]
+    obj = next(f for f in disk_sim.files() if f["mimeType"] != FOLDER_MIME and f["name"] == pack)
+    flip_byte(disk_sim.data_dir / "blobs" / obj["id"], int(pos) + 100)   # type: ignore[operator]
+    code, found = scrub(casenv, "--cloud")
+    assert code == 1 and found["cloud"]["bad_packs"] == {pack: [victim.hex()]}
+    assert found["local"]["bad"] == [] and not is_bad(casenv, victim)   # the local copy is good
+    r = casenv.run("scrub", "--cloud", "vol", check=False)
+    assert r.returncode == 1 and f"pack {pack}: 1 bad chunks" in r.stdout
+    assert (mp / "a").read_bytes() == files["a"]

@@ -17,6 +17,7 @@ from cas.errors import VolumeError
 from cas.volume import DEFAULT_CHUNK, DEFAULT_NAME, create_volume_dir, open_volume, volume_path
 
 from . import drivecmd, maint, mountcmd
+from . import scrubcmd
 from .common import human, parse_size, user_errors
 
 
@@ -107,6 +108,7 @@ def umount(mountpoint: str, timeout: float) -> None:
 
 maint.register(main)
 drivecmd.register(main)
+main.add_command(scrubcmd.scrub)
 
 if __name__ == "__main__":
     sys.exit(main())
