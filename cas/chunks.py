@@ -300,7 +300,9 @@ class ChunkManager:
         for slen, cid in rewritten:
             cur.execute("UPDATE chunks SET bad = 0, is_local = 1, stored_length = %s WHERE id = %s", (slen, cid))
         if self.enqueue:
-            new = [cid for cid in gain if cid not in rows]
+            # new chunks, and rewritten ones (a bad chunk left the queue unuploaded; one
+            # already confirmed in a pack is dropped from the queue at the next claim)
+            new = [cid for cid in gain if cid not in rows] + [cid for _, cid in rewritten]
             for batch in _batches(new):
                 cur.execute("INSERT IGNORE INTO upload_queue (chunk) VALUES "
                             + ",".join(["(%s)"] * len(batch)), batch)

@@ -235,3 +235,25 @@ def test_scrub_cloud_reports_a_corrupted_pack(casenv: CasEnv, disk_sim: DriveSim
     r = casenv.run("scrub", "--cloud", "vol", check=False)
     assert r.returncode == 1 and f"pack {pack}: 1 bad chunks" in r.stdout
     assert (mp / "a").read_bytes() == files["a"]
+
+
+def test_a_corrupt_chunk_is_never_uploaded_and_its_healing_write_queues_it(
+        casenv: CasEnv, drive_sim: DriveSim) -> None:
+    from tests.test_drive import drained, status
+    casenv.init("vol", chunk_size="64KiB")
+    mp = casenv.mount("vol")
+    data = os.urandom(4 * CHUNK)
+    write_synced(mp / "a", data)
+    casenv.umount(mp)
+    victim = chunks_of(casenv, "a")[3]
+    flip_byte(chunk_file(casenv, victim))
+    casenv.run("drive", "auth", "--endpoint", drive_sim.url, "--pack-size", "256KiB", "--pack-age", "0", "vol")
+    casenv.run("drive", "push", "--timeout", "120", "vol")   # ends: the bad chunk leaves the queue
+    in_cloud = {bytes(r[0]) for r in query(casenv, "SELECT chunk FROM pack_entries")}
+    assert in_cloud == set(chunks_of(casenv, "a")) - {victim}  # the damage did not spread
+    assert is_bad(casenv, victim) and status(casenv)["queued_chunks"] == 0
+    mp = casenv.mount("vol", mp)
+    write_synced(mp / "b", data)                               # heals it, and queues it again
+    wait_for("the healed chunk's upload", lambda: drained(casenv) and bool(
+        query(casenv, "SELECT 1 FROM pack_entries WHERE chunk = %s", (victim,))), 120)
+    assert (mp / "a").read_bytes() == data
