@@ -257,3 +257,17 @@ def test_a_corrupt_chunk_is_never_uploaded_and_its_healing_write_queues_it(
     wait_for("the healed chunk's upload", lambda: drained(casenv) and bool(
         query(casenv, "SELECT 1 FROM pack_entries WHERE chunk = %s", (victim,))), 120)
     assert (mp / "a").read_bytes() == data
+
+
+def test_a_read_replaces_a_corrupt_local_file_by_its_drive_copy(casenv: CasEnv, drive_sim: DriveSim) -> None:
+    files = {"a": os.urandom(3 * CHUNK)}
+    mp = upload(casenv, drive_sim, files)
+    casenv.umount(mp)
+    victim = chunks_of(casenv, "a")[0]
+    flip_byte(chunk_file(casenv, victim))
+    mp = casenv.mount("vol", mp)
+    assert (mp / "a").read_bytes() == files["a"]        # from Drive, verified
+    casenv.umount(mp)
+    rep = json.loads(casenv.run("fsck", "--json", "vol").stdout)
+    assert rep["clean"] and rep["corrupt_chunks"] == []  # the local file was replaced
+    assert not is_bad(casenv, victim)
