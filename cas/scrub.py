@@ -9,17 +9,19 @@ the next write of its bytes rewrites it (cas.chunks invariant 4).
 
 Cloud pass: every confirmed pack, in id order, is read with ranged reads of runs of its
 recorded entries (``pack_entries``: chunk, offset, length) through
-:meth:`cas.cloud.CloudTier.read_object` (retried), and each envelope verified. A bad
-cloud copy of a chunk that has no local file is marked bad; all bad copies are
-reported by pack.
+:meth:`cas.cloud.CloudTier.read_object` (retried), and each envelope verified. All bad
+copies are reported by pack. A chunk with a bad cloud copy and a good local file loses
+the bad copy's location and is queued for upload again (eviction must never rely on a
+bad copy); one without a good local file is marked bad.
 
 Both passes persist a cursor in the ``meta`` table (keys ``scrub_local_cursor`` and
 ``scrub_cloud_cursor``: the last id verified, with the pass's counts) after every batch,
 so a scrub that was interrupted continues where it stopped; ``restart`` starts over. A
 finished pass deletes its cursor and records ``scrub_last_local`` / ``scrub_last_cloud``.
 Reads are paced to ``rate`` bytes per second. Safe while the volume is mounted: it
-writes nothing but bad marks and its meta keys, each in an autocommit statement of its
-own connection (a mark waits at most for the mount's next group commit).
+writes nothing but bad marks, the re-queueing of chunks whose cloud copy is bad, and its
+meta keys, in short transactions of its own connection (a mark waits at most for the
+mount's next group commit).
 """
 from __future__ import annotations
 
@@ -84,6 +86,7 @@ class PassResult:
     pass_bad: int = 0
     bad_packs: dict[str, list[str]] = field(default_factory=dict)   # cloud: pack name -> bad ids
     errors: list[str] = field(default_factory=list)                 # cloud: packs not readable now
+    requeued: list[str] = field(default_factory=list)   # cloud: bad copy dropped, good local one queued
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -255,8 +258,9 @@ def scrub_cloud(tier: CloudTier, pacer: Pacer, progress: Progress | None = None,
             if bad:
                 res.bad_packs[str(name)] = [c.hex() for c in bad]
                 res.bad.extend(c.hex() for c in bad)
-                for i in range(0, len(bad), 500):   # no good copy anywhere: the next write heals
-                    db.execute("UPDATE chunks SET bad = 1 WHERE is_local = 0 AND id IN %s", (bad[i:i + 500],))
+                for cid in bad:
+                    if _requeue(tier, cid, int(pack)):
+                        res.requeued.append(cid.hex())
             if not stuck:
                 after = int(pack)
                 save()
@@ -270,6 +274,36 @@ def scrub_cloud(tier: CloudTier, pacer: Pacer, progress: Progress | None = None,
     res.pass_checked = prior_checked + res.checked
     res.pass_bad = prior_bad + len(res.bad)
     return res
+
+
+def _requeue(tier: CloudTier, cid: bytes, pack: int) -> bool:
+    """Settle chunk ``cid`` whose copy in ``pack`` is bad, under its row lock: when its
+    local file is there and verifies, forget the bad copy (its ``pack_entries`` row) and
+    queue the chunk for upload again, so eviction never relies on the bad copy; else no
+    good copy is left: mark it bad (the next write of its bytes heals it). Returns True
+    when the chunk was queued again."""
+    def body(cur: Any) -> bool:
+        cur.execute("SELECT is_local FROM chunks WHERE id = %s FOR UPDATE", (cid,))
+        row = cur.fetchone()
+        if row is None:
+            return False   # collected meanwhile
+        if row[0]:
+            try:
+                open_envelope(tier.store.get(cid), cid)
+            except FsError:
+                pass
+            else:
+                cur.execute("DELETE FROM pack_entries WHERE chunk = %s AND pack = %s", (cid, pack))
+                cur.execute("INSERT IGNORE INTO upload_queue (chunk) VALUES (%s)", (cid,))
+                return True
+        cur.execute("UPDATE chunks SET bad = 1 WHERE id = %s", (cid,))
+        return False
+    requeued = tier.db.transaction(body)
+    if requeued:
+        log.warning("scrub: chunk %s: bad cloud copy forgotten, queued for upload again", cid.hex())
+    else:
+        log.error("scrub: chunk %s: no good copy left; marked bad", cid.hex())
+    return requeued
 
 
 def _verify_pack(tier: CloudTier, oid: str, entries: list[tuple[bytes, int, int]], pacer: Pacer,

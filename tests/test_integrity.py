@@ -229,11 +229,18 @@ def test_scrub_cloud_reports_a_corrupted_pack(casenv: CasEnv, disk_sim: DriveSim
                               "WHERE e.chunk = %s", (victim,))[0]
     obj = next(f for f in disk_sim.files() if f["mimeType"] != FOLDER_MIME and f["name"] == pack)
     flip_byte(disk_sim.data_dir / "blobs" / obj["id"], int(pos) + 100)   # type: ignore[operator]
+    casenv.umount(mp)                                    # so that the re-upload waits for us
     code, found = scrub(casenv, "--cloud")
     assert code == 1 and found["cloud"]["bad_packs"] == {pack: [victim.hex()]}
     assert found["local"]["bad"] == [] and not is_bad(casenv, victim)   # the local copy is good
+    assert found["cloud"]["requeued"] == [victim.hex()]  # the bad copy is forgotten ...
+    assert not query(casenv, "SELECT 1 FROM pack_entries WHERE chunk = %s", (victim,))
+    assert query(casenv, "SELECT 1 FROM upload_queue WHERE chunk = %s", (victim,))
+    mp = casenv.mount("vol", mp)                         # ... and a good one uploaded again
+    wait_for("the re-upload", lambda: bool(query(
+        casenv, "SELECT 1 FROM pack_entries WHERE chunk = %s", (victim,))), 120)
     r = casenv.run("scrub", "--cloud", "vol", check=False)
-    assert r.returncode == 1 and f"pack {pack}: 1 bad chunks" in r.stdout
+    assert r.returncode == 0 and "cloud: verified 6 chunks" in r.stdout, r.stdout + r.stderr
     assert (mp / "a").read_bytes() == files["a"]
 
 

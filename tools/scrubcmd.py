@@ -112,6 +112,8 @@ def _echo(r: scrub_mod.ScrubResult) -> None:
                    + (" (continued a scrub)" if c.resumed else ""))
         for name, ids in c.bad_packs.items():
             click.echo(f"  pack {name}: {len(ids)} bad chunks")
+        if c.requeued:
+            click.echo(f"  {len(c.requeued)} chunks with a good local copy queued for upload again")
         for err in c.errors:
             click.echo(f"  could not read pack {err}")
     if not r.complete:
