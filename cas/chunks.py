@@ -10,19 +10,28 @@ This module owns the dedup protocol between writers and gc (DESIGN invariants 1-
    rewrites it when gc got there first. gc deletes a file only under that same row lock.
 3. Refcount changes are applied as net deltas per chunk, in the caller's transaction,
    together with the manifest change; ``zero_since`` records when a refcount hit 0.
+4. A bad chunk gets no new references (docs/integrity.md): a chunk whose local file
+   failed verification, or is missing while its row says ``is_local = 1``, is marked
+   ``bad = 1`` (:meth:`ChunkManager.note_corrupt` / :meth:`ChunkManager.note_missing`
+   collect the ids in any thread, :meth:`ChunkManager.apply_marks` writes them on the
+   caller's connection). :meth:`~ChunkManager.store_unknown` treats a bad or missing
+   chunk like an unknown one and writes its file again; :meth:`~ChunkManager.apply_deltas`
+   clears ``bad`` in the transaction that references the rewritten chunk, so the write
+   that brings the same bytes again heals the volume.
 
 Hashing and compression run in a thread pool (hashlib and zstandard release the GIL).
 """
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from .cache import LFUCache
 from .envelope import chunk_id, open_envelope, seal
-from .errors import ChunkMissing, IntegrityError
+from .errors import ChunkMissing, FsError, IntegrityError
 from .meta import Database
 from .store import LocalStore
 
@@ -56,6 +65,55 @@ class ChunkManager:
         self.cloud: CloudTier | None = None
         # Queue new chunks for upload in the transaction that creates their row.
         self.enqueue = False
+        # Chunks found bad by reads (any thread), not yet marked in the database.
+        self._marks_lock = threading.Lock()
+        self._corrupt: set[bytes] = set()
+        self._missing: set[bytes] = set()
+
+    # -- bad marks -------------------------------------------------------------------
+    def note_corrupt(self, cid: bytes) -> None:
+        """Remember that chunk ``cid`` failed verification (marked at :meth:`apply_marks`).
+        Thread-safe: read-ahead threads have no database connection."""
+        with self._marks_lock:
+            self._corrupt.add(cid)
+
+    def note_missing(self, cid: bytes) -> None:
+        """Remember that chunk ``cid`` could be read from neither the local store nor the
+        cloud; it is marked bad at :meth:`apply_marks` if its row says ``is_local = 1``
+        (a file that should be there). Thread-safe."""
+        with self._marks_lock:
+            self._missing.add(cid)
+
+    def apply_marks(self, db: Database) -> int:
+        """Mark the noted chunks ``bad = 1`` in one transaction on ``db`` (under group
+        commit it joins the open group, so this connection's next dedup check sees the
+        mark at once). Returns how many ids were noted. Raises MetaError (the ids are
+        noted again, to be marked by a later call)."""
+        with self._marks_lock:
+            corrupt, missing = sorted(self._corrupt), sorted(self._missing)
+            self._corrupt, self._missing = set(), set()
+        if not corrupt and not missing:
+            return 0
+
+        def body(cur: Any) -> None:
+            for batch in _batches(corrupt):
+                cur.execute("UPDATE chunks SET bad = 1 WHERE id IN %s", (batch,))
+            for batch in _batches(missing):
+                cur.execute("UPDATE chunks SET bad = 1 WHERE is_local = 1 AND id IN %s", (batch,))
+        try:
+            db.transaction(body)
+        except BaseException:
+            with self._marks_lock:
+                self._corrupt.update(corrupt)
+                self._missing.update(missing)
+            raise
+        for cid in corrupt:
+            log.error("integrity: chunk %s marked bad: the next write of its bytes rewrites it, "
+                      "`casfs fsck --repair` can replace it from the cloud", cid.hex())
+        for cid in missing:
+            log.error("integrity: chunk %s could not be read from anywhere; marked bad if its "
+                      "local file should exist", cid.hex())
+        return len(corrupt) + len(missing)
 
     # -- reading ---------------------------------------------------------------------
     def load(self, cid: bytes) -> bytes:
@@ -92,16 +150,34 @@ class ChunkManager:
             self._readahead[cid] = self.io_pool.submit(self._load_from_store, cid)
 
     def _load_from_store(self, cid: bytes) -> bytes:
+        """Load and verify ``cid`` from the local store, else from the cloud tier. A chunk
+        that fails verification, or cannot be found, is noted for a bad mark
+        (:meth:`apply_marks`) and the error (EIO) raised. A corrupt local file whose
+        chunk has a verified cloud copy is replaced by that copy instead."""
         try:
             blob = self.store.get(cid)
         except ChunkMissing:
             if self.cloud is None:
+                self.note_missing(cid)
                 raise
-            return self._load_from_cloud(cid)
+            try:
+                return self._load_from_cloud(cid)
+            except ChunkMissing:
+                self.note_missing(cid)
+                raise
         try:
             data = open_envelope(blob, cid)
         except IntegrityError:
             log.error("integrity: chunk %s in %s fails verification", cid.hex(), self.store.path(cid))
+            if self.cloud is not None:
+                try:
+                    data = self._load_from_cloud(cid)
+                except FsError:
+                    pass
+                else:
+                    log.warning("integrity: chunk %s replaced by its cloud copy", cid.hex())
+                    return data
+            self.note_corrupt(cid)
             raise
         self.cache.put(cid, data)
         return data
@@ -113,6 +189,7 @@ class ChunkManager:
             data = open_envelope(blob, cid)
         except IntegrityError:
             log.error("integrity: chunk %s read from the cloud fails verification", cid.hex())
+            self.note_corrupt(cid)
             raise
         self.cloud.keep_local(cid, blob)
         self.cache.put(cid, data)
@@ -134,19 +211,37 @@ class ChunkManager:
         return found
 
     def store_unknown(self, db: Database, chunks: Mapping[bytes, Plain]) -> dict[bytes, int]:
-        """Durably store the chunks of ``chunks`` (id -> plaintext) that have no row.
+        """Durably store the chunks of ``chunks`` (id -> plaintext) that have no usable copy:
+        no row, a row marked bad, or a row saying ``is_local = 1`` whose file is missing or
+        has another size than recorded (invariant 4: a bad chunk gets no new references;
+        the file is written again and :meth:`apply_deltas` clears the mark).
 
-        A chunk with a row is stored already (a row is written only after its file is
-        durable); one at refcount 0 may be collected before our commit, which
-        :meth:`apply_deltas` detects under the row lock and repairs.
+        A chunk with a usable row is stored already (a row is written only after its file
+        is durable); one at refcount 0 may be collected before our commit, which
+        :meth:`apply_deltas` detects under the row lock and repairs. Bad marks noted by
+        reads are written first (:meth:`apply_marks`).
 
         Returns id -> envelope length in bytes for the chunks written. Raises NoSpace
         (ENOSPC) or FsError(EIO) from the store; nothing is committed by this call.
         """
         if not chunks:
             return {}
-        known = self.recorded(db, chunks)
-        todo = [cid for cid in chunks if cid not in known]
+        self.apply_marks(db)
+        usable: set[bytes] = set()
+        for batch in _batches(sorted(chunks)):
+            for cid_b, bad, is_local, slen in db.query(
+                    "SELECT id, bad, is_local, stored_length FROM chunks WHERE id IN %s", (batch,)):
+                cid = bytes(cid_b)
+                if bad:
+                    continue
+                if is_local:
+                    st = self.store.stat(cid)
+                    if st is None or (int(slen) and st.size != int(slen)):
+                        log.warning("integrity: chunk %s: local file %s; writing it again", cid.hex(),
+                                    "missing" if st is None else "of the wrong size")
+                        continue
+                usable.add(cid)
+        todo = [cid for cid in chunks if cid not in usable]
         if not todo:
             return {}
         blobs = list(self.pool.map(lambda c: seal(chunks[c], self.codec, self.level), todo))
@@ -159,27 +254,39 @@ class ChunkManager:
 
         ``chunks`` must hold the plaintext of every id with a positive delta; ``stored``
         the envelope length of those written by :meth:`store_unknown`. Takes the row
-        locks of gaining chunks and makes sure their files exist (invariant 3).
+        locks of gaining chunks and makes sure their files exist (invariant 3); a chunk
+        whose file was written again (it was bad, missing, or collected) gets
+        ``bad = 0, is_local = 1`` and its new length in this transaction (invariant 4).
         """
         gain = sorted(c for c, d in deltas.items() if d > 0)
-        rows: dict[bytes, tuple[int, int]] = {}
+        rows: dict[bytes, tuple[int, int, int]] = {}
         for batch in _batches(gain):
-            cur.execute("SELECT id, refcount, stored_length FROM chunks WHERE id IN %s "
+            cur.execute("SELECT id, refcount, stored_length, bad FROM chunks WHERE id IN %s "
                         "ORDER BY id FOR UPDATE", (batch,))
-            rows.update({bytes(r[0]): (int(r[1]), int(r[2])) for r in cur.fetchall()})
+            rows.update({bytes(r[0]): (int(r[1]), int(r[2]), int(r[3])) for r in cur.fetchall()})
         values = []
-        relocal: list[bytes] = []
+        rewritten: list[tuple[int, bytes]] = []   # (envelope length, id): files written again
         for cid in gain:
             row = rows.get(cid)
             slen = row[1] if row else stored.get(cid, 0)
-            if row is None or row[0] <= 0:
+            if row is not None and cid in stored:
+                # store_unknown wrote it again (bad, missing or wrong size): this write heals it
+                slen = stored[cid]
+                rewritten.append((slen, cid))
+            elif row is not None and row[2]:
+                # marked bad after store_unknown looked (a scrub): never reference the bad file
+                blob = seal(chunks[cid], self.codec, self.level)
+                self.store.put(cid, blob)
+                slen = len(blob)
+                rewritten.append((slen, cid))
+            elif row is None or row[0] <= 0:
                 st = self.store.stat(cid)
                 if st is None:  # gc (or eviction) removed it after our pre-check: write it again
                     blob = seal(chunks[cid], self.codec, self.level)
                     self.store.put(cid, blob)
                     slen = len(blob)
                     if row is not None:
-                        relocal.append(cid)
+                        rewritten.append((slen, cid))
                 elif not slen:
                     slen = st.size
             values.append((cid, len(chunks[cid]), slen, deltas[cid]))
@@ -190,10 +297,12 @@ class ChunkManager:
                 + " ON DUPLICATE KEY UPDATE zero_since = IF(refcount + VALUES(refcount) > 0, NULL, zero_since),"
                   " refcount = refcount + VALUES(refcount)",
                 [v for row in batch for v in row])
-        if relocal:
-            cur.execute("UPDATE chunks SET is_local = 1 WHERE id IN %s", (relocal,))
+        for slen, cid in rewritten:
+            cur.execute("UPDATE chunks SET bad = 0, is_local = 1, stored_length = %s WHERE id = %s", (slen, cid))
         if self.enqueue:
-            new = [cid for cid in gain if cid not in rows]
+            # new chunks, and rewritten ones (a bad chunk left the queue unuploaded; one
+            # already confirmed in a pack is dropped from the queue at the next claim)
+            new = [cid for cid in gain if cid not in rows] + [cid for _, cid in rewritten]
             for batch in _batches(new):
                 cur.execute("INSERT IGNORE INTO upload_queue (chunk) VALUES "
                             + ",".join(["(%s)"] * len(batch)), batch)

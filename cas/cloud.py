@@ -41,7 +41,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .envelope import open_envelope
 from .errors import CasError, ChunkMissing, FsError, MetaError, VolumeError
+from .errors import IntegrityError
 from .meta import Database, Metadata
 from .objstore import DailyLimit, ObjectInfo, ObjectNotFound, ObjectStore, ObjectStoreError, TryAgain, retrying
 from .server import pid_running
@@ -517,8 +519,24 @@ class CloudTier:
                 return None
             if len(blob) != n:
                 return None
+            try:
+                open_envelope(blob, cid)
+            except IntegrityError:
+                self._drop_bad(cid)
+                return None
             parts.append(blob)
         return b"".join(parts)
+
+    def _drop_bad(self, cid: bytes) -> None:
+        """A queued chunk's file fails verification: never upload it (corruption must not
+        spread to the cloud). Mark it bad and take it out of the queue; the write that
+        heals it queues it again (cas.chunks.ChunkManager.apply_deltas)."""
+        log.error("cloud tier: chunk %s fails verification: marked bad, not uploaded", cid.hex())
+
+        def body(cur: Any) -> None:
+            cur.execute("UPDATE chunks SET bad = 1 WHERE id = %s", (cid,))
+            cur.execute("DELETE FROM upload_queue WHERE chunk = %s", (cid,))
+        self.db.transaction(body)
 
     def _release(self, pack: int) -> None:
         """Give a pack's claims back to the queue and delete its row."""

@@ -31,6 +31,7 @@ from .cache import LFUCache
 from .chunks import ChunkManager
 from .cloud import CloudTier
 from .cloud import enabled as cloud_enabled
+from .errors import CasError, ChunkMissing, IntegrityError
 from .errors import (Exists, FsError, InvalidArgument, IsADirectory, NameTooLong, NoData,
                      NotADirectory, NotEmpty, NotFound)
 from .filedata import FileData, InodeData
@@ -655,8 +656,22 @@ class Filesystem:
 
     @_locked
     def read(self, ino: int, offset: int, length: int) -> bytes:
-        """Up to ``length`` bytes at ``offset`` of open file ``ino``. Raises EIO errors."""
-        return self.data.read(ino, offset, length)
+        """Up to ``length`` bytes at ``offset`` of open file ``ino``. Raises EIO errors;
+        a chunk that failed verification or is missing is marked bad first (see
+        :meth:`_mark_bad`)."""
+        try:
+            return self.data.read(ino, offset, length)
+        except (IntegrityError, ChunkMissing):
+            self._mark_bad()
+            raise
+
+    def _mark_bad(self) -> None:
+        """Write the bad marks that reads noted (cas.chunks invariant 4) into the group
+        transaction; a database failure is logged, never raised over the read's EIO."""
+        try:
+            self.chunks.apply_marks(self.db)
+        except CasError as exc:
+            log.error("could not mark bad chunks now (will retry): %s", exc)
 
     @_locked
     def write(self, ino: int, offset: int, data: bytes) -> int:
@@ -734,6 +749,7 @@ class Filesystem:
         ``older_than_s`` seconds, together; then commit the group transaction (also when
         the flush failed: the namespace changes must not wait for a full disk)."""
         try:
+            self._mark_bad()   # bad chunks found by read-ahead nobody collected
             self._flush_closed(older_than_s)
         finally:
             self.db.commit()

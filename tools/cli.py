@@ -18,6 +18,7 @@ from cas.fs import DURABILITY_MODES
 from cas.volume import DEFAULT_CHUNK, DEFAULT_NAME, create_volume_dir, open_volume, volume_path
 
 from . import drivecmd, maint, mountcmd
+from . import scrubcmd
 from .common import CasfsGroup, human, parse_size, user_errors
 
 
@@ -114,6 +115,7 @@ def umount(mountpoint: str, timeout: float) -> None:
 
 maint.register(main)
 drivecmd.register(main)
+main.add_command(scrubcmd.scrub)
 
 if __name__ == "__main__":
     sys.exit(main())

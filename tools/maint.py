@@ -13,8 +13,11 @@ import click
 from cas import cloud
 from cas import fsck as fsck_mod
 from cas import gc as gc_mod
+from cas import repair as repair_mod
 from cas import stats as stats_mod
-from cas.meta import connect
+from cas.errors import CasError
+from cas.meta import Metadata, connect
+from cas.objstore import ObjectStoreError
 from cas.safety import DEFAULT_GRACE_S
 from cas.volume import DEFAULT_NAME, Volume, open_volume
 from fusefront.daemon import STATS_FILE
@@ -108,7 +111,8 @@ def gc(volume: str, dry_run: bool, grace: float, drive_endpoint: str | None) -> 
 
 @click.command()
 @click.argument("volume", default=DEFAULT_NAME)
-@click.option("--repair", is_flag=True, help="Rewrite refcounts and link counts from the manifests.")
+@click.option("--repair", is_flag=True, help="Rewrite refcounts and link counts from the manifests; "
+              "replace bad or missing chunks from Drive, else list the damaged files.")
 @click.option("--no-verify", is_flag=True, help="Check chunk files exist, without hashing them.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @user_errors
@@ -122,9 +126,12 @@ def fsck(volume: str, repair: bool, no_verify: bool, as_json: bool) -> None:
         raise click.ClickException(f"volume {vol.name} is mounted: unmount it before `casfs fsck --repair`")
     with connect(vol) as meta:
         r = fsck_mod.check(meta, repair=repair, verify=not no_verify)
+        fixed = _repair_chunks(meta, r) if repair else None
     if as_json:
         d = {k: getattr(r, k) for k in r.__dataclass_fields__}
         d["clean"] = r.clean
+        if fixed is not None:
+            d["chunk_repair"] = fixed.as_dict()
         click.echo(json.dumps(d))
     else:
         click.echo(f"checked {r.chunks_checked} live chunks: {len(r.refcount_mismatches)} refcount "
@@ -138,11 +145,49 @@ def fsck(volume: str, repair: bool, no_verify: bool, as_json: bool) -> None:
             click.echo(f"  missing chunk file {cid}")
         for cid in r.corrupt_chunks[:20]:
             click.echo(f"  corrupt chunk {cid}")
-    unrepaired = r.missing_rows or r.missing_files or r.corrupt_chunks or r.dangling_entries
+        for cid in r.bad_marked[:20]:
+            click.echo(f"  chunk {cid} is marked bad but its local file verifies")
+        if fixed is not None:
+            _echo_chunk_repair(fixed)
+    unrepaired = r.missing_rows or r.dangling_entries or (
+        fixed.unrepaired if fixed is not None else (r.missing_files or r.corrupt_chunks or r.bad_marked))
+    if repair and r.repaired and not as_json:
+        click.echo("repaired refcounts and link counts")
+    if fixed is not None and fixed.unrepaired:
+        raise click.ClickException(f"{len(fixed.unrepaired)} chunks stay unrepaired: "
+                                   f"{len(fixed.damaged_files)} files damaged (listed above)")
     if not r.clean and (not repair or unrepaired):
         raise SystemExit(1)
-    if repair and r.repaired:
-        click.echo("repaired refcounts and link counts")
+
+
+def _repair_chunks(meta: Metadata, r: fsck_mod.FsckReport) -> repair_mod.ChunkRepair:
+    """fsck --repair of chunk data: from the cloud tier when the volume has one (an
+    unreachable tier is reported, not fatal: the damaged files are listed instead)."""
+    ids = repair_mod.candidates(meta.db, [*r.missing_files, *r.corrupt_chunks, *r.bad_marked])
+    if not ids:
+        return repair_mod.ChunkRepair()
+    tier = None
+    why = ""
+    if cloud.enabled(meta.db):
+        try:
+            tier = open_tier(meta)
+        except (CasError, ObjectStoreError) as exc:
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    try:
+        return repair_mod.repair_chunks(meta, ids, tier, why)
+    finally:
+        if tier is not None:
+            tier.close()
+
+
+def _echo_chunk_repair(fixed: repair_mod.ChunkRepair) -> None:
+    """The chunk part of an fsck --repair report: a summary line, then each damaged path."""
+    click.echo(f"chunk repair: {len(fixed.replaced)} replaced from the cloud, {len(fixed.cleared)} "
+               f"bad marks cleared (file verifies), {len(fixed.unrepaired)} unrepaired")
+    if fixed.cloud_error:
+        click.echo(f"  cloud tier unavailable: {fixed.cloud_error}")
+    for path in fixed.damaged_files:
+        click.echo(f"  damaged file {path}")
 
 
 def register(group: click.Group) -> None:
