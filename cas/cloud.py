@@ -222,10 +222,31 @@ class PackMismatch(ObjectStoreError):
     """The store's size or checksum of an uploaded pack differs from ours."""
 
 
+VOLUME_PROPERTY = "casfs_volume"   # app property naming the volume (uuid) an object belongs to
+
+
+def owned(obj: ObjectInfo, volume_uuid: str) -> bool:
+    """True when object ``obj`` carries volume ``volume_uuid``'s id in its ``casfs_volume``
+    app property. Only such objects may ever be deleted or adopted by that volume: a
+    folder shared by mistake with another volume must not lose the other's packs
+    (docs/cloud.md, "A volume touches only its own objects")."""
+    return obj.properties.get(VOLUME_PROPERTY) == volume_uuid[:60]
+
+
+def foreign_object(objects: ObjectStore, volume_uuid: str) -> ObjectInfo | None:
+    """The first object in the store's folder that does not belong to volume
+    ``volume_uuid`` (another volume's pack, or anything without our id), or None.
+    Lists the folder (stops at the first hit). Raises the cas.objstore errors."""
+    for obj in objects.list():
+        if not owned(obj, volume_uuid):
+            return obj
+    return None
+
+
 def put_checked(objects: ObjectStore, name: str, blob: bytes, volume_uuid: str) -> ObjectInfo:
     """Upload ``blob`` as object ``name`` and confirm it: the store's size, md5 and
     sha256 must equal ours, else the object is deleted and PackMismatch raised."""
-    info = objects.put(name, blob, {"casfs_volume": volume_uuid[:60], "casfs_pack": name})
+    info = objects.put(name, blob, {VOLUME_PROPERTY: volume_uuid[:60], "casfs_pack": name})
     if (info.size != len(blob) or info.md5 != hashlib.md5(blob).hexdigest()
             or info.sha256 != hashlib.sha256(blob).hexdigest()):
         try:
@@ -589,7 +610,7 @@ class CloudTier:
         if not rows:
             return "released"
         size, md5, sha = int(rows[0][0]), bytes(rows[0][1]).hex(), bytes(rows[0][2]).hex()
-        found = self.objects.find(name)
+        found = [o for o in self.objects.find(name) if owned(o, self.volume.uuid)]
         keep = next((o for o in found if o.size == size and o.md5 == md5 and o.sha256 == sha), None)
         for o in found:
             if o is not keep:
@@ -740,9 +761,21 @@ class CloudTier:
 
 # -- opening the store -------------------------------------------------------------------
 
-def open_objects(volume: Volume, cfg: CloudConfig, db: Database) -> ObjectStore:
+def folder_key(cfg: CloudConfig) -> str:
+    """What a recorded folder id (meta key drive_folder_id) was made for: endpoint and
+    folder name (meta key drive_folder_key)."""
+    return f"{cfg.endpoint}|{cfg.folder}"
+
+
+def open_objects(volume: Volume, cfg: CloudConfig, db: Database, *,
+                 credentials_file: Path | None = None, record: bool = True) -> ObjectStore:
     """The object store the volume's config names, its folder created on first use
     (the folder id is kept in meta key drive_folder_id, shared by all mounts).
+
+    ``credentials_file`` overrides the config's credentials file (``drive auth`` checks
+    new credentials before keeping them). With ``record`` False nothing is written to
+    the database: a recorded folder id is used only when it was made for this endpoint
+    and folder name, else the folder is found (or created) by name.
 
     Raises ObjectStoreError (bad credentials, unreachable store) or VolumeError.
     """
@@ -751,6 +784,8 @@ def open_objects(volume: Volume, cfg: CloudConfig, db: Database) -> ObjectStore:
         return DirObjectStore(Path(cfg.endpoint[5:]))
     from . import drive
     cred_path = volume.path / cfg.credentials if cfg.credentials else None
+    if credentials_file is not None:
+        cred_path = credentials_file
     if cred_path is None and not cfg.endpoint:
         raise VolumeError(f"volume {volume.name}: no Drive credentials; run `casfs drive auth`")
     creds = drive.load_credentials(cred_path)
@@ -758,7 +793,13 @@ def open_objects(volume: Volume, cfg: CloudConfig, db: Database) -> ObjectStore:
     def factory() -> Any:
         return drive.build_service(cfg.endpoint or None, creds, timeout=cfg.timeout_s)
     rows = db.query("SELECT v FROM meta WHERE k = 'drive_folder_id'")
-    if rows:
+    if not record:
+        known = dict(db.query("SELECT k, v FROM meta WHERE k = 'drive_folder_key'"))
+        if rows and known.get("drive_folder_key") == folder_key(cfg):
+            folder = str(rows[0][0])
+        else:
+            folder = retrying(lambda: drive.ensure_folder(factory(), cfg.folder), 3, initial_s=0.5, cap_s=4.0)
+    elif rows:
         folder = str(rows[0][0])
     else:
         folder = retrying(lambda: drive.ensure_folder(factory(), cfg.folder), 3, initial_s=0.5, cap_s=4.0)

@@ -88,6 +88,7 @@ def auth(volume: str, client_secrets: Path | None, service_account: Path | None,
     cfg.pack_age_s = pack_age
     cfg.bwlimit = parse_size(bwlimit)
     cfg.repack_threshold = repack_threshold
+    staged: Path | None = None     # new credentials, kept only once the folder is accepted
     if service_account:
         try:
             data = service_account.read_bytes()
@@ -95,13 +96,24 @@ def auth(volume: str, client_secrets: Path | None, service_account: Path | None,
                 raise VolumeError(f"{service_account} is not a service-account key file")
         except (OSError, ValueError) as exc:
             raise VolumeError(f"cannot read service-account key {service_account}: {exc}") from exc
-        _write_private(vol.path / SERVICE_ACCOUNT_FILE, data)
         cfg.credentials = SERVICE_ACCOUNT_FILE
     elif client_secrets:
-        _write_private(vol.path / TOKEN_FILE, _oauth_token(client_secrets, not no_browser))
+        data = _oauth_token(client_secrets, not no_browser)
         cfg.credentials = TOKEN_FILE
     else:
         cfg.credentials = ""
+    if cfg.credentials:
+        staged = vol.path / (cfg.credentials + ".new")
+        _write_private(staged, data)
+    try:
+        with connect(vol) as meta:
+            _refuse_foreign_folder(vol, cfg, meta, staged)
+    except BaseException:
+        if staged is not None:
+            staged.unlink(missing_ok=True)
+        raise
+    if staged is not None:
+        os.replace(staged, vol.path / cfg.credentials)
     _save_drive(vol, cfg)
     with connect(vol) as meta:
         _forget_other_folder(meta, cfg)
@@ -113,11 +125,24 @@ def auth(volume: str, client_secrets: Path | None, service_account: Path | None,
                f"{queued} chunks queued for upload (the next mount uploads them)")
 
 
+def _refuse_foreign_folder(vol: Volume, cfg: cloud.CloudConfig, meta: Metadata, creds: Path | None) -> None:
+    """Raise VolumeError when the folder ``cfg`` names holds an object that is not this
+    volume's (another volume's pack: its gc and ours would each see the other's packs as
+    orphans). Writes nothing locally; the folder is created on Drive when missing."""
+    objects = cloud.open_objects(vol, cfg, meta.db, credentials_file=creds, record=False)
+    other = cloud.foreign_object(objects, vol.uuid)
+    if other is not None:
+        owner = other.properties.get(cloud.VOLUME_PROPERTY)
+        whose = f"volume {owner}" if owner else "no casfs volume"
+        raise VolumeError(f"folder {cfg.folder} already holds objects of another volume "
+                          f"({other.name} belongs to {whose}); give this volume its own --folder")
+
+
 def _forget_other_folder(meta: Metadata, cfg: cloud.CloudConfig) -> None:
     """Drop the recorded folder id when it was made for another endpoint or folder name
     (open_objects then finds or creates the right one), and record which it is for."""
     rows = dict(meta.db.query("SELECT k, v FROM meta WHERE k = 'drive_folder_key'"))
-    key = f"{cfg.endpoint}|{cfg.folder}"
+    key = cloud.folder_key(cfg)
     if rows.get("drive_folder_key") != key:
         meta.db.execute("DELETE FROM meta WHERE k = 'drive_folder_id'")
         cloud.set_meta(meta.db, {"drive_folder_key": key})
