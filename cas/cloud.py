@@ -187,6 +187,7 @@ class TierStatus:
     paused_until: str
     last_upload_at: str
     extra: dict[str, object] = field(default_factory=dict)
+    oldest_queued_s: float = 0.0   # age in seconds of the oldest chunk not yet confirmed (0: none)
 
 
 def status(db: Database) -> TierStatus:
@@ -194,6 +195,8 @@ def status(db: Database) -> TierStatus:
     meta = dict(db.query("SELECT k, v FROM meta WHERE k LIKE 'cloud%%' OR k LIKE 'drive%%'"))
     qn, qb = db.query("SELECT COUNT(*), COALESCE(SUM(c.stored_length), 0) FROM upload_queue q "
                       "JOIN chunks c ON c.id = q.chunk")[0]
+    oldest = db.query("SELECT COALESCE(TIMESTAMPDIFF(MICROSECOND, MIN(queued), NOW(6)), 0) "
+                      "FROM upload_queue")[0][0]
     up = db.query("SELECT COUNT(*) FROM packs WHERE state = 'uploading'")[0][0]
     pn, pb = db.query("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM packs WHERE state = 'confirmed'")[0]
     live = db.query("SELECT COALESCE(SUM(length), 0) FROM pack_entries")[0][0]
@@ -205,7 +208,7 @@ def status(db: Database) -> TierStatus:
         uploading_packs=int(up), packs=int(pn), cloud_bytes=int(pb), live_cloud_bytes=int(live),
         last_error=meta.get("drive_last_error", ""), last_error_at=meta.get("drive_last_error_at", ""),
         paused_until=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(paused))) if paused else "",
-        last_upload_at=meta.get("drive_last_upload_at", ""))
+        last_upload_at=meta.get("drive_last_upload_at", ""), oldest_queued_s=max(int(oldest), 0) / 1e6)
 
 
 def set_meta(db: Database, values: dict[str, str]) -> None:
@@ -602,6 +605,7 @@ class CloudTier:
             self.recover_pack(pack, name)
         except (ObjectStoreError, MetaError) as exc:
             log.warning("pack %s: recovery after a failed upload deferred: %s", name, exc)
+            self._note_error(exc)
 
     def recover_pack(self, pack: int, name: str) -> str:
         """Settle an 'uploading' pack whose upload is over (failed or owner dead).
@@ -699,9 +703,13 @@ class CloudTier:
     def _run(self) -> None:
         backoff = 0
         next_evict = 0.0
-        self._recover_quietly()
         while not self._stop.is_set():
             try:
+                # Every round, not only at start or after an error: a pack whose upload
+                # failed and whose recovery failed too (the store's list call erred), or
+                # whose owner's lease expired since, is settled as soon as the store
+                # answers again (docs/cloud.md, "A pack never stays uploading").
+                self._recover_quietly()
                 started = time.monotonic()
                 n = self.upload_one()
                 if n and self.cfg.bwlimit:
@@ -710,9 +718,7 @@ class CloudTier:
                 if self.local_limit is not None and time.monotonic() >= next_evict:
                     self.evict(self.local_limit)   # sums the local bytes: not every round
                     next_evict = time.monotonic() + EVICT_INTERVAL_S
-                if backoff:
-                    set_meta(self.db, {"drive_last_error": "", "drive_paused_until": ""})
-                backoff = 0
+                backoff = 0   # the last error stays recorded (with its time) for `drive status`
                 if not n:
                     self._wait(1.0)
             except DailyLimit as exc:
@@ -746,6 +752,7 @@ class CloudTier:
             self.recover()
         except (ObjectStoreError, CasError) as exc:
             log.info("cloud tier: recovery deferred: %s", exc)
+            self._note_error(exc)
 
     def _note_error(self, exc: BaseException, paused_until: float | None = None) -> None:
         msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

@@ -85,3 +85,54 @@ def test_two_volumes_in_one_folder_gc_keeps_the_others_packs_and_auth_refuses_a_
     # Its own folder is fine.
     casenv.run("drive", "auth", "--endpoint", drive_sim.url, "vc")
     assert status(casenv, "vc")["enabled"]
+
+
+# -- 2. a pack never stays "uploading" -------------------------------------------------------
+
+def test_failed_upload_and_failed_recovery_are_retried_until_the_queue_drains(
+        casenv: CasEnv, drive_sim: DriveSim) -> None:
+    auth(casenv, drive_sim, "vol")
+    # The upload gets a 503, and so do the list calls its recovery needs: the first two
+    # recovery attempts (right after the failure, and after the backoff) both fail.
+    drive_sim.inject("server_error", times=1, match="upload_multipart")
+    drive_sim.inject("server_error", times=3, match="list")
+    mp = casenv.mount("vol")
+    data = os.urandom(3 * CHUNK)
+    (mp / "f").write_bytes(data)
+    fsync_tree(mp)
+    wait_for("the upload queue to drain", lambda: drained(casenv), 90)
+    assert drive_sim.counters.faults.get("server_error", 0) == 4
+    s = status(casenv)
+    assert "503" in s["last_error"] and s["last_error_at"]        # kept, not wiped by a quiet round
+    assert s["oldest_queued_s"] == 0
+    text = casenv.run("drive", "status", "vol").stdout
+    assert "(uploads succeeded since)" in text and "last error   TryAgain" in text
+    assert len(pack_files(drive_sim)) == stats(casenv)["cloud_packs"] == 1
+    evict_all(casenv, mp)
+    assert (mp / "f").read_bytes() == data
+
+
+def test_a_mount_recovers_a_pack_whose_lease_expires_while_it_runs(casenv: CasEnv, drive_sim: DriveSim) -> None:
+    from cas.meta import connect
+    from cas.volume import open_volume
+    auth(casenv, drive_sim, "vol", "--pack-size", "64MiB", "--pack-age", "3600")   # the mount waits
+    mp = casenv.mount("vol")
+    (mp / "f").write_bytes(os.urandom(3 * CHUNK))
+    fsync_tree(mp)
+    wait_for("the queue age to show", lambda: status(casenv)["oldest_queued_s"] > 0)
+    assert "oldest not yet on Drive: " in casenv.run("drive", "status", "vol").stdout
+    # An uploader on another host claims the queue and is never heard of again; its lease
+    # runs out a few seconds from now, long after this mount's uploader started.
+    with connect(open_volume("vol")) as meta:
+        def claim(cur: Any) -> None:
+            cur.execute("INSERT INTO packs (name, state, size, md5, sha256, owner, lease_until) VALUES "
+                        "('casfs-pack-elsewhere', 'uploading', 0, %s, %s, 'elsewhere.example:1:feed', "
+                        "NOW(6) + INTERVAL 3 SECOND)", (b"\0" * 16, b"\0" * 32))
+            cur.execute("UPDATE upload_queue SET pack = %s, pos = 0, length = 1", (cur.lastrowid,))
+        meta.db.transaction(claim)
+    assert status(casenv)["uploading_packs"] == 1
+    wait_for("the expired pack to be released", lambda: status(casenv)["uploading_packs"] == 0, 60)
+    with connect(open_volume("vol")) as meta:
+        assert meta.db.query("SELECT COUNT(*) FROM upload_queue WHERE pack IS NOT NULL")[0][0] == 0
+    casenv.run("drive", "push", "--timeout", "60", "vol")
+    assert drained(casenv) and len(pack_files(drive_sim)) == stats(casenv)["cloud_packs"] == 1

@@ -175,14 +175,28 @@ def status(volume: str, as_json: bool) -> None:
     rows = [
         ("store", cfg.endpoint or "Google Drive"),
         ("queue", f"{st.queued_chunks} chunks, {human(st.queued_bytes)}"
-                  + (f" ({st.uploading_packs} packs uploading)" if st.uploading_packs else "")),
+                  + (f" ({st.uploading_packs} packs uploading)" if st.uploading_packs else "")
+                  + (f"; oldest not yet on Drive: {_age(st.oldest_queued_s)}" if st.queued_chunks else "")),
         ("on drive", f"{st.packs} packs, {human(st.cloud_bytes)} ({human(st.live_cloud_bytes)} live)"),
         ("last upload", st.last_upload_at or "never"),
         ("uploads", f"PAUSED until {st.paused_until} (daily upload limit)" if st.paused_until else "running"),
-        ("last error", f"{st.last_error} at {st.last_error_at}" if st.last_error else "none"),
+        ("last error", (f"{st.last_error} at {st.last_error_at}"
+                        + (" (uploads succeeded since)" if st.last_upload_at > st.last_error_at else ""))
+                       if st.last_error else "none"),
     ]
     for k, v in rows:
         click.echo(f"{k:12} {v}")
+
+
+def _age(seconds: float) -> str:
+    """A duration in seconds as a short text (``42 s``, ``3 min``, ``5.2 h``, ``2.0 days``)."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
 
 
 @drive.command()
