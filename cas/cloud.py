@@ -10,11 +10,11 @@ Model (schema.sql: packs, pack_entries, upload_queue; docs/cloud.md):
   a database never claim the same chunk), writes a ``packs`` row
   ('uploading', owner, lease) and the layout into the claimed queue rows, builds the pack
   from the chunk envelopes in the local store, uploads it, and *confirms* it: the store's
-  size, md5 and sha256 must equal ours. Only then, in one transaction, the pack becomes
+  size and md5 must equal ours, and its sha256 when it reports one. Only then, in one transaction, the pack becomes
   'confirmed', its chunks get ``pack_entries`` rows (``INSERT IGNORE``: a chunk already
   confirmed elsewhere keeps its first copy) and their queue rows go (DESIGN invariant 5).
 - A pack whose uploader died is *recovered*: when the object it names already exists
-  with the recorded size and checksums it is adopted (confirmed without a second upload);
+  with the recorded size and md5 (and sha256, if reported) it is adopted (confirmed without a second upload);
   otherwise any partial objects of that name are deleted and the claims released.
 - :meth:`CloudTier.fetch` reads an evicted chunk with a ranged GET on its pack, with
   bounded retries, so an unreachable store gives EIO, not a hang.
@@ -246,12 +246,22 @@ def foreign_object(objects: ObjectStore, volume_uuid: str) -> ObjectInfo | None:
     return None
 
 
+def matches(info: ObjectInfo, size: int, md5_hex: str, sha256_hex: str) -> bool:
+    """True when the store's account of an object agrees with ours: the same size and
+    md5 (Drive documents ``size`` and ``md5Checksum`` for every binary file), and the
+    same sha256 when the store gives one (Drive's ``sha256Checksum`` is documented as
+    "if available": confirmation never depends on it; the chunk envelopes inside a pack
+    verify each chunk's content when it is read back)."""
+    return (info.size == size and info.md5 == md5_hex
+            and (not info.sha256 or info.sha256 == sha256_hex))
+
+
 def put_checked(objects: ObjectStore, name: str, blob: bytes, volume_uuid: str) -> ObjectInfo:
-    """Upload ``blob`` as object ``name`` and confirm it: the store's size, md5 and
-    sha256 must equal ours, else the object is deleted and PackMismatch raised."""
+    """Upload ``blob`` as object ``name`` and confirm it (:func:`matches`: size and md5,
+    and sha256 when the store reports one), else the object is deleted and PackMismatch
+    raised."""
     info = objects.put(name, blob, {VOLUME_PROPERTY: volume_uuid[:60], "casfs_pack": name})
-    if (info.size != len(blob) or info.md5 != hashlib.md5(blob).hexdigest()
-            or info.sha256 != hashlib.sha256(blob).hexdigest()):
+    if not matches(info, len(blob), hashlib.md5(blob).hexdigest(), hashlib.sha256(blob).hexdigest()):
         try:
             objects.delete(info.id)
         except ObjectStoreError:
@@ -559,9 +569,10 @@ class CloudTier:
             row = cur.fetchone()
             if row is None or row[0] != "uploading" or (owner is not None and row[1] != owner):
                 return False
+            # md5/sha256 stay those we computed from the bytes we built (equal to the
+            # store's, :func:`matches`; the store may not report a sha256)
             cur.execute("UPDATE packs SET state = 'confirmed', object_id = %s, confirmed = NOW(6), "
-                        "owner = NULL, lease_until = NULL, md5 = %s, sha256 = %s WHERE id = %s",
-                        (info.id, bytes.fromhex(info.md5), bytes.fromhex(info.sha256), pack))
+                        "owner = NULL, lease_until = NULL WHERE id = %s", (info.id, pack))
             cur.execute("INSERT IGNORE INTO pack_entries (chunk, pack, pos, length) "
                         "SELECT q.chunk, q.pack, q.pos, q.length FROM upload_queue q "
                         "JOIN chunks c ON c.id = q.chunk WHERE q.pack = %s", (pack,))
@@ -615,7 +626,7 @@ class CloudTier:
             return "released"
         size, md5, sha = int(rows[0][0]), bytes(rows[0][1]).hex(), bytes(rows[0][2]).hex()
         found = [o for o in self.objects.find(name) if owned(o, self.volume.uuid)]
-        keep = next((o for o in found if o.size == size and o.md5 == md5 and o.sha256 == sha), None)
+        keep = next((o for o in found if matches(o, size, md5, sha)), None)
         for o in found:
             if o is not keep:
                 try:

@@ -136,3 +136,46 @@ def test_a_mount_recovers_a_pack_whose_lease_expires_while_it_runs(casenv: CasEn
         assert meta.db.query("SELECT COUNT(*) FROM upload_queue WHERE pack IS NOT NULL")[0][0] == 0
     casenv.run("drive", "push", "--timeout", "60", "vol")
     assert drained(casenv) and len(pack_files(drive_sim)) == stats(casenv)["cloud_packs"] == 1
+
+
+# -- 3. no dependence on sha256Checksum ------------------------------------------------------
+
+def test_drive_without_sha256_uploads_adopts_after_a_crash_and_restores(
+        casenv: CasEnv, drive_sim: DriveSim) -> None:
+    drive_sim.sha256 = False                      # Drive gives sha256Checksum only "if available"
+    auth(casenv, drive_sim, "vol")
+    mp = casenv.mount("vol")
+    src = casenv.tmp / "src"
+    make_tree(src, seed=21, files=12)
+    shutil.copytree(src, mp / "t")
+    fsync_tree(mp)
+    wait_for("the upload queue to drain", lambda: drained(casenv), 90)
+    assert all("sha256Checksum" not in f for f in pack_files(drive_sim))
+    packs = len(pack_files(drive_sim))
+    assert packs == stats(casenv)["cloud_packs"] > 0
+    # The daemon dies while Drive is still taking an upload whose bytes all arrived.
+    slow = drive_sim.inject("slow", delay=3.0, match="upload_multipart")
+    received = drive_sim.counters.bytes_received
+    late = os.urandom(3 * CHUNK)
+    (mp / "late").write_bytes(late)
+    fsync_tree(mp)
+    wait_for("an upload's bytes to reach Drive",
+             lambda: slow.fired == 1 and drive_sim.counters.bytes_received > received, 60)
+    pid = casenv.daemon_pid(mp)
+    os.kill(pid, signal.SIGKILL)
+    wait_for("the daemon to die", lambda: not Path(f"/proc/{pid}").exists(), 30)
+    casenv.umount(mp)
+    wait_for("the upload to complete on Drive", lambda: len(pack_files(drive_sim)) == packs + 1, 30)
+    assert status(casenv)["uploading_packs"] == 1
+    created = drive_sim.counters.files_created
+    casenv.mount("vol", mp)
+    wait_for("the upload queue to drain after remount", lambda: drained(casenv), 90)
+    assert drive_sim.counters.files_created == created         # adopted on size + md5, not sent again
+    assert len(pack_files(drive_sim)) == stats(casenv)["cloud_packs"] == packs + 1
+    casenv.umount(mp)
+    shutil.rmtree(casenv.data_home / "vol" / "chunks")         # the disk is lost
+    out = casenv.run("restore", "vol").stdout
+    assert "0 lost" in out
+    casenv.mount("vol", mp)
+    assert compare_trees(src, mp / "t", mtimes=False) == []
+    assert (mp / "late").read_bytes() == late

@@ -73,11 +73,14 @@ class DriveSim:
 
     ``data_dir``: keep files on disk there (None: in memory). ``seed`` seeds the random
     choices of probabilistic faults. ``body_timeout``: seconds of silence after which a
-    request body shorter than its Content-Length gets 408. Thread-safe."""
+    request body shorter than its Content-Length gets 408. ``sha256``: False makes
+    every reply omit ``sha256Checksum`` (Drive documents it as "if available"; the
+    attribute ``sha256`` can be flipped while serving). Thread-safe."""
 
     def __init__(self, data_dir: Path | None = None, host: str = "127.0.0.1", port: int = 0,
-                 *, seed: int | None = None, body_timeout: float = 1.0) -> None:
+                 *, seed: int | None = None, body_timeout: float = 1.0, sha256: bool = True) -> None:
         self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.sha256 = sha256
         self.host, self.port = host, port
         self.body_timeout = body_timeout
         self._lock = threading.RLock()
@@ -218,7 +221,8 @@ class DriveSim:
     # -- storage
 
     def _public(self, f: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in f.items() if not k.startswith("_")}
+        return {k: v for k, v in f.items()
+                if not k.startswith("_") and (self.sha256 or k != "sha256Checksum")}
 
     def _load(self) -> None:
         assert self.data_dir is not None
