@@ -606,7 +606,8 @@ class CloudTier:
             return 0
         self.uploaded_packs += 1
         self.uploaded_bytes += len(blob)
-        set_meta(self.db, {"drive_last_upload_at": _now_text()})
+        # an upload went through: whatever pause `drive status` shows is over
+        set_meta(self.db, {"drive_last_upload_at": _now_text(), "drive_paused_until": ""})
         return len(blob)
 
     def _release_or_adopt(self, pack: int, name: str) -> None:
@@ -691,7 +692,13 @@ class CloudTier:
 
     # -- the background thread of a mount ----------------------------------------------
     def start(self) -> None:
-        """Start the uploader/evictor thread (a mount calls this once)."""
+        """Start the uploader/evictor thread (a mount calls this once). A pause recorded
+        by an earlier mount is cleared: this mount has not been refused yet (if the daily
+        cap still holds, its first upload pauses it again and records that)."""
+        try:
+            set_meta(self.db, {"drive_paused_until": ""})
+        except MetaError as exc:
+            log.warning("cloud tier: could not clear the recorded pause: %s", exc)
         self._thread = threading.Thread(target=self._run, name="casfs-cloud", daemon=True)
         self._thread.start()
 
@@ -764,6 +771,11 @@ class CloudTier:
         except (ObjectStoreError, CasError) as exc:
             log.info("cloud tier: recovery deferred: %s", exc)
             self._note_error(exc)
+
+    def note_error(self, exc: BaseException) -> None:
+        """Record ``exc`` as the tier's last error (meta keys drive_last_error and
+        drive_last_error_at, read by ``casfs drive status`` from any process)."""
+        self._note_error(exc)
 
     def _note_error(self, exc: BaseException, paused_until: float | None = None) -> None:
         msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

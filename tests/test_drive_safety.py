@@ -179,3 +179,39 @@ def test_drive_without_sha256_uploads_adopts_after_a_crash_and_restores(
     casenv.mount("vol", mp)
     assert compare_trees(src, mp / "t", mtimes=False) == []
     assert (mp / "late").read_bytes() == late
+
+
+# -- 4. the daily cap, told by reason ----------------------------------------------------
+
+def test_daily_cap_is_told_by_reason_push_names_it_and_a_remount_is_not_stale_paused(
+        casenv: CasEnv, drive_sim: DriveSim) -> None:
+    auth(casenv, drive_sim, "vol")
+    # A per-minute rate limit worded like the daily cap: its reason says what it is.
+    drive_sim.inject("rate_limit", times=2, match="upload_multipart", reason="rateLimitExceeded",
+                     message="User rate limit exceeded.")
+    mp = casenv.mount("vol")
+    (mp / "a").write_bytes(os.urandom(3 * CHUNK))
+    fsync_tree(mp)
+    wait_for("the upload queue to drain", lambda: drained(casenv), 60)
+    assert drive_sim.counters.faults.get("rate_limit", 0) == 2
+    assert status(casenv)["paused_until"] == ""
+    # The daily cap by its documented reason, whatever its wording: the mount pauses.
+    drive_sim.inject("daily_limit", times=1000, match="upload_multipart", reason="dailyLimitExceeded",
+                     message="Daily Limit Exceeded")
+    (mp / "b").write_bytes(os.urandom(3 * CHUNK))
+    fsync_tree(mp)
+    wait_for("the pause", lambda: bool(status(casenv)["paused_until"]), 60)
+    assert "PAUSED until" in casenv.run("drive", "status", "vol").stdout
+    casenv.umount(mp)
+    r = casenv.run("drive", "push", "--timeout", "30", "vol", check=False)
+    assert r.returncode == 1 and "daily upload limit" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert status(casenv)["queued_chunks"] == 3
+    # The cap lifts; a new mount does not show the old mount's pause, and uploads.
+    drive_sim.clear_faults()
+    casenv.mount("vol", mp)
+    assert status(casenv)["paused_until"] == ""
+    assert "uploads      running" in casenv.run("drive", "status", "vol").stdout
+    wait_for("the upload queue to drain", lambda: drained(casenv), 60)
+    assert status(casenv)["paused_until"] == ""
+    assert len(pack_files(drive_sim)) == stats(casenv)["cloud_packs"] == 2

@@ -16,6 +16,7 @@ import click
 from cas import cloud
 from cas.errors import VolumeError
 from cas.meta import Metadata, connect
+from cas.objstore import DailyLimit
 from cas.volume import DEFAULT_NAME, Volume, open_volume
 
 from .common import human, open_tier, parse_size, user_errors
@@ -205,12 +206,22 @@ def _age(seconds: float) -> str:
 @click.option("--drive-endpoint", default=None, metavar="URL", help="Override the volume's endpoint.")
 @user_errors
 def push(volume: str, timeout: float | None, drive_endpoint: str | None) -> None:
-    """Upload everything queued now, without waiting for a full pack (safe while mounted)."""
+    """Upload everything queued now, without waiting for a full pack (safe while mounted).
+
+    Exits 1 with a one-line message when Drive refuses uploads; the daily upload cap is
+    named as such ("daily upload limit"): retrying before it resets is pointless.
+    """
     vol = open_volume(volume)
     with connect(vol) as meta:
         tier = open_tier(meta, drive_endpoint)
         try:
             n = tier.drain(timeout)
+        except DailyLimit as exc:
+            tier.note_error(exc)
+            left = cloud.status(meta.db).queued_chunks
+            raise click.ClickException(
+                f"Drive's daily upload limit is reached (about 750 GB a day): {left} chunks stay "
+                f"queued; push again later or let the mount upload them ({str(exc).splitlines()[0]})") from None
         finally:
             tier.close()
     click.echo(f"uploaded {tier.uploaded_packs} packs ({human(n)}); queue empty")

@@ -173,7 +173,8 @@ class DriveSim:
 
     def inject(self, kind: str, *, times: int | None = None, probability: float | None = None,
                match: str | None = None, retry_after: float | None = None, delay: float = 0.5,
-               status: int | None = None, after_bytes: int | None = None, skip: int = 0) -> Fault:
+               status: int | None = None, after_bytes: int | None = None, skip: int = 0,
+               reason: str | None = None, message: str | None = None) -> Fault:
         """Add a fault of ``kind`` (one of ``FAULT_KINDS``, see the package doc).
 
         It lets the first ``skip`` matching requests pass, then fires on the next ``times``,
@@ -182,13 +183,15 @@ class DriveSim:
         None matches everything.
         ``retry_after`` (seconds) adds a Retry-After header to error replies; ``delay``
         (seconds) is the wait of ``slow``; ``status`` picks 500 or 503 for ``server_error``;
-        ``after_bytes`` makes ``drop`` close after reading that many body bytes. Raises
-        ValueError for an unknown kind."""
+        ``after_bytes`` makes ``drop`` close after reading that many body bytes;
+        ``reason`` and ``message`` replace an error kind's reason and message in the
+        envelope. Raises ValueError for an unknown kind."""
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; known: {', '.join(FAULT_KINDS)}")
         if times is None and probability is None:
             times = 1
-        fault = Fault(kind, times, probability, match, retry_after, delay, status, after_bytes, skip)
+        fault = Fault(kind, times, probability, match, retry_after, delay, status, after_bytes, skip,
+                      reason=reason, message=message)
         with self._lock:
             self._faults.append(fault)
         return fault
