@@ -838,15 +838,25 @@ def open_objects(volume: Volume, cfg: CloudConfig, db: Database, *,
     return drive.DriveObjectStore(factory, folder, chunk_size=cfg.upload_chunk)
 
 
+RESTORE_ATTEMPTS = 5      # tries per pack read in restore (backoff 0.5 s doubling to 4 s)
+RESTORE_PASSES = 2        # packs that failed are tried again after all the others
+
+
 @dataclass(frozen=True)
 class RestoreResult:
     """What :func:`restore` did: chunks (and envelope bytes) written back to the local
-    store, chunks marked cloud-only instead (``lazy``), and chunks found nowhere."""
+    store, chunks marked cloud-only instead (``lazy``), chunks found nowhere (``lost``:
+    hex ids), live chunks left cloud-only (``cloud_only``: evicted on purpose and not
+    asked for, or marked by ``lazy``), chunks whose pack could not be read
+    (``unreadable``: hex ids) and those packs (``failed_packs``: "name: error")."""
 
     restored: int
     restored_bytes: int
     marked_remote: int
     lost: list[str]
+    cloud_only: int = 0
+    unreadable: list[str] = field(default_factory=list)
+    failed_packs: list[str] = field(default_factory=list)
 
 
 def restore(tier: CloudTier, lazy: bool = False, everything: bool = False,
@@ -857,25 +867,30 @@ def restore(tier: CloudTier, lazy: bool = False, everything: bool = False,
     not local) and that has a confirmed cloud copy is downloaded, verified against its
     id and written to the local store; with ``lazy`` it is only marked cloud-only
     (``is_local = 0``) so that reads fetch it on demand. A pack is read whole when more
-    than half of it is needed, else chunk by chunk with ranged GETs. Chunks with neither
-    a local file nor a cloud copy are returned as ``lost``. ``progress`` is called with
-    the bytes of each chunk handled.
+    than half of it is needed, else chunk by chunk with ranged GETs. A pack read is
+    tried RESTORE_ATTEMPTS times with backoff; a pack that still fails does not stop the
+    others: it is tried again after them (RESTORE_PASSES passes in all), and what it
+    could not give is returned in ``unreadable`` / ``failed_packs`` (running restore
+    again picks it up). Chunks with neither a local file nor a cloud copy are returned
+    as ``lost``. ``progress`` is called with the bytes of each chunk handled. Raises
+    MetaError; store errors are collected, not raised.
     """
     from .envelope import open_envelope
     db = tier.db
-    rows = db.query("SELECT c.id, c.is_local, e.pack, e.pos, e.length, p.object_id, p.size "
+    rows = db.query("SELECT c.id, c.is_local, e.pack, e.pos, e.length, p.object_id, p.size, p.name "
                     "FROM chunks c LEFT JOIN pack_entries e ON e.chunk = c.id "
                     "LEFT JOIN packs p ON p.id = e.pack AND p.state = 'confirmed' "
                     "WHERE c.refcount > 0 OR c.is_local = 1")
     need: dict[int, list[tuple[bytes, int, int]]] = {}
-    packs: dict[int, tuple[str, int]] = {}
+    packs: dict[int, tuple[str, int, str]] = {}
     lost: list[str] = []
-    marked = 0
-    for cid_b, is_local, pack, pos, length, oid, psize in rows:
+    marked = cloud_only = 0
+    for cid_b, is_local, pack, pos, length, oid, psize, pname in rows:
         cid = bytes(cid_b)
         if is_local and tier.store.exists(cid):
             continue
         if not is_local and not everything:
+            cloud_only += oid is not None
             continue
         if oid is None:
             lost.append(cid.hex())
@@ -884,30 +899,54 @@ def restore(tier: CloudTier, lazy: bool = False, everything: bool = False,
             if is_local:
                 db.execute("UPDATE chunks SET is_local = 0 WHERE id = %s", (cid,))
                 marked += 1
+            cloud_only += 1
             continue
         need.setdefault(int(pack), []).append((cid, int(pos), int(length)))
-        packs[int(pack)] = (str(oid), int(psize))
+        packs[int(pack)] = (str(oid), int(psize), str(pname))
     restored = restored_bytes = 0
-    for pack, items in need.items():
-        oid, psize = packs[pack]
-        whole = None
-        if sum(n for _, _, n in items) * 2 > psize:
-            whole = tier.read_object(oid)
+    done: set[bytes] = set()
+
+    def read(oid: str, offset: int = 0, length: int | None = None) -> bytes:
+        return retrying(lambda: tier.objects.get(oid, offset, length), max(RESTORE_ATTEMPTS, tier.cfg.read_attempts),
+                        initial_s=0.5, cap_s=4.0)
+
+    def restore_pack(oid: str, psize: int, items: list[tuple[bytes, int, int]]) -> None:
+        nonlocal restored, restored_bytes
+        whole = read(oid) if sum(n for _, _, n in items) * 2 > psize else None
         for cid, pos, n in items:
-            if whole is not None:
-                blob = whole[pos:pos + n]
-            else:
-                blob = tier.read_object(oid, pos, n)
+            blob = whole[pos:pos + n] if whole is not None else read(oid, pos, n)
             try:
                 open_envelope(blob, cid)
             except FsError:
                 log.error("restore: chunk %s in pack object %s fails verification", cid.hex(), oid)
                 lost.append(cid.hex())
+                done.add(cid)
                 continue
             tier.store.put(cid, blob)
             db.execute("UPDATE chunks SET is_local = 1 WHERE id = %s", (cid,))
+            done.add(cid)
             restored += 1
             restored_bytes += len(blob)
             if progress is not None:
                 progress(len(blob))
-    return RestoreResult(restored, restored_bytes, marked, lost)
+
+    pending = list(need)
+    errors: dict[int, ObjectStoreError] = {}
+    for _ in range(RESTORE_PASSES):
+        failed = []
+        for pack in pending:
+            oid, psize, _name = packs[pack]
+            try:
+                restore_pack(oid, psize, [e for e in need[pack] if e[0] not in done])
+                errors.pop(pack, None)
+            except ObjectStoreError as exc:
+                log.error("restore: pack %s (object %s) could not be read: %s", _name, oid, exc)
+                errors[pack] = exc
+                failed.append(pack)
+        pending = failed
+        if not pending:
+            break
+    unreadable = [cid.hex() for pack in pending for cid, _, _ in need[pack] if cid not in done]
+    failed_packs = [f"{packs[p][2]}: {str(errors[p]).splitlines()[0] if str(errors[p]) else type(errors[p]).__name__}"
+                    for p in pending]
+    return RestoreResult(restored, restored_bytes, marked, lost, cloud_only, unreadable, failed_packs)

@@ -215,3 +215,43 @@ def test_daily_cap_is_told_by_reason_push_names_it_and_a_remount_is_not_stale_pa
     wait_for("the upload queue to drain", lambda: drained(casenv), 60)
     assert status(casenv)["paused_until"] == ""
     assert len(pack_files(drive_sim)) == stats(casenv)["cloud_packs"] == 2
+
+
+# -- 5. restore keeps going ------------------------------------------------------------------
+
+def test_restore_skips_a_pack_drive_will_not_give_reports_it_and_counts_cloud_only_chunks(
+        casenv: CasEnv, drive_sim: DriveSim) -> None:
+    from cas.meta import connect
+    from cas.volume import open_volume
+    auth(casenv, drive_sim, "vol")
+    mp = casenv.mount("vol")
+    src = casenv.tmp / "src"
+    make_tree(src, seed=31, files=16)
+    shutil.copytree(src, mp / "t")
+    fsync_tree(mp)
+    wait_for("the upload queue to drain", lambda: drained(casenv), 90)
+    evict_all(casenv, mp)
+    casenv.umount(mp)
+    live = stats(casenv)["live_chunks"]
+    with connect(open_volume("vol")) as meta:
+        packs = meta.db.query("SELECT p.name, p.object_id, COUNT(*) FROM packs p JOIN pack_entries e "
+                              "ON e.pack = p.id GROUP BY p.id ORDER BY p.id")
+    assert len(packs) >= 3
+    bad_name, bad_oid, bad_chunks = packs[0][0], packs[0][1], int(packs[0][2])
+    # Plain restore leaves evicted chunks in the cloud and says how many.
+    out = casenv.run("restore", "vol").stdout
+    assert f"{live} chunks stay cloud-only" in out
+    # Drive keeps failing the reads of one pack: the others are restored all the same.
+    drive_sim.inject("server_error", times=10_000, match=f"GET /drive/v3/files/{bad_oid}")
+    r = casenv.run("restore", "--all", "vol", check=False)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"not restored: {bad_chunks} chunks in 1 packs" in r.stdout and f"pack {bad_name}: " in r.stdout
+    assert drive_sim.counters.faults["server_error"] >= 2 * 5          # retried, and retried again later
+    st = stats(casenv)
+    assert st["cloud_only_chunks"] == bad_chunks and st["both_chunks"] == live - bad_chunks
+    # Drive gives it again: the next restore finishes the job.
+    drive_sim.clear_faults()
+    out = casenv.run("restore", "--all", "vol").stdout
+    assert f"restored {bad_chunks} chunks" in out and "0 lost" in out and "0 chunks stay cloud-only" in out
+    casenv.mount("vol", mp)
+    assert compare_trees(src, mp / "t", mtimes=False) == []

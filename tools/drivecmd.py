@@ -236,7 +236,9 @@ def push(volume: str, timeout: float | None, drive_endpoint: str | None) -> None
 def restore(volume: str, lazy: bool, everything: bool, drive_endpoint: str | None) -> None:
     """Rebuild VOLUME's local chunk store from Drive, given its database.
 
-    Exits 1 when some chunk is neither local nor on Drive.
+    Says how many chunks stay cloud-only. A pack that Drive fails to give (after retries
+    with backoff) does not stop the others. Exits 1, listing them, when some chunk is
+    neither local nor on Drive, or could not be read from Drive (run restore again).
     """
     vol = open_volume(volume)
     if is_mounted(vol):
@@ -250,9 +252,18 @@ def restore(volume: str, lazy: bool, everything: bool, drive_endpoint: str | Non
             tier.close()
     click.echo(f"restored {r.restored} chunks ({human(r.restored_bytes)}), marked {r.marked_remote} "
                f"cloud-only, {len(r.lost)} lost")
+    click.echo(f"{r.cloud_only} chunks stay cloud-only (read from Drive when needed"
+               + ("" if everything or not r.cloud_only else "; `casfs restore --all` brings them back") + ")")
     for cid in r.lost[:20]:
         click.echo(f"  lost chunk {cid}")
-    if r.lost:
+    if r.failed_packs:
+        click.echo(f"not restored: {len(r.unreadable)} chunks in {len(r.failed_packs)} packs Drive did not "
+                   f"give; run this restore again later")
+        for line in r.failed_packs[:20]:
+            click.echo(f"  pack {line}")
+        for cid in r.unreadable[:20]:
+            click.echo(f"  not restored chunk {cid}")
+    if r.lost or r.failed_packs:
         raise SystemExit(1)
 
 
