@@ -255,3 +255,52 @@ def test_restore_skips_a_pack_drive_will_not_give_reports_it_and_counts_cloud_on
     assert f"restored {bad_chunks} chunks" in out and "0 lost" in out and "0 chunks stay cloud-only" in out
     casenv.mount("vol", mp)
     assert compare_trees(src, mp / "t", mtimes=False) == []
+
+
+# -- 6. fsck --cloud -----------------------------------------------------------------------
+
+def test_fsck_cloud_finds_missing_and_damaged_packs_and_names_the_files(
+        casenv: CasEnv, drive_sim: DriveSim) -> None:
+    import hashlib
+    import urllib.request
+
+    from cas.meta import connect
+    from cas.volume import open_volume
+    auth(casenv, drive_sim, "vol")
+    mp = casenv.mount("vol")
+    src = casenv.tmp / "src"
+    make_tree(src, seed=41, files=16)
+    shutil.copytree(src, mp / "t")
+    fsync_tree(mp)
+    wait_for("the upload queue to drain", lambda: drained(casenv), 90)
+    out = casenv.run("fsck", "--cloud", "vol").stdout
+    assert "0 missing or different" in out
+    with connect(open_volume("vol")) as meta:
+        packs = [(str(n), str(o), {bytes(c) for (c,) in meta.db.query(
+                    "SELECT chunk FROM pack_entries WHERE pack = %s", (pid,))})
+                 for pid, n, o in meta.db.query("SELECT id, name, object_id FROM packs ORDER BY id")]
+    assert len(packs) >= 3
+    (gone, gone_oid, gone_chunks), (cut, cut_oid, cut_chunks) = packs[0], packs[1]
+    req = urllib.request.Request(f"{drive_sim.url}drive/v3/files/{gone_oid}", method="DELETE")
+    with urllib.request.urlopen(req) as resp:
+        assert resp.status == 204
+    drive_sim.replace_content(cut_oid, drive_sim.file_bytes(cut_oid)[:-100])   # truncated on Drive
+
+    def depending(chunks: set[bytes]) -> set[str]:
+        """Files of the source tree with a 64 KiB slot whose SHA-256 is one of ``chunks``."""
+        out = set()
+        for p in src.rglob("*"):
+            data = p.read_bytes() if p.is_file() else b""
+            ids = {hashlib.sha256(data[i:i + CHUNK]).digest() for i in range(0, len(data), CHUNK)}
+            if ids & chunks:
+                out.add("/t/" + str(p.relative_to(src)))
+        return out
+    r = casenv.run("fsck", "--cloud", "vol", check=False)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "2 missing or different" in r.stdout
+    assert f"pack {gone} ({gone_oid}): missing; {len(gone_chunks)} chunks" in r.stdout
+    assert f"pack {cut} ({cut_oid}): size " in r.stdout
+    listed = {line.strip() for line in r.stdout.splitlines() if line.startswith("    /")}
+    assert listed == depending(gone_chunks) | depending(cut_chunks) and listed
+    rep = json.loads(casenv.run("fsck", "--cloud", "--json", "vol", check=False).stdout)
+    assert not rep["cloud"]["clean"] and {p["name"] for p in rep["cloud"]["problems"]} == {gone, cut}

@@ -11,10 +11,11 @@ from typing import Any
 import click
 
 from cas import cloud
+from cas import cloudcheck
 from cas import fsck as fsck_mod
 from cas import gc as gc_mod
 from cas import stats as stats_mod
-from cas.meta import connect
+from cas.meta import Metadata, connect
 from cas.safety import DEFAULT_GRACE_S
 from cas.volume import DEFAULT_NAME, Volume, open_volume
 from fusefront.daemon import STATS_FILE
@@ -111,8 +112,11 @@ def gc(volume: str, dry_run: bool, grace: float, drive_endpoint: str | None) -> 
 @click.option("--repair", is_flag=True, help="Rewrite refcounts and link counts from the manifests.")
 @click.option("--no-verify", is_flag=True, help="Check chunk files exist, without hashing them.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--cloud", "check_cloud", is_flag=True,
+              help="Also check that every pack the database names is on Drive with its recorded size "
+                   "(and md5), and list the files that depend on any that is not.")
 @user_errors
-def fsck(volume: str, repair: bool, no_verify: bool, as_json: bool) -> None:
+def fsck(volume: str, repair: bool, no_verify: bool, as_json: bool, check_cloud: bool = False) -> None:
     """Check refcounts, link counts, and every referenced chunk's presence and hash.
 
     Exits 1 when a problem is found and not repaired.
@@ -122,9 +126,12 @@ def fsck(volume: str, repair: bool, no_verify: bool, as_json: bool) -> None:
         raise click.ClickException(f"volume {vol.name} is mounted: unmount it before `casfs fsck --repair`")
     with connect(vol) as meta:
         r = fsck_mod.check(meta, repair=repair, verify=not no_verify)
+        cr = _check_cloud(meta) if check_cloud else None
     if as_json:
         d = {k: getattr(r, k) for k in r.__dataclass_fields__}
         d["clean"] = r.clean
+        if cr is not None:
+            d["cloud"] = cr.as_dict()
         click.echo(json.dumps(d))
     else:
         click.echo(f"checked {r.chunks_checked} live chunks: {len(r.refcount_mismatches)} refcount "
@@ -138,11 +145,33 @@ def fsck(volume: str, repair: bool, no_verify: bool, as_json: bool) -> None:
             click.echo(f"  missing chunk file {cid}")
         for cid in r.corrupt_chunks[:20]:
             click.echo(f"  corrupt chunk {cid}")
+    if cr is not None and not as_json:
+        _print_cloud(cr)
     unrepaired = r.missing_rows or r.missing_files or r.corrupt_chunks or r.dangling_entries
     if not r.clean and (not repair or unrepaired):
         raise SystemExit(1)
     if repair and r.repaired:
         click.echo("repaired refcounts and link counts")
+    if cr is not None and not cr.clean:
+        raise SystemExit(1)
+
+
+def _check_cloud(meta: Metadata) -> cloudcheck.CloudCheck:
+    """`fsck --cloud`: the volume's packs against Drive (cas.cloudcheck)."""
+    tier = open_tier(meta)
+    try:
+        return cloudcheck.check_packs(tier.db, tier.objects)
+    finally:
+        tier.close()
+
+
+def _print_cloud(cr: cloudcheck.CloudCheck) -> None:
+    click.echo(f"cloud: checked {cr.packs_checked} packs on Drive: {len(cr.problems)} missing or different")
+    for p in cr.problems:
+        click.echo(f"  pack {p.name} ({p.object_id}): {p.problem}; {p.chunks} chunks, {p.cloud_only} of them "
+                   f"with no local copy; {p.files} files depend on it")
+        for path in p.paths:
+            click.echo(f"    {path}")
 
 
 def register(group: click.Group) -> None:

@@ -161,6 +161,21 @@ class DriveSim:
                 raise KeyError(file_id)
             return self._read_blob(file_id)
 
+    def replace_content(self, file_id: str, data: bytes) -> None:
+        """Replace file ``file_id``'s content with ``data`` behind the API's back (its
+        ``size`` and checksums follow, as Drive would report them): damage on the
+        server's side, for tests of checks such as ``casfs fsck --cloud``. Raises
+        KeyError when there is no such file."""
+        with self._lock:
+            f = self._files[file_id]
+            f.update(size=str(len(data)), md5Checksum=hashlib.md5(data).hexdigest(),
+                     sha256Checksum=hashlib.sha256(data).hexdigest())
+            if self.data_dir is None:
+                self._blobs[file_id] = data
+            else:
+                (self.data_dir / "blobs" / file_id).write_bytes(data)
+            self._save()
+
     @property
     def counters(self) -> SimCounters:
         """A snapshot of the counters (see :class:`SimCounters`)."""
