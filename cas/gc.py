@@ -131,7 +131,8 @@ def collect_cloud(tier: CloudTier, grace_s: float = DEFAULT_GRACE_S, dry_run: bo
        below ``repack_threshold``: their live chunks are copied into new packs (from
        local files, else ranged reads of the old pack, verified), and their locations
        move to the new pack in the transaction that confirms it;
-    2. delete packs with no live chunk (a confirmed pack never gains entries);
+    2. delete packs with no live chunk (a confirmed pack never gains entries; the
+       object only when it carries this volume's id);
     3. delete orphan objects in the folder (no confirmed pack names them, no upload is
        under way under their name) older than ``grace_s`` that carry this volume's id
        (app property ``casfs_volume``): objects of another volume sharing the folder, or
@@ -155,7 +156,9 @@ def collect_cloud(tier: CloudTier, grace_s: float = DEFAULT_GRACE_S, dry_run: bo
     for pid, oid, size in dead:
         if not dry_run:
             try:
-                tier.objects.delete(str(oid))
+                # the row names it, but an object is deleted only when it carries our id
+                if owned(tier.objects.stat(str(oid)), tier.volume.uuid):
+                    tier.objects.delete(str(oid))
             except ObjectNotFound:
                 pass
             db.execute("DELETE FROM packs WHERE id = %s", (pid,))

@@ -154,7 +154,7 @@ def test_drive_without_sha256_uploads_adopts_after_a_crash_and_restores(
     packs = len(pack_files(drive_sim))
     assert packs == stats(casenv)["cloud_packs"] > 0
     # The daemon dies while Drive is still taking an upload whose bytes all arrived.
-    slow = drive_sim.inject("slow", delay=3.0, match="upload_multipart")
+    slow = drive_sim.inject("slow", delay=6.0, match="upload_multipart")
     received = drive_sim.counters.bytes_received
     late = os.urandom(3 * CHUNK)
     (mp / "late").write_bytes(late)
