@@ -10,12 +10,12 @@ Model (schema.sql: packs, pack_entries, upload_queue; docs/cloud.md):
   a database never claim the same chunk), writes a ``packs`` row
   ('uploading', owner, lease) and the layout into the claimed queue rows, builds the pack
   from the chunk envelopes in the local store, uploads it, and *confirms* it: the store's
-  size and md5 must equal ours, and its sha256 when it reports one. Only then, in one transaction, the pack becomes
-  'confirmed', its chunks get ``pack_entries`` rows (``INSERT IGNORE``: a chunk already
+  size and md5 must equal ours, and its sha256 when it reports one. Only then, in one
+  transaction, the pack becomes 'confirmed', its chunks get ``pack_entries`` rows (``INSERT IGNORE``: a chunk already
   confirmed elsewhere keeps its first copy) and their queue rows go (DESIGN invariant 5).
 - A pack whose uploader died is *recovered*: when the object it names already exists
-  with the recorded size and md5 (and sha256, if reported) it is adopted (confirmed without a second upload);
-  otherwise any partial objects of that name are deleted and the claims released.
+  with the recorded size and md5 (and sha256, if reported) it is adopted (confirmed
+  without a second upload); otherwise any partial objects of that name are deleted and the claims released.
 - :meth:`CloudTier.fetch` reads an evicted chunk with a ranged GET on its pack, with
   bounded retries, so an unreachable store gives EIO, not a hang.
 - :meth:`CloudTier.evict` keeps the local store under ``local_limit`` bytes by deleting
@@ -838,6 +838,10 @@ def open_objects(volume: Volume, cfg: CloudConfig, db: Database, *,
     return drive.DriveObjectStore(factory, folder, chunk_size=cfg.upload_chunk)
 
 
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 RESTORE_ATTEMPTS = 5      # tries per pack read in restore (backoff 0.5 s doubling to 4 s)
 RESTORE_PASSES = 2        # packs that failed are tried again after all the others
 
@@ -907,8 +911,8 @@ def restore(tier: CloudTier, lazy: bool = False, everything: bool = False,
     done: set[bytes] = set()
 
     def read(oid: str, offset: int = 0, length: int | None = None) -> bytes:
-        return retrying(lambda: tier.objects.get(oid, offset, length), max(RESTORE_ATTEMPTS, tier.cfg.read_attempts),
-                        initial_s=0.5, cap_s=4.0)
+        return retrying(lambda: tier.objects.get(oid, offset, length),
+                        max(RESTORE_ATTEMPTS, tier.cfg.read_attempts), initial_s=0.5, cap_s=4.0)
 
     def restore_pack(oid: str, psize: int, items: list[tuple[bytes, int, int]]) -> None:
         nonlocal restored, restored_bytes
@@ -947,6 +951,5 @@ def restore(tier: CloudTier, lazy: bool = False, everything: bool = False,
         if not pending:
             break
     unreadable = [cid.hex() for pack in pending for cid, _, _ in need[pack] if cid not in done]
-    failed_packs = [f"{packs[p][2]}: {str(errors[p]).splitlines()[0] if str(errors[p]) else type(errors[p]).__name__}"
-                    for p in pending]
+    failed_packs = [f"{packs[p][2]}: {_first_line(errors[p])}" for p in pending]
     return RestoreResult(restored, restored_bytes, marked, lost, cloud_only, unreadable, failed_packs)

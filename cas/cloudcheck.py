@@ -87,8 +87,8 @@ def check_packs(db: Database, objects: ObjectStore) -> CloudCheck:
 
 def _problem(db: Database, pack: int, name: str, oid: str, problem: str) -> PackProblem:
     chunks, remote = db.query(
-        "SELECT COUNT(*), COALESCE(SUM(c.is_local = 0), 0) FROM pack_entries e JOIN chunks c ON c.id = e.chunk "
-        "WHERE e.pack = %s", (pack,))[0]
+        "SELECT COUNT(*), COALESCE(SUM(c.is_local = 0), 0) FROM pack_entries e "
+        "JOIN chunks c ON c.id = e.chunk WHERE e.pack = %s", (pack,))[0]
     inodes = [int(r[0]) for r in db.query(
         "SELECT DISTINCT m.inode FROM manifests m JOIN pack_entries e ON e.chunk = m.chunk "
         "WHERE e.pack = %s ORDER BY m.inode", (pack,))]
