@@ -346,7 +346,7 @@ def test_chunk_collected_while_its_pack_uploads_is_not_recorded(ceng: CloudEngin
     assert blob is not None
     ceng.fs.unlink(1, b"a")
     ceng.gc(0)                                   # chunk rows gone while "uploading"
-    info = ceng.objects.put(name, blob)
+    info = ceng.objects.put(name, blob, {"casfs_volume": ceng.vol.uuid})
     assert t._confirm(pack, info, t.owner)
     assert ceng.q("SELECT COUNT(*) FROM pack_entries")[0][0] == 0
     assert cas.gc.collect_cloud(t, grace_s=0).packs_deleted == 1
