@@ -10,12 +10,12 @@ Model (schema.sql: packs, pack_entries, upload_queue; docs/cloud.md):
   a database never claim the same chunk), writes a ``packs`` row
   ('uploading', owner, lease) and the layout into the claimed queue rows, builds the pack
   from the chunk envelopes in the local store, uploads it, and *confirms* it: the store's
-  size, md5 and sha256 must equal ours. Only then, in one transaction, the pack becomes
-  'confirmed', its chunks get ``pack_entries`` rows (``INSERT IGNORE``: a chunk already
+  size and md5 must equal ours, and its sha256 when it reports one. Only then, in one
+  transaction, the pack becomes 'confirmed', its chunks get ``pack_entries`` rows (``INSERT IGNORE``: a chunk already
   confirmed elsewhere keeps its first copy) and their queue rows go (DESIGN invariant 5).
 - A pack whose uploader died is *recovered*: when the object it names already exists
-  with the recorded size and checksums it is adopted (confirmed without a second upload);
-  otherwise any partial objects of that name are deleted and the claims released.
+  with the recorded size and md5 (and sha256, if reported) it is adopted (confirmed
+  without a second upload); otherwise any partial objects of that name are deleted and the claims released.
 - :meth:`CloudTier.fetch` reads an evicted chunk with a ranged GET on its pack, with
   bounded retries, so an unreachable store gives EIO, not a hang.
 - :meth:`CloudTier.evict` keeps the local store under ``local_limit`` bytes by deleting
@@ -189,6 +189,7 @@ class TierStatus:
     paused_until: str
     last_upload_at: str
     extra: dict[str, object] = field(default_factory=dict)
+    oldest_queued_s: float = 0.0   # age in seconds of the oldest chunk not yet confirmed (0: none)
 
 
 def status(db: Database) -> TierStatus:
@@ -196,6 +197,8 @@ def status(db: Database) -> TierStatus:
     meta = dict(db.query("SELECT k, v FROM meta WHERE k LIKE 'cloud%%' OR k LIKE 'drive%%'"))
     qn, qb = db.query("SELECT COUNT(*), COALESCE(SUM(c.stored_length), 0) FROM upload_queue q "
                       "JOIN chunks c ON c.id = q.chunk")[0]
+    oldest = db.query("SELECT COALESCE(TIMESTAMPDIFF(MICROSECOND, MIN(queued), NOW(6)), 0) "
+                      "FROM upload_queue")[0][0]
     up = db.query("SELECT COUNT(*) FROM packs WHERE state = 'uploading'")[0][0]
     pn, pb = db.query("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM packs WHERE state = 'confirmed'")[0]
     live = db.query("SELECT COALESCE(SUM(length), 0) FROM pack_entries")[0][0]
@@ -207,7 +210,7 @@ def status(db: Database) -> TierStatus:
         uploading_packs=int(up), packs=int(pn), cloud_bytes=int(pb), live_cloud_bytes=int(live),
         last_error=meta.get("drive_last_error", ""), last_error_at=meta.get("drive_last_error_at", ""),
         paused_until=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(paused))) if paused else "",
-        last_upload_at=meta.get("drive_last_upload_at", ""))
+        last_upload_at=meta.get("drive_last_upload_at", ""), oldest_queued_s=max(int(oldest), 0) / 1e6)
 
 
 def set_meta(db: Database, values: dict[str, str]) -> None:
@@ -224,12 +227,43 @@ class PackMismatch(ObjectStoreError):
     """The store's size or checksum of an uploaded pack differs from ours."""
 
 
+VOLUME_PROPERTY = "casfs_volume"   # app property naming the volume (uuid) an object belongs to
+
+
+def owned(obj: ObjectInfo, volume_uuid: str) -> bool:
+    """True when object ``obj`` carries volume ``volume_uuid``'s id in its ``casfs_volume``
+    app property. Only such objects may ever be deleted or adopted by that volume: a
+    folder shared by mistake with another volume must not lose the other's packs
+    (docs/cloud.md, "A volume touches only its own objects")."""
+    return obj.properties.get(VOLUME_PROPERTY) == volume_uuid[:60]
+
+
+def foreign_object(objects: ObjectStore, volume_uuid: str) -> ObjectInfo | None:
+    """The first object in the store's folder that does not belong to volume
+    ``volume_uuid`` (another volume's pack, or anything without our id), or None.
+    Lists the folder (stops at the first hit). Raises the cas.objstore errors."""
+    for obj in objects.list():
+        if not owned(obj, volume_uuid):
+            return obj
+    return None
+
+
+def matches(info: ObjectInfo, size: int, md5_hex: str, sha256_hex: str) -> bool:
+    """True when the store's account of an object agrees with ours: the same size and
+    md5 (Drive documents ``size`` and ``md5Checksum`` for every binary file), and the
+    same sha256 when the store gives one (Drive's ``sha256Checksum`` is documented as
+    "if available": confirmation never depends on it; the chunk envelopes inside a pack
+    verify each chunk's content when it is read back)."""
+    return (info.size == size and info.md5 == md5_hex
+            and (not info.sha256 or info.sha256 == sha256_hex))
+
+
 def put_checked(objects: ObjectStore, name: str, blob: bytes, volume_uuid: str) -> ObjectInfo:
-    """Upload ``blob`` as object ``name`` and confirm it: the store's size, md5 and
-    sha256 must equal ours, else the object is deleted and PackMismatch raised."""
-    info = objects.put(name, blob, {"casfs_volume": volume_uuid[:60], "casfs_pack": name})
-    if (info.size != len(blob) or info.md5 != hashlib.md5(blob).hexdigest()
-            or info.sha256 != hashlib.sha256(blob).hexdigest()):
+    """Upload ``blob`` as object ``name`` and confirm it (:func:`matches`: size and md5,
+    and sha256 when the store reports one), else the object is deleted and PackMismatch
+    raised."""
+    info = objects.put(name, blob, {VOLUME_PROPERTY: volume_uuid[:60], "casfs_pack": name})
+    if not matches(info, len(blob), hashlib.md5(blob).hexdigest(), hashlib.sha256(blob).hexdigest()):
         try:
             objects.delete(info.id)
         except ObjectStoreError:
@@ -553,9 +587,10 @@ class CloudTier:
             row = cur.fetchone()
             if row is None or row[0] != "uploading" or (owner is not None and row[1] != owner):
                 return False
+            # md5/sha256 stay those we computed from the bytes we built (equal to the
+            # store's, :func:`matches`; the store may not report a sha256)
             cur.execute("UPDATE packs SET state = 'confirmed', object_id = %s, confirmed = NOW(6), "
-                        "owner = NULL, lease_until = NULL, md5 = %s, sha256 = %s WHERE id = %s",
-                        (info.id, bytes.fromhex(info.md5), bytes.fromhex(info.sha256), pack))
+                        "owner = NULL, lease_until = NULL WHERE id = %s", (info.id, pack))
             cur.execute("INSERT IGNORE INTO pack_entries (chunk, pack, pos, length) "
                         "SELECT q.chunk, q.pack, q.pos, q.length FROM upload_queue q "
                         "JOIN chunks c ON c.id = q.chunk WHERE q.pack = %s", (pack,))
@@ -589,7 +624,8 @@ class CloudTier:
             return 0
         self.uploaded_packs += 1
         self.uploaded_bytes += len(blob)
-        set_meta(self.db, {"drive_last_upload_at": _now_text()})
+        # an upload went through: whatever pause `drive status` shows is over
+        set_meta(self.db, {"drive_last_upload_at": _now_text(), "drive_paused_until": ""})
         return len(blob)
 
     def _release_or_adopt(self, pack: int, name: str) -> None:
@@ -599,6 +635,7 @@ class CloudTier:
             self.recover_pack(pack, name)
         except (ObjectStoreError, MetaError) as exc:
             log.warning("pack %s: recovery after a failed upload deferred: %s", name, exc)
+            self._note_error(exc)
 
     def recover_pack(self, pack: int, name: str) -> str:
         """Settle an 'uploading' pack whose upload is over (failed or owner dead).
@@ -607,8 +644,8 @@ class CloudTier:
         if not rows:
             return "released"
         size, md5, sha = int(rows[0][0]), bytes(rows[0][1]).hex(), bytes(rows[0][2]).hex()
-        found = self.objects.find(name)
-        keep = next((o for o in found if o.size == size and o.md5 == md5 and o.sha256 == sha), None)
+        found = [o for o in self.objects.find(name) if owned(o, self.volume.uuid)]
+        keep = next((o for o in found if matches(o, size, md5, sha)), None)
         for o in found:
             if o is not keep:
                 try:
@@ -673,7 +710,13 @@ class CloudTier:
 
     # -- the background thread of a mount ----------------------------------------------
     def start(self) -> None:
-        """Start the uploader/evictor thread (a mount calls this once)."""
+        """Start the uploader/evictor thread (a mount calls this once). A pause recorded
+        by an earlier mount is cleared: this mount has not been refused yet (if the daily
+        cap still holds, its first upload pauses it again and records that)."""
+        try:
+            set_meta(self.db, {"drive_paused_until": ""})
+        except MetaError as exc:
+            log.warning("cloud tier: could not clear the recorded pause: %s", exc)
         self._thread = threading.Thread(target=self._run, name="casfs-cloud", daemon=True)
         self._thread.start()
 
@@ -696,9 +739,13 @@ class CloudTier:
     def _run(self) -> None:
         backoff = 0
         next_evict = 0.0
-        self._recover_quietly()
         while not self._stop.is_set():
             try:
+                # Every round, not only at start or after an error: a pack whose upload
+                # failed and whose recovery failed too (the store's list call erred), or
+                # whose owner's lease expired since, is settled as soon as the store
+                # answers again (docs/cloud.md, "A pack never stays uploading").
+                self._recover_quietly()
                 started = time.monotonic()
                 n = self.upload_one()
                 if n and self.cfg.bwlimit:
@@ -707,9 +754,7 @@ class CloudTier:
                 if self.local_limit is not None and time.monotonic() >= next_evict:
                     self.evict(self.local_limit)   # sums the local bytes: not every round
                     next_evict = time.monotonic() + EVICT_INTERVAL_S
-                if backoff:
-                    set_meta(self.db, {"drive_last_error": "", "drive_paused_until": ""})
-                backoff = 0
+                backoff = 0   # the last error stays recorded (with its time) for `drive status`
                 if not n:
                     self._wait(1.0)
             except DailyLimit as exc:
@@ -743,6 +788,12 @@ class CloudTier:
             self.recover()
         except (ObjectStoreError, CasError) as exc:
             log.info("cloud tier: recovery deferred: %s", exc)
+            self._note_error(exc)
+
+    def note_error(self, exc: BaseException) -> None:
+        """Record ``exc`` as the tier's last error (meta keys drive_last_error and
+        drive_last_error_at, read by ``casfs drive status`` from any process)."""
+        self._note_error(exc)
 
     def _note_error(self, exc: BaseException, paused_until: float | None = None) -> None:
         msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -758,9 +809,21 @@ class CloudTier:
 
 # -- opening the store -------------------------------------------------------------------
 
-def open_objects(volume: Volume, cfg: CloudConfig, db: Database) -> ObjectStore:
+def folder_key(cfg: CloudConfig) -> str:
+    """What a recorded folder id (meta key drive_folder_id) was made for: endpoint and
+    folder name (meta key drive_folder_key)."""
+    return f"{cfg.endpoint}|{cfg.folder}"
+
+
+def open_objects(volume: Volume, cfg: CloudConfig, db: Database, *,
+                 credentials_file: Path | None = None, record: bool = True) -> ObjectStore:
     """The object store the volume's config names, its folder created on first use
     (the folder id is kept in meta key drive_folder_id, shared by all mounts).
+
+    ``credentials_file`` overrides the config's credentials file (``drive auth`` checks
+    new credentials before keeping them). With ``record`` False nothing is written to
+    the database: a recorded folder id is used only when it was made for this endpoint
+    and folder name, else the folder is found (or created) by name.
 
     Raises ObjectStoreError (bad credentials, unreachable store) or VolumeError.
     """
@@ -769,6 +832,8 @@ def open_objects(volume: Volume, cfg: CloudConfig, db: Database) -> ObjectStore:
         return DirObjectStore(Path(cfg.endpoint[5:]))
     from . import drive
     cred_path = volume.path / cfg.credentials if cfg.credentials else None
+    if credentials_file is not None:
+        cred_path = credentials_file
     if cred_path is None and not cfg.endpoint:
         raise VolumeError(f"volume {volume.name}: no Drive credentials; run `casfs drive auth`")
     creds = drive.load_credentials(cred_path)
@@ -776,7 +841,13 @@ def open_objects(volume: Volume, cfg: CloudConfig, db: Database) -> ObjectStore:
     def factory() -> Any:
         return drive.build_service(cfg.endpoint or None, creds, timeout=cfg.timeout_s)
     rows = db.query("SELECT v FROM meta WHERE k = 'drive_folder_id'")
-    if rows:
+    if not record:
+        known = dict(db.query("SELECT k, v FROM meta WHERE k = 'drive_folder_key'"))
+        if rows and known.get("drive_folder_key") == folder_key(cfg):
+            folder = str(rows[0][0])
+        else:
+            folder = retrying(lambda: drive.ensure_folder(factory(), cfg.folder), 3, initial_s=0.5, cap_s=4.0)
+    elif rows:
         folder = str(rows[0][0])
     else:
         folder = retrying(lambda: drive.ensure_folder(factory(), cfg.folder), 3, initial_s=0.5, cap_s=4.0)
@@ -785,15 +856,29 @@ def open_objects(volume: Volume, cfg: CloudConfig, db: Database) -> ObjectStore:
     return drive.DriveObjectStore(factory, folder, chunk_size=cfg.upload_chunk)
 
 
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+RESTORE_ATTEMPTS = 5      # tries per pack read in restore (backoff 0.5 s doubling to 4 s)
+RESTORE_PASSES = 2        # packs that failed are tried again after all the others
+
+
 @dataclass(frozen=True)
 class RestoreResult:
     """What :func:`restore` did: chunks (and envelope bytes) written back to the local
-    store, chunks marked cloud-only instead (``lazy``), and chunks found nowhere."""
+    store, chunks marked cloud-only instead (``lazy``), chunks found nowhere (``lost``:
+    hex ids), live chunks left cloud-only (``cloud_only``: evicted on purpose and not
+    asked for, or marked by ``lazy``), chunks whose pack could not be read
+    (``unreadable``: hex ids) and those packs (``failed_packs``: "name: error")."""
 
     restored: int
     restored_bytes: int
     marked_remote: int
     lost: list[str]
+    cloud_only: int = 0
+    unreadable: list[str] = field(default_factory=list)
+    failed_packs: list[str] = field(default_factory=list)
 
 
 def restore(tier: CloudTier, lazy: bool = False, everything: bool = False,
@@ -804,25 +889,30 @@ def restore(tier: CloudTier, lazy: bool = False, everything: bool = False,
     not local) and that has a confirmed cloud copy is downloaded, verified against its
     id and written to the local store; with ``lazy`` it is only marked cloud-only
     (``is_local = 0``) so that reads fetch it on demand. A pack is read whole when more
-    than half of it is needed, else chunk by chunk with ranged GETs. Chunks with neither
-    a local file nor a cloud copy are returned as ``lost``. ``progress`` is called with
-    the bytes of each chunk handled.
+    than half of it is needed, else chunk by chunk with ranged GETs. A pack read is
+    tried RESTORE_ATTEMPTS times with backoff; a pack that still fails does not stop the
+    others: it is tried again after them (RESTORE_PASSES passes in all), and what it
+    could not give is returned in ``unreadable`` / ``failed_packs`` (running restore
+    again picks it up). Chunks with neither a local file nor a cloud copy are returned
+    as ``lost``. ``progress`` is called with the bytes of each chunk handled. Raises
+    MetaError; store errors are collected, not raised.
     """
     from .envelope import open_envelope
     db = tier.db
-    rows = db.query("SELECT c.id, c.is_local, e.pack, e.pos, e.length, p.object_id, p.size "
+    rows = db.query("SELECT c.id, c.is_local, e.pack, e.pos, e.length, p.object_id, p.size, p.name "
                     "FROM chunks c LEFT JOIN pack_entries e ON e.chunk = c.id "
                     "LEFT JOIN packs p ON p.id = e.pack AND p.state = 'confirmed' "
                     "WHERE c.refcount > 0 OR c.is_local = 1")
     need: dict[int, list[tuple[bytes, int, int]]] = {}
-    packs: dict[int, tuple[str, int]] = {}
+    packs: dict[int, tuple[str, int, str]] = {}
     lost: list[str] = []
-    marked = 0
-    for cid_b, is_local, pack, pos, length, oid, psize in rows:
+    marked = cloud_only = 0
+    for cid_b, is_local, pack, pos, length, oid, psize, pname in rows:
         cid = bytes(cid_b)
         if is_local and tier.store.exists(cid):
             continue
         if not is_local and not everything:
+            cloud_only += oid is not None
             continue
         if oid is None:
             lost.append(cid.hex())
@@ -831,30 +921,53 @@ def restore(tier: CloudTier, lazy: bool = False, everything: bool = False,
             if is_local:
                 db.execute("UPDATE chunks SET is_local = 0 WHERE id = %s", (cid,))
                 marked += 1
+            cloud_only += 1
             continue
         need.setdefault(int(pack), []).append((cid, int(pos), int(length)))
-        packs[int(pack)] = (str(oid), int(psize))
+        packs[int(pack)] = (str(oid), int(psize), str(pname))
     restored = restored_bytes = 0
-    for pack, items in need.items():
-        oid, psize = packs[pack]
-        whole = None
-        if sum(n for _, _, n in items) * 2 > psize:
-            whole = tier.read_object(oid)
+    done: set[bytes] = set()
+
+    def read(oid: str, offset: int = 0, length: int | None = None) -> bytes:
+        return retrying(lambda: tier.objects.get(oid, offset, length),
+                        max(RESTORE_ATTEMPTS, tier.cfg.read_attempts), initial_s=0.5, cap_s=4.0)
+
+    def restore_pack(oid: str, psize: int, items: list[tuple[bytes, int, int]]) -> None:
+        nonlocal restored, restored_bytes
+        whole = read(oid) if sum(n for _, _, n in items) * 2 > psize else None
         for cid, pos, n in items:
-            if whole is not None:
-                blob = whole[pos:pos + n]
-            else:
-                blob = tier.read_object(oid, pos, n)
+            blob = whole[pos:pos + n] if whole is not None else read(oid, pos, n)
             try:
                 open_envelope(blob, cid)
             except FsError:
                 log.error("restore: chunk %s in pack object %s fails verification", cid.hex(), oid)
                 lost.append(cid.hex())
+                done.add(cid)
                 continue
             tier.store.put(cid, blob)
             db.execute("UPDATE chunks SET is_local = 1 WHERE id = %s", (cid,))
+            done.add(cid)
             restored += 1
             restored_bytes += len(blob)
             if progress is not None:
                 progress(len(blob))
-    return RestoreResult(restored, restored_bytes, marked, lost)
+
+    pending = list(need)
+    errors: dict[int, ObjectStoreError] = {}
+    for _ in range(RESTORE_PASSES):
+        failed = []
+        for pack in pending:
+            oid, psize, _name = packs[pack]
+            try:
+                restore_pack(oid, psize, [e for e in need[pack] if e[0] not in done])
+                errors.pop(pack, None)
+            except ObjectStoreError as exc:
+                log.error("restore: pack %s (object %s) could not be read: %s", _name, oid, exc)
+                errors[pack] = exc
+                failed.append(pack)
+        pending = failed
+        if not pending:
+            break
+    unreadable = [cid.hex() for pack in pending for cid, _, _ in need[pack] if cid not in done]
+    failed_packs = [f"{packs[p][2]}: {_first_line(errors[p])}" for p in pending]
+    return RestoreResult(restored, restored_bytes, marked, lost, cloud_only, unreadable, failed_packs)

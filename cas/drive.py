@@ -3,10 +3,15 @@
 Objects are plain Drive files in one folder; an object id is the Drive file id, its
 properties are the file's ``appProperties``. Every call runs once (``num_retries=0``) and
 Drive's errors are turned into the errors of :mod:`cas.objstore` here, where they enter:
-404 -> ObjectNotFound; 403 ``userRateLimitExceeded``/``rateLimitExceeded``, 408, 429, 5xx
-and network failures -> TryAgain (with the server's Retry-After); the 403 whose message is
-exactly "User rate limit exceeded." (the ~750 GB/day upload cap) -> DailyLimit; anything
-else -> ObjectStoreError. Retrying whole calls is the caller's business
+404 -> ObjectNotFound; the daily upload cap -> DailyLimit; per-minute rate limits
+(``userRateLimitExceeded``/``rateLimitExceeded``), 408, 429, 5xx and network failures ->
+TryAgain (with the server's Retry-After); anything else (``storageQuotaExceeded``, bad
+credentials, bad requests) -> ObjectStoreError. The daily cap is told from rate limits by
+the error's documented ``reason`` first (:func:`is_daily_limit`), by its wording only as
+Drive is observed to send it: reason ``dailyLimitExceeded`` is the cap; reason
+``userRateLimitExceeded`` is the cap only with the exact message "User rate limit
+exceeded." (how the ~750 GB/day cap arrives); ``rateLimitExceeded`` is never the cap;
+a 403 without any reason falls back to that exact message. Retrying whole calls is the caller's business
 (:func:`cas.objstore.retrying`), with one exception: a resumable upload resumes from the
 server's received offset after a transient failure, a bounded number of times per chunk,
 because starting a large upload over is expensive.
@@ -28,6 +33,7 @@ import functools
 import http.client
 import io
 import json
+import logging
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -48,6 +54,11 @@ from googleapiclient.http import MediaIoBaseUpload, build_http
 
 from .objstore import DailyLimit, ObjectInfo, ObjectNotFound, ObjectStoreError, TryAgain, retrying
 
+# The client logs 'Encountered 403 Forbidden with reason "..."' for every 403 it sees,
+# even with num_retries=0; each error is translated and reported here instead, so that a
+# CLI error stays one line.
+logging.getLogger("googleapiclient.http").setLevel(logging.ERROR)
+
 T = TypeVar("T")
 Resource = Any                    # googleapiclient.discovery.Resource (dynamically built)
 
@@ -62,6 +73,8 @@ UPLOAD_ATTEMPTS = 5               # tries per resumable-upload step before TryAg
 BATCH_MAX = 100                   # Drive: calls per batch request
 DAILY_LIMIT_MESSAGE = "User rate limit exceeded."
 RATE_LIMIT_REASONS = frozenset({"userRateLimitExceeded", "rateLimitExceeded"})
+DAILY_LIMIT_REASON = "dailyLimitExceeded"
+USER_RATE_LIMIT_REASON = "userRateLimitExceeded"
 FIELDS = "id,name,size,md5Checksum,sha256Checksum,createdTime,appProperties"
 
 # What a failed call can raise besides HttpError: all of these mean "the network".
@@ -189,6 +202,19 @@ def _retry_after(value: str | None) -> float | None:
     return max((when - datetime.now(timezone.utc)).total_seconds(), 0.0)
 
 
+def is_daily_limit(status: int, message: str, reasons: list[str], messages: list[str]) -> bool:
+    """Whether a Drive error is the daily upload cap (see the module doc): decided by the
+    documented ``reason`` (``dailyLimitExceeded``; ``userRateLimitExceeded`` only with the
+    exact message "User rate limit exceeded."), by the message alone only when the
+    error carries no reason at all."""
+    worded = DAILY_LIMIT_MESSAGE in (message, *messages)
+    if DAILY_LIMIT_REASON in reasons:
+        return True
+    if any(reasons):
+        return USER_RATE_LIMIT_REASON in reasons and worded
+    return status == 403 and worded
+
+
 def translate(exc: BaseException, what: str) -> ObjectStoreError:
     """The :mod:`cas.objstore` error for a failed Drive call ``what`` (see module doc)."""
     if isinstance(exc, HttpError):      # ResumableUploadError included
@@ -200,8 +226,7 @@ def translate(exc: BaseException, what: str) -> ObjectStoreError:
         retry_after = _retry_after(exc.resp.get("retry-after"))
         if status == 404:
             return ObjectNotFound(text)
-        if status == 403 and (DAILY_LIMIT_MESSAGE in (message, *messages)
-                              or "dailyLimitExceeded" in reasons):
+        if is_daily_limit(status, message, reasons, messages):
             return DailyLimit(text)
         if (status == 403 and RATE_LIMIT_REASONS.intersection(reasons)) \
                 or status in (408, 429) or status >= 500:

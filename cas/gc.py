@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from .cloud import PACK_PREFIX, CloudTier, forget_sql, put_checked
+from .cloud import PACK_PREFIX, CloudTier, forget_sql, owned, put_checked
 from .envelope import open_envelope
 from .errors import ChunkMissing, FsError
 from .meta import Metadata
@@ -131,9 +131,12 @@ def collect_cloud(tier: CloudTier, grace_s: float = DEFAULT_GRACE_S, dry_run: bo
        below ``repack_threshold``: their live chunks are copied into new packs (from
        local files, else ranged reads of the old pack, verified), and their locations
        move to the new pack in the transaction that confirms it;
-    2. delete packs with no live chunk (a confirmed pack never gains entries);
+    2. delete packs with no live chunk (a confirmed pack never gains entries; the
+       object only when it carries this volume's id);
     3. delete orphan objects in the folder (no confirmed pack names them, no upload is
-       under way under their name) older than ``grace_s``.
+       under way under their name) older than ``grace_s`` that carry this volume's id
+       (app property ``casfs_volume``): objects of another volume sharing the folder, or
+       without the property, are never deleted.
     Raises ObjectStoreError/TryAgain from the store; what was done so far stays consistent.
     """
     db = tier.db
@@ -153,7 +156,9 @@ def collect_cloud(tier: CloudTier, grace_s: float = DEFAULT_GRACE_S, dry_run: bo
     for pid, oid, size in dead:
         if not dry_run:
             try:
-                tier.objects.delete(str(oid))
+                # the row names it, but an object is deleted only when it carries our id
+                if owned(tier.objects.stat(str(oid)), tier.volume.uuid):
+                    tier.objects.delete(str(oid))
             except ObjectNotFound:
                 pass
             db.execute("DELETE FROM packs WHERE id = %s", (pid,))
@@ -233,6 +238,8 @@ def _sweep_cloud_orphans(tier: CloudTier, grace_s: float, dry_run: bool) -> tupl
     n = total = 0
     for obj in list(tier.objects.list()):
         if obj.id in known or obj.name in busy or obj.created > cutoff:
+            continue
+        if not owned(obj, tier.volume.uuid):   # another volume's (or nobody's): never ours to delete
             continue
         if not dry_run:
             try:

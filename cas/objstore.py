@@ -12,8 +12,10 @@ Errors an implementation raises (and nothing else for store-side conditions):
 - :class:`TryAgain`: a transient condition (HTTP 403 rate limit, 408, 429, 5xx, a dropped
   or refused connection, a timeout); ``retry_after`` is the server's Retry-After in
   seconds when it sent one;
-- :class:`DailyLimit`: the store's daily upload cap is reached (Drive's 403 "User rate
-  limit exceeded."); retrying before the cap resets is pointless, so callers pause;
+- :class:`DailyLimit`: the store's daily upload cap is reached (Drive: reason
+  ``dailyLimitExceeded``, or ``userRateLimitExceeded`` with the message "User rate limit
+  exceeded."; cas.drive.is_daily_limit); retrying before the cap resets is pointless, so
+  callers pause;
 - :class:`ObjectStoreError`: anything else (bad credentials, quota full, bad request).
 """
 from __future__ import annotations

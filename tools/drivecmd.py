@@ -16,6 +16,7 @@ import click
 from cas import cloud
 from cas.errors import VolumeError
 from cas.meta import Metadata, connect
+from cas.objstore import DailyLimit
 from cas.volume import DEFAULT_NAME, Volume, open_volume
 
 from .common import human, open_tier, parse_size, user_errors
@@ -88,6 +89,7 @@ def auth(volume: str, client_secrets: Path | None, service_account: Path | None,
     cfg.pack_age_s = pack_age
     cfg.bwlimit = parse_size(bwlimit)
     cfg.repack_threshold = repack_threshold
+    staged: Path | None = None     # new credentials, kept only once the folder is accepted
     if service_account:
         try:
             data = service_account.read_bytes()
@@ -95,13 +97,24 @@ def auth(volume: str, client_secrets: Path | None, service_account: Path | None,
                 raise VolumeError(f"{service_account} is not a service-account key file")
         except (OSError, ValueError) as exc:
             raise VolumeError(f"cannot read service-account key {service_account}: {exc}") from exc
-        _write_private(vol.path / SERVICE_ACCOUNT_FILE, data)
         cfg.credentials = SERVICE_ACCOUNT_FILE
     elif client_secrets:
-        _write_private(vol.path / TOKEN_FILE, _oauth_token(client_secrets, not no_browser))
+        data = _oauth_token(client_secrets, not no_browser)
         cfg.credentials = TOKEN_FILE
     else:
         cfg.credentials = ""
+    if cfg.credentials:
+        staged = vol.path / (cfg.credentials + ".new")
+        _write_private(staged, data)
+    try:
+        with connect(vol) as meta:
+            _refuse_foreign_folder(vol, cfg, meta, staged)
+    except BaseException:
+        if staged is not None:
+            staged.unlink(missing_ok=True)
+        raise
+    if staged is not None:
+        os.replace(staged, vol.path / cfg.credentials)
     _save_drive(vol, cfg)
     with connect(vol) as meta:
         _forget_other_folder(meta, cfg)
@@ -113,11 +126,24 @@ def auth(volume: str, client_secrets: Path | None, service_account: Path | None,
                f"{queued} chunks queued for upload (the next mount uploads them)")
 
 
+def _refuse_foreign_folder(vol: Volume, cfg: cloud.CloudConfig, meta: Metadata, creds: Path | None) -> None:
+    """Raise VolumeError when the folder ``cfg`` names holds an object that is not this
+    volume's (another volume's pack: its gc and ours would each see the other's packs as
+    orphans). Writes nothing locally; the folder is created on Drive when missing."""
+    objects = cloud.open_objects(vol, cfg, meta.db, credentials_file=creds, record=False)
+    other = cloud.foreign_object(objects, vol.uuid)
+    if other is not None:
+        owner = other.properties.get(cloud.VOLUME_PROPERTY)
+        whose = f"volume {owner}" if owner else "no casfs volume"
+        raise VolumeError(f"folder {cfg.folder} already holds objects of another volume "
+                          f"({other.name} belongs to {whose}); give this volume its own --folder")
+
+
 def _forget_other_folder(meta: Metadata, cfg: cloud.CloudConfig) -> None:
     """Drop the recorded folder id when it was made for another endpoint or folder name
     (open_objects then finds or creates the right one), and record which it is for."""
     rows = dict(meta.db.query("SELECT k, v FROM meta WHERE k = 'drive_folder_key'"))
-    key = f"{cfg.endpoint}|{cfg.folder}"
+    key = cloud.folder_key(cfg)
     if rows.get("drive_folder_key") != key:
         meta.db.execute("DELETE FROM meta WHERE k = 'drive_folder_id'")
         cloud.set_meta(meta.db, {"drive_folder_key": key})
@@ -150,14 +176,28 @@ def status(volume: str, as_json: bool) -> None:
     rows = [
         ("store", cfg.endpoint or "Google Drive"),
         ("queue", f"{st.queued_chunks} chunks, {human(st.queued_bytes)}"
-                  + (f" ({st.uploading_packs} packs uploading)" if st.uploading_packs else "")),
+                  + (f" ({st.uploading_packs} packs uploading)" if st.uploading_packs else "")
+                  + (f"; oldest not yet on Drive: {_age(st.oldest_queued_s)}" if st.queued_chunks else "")),
         ("on drive", f"{st.packs} packs, {human(st.cloud_bytes)} ({human(st.live_cloud_bytes)} live)"),
         ("last upload", st.last_upload_at or "never"),
         ("uploads", f"PAUSED until {st.paused_until} (daily upload limit)" if st.paused_until else "running"),
-        ("last error", f"{st.last_error} at {st.last_error_at}" if st.last_error else "none"),
+        ("last error", (f"{st.last_error} at {st.last_error_at}"
+                        + (" (uploads succeeded since)" if st.last_upload_at > st.last_error_at else ""))
+                       if st.last_error else "none"),
     ]
     for k, v in rows:
         click.echo(f"{k:12} {v}")
+
+
+def _age(seconds: float) -> str:
+    """A duration in seconds as a short text (``42 s``, ``3 min``, ``5.2 h``, ``2.0 days``)."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
 
 
 @drive.command()
@@ -166,12 +206,22 @@ def status(volume: str, as_json: bool) -> None:
 @click.option("--drive-endpoint", default=None, metavar="URL", help="Override the volume's endpoint.")
 @user_errors
 def push(volume: str, timeout: float | None, drive_endpoint: str | None) -> None:
-    """Upload everything queued now, without waiting for a full pack (safe while mounted)."""
+    """Upload everything queued now, without waiting for a full pack (safe while mounted).
+
+    Exits 1 with a one-line message when Drive refuses uploads; the daily upload cap is
+    named as such ("daily upload limit"): retrying before it resets is pointless.
+    """
     vol = open_volume(volume)
     with connect(vol) as meta:
         tier = open_tier(meta, drive_endpoint)
         try:
             n = tier.drain(timeout)
+        except DailyLimit as exc:
+            tier.note_error(exc)
+            left = cloud.status(meta.db).queued_chunks
+            raise click.ClickException(
+                f"Drive's daily upload limit is reached (about 750 GB a day): {left} chunks stay "
+                f"queued; push again later or let the mount upload them ({str(exc).splitlines()[0]})") from None
         finally:
             tier.close()
     click.echo(f"uploaded {tier.uploaded_packs} packs ({human(n)}); queue empty")
@@ -186,7 +236,9 @@ def push(volume: str, timeout: float | None, drive_endpoint: str | None) -> None
 def restore(volume: str, lazy: bool, everything: bool, drive_endpoint: str | None) -> None:
     """Rebuild VOLUME's local chunk store from Drive, given its database.
 
-    Exits 1 when some chunk is neither local nor on Drive.
+    Says how many chunks stay cloud-only. A pack that Drive fails to give (after retries
+    with backoff) does not stop the others. Exits 1, listing them, when some chunk is
+    neither local nor on Drive, or could not be read from Drive (run restore again).
     """
     vol = open_volume(volume)
     if is_mounted(vol):
@@ -200,9 +252,18 @@ def restore(volume: str, lazy: bool, everything: bool, drive_endpoint: str | Non
             tier.close()
     click.echo(f"restored {r.restored} chunks ({human(r.restored_bytes)}), marked {r.marked_remote} "
                f"cloud-only, {len(r.lost)} lost")
+    click.echo(f"{r.cloud_only} chunks stay cloud-only (read from Drive when needed"
+               + ("" if everything or not r.cloud_only else "; `casfs restore --all` brings them back") + ")")
     for cid in r.lost[:20]:
         click.echo(f"  lost chunk {cid}")
-    if r.lost:
+    if r.failed_packs:
+        click.echo(f"not restored: {len(r.unreadable)} chunks in {len(r.failed_packs)} packs Drive did not "
+                   f"give; run this restore again later")
+        for line in r.failed_packs[:20]:
+            click.echo(f"  pack {line}")
+        for cid in r.unreadable[:20]:
+            click.echo(f"  not restored chunk {cid}")
+    if r.lost or r.failed_packs:
         raise SystemExit(1)
 
 

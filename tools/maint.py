@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from cas import cloud
+from cas import cloudcheck
 from cas import fsck as fsck_mod
 from cas import gc as gc_mod
 from cas import repair as repair_mod
@@ -115,8 +116,11 @@ def gc(volume: str, dry_run: bool, grace: float, drive_endpoint: str | None) -> 
               "replace bad or missing chunks from Drive, else list the damaged files.")
 @click.option("--no-verify", is_flag=True, help="Check chunk files exist, without hashing them.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--cloud", "check_cloud", is_flag=True,
+              help="Also check that every pack the database names is on Drive with its recorded size "
+                   "(and md5), and list the files that depend on any that is not.")
 @user_errors
-def fsck(volume: str, repair: bool, no_verify: bool, as_json: bool) -> None:
+def fsck(volume: str, repair: bool, no_verify: bool, as_json: bool, check_cloud: bool = False) -> None:
     """Check refcounts, link counts, and every referenced chunk's presence and hash.
 
     Exits 1 when a problem is found and not repaired.
@@ -127,11 +131,14 @@ def fsck(volume: str, repair: bool, no_verify: bool, as_json: bool) -> None:
     with connect(vol) as meta:
         r = fsck_mod.check(meta, repair=repair, verify=not no_verify)
         fixed = _repair_chunks(meta, r) if repair else None
+        cr = _check_cloud(meta) if check_cloud else None
     if as_json:
         d = {k: getattr(r, k) for k in r.__dataclass_fields__}
         d["clean"] = r.clean
         if fixed is not None:
             d["chunk_repair"] = fixed.as_dict()
+        if cr is not None:
+            d["cloud"] = cr.as_dict()
         click.echo(json.dumps(d))
     else:
         click.echo(f"checked {r.chunks_checked} live chunks: {len(r.refcount_mismatches)} refcount "
@@ -149,6 +156,8 @@ def fsck(volume: str, repair: bool, no_verify: bool, as_json: bool) -> None:
             click.echo(f"  chunk {cid} is marked bad but its local file verifies")
         if fixed is not None:
             _echo_chunk_repair(fixed)
+    if cr is not None and not as_json:
+        _print_cloud(cr)
     unrepaired = r.missing_rows or r.dangling_entries or (
         fixed.unrepaired if fixed is not None else (r.missing_files or r.corrupt_chunks or r.bad_marked))
     if repair and r.repaired and not as_json:
@@ -157,6 +166,8 @@ def fsck(volume: str, repair: bool, no_verify: bool, as_json: bool) -> None:
         raise click.ClickException(f"{len(fixed.unrepaired)} chunks stay unrepaired: "
                                    f"{len(fixed.damaged_files)} files damaged (listed above)")
     if not r.clean and (not repair or unrepaired):
+        raise SystemExit(1)
+    if cr is not None and not cr.clean:
         raise SystemExit(1)
 
 
@@ -188,6 +199,24 @@ def _echo_chunk_repair(fixed: repair_mod.ChunkRepair) -> None:
         click.echo(f"  cloud tier unavailable: {fixed.cloud_error}")
     for path in fixed.damaged_files:
         click.echo(f"  damaged file {path}")
+
+
+def _check_cloud(meta: Metadata) -> cloudcheck.CloudCheck:
+    """`fsck --cloud`: the volume's packs against Drive (cas.cloudcheck)."""
+    tier = open_tier(meta)
+    try:
+        return cloudcheck.check_packs(tier.db, tier.objects)
+    finally:
+        tier.close()
+
+
+def _print_cloud(cr: cloudcheck.CloudCheck) -> None:
+    click.echo(f"cloud: checked {cr.packs_checked} packs on Drive: {len(cr.problems)} missing or different")
+    for p in cr.problems:
+        click.echo(f"  pack {p.name} ({p.object_id}): {p.problem}; {p.chunks} chunks, {p.cloud_only} of them "
+                   f"with no local copy; {p.files} files depend on it")
+        for path in p.paths:
+            click.echo(f"    {path}")
 
 
 def register(group: click.Group) -> None:

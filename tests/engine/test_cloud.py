@@ -269,7 +269,8 @@ def test_recovery_adopts_a_completed_upload_of_a_dead_uploader(ceng: CloudEngine
 def test_recovery_releases_a_partial_upload_and_deletes_its_object(ceng: CloudEngine) -> None:
     data = rand(4 * CS, 51)
     _, name, blob = _claimed_by_dead_uploader(ceng, data)
-    ceng.objects.put(name, blob[: len(blob) // 2])         # a truncated object of that name
+    ceng.objects.put(name, blob[: len(blob) // 2],         # a truncated object of that name
+                     {"casfs_volume": ceng.vol.uuid})
     fresh = ceng.tier()
     assert fresh.recover() == 1
     assert ceng.pack_blobs() == {}
@@ -321,13 +322,16 @@ def test_gc_deletes_empty_packs_rewrites_sparse_ones_and_keeps_data_readable(cen
 def test_gc_removes_orphan_objects_after_the_grace_period(ceng: CloudEngine) -> None:
     make_file(ceng.fs, b"a", rand(2 * CS, 90))
     ceng.drain()
-    stray = ceng.objects.put("casfs-pack-stray", b"x" * 1000)
+    stray = ceng.objects.put("casfs-pack-stray", b"x" * 1000, {"casfs_volume": ceng.vol.uuid})
+    others = [ceng.objects.put("casfs-pack-other", b"y" * 10, {"casfs_volume": "another-volume"}).id,
+              ceng.objects.put("casfs-pack-nobody", b"z" * 10).id]
     t = ceng.tier()
     assert cas.gc.collect_cloud(t, grace_s=3600).orphans_deleted == 0
     r = cas.gc.collect_cloud(t, grace_s=0)
     assert r.orphans_deleted == 1 and r.orphan_bytes_deleted == 1000
     assert stray.id not in ceng.pack_blobs()
-    assert len(ceng.pack_blobs()) == 1
+    assert set(others) <= set(ceng.pack_blobs())          # not this volume's: never deleted
+    assert len(ceng.pack_blobs()) == 3
 
 
 def test_chunk_collected_while_its_pack_uploads_is_not_recorded(ceng: CloudEngine) -> None:
@@ -342,7 +346,7 @@ def test_chunk_collected_while_its_pack_uploads_is_not_recorded(ceng: CloudEngin
     assert blob is not None
     ceng.fs.unlink(1, b"a")
     ceng.gc(0)                                   # chunk rows gone while "uploading"
-    info = ceng.objects.put(name, blob)
+    info = ceng.objects.put(name, blob, {"casfs_volume": ceng.vol.uuid})
     assert t._confirm(pack, info, t.owner)
     assert ceng.q("SELECT COUNT(*) FROM pack_entries")[0][0] == 0
     assert cas.gc.collect_cloud(t, grace_s=0).packs_deleted == 1

@@ -252,6 +252,23 @@ def test_daily_limit_message_is_daily_limit(drive: Drive, call: str) -> None:
     assert "User rate limit exceeded." in str(e.value)
 
 
+@pytest.mark.parametrize("fault,reason,message,daily", [
+    ("daily_limit", "dailyLimitExceeded", "Daily Limit Exceeded", True),          # by reason
+    ("daily_limit", "dailyLimitExceeded", "Quota exceeded for quota metric", True),
+    ("daily_limit", "userRateLimitExceeded", "User rate limit exceeded.", True),  # the 750 GB/day cap
+    ("rate_limit", "userRateLimitExceeded", "User Rate Limit Exceeded", False),   # per minute
+    ("rate_limit", "rateLimitExceeded", "User rate limit exceeded.", False),      # reason wins over wording
+    ("too_many", "rateLimitExceeded", "User rate limit exceeded.", False),
+])
+def test_daily_limit_is_told_by_reason(drive: Drive, fault: str, reason: str, message: str,
+                                       daily: bool) -> None:
+    """docs/cloud.md, "The daily cap, told by reason"."""
+    drive.sim.inject(fault, match="upload_multipart", reason=reason, message=message)
+    with pytest.raises(DailyLimit if daily else TryAgain) as e:
+        drive.store.put("y", b"more")
+    assert isinstance(e.value, TryAgain) != daily and reason in str(e.value)
+
+
 def test_daily_limit_during_resumable_upload_is_not_retried(drive: Drive) -> None:
     fault = drive.sim.inject("daily_limit", match="upload_chunk", skip=2)
     with pytest.raises(DailyLimit):

@@ -22,6 +22,9 @@ quote. Errors use Drive's envelope ``{"error": {"code", "message", "errors": [{"
 "reason", "message"}]}}``. A request body shorter than its Content-Length is answered with
 408 after ``body_timeout`` seconds of silence instead of hanging.
 
+``DriveSim(sha256=False)`` (command line: ``--no-sha256``) leaves ``sha256Checksum`` out of
+every file's metadata, as Drive may ("if available").
+
 Files live in memory, or with ``data_dir`` as ``DIR/blobs/ID`` plus ``DIR/index.json`` so an
 offline trial survives a restart (upload sessions do not: a client resuming one after a
 restart gets 404 and must start over, as with an expired Drive session).

@@ -1,5 +1,5 @@
 """The drivesim command line: ``python -m tools.drivesim [--port N] [--data-dir DIR]
-[--fault KIND:PROB[:MATCH]] ...`` serves until SIGINT or SIGTERM."""
+[--fault KIND:PROB[:MATCH]] ... [--no-sha256]`` serves until SIGINT or SIGTERM."""
 from __future__ import annotations
 
 import argparse
@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"inject a fault with probability PROB; KIND: {', '.join(FAULT_KINDS)}; "
                          f"MATCH: a request kind or path regex")
     ap.add_argument("--seed", type=int, help="seed for probabilistic faults")
+    ap.add_argument("--no-sha256", action="store_true",
+                    help="omit sha256Checksum from file metadata (Drive gives it only 'if available')")
     ap.add_argument("-v", "--verbose", action="store_true", help="log every request")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    sim = DriveSim(args.data_dir, args.host, args.port, seed=args.seed)
+    sim = DriveSim(args.data_dir, args.host, args.port, seed=args.seed, sha256=not args.no_sha256)
     for kind, p, match in args.fault:
         sim.inject(kind, probability=p, match=match)
     with sim:

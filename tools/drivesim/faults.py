@@ -23,6 +23,8 @@ class Fault:
     skip: int = 0
     fired: int = 0
     seen: int = 0
+    reason: str | None = None
+    message: str | None = None
 
     def matches(self, kind: str, target: str) -> bool:
         if self.match is None:
@@ -32,6 +34,17 @@ class Fault:
         return re.search(self.match, target) is not None
 
     def error(self) -> _ApiError:
+        """The error reply of this fault; ``reason``/``message``, when set, replace the
+        kind's own (e.g. a 403 ``dailyLimitExceeded``, or a rate limit worded like the
+        daily cap)."""
+        err = self._error()
+        if self.reason is not None:
+            err.reason = self.reason
+        if self.message is not None:
+            err.message = self.message
+        return err
+
+    def _error(self) -> _ApiError:
         ra = self.retry_after
         if self.kind == "rate_limit":
             return _ApiError(403, "userRateLimitExceeded", "User Rate Limit Exceeded", "usageLimits", ra)

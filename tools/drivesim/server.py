@@ -73,11 +73,14 @@ class DriveSim:
 
     ``data_dir``: keep files on disk there (None: in memory). ``seed`` seeds the random
     choices of probabilistic faults. ``body_timeout``: seconds of silence after which a
-    request body shorter than its Content-Length gets 408. Thread-safe."""
+    request body shorter than its Content-Length gets 408. ``sha256``: False makes
+    every reply omit ``sha256Checksum`` (Drive documents it as "if available"; the
+    attribute ``sha256`` can be flipped while serving). Thread-safe."""
 
     def __init__(self, data_dir: Path | None = None, host: str = "127.0.0.1", port: int = 0,
-                 *, seed: int | None = None, body_timeout: float = 1.0) -> None:
+                 *, seed: int | None = None, body_timeout: float = 1.0, sha256: bool = True) -> None:
         self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.sha256 = sha256
         self.host, self.port = host, port
         self.body_timeout = body_timeout
         self._lock = threading.RLock()
@@ -158,6 +161,21 @@ class DriveSim:
                 raise KeyError(file_id)
             return self._read_blob(file_id)
 
+    def replace_content(self, file_id: str, data: bytes) -> None:
+        """Replace file ``file_id``'s content with ``data`` behind the API's back (its
+        ``size`` and checksums follow, as Drive would report them): damage on the
+        server's side, for tests of checks such as ``casfs fsck --cloud``. Raises
+        KeyError when there is no such file."""
+        with self._lock:
+            f = self._files[file_id]
+            f.update(size=str(len(data)), md5Checksum=hashlib.md5(data).hexdigest(),
+                     sha256Checksum=hashlib.sha256(data).hexdigest())
+            if self.data_dir is None:
+                self._blobs[file_id] = data
+            else:
+                (self.data_dir / "blobs" / file_id).write_bytes(data)
+            self._save()
+
     @property
     def counters(self) -> SimCounters:
         """A snapshot of the counters (see :class:`SimCounters`)."""
@@ -170,7 +188,8 @@ class DriveSim:
 
     def inject(self, kind: str, *, times: int | None = None, probability: float | None = None,
                match: str | None = None, retry_after: float | None = None, delay: float = 0.5,
-               status: int | None = None, after_bytes: int | None = None, skip: int = 0) -> Fault:
+               status: int | None = None, after_bytes: int | None = None, skip: int = 0,
+               reason: str | None = None, message: str | None = None) -> Fault:
         """Add a fault of ``kind`` (one of ``FAULT_KINDS``, see the package doc).
 
         It lets the first ``skip`` matching requests pass, then fires on the next ``times``,
@@ -179,13 +198,15 @@ class DriveSim:
         None matches everything.
         ``retry_after`` (seconds) adds a Retry-After header to error replies; ``delay``
         (seconds) is the wait of ``slow``; ``status`` picks 500 or 503 for ``server_error``;
-        ``after_bytes`` makes ``drop`` close after reading that many body bytes. Raises
-        ValueError for an unknown kind."""
+        ``after_bytes`` makes ``drop`` close after reading that many body bytes;
+        ``reason`` and ``message`` replace an error kind's reason and message in the
+        envelope. Raises ValueError for an unknown kind."""
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; known: {', '.join(FAULT_KINDS)}")
         if times is None and probability is None:
             times = 1
-        fault = Fault(kind, times, probability, match, retry_after, delay, status, after_bytes, skip)
+        fault = Fault(kind, times, probability, match, retry_after, delay, status, after_bytes, skip,
+                      reason=reason, message=message)
         with self._lock:
             self._faults.append(fault)
         return fault
@@ -218,7 +239,8 @@ class DriveSim:
     # -- storage
 
     def _public(self, f: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in f.items() if not k.startswith("_")}
+        return {k: v for k, v in f.items()
+                if not k.startswith("_") and (self.sha256 or k != "sha256Checksum")}
 
     def _load(self) -> None:
         assert self.data_dir is not None
