@@ -211,21 +211,21 @@ class EmbeddedServer:
 RESTART_BACKOFF_MIN_S = 0.5    # first wait after a failed restart
 RESTART_BACKOFF_MAX_S = 30.0   # the backoff doubles up to this bound
 WATCH_INTERVAL_S = 0.25        # how often the supervisor checks the server
-HUNG_AFTER_S = 10.0            # a server process that does not answer this long is restarted
 
 
 class ServerSupervisor:
     """Keeps a mount's embedded server running: a daemon thread that checks every
-    WATCH_INTERVAL_S seconds whether the server answers on its socket and, when it does
-    not and its process is gone (killed, crashed, OOM-killed), or has not answered for
-    HUNG_AFTER_S seconds, starts it again under the control lock of
-    :class:`EmbeddedServer` (so it never races another casfs command starting it).
+    WATCH_INTERVAL_S seconds whether the server's process (pid file) still runs and,
+    when it is gone (killed, crashed, OOM-killed) and nothing answers on the socket,
+    starts it again with :meth:`EmbeddedServer.restart_if_dead`, under the control
+    lock (so it never races another casfs command starting or stopping the server).
 
     A failed start is retried after a bounded exponential backoff: RESTART_BACKOFF_MIN_S,
-    doubling up to RESTART_BACKOFF_MAX_S, reset by a success. Each restart is logged.
-    The server must have been acquired (:meth:`EmbeddedServer.acquire`) before
-    :meth:`start`; :meth:`stop` ends the thread (call it before releasing the server).
-    Clients reconnect by themselves (``cas.meta.Database``, docs/database.md).
+    doubling up to RESTART_BACKOFF_MAX_S, reset by a success. Each restart is logged
+    (WARNING), each failed start too (ERROR). The server must have been acquired
+    (:meth:`EmbeddedServer.acquire`) before :meth:`start`; a released server is never
+    restarted, so :meth:`stop` may come before or after the release. Clients wait and
+    reconnect by themselves (``cas.meta.Database``; docs/database.md).
     """
 
     def __init__(self, server: EmbeddedServer, interval_s: float = WATCH_INTERVAL_S) -> None:
@@ -250,15 +250,11 @@ class ServerSupervisor:
 
     def _run(self) -> None:
         backoff = RESTART_BACKOFF_MIN_S
-        silent_since: float | None = None
         while not self._stop.wait(self.interval_s):
-            if self.server.alive():
-                silent_since = None
+            # the pid check reads two small files; the socket is tried only when the
+            # process is gone (a connection every check would load the server)
+            if self.server.pid() is not None or self.server.alive():
                 continue
-            now = time.monotonic()
-            silent_since = now if silent_since is None else silent_since
-            if self.server.pid() is not None and now - silent_since < HUNG_AFTER_S:
-                continue  # its process runs: busy or starting, not dead (yet)
             try:
                 restarted = self.server.restart_if_dead()
             except Exception as exc:  # ServerError, OSError: try again after the backoff
