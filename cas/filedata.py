@@ -87,6 +87,7 @@ class FileData:
         self.on_commit: Callable[[InodeData], None] | None = None  # after a flush commits
         self.retired: dict[int, InodeData] = {}  # dropped states holding unsynced bytes
         self.unsynced_bytes = 0   # bytes held in InodeData.unsynced, all states
+        self._holding: dict[int, InodeData] = {}  # states with unsynced changes (by inode)
         self.epoch = 0            # counts reload_all calls (a flush must not span one)
 
     # -- state -----------------------------------------------------------------------
@@ -137,6 +138,7 @@ class FileData:
         for st in self.states.values():
             self._restore(st)
         self.unsynced_bytes = 0
+        self._holding.clear()
         return [ino for ino in revived if ino in self.states]
 
     def _restore(self, st: InodeData) -> None:
@@ -165,13 +167,11 @@ class FileData:
 
     def group_committed(self) -> None:
         """The group transaction committed: unsynced bytes are durable now, drop them."""
-        if not self.unsynced_bytes and not self.retired:
-            return
-        for st in self.states.values():
-            if st.unsynced or st.unsynced_attrs or st.unsynced_trunc is not None:
-                st.unsynced = {}
-                st.unsynced_trunc = None
-                st.unsynced_attrs = {}
+        for st in self._holding.values():
+            st.unsynced = {}
+            st.unsynced_trunc = None
+            st.unsynced_attrs = {}
+        self._holding.clear()
         self.retired.clear()
         self.unsynced_bytes = 0
 
@@ -181,6 +181,7 @@ class FileData:
         st.dirty_bytes = 0
         st.attrs.clear()
         st.truncate_from = None
+        self.unsynced_bytes -= sum(len(d) for d in st.unsynced.values())
         st.unsynced = {}
         st.unsynced_trunc = None
         st.unsynced_attrs = {}
@@ -353,7 +354,9 @@ class FileData:
 
         New chunk files are made durable first (invariant 1); manifest rows, refcount
         deltas and inode rows then commit together (invariant 2). Raises NoSpace or
-        FsError (nothing is committed and the buffers are kept) or MetaError.
+        FsError (nothing is committed and the buffers are kept) or MetaError. A state
+        marked ``lost`` (its inode row went with a lost group) is never written: the
+        others are flushed, then FsError(EIO) is raised, its buffers kept.
         """
         states = [st for st in states if st.needs_flush]
         lost = [st for st in states if st.lost]
@@ -454,6 +457,7 @@ class FileData:
 
     def _keep_unsynced(self, st: InodeData, canon: dict[int, bytes | bytearray]) -> None:
         """Record what a flush that joined the open group wrote (see ``unsynced``)."""
+        self._holding[st.ino] = st
         if st.truncate_from is not None:
             for slot in [s for s in st.unsynced if s >= st.truncate_from]:
                 self.unsynced_bytes -= len(st.unsynced.pop(slot))
