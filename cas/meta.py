@@ -249,15 +249,16 @@ class Database:
 
     def _lose_group(self, exc: pymysql.err.MySQLError) -> int:
         """Forget the lost group transaction, start a fresh session (waiting up to
-        RECONNECT_WAIT_S for a server that is gone) and let the owner resynchronize its
-        RAM state (``on_group_lost``). Returns how many operations were lost. Raises
+        RECONNECT_WAIT_S for a server that is gone) and, if the group held operations,
+        let the owner resynchronize its RAM state (``on_group_lost``). Returns how many
+        operations were lost. Raises
         MetaError if the server does not come back in time; the resync then runs
         before the next statement (:meth:`_ensure_conn`)."""
         self._rollback()
         self._group_open = False
         n, self._group_ops = self._group_ops, 0
         self._close_conn()
-        self._resync_due = True
+        self._resync_due = self._resync_due or n > 0  # nothing to reload if it held nothing
         log.error("metadata group transaction lost (%d operations): %s", n, _convert(exc, self.target))
         try:
             self.conn = self._connect_wait()
@@ -302,7 +303,7 @@ class Database:
             self._group_open = True
             return
 
-    def _in_group(self, body: Callable[[pymysql.cursors.Cursor], T]) -> T:
+    def _in_group(self, body: Callable[[pymysql.cursors.Cursor], T], again: bool = True) -> T:
         if not self._group_open:
             self._begin_group()
         try:
@@ -319,6 +320,9 @@ class Database:
                     cur.execute("ROLLBACK TO SAVEPOINT op")
                     raise
         except pymysql.err.MySQLError as exc:  # the server rolled the whole group back
+            if again and self._group_ops == 0 and _code(exc) in _RECONNECT_CODES:
+                self._lose_group(exc)  # it held nothing: reconnect and run the body again
+                return self._in_group(body, again=False)
             self._group_lost(exc)
         self._group_ops += 1
         if self._group_ops >= self._group_max:
