@@ -151,3 +151,36 @@ def test_mount_recovers_from_killed_embedded_server(casenv: CasEnv) -> None:
             assert cur.fetchone() == (0,)
     finally:
         conn.close()
+
+
+def test_bytes_flushed_into_the_lost_group_are_written_again(casenv: CasEnv) -> None:
+    """A file's bytes that a flush put into the group transaction, not committed when the
+    server died, come back as buffers: the next fsync writes them (docs/database.md)."""
+    casenv.env["CASFS_WRITEBACK_INTERVAL_S"] = "3600"   # only fsync commits the group
+    casenv.init("dbs2", embedded=True)
+    vol = casenv.data_home / "dbs2"
+    mp = casenv.mount("dbs2")
+    data = os.urandom(70 << 20)    # past the 64 MiB per-file bound: one flush joins the group
+    fd = os.open(mp / "big", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.fsync(fd)               # the file's inode row is committed
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        old_pid = int((vol / "run" / "mysqld.pid").read_text())
+        os.kill(old_pid, signal.SIGKILL)
+        _wait_for(lambda: not pid_running(old_pid), 30, "the killed server to exit")
+        try:
+            os.fsync(fd)           # finds the group lost; may write everything back at once
+        except OSError as exc:
+            assert exc.errno == errno.EIO
+        os.fsync(fd)               # every byte written is durable when this returns 0
+    finally:
+        os.close(fd)
+    assert int((vol / "run" / "mysqld.pid").read_text()) != old_pid
+    assert (mp / "big").read_bytes() == data
+    casenv.umount(mp)
+    r = casenv.run("fsck", "--json", "dbs2", check=False)
+    assert r.returncode == 0 and json.loads(r.stdout)["clean"], r.stdout + r.stderr
+    mp = casenv.mount("dbs2", mp)
+    assert (mp / "big").read_bytes() == data
