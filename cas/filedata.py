@@ -7,18 +7,27 @@ refcount deltas and the inode's size/mtime in ONE transaction after the new chun
 are durable (DESIGN invariants 1 and 2). A slot whose bytes are all zero is stored as a
 hole: no manifest row, no chunk.
 
+Under group commit a flush only joins the open group transaction: until that commits,
+the flushed slots' bytes are kept (``InodeData.unsynced``) so that a lost group (the
+server died) gives them back as dirty buffers instead of losing them; a file whose inode
+row itself was lost is marked ``lost`` and never flushed (docs/database.md).
+
 Not thread-safe by itself: :class:`cas.fs.Filesystem` serializes every call.
 """
 from __future__ import annotations
 
+import errno
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .chunks import ChunkManager, net_deltas
-from .errors import NotFound
+from .errors import FsError, NotFound
 from .meta import Database
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,6 +46,13 @@ class InodeData:
     attrs: dict[str, int] = field(default_factory=dict)  # inode columns to write at flush
     dirty_since: float = 0.0       # time.monotonic() of the oldest unflushed change
     read_end: int = -1             # where the last read ended (sequential detection)
+    # flushed into the open group transaction, not committed yet (kept until the group
+    # commits, given back as dirty buffers if it is lost): slot -> the slot's bytes
+    # at the flush (b"": a hole), the lowest truncation, the inode columns written
+    unsynced: dict[int, bytes | bytearray] = field(default_factory=dict)
+    unsynced_trunc: int | None = None
+    unsynced_attrs: dict[str, int] = field(default_factory=dict)
+    lost: bool = False             # its inode row was lost with a group: never flushed
 
     @property
     def needs_flush(self) -> bool:
@@ -69,10 +85,15 @@ class FileData:
         self.states: dict[int, InodeData] = {}
         self._zeros = bytes(chunk_size)
         self.on_commit: Callable[[InodeData], None] | None = None  # after a flush commits
+        self.retired: dict[int, InodeData] = {}  # dropped states holding unsynced bytes
+        self.unsynced_bytes = 0   # bytes held in InodeData.unsynced, all states
+        self._holding: dict[int, InodeData] = {}  # states with unsynced changes (by inode)
+        self.epoch = 0            # counts reload_all calls (a flush must not span one)
 
     # -- state -----------------------------------------------------------------------
     def new_state(self, ino: int) -> InodeData:
         """RAM state for a file just created (size 0, no manifest): no query needed."""
+        self.retired.pop(ino, None)
         st = self.states[ino] = InodeData(ino=ino, size=0, manifest={})
         return st
 
@@ -80,6 +101,10 @@ class FileData:
         """The RAM state of ``ino``, created from the database if absent. Raises NotFound."""
         st = self.states.get(ino)
         if st is not None:
+            return st
+        st = self.retired.pop(ino, None)
+        if st is not None:  # dropped, but its last flush is not committed: it is the truth
+            self.states[ino] = st
             return st
         size, manifest = self._committed(ino)
         if size is None:
@@ -94,14 +119,61 @@ class FileData:
                     self.db.query("SELECT slot, chunk FROM manifests WHERE inode = %s", (ino,))}
         return (int(rows[0][0]) if rows else None), manifest
 
-    def reload_all(self) -> None:
-        """Reload every state's committed manifest and size from the database (after a
-        lost transaction). Buffered slots stay dirty; a file whose row is gone keeps
-        only its buffers."""
+    def reload_all(self) -> list[int]:
+        """After a lost group transaction: reload every state's committed manifest from
+        the database, and turn what its lost flushes wrote (``unsynced``) back into
+        dirty buffers, under the newer ones, so that nothing written is lost; the RAM
+        size stays (it is what the file's users saw). A file whose inode row is gone
+        (created in the lost group) is marked ``lost``: it keeps its buffers and is
+        never flushed. Dropped states with unsynced bytes come back into ``states``.
+
+        Returns the inodes that came back from ``retired`` (now with opens 0 and dirty
+        buffers: the caller flushes them like released files). Raises MetaError.
+        """
+        self.epoch += 1
+        revived = list(self.retired)
+        for ino, st in self.retired.items():
+            self.states.setdefault(ino, st)
+        self.retired.clear()
         for st in self.states.values():
-            committed, st.manifest = self._committed(st.ino)
-            st.size = max([committed or 0] + [s * self.cs + len(b) for s, b in st.dirty.items()])
-            st.truncate_from = None
+            self._restore(st)
+        self.unsynced_bytes = 0
+        self._holding.clear()
+        return [ino for ino in revived if ino in self.states]
+
+    def _restore(self, st: InodeData) -> None:
+        committed, st.manifest = self._committed(st.ino)
+        for slot, d in st.unsynced.items():
+            if slot not in st.dirty:
+                st.dirty[slot] = d
+                st.dirty_bytes += len(d)
+        if st.unsynced_trunc is not None:
+            st.truncate_from = (st.unsynced_trunc if st.truncate_from is None
+                                else min(st.truncate_from, st.unsynced_trunc))
+        for col, v in st.unsynced_attrs.items():
+            st.attrs.setdefault(col, v)
+        if st.unsynced or st.unsynced_attrs or st.unsynced_trunc is not None:
+            st.dirty_since = 0.0  # due at the next writeback tick
+        st.unsynced = {}
+        st.unsynced_trunc = None
+        st.unsynced_attrs = {}
+        if committed is None:
+            if not st.lost:
+                log.error("inode %d was created in the lost metadata transaction: its %d buffered "
+                          "bytes stay in RAM and are not written back", st.ino, st.dirty_bytes)
+            st.lost = True
+        elif not st.needs_flush:
+            st.size = committed
+
+    def group_committed(self) -> None:
+        """The group transaction committed: unsynced bytes are durable now, drop them."""
+        for st in self._holding.values():
+            st.unsynced = {}
+            st.unsynced_trunc = None
+            st.unsynced_attrs = {}
+        self._holding.clear()
+        self.retired.clear()
+        self.unsynced_bytes = 0
 
     def discard(self, st: InodeData) -> None:
         """Throw away ``st``'s uncommitted changes (its file was unlinked and closed)."""
@@ -109,10 +181,17 @@ class FileData:
         st.dirty_bytes = 0
         st.attrs.clear()
         st.truncate_from = None
+        self.unsynced_bytes -= sum(len(d) for d in st.unsynced.values())
+        st.unsynced = {}
+        st.unsynced_trunc = None
+        st.unsynced_attrs = {}
 
     def drop_state(self, ino: int) -> None:
-        """Forget the RAM state of ``ino`` (it must be flushed)."""
-        self.states.pop(ino, None)
+        """Forget the RAM state of ``ino`` (it must be flushed). One whose last flush is
+        not committed yet is kept in ``retired`` until the group commits."""
+        st = self.states.pop(ino, None)
+        if st is not None and (st.unsynced or st.unsynced_attrs or st.unsynced_trunc is not None):
+            self.retired[ino] = st
 
     def pending(self, ino: int) -> InodeData | None:
         """The state of ``ino`` if it holds changes not yet committed, else None."""
@@ -234,6 +313,8 @@ class FileData:
             keep = -(-size // cs)
             for slot in [s for s in st.dirty if s >= keep]:
                 st.dirty_bytes -= len(st.dirty.pop(slot))
+            for slot in [s for s in st.unsynced if s >= keep]:  # cut off: must not come
+                self.unsynced_bytes -= len(st.unsynced.pop(slot))  # back after a lost group
             if size % cs:
                 last = keep - 1
                 content = bytearray(memoryview(self._slot_content(st, last))[:size % cs])
@@ -273,32 +354,53 @@ class FileData:
 
         New chunk files are made durable first (invariant 1); manifest rows, refcount
         deltas and inode rows then commit together (invariant 2). Raises NoSpace or
-        FsError (nothing is committed and the buffers are kept) or MetaError.
+        FsError (nothing is committed and the buffers are kept) or MetaError. A state
+        marked ``lost`` (its inode row went with a lost group) is never written: the
+        others are flushed, then FsError(EIO) is raised, its buffers kept.
         """
         states = [st for st in states if st.needs_flush]
+        lost = [st for st in states if st.lost]
+        if lost:  # their inode rows are gone: flush the others, then fail
+            self.flush_many([st for st in states if not st.lost])
+            raise FsError(f"inode {lost[0].ino} was lost with the database's last transaction "
+                          f"({len(lost)} files; their buffers stay in RAM)", errno.EIO)
         if not states:
             return
+        epoch = self.epoch
         # slot contents -> chunk ids (all-zero slots are holes: None)
         plan: list[tuple[InodeData, dict[int, bytes | None]]] = []
+        canons: list[dict[int, bytes | bytearray]] = []
         nonzero: list[bytes | bytearray] = []
         where: list[tuple[int, int]] = []
         for k, st in enumerate(states):
             new: dict[int, bytes | None] = {}
+            canon: dict[int, bytes | bytearray] = {}
             for slot in sorted(st.dirty):
-                d = self._slot_bytes(st, slot)
+                d = canon[slot] = self._slot_bytes(st, slot)
                 new[slot] = None
                 if d and not self._is_zero(d):
                     nonzero.append(d)
                     where.append((k, slot))
             plan.append((st, new))
+            canons.append(canon)
         ids = self.chunks.ids_of(nonzero)
         chunk_data: dict[bytes, bytes | bytearray] = {}
         for cid, d, (k, slot) in zip(ids, nonzero, where):
             plan[k][1][slot] = cid
             chunk_data[cid] = d
         stored = self.chunks.store_unknown(self.db, chunk_data)
+        if self.epoch != epoch:  # a lost group was recovered meanwhile: plan again
+            return self.flush_many(states)
 
         def body(cur: Any) -> None:
+            # never manifest rows for an inode whose row is missing (a lost group)
+            cur.execute("SELECT id FROM inodes WHERE id IN %s", ([st.ino for st, _ in plan],))
+            found = {int(r[0]) for r in cur.fetchall()}
+            missing = [st for st, _ in plan if st.ino not in found]
+            if missing:
+                for st in missing:
+                    st.lost = True
+                raise _RowsMissing()
             gained: list[bytes] = []
             lost: list[bytes] = []
             manifest_rows: list[tuple[int, int, bytes]] = []
@@ -327,9 +429,15 @@ class FileData:
                 cur.execute("REPLACE INTO manifests (inode, slot, chunk) VALUES "
                             + ",".join(["(%s,%s,%s)"] * len(batch)), [v for r in batch for v in r])
 
-        self.db.transaction(body)
+        try:
+            self.db.transaction(body)
+        except _RowsMissing:
+            return self.flush_many(states)  # now without the lost ones, then EIO
+        pending = self.db.group_open  # joined the open group: keep the bytes until it commits
         # committed: bring the RAM state in line
-        for st, new in plan:
+        for (st, new), canon in zip(plan, canons):
+            if pending:
+                self._keep_unsynced(st, canon)
             if st.truncate_from is not None:
                 for s in [s for s in st.manifest if s >= st.truncate_from]:
                     del st.manifest[s]
@@ -344,13 +452,30 @@ class FileData:
             if self.on_commit is not None:
                 self.on_commit(st)
             st.attrs.clear()
+        if pending and self.unsynced_bytes >= self.total_dirty_limit:
+            self.db.commit()  # bounds the RAM held for a lost group
+
+    def _keep_unsynced(self, st: InodeData, canon: dict[int, bytes | bytearray]) -> None:
+        """Record what a flush that joined the open group wrote (see ``unsynced``)."""
+        self._holding[st.ino] = st
+        if st.truncate_from is not None:
+            for slot in [s for s in st.unsynced if s >= st.truncate_from]:
+                self.unsynced_bytes -= len(st.unsynced.pop(slot))
+            st.unsynced_trunc = (st.truncate_from if st.unsynced_trunc is None
+                                 else min(st.unsynced_trunc, st.truncate_from))
+        for slot, d in canon.items():
+            old = st.unsynced.get(slot)
+            self.unsynced_bytes += len(d) - (len(old) if old is not None else 0)
+            st.unsynced[slot] = d
+        st.unsynced_attrs.update(st.attrs)
 
     def flush_due(self, older_than_s: float, also: set[int] = frozenset()) -> None:  # type: ignore[assignment]
         """Flush, in one transaction, every inode whose oldest unflushed change is older
         than ``older_than_s`` seconds, and the inodes in ``also``."""
         now = time.monotonic()
-        self.flush_many([st for st in self.states.values()
-                         if st.needs_flush and (st.ino in also or now - st.dirty_since >= older_than_s)])
+        self.flush_many([st for st in self.states.values()  # a lost file cannot be written back
+                         if st.needs_flush and not st.lost
+                         and (st.ino in also or now - st.dirty_since >= older_than_s)])
 
     def flush_all(self) -> None:
         """Flush every inode with unflushed changes, in one transaction."""
@@ -363,3 +488,7 @@ class FileData:
         if lost:
             self.chunks.apply_deltas(cur, net_deltas([], lost), {}, {})
             cur.execute("DELETE FROM manifests WHERE inode = %s", (ino,))
+
+
+class _RowsMissing(Exception):
+    """Inside a flush: some inode rows are gone (their files are marked lost)."""

@@ -31,8 +31,8 @@ from .cache import LFUCache
 from .chunks import ChunkManager
 from .cloud import CloudTier
 from .cloud import enabled as cloud_enabled
-from .errors import CasError, ChunkMissing, IntegrityError
-from .errors import (Exists, FsError, InvalidArgument, IsADirectory, NameTooLong, NoData,
+from .errors import ChunkMissing, IntegrityError
+from .errors import (CasError, Exists, FsError, InvalidArgument, IsADirectory, NameTooLong, NoData,
                      NotADirectory, NotEmpty, NotFound)
 from .filedata import FileData, InodeData
 from .meta import ROOT_INODE, Metadata
@@ -143,6 +143,7 @@ class Filesystem:
             else:
                 self.db.start_group_commit()
             self.db.on_group_lost = self._resync
+            self.db.on_group_commit = self._group_committed
         self.chunk_size = vol.chunk_size
         self.lock = threading.RLock()
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="casfs-chunk")
@@ -217,7 +218,26 @@ class Filesystem:
         log.error("metadata transaction lost: reloading cached state from the database")
         self.attrs.clear()
         self.xattr_cache.clear()
-        self.data.reload_all()
+        # files closed since the last commit come back with their buffers: write them
+        # back like released files (docs/database.md)
+        self.closed_dirty.update(self.data.reload_all())
+        self._reserve_inodes()
+
+    def _group_committed(self) -> None:
+        self.data.group_committed()
+
+    def _reserve_inodes(self) -> None:
+        """After a lost group: keep the inode numbers handed out in it from being
+        handed out again (the kernel and open files still hold them) by moving the
+        inodes table's AUTO_INCREMENT past them; InnoDB may have forgotten them
+        when its server died. Failure is logged, not raised."""
+        used = max([0, *self.lookups, *self.data.states, *self.dir_opens])
+        if not used:
+            return
+        try:
+            self.db.execute(f"ALTER TABLE inodes AUTO_INCREMENT = {int(used) + 1}")
+        except CasError as exc:
+            log.warning("cannot move the inode counter past %d: %s", used, exc)
 
     # -- attributes ------------------------------------------------------------------
     def _attr_row(self, row: tuple[Any, ...]) -> Attr:
@@ -713,6 +733,8 @@ class Filesystem:
         st.opens -= 1
         if st.opens > 0:
             return
+        if st.lost:  # no inode row to write to: its buffers stay in RAM (docs/database.md)
+            return
         if self._get(ino).nlink == 0:
             # unlinked and now closed: nobody can reach its buffered bytes any more
             self.data.discard(st)
@@ -733,7 +755,7 @@ class Filesystem:
         """Flush released files (and, with ``older_than_s``, old open buffers) together."""
         for ino in list(self.closed_dirty):
             st = self.data.states.get(ino)
-            if st is not None and st.opens == 0 and self._get(ino).nlink == 0:
+            if st is not None and st.opens == 0 and not st.lost and self._get(ino).nlink == 0:
                 self.data.discard(st)  # unlinked since its release: nothing to keep
                 self._drop(ino)
         closed = set(self.closed_dirty)

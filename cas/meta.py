@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import parse_qs, unquote, urlparse
 
 import pymysql
@@ -31,7 +31,13 @@ SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schema.sql"
 EMBEDDED_DB = "casfs"
 ROOT_INODE = 1
 _RETRY_CODES = {1213, 1205}
-_RECONNECT_CODES = {2006, 2013}
+#: "server gone" client errors (CR_CONNECTION_ERROR 2002, CR_CONN_HOST_ERROR 2003,
+#: CR_SERVER_GONE_ERROR 2006, CR_SERVER_LOST 2013): the server died or restarts
+SERVER_GONE_CODES = {2002, 2003, 2006, 2013}
+_RECONNECT_CODES = SERVER_GONE_CODES
+#: how long one operation waits for a server that is gone to answer again (seconds);
+#: a mount's embedded server is restarted meanwhile by cas.server.ServerSupervisor
+RECONNECT_WAIT_S = 10.0
 _GROUP_FATAL = {1213} | _RECONNECT_CODES  # errors after which InnoDB kept nothing
 GROUP_COMMIT_MAX_OPS = 1000
 T = TypeVar("T")
@@ -79,6 +85,13 @@ def parse_meta_url(url: str, password: str = "") -> MetaTarget:
                       database=db, host=u.hostname, port=port, unix_socket=sock)
 
 
+def _code(exc: BaseException | None) -> int:
+    """The MySQL error number of a PyMySQL error (0 for anything else)."""
+    if isinstance(exc, pymysql.err.MySQLError) and exc.args and isinstance(exc.args[0], int):
+        return exc.args[0]
+    return 0
+
+
 def _convert(exc: pymysql.err.MySQLError, target: MetaTarget) -> MetaError:
     code = exc.args[0] if exc.args else 0
     msg = exc.args[1] if len(exc.args) > 1 else str(exc)
@@ -102,6 +115,9 @@ class Database:
         self._group_open = False
         self._group_ops = 0
         self.on_group_lost: Callable[[], None] | None = None  # RAM state must be reloaded
+        self.on_group_commit: Callable[[], None] | None = None  # after each group COMMIT
+        self.reconnect_wait_s = RECONNECT_WAIT_S
+        self._resync_due = False  # a group was lost while the server was down: reload first
 
     def _connect(self) -> pymysql.connections.Connection:
         t = self.target
@@ -113,6 +129,26 @@ class Database:
                 init_command="SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
         except pymysql.err.MySQLError as exc:
             raise _convert(exc, t) from exc
+
+    def _connect_wait(self) -> pymysql.connections.Connection:
+        """Connect, waiting up to ``reconnect_wait_s`` seconds (RECONNECT_WAIT_S) for a
+        server that is gone (SERVER_GONE_CODES) to answer again; retries back off from
+        50 ms to 0.5 s. Raises MetaError when the wait runs out or for any other error."""
+        deadline = time.monotonic() + self.reconnect_wait_s
+        delay = 0.05
+        while True:
+            try:
+                conn = self._connect()
+            except MetaError as exc:
+                code = _code(exc.__cause__)
+                if code not in SERVER_GONE_CODES or time.monotonic() + delay > deadline:
+                    raise MetaError(f"{exc} (waited {self.reconnect_wait_s:.0f} s for the server)"
+                                    if code in SERVER_GONE_CODES else str(exc)) from exc.__cause__
+                time.sleep(delay)
+                delay = min(0.5, delay * 2)
+                continue
+            log.info("reconnected to %s", self.target.describe())
+            return conn
 
     def close(self) -> None:
         """Commit any open group transaction and close the connection."""
@@ -128,7 +164,13 @@ class Database:
             pass
 
     def query(self, sql: str, args: Sequence[Any] | dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        """Run one statement outside a transaction; return its rows. Raises MetaError."""
+        """Run one statement outside a transaction; return its rows. Raises MetaError.
+
+        When the server is gone (SERVER_GONE_CODES) the statement runs once more on a
+        new session, after waiting up to RECONNECT_WAIT_S for the server; an open group
+        transaction is lost first (:meth:`_lose_group`: the owner reloads its RAM state
+        before the statement runs again, so a read sees the database as it is).
+        """
         for attempt in (0, 1):
             try:
                 if not self._group_open:
@@ -137,10 +179,14 @@ class Database:
                     cur.execute(sql, args)
                     return list(cur.fetchall())
             except pymysql.err.OperationalError as exc:
+                gone = _code(exc) in _RECONNECT_CODES
                 if self._group_open:
-                    self._group_lost(exc)
-                if attempt == 0 and exc.args and exc.args[0] in _RECONNECT_CODES:
-                    self.conn = self._connect()
+                    if not gone or attempt:
+                        self._group_lost(exc)
+                    self._lose_group(exc)
+                    continue
+                if attempt == 0 and gone:
+                    self._close_conn()  # _ensure_conn waits for the server
                     continue
                 raise _convert(exc, self.target) from exc
             except pymysql.err.MySQLError as exc:
@@ -148,7 +194,11 @@ class Database:
         raise AssertionError("unreachable")
 
     def execute(self, sql: str, args: Sequence[Any] | None = None) -> int:
-        """Run one statement outside a transaction; return the affected row count."""
+        """Run one statement outside a transaction; return the affected row count.
+
+        A closed session is reopened first (waiting up to RECONNECT_WAIT_S for the
+        server); a statement the server may have run before it went away is not sent
+        again. Raises MetaError."""
         try:
             if not self._group_open:
                 self._ensure_conn()
@@ -168,6 +218,11 @@ class Database:
         self._group_max = max_ops
 
     @property
+    def group_open(self) -> bool:
+        """Whether a group transaction is open (what joined it is not durable yet)."""
+        return self._group_open
+
+    @property
     def uncommitted(self) -> int:
         """Transaction bodies run since the last group commit."""
         return self._group_ops
@@ -182,34 +237,76 @@ class Database:
             self._group_lost(exc)
         self._group_open = False
         self._group_ops = 0
+        if self.on_group_commit is not None:
+            self.on_group_commit()
 
-    def _group_lost(self, exc: pymysql.err.MySQLError) -> None:
-        """The open group transaction is gone (deadlock victim, connection lost): start
-        a fresh session, let the owner resynchronize its RAM state (``on_group_lost``),
-        and raise MetaError (EIO) for the operation that found out."""
+    def _group_lost(self, exc: pymysql.err.MySQLError) -> NoReturn:
+        """The open group transaction is gone (deadlock victim, connection lost):
+        recover (:meth:`_lose_group`) and raise MetaError (EIO) for the operation that
+        found out."""
+        n = self._lose_group(exc)
+        raise MetaError(f"{_convert(exc, self.target)}: the last {n} uncommitted operations were lost") from exc
+
+    def _lose_group(self, exc: pymysql.err.MySQLError) -> int:
+        """Forget the lost group transaction, start a fresh session (waiting up to
+        RECONNECT_WAIT_S for a server that is gone) and, if the group held operations,
+        let the owner resynchronize its RAM state (``on_group_lost``). Returns how many
+        operations were lost. Raises
+        MetaError if the server does not come back in time; the resync then runs
+        before the next statement (:meth:`_ensure_conn`)."""
         self._rollback()
         self._group_open = False
         n, self._group_ops = self._group_ops, 0
         self._close_conn()
+        self._resync_due = self._resync_due or n > 0  # nothing to reload if it held nothing
+        log.error("metadata group transaction lost (%d operations): %s", n, _convert(exc, self.target))
         try:
-            self.conn = self._connect()
-        except MetaError:
-            pass  # still down: the next call reconnects (_ensure_conn)
-        if self.on_group_lost is not None:
+            self.conn = self._connect_wait()
+        except MetaError as err:
+            raise MetaError(f"{err}: the last {n} uncommitted operations were lost") from exc
+        self._resync()
+        return n
+
+    def _resync(self) -> None:
+        """Run ``on_group_lost`` if a lost group still awaits it (once; again if it fails)."""
+        if not self._resync_due:
+            return
+        self._resync_due = False
+        if self.on_group_lost is None:
+            return
+        try:
             self.on_group_lost()
-        raise MetaError(f"{_convert(exc, self.target)}: the last {n} uncommitted operations were lost") from exc
+        except BaseException:
+            self._resync_due = True
+            raise
 
     def _ensure_conn(self) -> None:
-        """Reconnect if the session is closed; a group transaction cannot be open then."""
+        """Reconnect if the session is closed (waiting up to RECONNECT_WAIT_S for a
+        server that is gone), then run a resync still due from a lost group; a group
+        transaction cannot be open then."""
         if not self.conn.open:
-            self.conn = self._connect()
+            self.conn = self._connect_wait()
+        self._resync()
 
-    def _in_group(self, body: Callable[[pymysql.cursors.Cursor], T]) -> T:
-        try:
-            if not self._group_open:
-                self._ensure_conn()
+    def _begin_group(self) -> None:
+        """Open the group transaction; a server found gone at BEGIN is waited for (no
+        operation is lost then: the previous group committed)."""
+        for attempt in (0, 1):
+            self._ensure_conn()
+            try:
                 self.conn.begin()
-                self._group_open = True
+            except pymysql.err.MySQLError as exc:
+                if attempt == 0 and _code(exc) in _RECONNECT_CODES:
+                    self._close_conn()
+                    continue
+                raise _convert(exc, self.target) from exc
+            self._group_open = True
+            return
+
+    def _in_group(self, body: Callable[[pymysql.cursors.Cursor], T], again: bool = True) -> T:
+        if not self._group_open:
+            self._begin_group()
+        try:
             with self.conn.cursor() as cur:
                 cur.execute("SAVEPOINT op")
                 try:
@@ -223,6 +320,9 @@ class Database:
                     cur.execute("ROLLBACK TO SAVEPOINT op")
                     raise
         except pymysql.err.MySQLError as exc:  # the server rolled the whole group back
+            if again and self._group_ops == 0 and _code(exc) in _RECONNECT_CODES:
+                self._lose_group(exc)  # it held nothing: reconnect and run the body again
+                return self._in_group(body, again=False)
             self._group_lost(exc)
         self._group_ops += 1
         if self._group_ops >= self._group_max:
@@ -254,7 +354,7 @@ class Database:
                     time.sleep(min(0.5, 0.01 * 2 ** attempt))
                     continue
                 if exc.args and exc.args[0] in _RECONNECT_CODES and attempt == 0:
-                    self.conn = self._connect()
+                    self._close_conn()  # _ensure_conn waits for the server
                     continue
                 raise _convert(exc, self.target) from exc
             except BaseException:

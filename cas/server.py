@@ -21,6 +21,7 @@ mariadbd, through a pidfd so a reused pid is never hit.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import select
 import shutil
@@ -29,10 +30,13 @@ import socket
 import stat as S
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from .errors import ServerError
+
+log = logging.getLogger(__name__)
 
 INSTALL_HINT = (
     "install it with `apt-get install mariadb-server` (Debian/Ubuntu), "
@@ -285,6 +289,23 @@ class EmbeddedServer:
             time.sleep(0.05)
         raise ServerError(f"mariadbd did not answer within {START_TIMEOUT_S:.0f} s; see {self.log_dir / 'mariadb.err'}")
 
+    def restart_if_dead(self) -> bool:
+        """Start the server again if it does not answer (it died under its users).
+
+        Runs under the control lock, like :meth:`acquire`, so a casfs command starting
+        the server at the same moment is not raced. Returns whether this call started
+        it; never starts a server this object has released. Raises ServerError when it
+        cannot start.
+        """
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with _flock(self.run_dir / "mysql.control"):
+            if self._users_fd is None or self.alive():
+                return False  # released (the last user stops it on purpose), or it runs
+            if self._proc is not None:
+                self._proc.poll()  # reap our dead child (no zombie left behind)
+            self._start()
+            return True
+
     def stop(self) -> None:
         """Stop the server (SIGTERM, wait for exit). No-op if it is not running."""
         if self._proc is not None and self._proc.poll() is None:
@@ -299,6 +320,71 @@ class EmbeddedServer:
         pid = self.pid()
         if pid is not None:
             _terminate(pid, STOP_TIMEOUT_S, datadir=self.datadir)
+
+
+RESTART_BACKOFF_MIN_S = 0.5    # first wait after a failed restart
+RESTART_BACKOFF_MAX_S = 30.0   # the backoff doubles up to this bound
+WATCH_INTERVAL_S = 0.25        # how often the supervisor checks the server
+
+
+class ServerSupervisor:
+    """Keeps a mount's embedded server running: a daemon thread that checks every
+    WATCH_INTERVAL_S seconds whether the server's process (pid file) still runs and,
+    when it is gone (killed, crashed, OOM-killed) and nothing answers on the socket,
+    starts it again with :meth:`EmbeddedServer.restart_if_dead`, under the control
+    lock (so it never races another casfs command starting or stopping the server).
+
+    A failed start is retried after a bounded exponential backoff: RESTART_BACKOFF_MIN_S,
+    doubling up to RESTART_BACKOFF_MAX_S, reset by a success. Each restart is logged
+    (WARNING), each failed start too (ERROR). The server must have been acquired
+    (:meth:`EmbeddedServer.acquire`) before :meth:`start`; a released server is never
+    restarted, so :meth:`stop` may come before or after the release. Clients wait and
+    reconnect by themselves (``cas.meta.Database``; docs/database.md).
+    """
+
+    def __init__(self, server: EmbeddedServer, interval_s: float = WATCH_INTERVAL_S) -> None:
+        self.server = server
+        self.interval_s = interval_s
+        self.restarts = 0                 # successful restarts so far
+        self.last_error = ""              # the last failed start's message, "" if none
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start watching (a daemon thread named ``casfs-dbsup``)."""
+        self._thread = threading.Thread(target=self._run, name="casfs-dbsup", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching and wait for the thread (a restart in progress finishes first)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        backoff = RESTART_BACKOFF_MIN_S
+        while not self._stop.wait(self.interval_s):
+            # the pid check reads two small files; the socket is tried only when the
+            # process is gone (a connection every check would load the server)
+            if self.server.pid() is not None or self.server.alive():
+                continue
+            try:
+                restarted = self.server.restart_if_dead()
+            except Exception as exc:  # ServerError, OSError: try again after the backoff
+                self.last_error = str(exc)
+                log.error("embedded MariaDB server is down and did not restart (next try in %.1f s): %s",
+                          backoff, exc)
+                if self._stop.wait(backoff):
+                    return
+                backoff = min(RESTART_BACKOFF_MAX_S, backoff * 2)
+                continue
+            backoff = RESTART_BACKOFF_MIN_S
+            self.last_error = ""
+            if restarted:
+                self.restarts += 1
+                log.warning("embedded MariaDB server was down: restarted it (restart %d, pid %s)",
+                            self.restarts, self.server.pid())
 
 
 def _user_args() -> list[str]:

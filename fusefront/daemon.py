@@ -24,6 +24,8 @@ from .operations import CasOperations
 
 log = logging.getLogger(__name__)
 WRITEBACK_INTERVAL_S = 0.5   # how often released files are committed (in one transaction)
+if "CASFS_WRITEBACK_INTERVAL_S" in os.environ:  # tests: hold a group open (tests/test_dbsup.py)
+    WRITEBACK_INTERVAL_S = float(os.environ["CASFS_WRITEBACK_INTERVAL_S"])
 WRITEBACK_AGE_S = 5.0        # an open file's dirty buffer older than this is committed too
 STATS_INTERVAL_S = 2.0       # how often run/stats.json (live counters for `casfs stats`) is rewritten
 STATS_FILE = "stats.json"

@@ -27,7 +27,7 @@ from cas.errors import CasError, VolumeError
 from cas.fs import DURABILITY_MODES, GROUP, Filesystem
 from cas.meta import Metadata, connect
 from cas.objstore import ObjectStoreError
-from cas.server import pid_running
+from cas.server import ServerSupervisor, pid_running
 from cas.store import LocalStore
 from cas.volume import Volume, data_home
 from fusefront.daemon import serve
@@ -126,6 +126,10 @@ def run_daemon(vol: Volume, mp: Path, opts: MountOptions, on_ready: Callable[[],
     try:
         durability = durability_of(vol, opts)
         meta = connect(vol)
+        # an embedded server that dies is restarted (docs/database.md)
+        supervisor = ServerSupervisor(meta.server) if meta.server is not None else None
+        if supervisor is not None:
+            supervisor.start()
         fs = Filesystem(meta, cache_bytes=opts.cache_bytes, durability=durability)
         log.info("namespace durability: %s", durability)
         try:
@@ -137,7 +141,11 @@ def run_daemon(vol: Volume, mp: Path, opts: MountOptions, on_ready: Callable[[],
             reg.write_text(json.dumps({"pid": os.getpid(), "mountpoint": str(mp), "volume": str(vol.path)}))
             serve(fs, mp, fsname=f"casfs:{vol.name}", allow_other=opts.allow_other, on_ready=on_ready)
         finally:
-            fs.close()
+            try:
+                fs.close()
+            finally:
+                if supervisor is not None:
+                    supervisor.stop()
     finally:
         try:
             reg.unlink()
