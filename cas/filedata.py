@@ -11,13 +11,14 @@ Not thread-safe by itself: :class:`cas.fs.Filesystem` serializes every call.
 """
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .chunks import ChunkManager, net_deltas
-from .errors import NotFound
+from .errors import CasError, FsError, NotFound
 from .meta import Database
 
 
@@ -37,6 +38,11 @@ class InodeData:
     attrs: dict[str, int] = field(default_factory=dict)  # inode columns to write at flush
     dirty_since: float = 0.0       # time.monotonic() of the oldest unflushed change
     read_end: int = -1             # where the last read ended (sequential detection)
+    # the last failed writeback of this file's buffers (docs/writeback.md): its errno
+    # (ENOSPC, EIO; 0 = none), message and time.monotonic(); cleared when a flush commits
+    wb_error: int = 0
+    wb_message: str = ""
+    wb_failed_at: float = 0.0
 
     @property
     def needs_flush(self) -> bool:
@@ -54,6 +60,7 @@ class InodeData:
 
 
 READAHEAD_SLOTS = 4  # slots loaded ahead of a sequential reader
+WRITEBACK_RETRY_S = 2.0  # a failed writeback is retried by the tick at most this often
 
 
 class FileData:
@@ -69,6 +76,16 @@ class FileData:
         self.states: dict[int, InodeData] = {}
         self._zeros = bytes(chunk_size)
         self.on_commit: Callable[[InodeData], None] | None = None  # after a flush commits
+        # running sum of every state's dirty_bytes (O(1) per write; issue 8 item 7)
+        self.total_dirty = 0
+        self.last_error = ""     # message of the last failed writeback ("" = none since start)
+        self.failing = False     # the last writeback attempt failed (cleared by a success)
+        self.retry_s = WRITEBACK_RETRY_S
+
+    def _add_dirty(self, st: InodeData, n: int) -> None:
+        """Change ``st.dirty_bytes`` by ``n`` bytes, keeping :attr:`total_dirty` in step."""
+        st.dirty_bytes += n
+        self.total_dirty += n
 
     # -- state -----------------------------------------------------------------------
     def new_state(self, ino: int) -> InodeData:
@@ -106,13 +123,34 @@ class FileData:
     def discard(self, st: InodeData) -> None:
         """Throw away ``st``'s uncommitted changes (its file was unlinked and closed)."""
         st.dirty.clear()
-        st.dirty_bytes = 0
+        self._add_dirty(st, -st.dirty_bytes)
+        st.wb_error = 0
         st.attrs.clear()
         st.truncate_from = None
 
+    def adopt(self, ino: int, size: int, slots: dict[int, bytes], truncate_from: int | None,
+              attrs: dict[str, int]) -> InodeData:
+        """Install buffers kept outside RAM (a rescue record, cas/rescue.py) as the dirty
+        state of ``ino``: ``slots`` (slot -> canonical bytes) become dirty, the size
+        becomes ``size`` bytes, slots >= ``truncate_from`` lose their manifest rows at the
+        next flush, ``attrs`` are buffered. Raises NotFound."""
+        st = self.load_state(ino)
+        st.mark()
+        for slot, b in slots.items():
+            old = st.dirty.get(slot)
+            self._add_dirty(st, len(b) - (len(old) if old is not None else 0))
+            st.dirty[slot] = b
+        st.size = size
+        if truncate_from is not None:
+            st.truncate_from = truncate_from if st.truncate_from is None else min(st.truncate_from, truncate_from)
+        st.attrs.update(attrs)
+        return st
+
     def drop_state(self, ino: int) -> None:
         """Forget the RAM state of ``ino`` (it must be flushed)."""
-        self.states.pop(ino, None)
+        st = self.states.pop(ino, None)
+        if st is not None:
+            self.total_dirty -= st.dirty_bytes
 
     def pending(self, ino: int) -> InodeData | None:
         """The state of ``ino`` if it holds changes not yet committed, else None."""
@@ -162,10 +200,17 @@ class FileData:
         """Buffer ``data`` at ``offset``; flush when the file's buffers pass
         ``inode_dirty_limit`` or all files' buffers pass ``total_dirty_limit``.
 
-        Returns the number of bytes written (all of them). Raises NoSpace/FsError only
-        from a flush forced by the buffer limit; the data then stays buffered.
+        Returns the number of bytes written (all of them). A failed flush after the
+        bytes were buffered is recorded on the file (``wb_error``), not raised: the bytes
+        stay buffered and the error reaches the next fsync/close. Raises NoSpace/FsError
+        (nothing buffered) when the buffers are over their limit and their writeback
+        failed: a retry at most every ``retry_s`` seconds, the recorded error meanwhile.
+        Cost: O(bytes written), independent of the number of open files.
         """
         st = self.load_state(ino)
+        if st.wb_error and (st.dirty_bytes >= self.inode_dirty_limit
+                            or self.total_dirty >= self.total_dirty_limit):
+            self._retry_before_write(st)
         st.mark()
         cs = self.cs
         n = len(data)
@@ -180,13 +225,13 @@ class FileData:
             if so == 0 and take == cs:  # the whole slot is replaced
                 whole = data if take == n and type(data) is bytes else bytes(view[pos:pos + take])
                 st.dirty[slot] = whole
-                st.dirty_bytes += cs - (len(old) if old is not None else 0)
+                self._add_dirty(st, cs - (len(old) if old is not None else 0))
                 pos += take
                 continue
             if old is None:
                 valid = max(0, min(cs, st.size - slot * cs))
                 buf = bytearray(memoryview(self._slot_content(st, slot))[:valid])
-                st.dirty_bytes += len(buf)
+                self._add_dirty(st, len(buf))
             elif isinstance(old, bytearray):
                 buf = old
             else:
@@ -196,14 +241,27 @@ class FileData:
             if before < so:
                 buf.extend(self._zeros[:so - before])
             buf[so:so + take] = view[pos:pos + take]
-            st.dirty_bytes += len(buf) - before
+            self._add_dirty(st, len(buf) - before)
             pos += take
         self._touch(st)
+        try:
+            if st.dirty_bytes >= self.inode_dirty_limit:
+                self.flush(st)
+            elif self.total_dirty >= self.total_dirty_limit:
+                self.flush_all()
+        except CasError:
+            pass  # recorded on the states (wb_error): the bytes stay buffered and are retried
+        return n
+
+    def _retry_before_write(self, st: InodeData) -> None:
+        """``st``'s buffers are full and their last writeback failed: retry it (at most
+        every ``retry_s`` seconds) before buffering more. Raises the failure."""
+        if time.monotonic() - st.wb_failed_at < self.retry_s:
+            raise FsError(st.wb_message, st.wb_error)
         if st.dirty_bytes >= self.inode_dirty_limit:
             self.flush(st)
-        elif sum(s.dirty_bytes for s in self.states.values()) >= self.total_dirty_limit:
+        else:
             self.flush_all()
-        return n
 
     def _grow(self, st: InodeData, size: int) -> None:
         """Extend ``st`` to ``size`` bytes. The old last slot, if it was short, becomes
@@ -216,7 +274,7 @@ class FileData:
             if last not in st.dirty and last in st.manifest and size > st.size:
                 buf = bytearray(self._slot_content(st, last))
                 st.dirty[last] = buf
-                st.dirty_bytes += len(buf)
+                self._add_dirty(st, len(buf))
         st.size = size
 
     @staticmethod
@@ -233,12 +291,12 @@ class FileData:
         if size < st.size:
             keep = -(-size // cs)
             for slot in [s for s in st.dirty if s >= keep]:
-                st.dirty_bytes -= len(st.dirty.pop(slot))
+                self._add_dirty(st, -len(st.dirty.pop(slot)))
             if size % cs:
                 last = keep - 1
                 content = bytearray(memoryview(self._slot_content(st, last))[:size % cs])
                 old = st.dirty.get(last)
-                st.dirty_bytes += len(content) - (len(old) if old is not None else 0)
+                self._add_dirty(st, len(content) - (len(old) if old is not None else 0))
                 st.dirty[last] = content
             st.truncate_from = keep if st.truncate_from is None else min(st.truncate_from, keep)
             st.size = size
@@ -273,11 +331,32 @@ class FileData:
 
         New chunk files are made durable first (invariant 1); manifest rows, refcount
         deltas and inode rows then commit together (invariant 2). Raises NoSpace or
-        FsError (nothing is committed and the buffers are kept) or MetaError.
+        FsError (nothing is committed and the buffers are kept) or MetaError; a failure
+        is recorded on every state of the batch (``wb_error``, :meth:`_failed`).
         """
         states = [st for st in states if st.needs_flush]
         if not states:
             return
+        try:
+            self._flush_many(states)
+        except Exception as exc:
+            self._failed(states, exc)
+            raise
+        self.failing = False
+
+    def _failed(self, states: list[InodeData], exc: Exception) -> None:
+        """Record a failed writeback on ``states`` (Linux keeps writeback errors on the
+        file for the next fsync/close, see errseq(9)); their buffers stay."""
+        err = exc.errno if isinstance(exc, FsError) else errno.EIO
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        now = time.monotonic()
+        for st in states:
+            if st.needs_flush:
+                st.wb_error, st.wb_message, st.wb_failed_at = err, msg, now
+        self.last_error = msg
+        self.failing = True
+
+    def _flush_many(self, states: list[InodeData]) -> None:
         # slot contents -> chunk ids (all-zero slots are holes: None)
         plan: list[tuple[InodeData, dict[int, bytes | None]]] = []
         nonzero: list[bytes | bytearray] = []
@@ -339,7 +418,9 @@ class FileData:
                 else:
                     st.manifest[slot] = maybe
             st.dirty.clear()
-            st.dirty_bytes = 0
+            self._add_dirty(st, -st.dirty_bytes)
+            st.wb_error = 0
+            st.wb_message = ""
             st.truncate_from = None
             if self.on_commit is not None:
                 self.on_commit(st)
@@ -347,10 +428,12 @@ class FileData:
 
     def flush_due(self, older_than_s: float, also: set[int] = frozenset()) -> None:  # type: ignore[assignment]
         """Flush, in one transaction, every inode whose oldest unflushed change is older
-        than ``older_than_s`` seconds, and the inodes in ``also``."""
+        than ``older_than_s`` seconds, and the inodes in ``also``; an inode whose last
+        writeback failed less than ``retry_s`` seconds ago waits for a later call."""
         now = time.monotonic()
         self.flush_many([st for st in self.states.values()
-                         if st.needs_flush and (st.ino in also or now - st.dirty_since >= older_than_s)])
+                         if st.needs_flush and (st.ino in also or now - st.dirty_since >= older_than_s)
+                         and (not st.wb_error or now - st.wb_failed_at >= self.retry_s)])
 
     def flush_all(self) -> None:
         """Flush every inode with unflushed changes, in one transaction."""
