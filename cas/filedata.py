@@ -12,6 +12,7 @@ Not thread-safe by itself: :class:`cas.fs.Filesystem` serializes every call.
 from __future__ import annotations
 
 import errno
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from .chunks import ChunkManager, net_deltas
 from .errors import CasError, FsError, NotFound
 from .meta import Database
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class InodeData:
@@ -43,6 +45,17 @@ class InodeData:
     wb_error: int = 0
     wb_message: str = ""
     wb_failed_at: float = 0.0
+    # what flushes put into the open group transaction and it has not committed yet:
+    # given back as dirty if the group is lost (FileData.reload_all, docs/writeback.md)
+    group_slots: set[int] = field(default_factory=set)
+    group_trunc: int | None = None
+    group_attrs: dict[str, int] = field(default_factory=dict)
+
+    def clear_group(self) -> None:
+        """The group transaction holding this file's flushes committed (or is moot)."""
+        self.group_slots.clear()
+        self.group_trunc = None
+        self.group_attrs.clear()
 
     @property
     def needs_flush(self) -> bool:
@@ -81,6 +94,15 @@ class FileData:
         self.last_error = ""     # message of the last failed writeback ("" = none since start)
         self.failing = False     # the last writeback attempt failed (cleared by a success)
         self.retry_s = WRITEBACK_RETRY_S
+        # states flushed into the open group transaction (a released file's state stays
+        # here after drop_state until the group commits: its bytes are not safe before)
+        self.in_group: dict[int, InodeData] = {}
+        db.on_group_commit = self._group_committed
+
+    def _group_committed(self) -> None:
+        for st in self.in_group.values():
+            st.clear_group()
+        self.in_group.clear()
 
     def _add_dirty(self, st: InodeData, n: int) -> None:
         """Change ``st.dirty_bytes`` by ``n`` bytes, keeping :attr:`total_dirty` in step."""
@@ -98,6 +120,10 @@ class FileData:
         st = self.states.get(ino)
         if st is not None:
             return st
+        st = self.in_group.get(ino)
+        if st is not None:  # dropped after a flush the group has not committed: reuse it
+            self.states[ino] = st
+            return st
         size, manifest = self._committed(ino)
         if size is None:
             raise NotFound(f"inode {ino}")
@@ -112,19 +138,49 @@ class FileData:
         return (int(rows[0][0]) if rows else None), manifest
 
     def reload_all(self) -> None:
-        """Reload every state's committed manifest and size from the database (after a
-        lost transaction). Buffered slots stay dirty; a file whose row is gone keeps
-        only its buffers."""
+        """The group transaction was lost: reload every state's committed manifest.
+
+        What flushes had put into the lost group becomes pending again: those slots are
+        dirty again (their bytes re-read from the chunk files, durable before the
+        flush), with the truncation and columns; released files come back into
+        :attr:`states` (the caller schedules their writeback). Sizes stay the RAM ones
+        (the file's size as the application made it); buffered slots stay dirty."""
+        for ino, st in self.in_group.items():
+            self.states.setdefault(ino, st)
+            self._restore_group(st)
+        self.in_group.clear()
         for st in self.states.values():
             committed, st.manifest = self._committed(st.ino)
-            st.size = max([committed or 0] + [s * self.cs + len(b) for s, b in st.dirty.items()])
-            st.truncate_from = None
+
+    def _restore_group(self, st: InodeData) -> None:
+        """Make the flushed-but-uncommitted changes of ``st`` pending again (uses the RAM
+        manifest of before the loss)."""
+        st.mark()
+        for slot in sorted(st.group_slots):
+            if slot in st.dirty or slot * self.cs >= st.size:
+                continue
+            cid = st.manifest.get(slot)
+            try:
+                content: bytes = self.chunks.load(cid) if cid is not None else b""
+            except CasError as exc:
+                log.error("inode %d slot %d: cannot re-read its chunk after a lost transaction: %s",
+                          st.ino, slot, exc)
+                st.wb_error, st.wb_message, st.wb_failed_at = errno.EIO, str(exc), time.monotonic()
+                continue
+            st.dirty[slot] = content
+            self._add_dirty(st, len(content))
+        if st.group_trunc is not None:
+            st.truncate_from = st.group_trunc if st.truncate_from is None else min(st.truncate_from, st.group_trunc)
+        st.attrs = {**st.group_attrs, **st.attrs}
+        st.clear_group()
 
     def discard(self, st: InodeData) -> None:
         """Throw away ``st``'s uncommitted changes (its file was unlinked and closed)."""
         st.dirty.clear()
         self._add_dirty(st, -st.dirty_bytes)
         st.wb_error = 0
+        st.clear_group()
+        self.in_group.pop(st.ino, None)
         st.attrs.clear()
         st.truncate_from = None
 
@@ -337,12 +393,32 @@ class FileData:
         states = [st for st in states if st.needs_flush]
         if not states:
             return
+        rowless: list[InodeData] = []
         try:
-            self._flush_many(states)
+            gone = self._rowless(states)
+            if gone:
+                rowless = [st for st in states if st.ino in gone]
+                states = [st for st in states if st.ino not in gone]
+            if states:
+                self._flush_many(states)
         except Exception as exc:
             self._failed(states, exc)
             raise
+        if gone:
+            # a lost group transaction took the file's creation with it: its bytes stay
+            # here (and go to the rescue area at exit, then /lost+found); never write
+            # manifest rows for an inode that does not exist
+            lost = FsError(f"inodes {sorted(gone)} no longer exist in the database (their creation "
+                           "was lost with a transaction)")
+            self._failed(rowless, lost)
+            raise lost
         self.failing = False
+
+    def _rowless(self, states: list[InodeData]) -> set[int]:
+        """The inodes of ``states`` that have no inodes row (one query)."""
+        inos = [st.ino for st in states]
+        found = {int(r[0]) for r in self.db.query("SELECT id FROM inodes WHERE id IN %s", (inos,))}
+        return set(inos) - found
 
     def _failed(self, states: list[InodeData], exc: Exception) -> None:
         """Record a failed writeback on ``states`` (Linux keeps writeback errors on the
@@ -407,8 +483,16 @@ class FileData:
                             + ",".join(["(%s,%s,%s)"] * len(batch)), [v for r in batch for v in r])
 
         self.db.transaction(body)
+        grouped = self.db.in_group  # not committed yet: remember what to give back if lost
         # committed: bring the RAM state in line
         for st, new in plan:
+            if grouped:
+                st.group_slots.update(new)
+                if st.truncate_from is not None:
+                    st.group_trunc = (st.truncate_from if st.group_trunc is None
+                                      else min(st.group_trunc, st.truncate_from))
+                st.group_attrs.update(st.attrs)
+                self.in_group[st.ino] = st
             if st.truncate_from is not None:
                 for s in [s for s in st.manifest if s >= st.truncate_from]:
                     del st.manifest[s]

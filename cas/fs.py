@@ -209,6 +209,9 @@ class Filesystem:
         self.attrs.clear()
         self.xattr_cache.clear()
         self.data.reload_all()
+        for st in self.data.states.values():  # released files given back: write back again
+            if st.opens == 0 and st.needs_flush:
+                self.closed_dirty.add(st.ino)
 
     # -- attributes ------------------------------------------------------------------
     def _attr_row(self, row: tuple[Any, ...]) -> Attr:

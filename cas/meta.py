@@ -102,6 +102,7 @@ class Database:
         self._group_open = False
         self._group_ops = 0
         self.on_group_lost: Callable[[], None] | None = None  # RAM state must be reloaded
+        self.on_group_commit: Callable[[], None] | None = None  # after a group COMMIT succeeded
 
     def _connect(self) -> pymysql.connections.Connection:
         t = self.target
@@ -182,6 +183,13 @@ class Database:
             self._group_lost(exc)
         self._group_open = False
         self._group_ops = 0
+        if self.on_group_commit is not None:
+            self.on_group_commit()
+
+    @property
+    def in_group(self) -> bool:
+        """Whether a group transaction is open: what it holds is not committed yet."""
+        return self._group_open
 
     def _group_lost(self, exc: pymysql.err.MySQLError) -> None:
         """The open group transaction is gone (deadlock victim, connection lost): start

@@ -13,6 +13,7 @@ import stat as S
 import pytest
 
 from cas import rescue
+from cas.errors import CasError
 from cas.fs import Filesystem
 from tests.engine.test_fs import CS, GID, ROOT, UID, Engine, eng  # noqa: F401 - the fixture
 
@@ -92,3 +93,49 @@ def test_rescue_record_roundtrip_and_damage() -> None:
             rescue.decode(bytes(bad))
     with pytest.raises(rescue.RescueError):
         rescue.decode(blob[:-1])
+
+
+def _kill_session(eng: Engine, fs: Filesystem) -> None:
+    """KILL the engine's MySQL session from the test's own connection: the open group
+    transaction is rolled back by the server, as when mariadbd dies."""
+    with eng.admin.cursor() as cur:
+        cur.execute(f"KILL {fs.db.conn.thread_id()}")
+
+
+def test_flushed_bytes_survive_a_lost_group_transaction(eng: Engine) -> None:
+    """Bytes flushed into the group transaction but not committed are given back as
+    dirty when the group is lost (not dropped with the released file's state), and the
+    next writeback commits them: the file reads back as the application wrote it."""
+    fs = eng.fs
+    rng = random.Random(9)
+    a = fs.create(ROOT, b"f", 0o644, UID, GID)
+    first = rng.randbytes(5 * CS + 100)
+    fs.write(a.ino, 0, first)
+    fs.fsync(a.ino)                                   # committed: the file and 5 slots
+    fs.setattr(a.ino, size=3 * CS + 10)              # truncation flushed into the group
+    patch = rng.randbytes(CS + 7)
+    fs.write(a.ino, CS // 2, patch)
+    fs.write(a.ino, 7 * CS, b"tail")                  # grows the file past a hole
+    fs.setattr(a.ino, mode=0o600)
+    want = bytearray(first[:3 * CS + 10])
+    want[CS // 2:CS // 2 + len(patch)] = patch
+    want += bytes(7 * CS - len(want)) + b"tail"
+    fs.close_file(a.ino)
+    fs.release(a.ino)
+    with fs.lock:
+        fs._flush_closed()                            # flushed into the group, state dropped
+    assert a.ino not in fs.data.states and fs.data.total_dirty == 0
+    _kill_session(eng, fs)
+    with pytest.raises(CasError):
+        fs.sync()                                     # the COMMIT finds the group lost
+    st = fs.data.states[a.ino]                        # given back, with its bytes dirty
+    assert st.dirty and st.size == len(want)
+    fs.writeback(0.0)                                 # the tick writes it back and commits
+    assert a.ino not in fs.data.states
+    fs = eng.reopen()
+    assert fs.getattr(a.ino).size == len(want)
+    assert fs.getattr(a.ino).mode & 0o777 == 0o600
+    fs.open(a.ino)
+    assert fs.read(a.ino, 0, len(want) + 10) == bytes(want)
+    fs.release(a.ino)
+    assert eng.fsck().clean
