@@ -45,6 +45,7 @@ class InodeData:
     wb_error: int = 0
     wb_message: str = ""
     wb_failed_at: float = 0.0
+    wb_failures: int = 0           # failed writebacks in a row (the retry backs off)
     # what flushes put into the open group transaction and it has not committed yet:
     # given back as dirty if the group is lost (FileData.reload_all, docs/writeback.md)
     group_slots: set[int] = field(default_factory=set)
@@ -73,7 +74,8 @@ class InodeData:
 
 
 READAHEAD_SLOTS = 4  # slots loaded ahead of a sequential reader
-WRITEBACK_RETRY_S = 2.0  # a failed writeback is retried by the tick at most this often
+WRITEBACK_RETRY_S = 2.0      # a failed writeback is retried after this, doubling per failure
+WRITEBACK_RETRY_MAX_S = 30.0 # ... up to this (fsync, close and `casfs umount` retry at once)
 
 
 class FileData:
@@ -178,7 +180,7 @@ class FileData:
         """Throw away ``st``'s uncommitted changes (its file was unlinked and closed)."""
         st.dirty.clear()
         self._add_dirty(st, -st.dirty_bytes)
-        st.wb_error = 0
+        st.wb_error = st.wb_failures = 0
         st.clear_group()
         self.in_group.pop(st.ino, None)
         st.attrs.clear()
@@ -260,7 +262,7 @@ class FileData:
         bytes were buffered is recorded on the file (``wb_error``), not raised: the bytes
         stay buffered and the error reaches the next fsync/close. Raises NoSpace/FsError
         (nothing buffered) when the buffers are over their limit and their writeback
-        failed: a retry at most every ``retry_s`` seconds, the recorded error meanwhile.
+        failed: a retry after :meth:`retry_delay`, the recorded error meanwhile.
         Cost: O(bytes written), independent of the number of open files.
         """
         st = self.load_state(ino)
@@ -311,8 +313,8 @@ class FileData:
 
     def _retry_before_write(self, st: InodeData) -> None:
         """``st``'s buffers are full and their last writeback failed: retry it (at most
-        every ``retry_s`` seconds) before buffering more. Raises the failure."""
-        if time.monotonic() - st.wb_failed_at < self.retry_s:
+        after :meth:`retry_delay`) before buffering more. Raises the failure."""
+        if time.monotonic() - st.wb_failed_at < self.retry_delay(st):
             raise FsError(st.wb_message, st.wb_error)
         if st.dirty_bytes >= self.inode_dirty_limit:
             self.flush(st)
@@ -429,6 +431,7 @@ class FileData:
         for st in states:
             if st.needs_flush:
                 st.wb_error, st.wb_message, st.wb_failed_at = err, msg, now
+                st.wb_failures += 1
         self.last_error = msg
         self.failing = True
 
@@ -503,7 +506,7 @@ class FileData:
                     st.manifest[slot] = maybe
             st.dirty.clear()
             self._add_dirty(st, -st.dirty_bytes)
-            st.wb_error = 0
+            st.wb_error = st.wb_failures = 0
             st.wb_message = ""
             st.truncate_from = None
             if self.on_commit is not None:
@@ -513,11 +516,18 @@ class FileData:
     def flush_due(self, older_than_s: float, also: set[int] = frozenset()) -> None:  # type: ignore[assignment]
         """Flush, in one transaction, every inode whose oldest unflushed change is older
         than ``older_than_s`` seconds, and the inodes in ``also``; an inode whose last
-        writeback failed less than ``retry_s`` seconds ago waits for a later call."""
+        writeback failed less than :meth:`retry_delay` ago waits for a later call."""
         now = time.monotonic()
         self.flush_many([st for st in self.states.values()
                          if st.needs_flush and (st.ino in also or now - st.dirty_since >= older_than_s)
-                         and (not st.wb_error or now - st.wb_failed_at >= self.retry_s)])
+                         and (not st.wb_error or now - st.wb_failed_at >= self.retry_delay(st))])
+
+    def retry_delay(self, st: InodeData) -> float:
+        """Seconds after a failed writeback of ``st`` before the tick (or a write over
+        the buffer limit) tries again: ``retry_s`` doubling per failure in a row, at
+        most WRITEBACK_RETRY_MAX_S, so a full disk does not cost a hash of every buffer
+        every tick."""
+        return min(WRITEBACK_RETRY_MAX_S, self.retry_s * 2 ** min(16, max(0, st.wb_failures - 1)))
 
     def flush_all(self) -> None:
         """Flush every inode with unflushed changes, in one transaction."""

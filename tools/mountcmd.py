@@ -109,6 +109,7 @@ def start_cloud(meta: Metadata, fs: Filesystem, opts: MountOptions) -> cloud.Clo
 
 
 EXIT_FILE = "exit.json"   # run/exit.json: how the last daemon ended {"pid", "rescued", "error"}
+ANSWER_GRACE_S = 120.0    # a commit attempt under way when --timeout passes is awaited this long
 
 
 class DataRescued(CasError):
@@ -330,6 +331,7 @@ def umount(mountpoint: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     if pid is not None and run_dir is not None and pid_running(pid):
         commit_before_unmount(mp, pid, run_dir, deadline)
+        deadline = max(deadline, time.monotonic() + 60)  # all committed: the exit is quick
     unmount(mp)
     if pid is None:
         return
@@ -349,8 +351,9 @@ def umount(mountpoint: str, timeout: float) -> None:
 
 
 def _ask_commit(pid: int, run_dir: Path, deadline: float) -> dict[str, object] | None:
-    """One commit request to daemon ``pid``; its answer, or None (no answer by
-    ``deadline``, or the daemon is gone)."""
+    """One commit request to daemon ``pid``; its answer, or None (the daemon is gone, or
+    gave no answer by ``deadline``). A commit attempt takes as long as its writeback:
+    the caller's deadline should leave it time (ANSWER_GRACE_S)."""
     token = secrets.token_hex(8)
     tmp = run_dir / (SYNC_REQUEST + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -383,7 +386,8 @@ def commit_before_unmount(mp: str, pid: int, run_dir: Path, deadline: float) -> 
     mount stays: nothing is lost, the user can free space and retry)."""
     answer: dict[str, object] | None = None
     while True:
-        answer = _ask_commit(pid, run_dir, deadline)
+        # the attempt that starts before the deadline is awaited (it names the files)
+        answer = _ask_commit(pid, run_dir, max(deadline, time.monotonic() + ANSWER_GRACE_S))
         if answer is not None and not answer.get("files") and not answer.get("error"):
             return
         if not pid_running(pid) or time.monotonic() + 1.0 > deadline:
