@@ -210,7 +210,10 @@ def run_daemon(vol: Volume, mp: Path, opts: MountOptions, on_ready: Callable[[st
             if notice:
                 log.warning("%s", notice)
             reg.parent.mkdir(parents=True, exist_ok=True)
-            reg.write_text(json.dumps({"pid": os.getpid(), "mountpoint": str(mp), "volume": str(vol.path)}))
+            # "commit_request": this daemon answers `casfs umount`'s SIGUSR1 (an older one
+            # would die of it)
+            reg.write_text(json.dumps({"pid": os.getpid(), "mountpoint": str(mp), "volume": str(vol.path),
+                                       "commit_request": True}))
             serve(fs, mp, fsname=f"casfs:{vol.name}", allow_other=opts.allow_other,
                   on_ready=lambda: on_ready(notice))
         finally:
@@ -317,8 +320,9 @@ def umount(mountpoint: str, timeout: float) -> None:
     try:
         info = json.loads(reg.read_text())
         pid = int(info["pid"])
-        run_dir = Path(info["volume"]) / "run"
-    except (OSError, ValueError, KeyError, TypeError):
+        if info.get("commit_request"):
+            run_dir = Path(info["volume"]) / "run"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     if is_dead_mount(mp):
         unmount(mp, lazy=True)
@@ -360,7 +364,10 @@ def _ask_commit(pid: int, run_dir: Path, deadline: float) -> dict[str, object] |
     with os.fdopen(fd, "w") as f:
         f.write(token)
     os.replace(tmp, run_dir / SYNC_REQUEST)
-    os.kill(pid, SYNC_SIGNAL)
+    try:
+        os.kill(pid, SYNC_SIGNAL)
+    except ProcessLookupError:
+        return None
     resend = time.monotonic() + 1.0
     while pid_running(pid):
         try:
@@ -373,7 +380,10 @@ def _ask_commit(pid: int, run_dir: Path, deadline: float) -> dict[str, object] |
         if now > deadline:
             return None
         if now > resend:  # signals that arrive while one is handled coalesce: ask again
-            os.kill(pid, SYNC_SIGNAL)
+            try:
+                os.kill(pid, SYNC_SIGNAL)
+            except ProcessLookupError:
+                return None
             resend = now + 1.0
         time.sleep(0.05)
     return None
