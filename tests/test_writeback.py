@@ -126,6 +126,11 @@ def test_full_store_close_reports_enospc_umount_refuses_then_commits(
     assert len(msg.splitlines()) == 1 and "/big.bin" in msg and "not committed" in msg, msg
     assert find_mount(mp) is not None                # the mount is left in place
     _grow(t, "256m")
+    # the next close writes the file back itself and, the disk freed, reports success
+    fd = os.open(mp / "big.bin", os.O_RDONLY)
+    assert _close_errno(fd) == 0
+    live = _live_until(casenv, lambda m: m.get("dirty_files") == 0)
+    assert live["dirty_bytes"] == 0 and live["writeback_error"] == "", live
     r = casenv.run("umount", "--timeout", "120", str(mp), check=False)
     assert r.returncode == 0, r.stderr
     assert find_mount(mp) is None
