@@ -208,10 +208,12 @@ class Filesystem:
         log.error("metadata transaction lost: reloading cached state from the database")
         self.attrs.clear()
         self.xattr_cache.clear()
-        self.data.reload_all()
-        for st in self.data.states.values():  # released files given back: write back again
-            if st.opens == 0 and st.needs_flush:
-                self.closed_dirty.add(st.ino)
+        try:
+            self.data.reload_all()
+        finally:
+            for st in self.data.states.values():  # released files given back: write back again
+                if st.opens == 0 and st.needs_flush:
+                    self.closed_dirty.add(st.ino)
 
     # -- attributes ------------------------------------------------------------------
     def _attr_row(self, row: tuple[Any, ...]) -> Attr:
