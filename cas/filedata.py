@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .chunks import ChunkManager, net_deltas
-from .errors import FsError, NotFound
+from .errors import CasError, FsError, NotFound
 from .meta import Database
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,12 @@ class InodeData:
     attrs: dict[str, int] = field(default_factory=dict)  # inode columns to write at flush
     dirty_since: float = 0.0       # time.monotonic() of the oldest unflushed change
     read_end: int = -1             # where the last read ended (sequential detection)
+    # the last failed writeback of this file's buffers (docs/writeback.md): its errno
+    # (ENOSPC, EIO; 0 = none), message and time.monotonic(); cleared when a flush commits
+    wb_error: int = 0
+    wb_message: str = ""
+    wb_failed_at: float = 0.0
+    wb_failures: int = 0           # failed writebacks in a row (the retry backs off)
     # flushed into the open group transaction, not committed yet (kept until the group
     # commits, given back as dirty buffers if it is lost): slot -> the slot's bytes
     # at the flush (b"": a hole), the lowest truncation, the inode columns written
@@ -53,6 +59,10 @@ class InodeData:
     unsynced_trunc: int | None = None
     unsynced_attrs: dict[str, int] = field(default_factory=dict)
     lost: bool = False             # its inode row was lost with a group: never flushed
+
+    @property
+    def holds_unsynced(self) -> bool:
+        return bool(self.unsynced) or bool(self.unsynced_attrs) or self.unsynced_trunc is not None
 
     @property
     def needs_flush(self) -> bool:
@@ -70,6 +80,8 @@ class InodeData:
 
 
 READAHEAD_SLOTS = 4  # slots loaded ahead of a sequential reader
+WRITEBACK_RETRY_S = 2.0      # a failed writeback is retried after this, doubling per failure
+WRITEBACK_RETRY_MAX_S = 30.0 # ... up to this (fsync, close and `casfs umount` retry at once)
 
 
 class FileData:
@@ -85,10 +97,20 @@ class FileData:
         self.states: dict[int, InodeData] = {}
         self._zeros = bytes(chunk_size)
         self.on_commit: Callable[[InodeData], None] | None = None  # after a flush commits
+        # running sum of every state's dirty_bytes (O(1) per write; issue 8 item 7)
+        self.total_dirty = 0
+        self.last_error = ""     # message of the last failed writeback ("" = none since start)
+        self.failing = False     # the last writeback attempt failed (cleared by a success)
+        self.retry_s = WRITEBACK_RETRY_S
         self.retired: dict[int, InodeData] = {}  # dropped states holding unsynced bytes
         self.unsynced_bytes = 0   # bytes held in InodeData.unsynced, all states
         self._holding: dict[int, InodeData] = {}  # states with unsynced changes (by inode)
         self.epoch = 0            # counts reload_all calls (a flush must not span one)
+
+    def _add_dirty(self, st: InodeData, n: int) -> None:
+        """Change ``st.dirty_bytes`` by ``n`` bytes, keeping :attr:`total_dirty` in step."""
+        st.dirty_bytes += n
+        self.total_dirty += n
 
     # -- state -----------------------------------------------------------------------
     def new_state(self, ino: int) -> InodeData:
@@ -125,10 +147,11 @@ class FileData:
         dirty buffers, under the newer ones, so that nothing written is lost; the RAM
         size stays (it is what the file's users saw). A file whose inode row is gone
         (created in the lost group) is marked ``lost``: it keeps its buffers and is
-        never flushed. Dropped states with unsynced bytes come back into ``states``.
+        never flushed (they go to the rescue area at exit). Dropped states with
+        unsynced bytes come back into ``states``.
 
         Returns the inodes that came back from ``retired`` (now with opens 0 and dirty
-        buffers: the caller flushes them like released files). Raises MetaError.
+        buffers: the caller writes them back like released files). Raises MetaError.
         """
         self.epoch += 1
         revived = list(self.retired)
@@ -146,13 +169,13 @@ class FileData:
         for slot, d in st.unsynced.items():
             if slot not in st.dirty:
                 st.dirty[slot] = d
-                st.dirty_bytes += len(d)
+                self._add_dirty(st, len(d))
         if st.unsynced_trunc is not None:
             st.truncate_from = (st.unsynced_trunc if st.truncate_from is None
                                 else min(st.truncate_from, st.unsynced_trunc))
         for col, v in st.unsynced_attrs.items():
             st.attrs.setdefault(col, v)
-        if st.unsynced or st.unsynced_attrs or st.unsynced_trunc is not None:
+        if st.holds_unsynced:
             st.dirty_since = 0.0  # due at the next writeback tick
         st.unsynced = {}
         st.unsynced_trunc = None
@@ -178,7 +201,8 @@ class FileData:
     def discard(self, st: InodeData) -> None:
         """Throw away ``st``'s uncommitted changes (its file was unlinked and closed)."""
         st.dirty.clear()
-        st.dirty_bytes = 0
+        self._add_dirty(st, -st.dirty_bytes)
+        st.wb_error = st.wb_failures = 0
         st.attrs.clear()
         st.truncate_from = None
         self.unsynced_bytes -= sum(len(d) for d in st.unsynced.values())
@@ -186,12 +210,32 @@ class FileData:
         st.unsynced_trunc = None
         st.unsynced_attrs = {}
 
+    def adopt(self, ino: int, size: int, slots: dict[int, bytes], truncate_from: int | None,
+              attrs: dict[str, int]) -> InodeData:
+        """Install buffers kept outside RAM (a rescue record, cas/rescue.py) as the dirty
+        state of ``ino``: ``slots`` (slot -> canonical bytes) become dirty, the size
+        becomes ``size`` bytes, slots >= ``truncate_from`` lose their manifest rows at the
+        next flush, ``attrs`` are buffered. Raises NotFound."""
+        st = self.load_state(ino)
+        st.mark()
+        for slot, b in slots.items():
+            old = st.dirty.get(slot)
+            self._add_dirty(st, len(b) - (len(old) if old is not None else 0))
+            st.dirty[slot] = b
+        st.size = size
+        if truncate_from is not None:
+            st.truncate_from = truncate_from if st.truncate_from is None else min(st.truncate_from, truncate_from)
+        st.attrs.update(attrs)
+        return st
+
     def drop_state(self, ino: int) -> None:
         """Forget the RAM state of ``ino`` (it must be flushed). One whose last flush is
         not committed yet is kept in ``retired`` until the group commits."""
         st = self.states.pop(ino, None)
-        if st is not None and (st.unsynced or st.unsynced_attrs or st.unsynced_trunc is not None):
-            self.retired[ino] = st
+        if st is not None:
+            self.total_dirty -= st.dirty_bytes
+            if st.holds_unsynced:
+                self.retired[ino] = st
 
     def pending(self, ino: int) -> InodeData | None:
         """The state of ``ino`` if it holds changes not yet committed, else None."""
@@ -241,10 +285,17 @@ class FileData:
         """Buffer ``data`` at ``offset``; flush when the file's buffers pass
         ``inode_dirty_limit`` or all files' buffers pass ``total_dirty_limit``.
 
-        Returns the number of bytes written (all of them). Raises NoSpace/FsError only
-        from a flush forced by the buffer limit; the data then stays buffered.
+        Returns the number of bytes written (all of them). A failed flush after the
+        bytes were buffered is recorded on the file (``wb_error``), not raised: the bytes
+        stay buffered and the error reaches the next fsync/close. Raises NoSpace/FsError
+        (nothing buffered) when the buffers are over their limit and their writeback
+        failed: a retry after :meth:`retry_delay`, the recorded error meanwhile.
+        Cost: O(bytes written), independent of the number of open files.
         """
         st = self.load_state(ino)
+        if st.wb_error and (st.dirty_bytes >= self.inode_dirty_limit
+                            or self.total_dirty >= self.total_dirty_limit):
+            self._retry_before_write(st)
         st.mark()
         cs = self.cs
         n = len(data)
@@ -259,13 +310,13 @@ class FileData:
             if so == 0 and take == cs:  # the whole slot is replaced
                 whole = data if take == n and type(data) is bytes else bytes(view[pos:pos + take])
                 st.dirty[slot] = whole
-                st.dirty_bytes += cs - (len(old) if old is not None else 0)
+                self._add_dirty(st, cs - (len(old) if old is not None else 0))
                 pos += take
                 continue
             if old is None:
                 valid = max(0, min(cs, st.size - slot * cs))
                 buf = bytearray(memoryview(self._slot_content(st, slot))[:valid])
-                st.dirty_bytes += len(buf)
+                self._add_dirty(st, len(buf))
             elif isinstance(old, bytearray):
                 buf = old
             else:
@@ -275,14 +326,27 @@ class FileData:
             if before < so:
                 buf.extend(self._zeros[:so - before])
             buf[so:so + take] = view[pos:pos + take]
-            st.dirty_bytes += len(buf) - before
+            self._add_dirty(st, len(buf) - before)
             pos += take
         self._touch(st)
+        try:
+            if st.dirty_bytes >= self.inode_dirty_limit:
+                self.flush(st)
+            elif self.total_dirty >= self.total_dirty_limit:
+                self.flush_all()
+        except CasError:
+            pass  # recorded on the states (wb_error): the bytes stay buffered and are retried
+        return n
+
+    def _retry_before_write(self, st: InodeData) -> None:
+        """``st``'s buffers are full and their last writeback failed: retry it (at most
+        after :meth:`retry_delay`) before buffering more. Raises the failure."""
+        if time.monotonic() - st.wb_failed_at < self.retry_delay(st):
+            raise FsError(st.wb_message, st.wb_error)
         if st.dirty_bytes >= self.inode_dirty_limit:
             self.flush(st)
-        elif sum(s.dirty_bytes for s in self.states.values()) >= self.total_dirty_limit:
+        else:
             self.flush_all()
-        return n
 
     def _grow(self, st: InodeData, size: int) -> None:
         """Extend ``st`` to ``size`` bytes. The old last slot, if it was short, becomes
@@ -295,7 +359,7 @@ class FileData:
             if last not in st.dirty and last in st.manifest and size > st.size:
                 buf = bytearray(self._slot_content(st, last))
                 st.dirty[last] = buf
-                st.dirty_bytes += len(buf)
+                self._add_dirty(st, len(buf))
         st.size = size
 
     @staticmethod
@@ -312,14 +376,14 @@ class FileData:
         if size < st.size:
             keep = -(-size // cs)
             for slot in [s for s in st.dirty if s >= keep]:
-                st.dirty_bytes -= len(st.dirty.pop(slot))
+                self._add_dirty(st, -len(st.dirty.pop(slot)))
             for slot in [s for s in st.unsynced if s >= keep]:  # cut off: must not come
                 self.unsynced_bytes -= len(st.unsynced.pop(slot))  # back after a lost group
             if size % cs:
                 last = keep - 1
                 content = bytearray(memoryview(self._slot_content(st, last))[:size % cs])
                 old = st.dirty.get(last)
-                st.dirty_bytes += len(content) - (len(old) if old is not None else 0)
+                self._add_dirty(st, len(content) - (len(old) if old is not None else 0))
                 st.dirty[last] = content
             st.truncate_from = keep if st.truncate_from is None else min(st.truncate_from, keep)
             st.size = size
@@ -354,16 +418,44 @@ class FileData:
 
         New chunk files are made durable first (invariant 1); manifest rows, refcount
         deltas and inode rows then commit together (invariant 2). Raises NoSpace or
-        FsError (nothing is committed and the buffers are kept) or MetaError. A state
-        marked ``lost`` (its inode row went with a lost group) is never written: the
-        others are flushed, then FsError(EIO) is raised, its buffers kept.
+        FsError (nothing is committed and the buffers are kept) or MetaError; a failure
+        is recorded on every state of the batch (``wb_error``, :meth:`_failed`).
         """
         states = [st for st in states if st.needs_flush]
+        if not states:
+            return
+        try:
+            self._flush_many([st for st in states if not st.lost])
+        except Exception as exc:
+            self._failed(states, exc)
+            raise
         lost = [st for st in states if st.lost]
-        if lost:  # their inode rows are gone: flush the others, then fail
-            self.flush_many([st for st in states if not st.lost])
-            raise FsError(f"inode {lost[0].ino} was lost with the database's last transaction "
+        if lost:
+            # a lost group transaction took the file's creation with it: its bytes stay
+            # here (and go to the rescue area at exit, then /lost+found); never write
+            # manifest rows for an inode that does not exist
+            err = FsError(f"inode {lost[0].ino} was lost with the database's last transaction "
                           f"({len(lost)} files; their buffers stay in RAM)", errno.EIO)
+            self._failed(lost, err)
+            raise err
+        self.failing = False
+
+    def _failed(self, states: list[InodeData], exc: Exception) -> None:
+        """Record a failed writeback on ``states`` (Linux keeps writeback errors on the
+        file for the next fsync/close, see errseq(9)); their buffers stay."""
+        err = exc.errno if isinstance(exc, FsError) else errno.EIO
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        now = time.monotonic()
+        for st in states:
+            if st.needs_flush:
+                st.wb_error, st.wb_message, st.wb_failed_at = err, msg, now
+                st.wb_failures += 1
+        self.last_error = msg
+        self.failing = True
+
+    def _flush_many(self, states: list[InodeData]) -> None:
+        """The flush itself, of states not marked ``lost``; one found without its inode
+        row inside the transaction is marked ``lost`` and the others are flushed again."""
         if not states:
             return
         epoch = self.epoch
@@ -390,7 +482,7 @@ class FileData:
             chunk_data[cid] = d
         stored = self.chunks.store_unknown(self.db, chunk_data)
         if self.epoch != epoch:  # a lost group was recovered meanwhile: plan again
-            return self.flush_many(states)
+            return self._flush_many([st for st in states if not st.lost])
 
         def body(cur: Any) -> None:
             # never manifest rows for an inode whose row is missing (a lost group)
@@ -432,7 +524,7 @@ class FileData:
         try:
             self.db.transaction(body)
         except _RowsMissing:
-            return self.flush_many(states)  # now without the lost ones, then EIO
+            return self._flush_many([st for st in states if not st.lost])
         pending = self.db.group_open  # joined the open group: keep the bytes until it commits
         # committed: bring the RAM state in line
         for (st, new), canon in zip(plan, canons):
@@ -447,7 +539,9 @@ class FileData:
                 else:
                     st.manifest[slot] = maybe
             st.dirty.clear()
-            st.dirty_bytes = 0
+            self._add_dirty(st, -st.dirty_bytes)
+            st.wb_error = st.wb_failures = 0
+            st.wb_message = ""
             st.truncate_from = None
             if self.on_commit is not None:
                 self.on_commit(st)
@@ -471,11 +565,20 @@ class FileData:
 
     def flush_due(self, older_than_s: float, also: set[int] = frozenset()) -> None:  # type: ignore[assignment]
         """Flush, in one transaction, every inode whose oldest unflushed change is older
-        than ``older_than_s`` seconds, and the inodes in ``also``."""
+        than ``older_than_s`` seconds, and the inodes in ``also``; an inode whose last
+        writeback failed less than :meth:`retry_delay` ago waits for a later call."""
         now = time.monotonic()
         self.flush_many([st for st in self.states.values()  # a lost file cannot be written back
                          if st.needs_flush and not st.lost
-                         and (st.ino in also or now - st.dirty_since >= older_than_s)])
+                         and (st.ino in also or now - st.dirty_since >= older_than_s)
+                         and (not st.wb_error or now - st.wb_failed_at >= self.retry_delay(st))])
+
+    def retry_delay(self, st: InodeData) -> float:
+        """Seconds after a failed writeback of ``st`` before the tick (or a write over
+        the buffer limit) tries again: ``retry_s`` doubling per failure in a row, at
+        most WRITEBACK_RETRY_MAX_S, so a full disk does not cost a hash of every buffer
+        every tick."""
+        return min(WRITEBACK_RETRY_MAX_S, self.retry_s * 2 ** min(16, max(0, st.wb_failures - 1)))
 
     def flush_all(self) -> None:
         """Flush every inode with unflushed changes, in one transaction."""

@@ -57,6 +57,8 @@ CLOSED_DIRTY_BATCH = 256      # released dirty files flushed together at this co
 GROUP = "group"
 IMMEDIATE = "immediate"
 DURABILITY_MODES = (GROUP, IMMEDIATE)
+CLOSE_WRITEBACK_BYTES = 8 << 20  # close() writes back a file with this many dirty bytes
+CLOSE_SPACE_MARGIN = 64 << 20    # ... or any dirty file when the store's disk is this tight
 _COLS = "id, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns"
 _ICOLS = ", ".join("i." + c.strip() for c in _COLS.split(","))  # the same, of alias i
 P = ParamSpec("P")
@@ -177,7 +179,19 @@ class Filesystem:
         if self.cloud is not None:
             out.update(cloud_uploaded_packs=self.cloud.uploaded_packs,
                        cloud_uploaded_bytes=self.cloud.uploaded_bytes, cloud_fetches=self.cloud.fetches)
+        out.update(self.writeback_stats())
         return out
+
+    def writeback_stats(self) -> dict[str, Any]:
+        """Uncommitted data of this mount (RAM reads only, no lock needed): dirty bytes
+        buffered, files with uncommitted changes, uncommitted namespace operations, and
+        the message of the last failed writeback ("" = none, or a success since)."""
+        d = self.data
+        files = sum(1 for st in list(d.states.values()) if st.needs_flush)
+        return {"dirty_bytes": d.total_dirty, "dirty_files": files,
+                "uncommitted_ops": self.db.uncommitted,
+                "writeback_error": d.last_error if d.failing else "",
+                "last_writeback_error": d.last_error}
 
     def attach_cloud(self, tier: CloudTier) -> None:
         """Use ``tier`` for reads of evicted chunks; :meth:`close` stops it."""
@@ -220,8 +234,10 @@ class Filesystem:
         self.xattr_cache.clear()
         # files closed since the last commit come back with their buffers: write them
         # back like released files (docs/database.md)
-        self.closed_dirty.update(self.data.reload_all())
-        self._reserve_inodes()
+        try:
+            self.closed_dirty.update(self.data.reload_all())
+        finally:
+            self._reserve_inodes()
 
     def _group_committed(self) -> None:
         self.data.group_committed()
@@ -711,6 +727,79 @@ class Filesystem:
         if st is not None:
             self.data.flush(st)
         self.db.commit()
+
+    @_locked
+    def close_file(self, ino: int) -> None:
+        """close(2) of a handle of ``ino`` (FUSE_FLUSH): report writeback errors.
+
+        POSIX does not make close() durable, so a healthy small file is left to the
+        batched writeback at release. The file's buffers are written back here (not
+        committed: that is the group's job) when its last writeback failed, when the
+        last writeback of this mount failed, when it holds CLOSE_WRITEBACK_BYTES or more,
+        or when the store's disk has less than the buffered bytes + CLOSE_SPACE_MARGIN
+        free; a failure raises its errno (ENOSPC, EIO), as NFS reports errors at close.
+        Buffers are never dropped. See docs/writeback.md.
+        """
+        st = self.data.pending(ino)
+        if st is None:
+            return
+        if not (st.wb_error or self.data.failing or st.dirty_bytes >= CLOSE_WRITEBACK_BYTES
+                or self._space_tight()):
+            return
+        try:
+            self.data.flush(st)
+        except FsError:
+            raise
+        except CasError as exc:  # the database: EIO, with the message for the log
+            raise FsError(str(exc)) from exc
+
+    def _space_tight(self) -> bool:
+        try:
+            free, _ = self.store.disk_usage()
+        except OSError:
+            return True
+        return free < self.data.total_dirty + CLOSE_SPACE_MARGIN
+
+    def path_of(self, ino: int) -> str | None:
+        """A path of ``ino`` from the root ("/a/b"), or None (unlinked, or the database
+        is unreachable). Follows one dentry per level."""
+        parts: list[bytes] = []
+        cur = ino
+        try:
+            for _ in range(4096):  # PATH_MAX / 1 byte names: deeper means a loop
+                if cur == ROOT_INODE:
+                    return "/" + b"/".join(reversed(parts)).decode(errors="replace")
+                rows = self.db.query("SELECT parent, name FROM dentries WHERE inode = %s LIMIT 1", (cur,))
+                if not rows:
+                    return None
+                parts.append(bytes(rows[0][1]))
+                cur = int(rows[0][0])
+        except CasError:
+            return None
+        return None
+
+    @_locked
+    def uncommitted(self) -> list[tuple[int, str | None, int, str]]:
+        """Files holding changes not yet committed: (inode, path or None, dirty bytes,
+        message of the last failed writeback or "")."""
+        return [(st.ino, self.path_of(st.ino), st.dirty_bytes, st.wb_message if st.wb_error else "")
+                for st in list(self.data.states.values()) if st.needs_flush]
+
+    @_locked
+    def commit_all(self) -> tuple[list[tuple[int, str | None, int, str]], str]:
+        """Write back every buffer and commit the group (what `casfs umount` asks for).
+
+        Returns (files still uncommitted as in :meth:`uncommitted`, error message or
+        ""); both empty means everything this mount was given is committed."""
+        err = ""
+        try:
+            self.flush_all()
+        except CasError as exc:
+            err = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        left = self.uncommitted()
+        if not err and self.db.uncommitted:
+            err = f"{self.db.uncommitted} namespace operations not committed"
+        return left, err
 
     @_locked
     def sync(self) -> None:

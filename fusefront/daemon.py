@@ -3,6 +3,12 @@
 :func:`serve` blocks until the filesystem is unmounted (``fusermount3 -u``) or the
 process gets SIGTERM/SIGINT, in which case it unmounts itself. It never closes the
 engine: the caller flushes and closes it afterwards.
+
+Control channel of `casfs umount` (docs/writeback.md): the caller writes a token to
+``run/sync.request`` and sends SIGUSR1; the daemon writes back every buffer, commits,
+and answers in ``run/sync.json`` (mode 0600, in the volume's private run/ directory):
+``{"token", "pid", "error", "files": [{"ino", "path", "bytes", "error"}]}``, where
+``files`` lists the files still uncommitted.
 """
 from __future__ import annotations
 
@@ -29,6 +35,45 @@ if "CASFS_WRITEBACK_INTERVAL_S" in os.environ:  # tests: hold a group open (test
 WRITEBACK_AGE_S = 5.0        # an open file's dirty buffer older than this is committed too
 STATS_INTERVAL_S = 2.0       # how often run/stats.json (live counters for `casfs stats`) is rewritten
 STATS_FILE = "stats.json"
+SYNC_REQUEST = "sync.request"   # token of the last commit request of `casfs umount`
+SYNC_STATUS = "sync.json"       # the daemon's answer to it
+SYNC_SIGNAL = signal.SIGUSR1
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Replace ``path`` atomically with ``text``, readable by the owner only."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def answer_sync(fs: Filesystem) -> dict[str, object]:
+    """Commit everything (:meth:`Filesystem.commit_all`) and write the answer for the
+    token in ``run/sync.request`` to ``run/sync.json``. Returns the answer."""
+    run = fs.meta.volume.run_dir
+    try:
+        token = (run / SYNC_REQUEST).read_text().strip()
+    except OSError:
+        token = ""
+    left, err = fs.commit_all()
+    answer: dict[str, object] = {
+        "token": token, "pid": os.getpid(), "error": err,
+        "files": [{"ino": ino, "path": path, "bytes": n, "error": e} for ino, path, n, e in left]}
+    _write_private(run / SYNC_STATUS, json.dumps(answer))
+    if left or err:
+        log.error("commit request: %d files still uncommitted (%s)", len(left), err or "see their errors")
+    return answer
+
+
+async def _sync_requests(fs: Filesystem) -> None:
+    with trio.open_signal_receiver(SYNC_SIGNAL) as signals:
+        async for _ in signals:
+            try:
+                answer_sync(fs)
+            except Exception:
+                log.exception("cannot answer a commit request")
 
 
 def publish_stats(fs: Filesystem) -> None:
@@ -68,6 +113,7 @@ async def _main(fs: Filesystem, state: dict[str, bool]) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_writeback, fs)
         nursery.start_soon(_publish, fs)
+        nursery.start_soon(_sync_requests, fs)
 
         async def watch_signals() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -93,6 +139,9 @@ def serve(fs: Filesystem, mountpoint: Path, *, fsname: str, allow_other: bool = 
     options = set(pyfuse3.default_options) | {f"fsname={fsname}", "subtype=casfs"}
     if allow_other:
         options.add("allow_other")
+    # a commit request that arrives before the trio loop listens must not kill us
+    # (SIGUSR1's default action): ignored until then; `casfs umount` asks again
+    signal.signal(SYNC_SIGNAL, signal.SIG_IGN)
     pyfuse3.init(ops, str(mountpoint), options)
     state = {"unmounted": False}
     try:

@@ -293,9 +293,12 @@ class CasOperations(pyfuse3.Operations):
     @_translate
     async def flush(self, fh: int) -> None:
         # close(2) does not promise durability (POSIX); buffers are committed at release
-        # (batched) or fsync. Errors of a later commit are logged; the data stays buffered.
+        # (batched) or fsync. close() reports a failed writeback of the file's buffers
+        # (ENOSPC, EIO) and writes back itself when the store is in trouble or the file
+        # is large (Filesystem.close_file); the data stays buffered either way.
         # FLUSH is synchronous with close(2) (RELEASE is not): the next open sees this.
         self._closed(fh)
+        self.fs.close_file(fh)
 
     def _closed(self, fh: int) -> None:
         try:

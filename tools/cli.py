@@ -106,10 +106,15 @@ def mount(mountpoint: str, volume: str, foreground: bool, allow_other: bool, cac
 
 @main.command()
 @click.argument("mountpoint", type=click.Path())
-@click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for the daemon to exit.")
+@click.option("--timeout", default=600.0, show_default=True,
+              help="Seconds to keep asking the daemon to commit everything, and to wait for it to exit.")
 @user_errors
 def umount(mountpoint: str, timeout: float) -> None:
-    """Unmount MOUNTPOINT: flush everything and wait for the daemon to exit."""
+    """Unmount MOUNTPOINT: commit everything, then unmount and wait for the daemon to exit.
+
+    While data cannot be committed (full disk, database down) the mount stays and the
+    command exits 1 naming the files; free space and run it again.
+    """
     mountcmd.umount(mountpoint, timeout)
 
 

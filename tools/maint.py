@@ -13,6 +13,7 @@ import click
 from cas import cloud
 from cas import cloudcheck
 from cas import fsck as fsck_mod
+from cas import rescue
 from cas import gc as gc_mod
 from cas import repair as repair_mod
 from cas import stats as stats_mod
@@ -37,9 +38,12 @@ def stats(volume: str, as_json: bool) -> None:
     with connect(vol) as meta:
         s = stats_mod.collect(meta)
     live = _live_stats(vol)
+    rescue_files, rescue_bytes = rescue.area_bytes(rescue.rescue_dir(vol.path))
     if as_json:
         d: dict[str, object] = dict(s.as_dict())
         d["mount"] = live
+        d["rescue_files"] = rescue_files
+        d["rescue_bytes"] = rescue_bytes
         click.echo(json.dumps(d, sort_keys=True))
         return
     rows = [
@@ -62,8 +66,19 @@ def stats(volume: str, as_json: bool) -> None:
         rows.append(("RAM cache", f"hit ratio {float(live['cache_hit_ratio']) * 100:.1f}% of {lookups} "
                                   f"chunk reads since mount; {human(int(live['cache_bytes']))} of "
                                   f"{human(int(live['cache_capacity_bytes']))} used"))
+        if "dirty_bytes" in live:
+            text = (f"{human(int(live['dirty_bytes']))} ({live['dirty_bytes']}) in {live['dirty_files']} "
+                    f"files, {live['uncommitted_ops']} namespace operations")
+            if live.get("writeback_error"):
+                text += f"; writeback failing: {live['writeback_error']}"
+            elif live.get("last_writeback_error"):
+                text += f"; last writeback error (since resolved): {live['last_writeback_error']}"
+            rows.append(("uncommitted", text))
     else:
         rows.append(("RAM cache", "not mounted"))
+    if rescue_files:
+        rows.append(("rescue area", f"{rescue_files} files, {human(rescue_bytes)} ({rescue_bytes}) kept by "
+                                    "a mount that could not commit them; the next mount replays them"))
     for k, v in rows:
         click.echo(f"{k:18} {v}")
 

@@ -5,6 +5,11 @@ The daemon is a forked child in its own session. It reports over a pipe either
 exits 1, so every start-up failure reaches the user. A registry file
 ``$XDG_DATA_HOME/casfs/mounts/<hash>.json`` maps a mountpoint to its daemon's pid, which
 `casfs umount` waits for after ``fusermount3 -u``.
+
+`casfs umount` first asks the daemon to commit everything (SIGUSR1 and
+``run/sync.json``, fusefront/daemon.py) and unmounts only when nothing is left
+uncommitted; a daemon that exits with buffers it cannot commit keeps them in the
+volume's rescue area (cas/rescue.py), which the next mount replays. docs/writeback.md.
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import hashlib
 import json
 import logging
 import os
+import secrets
+import signal
 import sys
 import time
 import traceback
@@ -22,7 +29,7 @@ from pathlib import Path
 
 import click
 
-from cas import cloud
+from cas import cloud, rescue
 from cas.errors import CasError, VolumeError
 from cas.fs import DURABILITY_MODES, GROUP, Filesystem
 from cas.meta import Metadata, connect
@@ -30,7 +37,7 @@ from cas.objstore import ObjectStoreError
 from cas.server import ServerSupervisor, pid_running
 from cas.store import LocalStore
 from cas.volume import Volume, data_home
-from fusefront.daemon import serve
+from fusefront.daemon import SYNC_REQUEST, SYNC_SIGNAL, SYNC_STATUS, serve
 from fusefront.mountpoint import (MountpointError, check_mountpoint, find_mount, is_dead_mount,
                                   unmount)
 
@@ -113,8 +120,88 @@ def start_cloud(meta: Metadata, fs: Filesystem, opts: MountOptions) -> cloud.Clo
     return tier
 
 
-def run_daemon(vol: Volume, mp: Path, opts: MountOptions, on_ready: Callable[[], None]) -> None:
-    """Mount ``vol`` at ``mp`` in this process until unmounted; flush and close after."""
+EXIT_FILE = "exit.json"   # run/exit.json: how the last daemon ended {"pid", "rescued", "error"}
+ANSWER_GRACE_S = 120.0    # a commit attempt under way when --timeout passes is awaited this long
+
+
+class DataRescued(CasError):
+    """The daemon exited with uncommitted data, kept in the volume's rescue area."""
+
+
+def replay_rescue(fs: Filesystem, vol: Volume) -> str:
+    """Replay the rescue area into ``fs`` before it serves; returns a notice for the
+    user ("" when there was nothing). Raises VolumeError (one line) when a record
+    cannot be committed: the records stay and the mount is refused."""
+    directory = rescue.rescue_dir(vol.path)
+    todo = len(rescue.pending(directory))
+    if not todo:
+        return ""
+    try:
+        r = rescue.replay(fs, directory)
+    except CasError as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise VolumeError(f"cannot replay the rescue area {directory} ({todo} files of uncommitted "
+                          f"data kept by an earlier mount): {msg}; free space or restore the "
+                          "database, then mount again") from exc
+    lost = r.lost_found or []
+    parts = [f"replayed {r.replayed + len(lost)} files of uncommitted data from the rescue area"]
+    if lost:
+        parts.append(f"{len(lost)} into {', '.join(lost)} (their inode was gone)")
+    if r.damaged:
+        parts.append(f"{len(r.damaged)} damaged records left as .bad in {directory}")
+    return "; ".join(parts)
+
+
+def _close_or_rescue(fs: Filesystem, vol: Volume) -> None:
+    """Commit everything and close ``fs``; what cannot be committed is spilled to the
+    rescue area first. Raises DataRescued when data was kept there (the daemon then
+    exits non-zero), RescueError when even that failed, or the close's error."""
+    left: list[tuple[int, str | None, int, str]] = []
+    err = ""
+    try:
+        left, err = fs.commit_all()
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the buffers must be kept
+        err = str(exc)
+        left = [(st.ino, None, st.dirty_bytes, "") for st in fs.data.states.values() if st.needs_flush]
+    spilled: list[Path] = []
+    spill_error: rescue.RescueError | None = None
+    if left:
+        try:
+            spilled = rescue.spill(fs, rescue.rescue_dir(vol.path))
+        except rescue.RescueError as exc:
+            log.critical("%s: uncommitted data of %d files is LOST", exc, len(left))
+            spill_error = exc
+    close_error: BaseException | None = None
+    try:
+        fs.close()
+    except Exception as exc:  # noqa: BLE001
+        close_error = exc
+    else:
+        for p in spilled:  # committed at close after all: the records are stale copies
+            p.unlink(missing_ok=True)
+        spilled = []
+    result: dict[str, object] = {"pid": os.getpid(), "rescued": len(spilled),
+                                 "error": str(spill_error or close_error or "")}
+    try:
+        (vol.run_dir / EXIT_FILE).write_text(json.dumps(result))
+    except OSError:
+        pass
+    if spill_error is not None:
+        raise spill_error
+    if spilled:
+        names = ", ".join(p for _, p, _, _ in left if p) or "paths unknown"
+        raise DataRescued(f"{len(spilled)} files with uncommitted data ({names}) kept in "
+                          f"{rescue.rescue_dir(vol.path)} ({err}); the next mount replays them")
+    if close_error is not None:
+        raise close_error
+
+
+def run_daemon(vol: Volume, mp: Path, opts: MountOptions, on_ready: Callable[[str], None]) -> None:
+    """Mount ``vol`` at ``mp`` in this process until unmounted; flush and close after.
+
+    Replays the rescue area before serving; ``on_ready`` gets a notice about it ("" if
+    none). At exit, data that cannot be committed goes to the rescue area and
+    DataRescued is raised (see :func:`_close_or_rescue`)."""
     vol.run_dir.mkdir(parents=True, exist_ok=True)
     lock_fd = os.open(vol.run_dir / "mount.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -137,12 +224,19 @@ def run_daemon(vol: Volume, mp: Path, opts: MountOptions, on_ready: Callable[[],
             freed = fs.recover()
             if freed:
                 log.warning("freed %d inodes unlinked while open before a crash", freed)
+            notice = replay_rescue(fs, vol)
+            if notice:
+                log.warning("%s", notice)
             reg.parent.mkdir(parents=True, exist_ok=True)
-            reg.write_text(json.dumps({"pid": os.getpid(), "mountpoint": str(mp), "volume": str(vol.path)}))
-            serve(fs, mp, fsname=f"casfs:{vol.name}", allow_other=opts.allow_other, on_ready=on_ready)
+            # "commit_request": this daemon answers `casfs umount`'s SIGUSR1 (an older one
+            # would die of it)
+            reg.write_text(json.dumps({"pid": os.getpid(), "mountpoint": str(mp), "volume": str(vol.path),
+                                       "commit_request": True}))
+            serve(fs, mp, fsname=f"casfs:{vol.name}", allow_other=opts.allow_other,
+                  on_ready=lambda: on_ready(notice))
         finally:
             try:
-                fs.close()
+                _close_or_rescue(fs, vol)
             finally:
                 if supervisor is not None:
                     supervisor.stop()
@@ -161,7 +255,11 @@ def mount(vol: Volume, mountpoint: str, opts: MountOptions, *, foreground: bool,
     level = logging.DEBUG if debug else logging.INFO
     if foreground:
         logging.getLogger().setLevel(level)
-        run_daemon(vol, mp, opts, on_ready=lambda: click.echo(f"mounted {vol.name} at {mp}", err=True))
+        def ready(notice: str) -> None:
+            if notice:
+                click.echo(notice, err=True)
+            click.echo(f"mounted {vol.name} at {mp}", err=True)
+        run_daemon(vol, mp, opts, on_ready=ready)
         return
     rfd, wfd = os.pipe()
     pid = os.fork()
@@ -169,20 +267,31 @@ def mount(vol: Volume, mountpoint: str, opts: MountOptions, *, foreground: bool,
         os.close(rfd)
         _become_daemon(vol, level)
         code = 0
+        reported = []
+
+        def ready(notice: str) -> None:
+            reported.append(True)
+            _report(wfd, "OK " + notice)
         try:
-            run_daemon(vol, mp, opts, on_ready=lambda: _report(wfd, "OK"))
+            run_daemon(vol, mp, opts, on_ready=ready)
         except BaseException as exc:  # report start-up failures to the parent
             code = 1
-            log.error("mount failed: %s", "".join(traceback.format_exception(exc)))
+            if isinstance(exc, DataRescued):
+                log.error("exiting with uncommitted data: %s", exc)
+            else:
+                log.error("mount failed: %s", "".join(traceback.format_exception(exc)))
             msg = str(exc) if isinstance(exc, (CasError, MountpointError)) else f"{type(exc).__name__}: {exc}"
-            _report(wfd, "ERR " + (msg.splitlines()[0] if msg else type(exc).__name__))
+            if not reported:  # after OK the pipe is closed and its fd may be reused
+                _report(wfd, "ERR " + (msg.splitlines()[0] if msg else type(exc).__name__))
         finally:
             logging.shutdown()
             os._exit(code)
     os.close(wfd)
     with os.fdopen(rfd, "rb") as f:
         line = f.readline().decode(errors="replace").strip()
-    if line == "OK":
+    if line == "OK" or line.startswith("OK "):
+        if line[3:]:
+            click.echo(line[3:], err=True)
         click.echo(f"mounted {vol.name} at {mp} (daemon pid {pid})", err=True)
         return
     if line.startswith("ERR "):
@@ -218,17 +327,24 @@ def _become_daemon(vol: Volume, level: int) -> None:
 
 
 def umount(mountpoint: str, timeout: float) -> None:
-    """Unmount ``mountpoint`` and wait until its daemon has exited (all data flushed).
+    """Unmount ``mountpoint`` and wait until its daemon has exited (all data committed).
 
-    A mount whose daemon died is cleaned up. Raises MountpointError: not mounted,
-    busy, or the daemon did not exit within ``timeout`` seconds.
+    First asks the daemon to commit everything (:func:`commit_before_unmount`), retrying
+    until ``timeout`` seconds; with data still uncommitted the mount stays and
+    MountpointError names the files. A mount whose daemon died is cleaned up. Raises
+    MountpointError: not mounted, busy, data uncommitted, the daemon did not exit within
+    ``timeout`` seconds, or it exited keeping data in the rescue area.
     """
     mp = os.path.abspath(mountpoint)
     reg = registry_file(mp)
     pid = None
+    run_dir: Path | None = None
     try:
-        pid = int(json.loads(reg.read_text())["pid"])
-    except (OSError, ValueError, KeyError):
+        info = json.loads(reg.read_text())
+        pid = int(info["pid"])
+        if info.get("commit_request"):
+            run_dir = Path(info["volume"]) / "run"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     if is_dead_mount(mp):
         unmount(mp, lazy=True)
@@ -238,11 +354,87 @@ def umount(mountpoint: str, timeout: float) -> None:
         return
     if find_mount(mp) is None:
         raise MountpointError(f"{mp} is not mounted")
+    deadline = time.monotonic() + timeout
+    if pid is not None and run_dir is not None and pid_running(pid):
+        commit_before_unmount(mp, pid, run_dir, deadline)
+        deadline = max(deadline, time.monotonic() + 60)  # all committed: the exit is quick
     unmount(mp)
     if pid is None:
         return
-    deadline = time.monotonic() + timeout
     while pid_running(pid):
         if time.monotonic() > deadline:
             raise MountpointError(f"unmounted {mp}, but daemon {pid} did not exit within {timeout:.0f} s")
         time.sleep(0.05)
+    if run_dir is not None:
+        try:
+            ended = json.loads((run_dir / EXIT_FILE).read_text())
+        except (OSError, ValueError):
+            return
+        if ended.get("pid") == pid and ended.get("rescued"):
+            raise MountpointError(f"unmounted {mp}, but {ended['rescued']} files could not be committed and "
+                                  f"were kept in {run_dir.parent / 'rescue'} ({ended.get('error', '')}); "
+                                  "the next mount replays them")
+
+
+def _ask_commit(pid: int, run_dir: Path, deadline: float) -> dict[str, object] | None:
+    """One commit request to daemon ``pid``; its answer, or None (the daemon is gone, or
+    gave no answer by ``deadline``). A commit attempt takes as long as its writeback:
+    the caller's deadline should leave it time (ANSWER_GRACE_S)."""
+    token = secrets.token_hex(8)
+    tmp = run_dir / (SYNC_REQUEST + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    os.replace(tmp, run_dir / SYNC_REQUEST)
+    try:
+        os.kill(pid, SYNC_SIGNAL)
+    except ProcessLookupError:
+        return None
+    resend = time.monotonic() + 1.0
+    while pid_running(pid):
+        try:
+            answer = json.loads((run_dir / SYNC_STATUS).read_text())
+            if isinstance(answer, dict) and answer.get("token") == token:
+                return answer
+        except (OSError, ValueError):
+            pass
+        now = time.monotonic()
+        if now > deadline:
+            return None
+        if now > resend:  # signals that arrive while one is handled coalesce: ask again
+            try:
+                os.kill(pid, SYNC_SIGNAL)
+            except ProcessLookupError:
+                return None
+            resend = now + 1.0
+        time.sleep(0.05)
+    return None
+
+
+def commit_before_unmount(mp: str, pid: int, run_dir: Path, deadline: float) -> None:
+    """Ask the daemon of ``mp`` to commit every buffer and namespace change, retrying
+    (about once a second) until ``deadline`` (time.monotonic()). Returns when nothing is
+    left uncommitted; raises MountpointError naming the uncommitted files otherwise (the
+    mount stays: nothing is lost, the user can free space and retry)."""
+    answer: dict[str, object] | None = None
+    while True:
+        # the attempt that starts before the deadline is awaited (it names the files)
+        answer = _ask_commit(pid, run_dir, max(deadline, time.monotonic() + ANSWER_GRACE_S))
+        if answer is not None and not answer.get("files") and not answer.get("error"):
+            return
+        if not pid_running(pid) or time.monotonic() + 1.0 > deadline:
+            break
+        time.sleep(1.0)
+    if answer is None:
+        if not pid_running(pid):
+            return  # the daemon is gone: the unmount below cleans up (its data is in rescue/)
+        raise MountpointError(f"{mp} is still mounted: its daemon did not confirm a commit in time; "
+                              "retry with a longer --timeout")
+    files = answer.get("files") or []
+    assert isinstance(files, list)
+    names = [str(f.get("path") or f"inode {f.get('ino')} (path unknown)") for f in files]
+    shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    reason = answer.get("error") or next((f.get("error") for f in files if f.get("error")), "") or "unknown error"
+    what = f"{len(names)} files not committed: {shown}" if names else "namespace changes not committed"
+    raise MountpointError(f"{mp} is still mounted: {what} ({reason}); nothing was lost: free space "
+                          "(or restore the database) and run `casfs umount` again")
