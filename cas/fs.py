@@ -272,6 +272,14 @@ class Filesystem:
         return self._remember(self._attr_row(rows[0]))
 
     @_locked
+    def parent_attr(self, ino: int) -> Attr:
+        """Attributes of the parent of directory ``ino`` (what its '..' names), without
+        counting a kernel lookup: the root's parent is the root, and so is a removed
+        directory's. Raises NotFound."""
+        rows = self.db.query("SELECT parent FROM dentries WHERE inode = %s LIMIT 1", (ino,))
+        return self._get(int(rows[0][0]) if rows else ROOT_INODE)
+
+    @_locked
     def count_lookup(self, ino: int) -> None:
         """Count one kernel reference to ``ino`` handed out outside lookup (readdirplus)."""
         self._count(ino)

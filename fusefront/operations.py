@@ -56,6 +56,8 @@ ENTRY_TIMEOUT_S = 60.0
 ATTR_TIMEOUT_S = 60.0
 # RAM bounds of this layer's tables (about 100 and 350 bytes an entry)
 ACL_ACCESS = b"system.posix_acl_access"
+# readdir offsets 1 and 2 are '.' and '..'; an engine dentry offset d is d + DOT_OFFSETS
+DOT_OFFSETS = 2
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
@@ -281,8 +283,18 @@ class CasOperations(pyfuse3.Operations):
 
     @_translate
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        rows = self.listings.get(fh, start=start_id == 0)
-        after = start_id
+        # Offsets (POSIX telldir/seekdir cookies): '.' is replied with next offset 1,
+        # '..' with 2, and the entry of engine offset d (dentry id, from 1) with d + 2.
+        # The kernel takes no lookup reference for '.' and '..' replies (fuse_direntplus_link
+        # skips them), so they are not counted (docs/posix.md).
+        if start_id < DOT_OFFSETS:
+            dots = ((b".", self.fs.getattr(fh)), (b"..", self.fs.parent_attr(fh)))
+            for off, (name, attr) in enumerate(dots[start_id:], start_id + 1):
+                if not pyfuse3.readdir_reply(token, name, self._e(attr), off):
+                    return
+            start_id = DOT_OFFSETS
+        rows = self.listings.get(fh, start=start_id == DOT_OFFSETS)
+        after = start_id - DOT_OFFSETS   # engine offset
         if rows is not None:
             offs = rows.offs
             i = bisect_right(offs, after)
@@ -297,7 +309,7 @@ class CasOperations(pyfuse3.Operations):
                 reply = rows.replies[i]
                 if reply[0] is not attr:
                     reply = rows.replies[i] = (attr, self._e(attr))
-                if not pyfuse3.readdir_reply(token, rows.names[i], reply[1], offs[i]):
+                if not pyfuse3.readdir_reply(token, rows.names[i], reply[1], offs[i] + DOT_OFFSETS):
                     return
                 self.fs.count_lookup(attr.ino)  # readdirplus replies count as lookups
                 after = offs[i]
@@ -317,7 +329,7 @@ class CasOperations(pyfuse3.Operations):
             if rows is not None and not self.listings.append(fh, rows, batch, replies):
                 rows = None
             for (name, attr, off), (_, e) in zip(batch, replies):
-                if not pyfuse3.readdir_reply(token, name, e, off):
+                if not pyfuse3.readdir_reply(token, name, e, off + DOT_OFFSETS):
                     return
                 self.fs.count_lookup(attr.ino)
                 after = off

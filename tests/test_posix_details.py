@@ -1,0 +1,183 @@
+"""POSIX details users notice, each compared with a real directory on the local disk.
+
+* ``readdir`` lists ``.`` and ``..`` (``ls -a``), with the inode numbers a local
+  filesystem gives them, and its offsets (telldir/seekdir cookies) stay valid while
+  entries come and go (docs/posix.md, "readdir offsets").
+* ``st_blocks`` counts the bytes stored, not holes: ``du`` of a sparse file is what it
+  holds; ``casfs stats`` reports hole bytes apart and leaves them out of the dedup ratio.
+* Listing a large directory costs the same per entry at any size.
+* A directory removed while it is a process's working directory, and a file unlinked
+  while only an O_PATH descriptor refers to it, stay visible through those references
+  with ``st_nlink`` 0 (as on ext4), and are freed once the kernel forgets them.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.skipif(not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
+                       reason="needs /dev/fuse and fusermount3"),
+]
+
+ENV_C = dict(os.environ, LC_ALL="C")
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    """Poll ``cond`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def ls_a(d: Path) -> list[str]:
+    """Names `ls -a -U` prints for ``d``, in readdir order."""
+    return subprocess.run(["ls", "-a", "-1", "-U", str(d)], env=ENV_C, check=True,
+                          capture_output=True, text=True).stdout.splitlines()
+
+
+def dirents(d: Path) -> dict[str, int]:
+    """name -> d_ino of every entry readdir(3) returns for ``d``."""
+    stream = Dir(d)
+    try:
+        out = {}
+        while (ent := stream.next_entry()) is not None:
+            out[ent[0]] = ent[1]
+        return out
+    finally:
+        stream.close()
+
+
+# -- telldir/seekdir through libc ---------------------------------------------------
+
+
+class _Dirent(ctypes.Structure):
+    _fields_ = [("d_ino", ctypes.c_uint64), ("d_off", ctypes.c_int64), ("d_reclen", ctypes.c_ushort),
+                ("d_type", ctypes.c_ubyte), ("d_name", ctypes.c_char * 256)]
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.opendir.restype = ctypes.c_void_p
+_libc.opendir.argtypes = [ctypes.c_char_p]
+_libc.readdir.restype = ctypes.POINTER(_Dirent)
+_libc.readdir.argtypes = [ctypes.c_void_p]
+_libc.telldir.restype = ctypes.c_long
+_libc.telldir.argtypes = [ctypes.c_void_p]
+_libc.seekdir.argtypes = [ctypes.c_void_p, ctypes.c_long]
+_libc.closedir.argtypes = [ctypes.c_void_p]
+
+
+class Dir:
+    """A libc DIR stream (opendir/readdir/telldir/seekdir/closedir)."""
+
+    def __init__(self, path: Path) -> None:
+        self.d = _libc.opendir(os.fsencode(path))
+        if not self.d:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e), str(path))
+
+    def next(self) -> str | None:
+        ent = self.next_entry()
+        return None if ent is None else ent[0]
+
+    def next_entry(self) -> tuple[str, int] | None:
+        """(name, d_ino) of the next entry, None at the end."""
+        ctypes.set_errno(0)
+        ent = _libc.readdir(self.d)
+        if not ent:
+            if ctypes.get_errno():
+                e = ctypes.get_errno()
+                raise OSError(e, os.strerror(e))
+            return None
+        return ent.contents.d_name.decode(), int(ent.contents.d_ino)
+
+    def tell(self) -> int:
+        return int(_libc.telldir(self.d))
+
+    def seek(self, cookie: int) -> None:
+        _libc.seekdir(self.d, cookie)
+
+    def close(self) -> None:
+        _libc.closedir(self.d)
+
+
+# -- 1. readdir lists '.' and '..' -----------------------------------------------------
+
+
+def test_readdir_lists_dot_and_dotdot_like_a_real_directory(casenv: Any, tmp_path: Path) -> None:
+    """`ls -a` shows '.' and '..' first, with the inode numbers of the directory and its
+    parent ('..' of the root is the root), exactly as on the local disk."""
+    casenv.init("dots", chunk_size="64KiB")
+    mp = casenv.mount("dots")
+    ref = tmp_path / "reference"
+    ref.mkdir()
+    for root in (ref, mp):
+        (root / "a" / "b").mkdir(parents=True)
+        (root / "a" / "f").write_bytes(b"x")
+        (root / "empty").mkdir()
+    for rel in ("a", "a/b", "empty"):
+        got = ls_a(mp / rel)
+        assert sorted(got) == sorted(ls_a(ref / rel)), rel
+        assert got[:2] == [".", ".."], rel
+        for root in (ref, mp):   # d_ino of '.' and '..': the directory and its parent
+            inos = dirents(root / rel)
+            assert inos["."] == os.stat(root / rel).st_ino, (root, rel)
+            assert inos[".."] == os.stat((root / rel).parent).st_ino, (root, rel)
+    assert sorted(ls_a(mp)) == [".", "..", "a", "empty"]
+    inos = dirents(mp)
+    assert inos["."] == inos[".."] == os.stat(mp).st_ino   # '..' of the root is the root
+    # what Python and ls without -a see is unchanged
+    assert sorted(os.listdir(mp / "a")) == ["b", "f"]
+    assert subprocess.run(["ls", str(mp / "empty")], env=ENV_C, check=True, capture_output=True,
+                          text=True).stdout == ""
+
+
+def test_readdir_offsets_stay_valid_across_changes(casenv: Any, tmp_path: Path) -> None:
+    """telldir() cookies, those of '.' and '..' included, lead seekdir() back to the same
+    next entry, also after entries before and after it were removed and added; a
+    directory larger than one readdir reply is listed whole, each name once."""
+    casenv.init("offsets", chunk_size="64KiB")
+    mp = casenv.mount("offsets")
+    ref = tmp_path / "reference"
+    ref.mkdir()
+    names = [f"entry-{i:04d}-{'n' * 40}" for i in range(600)]
+    for root in (ref, mp):
+        d = root / "big"
+        d.mkdir()
+        for n in names:
+            os.mknod(d / n)
+    for root in (ref, mp):
+        d = Dir(root / "big")
+        try:
+            listed: list[tuple[int, str]] = []   # (cookie before reading it, name)
+            while True:
+                cookie = d.tell()
+                name = d.next()
+                if name is None:
+                    break
+                listed.append((cookie, name))
+            assert sorted(n for _, n in listed) == sorted([".", "..", *names]), root
+            # change the directory, then come back to every 37th cookie
+            os.unlink(root / "big" / names[0])
+            os.unlink(root / "big" / names[-1])
+            os.mknod(root / "big" / "late-comer")
+            for cookie, name in listed[1::37]:
+                if name in (names[0], names[-1]):
+                    continue
+                d.seek(cookie)
+                assert d.next() == name, (root, cookie, name)
+        finally:
+            d.close()
