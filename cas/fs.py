@@ -46,7 +46,7 @@ RENAME_EXCHANGE = 2
 ATTR_CACHE_ENTRIES = 100_000  # inode rows kept in RAM (about 250 bytes each)
 IO_THREADS = 8                # threads writing chunk files (fsync waits overlap)
 CLOSED_DIRTY_BATCH = 256      # released dirty files flushed together at this count
-_COLS = "id, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns"
+_COLS = "id, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, data_bytes"
 _ICOLS = ", ".join("i." + c.strip() for c in _COLS.split(","))  # the same, of alias i
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -54,7 +54,12 @@ R = TypeVar("R")
 
 @dataclass(frozen=True)
 class Attr:
-    """The attributes of one inode; sizes in bytes, times in ns since the epoch."""
+    """The attributes of one inode; sizes in bytes, times in ns since the epoch.
+
+    ``data_bytes`` is ``inodes.data_bytes`` (bytes of a file in stored slots, holes
+    excluded; 0 for directories, symlinks and special files), or for a file with
+    buffered changes an estimate from its RAM manifest and dirty slots.
+    """
 
     ino: int
     mode: int
@@ -66,6 +71,7 @@ class Attr:
     atime_ns: int
     mtime_ns: int
     ctime_ns: int
+    data_bytes: int = 0   # bytes in stored (non-hole) slots: st_blocks = ceil(data_bytes / 512)
 
 
 @dataclass(frozen=True)
@@ -230,7 +236,9 @@ class Filesystem:
 
     def _with_pending(self, a: Attr) -> Attr:
         st = self.data.pending(a.ino)
-        return a if st is None else replace(a, size=st.size, **st.attrs)
+        if st is None:
+            return a
+        return replace(a, **{**st.attrs, "size": st.size, "data_bytes": self.data.stored_bytes(st)})
 
     def _committed(self, st: InodeData) -> None:
         """A flush of ``st`` committed: its size and buffered columns are the row's now."""

@@ -99,7 +99,7 @@ def entry(attr: Attr, blksize: int) -> pyfuse3.EntryAttributes:
     e.st_rdev = attr.rdev
     e.st_size = attr.size
     e.st_blksize = blksize
-    e.st_blocks = (attr.size + 511) // 512
+    e.st_blocks = (attr.data_bytes + 511) // 512   # stored bytes, not holes (docs/posix.md)
     e.st_atime_ns = attr.atime_ns
     e.st_mtime_ns = attr.mtime_ns
     e.st_ctime_ns = attr.ctime_ns
