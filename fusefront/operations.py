@@ -320,16 +320,24 @@ class CasOperations(pyfuse3.Operations):
                 if after != (offs[-1] if offs else 0):
                     rows = None  # what follows would not continue the rows: do not keep it
         while True:
-            batch = self.fs.readdir(fh, after)
-            if not batch:
-                if rows is not None:
-                    rows.complete = True
-                return
-            replies = [(attr, self._e(attr)) for _, attr, _ in batch]
+            tail = self.listings.take_tail(fh, after)
+            if tail is not None:   # the rest of the last batch (attributes refreshed below)
+                batch, replies = tail
+            else:
+                batch = self.fs.readdir(fh, after)
+                if not batch:
+                    if rows is not None:
+                        rows.complete = True
+                    return
+                replies = [(attr, self._e(attr)) for _, attr, _ in batch]
             if rows is not None and not self.listings.append(fh, rows, batch, replies):
                 rows = None
-            for (name, attr, off), (_, e) in zip(batch, replies):
+            for k, ((name, attr, off), (was, e)) in enumerate(zip(batch, replies)):
+                if tail is not None and (attr := self.fs.getattr(attr.ino)) is not was:
+                    replies[k] = (attr, e := self._e(attr))
                 if not pyfuse3.readdir_reply(token, name, e, off + DOT_OFFSETS):
+                    if rows is None:   # not kept whole: keep what the reply had no room for
+                        self.listings.keep_tail(fh, after, batch[k:], replies[k:])
                     return
                 self.fs.count_lookup(attr.ino)
                 after = off
