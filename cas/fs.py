@@ -7,7 +7,9 @@ lock, so calls are serialized (see docs/concurrency.md); errors are raised as
 
 Semantics follow POSIX and Linux: unlink of a file still open keeps its data readable
 through the open handles until the last release (the inode row stays with nlink 0 and is
-freed then, or at the next start after a crash); directory link counts are 2 + the
+freed then, or at the next start after a crash); an inode the kernel still references
+(a removed working directory, an O_PATH descriptor) stays, with nlink 0, until the
+kernel forgets it (docs/posix.md); directory link counts are 2 + the
 number of subdirectories; mtime/ctime of a directory change when entries are added or
 removed.
 """
@@ -136,7 +138,13 @@ class Filesystem:
         self.chunks = ChunkManager(self.store, self.cache, codec, level, self.pool, self.io_pool)
         self.data = FileData(self.db, self.chunks, vol.chunk_size)
         self.data.on_commit = self._committed
-        self.lookups: dict[int, int] = {}
+        self.lookups: dict[int, int] = {}   # inode -> references the kernel holds (lookups)
+        # inodes with no links left that the kernel still references: freed at its forget
+        # (or at close, or by recover() at the next start); see docs/posix.md
+        self.held: set[int] = set()
+        # whether lookup counts are a kernel's, which forgets them (the FUSE layer sets it);
+        # without a kernel (engine tests, tools) nothing would ever forget an inode
+        self.keep_referenced = False
         # Write-through cache of inode rows. This mount is the only writer of the
         # namespace of its volume (a volume mounts once), so the cache is never stale.
         self.attrs: OrderedDict[int, Attr] = OrderedDict()
@@ -185,6 +193,9 @@ class Filesystem:
                 self._drop(ino)
             for ino in list(self.dir_opens):
                 self.dir_opens.pop(ino)
+                self._maybe_free(ino)
+            self.lookups.clear()   # the kernel forgets everything at unmount
+            for ino in list(self.held):
                 self._maybe_free(ino)
         finally:
             if self.cloud is not None:
@@ -294,13 +305,16 @@ class Filesystem:
 
     @_locked
     def forget(self, items: list[tuple[int, int]]) -> None:
-        """Drop kernel lookup references: (inode, count) pairs (FUSE_FORGET)."""
+        """Drop kernel lookup references: (inode, count) pairs (FUSE_FORGET). An inode
+        with no links left is freed when the kernel forgets its last reference."""
         for ino, n in items:
             left = self.lookups.get(ino, 0) - n
             if left > 0:
                 self.lookups[ino] = left
             else:
                 self.lookups.pop(ino, None)
+                if ino in self.held:
+                    self._maybe_free(ino)
 
     @_locked
     def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
@@ -688,8 +702,10 @@ class Filesystem:
         st.opens -= 1
         if st.opens > 0:
             return
-        if self._get(ino).nlink == 0:
-            # unlinked and now closed: nobody can reach its buffered bytes any more
+        if self._get(ino).nlink == 0 and not self._referenced(ino):
+            # unlinked, closed and forgotten: nobody can reach its buffered bytes any more
+            # (while the kernel references it, an O_PATH descriptor can reopen it through
+            # /proc/self/fd: it is flushed like any released file, freed at its forget)
             self.data.discard(st)
             self._drop(ino)
         elif st.needs_flush:
@@ -708,7 +724,8 @@ class Filesystem:
         """Flush released files (and, with ``older_than_s``, old open buffers) together."""
         for ino in list(self.closed_dirty):
             st = self.data.states.get(ino)
-            if st is not None and st.opens == 0 and self._get(ino).nlink == 0:
+            if (st is not None and st.opens == 0 and not self._referenced(ino)
+                    and self._get(ino).nlink == 0):
                 self.data.discard(st)  # unlinked since its release: nothing to keep
                 self._drop(ino)
         closed = set(self.closed_dirty)
@@ -753,17 +770,28 @@ class Filesystem:
         self.dir_opens.pop(ino, None)
         self._maybe_free(ino)
 
+    def _referenced(self, ino: int) -> bool:
+        """Whether the kernel still holds a reference to ``ino`` (and forgets it later)."""
+        return self.keep_referenced and ino in self.lookups
+
     def _maybe_free(self, ino: int) -> None:
-        """Free ``ino`` if it has no links and is not open (POSIX unlink/rmdir: the
-        inode lives until its last open handle is closed)."""
+        """Free ``ino`` if it has no links, is not open and the kernel holds no reference
+        to it (POSIX unlink/rmdir: the inode lives until its last open handle is closed;
+        Linux: a working directory or an O_PATH descriptor still stat()s it, with
+        st_nlink 0). An inode kept for the kernel only is *held* (self.held), freed at its forget."""
         if ino in self.data.states or ino in self.dir_opens:
             return
         try:
             nlink = self._get(ino).nlink
         except NotFound:
+            self.held.discard(ino)
             return
         if nlink == 0:
+            if self._referenced(ino):
+                self.held.add(ino)
+                return
             self._free_inode(ino)
+        self.held.discard(ino)
 
     def _free_inode(self, ino: int) -> None:
         def body(cur: Any) -> None:
@@ -777,6 +805,7 @@ class Filesystem:
         self.db.transaction(body)
         self.attrs.pop(ino, None)
         self.xattr_cache.pop(ino, None)
+        self.held.discard(ino)
 
     # -- xattrs ----------------------------------------------------------------------
     @_locked

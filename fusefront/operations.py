@@ -123,6 +123,7 @@ class CasOperations(pyfuse3.Operations):
     def __init__(self, fs: Filesystem, *, writeback_cache: bool = False) -> None:
         super().__init__()
         self.fs = fs
+        fs.keep_referenced = True   # the kernel forgets what it looked up (docs/posix.md)
         self.blksize = min(fs.chunk_size, 1 << 20)
         self.enable_writeback_cache = writeback_cache
         self.pages = PageCacheGuard()

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import os
+import stat
 import shutil
 import subprocess
 import sys
@@ -214,7 +216,6 @@ def du_bytes(path: Path) -> int:
 
 
 def stats_json(casenv: Any, vol: str) -> dict[str, Any]:
-    import json
     return json.loads(casenv.run("stats", "--json", vol).stdout)
 
 
@@ -334,3 +335,82 @@ def test_ls_l_cost_per_entry_does_not_grow(casenv: Any) -> None:
         assert cost["queries"] < 0.05, per_entry   # old code: ~1 per entry (an xattr query)
         assert cost["rows"] < 8, per_entry
     assert per_entry["large"]["rows"] <= 1.25 * per_entry["small"]["rows"] + 0.5, per_entry
+
+
+# -- 4. what the kernel still references stays until it is forgotten --------------------
+
+_GONE_SCRIPT = r"""
+import errno, json, os, stat, subprocess, sys
+root = sys.argv[1]
+d = os.path.join(root, "d")
+os.makedirs(os.path.join(d, "sub"))
+for _ in range(3):   # '.' and '..' replies must not count as kernel references
+    subprocess.run(["ls", "-a", "-l", d, os.path.join(d, "sub"), root], check=True,
+                   stdout=subprocess.DEVNULL)
+os.rmdir(os.path.join(d, "sub"))
+os.chdir(d)
+os.rmdir(d)
+out = {}
+s = os.stat(".")
+out["stat ."] = [stat.S_IFMT(s.st_mode), s.st_nlink]
+try:
+    out["listdir ."] = os.listdir(".")
+except OSError as e:
+    out["listdir ."] = errno.errorcode[e.errno]
+try:
+    open("new", "w")
+except OSError as e:
+    out["create in ."] = errno.errorcode[e.errno]
+os.chdir(root)
+data = bytes(range(256)) * 400
+for name, synced in (("f", True), ("g", False)):
+    p = os.path.join(root, name)
+    with open(p, "wb") as f:
+        f.write(data)
+        if synced:
+            f.flush()
+            os.fsync(f.fileno())
+    fd = os.open(p, os.O_PATH)
+    os.unlink(p)
+    s = os.fstat(fd)
+    out["fstat " + name] = [s.st_nlink, s.st_size]
+    with open(f"/proc/self/fd/{fd}", "rb") as f:   # reopen the unlinked file
+        out["reopen " + name] = f.read() == data
+    os.close(fd)
+print(json.dumps(out, sort_keys=True))
+"""
+
+
+def test_removed_cwd_and_unlinked_o_path_file_behave_like_ext4(casenv: Any, tmp_path: Path) -> None:
+    """A process in a directory that is then removed can still stat '.' (st_nlink 0)
+    and lists it empty; a file unlinked while only an O_PATH descriptor refers to it
+    still fstat()s with st_nlink 0 and its size, and reopens through /proc/self/fd with
+    its contents. The same script on the local disk gives the same results. Once the
+    process is gone the kernel forgets those inodes, and casfs frees them (and it
+    frees them although '.' and '..' were listed several times before)."""
+    from cas.meta import connect
+    from cas.volume import open_volume
+    casenv.init("gone", chunk_size="64KiB")
+    mp = casenv.mount("gone")
+    ref = tmp_path / "reference"
+    ref.mkdir()
+    results = []
+    for root in (ref, mp):
+        r = subprocess.run([sys.executable, "-c", _GONE_SCRIPT, str(root)], capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        results.append(r.stdout)
+    assert results[0] == results[1], results
+    got = json.loads(results[1])
+    assert got["stat ."] == [stat.S_IFDIR, 0] and got["listdir ."] == []
+    assert got["create in ."] == "ENOENT"
+    for name in ("f", "g"):
+        assert got["fstat " + name] == [0, 256 * 400] and got["reopen " + name] is True
+
+    def unlinked_rows() -> int:
+        with connect(open_volume("gone")) as meta:
+            return int(meta.db.query("SELECT COUNT(*) FROM inodes WHERE nlink = 0")[0][0])
+    wait_for(lambda: unlinked_rows() == 0, "the forgotten inodes to be freed")
+    assert sorted(os.listdir(mp)) == []
+    casenv.umount(mp)
+    casenv.run("fsck", "gone")   # exits non-zero on any inconsistency
