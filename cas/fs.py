@@ -778,7 +778,8 @@ class Filesystem:
         """Free ``ino`` if it has no links, is not open and the kernel holds no reference
         to it (POSIX unlink/rmdir: the inode lives until its last open handle is closed;
         Linux: a working directory or an O_PATH descriptor still stat()s it, with
-        st_nlink 0). An inode kept for the kernel only is *held* (self.held), freed at its forget."""
+        st_nlink 0). An inode kept for the kernel only is *held* (``self.held``) and
+        freed at its forget."""
         if ino in self.data.states or ino in self.dir_opens:
             return
         try:

@@ -97,11 +97,12 @@ class Listings:
     write-through attribute cache is asked for each entry. Offsets are the engine's
     (dentry ids); the FUSE layer adds '.' and '..' and shifts them (docs/posix.md).
 
-    A directory too large to keep still gets its listing in linear time: the kernel
-    takes a page of entries per readdir request (about 25), the engine returns a batch
-    of 256, and the rows the reply had no room for are kept as the directory's *tail*
-    (:meth:`keep_tail`, at most ``LISTING_TAILS`` directories) for the request that
-    continues from there, instead of being read again from the database.
+    A directory not kept (too large, or listed from an offset other than 0) is still
+    read from the database once: the kernel takes one reply buffer of entries per
+    readdir request (a page on older kernels, up to the reader's buffer on newer ones),
+    the engine returns batches of 256 rows, and the rows a reply had no room for are
+    kept as the directory's *tail* (:meth:`keep_tail`, at most ``LISTING_TAILS``
+    directories) for the request that continues from there.
     """
 
     class Rows:
