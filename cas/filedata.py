@@ -480,6 +480,8 @@ class FileData:
         for cid, d, (k, slot) in zip(ids, nonzero, where):
             plan[k][1][slot] = cid
             chunk_data[cid] = d
+        for st, new in plan:  # written by the UPDATE inodes below, with the other columns
+            st.attrs["data_bytes"] = self.stored_bytes(st, new)
         stored = self.chunks.store_unknown(self.db, chunk_data)
         if self.epoch != epoch:  # a lost group was recovered meanwhile: plan again
             return self._flush_many([st for st in states if not st.lost])
@@ -562,6 +564,33 @@ class FileData:
             self.unsynced_bytes += len(d) - (len(old) if old is not None else 0)
             st.unsynced[slot] = d
         st.unsynced_attrs.update(st.attrs)
+
+    def stored_bytes(self, st: InodeData, new: dict[int, bytes | None] | None = None) -> int:
+        """Bytes of ``st``'s file that lie in stored (non-hole) slots: ``inodes.data_bytes``,
+        from which st_blocks is reported (docs/posix.md). A stored slot counts its bytes
+        below the file's size (the last slot may be short).
+
+        With ``new`` (slot -> chunk id, or None for a hole: the outcome of a flush of
+        every dirty slot) the figure is exact once that flush commits. Without it, an
+        estimate for a file with buffered changes: every dirty slot counts as stored (a
+        slot that turns out all zeros becomes a hole at writeback). Cost: O(dirty slots),
+        plus O(manifest) while a truncation is pending.
+        """
+        cs, tf, manifest = self.cs, st.truncate_from, st.manifest
+        slots = len(manifest)
+        if tf is not None:
+            slots -= sum(1 for s in manifest if s >= tf)
+        changes: dict[int, bytes | None] = new if new is not None else dict.fromkeys(st.dirty, b"")
+        for s, c in changes.items():
+            slots += (c is not None) - (s in manifest and (tf is None or s < tf))
+        if slots <= 0 or st.size <= 0:
+            return 0
+        last = (st.size - 1) // cs
+        if last in changes:
+            last_stored = changes[last] is not None
+        else:
+            last_stored = last in manifest and (tf is None or last < tf)
+        return slots * cs - (cs - (st.size - last * cs) if last_stored else 0)
 
     def flush_due(self, older_than_s: float, also: set[int] = frozenset()) -> None:  # type: ignore[assignment]
         """Flush, in one transaction, every inode whose oldest unflushed change is older

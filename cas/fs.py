@@ -7,7 +7,9 @@ lock, so calls are serialized (see docs/concurrency.md); errors are raised as
 
 Semantics follow POSIX and Linux: unlink of a file still open keeps its data readable
 through the open handles until the last release (the inode row stays with nlink 0 and is
-freed then, or at the next start after a crash); directory link counts are 2 + the
+freed then, or at the next start after a crash); an inode the kernel still references
+(a removed working directory, an O_PATH descriptor) stays, with nlink 0, until the
+kernel forgets it (docs/posix.md); directory link counts are 2 + the
 number of subdirectories; mtime/ctime of a directory change when entries are added or
 removed.
 """
@@ -59,7 +61,7 @@ IMMEDIATE = "immediate"
 DURABILITY_MODES = (GROUP, IMMEDIATE)
 CLOSE_WRITEBACK_BYTES = 8 << 20  # close() writes back a file with this many dirty bytes
 CLOSE_SPACE_MARGIN = 64 << 20    # ... or any dirty file when the store's disk is this tight
-_COLS = "id, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns"
+_COLS = "id, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, data_bytes"
 _ICOLS = ", ".join("i." + c.strip() for c in _COLS.split(","))  # the same, of alias i
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -67,7 +69,12 @@ R = TypeVar("R")
 
 @dataclass(frozen=True)
 class Attr:
-    """The attributes of one inode; sizes in bytes, times in ns since the epoch."""
+    """The attributes of one inode; sizes in bytes, times in ns since the epoch.
+
+    ``data_bytes`` is ``inodes.data_bytes`` (bytes of a file in stored slots, holes
+    excluded; 0 for directories, symlinks and special files), or for a file with
+    buffered changes an estimate from its RAM manifest and dirty slots.
+    """
 
     ino: int
     mode: int
@@ -79,6 +86,7 @@ class Attr:
     atime_ns: int
     mtime_ns: int
     ctime_ns: int
+    data_bytes: int = 0   # bytes in stored (non-hole) slots: st_blocks = ceil(data_bytes / 512)
 
 
 @dataclass(frozen=True)
@@ -156,7 +164,13 @@ class Filesystem:
         self.chunks = ChunkManager(self.store, self.cache, codec, level, self.pool, self.io_pool)
         self.data = FileData(self.db, self.chunks, vol.chunk_size)
         self.data.on_commit = self._committed
-        self.lookups: dict[int, int] = {}
+        self.lookups: dict[int, int] = {}   # inode -> references the kernel holds (lookups)
+        # inodes with no links left that the kernel still references: freed at its forget
+        # (or at close, or by recover() at the next start); see docs/posix.md
+        self.held: set[int] = set()
+        # whether lookup counts are a kernel's, which forgets them (the FUSE layer sets it);
+        # without a kernel (engine tests, tools) nothing would ever forget an inode
+        self.keep_referenced = False
         # Write-through cache of inode rows. This mount is the only writer of the
         # namespace of its volume (a volume mounts once), so the cache is never stale.
         self.attrs: OrderedDict[int, Attr] = OrderedDict()
@@ -217,6 +231,9 @@ class Filesystem:
                 self._drop(ino)
             for ino in list(self.dir_opens):
                 self.dir_opens.pop(ino)
+                self._maybe_free(ino)
+            self.lookups.clear()   # the kernel forgets everything at unmount
+            for ino in list(self.held):
                 self._maybe_free(ino)
         finally:
             if self.cloud is not None:
@@ -289,7 +306,9 @@ class Filesystem:
 
     def _with_pending(self, a: Attr) -> Attr:
         st = self.data.pending(a.ino)
-        return a if st is None else replace(a, size=st.size, **st.attrs)
+        if st is None:
+            return a
+        return replace(a, **{**st.attrs, "size": st.size, "data_bytes": self.data.stored_bytes(st)})
 
     def _committed(self, st: InodeData) -> None:
         """A flush of ``st`` committed: its size and buffered columns are the row's now."""
@@ -331,19 +350,30 @@ class Filesystem:
         return self._remember(self._attr_row(rows[0]))
 
     @_locked
+    def parent_attr(self, ino: int) -> Attr:
+        """Attributes of the parent of directory ``ino`` (what its '..' names), without
+        counting a kernel lookup: the root's parent is the root, and so is a removed
+        directory's. Raises NotFound."""
+        rows = self.db.query("SELECT parent FROM dentries WHERE inode = %s LIMIT 1", (ino,))
+        return self._get(int(rows[0][0]) if rows else ROOT_INODE)
+
+    @_locked
     def count_lookup(self, ino: int) -> None:
         """Count one kernel reference to ``ino`` handed out outside lookup (readdirplus)."""
         self._count(ino)
 
     @_locked
     def forget(self, items: list[tuple[int, int]]) -> None:
-        """Drop kernel lookup references: (inode, count) pairs (FUSE_FORGET)."""
+        """Drop kernel lookup references: (inode, count) pairs (FUSE_FORGET). An inode
+        with no links left is freed when the kernel forgets its last reference."""
         for ino, n in items:
             left = self.lookups.get(ino, 0) - n
             if left > 0:
                 self.lookups[ino] = left
             else:
                 self.lookups.pop(ino, None)
+                if ino in self.held:
+                    self._maybe_free(ino)
 
     @_locked
     def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
@@ -667,13 +697,38 @@ class Filesystem:
         Returns (name, attributes, offset of this entry) in stable offset order; the
         offsets survive concurrent additions and removals. '.' and '..' are not listed.
         """
+        # The plan is forced: a range scan of (parent, id) joined to inodes by primary key
+        # reads O(limit) rows. Left to itself, MariaDB 10.11 with stale statistics (rows
+        # added in bulk) chose a full scan of inodes and a filesort of the whole
+        # directory for every batch: listing cost grew with the square of its size.
         rows = self.db.query(
             f"SELECT d.name, d.id, {_ICOLS} "
-            "FROM dentries d JOIN inodes i ON i.id = d.inode WHERE d.parent = %s AND d.id > %s "
-            "ORDER BY d.id LIMIT %s", (ino, after, limit))
+            "FROM dentries d FORCE INDEX (parent_id_idx) "
+            "STRAIGHT_JOIN inodes i FORCE INDEX (PRIMARY) ON i.id = d.inode "
+            "WHERE d.parent = %s AND d.id > %s ORDER BY d.id LIMIT %s", (ino, after, limit))
         if not rows and after == 0:
             self._dir(ino)
-        return [(bytes(r[0]), self._attr_row(r[2:]), int(r[1])) for r in rows]
+        out = [(bytes(r[0]), self._attr_row(r[2:]), int(r[1])) for r in rows]
+        self._note_no_xattrs([a.ino for _, a, _ in out])
+        return out
+
+    def _note_no_xattrs(self, inos: list[int]) -> None:
+        """Record, with one query, which of ``inos`` have no extended attributes at all.
+
+        `ls -l` asks for two xattrs of every entry it lists (security.selinux and
+        system.posix_acl_access); without this, each entry of a listing cost a query of
+        its own (docs/posix.md, "Listing cost"). Inodes with xattrs are left to be
+        loaded on demand, so a batch costs one narrow query and about 100 bytes of RAM
+        per entry.
+        """
+        todo = [i for i in inos if i not in self.xattr_cache]
+        if not todo:
+            return
+        having = {int(r[0]) for r in self.db.query(
+            "SELECT DISTINCT inode FROM xattrs WHERE inode IN %s", (todo,))}
+        for i in todo:
+            if i not in having:
+                _bounded_put(self.xattr_cache, i, {})
 
     # -- open files ------------------------------------------------------------------
     def _open(self, ino: int) -> None:
@@ -824,8 +879,10 @@ class Filesystem:
             return
         if st.lost:  # no inode row to write to: its buffers stay in RAM (docs/database.md)
             return
-        if self._get(ino).nlink == 0:
-            # unlinked and now closed: nobody can reach its buffered bytes any more
+        if self._get(ino).nlink == 0 and not self._referenced(ino):
+            # unlinked, closed and forgotten: nobody can reach its buffered bytes any more
+            # (while the kernel references it, an O_PATH descriptor can reopen it through
+            # /proc/self/fd: it is flushed like any released file, freed at its forget)
             self.data.discard(st)
             self._drop(ino)
         elif st.needs_flush:
@@ -844,7 +901,8 @@ class Filesystem:
         """Flush released files (and, with ``older_than_s``, old open buffers) together."""
         for ino in list(self.closed_dirty):
             st = self.data.states.get(ino)
-            if st is not None and st.opens == 0 and not st.lost and self._get(ino).nlink == 0:
+            if (st is not None and st.opens == 0 and not st.lost and not self._referenced(ino)
+                    and self._get(ino).nlink == 0):
                 self.data.discard(st)  # unlinked since its release: nothing to keep
                 self._drop(ino)
         closed = set(self.closed_dirty)
@@ -890,17 +948,29 @@ class Filesystem:
         self.dir_opens.pop(ino, None)
         self._maybe_free(ino)
 
+    def _referenced(self, ino: int) -> bool:
+        """Whether the kernel still holds a reference to ``ino`` (and forgets it later)."""
+        return self.keep_referenced and ino in self.lookups
+
     def _maybe_free(self, ino: int) -> None:
-        """Free ``ino`` if it has no links and is not open (POSIX unlink/rmdir: the
-        inode lives until its last open handle is closed)."""
+        """Free ``ino`` if it has no links, is not open and the kernel holds no reference
+        to it (POSIX unlink/rmdir: the inode lives until its last open handle is closed;
+        Linux: a working directory or an O_PATH descriptor still stat()s it, with
+        st_nlink 0). An inode kept for the kernel only is *held* (``self.held``) and
+        freed at its forget."""
         if ino in self.data.states or ino in self.dir_opens:
             return
         try:
             nlink = self._get(ino).nlink
         except NotFound:
+            self.held.discard(ino)
             return
         if nlink == 0:
+            if self._referenced(ino):
+                self.held.add(ino)
+                return
             self._free_inode(ino)
+        self.held.discard(ino)
 
     def _free_inode(self, ino: int) -> None:
         def body(cur: Any) -> None:
@@ -914,6 +984,7 @@ class Filesystem:
         self.db.transaction(body)
         self.attrs.pop(ino, None)
         self.xattr_cache.pop(ino, None)
+        self.held.discard(ino)
 
     # -- xattrs ----------------------------------------------------------------------
     @_locked

@@ -6,7 +6,11 @@ Definitions (bytes):
 - referenced: the sum, over every manifest slot, of its chunk's plaintext length.
 - unique: the plaintext bytes of the chunks with refcount > 0 (each counted once).
 - stored: the envelope bytes of every chunk row (after compression), garbage included.
-- dedup ratio = logical / unique; compression ratio = unique / stored bytes of live chunks.
+- sparse: the bytes of regular files that lie in holes (slots never written, or written
+  all zeros): logical minus the files' ``data_bytes``. They are stored as nothing, so
+  they are not deduplicated bytes.
+- dedup ratio = (logical - sparse) / unique; compression ratio = unique / stored bytes of
+  live chunks.
 - local: envelope bytes with a file in the local store; cloud: bytes of confirmed packs.
   A live chunk is local-only (not yet confirmed in a pack), cloud-only (evicted) or both.
 """
@@ -42,10 +46,12 @@ class VolumeStats:
     cloud_bytes: int = 0          # bytes of confirmed packs (what the cloud store holds)
     cloud_packs: int = 0
     queued_chunks: int = 0        # upload queue length
+    sparse_bytes: int = 0         # bytes of files in holes (not stored, not deduplicated)
 
     @property
     def dedup_ratio(self) -> float:
-        return self.logical_bytes / self.unique_bytes if self.unique_bytes else 1.0
+        data = self.logical_bytes - self.sparse_bytes
+        return data / self.unique_bytes if self.unique_bytes else 1.0
 
     @property
     def compression_ratio(self) -> float:
@@ -66,6 +72,8 @@ def collect(meta: Metadata) -> VolumeStats:
         "SELECT COALESCE(SUM(mode & %s = %s), 0), COALESCE(SUM(mode & %s = %s), 0), "
         "COALESCE(SUM(mode & %s = %s), 0), COALESCE(SUM(IF(mode & %s = %s, size, 0)), 0) "
         "FROM inodes WHERE nlink > 0", (fmt, reg, fmt, dir_, fmt, lnk, fmt, reg))[0]
+    sparse = q("SELECT COALESCE(SUM(GREATEST(CAST(size AS SIGNED) - CAST(data_bytes AS SIGNED), 0)), 0) "
+               "FROM inodes WHERE nlink > 0 AND mode & %s = %s", (fmt, reg))[0][0]
     referenced = q("SELECT COALESCE(SUM(c.length), 0) FROM manifests m JOIN chunks c ON c.id = m.chunk")[0][0]
     chunks, stored, live, unique, live_stored = q(
         "SELECT COUNT(*), COALESCE(SUM(stored_length), 0), COALESCE(SUM(refcount > 0), 0), "
@@ -76,7 +84,7 @@ def collect(meta: Metadata) -> VolumeStats:
         referenced_bytes=int(referenced), unique_bytes=int(unique), stored_bytes=int(stored),
         live_stored_bytes=int(live_stored), chunks=int(chunks), live_chunks=int(live),
         garbage_chunks=int(chunks) - int(live), garbage_bytes=int(stored) - int(live_stored),
-        chunk_size=meta.volume.chunk_size, **_cloud_figures(meta))
+        chunk_size=meta.volume.chunk_size, sparse_bytes=int(sparse), **_cloud_figures(meta))
 
 
 def _cloud_figures(meta: Metadata) -> dict[str, int]:

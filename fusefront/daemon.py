@@ -58,9 +58,13 @@ def answer_sync(fs: Filesystem) -> dict[str, object]:
     except OSError:
         token = ""
     left, err = fs.commit_all()
+    # a file whose creation went with a lost group transaction can never be committed
+    # where it was: retrying cannot help, it goes to the rescue area at exit
+    lost = {st.ino for st in list(fs.data.states.values()) if st.lost}
     answer: dict[str, object] = {
         "token": token, "pid": os.getpid(), "error": err,
-        "files": [{"ino": ino, "path": path, "bytes": n, "error": e} for ino, path, n, e in left]}
+        "files": [{"ino": ino, "path": path, "bytes": n, "error": e, "lost": ino in lost}
+                  for ino, path, n, e in left]}
     _write_private(run / SYNC_STATUS, json.dumps(answer))
     if left or err:
         log.error("commit request: %d files still uncommitted (%s)", len(left), err or "see their errors")

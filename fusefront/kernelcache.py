@@ -15,6 +15,7 @@ from cas.fs import Attr
 
 PAGE_GUARD_ENTRIES = 50_000    # inodes whose last-seen (size, mtime) is remembered
 LISTING_ENTRIES = 30_000       # directory entries kept by _Listings, all directories together
+LISTING_TAILS = 64             # directories whose unsent rest of an engine batch is kept
 
 
 _ACL_PERMS = {0x01: 6, 0x04: 3, 0x20: 0}   # ACL_USER_OBJ, ACL_GROUP_OBJ, ACL_OTHER: mode shift
@@ -93,7 +94,15 @@ class Listings:
     directory's rows are dropped by any change of its entries (:meth:`drop`). At most
     ``limit`` rows are kept over all directories (least recently used go first; a
     directory larger than that is not kept). Attributes are not kept: the engine's
-    write-through attribute cache is asked for each entry.
+    write-through attribute cache is asked for each entry. Offsets are the engine's
+    (dentry ids); the FUSE layer adds '.' and '..' and shifts them (docs/posix.md).
+
+    A directory not kept (too large, or listed from an offset other than 0) is still
+    read from the database once: the kernel takes one reply buffer of entries per
+    readdir request (a page on older kernels, up to the reader's buffer on newer ones),
+    the engine returns batches of 256 rows, and the rows a reply had no room for are
+    kept as the directory's *tail* (:meth:`keep_tail`, at most ``LISTING_TAILS``
+    directories) for the request that continues from there.
     """
 
     class Rows:
@@ -111,6 +120,9 @@ class Listings:
         self.limit = limit
         self.dirs: OrderedDict[int, Listings.Rows] = OrderedDict()
         self.total = 0
+        # ino -> (engine offset the rows follow, rows, replies built for them)
+        self.tails: OrderedDict[int, tuple[int, list[tuple[bytes, Attr, int]],
+                                           list[tuple[Attr, pyfuse3.EntryAttributes]]]] = OrderedDict()
 
     def get(self, ino: int, start: bool) -> Rows | None:
         """The rows of ``ino`` (most recently used now); new ones if ``start`` (offset 0)."""
@@ -142,11 +154,30 @@ class Listings:
             self.total -= len(dropped.offs)
         return ino in self.dirs
 
+    def keep_tail(self, ino: int, after: int, batch: list[tuple[bytes, Attr, int]],
+                  replies: list[tuple[Attr, pyfuse3.EntryAttributes]]) -> None:
+        """Keep ``batch`` (engine rows following offset ``after``, not sent yet) and their
+        replies for the next readdir of ``ino`` from ``after``."""
+        self.tails[ino] = (after, batch, replies)
+        self.tails.move_to_end(ino)
+        if len(self.tails) > LISTING_TAILS:
+            self.tails.popitem(last=False)
+
+    def take_tail(self, ino: int, after: int) -> tuple[list[tuple[bytes, Attr, int]],
+                                                       list[tuple[Attr, pyfuse3.EntryAttributes]]] | None:
+        """The rows kept by :meth:`keep_tail` if they follow offset ``after``, else None."""
+        tail = self.tails.pop(ino, None)
+        if tail is None or tail[0] != after:
+            return None
+        return tail[1], tail[2]
+
     def drop(self, ino: int) -> None:
+        self.tails.pop(ino, None)
         rows = self.dirs.pop(ino, None)
         if rows is not None:
             self.total -= len(rows.offs)
 
     def clear(self) -> None:
         self.dirs.clear()
+        self.tails.clear()
         self.total = 0

@@ -61,6 +61,8 @@ ENTRY_TIMEOUT_S = 60.0
 ATTR_TIMEOUT_S = 60.0
 # RAM bounds of this layer's tables (about 100 and 350 bytes an entry)
 ACL_ACCESS = b"system.posix_acl_access"
+# readdir offsets 1 and 2 are '.' and '..'; an engine dentry offset d is d + DOT_OFFSETS
+DOT_OFFSETS = 2
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
@@ -102,7 +104,7 @@ def entry(attr: Attr, blksize: int) -> pyfuse3.EntryAttributes:
     e.st_rdev = attr.rdev
     e.st_size = attr.size
     e.st_blksize = blksize
-    e.st_blocks = (attr.size + 511) // 512
+    e.st_blocks = (attr.data_bytes + 511) // 512   # stored bytes, not holes (docs/posix.md)
     e.st_atime_ns = attr.atime_ns
     e.st_mtime_ns = attr.mtime_ns
     e.st_ctime_ns = attr.ctime_ns
@@ -126,6 +128,7 @@ class CasOperations(pyfuse3.Operations):
     def __init__(self, fs: Filesystem, *, writeback_cache: bool = False) -> None:
         super().__init__()
         self.fs = fs
+        fs.keep_referenced = True   # the kernel forgets what it looked up (docs/posix.md)
         self.blksize = min(fs.chunk_size, 1 << 20)
         self.enable_writeback_cache = writeback_cache
         self.pages = PageCacheGuard()
@@ -322,8 +325,18 @@ class CasOperations(pyfuse3.Operations):
 
     @_translate
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        rows = self.listings.get(fh, start=start_id == 0)
-        after = start_id
+        # Offsets (POSIX telldir/seekdir cookies): '.' is replied with next offset 1,
+        # '..' with 2, and the entry of engine offset d (dentry id, from 1) with d + 2.
+        # The kernel takes no lookup reference for '.' and '..' replies (fuse_direntplus_link
+        # skips them), so they are not counted (docs/posix.md).
+        if start_id < DOT_OFFSETS:
+            dots = ((b".", self.fs.getattr(fh)), (b"..", self.fs.parent_attr(fh)))
+            for off, (name, attr) in enumerate(dots[start_id:], start_id + 1):
+                if not pyfuse3.readdir_reply(token, name, self._e(attr), off):
+                    return
+            start_id = DOT_OFFSETS
+        rows = self.listings.get(fh, start=start_id == DOT_OFFSETS)
+        after = start_id - DOT_OFFSETS   # engine offset
         if rows is not None:
             offs = rows.offs
             i = bisect_right(offs, after)
@@ -338,7 +351,7 @@ class CasOperations(pyfuse3.Operations):
                 reply = rows.replies[i]
                 if reply[0] is not attr:
                     reply = rows.replies[i] = (attr, self._e(attr))
-                if not pyfuse3.readdir_reply(token, rows.names[i], reply[1], offs[i]):
+                if not pyfuse3.readdir_reply(token, rows.names[i], reply[1], offs[i] + DOT_OFFSETS):
                     return
                 self.fs.count_lookup(attr.ino)  # readdirplus replies count as lookups
                 after = offs[i]
@@ -349,16 +362,24 @@ class CasOperations(pyfuse3.Operations):
                 if after != (offs[-1] if offs else 0):
                     rows = None  # what follows would not continue the rows: do not keep it
         while True:
-            batch = self.fs.readdir(fh, after)
-            if not batch:
-                if rows is not None:
-                    rows.complete = True
-                return
-            replies = [(attr, self._e(attr)) for _, attr, _ in batch]
+            tail = self.listings.take_tail(fh, after)
+            if tail is not None:   # the rest of the last batch (attributes refreshed below)
+                batch, replies = tail
+            else:
+                batch = self.fs.readdir(fh, after)
+                if not batch:
+                    if rows is not None:
+                        rows.complete = True
+                    return
+                replies = [(attr, self._e(attr)) for _, attr, _ in batch]
             if rows is not None and not self.listings.append(fh, rows, batch, replies):
                 rows = None
-            for (name, attr, off), (_, e) in zip(batch, replies):
-                if not pyfuse3.readdir_reply(token, name, e, off):
+            for k, ((name, attr, off), (was, e)) in enumerate(zip(batch, replies)):
+                if tail is not None and (attr := self.fs.getattr(attr.ino)) is not was:
+                    replies[k] = (attr, e := self._e(attr))
+                if not pyfuse3.readdir_reply(token, name, e, off + DOT_OFFSETS):
+                    if rows is None:   # not kept whole: keep what the reply had no room for
+                        self.listings.keep_tail(fh, after, batch[k:], replies[k:])
                     return
                 self.fs.count_lookup(attr.ino)
                 after = off

@@ -53,6 +53,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition, rule,
                                  run_state_machine_as_test)
 
+from tests.test_posix_details import data_bytes_mismatches
+
 pytestmark = [
     pytest.mark.mount,
     pytest.mark.skipif(not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
@@ -634,6 +636,7 @@ def test_random_operations_match_a_real_directory(casenv: Any, tmp_path: Path) -
     # counts (fsck); gc must free nothing still referenced; all of it survives a remount
     casenv.umount(mp)
     casenv.run("fsck", "model")
+    assert data_bytes_mismatches("model", CS) == []   # st_blocks' source (docs/posix.md)
     casenv.run("gc", "--grace", "0", "model")
     casenv.run("fsck", "model")
     mp = casenv.mount("model", mp)
@@ -722,6 +725,7 @@ def test_fixed_sequences_match_a_real_directory(casenv: Any, tmp_path: Path) -> 
             os.close(fd)
     compare_trees(ref, mp)
     casenv.umount(mp)
+    assert data_bytes_mismatches("fixed", CS) == []   # truncations, holes, zeroed slots
     mp = casenv.mount("fixed", mp)
     compare_trees(ref, mp, " after remount")
 

@@ -168,8 +168,9 @@ def fill(world: Scale, files: int, per_dir: int, progress: "Progress") -> None:
                     cur.execute(sql_head + ",".join(rows[i:i + BATCH]))
 
         conn.begin()
-        cols = "INSERT INTO inodes (id, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns) VALUES "
-        insert(cols, [f"({base + 1 + d},{DIRECTORY},{uid},{gid},2,0,0,{now},{now},{now})"
+        cols = ("INSERT INTO inodes (id, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, "
+                "data_bytes) VALUES ")
+        insert(cols, [f"({base + 1 + d},{DIRECTORY},{uid},{gid},2,0,0,{now},{now},{now},0)"
                       for d in range(ndirs)])
         insert("INSERT INTO dentries (parent, name, inode) VALUES ",
                [f"(1,'d{d:04d}',{base + 1 + d})" for d in range(ndirs)])
@@ -181,7 +182,8 @@ def fill(world: Scale, files: int, per_dir: int, progress: "Progress") -> None:
         for lo in range(0, files, step):
             hi = min(files, lo + step)
             conn.begin()
-            insert(cols, [f"({first_file + i},{REG_FILE},{uid},{gid},1,{SEED_SIZE},0,{now},{now},{now})"
+            insert(cols, [f"({first_file + i},{REG_FILE},{uid},{gid},1,{SEED_SIZE},0,{now},{now},{now},"
+                          f"{SEED_SIZE})"
                           for i in range(lo, hi)])
             insert("INSERT INTO dentries (parent, name, inode) VALUES ",
                    [f"({base + 1 + i // per_dir},'f{i:07d}',{first_file + i})" for i in range(lo, hi)])

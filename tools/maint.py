@@ -49,6 +49,7 @@ def stats(volume: str, as_json: bool) -> None:
     rows = [
         ("files", f"{s.files} ({s.directories} directories, {s.symlinks} symlinks)"),
         ("logical bytes", f"{human(s.logical_bytes)} ({s.logical_bytes})"),
+        ("sparse bytes", f"{human(s.sparse_bytes)} ({s.sparse_bytes}, in holes: not stored)"),
         ("unique bytes", f"{human(s.unique_bytes)} ({s.unique_bytes})"),
         ("stored bytes", f"{human(s.stored_bytes)} ({s.stored_bytes}, after compression)"),
         ("dedup ratio", f"{s.dedup_ratio:.3f}"),

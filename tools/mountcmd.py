@@ -414,13 +414,20 @@ def _ask_commit(pid: int, run_dir: Path, deadline: float) -> dict[str, object] |
 def commit_before_unmount(mp: str, pid: int, run_dir: Path, deadline: float) -> None:
     """Ask the daemon of ``mp`` to commit every buffer and namespace change, retrying
     (about once a second) until ``deadline`` (time.monotonic()). Returns when nothing is
-    left uncommitted; raises MountpointError naming the uncommitted files otherwise (the
+    left uncommitted, or only files whose creation a lost transaction took (the daemon
+    spills those to the rescue area at exit); raises MountpointError naming the uncommitted files otherwise (the
     mount stays: nothing is lost, the user can free space and retry)."""
     answer: dict[str, object] | None = None
     while True:
         # the attempt that starts before the deadline is awaited (it names the files)
         answer = _ask_commit(pid, run_dir, max(deadline, time.monotonic() + ANSWER_GRACE_S))
         if answer is not None and not answer.get("files") and not answer.get("error"):
+            return
+        files = answer.get("files") if answer is not None else None
+        if isinstance(files, list) and files and all(f.get("lost") for f in files):
+            # only files whose creation a lost transaction took: no retry can commit them;
+            # the daemon keeps them in the rescue area at exit (reported below), and the
+            # next mount puts them in /lost+found
             return
         if not pid_running(pid) or time.monotonic() + 1.0 > deadline:
             break
