@@ -1,6 +1,6 @@
 """Chunks: loading verified plaintext, storing new chunks, and reference counting.
 
-This module owns the dedup protocol between writers and gc (DESIGN invariants 1-3):
+This module owns the dedup protocol between writers and gc (invariants 1-3 and 8, docs/design.md):
 
 1. Before a transaction, :meth:`ChunkManager.store_unknown` writes durable files for the
    chunks whose id has no row (a chunk already recorded is never stored again).

@@ -12,7 +12,7 @@ Model (schema.sql: packs, pack_entries, upload_queue; docs/cloud.md):
   from the chunk envelopes in the local store, uploads it, and *confirms* it: the store's
   size and md5 must equal ours, and its sha256 when it reports one. Only then, in one
   transaction, the pack becomes 'confirmed', its chunks get ``pack_entries`` rows (``INSERT IGNORE``: a chunk already
-  confirmed elsewhere keeps its first copy) and their queue rows go (DESIGN invariant 5).
+  confirmed elsewhere keeps its first copy) and their queue rows go (invariant 5, docs/design.md).
 - A pack whose uploader died is *recovered*: when the object it names already exists
   with the recorded size and md5 (and sha256, if reported) it is adopted (confirmed
   without a second upload); otherwise any partial objects of that name are deleted and the claims released.

@@ -4,7 +4,7 @@ A file of N bytes has ceil(N / chunk_size) slots; slot i covers bytes
 [i*cs, (i+1)*cs). Writes land in per-inode dirty slot buffers (bytearrays) in RAM and
 are turned into chunks by :meth:`FileData.flush`, which commits the manifest rows, the
 refcount deltas and the inode's size/mtime in ONE transaction after the new chunk files
-are durable (DESIGN invariants 1 and 2). A slot whose bytes are all zero is stored as a
+are durable (invariants 1 and 2, docs/design.md). A slot whose bytes are all zero is stored as a
 hole: no manifest row, no chunk.
 
 Under group commit a flush only joins the open group transaction: until that commits,

@@ -1,6 +1,6 @@
 """Garbage collection: delete chunks no manifest references, and orphan chunk files.
 
-The protocol (DESIGN invariant 3, see cas.chunks): a chunk's file is deleted only
+The protocol (invariant 3 of docs/design.md, see cas.chunks): a chunk's file is deleted only
 inside a transaction that holds the chunk's row lock, sees refcount <= 0 for longer
 than the grace period, and deletes the row. A writer that references the chunk again
 takes the same lock, so it either commits first (gc then sees refcount > 0) or finds the

@@ -3,7 +3,7 @@
 Layout: ``ROOT/ab/cd/abcd...(64 hex)`` for chunk id ``abcd...``. A put writes a temporary
 file in the same directory and renames it into place, so a chunk file is never seen
 half-written; a batch of puts ends with one syncfs(2), so every chunk is durable before
-the transaction that references it commits (DESIGN invariant 1).
+the transaction that references it commits (invariant 1, docs/design.md).
 ENOSPC/EDQUOT become :class:`~cas.errors.NoSpace`; a missing file on get is
 :class:`~cas.errors.ChunkMissing`.
 """

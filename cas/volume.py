@@ -7,7 +7,9 @@ A volume is a directory ``$XDG_DATA_HOME/casfs/NAME/`` (``~/.local/share`` when 
                   [mount] (defaults of `casfs mount`: durability = "group" | "immediate")
     chunks/       the local chunk store (cas.store)
     mysql/        datadir of the embedded MariaDB server (embedded volumes only)
-    run/          socket, lock files, mount.json of a running mount
+    run/          socket (or sockdir: where a long path's socket lives), lock files,
+                  the server's tmp/, umount's sync request/answer, stats.json
+    rescue/       uncommitted buffers a daemon had to leave at exit (cas.rescue)
     log/          mount daemon and MariaDB logs
 
 The chunk size is fixed at init: a power of two between 64 KiB and 16 MiB.
