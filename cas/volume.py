@@ -37,6 +37,16 @@ DEFAULT_NAME = "default"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically (temp file + rename) with ``data``, mode 0600: volume
+    files that hold secrets or control state only the owner may read. Raises OSError."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
 def data_home() -> Path:
     """The casfs data directory: ``$XDG_DATA_HOME/casfs`` (XDG Base Directory spec)."""
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")

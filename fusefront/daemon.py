@@ -25,6 +25,7 @@ import trio
 
 from cas.errors import CasError
 from cas.fs import Filesystem
+from cas.volume import write_private
 
 from .operations import CasOperations
 
@@ -38,15 +39,6 @@ STATS_FILE = "stats.json"
 SYNC_REQUEST = "sync.request"   # token of the last commit request of `casfs umount`
 SYNC_STATUS = "sync.json"       # the daemon's answer to it
 SYNC_SIGNAL = signal.SIGUSR1
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Replace ``path`` atomically with ``text``, readable by the owner only."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def answer_sync(fs: Filesystem) -> dict[str, object]:
@@ -65,7 +57,7 @@ def answer_sync(fs: Filesystem) -> dict[str, object]:
         "token": token, "pid": os.getpid(), "error": err,
         "files": [{"ino": ino, "path": path, "bytes": n, "error": e, "lost": ino in lost}
                   for ino, path, n, e in left]}
-    _write_private(run / SYNC_STATUS, json.dumps(answer))
+    write_private(run / SYNC_STATUS, json.dumps(answer).encode())
     if left or err:
         log.error("commit request: %d files still uncommitted (%s)", len(left), err or "see their errors")
     return answer

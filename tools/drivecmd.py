@@ -17,7 +17,7 @@ from cas import cloud
 from cas.errors import VolumeError
 from cas.meta import Metadata, connect
 from cas.objstore import DailyLimit
-from cas.volume import DEFAULT_NAME, Volume, open_volume
+from cas.volume import DEFAULT_NAME, Volume, open_volume, write_private
 
 from .common import human, open_tier, parse_size, user_errors
 from .mountcmd import is_mounted
@@ -25,15 +25,6 @@ from .mountcmd import is_mounted
 DRIVE_SCOPES = ["https://www.googleapis.com/auth/drive.file"]
 TOKEN_FILE = "drive-token.json"
 SERVICE_ACCOUNT_FILE = "drive-service-account.json"
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` with mode 0600 (it holds a secret)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def _oauth_token(client_secrets: Path, open_browser: bool) -> bytes:
@@ -105,7 +96,7 @@ def auth(volume: str, client_secrets: Path | None, service_account: Path | None,
         cfg.credentials = ""
     if cfg.credentials:
         staged = vol.path / (cfg.credentials + ".new")
-        _write_private(staged, data)
+        write_private(staged, data)
     try:
         with connect(vol) as meta:
             _refuse_foreign_folder(vol, cfg, meta, staged)
