@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import CasError, Exists, FsError
+from .store import fsync_dir
 
 if TYPE_CHECKING:
     from .fs import Filesystem
@@ -108,14 +109,6 @@ def decode(blob: bytes) -> Record:
     return Record(header, slots)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def spill(fs: Filesystem, directory: Path) -> list[Path]:
     """Write every file of ``fs`` holding uncommitted changes to the rescue area.
 
@@ -148,7 +141,7 @@ def spill(fs: Filesystem, directory: Path) -> list[Path]:
                 finally:
                     os.close(fd)
                 os.replace(tmp, directory / name)
-                _fsync_dir(directory)
+                fsync_dir(directory)
             except OSError as exc:
                 tmp.unlink(missing_ok=True)
                 raise RescueError(f"cannot write rescue record {directory / name}: {exc}") from exc
@@ -205,7 +198,7 @@ def replay(fs: Filesystem, directory: Path) -> ReplayResult:
             continue
         target = _replay_one(fs, rec)
         path.unlink()
-        _fsync_dir(directory)
+        fsync_dir(directory)
         if target is None:
             out.replayed += 1
         else:

@@ -37,6 +37,16 @@ def _load_syncfs() -> Callable[[int], int] | None:
 _syncfs = _load_syncfs()
 
 
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """fsync(2) the directory ``directory``, making the entries created, renamed or
+    removed in it durable (POSIX leaves that to a fsync of the directory). Raises OSError."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @dataclass(frozen=True)
 class StoredChunk:
     """What the store knows of one chunk file: its size in bytes and mtime in ns."""

@@ -6,6 +6,7 @@ embedded MariaDB servers are stopped by process id, never by name.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -30,10 +31,10 @@ from tests.drivesim_fixture import drive_sim  # noqa: E402,F401 - the Drive test
 _db_counter = itertools.count()
 
 
-@pytest.fixture(scope="session")
-def mysql_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
-    """One real MariaDB server for the session, on a unix socket."""
-    d = tmp_path_factory.mktemp("mariadb")
+@contextlib.contextmanager
+def running_server(d: Path) -> Iterator[EmbeddedServer]:
+    """A real MariaDB server with its datadir, run and log directories under ``d``, on a
+    unix socket; stopped at exit, and killed by its pid if it is still there."""
     srv = EmbeddedServer(d / "data", d / "run", d / "log")
     srv.acquire()
     try:
@@ -43,6 +44,13 @@ def mysql_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedS
         pid = srv.pid()
         if pid is not None:
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def mysql_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
+    """One real MariaDB server for the session, on a unix socket."""
+    with running_server(tmp_path_factory.mktemp("mariadb")) as srv:
+        yield srv
 
 
 @dataclass

@@ -18,6 +18,7 @@ import pymysql
 from cas.server import EmbeddedServer, pid_running
 from fusefront.mountpoint import find_mount
 from tests.conftest import CasEnv
+from tests.waiting import wait_for
 
 RECOVERY_DEADLINE_S = 15.0   # issue 8: `ls` and new writes work again within 15 s
 
@@ -64,13 +65,6 @@ class Writer:
             self.crashed = exc
 
 
-def _wait_for(cond: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def _works(mp: Path, probe: Path, payload: bytes) -> bool:
     """One round of `ls` and a new fsync'd write through the mount; False on any error."""
     try:
@@ -95,12 +89,12 @@ def test_mount_recovers_from_killed_embedded_server(casenv: CasEnv) -> None:
     t = threading.Thread(target=writer.run, name="writer", daemon=True)
     t.start()
     try:
-        _wait_for(lambda: len(writer.synced) >= 15 or writer.crashed, 120, "the first fsyncs")
+        wait_for(lambda: len(writer.synced) >= 15 or writer.crashed, "the first fsyncs", 120)
         old_pid = int((vol / "run" / "mysqld.pid").read_text())
         assert pid_running(old_pid)
         before = len(writer.synced) + len(writer.failed)
         os.kill(old_pid, signal.SIGKILL)               # in the middle of the copy
-        _wait_for(lambda: not pid_running(old_pid), 30, "the killed server to exit")
+        wait_for(lambda: not pid_running(old_pid), "the killed server to exit", 30)
 
         # within 15 s `ls` and new writes work again, on the same mount
         deadline = time.monotonic() + RECOVERY_DEADLINE_S
@@ -116,7 +110,7 @@ def test_mount_recovers_from_killed_embedded_server(casenv: CasEnv) -> None:
 
         # the writer goes on: more files fsync'd after the kill
         after = len(writer.synced)
-        _wait_for(lambda: len(writer.synced) >= after + 15 or writer.crashed, 120, "fsyncs after the kill")
+        wait_for(lambda: len(writer.synced) >= after + 15 or writer.crashed, "fsyncs after the kill", 120)
     finally:
         writer.stop.set()
         t.join(timeout=120)
@@ -169,7 +163,7 @@ def test_bytes_flushed_into_the_lost_group_are_written_again(casenv: CasEnv) -> 
             view = view[os.write(fd, view):]
         old_pid = int((vol / "run" / "mysqld.pid").read_text())
         os.kill(old_pid, signal.SIGKILL)
-        _wait_for(lambda: not pid_running(old_pid), 30, "the killed server to exit")
+        wait_for(lambda: not pid_running(old_pid), "the killed server to exit", 30)
         try:
             os.fsync(fd)           # finds the group lost; may write everything back at once
         except OSError as exc:

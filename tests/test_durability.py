@@ -26,7 +26,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,27 +33,20 @@ import pytest
 
 from cas.server import pid_running
 from fusefront.mountpoint import find_mount, is_dead_mount
+from cas.store import fsync_dir
 from tests.conftest import CasEnv
+from tests.waiting import wait_for
 
 DEADLINE_S = 120.0   # generous bound of every wait on a condition (loaded 2-core machine)
 KILL_ROUNDS = 20
 EXTRA_ROUNDS = 10  # the synchronous=EXTRA variant under group durability
 
 
-def wait_for(cond: Callable[[], bool], what: str, timeout: float = DEADLINE_S) -> None:
-    """Poll ``cond`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.01)
-
-
 def kill_daemon(casenv: CasEnv, mp: Path) -> None:
     """SIGKILL the daemon serving ``mp`` (by its pid) and wait until it is gone."""
     pid = casenv.daemon_pid(mp)
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not pid_running(pid), f"daemon {pid} to die")
+    wait_for(lambda: not pid_running(pid), f"daemon {pid} to die", DEADLINE_S, interval=0.01)
 
 
 def remount(casenv: CasEnv, volume: str, mp: Path, *extra: str) -> None:
@@ -62,14 +54,6 @@ def remount(casenv: CasEnv, volume: str, mp: Path, *extra: str) -> None:
     assert is_dead_mount(str(mp)) or find_mount(mp) is None
     casenv.run("umount", str(mp))
     casenv.mount(volume, mp, *extra)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_file(path: Path, data: bytes, sync: bool) -> None:
@@ -223,12 +207,13 @@ def sqlite_kill_rounds(casenv: CasEnv, extra: tuple[str, ...], rounds: int, seed
                                 stderr=subprocess.PIPE, text=True)
         try:
             out = Lines(proc)
-            wait_for(lambda: bool(out.lines) or proc.poll() is not None, "the writer to start")
+            wait_for(lambda: bool(out.lines) or proc.poll() is not None, "the writer to start",
+                     DEADLINE_S, interval=0.01)
             assert out.lines and out.lines[0].startswith("start "), proc.stderr.read() if proc.stderr else ""
             start = int(out.lines[0].split()[1])
             want = start + rnd.randint(1, 30)
             wait_for(lambda: proc.poll() is not None or (len(out.lines) > 1 and out.last_acked() >= want),
-                     f"round {rnd_no}: COMMIT {want}")
+                     f"round {rnd_no}: COMMIT {want}", DEADLINE_S, interval=0.01)
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             kill_daemon(casenv, mp)
             proc.wait(timeout=DEADLINE_S)   # its next file operation fails: the mount is dead

@@ -10,8 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import pymysql
 import pytest
 
 from tests.conftest import CasEnv
+from tests.waiting import wait_for
 from tools.drivesim import FOLDER_MIME, DriveSim
 
 CHUNK = 64 * 1024
@@ -66,13 +66,6 @@ def is_bad(casenv: CasEnv, cid: bytes) -> bool:
     return bool(query(casenv, "SELECT bad FROM chunks WHERE id = %s", (cid,))[0][0])
 
 
-def wait_for(what: str, cond: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def write_synced(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -100,7 +93,7 @@ def test_bad_chunk_is_marked_and_a_rewrite_of_its_bytes_heals_it(casenv: CasEnv,
         chunk_file(casenv, victim).unlink()
     mp = casenv.mount("vol", mp)
     read_eio(mp / "a")
-    wait_for("the bad mark to commit", lambda: is_bad(casenv, victim))
+    wait_for(lambda: is_bad(casenv, victim), "the bad mark to commit", interval=0.1)
     write_synced(mp / "b", data)                         # the same bytes again: heals
     assert (mp / "b").read_bytes() == data
     assert (mp / "a").read_bytes() == data
@@ -164,7 +157,7 @@ def upload(casenv: CasEnv, sim: DriveSim, files: dict[str, bytes]) -> Path:
     for name, data in files.items():
         (mp / name).write_bytes(data)
     fsync_tree(mp)
-    wait_for("the upload queue to drain", lambda: drained(casenv), 120)
+    wait_for(lambda: drained(casenv), "the upload queue to drain", 120, interval=0.1)
     return mp
 
 
@@ -237,8 +230,8 @@ def test_scrub_cloud_reports_a_corrupted_pack(casenv: CasEnv, disk_sim: DriveSim
     assert not query(casenv, "SELECT 1 FROM pack_entries WHERE chunk = %s", (victim,))
     assert query(casenv, "SELECT 1 FROM upload_queue WHERE chunk = %s", (victim,))
     mp = casenv.mount("vol", mp)                         # ... and a good one uploaded again
-    wait_for("the re-upload", lambda: bool(query(
-        casenv, "SELECT 1 FROM pack_entries WHERE chunk = %s", (victim,))), 120)
+    wait_for(lambda: bool(query(casenv, "SELECT 1 FROM pack_entries WHERE chunk = %s", (victim,))),
+             "the re-upload", 120, interval=0.1)
     r = casenv.run("scrub", "--cloud", "vol", check=False)
     assert r.returncode == 0 and "cloud: verified 6 chunks" in r.stdout, r.stdout + r.stderr
     assert (mp / "a").read_bytes() == files["a"]
@@ -261,8 +254,9 @@ def test_a_corrupt_chunk_is_never_uploaded_and_its_healing_write_queues_it(
     assert is_bad(casenv, victim) and status(casenv)["queued_chunks"] == 0
     mp = casenv.mount("vol", mp)
     write_synced(mp / "b", data)                               # heals it, and queues it again
-    wait_for("the healed chunk's upload", lambda: drained(casenv) and bool(
-        query(casenv, "SELECT 1 FROM pack_entries WHERE chunk = %s", (victim,))), 120)
+    wait_for(lambda: drained(casenv) and bool(
+        query(casenv, "SELECT 1 FROM pack_entries WHERE chunk = %s", (victim,))),
+        "the healed chunk's upload", 120, interval=0.1)
     assert (mp / "a").read_bytes() == data
 
 

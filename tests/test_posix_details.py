@@ -20,12 +20,12 @@ import stat
 import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.waiting import wait_for
 
 pytestmark = [
     pytest.mark.mount,
@@ -34,15 +34,6 @@ pytestmark = [
 ]
 
 ENV_C = dict(os.environ, LC_ALL="C")
-
-
-def wait_for(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    """Poll ``cond`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def ls_a(d: Path) -> list[str]:

@@ -24,7 +24,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from fusefront.mountpoint import find_mount
 
 from .conftest import CasEnv
 from .test_cli_errors import assert_error
+from .waiting import wait_for
 
 pytestmark = [
     pytest.mark.mount,
@@ -44,13 +44,6 @@ pytestmark = [
 ]
 
 FOREIGN_UID = 54321   # a uid no account uses: "another local user"
-
-
-def wait_until(cond: object, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -202,7 +195,7 @@ def test_stale_pid_file_never_signals_another_process(
     real = srv.pid()
     assert real is not None and real != bystander.pid and is_server_of(real, srv.datadir)
     casenv.umount(mp)
-    wait_until(lambda: not pid_running(real), "the embedded server to stop")
+    wait_for(lambda: not pid_running(real), "the embedded server to stop")
     # stopping a server this process did not start goes through the pid file: it names
     # `sleep` again; the server is found by its datadir and stopped, `sleep` lives on
     starter = server_of(casenv, "vol")
@@ -212,7 +205,7 @@ def test_stale_pid_file_never_signals_another_process(
         assert real is not None and is_server_of(real, srv.datadir)
         srv.pid_file.write_text(f"{bystander.pid}\n")
         server_of(casenv, "vol").stop()
-        wait_until(lambda: not pid_running(real), "the embedded server to stop")
+        wait_for(lambda: not pid_running(real), "the embedded server to stop")
         assert bystander.poll() is None, "casfs signalled an unrelated process"
         assert find_server(srv.datadir) is None
     finally:

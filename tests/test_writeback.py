@@ -23,10 +23,11 @@ from pathlib import Path
 import pytest
 
 from cas import rescue
-from cas.server import EmbeddedServer, pid_running
+from cas.server import EmbeddedServer
 from fusefront.mountpoint import find_mount
 from tests.conftest import CasEnv
 from tests.treeutil import tmpfs
+from tests.waiting import wait_exit
 
 MiB = 1 << 20
 
@@ -78,13 +79,6 @@ def _close_errno(fd: int) -> int:
     except OSError as exc:
         return exc.errno or -1
     return 0
-
-
-def _wait_exit(pid: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while pid_running(pid):
-        assert time.monotonic() < deadline, f"daemon {pid} did not exit"
-        time.sleep(0.05)
 
 
 def _stats(casenv: CasEnv, vol: str = "vol") -> dict[str, object]:
@@ -167,7 +161,7 @@ def test_sigterm_with_full_store_spills_to_rescue_and_remount_replays(
 
     pid = casenv.daemon_pid(mp)
     os.kill(pid, signal.SIGTERM)
-    _wait_exit(pid)
+    wait_exit(pid)
     assert find_mount(mp) is None
     area = casenv.data_home / "vol" / "rescue"
     assert os.stat(area).st_mode & 0o777 == 0o700
@@ -224,14 +218,14 @@ def test_dead_database_umount_refuses_and_rescue_survives_exit(casenv: CasEnv) -
         mysqld = srv.pid()
         assert mysqld is not None
         os.kill(mysqld, signal.SIGKILL)
-        _wait_exit(mysqld)
+        wait_exit(mysqld)
         assert _close_errno(fd) == errno.EIO          # was 0, and the file was gone
         r = casenv.run("umount", "--timeout", "2", str(mp), check=False)
         assert r.returncode != 0 and "not committed" in r.stderr, r.stderr
         assert find_mount(mp) is not None
         pid = casenv.daemon_pid(mp)
         subprocess.run(["fusermount3", "-u", str(mp)], check=True)
-        _wait_exit(pid)
+        wait_exit(pid)
         records = list((vol / "rescue").iterdir())
         assert len(records) == 1, records
     finally:

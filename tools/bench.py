@@ -75,6 +75,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from cas.store import fsync_dir
+
 MiB = 1 << 20
 SMALL_FILE_SIZE = 4096
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -242,11 +244,7 @@ def bench_create(directory: Path, n: int, payload: bytes) -> float:
             _write_all(fd, view[i * SMALL_FILE_SIZE:(i + 1) * SMALL_FILE_SIZE])
         finally:
             os.close(fd)
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(directory)
     elapsed = time.perf_counter() - t0
     return n / elapsed
 
@@ -257,7 +255,7 @@ def bench_rename(directory: Path, n: int) -> float:
     t0 = time.perf_counter()
     for old, new in pairs:
         os.rename(old, new)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return n / (time.perf_counter() - t0)
 
 
@@ -267,16 +265,8 @@ def bench_unlink(directory: Path, n: int) -> float:
     t0 = time.perf_counter()
     for name in names:
         os.unlink(name)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return n / (time.perf_counter() - t0)
-
-
-def _fsync_dir(directory: Path) -> None:
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _stat_pass(directory: Path) -> int:

@@ -12,8 +12,7 @@ import os
 import random
 import signal
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pymysql
@@ -23,6 +22,8 @@ from cas.errors import CasError, FsError, MetaError
 from cas.meta import Database, MetaTarget
 from cas.server import EmbeddedServer, ServerSupervisor, pid_running
 from tests.engine.test_fs import CS, FILE_MODE, GID, ROOT, UID, Engine, eng, make_file, read_name  # noqa: F401
+from tests.conftest import running_server
+from tests.waiting import wait_for
 
 __all__ = ["eng"]
 
@@ -30,13 +31,6 @@ __all__ = ["eng"]
 def _kill_session(e: Engine) -> None:
     """Drop the engine's connection behind its back: its open group is rolled back."""
     e.q(f"KILL CONNECTION {e.fs.db.conn.thread_id()}", sync=False)
-
-
-def _wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def test_lost_group_gives_flushed_bytes_back(eng: Engine) -> None:
@@ -118,22 +112,15 @@ def test_file_created_in_a_lost_group_is_never_written_back(eng: Engine) -> None
 @pytest.fixture
 def private_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
     """A mariadbd of this test's own (it gets killed); stopped by pid at teardown."""
-    srv = EmbeddedServer(tmp_path / "data", tmp_path / "run", tmp_path / "log")
-    srv.acquire()
-    try:
+    with running_server(tmp_path) as srv:
         yield srv
-    finally:
-        srv.release()
-        pid = srv.pid()
-        if pid is not None:
-            os.kill(pid, signal.SIGKILL)
 
 
 def _kill_server(srv: EmbeddedServer) -> int:
     pid = srv.pid()
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
-    _wait_for(lambda: not pid_running(pid), 30, "the killed server to exit")
+    wait_for(lambda: not pid_running(pid), "the killed server to exit", 30, interval=0.02)
     return pid
 
 
@@ -154,7 +141,7 @@ def test_database_waits_for_the_server_bounded(private_server: EmbeddedServer,
         restarted: list[bool] = []
 
         def restart() -> None:   # once the query is seen waiting, bring the server back
-            _wait_for(lambda: len(tries) >= 2, 60, "the query to wait")
+            wait_for(lambda: len(tries) >= 2, "the query to wait", 60, interval=0.02)
             restarted.append(srv.restart_if_dead())
         t = threading.Thread(target=restart)
         t.start()
@@ -180,7 +167,7 @@ def test_supervisor_restarts_a_killed_server(private_server: EmbeddedServer) -> 
     sup.start()
     try:
         old = _kill_server(srv)
-        _wait_for(lambda: sup.restarts >= 1 and srv.alive(), 120, "the supervisor's restart")
+        wait_for(lambda: sup.restarts >= 1 and srv.alive(), "the supervisor's restart", 120, interval=0.02)
         new = srv.pid()
         assert new is not None and new != old and sup.last_error == ""
     finally:

@@ -9,16 +9,13 @@ writeback tick runs here), so the other connection sees none of them.
 from __future__ import annotations
 
 import stat as S
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 import cas.meta
 from cas.errors import InvalidArgument
 from cas.fs import GROUP, IMMEDIATE, Filesystem
-from cas.server import EmbeddedServer
-from tests.engine.test_fs import FILE_MODE, GID, ROOT, UID, Engine
+from tests.engine.test_fs import FILE_MODE, GID, ROOT, UID, Engine, eng  # noqa: F401 - the fixture
 
 
 def open_fs(eng: Engine, durability: str) -> Filesystem:
@@ -28,15 +25,6 @@ def open_fs(eng: Engine, durability: str) -> Filesystem:
     eng.fs = Filesystem(cas.meta.connect(eng.vol), cache_bytes=16 << 20, durability=durability)
     eng.opened.append(eng.fs)
     return eng.fs
-
-
-@pytest.fixture
-def eng(tmp_path: Path, mysql_server: EmbeddedServer) -> Iterator[Engine]:
-    e = Engine(tmp_path, mysql_server)
-    try:
-        yield e
-    finally:
-        e.close()
 
 
 @pytest.mark.parametrize("mode", [IMMEDIATE, GROUP])
