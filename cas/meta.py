@@ -3,7 +3,9 @@
 PyMySQL errors are converted to :class:`~cas.errors.MetaError` here, where they enter the
 engine. The session runs in READ COMMITTED with autocommit on; :meth:`Database.tx` opens
 an explicit transaction, retried whole on deadlock (1213) and lock wait timeout (1205).
-``schema.sql`` (repository root) is the single source of truth of the schema.
+``schema.sql`` (repository root) is the single source of truth of the schema; the
+package reads it as ``cas/schema.sql``, a symlink to it in the repository that sdists
+and wheels carry as a regular file (docs/install.md).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from .volume import Volume
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 3
-SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schema.sql"
+SCHEMA_FILE = Path(__file__).resolve().parent / "schema.sql"   # package data (docs/install.md)
 EMBEDDED_DB = "casfs"
 ROOT_INODE = 1
 _RETRY_CODES = {1213, 1205}
