@@ -19,10 +19,11 @@ from cas.volume import DEFAULT_CHUNK, DEFAULT_NAME, create_volume_dir, open_volu
 
 from . import drivecmd, maint, mountcmd
 from . import scrubcmd
-from .common import CasfsGroup, human, parse_size, user_errors
+from .common import human, parse_size, user_errors
+from .fstab import CasfsMainGroup, MountCommand, kernel_flags
 
 
-@click.group(cls=CasfsGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CasfsMainGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="casfs")
 def main() -> None:
     """casfs: a deduplicating FUSE filesystem (SHA-256 chunks, zstd, MySQL metadata)."""
@@ -61,7 +62,7 @@ def init(chunk_size: str, compression: str, meta: str, name: str) -> None:
                f"{vol.compression}, metadata: {vol.meta_url or 'embedded MariaDB'})")
 
 
-@main.command()
+@main.command(cls=MountCommand)
 @click.argument("mountpoint", type=click.Path(file_okay=True, dir_okay=True))
 @click.argument("volume", default=DEFAULT_NAME)
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground (logs to stderr).")
@@ -80,13 +81,21 @@ def init(chunk_size: str, compression: str, meta: str, name: str) -> None:
                    "commits each before it returns (slower). Default: volume.toml [mount] durability, "
                    "else group. See docs/durability.md.")
 @click.option("--debug", is_flag=True, help="Debug logging.")
+@click.option("--fuse-option", "fuse_options", multiple=True, hidden=True)  # kernel flags from -o
 @user_errors
 def mount(mountpoint: str, volume: str, foreground: bool, allow_other: bool, cache_size: str,
-          local_limit: str | None, drive_endpoint: str | None, durability: str | None, debug: bool) -> None:
+          local_limit: str | None, drive_endpoint: str | None, durability: str | None, debug: bool,
+          fuse_options: tuple[str, ...] = ()) -> None:
     """Mount VOLUME (default: "default", created if missing) at MOUNTPOINT.
 
     Returns once the mount is ready; the daemon runs in the background until
-    `casfs umount MOUNTPOINT`.
+    `casfs umount MOUNTPOINT` (or umount(8)).
+
+    \b
+    -o OPT[,OPT...] takes mount(8)-style options (docs/mounting.md): kernel flags
+    (ro, nosuid, nodev, noexec, noatime ...), fstab-only ones (_netdev, nofail,
+    x-systemd.*: ignored), and this command's options as NAME[=VALUE]
+    (durability=immediate, local_limit=20G, allow_other ...).
     """
     cache = parse_size(cache_size)
     mountcmd.check_mountpoint(mountpoint)  # a bad mountpoint creates no default volume
@@ -100,7 +109,8 @@ def mount(mountpoint: str, volume: str, foreground: bool, allow_other: bool, cac
         click.echo(f"created the default volume at {vol.path}", err=True)
     opts = mountcmd.MountOptions(allow_other=allow_other, cache_bytes=cache,
                                  local_limit=None if local_limit is None else parse_size(local_limit),
-                                 drive_endpoint=drive_endpoint, durability=durability)
+                                 drive_endpoint=drive_endpoint, durability=durability,
+                                 fuse_options=kernel_flags(fuse_options))
     mountcmd.mount(vol, mountpoint, opts, foreground=foreground, debug=debug)
 
 
