@@ -3,10 +3,13 @@
 PyMySQL errors are converted to :class:`~cas.errors.MetaError` here, where they enter the
 engine. The session runs in READ COMMITTED with autocommit on; :meth:`Database.tx` opens
 an explicit transaction, retried whole on deadlock (1213) and lock wait timeout (1205).
-``schema.sql`` (repository root) is the single source of truth of the schema.
+``schema.sql`` (repository root) is the single source of truth of the schema; the
+package reads it as ``cas/schema.sql``, a symlink to it in the repository that sdists
+and wheels carry as a regular file (docs/install.md).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -20,6 +23,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 import pymysql
 import pymysql.cursors
 
+from . import metatls
 from .errors import MetaError, SchemaMismatch
 from .server import EmbeddedServer
 from .volume import Volume
@@ -27,7 +31,7 @@ from .volume import Volume
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 3
-SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schema.sql"
+SCHEMA_FILE = Path(__file__).resolve().parent / "schema.sql"   # package data (docs/install.md)
 EMBEDDED_DB = "casfs"
 ROOT_INODE = 1
 _RETRY_CODES = {1213, 1205}
@@ -53,6 +57,7 @@ class MetaTarget:
     host: str = "localhost"
     port: int = 3306
     unix_socket: str | None = None
+    tls: metatls.TlsSettings | None = None   # volume.toml [meta] (cas/metatls.py); None: PyMySQL default
 
     def describe(self) -> str:
         where = self.unix_socket or f"{self.host}:{self.port}"
@@ -97,6 +102,8 @@ def _convert(exc: pymysql.err.MySQLError, target: MetaTarget) -> MetaError:
     msg = exc.args[1] if len(exc.args) > 1 else str(exc)
     if code == 1045:
         return MetaError(f"MySQL refused the credentials for {target.describe()}: {msg}")
+    if metatls.tls_error(code, str(msg)):
+        return MetaError(f"TLS to MySQL at {target.describe()} failed, no credentials were sent: {msg}")
     if code in (2002, 2003, 2005, 2006, 2013):
         return MetaError(f"cannot reach MySQL at {target.describe()}: {msg}")
     if code == 1049:
@@ -122,13 +129,19 @@ class Database:
     def _connect(self) -> pymysql.connections.Connection:
         t = self.target
         try:
-            return pymysql.connect(
+            conn = pymysql.connect(
                 host=t.host, port=t.port, unix_socket=t.unix_socket, user=t.user,
                 password=t.password, database=self._database or None, autocommit=True,
                 charset="utf8mb4", connect_timeout=10, binary_prefix=True,
-                init_command="SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                init_command="SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+                **metatls.connect_args(t.tls))
         except pymysql.err.MySQLError as exc:
             raise _convert(exc, t) from exc
+        if t.tls is not None and t.tls.mode == metatls.REQUIRED and not metatls.is_encrypted(conn):
+            conn.close()  # PyMySQL refuses this itself (>= 1.2); never run on plaintext anyway
+            raise MetaError(f"MySQL at {t.describe()} did not negotiate TLS; refusing a plaintext "
+                            "connection (volume.toml [meta] tls = \"required\")")
+        return conn
 
     def _connect_wait(self) -> pymysql.connections.Connection:
         """Connect, waiting up to ``reconnect_wait_s`` seconds (RECONNECT_WAIT_S) for a
@@ -449,7 +462,9 @@ class Metadata:
 def _target_for(volume: Volume, server: EmbeddedServer | None) -> MetaTarget:
     if server is not None:
         return MetaTarget(user="root", password="", database=EMBEDDED_DB, unix_socket=str(server.socket))
-    return parse_meta_url(volume.meta_url, volume.meta_password)
+    target = parse_meta_url(volume.meta_url, volume.meta_password)
+    tls = metatls.from_config(volume.meta_tls)
+    return target if tls is None else dataclasses.replace(target, tls=tls)
 
 
 def _server_for(volume: Volume) -> EmbeddedServer | None:

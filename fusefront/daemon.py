@@ -125,14 +125,15 @@ async def _main(fs: Filesystem, state: dict[str, bool]) -> None:
 
 
 def serve(fs: Filesystem, mountpoint: Path, *, fsname: str, allow_other: bool = False,
-          on_ready: Callable[[], None] = lambda: None) -> None:
+          on_ready: Callable[[], None] = lambda: None, extra_options: tuple[str, ...] = ()) -> None:
     """Mount ``fs`` at ``mountpoint`` and serve requests until unmounted.
 
-    ``on_ready`` is called once the kernel mount exists. Raises RuntimeError from
-    pyfuse3.init when the kernel refuses the mount.
+    ``on_ready`` is called once the kernel mount exists; ``extra_options`` are more
+    libfuse mount options (kernel flags such as ``ro``, ``noatime``, ``nosuid``). Raises
+    RuntimeError from pyfuse3.init when the kernel refuses the mount.
     """
     ops = CasOperations(fs)
-    options = set(pyfuse3.default_options) | {f"fsname={fsname}", "subtype=casfs"}
+    options = set(pyfuse3.default_options) | {f"fsname={fsname}", "subtype=casfs"} | set(extra_options)
     if allow_other:
         options.add("allow_other")
     # a commit request that arrives before the trio loop listens must not kill us

@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from cas import metatls
 from cas.meta import initialize
 from cas.errors import VolumeError
 from cas.fs import DURABILITY_MODES
@@ -19,20 +20,25 @@ from cas.volume import DEFAULT_CHUNK, DEFAULT_NAME, create_volume_dir, open_volu
 
 from . import drivecmd, maint, mountcmd
 from . import scrubcmd
-from .common import CasfsGroup, human, parse_size, user_errors
+from .common import human, parse_size, user_errors
+from .fstab import CasfsMainGroup, MountCommand, kernel_flags
 
 
-@click.group(cls=CasfsGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CasfsMainGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="casfs")
 def main() -> None:
     """casfs: a deduplicating FUSE filesystem (SHA-256 chunks, zstd, MySQL metadata)."""
     logging.basicConfig(level=logging.WARNING, format="casfs: %(levelname)s: %(message)s")
 
 
-def init_volume(name: str, chunk_size: int, compression: str, meta: str) -> None:
-    """Create volume ``name`` (directory, config, database); undo the directory on failure."""
+def init_volume(name: str, chunk_size: int, compression: str, meta: str,
+                tls: dict[str, object] | None = None) -> None:
+    """Create volume ``name`` (directory, config, database); undo the directory on failure.
+    ``tls``: the volume.toml ``[meta]`` table (cas/metatls.py), for an external server."""
     existed = volume_path(name).exists()
     vol = create_volume_dir(name, chunk_size, compression, meta)
+    if tls:
+        vol.meta_tls = dict(tls)
     try:
         initialize(vol, os.getuid(), os.getgid())
         vol.save()
@@ -50,18 +56,50 @@ def init_volume(name: str, chunk_size: int, compression: str, meta: str) -> None
               help="mysql://USER@HOST[:PORT]/DB of an existing MariaDB>=10.6/MySQL 8 server "
                    "(password: config meta_password or CASFS_MYSQL_PASSWORD). Default: a private "
                    "embedded MariaDB in the volume directory.")
+@click.option("--tls", "tls_mode", type=click.Choice(metatls.TLS_MODES), default=None,
+              help="TLS to the --meta server: 'required' (verified; the default with --tls-ca), "
+                   "'preferred' (if offered, unverified: the default otherwise) or 'off'. docs/database.md.")
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), default=None, metavar="FILE",
+              help="PEM CA bundle the --meta server's certificate must chain to (implies --tls required; "
+                   "without it: the system's CAs).")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None, metavar="FILE",
+              help="PEM client certificate for the --meta server (with --tls-key).")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None, metavar="FILE",
+              help="PEM key of --tls-cert.")
 @click.argument("name", default=DEFAULT_NAME)
 @user_errors
-def init(chunk_size: str, compression: str, meta: str, name: str) -> None:
+def init(chunk_size: str, compression: str, meta: str, name: str, tls_mode: str | None = None,
+         tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None) -> None:
     """Create volume NAME (default: "default")."""
     size = parse_size(chunk_size)
-    init_volume(name, size, compression, meta)
+    tls = tls_table(meta, tls_mode, tls_ca, tls_cert, tls_key)
+    init_volume(name, size, compression, meta, tls)
     vol = open_volume(name)
     click.echo(f"created volume {vol.name} at {vol.path} (chunk size {human(vol.chunk_size)}, "
                f"{vol.compression}, metadata: {vol.meta_url or 'embedded MariaDB'})")
 
 
-@main.command()
+def tls_table(meta: str, mode: str | None, ca: str | None, cert: str | None,
+              key: str | None) -> dict[str, object] | None:
+    """The volume.toml ``[meta]`` table for `casfs init`'s TLS options (None: none given).
+    A CA, client certificate or key implies mode "required". Raises click.UsageError for
+    TLS options without --meta (the embedded server has only its private socket), or a
+    certificate without its key."""
+    if mode is None and not (ca or cert or key):
+        return None
+    if not meta:
+        raise click.UsageError("--tls options need --meta: the embedded server is reached through its "
+                               "private unix socket only")
+    if bool(cert) != bool(key):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    settings = metatls.TlsSettings(mode=mode or metatls.REQUIRED,
+                                   ca_file=os.path.abspath(ca) if ca else "",
+                                   cert_file=os.path.abspath(cert) if cert else "",
+                                   key_file=os.path.abspath(key) if key else "")
+    return settings.to_config()
+
+
+@main.command(cls=MountCommand)
 @click.argument("mountpoint", type=click.Path(file_okay=True, dir_okay=True))
 @click.argument("volume", default=DEFAULT_NAME)
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground (logs to stderr).")
@@ -80,13 +118,21 @@ def init(chunk_size: str, compression: str, meta: str, name: str) -> None:
                    "commits each before it returns (slower). Default: volume.toml [mount] durability, "
                    "else group. See docs/durability.md.")
 @click.option("--debug", is_flag=True, help="Debug logging.")
+@click.option("--fuse-option", "fuse_options", multiple=True, hidden=True)  # kernel flags from -o
 @user_errors
 def mount(mountpoint: str, volume: str, foreground: bool, allow_other: bool, cache_size: str,
-          local_limit: str | None, drive_endpoint: str | None, durability: str | None, debug: bool) -> None:
+          local_limit: str | None, drive_endpoint: str | None, durability: str | None, debug: bool,
+          fuse_options: tuple[str, ...] = ()) -> None:
     """Mount VOLUME (default: "default", created if missing) at MOUNTPOINT.
 
     Returns once the mount is ready; the daemon runs in the background until
-    `casfs umount MOUNTPOINT`.
+    `casfs umount MOUNTPOINT` (or umount(8)).
+
+    \b
+    -o OPT[,OPT...] takes mount(8)-style options (docs/mounting.md): kernel flags
+    (ro, nosuid, nodev, noexec, noatime ...), fstab-only ones (_netdev, nofail,
+    x-systemd.*: ignored), and this command's options as NAME[=VALUE]
+    (durability=immediate, local_limit=20G, allow_other ...).
     """
     cache = parse_size(cache_size)
     mountcmd.check_mountpoint(mountpoint)  # a bad mountpoint creates no default volume
@@ -100,7 +146,8 @@ def mount(mountpoint: str, volume: str, foreground: bool, allow_other: bool, cac
         click.echo(f"created the default volume at {vol.path}", err=True)
     opts = mountcmd.MountOptions(allow_other=allow_other, cache_bytes=cache,
                                  local_limit=None if local_limit is None else parse_size(local_limit),
-                                 drive_endpoint=drive_endpoint, durability=durability)
+                                 drive_endpoint=drive_endpoint, durability=durability,
+                                 fuse_options=kernel_flags(fuse_options))
     mountcmd.mount(vol, mountpoint, opts, foreground=foreground, debug=debug)
 
 

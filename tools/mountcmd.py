@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import sys
 import time
 import traceback
@@ -82,6 +83,7 @@ class MountOptions:
     local_limit: int | None = None
     drive_endpoint: str | None = None
     durability: str | None = None   # None: the volume's [mount] durability, else "group"
+    fuse_options: tuple[str, ...] = ()  # kernel mount flags from -o (tools/fstab.py KERNEL_FLAGS)
 
 
 def durability_of(vol: Volume, opts: MountOptions) -> str:
@@ -195,6 +197,63 @@ def _close_or_rescue(fs: Filesystem, vol: Volume) -> None:
         raise close_error
 
 
+EXITING_WAIT_S = 600.0   # how long a new mount waits for the volume's previous daemon to exit
+
+
+def _volume_mounted(vol: Volume) -> bool:
+    """Whether a mount registry entry (:func:`registry_file`) of ``vol`` names a
+    mountpoint that is still a casfs mount."""
+    for reg in (data_home() / "mounts").glob("*.json"):
+        try:
+            info = json.loads(reg.read_text())
+            same = Path(info["volume"]) == vol.path
+            mp = str(info["mountpoint"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if same:
+            m = find_mount(mp)
+            if m is not None and m.fstype == "fuse.casfs":
+                return True
+    return False
+
+
+def _lock_after_exiting_daemon(vol: Volume, lock_fd: int, timeout: float = EXITING_WAIT_S) -> bool:
+    """Take the volume's mount lock (flock on ``lock_fd``); True once held.
+
+    While another daemon holds it but serves no mount of this volume any more (it was
+    unmounted with umount(8) and is committing before it exits, or it is still starting
+    up), wait for it, up to ``timeout`` seconds: `umount MOUNTPOINT && mount
+    MOUNTPOINT` then works. False when the volume is mounted (or the wait ran out)."""
+    deadline = time.monotonic() + timeout
+    logged = False
+    while True:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass
+        if _volume_mounted(vol) or time.monotonic() > deadline:
+            return False
+        if not logged:
+            log.warning("volume %s: waiting for its previous mount daemon to finish and exit", vol.name)
+            logged = True
+        time.sleep(0.1)
+
+
+def _defer_exit_signals() -> None:
+    """From now on SIGTERM and SIGINT are logged and ignored: the daemon is committing
+    what it holds before it exits (after umount(8), systemd stopping a .mount unit
+    may signal the processes left in its cgroup; dying then would lose the buffers).
+    SIGKILL still kills it; the rescue area covers what cannot be committed."""
+    def note(signum: int, frame: object) -> None:
+        log.warning("signal %d while committing before exit: finishing the commit first", signum)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            signal.signal(sig, note)
+        except ValueError:  # not the main thread (engine tests): nothing to defer
+            pass
+
+
 def run_daemon(vol: Volume, mp: Path, opts: MountOptions, on_ready: Callable[[str], None]) -> None:
     """Mount ``vol`` at ``mp`` in this process until unmounted; flush and close after.
 
@@ -203,9 +262,7 @@ def run_daemon(vol: Volume, mp: Path, opts: MountOptions, on_ready: Callable[[st
     DataRescued is raised (see :func:`_close_or_rescue`)."""
     vol.run_dir.mkdir(parents=True, exist_ok=True)
     lock_fd = os.open(vol.run_dir / "mount.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if not _lock_after_exiting_daemon(vol, lock_fd):
         os.close(lock_fd)
         raise VolumeError(f"volume {vol.name} is already mounted") from None
     reg = registry_file(mp)
@@ -232,8 +289,9 @@ def run_daemon(vol: Volume, mp: Path, opts: MountOptions, on_ready: Callable[[st
             reg.write_text(json.dumps({"pid": os.getpid(), "mountpoint": str(mp), "volume": str(vol.path),
                                        "commit_request": True}))
             serve(fs, mp, fsname=f"casfs:{vol.name}", allow_other=opts.allow_other,
-                  on_ready=lambda: on_ready(notice))
+                  on_ready=lambda: on_ready(notice), extra_options=opts.fuse_options)
         finally:
+            _defer_exit_signals()
             try:
                 _close_or_rescue(fs, vol)
             finally:
