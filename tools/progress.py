@@ -7,7 +7,7 @@ Three modes, chosen once per report from where progress goes (stderr):
 - **plain** (stderr is a pipe or a file: cron, a log, CI): one line at a time,
   ``"gc: 1,234/5,000 chunks (25%), 812 chunks/s, ETA 0:00:04"``, printed once the work
   has run :data:`PLAIN_FIRST_S` seconds (a quick run prints nothing) and then every
-  :data:`PLAIN_EVERY_S` seconds or at each further :data:`PLAIN_STEP` of the total,
+  :data:`PLAIN_EVERY_S` seconds or at each further :data:`PLAIN_STEP_PCT` % of the total,
   whichever comes first, and a last ``"... done in 0:00:07"`` line if any was printed;
 - **off** (``json_mode``: the command's ``--json``): nothing at all, so stdout stays one
   JSON document and stderr stays empty.
@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 PLAIN_FIRST_S = 2.0   # seconds of work before the first plain line
 PLAIN_EVERY_S = 2.0   # seconds between plain lines at most
-PLAIN_STEP = 0.10     # fraction of the total between plain lines at most
+PLAIN_STEP_PCT = 10   # percent of the total between plain lines at most
 
 
 def _bytes(n: float) -> str:
@@ -66,7 +66,7 @@ class Progress:
         self.done = 0
         self.start = time.monotonic()
         self._last_line = 0.0          # time.monotonic() of the last plain line (0: none yet)
-        self._last_step = -1           # the last PLAIN_STEP reported
+        self._last_step = -1           # the last step of PLAIN_STEP_PCT % reported
         self._bar: tqdm[Any] | None = None
         if mode == "bar":
             is_bytes = unit == "B"
@@ -113,7 +113,7 @@ class Progress:
         now = time.monotonic()
         if now - self.start < PLAIN_FIRST_S:
             return
-        step = int(self.done / self.total / PLAIN_STEP) if self.total else -1
+        step = self.done * 100 // self.total // PLAIN_STEP_PCT if self.total else -1
         if self._last_line and now - self._last_line < PLAIN_EVERY_S and step <= self._last_step:
             return
         self._last_line = now
