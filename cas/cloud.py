@@ -882,7 +882,8 @@ class RestoreResult:
 
 
 def restore(tier: CloudTier, lazy: bool = False, everything: bool = False,
-            progress: Callable[[int], None] | None = None) -> RestoreResult:
+            progress: Callable[[int], None] | None = None,
+            on_total: Callable[[int], None] | None = None) -> RestoreResult:
     """Rebuild a lost or damaged local store from the cloud, given the database.
 
     Every chunk row whose local file is missing (or, with ``everything``, every chunk
@@ -894,8 +895,9 @@ def restore(tier: CloudTier, lazy: bool = False, everything: bool = False,
     others: it is tried again after them (RESTORE_PASSES passes in all), and what it
     could not give is returned in ``unreadable`` / ``failed_packs`` (running restore
     again picks it up). Chunks with neither a local file nor a cloud copy are returned
-    as ``lost``. ``progress`` is called with the bytes of each chunk handled. Raises
-    MetaError; store errors are collected, not raised.
+    as ``lost``. ``progress`` is called with the bytes of each chunk handled (envelope
+    bytes); ``on_total``, once before the downloads, with the envelope bytes to download
+    in all. Raises MetaError; store errors are collected, not raised.
     """
     from .envelope import open_envelope
     db = tier.db
@@ -927,6 +929,8 @@ def restore(tier: CloudTier, lazy: bool = False, everything: bool = False,
         packs[int(pack)] = (str(oid), int(psize), str(pname))
     restored = restored_bytes = 0
     done: set[bytes] = set()
+    if on_total is not None:
+        on_total(sum(n for items in need.values() for _, _, n in items))
 
     def read(oid: str, offset: int = 0, length: int | None = None) -> bytes:
         return retrying(lambda: tier.objects.get(oid, offset, length),

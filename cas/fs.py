@@ -39,6 +39,7 @@ from .errors import (CasError, Exists, FsError, InvalidArgument, IsADirectory, N
 from .filedata import FileData, InodeData
 from .meta import ROOT_INODE, Metadata
 from .store import LocalStore
+from .syncstatus import VIRTUAL_XATTRS, FileSync, file_sync
 from .xattrs import XattrCache, check_name, check_space
 
 log = logging.getLogger(__name__)
@@ -990,8 +991,11 @@ class Filesystem:
     @_locked
     def getxattr(self, ino: int, name: bytes) -> bytes:
         """Value of extended attribute ``name``. Raises NoData (ENODATA), NotFound,
-        FsError (ERANGE, EINVAL: :func:`cas.xattrs.check_name`)."""
+        FsError (ERANGE, EINVAL: :func:`cas.xattrs.check_name`).
+        ``user.casfs.status`` is answered by :meth:`sync_status` (docs/status.md)."""
         check_name(name)
+        if name in VIRTUAL_XATTRS:
+            return self.sync_status(ino).encode()
         self._get(ino)
         value = self._xattrs(ino).get(name)
         if value is None:
@@ -1004,9 +1008,10 @@ class Filesystem:
 
         Raises ERANGE for a bad name, EINVAL for a bare namespace prefix, E2BIG for a
         large value (Linux xattr(7)), ENOSPC when the inode's names and values would pass
-        XATTR_INODE_MAX (cas/xattrs.py), NotFound.
+        XATTR_INODE_MAX (cas/xattrs.py), NotFound; EPERM for a virtual (read-only) name.
         """
         check_name(name)
+        _refuse_virtual(name)
         if len(value) > XATTR_SIZE_MAX:
             raise FsError("xattr value too large", errno.E2BIG)
         self._get(ino)
@@ -1031,8 +1036,9 @@ class Filesystem:
     @_locked
     def removexattr(self, ino: int, name: bytes) -> None:
         """Remove extended attribute ``name``. Raises NoData if absent, NotFound,
-        FsError (ERANGE, EINVAL: :func:`cas.xattrs.check_name`)."""
+        FsError (ERANGE, EINVAL: :func:`cas.xattrs.check_name`; EPERM for a virtual name)."""
         check_name(name)
+        _refuse_virtual(name)
         self._get(ino)
         xattrs = self._xattrs(ino)
         if name not in xattrs:
@@ -1047,6 +1053,17 @@ class Filesystem:
         self.xattr_cache.changed(ino)
         self._patch(ino, ctime_ns=now)
 
+    @_locked
+    def sync_status(self, ino: int) -> FileSync:
+        """The Drive sync status of regular file ``ino`` (cas/syncstatus.py): one query on
+        this mount's connection, plus the file's bytes still buffered in RAM. Raises
+        NotFound, NoData for anything but a regular file (as Linux answers a ``user.*``
+        xattr of a special file), MetaError."""
+        if not S.S_ISREG(self._get(ino).mode):
+            raise NoData("user.casfs.status: not a regular file")
+        st = self.data.states.get(ino)
+        return file_sync(self.db, ino, self.chunks.enqueue, st.dirty_bytes if st is not None else 0)
+
     # -- statfs ----------------------------------------------------------------------
     @_locked
     def statfs(self) -> StatFs:
@@ -1056,3 +1073,11 @@ class Filesystem:
         bs = 4096
         return StatFs(bsize=bs, blocks=total // bs, bfree=free // bs, bavail=free // bs,
                       files=files + (1 << 32), ffree=1 << 32, namemax=NAME_MAX)
+
+
+def _refuse_virtual(name: bytes) -> None:
+    """Raise FsError(EPERM) for a virtual xattr name (docs/status.md): it is computed,
+    read-only, and never stored. EPERM is what Linux gives for an xattr a file cannot
+    carry (fs/xattr.c xattr_permission, and setxattr(2) for an immutable file)."""
+    if name in VIRTUAL_XATTRS:
+        raise FsError(f"{name.decode()} is read-only", errno.EPERM)

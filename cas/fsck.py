@@ -16,6 +16,7 @@ missing, corrupt and bad-marked chunks are repaired by cas.repair (from the clou
 from __future__ import annotations
 
 import stat as S
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,8 +50,13 @@ class FsckReport:
                     or self.bad_marked)
 
 
-def check(meta: Metadata, repair: bool = False, verify: bool = True) -> FsckReport:
-    """Run the checks of the module docstring; with ``repair`` fix refcounts and nlinks."""
+def check(meta: Metadata, repair: bool = False, verify: bool = True,
+          progress: Callable[[int], None] | None = None,
+          on_total: Callable[[int], None] | None = None) -> FsckReport:
+    """Run the checks of the module docstring; with ``repair`` fix refcounts and nlinks.
+
+    ``on_total`` is called once with the number of live chunks to check (after the
+    database snapshot), ``progress`` with 1 per live chunk checked."""
     db = meta.db
     store = LocalStore(meta.volume.chunk_dir)
 
@@ -86,7 +92,11 @@ def check(meta: Metadata, repair: bool = False, verify: bool = True) -> FsckRepo
         db.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
     missing, corrupt, bad_marked = [], [], []
     cloud_only = 0
+    if on_total is not None:
+        on_total(len(live))
     for cid in live:
+        if progress is not None:
+            progress(1)
         try:
             blob = store.get(cid)
             if verify:

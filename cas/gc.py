@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -37,9 +38,14 @@ class GcResult:
     dry_run: bool
 
 
-def collect(meta: Metadata, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False) -> GcResult:
+def collect(meta: Metadata, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False,
+            progress: Callable[[int], None] | None = None,
+            on_total: Callable[[int], None] | None = None) -> GcResult:
     """Delete unreferenced chunks older than ``grace_s`` seconds. Safe during a mount.
 
+    ``progress`` is called with 1 per item examined: each candidate chunk row, then each
+    file of the local store (the orphan sweep); ``on_total`` with the number of items,
+    first the candidates, again once the store's files are listed (candidates + files).
     Raises MetaError on database failure (what was deleted so far stays consistent).
     """
     if grace_s < 0:
@@ -51,6 +57,8 @@ def collect(meta: Metadata, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = Fa
         "SELECT id FROM chunks WHERE refcount <= 0 AND zero_since <= NOW(6) - INTERVAL %s MICROSECOND",
         (grace_us,))]
     deleted = freed = 0
+    if on_total is not None:
+        on_total(len(candidates))
     for cid in candidates:
         def body(cur: Any, cid: bytes = cid) -> int | None:
             cur.execute("SELECT refcount, stored_length, zero_since <= NOW(6) - INTERVAL %s MICROSECOND "
@@ -67,19 +75,28 @@ def collect(meta: Metadata, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = Fa
         if n is not None:
             deleted += 1
             freed += n
-    orphans, orphan_bytes = _sweep_orphans(meta, store, grace_s, dry_run)
+        if progress is not None:
+            progress(1)
+    orphans, orphan_bytes = _sweep_orphans(meta, store, grace_s, dry_run, progress,
+                                           None if on_total is None else lambda n: on_total(len(candidates) + n))
     return GcResult(deleted, freed, orphans, orphan_bytes, dry_run)
 
 
-def _sweep_orphans(meta: Metadata, store: LocalStore, grace_s: float, dry_run: bool) -> tuple[int, int]:
+def _sweep_orphans(meta: Metadata, store: LocalStore, grace_s: float, dry_run: bool,
+                   progress: Callable[[int], None] | None = None,
+                   on_total: Callable[[int], None] | None = None) -> tuple[int, int]:
     db = meta.db
     ids = list(store.iter_ids())
+    if on_total is not None:
+        on_total(len(ids))
     known: set[bytes] = set()
     for i in range(0, len(ids), 500):
         batch = ids[i:i + 500]
         known.update(bytes(r[0]) for r in db.query("SELECT id FROM chunks WHERE id IN %s", (batch,)))
     count = total = 0
     for cid in ids:
+        if progress is not None:
+            progress(1)
         if cid in known:
             continue
         st = store.stat(cid)
@@ -124,7 +141,9 @@ class CloudGcResult:
     dry_run: bool
 
 
-def collect_cloud(tier: CloudTier, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False) -> CloudGcResult:
+def collect_cloud(tier: CloudTier, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False,
+                  progress: Callable[[int], None] | None = None,
+                  on_total: Callable[[int], None] | None = None) -> CloudGcResult:
     """Reclaim cloud space after :func:`collect` has dropped dead chunks:
 
     1. rewrite packs whose live fraction (bytes of chunks still recorded / pack size) is
@@ -137,6 +156,9 @@ def collect_cloud(tier: CloudTier, grace_s: float = DEFAULT_GRACE_S, dry_run: bo
        under way under their name) older than ``grace_s`` that carry this volume's id
        (app property ``casfs_volume``): objects of another volume sharing the folder, or
        without the property, are never deleted.
+    ``progress`` is called with the packs done (sparse ones once rewritten, dead ones one
+    by one) and then with 1 per object of the folder examined; ``on_total`` with the
+    number of these items, again once the folder is listed.
     Raises ObjectStoreError/TryAgain from the store; what was done so far stays consistent.
     """
     db = tier.db
@@ -146,14 +168,22 @@ def collect_cloud(tier: CloudTier, grace_s: float = DEFAULT_GRACE_S, dry_run: bo
     sparse = [(int(pid), int(size), int(live)) for pid, size, live, n in rows
               if int(n) and int(size) and int(live) / int(size) < tier.cfg.repack_threshold]
     rewritten = rewritten_bytes = new_packs = 0
+    if on_total is not None:
+        on_total(len(sparse))
     if sparse and not dry_run:
         rewritten, rewritten_bytes, new_packs = _repack(tier, [p for p, _, _ in sparse])
     elif dry_run:
         rewritten, rewritten_bytes = len(sparse), sum(live for _, _, live in sparse)
+    if progress is not None:
+        progress(len(sparse))
     dead = db.query("SELECT p.id, p.object_id, p.size FROM packs p LEFT JOIN pack_entries e ON e.pack = p.id "
                     "WHERE p.state = 'confirmed' AND e.chunk IS NULL")
+    if on_total is not None:
+        on_total(len(sparse) + len(dead))
     deleted = deleted_bytes = 0
     for pid, oid, size in dead:
+        if progress is not None:
+            progress(1)
         if not dry_run:
             try:
                 # the row names it, but an object is deleted only when it carries our id
@@ -164,7 +194,9 @@ def collect_cloud(tier: CloudTier, grace_s: float = DEFAULT_GRACE_S, dry_run: bo
             db.execute("DELETE FROM packs WHERE id = %s", (pid,))
         deleted += 1
         deleted_bytes += int(size)
-    orphans, orphan_bytes = _sweep_cloud_orphans(tier, grace_s, dry_run)
+    orphans, orphan_bytes = _sweep_cloud_orphans(
+        tier, grace_s, dry_run, progress,
+        None if on_total is None else lambda n: on_total(len(sparse) + len(dead) + n))
     return CloudGcResult(deleted, deleted_bytes, rewritten, rewritten_bytes, new_packs, orphans,
                          orphan_bytes, dry_run)
 
@@ -230,13 +262,20 @@ def _write_pack(tier: CloudTier, batch: list[tuple[bytes, int, bytes]]) -> None:
     db.transaction(confirm)
 
 
-def _sweep_cloud_orphans(tier: CloudTier, grace_s: float, dry_run: bool) -> tuple[int, int]:
+def _sweep_cloud_orphans(tier: CloudTier, grace_s: float, dry_run: bool,
+                         progress: Callable[[int], None] | None = None,
+                         on_total: Callable[[int], None] | None = None) -> tuple[int, int]:
     db = tier.db
     known = {str(r[0]) for r in db.query("SELECT object_id FROM packs WHERE state = 'confirmed'")}
     busy = {str(r[0]) for r in db.query("SELECT name FROM packs WHERE state = 'uploading'")}
     cutoff = now_utc() - timedelta(seconds=grace_s)
     n = total = 0
-    for obj in list(tier.objects.list()):
+    listed = list(tier.objects.list())
+    if on_total is not None:
+        on_total(len(listed))
+    for obj in listed:
+        if progress is not None:
+            progress(1)
         if obj.id in known or obj.name in busy or obj.created > cutoff:
             continue
         if not owned(obj, tier.volume.uuid):   # another volume's (or nobody's): never ours to delete

@@ -1,4 +1,4 @@
-"""The casfs command line: `casfs init | mount | umount | stats | gc | fsck`.
+"""The casfs command line: `casfs init | mount | umount | stats | gc | fsck | status ...`.
 
 Each command group lives in its own module; this one holds the click group and the
 volume commands (init, mount, umount).
@@ -20,6 +20,7 @@ from cas.volume import DEFAULT_CHUNK, DEFAULT_NAME, create_volume_dir, open_volu
 
 from . import drivecmd, maint, mountcmd
 from . import scrubcmd
+from . import statuscmd
 from .common import human, parse_size, user_errors
 from .fstab import CasfsMainGroup, MountCommand, kernel_flags
 
@@ -168,6 +169,7 @@ def umount(mountpoint: str, timeout: float) -> None:
 maint.register(main)
 drivecmd.register(main)
 main.add_command(scrubcmd.scrub)
+statuscmd.register(main, drivecmd.drive)
 
 if __name__ == "__main__":
     sys.exit(main())

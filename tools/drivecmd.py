@@ -21,6 +21,7 @@ from cas.volume import DEFAULT_NAME, Volume, open_volume, write_private
 
 from .common import human, open_tier, parse_size, user_errors
 from .mountcmd import is_mounted
+from .progress import progress
 
 DRIVE_SCOPES = ["https://www.googleapis.com/auth/drive.file"]
 TOKEN_FILE = "drive-token.json"
@@ -195,10 +196,12 @@ def _age(seconds: float) -> str:
 @click.argument("volume", default=DEFAULT_NAME)
 @click.option("--timeout", default=None, type=float, help="Give up after this many seconds.")
 @click.option("--drive-endpoint", default=None, metavar="URL", help="Override the volume's endpoint.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object; no progress.")
 @user_errors
-def push(volume: str, timeout: float | None, drive_endpoint: str | None) -> None:
+def push(volume: str, timeout: float | None, drive_endpoint: str | None, as_json: bool = False) -> None:
     """Upload everything queued now, without waiting for a full pack (safe while mounted).
 
+    Shows progress (bytes of packs uploaded, of the bytes queued at the start) on stderr.
     Exits 1 with a one-line message when Drive refuses uploads; the daily upload cap is
     named as such ("daily upload limit"): retrying before it resets is pointless.
     """
@@ -206,7 +209,9 @@ def push(volume: str, timeout: float | None, drive_endpoint: str | None) -> None
     with connect(vol) as meta:
         tier = open_tier(meta, drive_endpoint)
         try:
-            n = tier.drain(timeout)
+            with progress("drive push", total=cloud.status(meta.db).queued_bytes, unit="B",
+                          json_mode=as_json) as p:
+                n = tier.drain(timeout, on_pack=p)
         except DailyLimit as exc:
             tier.note_error(exc)
             left = cloud.status(meta.db).queued_chunks
@@ -215,6 +220,9 @@ def push(volume: str, timeout: float | None, drive_endpoint: str | None) -> None
                 f"queued; push again later or let the mount upload them ({str(exc).splitlines()[0]})") from None
         finally:
             tier.close()
+    if as_json:
+        click.echo(json.dumps({"uploaded_packs": tier.uploaded_packs, "uploaded_bytes": n}))
+        return
     click.echo(f"uploaded {tier.uploaded_packs} packs ({human(n)}); queue empty")
 
 
@@ -223,9 +231,12 @@ def push(volume: str, timeout: float | None, drive_endpoint: str | None) -> None
 @click.option("--lazy", is_flag=True, help="Only mark missing chunks as cloud-only; reads fetch them.")
 @click.option("--all", "everything", is_flag=True, help="Also bring back chunks evicted on purpose.")
 @click.option("--drive-endpoint", default=None, metavar="URL", help="Override the volume's endpoint.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object; no progress.")
 @user_errors
-def restore(volume: str, lazy: bool, everything: bool, drive_endpoint: str | None) -> None:
+def restore(volume: str, lazy: bool, everything: bool, drive_endpoint: str | None, as_json: bool = False) -> None:
     """Rebuild VOLUME's local chunk store from Drive, given its database.
+
+    Shows progress (envelope bytes downloaded of those to download) on stderr.
 
     Says how many chunks stay cloud-only. A pack that Drive fails to give (after retries
     with backoff) does not stop the others. Exits 1, listing them, when some chunk is
@@ -238,9 +249,15 @@ def restore(volume: str, lazy: bool, everything: bool, drive_endpoint: str | Non
     with connect(vol) as meta:
         tier = open_tier(meta, drive_endpoint)
         try:
-            r = cloud.restore(tier, lazy=lazy, everything=everything)
+            with progress("restore", unit="B", json_mode=as_json) as p:
+                r = cloud.restore(tier, lazy=lazy, everything=everything, progress=p, on_total=p.set_total)
         finally:
             tier.close()
+    if as_json:
+        click.echo(json.dumps(asdict(r), sort_keys=True))
+        if r.lost or r.failed_packs:
+            raise SystemExit(1)
+        return
     click.echo(f"restored {r.restored} chunks ({human(r.restored_bytes)}), marked {r.marked_remote} "
                f"cloud-only, {len(r.lost)} lost")
     click.echo(f"{r.cloud_only} chunks stay cloud-only (read from Drive when needed"

@@ -6,6 +6,7 @@ runs) and works while the volume is mounted.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import Any
 
 import click
@@ -26,6 +27,7 @@ from fusefront.daemon import STATS_FILE
 
 from .common import human, open_tier, user_errors
 from .mountcmd import is_mounted
+from .progress import progress
 
 
 @click.command()
@@ -102,23 +104,34 @@ def _live_stats(vol: Volume) -> dict[str, Any] | None:
               help="Seconds a chunk must have been unreferenced (or an orphan cloud object "
                    "unrecorded) before it is deleted.")
 @click.option("--drive-endpoint", default=None, metavar="URL", help="Override the volume's Drive endpoint.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object; no progress.")
 @user_errors
-def gc(volume: str, dry_run: bool, grace: float, drive_endpoint: str | None) -> None:
+def gc(volume: str, dry_run: bool, grace: float, drive_endpoint: str | None, as_json: bool = False) -> None:
     """Delete chunks no file references, then empty, sparse and orphan packs on Drive
-    (safe while mounted)."""
+    (safe while mounted). Shows progress (chunks and files examined; then packs and
+    Drive objects) on stderr."""
     vol = open_volume(volume)
     with connect(vol) as meta:
-        r = gc_mod.collect(meta, grace_s=grace, dry_run=dry_run)
+        with progress("gc", unit="chunks", json_mode=as_json) as p:
+            r = gc_mod.collect(meta, grace_s=grace, dry_run=dry_run, progress=p, on_total=p.set_total)
         verb = "would free" if dry_run else "freed"
-        click.echo(f"{verb} {r.chunks_deleted} chunks ({human(r.bytes_freed)}) and {r.orphans_deleted} "
-                   f"orphan files ({human(r.orphan_bytes_freed)})")
-        if not cloud.enabled(meta.db):
-            return
-        tier = open_tier(meta, drive_endpoint)
-        try:
-            c = gc_mod.collect_cloud(tier, grace_s=grace, dry_run=dry_run)
-        finally:
-            tier.close()
+        if not as_json:
+            click.echo(f"{verb} {r.chunks_deleted} chunks ({human(r.bytes_freed)}) and {r.orphans_deleted} "
+                       f"orphan files ({human(r.orphan_bytes_freed)})")
+        c = None
+        if cloud.enabled(meta.db):
+            tier = open_tier(meta, drive_endpoint)
+            try:
+                with progress("gc cloud", unit="packs", json_mode=as_json) as p:
+                    c = gc_mod.collect_cloud(tier, grace_s=grace, dry_run=dry_run, progress=p,
+                                             on_total=p.set_total)
+            finally:
+                tier.close()
+    if as_json:
+        click.echo(json.dumps({"local": asdict(r), "cloud": None if c is None else asdict(c)}, sort_keys=True))
+        return
+    if c is None:
+        return
     verb = "would delete" if dry_run else "deleted"
     click.echo(f"cloud: {verb} {c.packs_deleted} empty packs ({human(c.pack_bytes_deleted)}), "
                f"{'would rewrite' if dry_run else 'rewrote'} {c.packs_rewritten} sparse packs "
@@ -145,7 +158,8 @@ def fsck(volume: str, repair: bool, no_verify: bool, as_json: bool, check_cloud:
     if repair and is_mounted(vol):
         raise click.ClickException(f"volume {vol.name} is mounted: unmount it before `casfs fsck --repair`")
     with connect(vol) as meta:
-        r = fsck_mod.check(meta, repair=repair, verify=not no_verify)
+        with progress("fsck", unit="chunks", json_mode=as_json) as p:
+            r = fsck_mod.check(meta, repair=repair, verify=not no_verify, progress=p, on_total=p.set_total)
         fixed = _repair_chunks(meta, r) if repair else None
         cr = _check_cloud(meta) if check_cloud else None
     if as_json:

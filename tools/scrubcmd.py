@@ -1,47 +1,21 @@
 """`casfs scrub`: verify every local chunk (and with --cloud every pack on Drive),
 rate-limited, resumable, with progress (cas/scrub.py, docs/integrity.md).
 
-Progress goes to stderr: a tqdm bar with rate and ETA on a terminal, a plain line every
-PLAIN_EVERY_S seconds otherwise, nothing with --json. The result goes to stdout.
+Progress goes to stderr through tools/progress.py: a tqdm bar with rate and ETA on a
+terminal, plain periodic lines otherwise, nothing with --json. The result goes to stdout.
 """
 from __future__ import annotations
 
 import json
-import sys
-import time
-from collections.abc import Callable
 
 import click
-from tqdm import tqdm
 
 from cas import scrub as scrub_mod
 from cas.meta import connect
 from cas.volume import DEFAULT_NAME, open_volume
 
 from .common import human, open_tier, user_errors
-
-PLAIN_EVERY_S = 10.0
-
-
-class _PlainProgress:
-    """Periodic one-line progress reports for a log or a pipe (not a terminal)."""
-
-    def __init__(self, total: int, every_s: float = PLAIN_EVERY_S) -> None:
-        self.total = total
-        self.every_s = every_s
-        self.done = 0
-        self.start = self.last = time.monotonic()
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self.last >= self.every_s:
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else 0.0
-            pct = 100.0 * self.done / self.total if self.total else 100.0
-            click.echo(f"scrub: {human(self.done)} of {human(self.total)} ({pct:.0f}%), "
-                       f"{human(rate)}/s, ETA {eta:.0f} s", err=True)
+from .progress import progress
 
 
 @click.command()
@@ -71,20 +45,9 @@ def scrub(volume: str, with_cloud: bool, rate: float, restart: bool, as_json: bo
             if restart:
                 scrub_mod.reset(meta.db)
             p = scrub_mod.plan(meta.db, with_cloud)
-            total = p.local_bytes + p.cloud_bytes
-            progress: Callable[[int], None] | None = None
-            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="scrub",
-                       file=sys.stderr, disable=as_json or not sys.stderr.isatty())
-            if not as_json and bar.disable:
-                progress = _PlainProgress(total)
-            elif not as_json:
-                def progress(n: int) -> None:
-                    bar.update(n)
-            try:
+            with progress("scrub", total=p.local_bytes + p.cloud_bytes, unit="B", json_mode=as_json) as bar:
                 r = scrub_mod.scrub(meta, tier, rate=rate * (1 << 20), stop_after=stop_after,
-                                    progress=progress)
-            finally:
-                bar.close()
+                                    progress=bar)
         finally:
             if tier is not None:
                 tier.close()
