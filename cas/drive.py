@@ -244,6 +244,9 @@ def translate(exc: BaseException, what: str) -> ObjectStoreError:
         return CredentialsRefused(f"{what}: credentials refused: {detail}")
     if isinstance(exc, _TRANSPORT_ERRORS) or isinstance(exc, google.auth.exceptions.RefreshError):
         return TryAgain(f"{what}: network error: {detail}")
+    if isinstance(exc, google.auth.exceptions.GoogleAuthError):
+        # e.g. a 401 answered to credentials that cannot be refreshed (InvalidOperation)
+        return CredentialsRefused(f"{what}: credentials refused: {detail}")
     return ObjectStoreError(f"{what}: {detail}")
 
 

@@ -28,6 +28,7 @@ import yaml
 from cas.meta import parse_meta_url
 from tests.conftest import ROOT, CasEnv
 from tests.waiting import wait_for
+from tools.drivesim import DriveSim
 
 MIB = 1 << 20
 NOBODY = 65534
@@ -276,3 +277,25 @@ def test_audit_log_of_a_scripted_run(casenv: CasEnv) -> None:
     os.rename(mp / "quiet" / "f", mp / "quiet" / "g")
     casenv.umount(mp)
     assert log.stat().st_size == size
+
+
+def test_refused_drive_credentials_are_audited(casenv: CasEnv, drive_sim: DriveSim) -> None:
+    casenv.init("vol", chunk_size="64KiB")
+    casenv.run("drive", "auth", "--endpoint", drive_sim.url, "--pack-size", "256KiB", "--pack-age", "0", "vol")
+    # Drive answers every upload with 401 authError (what an expired or revoked token gets)
+    drive_sim.inject("server_error", status=401, reason="authError", message="Invalid Credentials",
+                     match="upload_multipart", times=1000)
+    port = free_port()
+    mp = casenv.mount("vol", None, "--metrics", str(port))
+    (mp / "f").write_bytes(os.urandom(300_000))
+    fsync_file(mp / "f")
+
+    def refused() -> list[dict[str, Any]]:
+        log = casenv.data_home / "vol" / "log" / "audit.jsonl"
+        return [r for r in audit_records(casenv) if r["op"] == "drive_credentials"] if log.exists() else []
+    wait_for(refused, "the refused credentials in the audit log", timeout=120)
+    rec = refused()[0]
+    assert rec["result"] == "EACCES" and "credentials refused" in rec["detail"] and rec["uid"] == os.getuid()
+    m = scrape(port)
+    assert m['casfs_drive_errors_total{kind="credentials"}'] >= 1
+    assert m["casfs_drive_queue_chunks"] > 0 and m["casfs_drive_packs_uploaded_total"] == 0
