@@ -8,6 +8,7 @@ live mount exports.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -299,3 +300,41 @@ def test_refused_drive_credentials_are_audited(casenv: CasEnv, drive_sim: DriveS
     m = scrape(port)
     assert m['casfs_drive_errors_total{kind="credentials"}'] >= 1
     assert m["casfs_drive_queue_chunks"] > 0 and m["casfs_drive_packs_uploaded_total"] == 0
+
+
+def test_command_events_and_rotation(casenv: CasEnv) -> None:
+    """A CLI command's events (cas.audit.attach) land in the volume's audit log, with the
+    process's uid/gid/pid filled in; rotation keeps every file 0600."""
+    from cas import audit
+    from cas.volume import open_volume
+    casenv.init("vol")
+    vol = open_volume("vol")
+    logger = logging.getLogger(audit.LOGGER)
+    h = audit.attach(vol)
+    assert h is not None
+    try:
+        logger.warning("authentication failed", extra={"audit": {"op": "unlock", "result": "EACCES"}})
+    finally:
+        logger.removeHandler(h)
+        h.close()
+        logger.propagate = True   # attach() turned it off for this process
+        logger.setLevel(logging.NOTSET)
+    (rec,) = audit_records(casenv)
+    assert (rec["op"], rec["result"], rec["uid"], rec["gid"], rec["pid"]) == \
+        ("unlock", "EACCES", os.getuid(), os.getgid(), os.getpid())
+
+    small = audit.open_handler(vol, audit.AuditConfig(level="all", max_bytes=400, backups=2), buffered=True)
+    logger.addHandler(small)
+    try:
+        for i in range(20):
+            logger.info("mkdir", extra={"audit": {"uid": 1, "gid": 1, "pid": 1, "op": "mkdir",
+                                                  "path": f"/d{i}", "result": 0}})
+            small.flush()
+    finally:
+        logger.removeHandler(small)
+        small.close()
+    files = sorted((casenv.data_home / "vol" / "log").glob("audit.jsonl*"))
+    assert [f.name for f in files] == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
+    last = [json.loads(line)["path"] for f in reversed(files) for line in f.read_text().splitlines()]
+    assert last[-1] == "/d19" and last == sorted(last, key=lambda p: int(p[2:]))
