@@ -133,14 +133,14 @@ def workloads(size_mib: int, files: int, tree_files: int | None = None) -> list[
         Workload("rename_imm", f"rename {files} files + fsync dir, --durability immediate (files/s)"),
         Workload("unlink_imm", f"unlink {files} files + fsync dir, --durability immediate (files/s)"),
     ]
-    rows += AUDIT_ROWS
+    rows += audit_workloads(files)
     return rows
 
 
-AUDIT_ROWS = [  # casfs only (audit_rows)
-    Workload("create_audit_off", "create 4 KiB files + fsync dir, --audit off (files/s)"),
-    Workload("create_audit", "create 4 KiB files + fsync dir, --audit changes (files/s)"),
-]
+def audit_workloads(files: int) -> list[Workload]:
+    """The rows of :func:`audit_rows` (casfs only)."""
+    return [Workload("create_audit_off", f"create {files} x 4 KiB files + fsync dir, --audit off (files/s)"),
+            Workload("create_audit", f"create {files} x 4 KiB files + fsync dir, --audit changes (files/s)")]
 
 
 @dataclass
