@@ -325,6 +325,7 @@ def test_command_events_and_rotation(casenv: CasEnv) -> None:
 
     small = audit.open_handler(vol, audit.AuditConfig(level="all", max_bytes=400, backups=2), buffered=True)
     logger.addHandler(small)
+    logger.setLevel(logging.INFO)
     try:
         for i in range(20):
             logger.info("mkdir", extra={"audit": {"uid": 1, "gid": 1, "pid": 1, "op": "mkdir",
@@ -332,6 +333,7 @@ def test_command_events_and_rotation(casenv: CasEnv) -> None:
             small.flush()
     finally:
         logger.removeHandler(small)
+        logger.setLevel(logging.NOTSET)
         small.close()
     files = sorted((casenv.data_home / "vol" / "log").glob("audit.jsonl*"))
     assert [f.name for f in files] == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]
