@@ -106,6 +106,9 @@ class CasCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         fs, ob = self.fs, self.observer
+        # read before the written-back counters: a writeback adds to those before it
+        # takes its bytes off the dirty total, so dirty + written back never dips
+        dirty = fs.data.total_dirty
         ops = CounterMetricFamily("casfs_fuse_operations", "FUSE requests answered, by operation", labels=["op"])
         lat = HistogramMetricFamily("casfs_fuse_operation_seconds", "Time to answer a FUSE request", labels=["op"])
         for op in HANDLERS:
@@ -140,7 +143,7 @@ class CasCollector(Collector):
         yield GaugeMetricFamily("casfs_cache_capacity_bytes", "Capacity of the RAM chunk cache",
                                 value=c.capacity_bytes)
         yield GaugeMetricFamily("casfs_dirty_bytes", "Bytes buffered in RAM waiting for writeback",
-                                value=fs.data.total_dirty)
+                                value=dirty)
         yield GaugeMetricFamily("casfs_uncommitted_operations", "Operations in the open group transaction",
                                 value=fs.db.uncommitted)
         tx = HistogramMetricFamily("casfs_mysql_transaction_seconds", "Duration of metadata transactions "
