@@ -340,3 +340,18 @@ def test_command_events_and_rotation(casenv: CasEnv) -> None:
     assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
     last = [json.loads(line)["path"] for f in reversed(files) for line in f.read_text().splitlines()]
     assert last[-1] == "/d19" and last == sorted(last, key=lambda p: int(p[2:]))
+
+
+def test_unusable_credentials_file_is_audited_at_mount(casenv: CasEnv, drive_sim: DriveSim) -> None:
+    casenv.init("vol", chunk_size="64KiB")
+    casenv.run("drive", "auth", "--endpoint", drive_sim.url, "vol")
+    vol = casenv.data_home / "vol"
+    (vol / "token.json").write_text('{"installed": {"client_id": "x"}}')   # client secrets, not a token
+    cfg = tomllib.loads((vol / "volume.toml").read_text())
+    cfg["drive"]["credentials"] = "token.json"
+    (vol / "volume.toml").write_text(tomli_w.dumps(cfg))
+    mp = casenv.mount("vol")   # the mount goes on without its cloud tier (uploads stay queued)
+    (mp / "f").write_bytes(b"still writable")
+    casenv.umount(mp)
+    (rec,) = [r for r in audit_records(casenv) if r["op"] == "drive_credentials"]
+    assert rec["result"] == "EACCES" and "client-secrets" in rec["detail"]
