@@ -45,7 +45,9 @@ from .envelope import open_envelope
 from .errors import CasError, ChunkMissing, FsError, MetaError, VolumeError
 from .errors import IntegrityError
 from .meta import Database, Metadata
-from .objstore import DailyLimit, ObjectInfo, ObjectNotFound, ObjectStore, ObjectStoreError, TryAgain, retrying
+from . import audit
+from .objstore import (CredentialsRefused, DailyLimit, ObjectInfo, ObjectNotFound, ObjectStore, ObjectStoreError,
+                       TryAgain, retrying)
 from .server import pid_running
 from .store import LocalStore
 from .volume import Volume
@@ -303,6 +305,12 @@ class CloudTier:
         self.uploaded_packs = 0
         self.uploaded_bytes = 0
         self.fetches = 0
+        # for the metrics (docs/monitoring.md): errors met, by kind (:func:`error_kind`),
+        # and what evict() removed from the local store (chunks, envelope bytes)
+        self.errors: dict[str, int] = {}
+        self._errors_lock = threading.Lock()
+        self.evicted_chunks = 0
+        self.evicted_bytes = 0
 
     # -- connections -------------------------------------------------------------------
     @property
@@ -401,6 +409,7 @@ class CloudTier:
             try:
                 data = self.read_object(oid, start, total)
             except ObjectStoreError as exc:
+                self.count_error(exc)
                 log.error("cloud read of chunk %s (pack object %s) failed: %s", cid.hex(), oid, exc)
                 raise ChunkMissing(f"chunk {cid.hex()}: cloud read failed: {exc}") from exc
             if len(data) != total:
@@ -479,6 +488,9 @@ class CloudTier:
             for cid in ids:   # after the commit: a reader that misses the file fetches it
                 self.store.delete(cid)
             done += len(ids)
+            sizes = dict(cands)
+            self.evicted_chunks += len(ids)
+            self.evicted_bytes += sum(sizes.get(cid, 0) for cid in ids)
             if len(rows) < _CLAIM_BATCH and not ids:
                 break
         return done, freed
@@ -795,7 +807,18 @@ class CloudTier:
         drive_last_error_at, read by ``casfs drive status`` from any process)."""
         self._note_error(exc)
 
+    def count_error(self, exc: BaseException) -> None:
+        """Count ``exc`` in :attr:`errors` under its :func:`error_kind`; refused
+        credentials also go to the audit log (cas.audit). Thread-safe."""
+        kind = error_kind(exc)
+        with self._errors_lock:
+            self.errors[kind] = self.errors.get(kind, 0) + 1
+        if kind == "credentials":
+            audit.event("drive credentials refused", op="drive_credentials", result="EACCES",
+                        detail=_first_line(exc))
+
     def _note_error(self, exc: BaseException, paused_until: float | None = None) -> None:
+        self.count_error(exc)
         msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         try:
             vals = {"drive_last_error": msg, "drive_last_error_at": _now_text()}
@@ -805,6 +828,25 @@ class CloudTier:
         except MetaError:
             pass
 
+
+
+def error_kind(exc: BaseException) -> str:
+    """The kind of a cloud-tier error, a label of the metric casfs_drive_errors_total:
+    daily_limit, try_again (rate limits, 5xx, network), credentials, not_found, store
+    (other object-store errors), database (MetaError) or other."""
+    if isinstance(exc, DailyLimit):
+        return "daily_limit"
+    if isinstance(exc, TryAgain):
+        return "try_again"
+    if isinstance(exc, CredentialsRefused):
+        return "credentials"
+    if isinstance(exc, ObjectNotFound):
+        return "not_found"
+    if isinstance(exc, ObjectStoreError):
+        return "store"
+    if isinstance(exc, MetaError):
+        return "database"
+    return "other"
 
 
 # -- opening the store -------------------------------------------------------------------

@@ -5,8 +5,10 @@ properties are the file's ``appProperties``. Every call runs once (``num_retries
 Drive's errors are turned into the errors of :mod:`cas.objstore` here, where they enter:
 404 -> ObjectNotFound; the daily upload cap -> DailyLimit; per-minute rate limits
 (``userRateLimitExceeded``/``rateLimitExceeded``), 408, 429, 5xx and network failures ->
-TryAgain (with the server's Retry-After); anything else (``storageQuotaExceeded``, bad
-credentials, bad requests) -> ObjectStoreError. The daily cap is told from rate limits by
+TryAgain (with the server's Retry-After); 401, a 403 naming the credentials
+(:data:`AUTH_REASONS`) and a token that cannot be refreshed -> CredentialsRefused (an
+ObjectStoreError that the mount also writes to the audit log); anything else
+(``storageQuotaExceeded``, bad requests) -> ObjectStoreError. The daily cap is told from rate limits by
 the error's documented ``reason`` first (:func:`is_daily_limit`), by its wording only as
 Drive is observed to send it: reason ``dailyLimitExceeded`` is the cap; reason
 ``userRateLimitExceeded`` is the cap only with the exact message "User rate limit
@@ -52,7 +54,8 @@ from googleapiclient.discovery import build, build_from_document
 from googleapiclient.errors import BatchError, HttpError
 from googleapiclient.http import MediaIoBaseUpload, build_http
 
-from .objstore import DailyLimit, ObjectInfo, ObjectNotFound, ObjectStoreError, TryAgain, retrying
+from .objstore import (CredentialsRefused, DailyLimit, ObjectInfo, ObjectNotFound, ObjectStoreError, TryAgain,
+                       retrying)
 
 # The client logs 'Encountered 403 Forbidden with reason "..."' for every 403 it sees,
 # even with num_retries=0; each error is translated and reported here instead, so that a
@@ -75,6 +78,8 @@ DAILY_LIMIT_MESSAGE = "User rate limit exceeded."
 RATE_LIMIT_REASONS = frozenset({"userRateLimitExceeded", "rateLimitExceeded"})
 DAILY_LIMIT_REASON = "dailyLimitExceeded"
 USER_RATE_LIMIT_REASON = "userRateLimitExceeded"
+# 403 reasons that mean "these credentials may not do this" (Drive API: Resolve errors)
+AUTH_REASONS = frozenset({"authError", "insufficientPermissions", "forbidden"})
 FIELDS = "id,name,size,md5Checksum,sha256Checksum,createdTime,appProperties"
 
 # What a failed call can raise besides HttpError: all of these mean "the network".
@@ -127,9 +132,9 @@ def load_credentials(path: Path | None) -> google.auth.credentials.Credentials:
     except OSError as e:
         raise ObjectStoreError(f"cannot read credentials {path}: {e.strerror or e}") from None
     except ValueError as e:
-        raise ObjectStoreError(f"credentials {path} is not JSON: {e}") from None
+        raise CredentialsRefused(f"credentials {path} is not JSON: {e}") from None
     if not isinstance(info, dict):
-        raise ObjectStoreError(f"credentials {path}: not a JSON object")
+        raise CredentialsRefused(f"credentials {path}: not a JSON object")
     try:
         if info.get("type") == "service_account":
             creds: google.auth.credentials.Credentials = \
@@ -138,12 +143,12 @@ def load_credentials(path: Path | None) -> google.auth.credentials.Credentials:
         if info.get("type") == "authorized_user" or "refresh_token" in info:
             return user_credentials.Credentials.from_authorized_user_info(info, scopes=[SCOPE])
     except (ValueError, KeyError) as e:
-        raise ObjectStoreError(f"credentials {path}: {' '.join(str(e).split())}") from None
+        raise CredentialsRefused(f"credentials {path}: {' '.join(str(e).split())}") from None
     if "installed" in info or "web" in info:
-        raise ObjectStoreError(f"credentials {path} is an OAuth client-secrets file, not a "
-                               f"token: run the authorization flow first")
-    raise ObjectStoreError(f"credentials {path}: neither an authorized-user token nor a "
-                           f"service-account key")
+        raise CredentialsRefused(f"credentials {path} is an OAuth client-secrets file, not a "
+                                 f"token: run the authorization flow first")
+    raise CredentialsRefused(f"credentials {path}: neither an authorized-user token nor a "
+                             f"service-account key")
 
 
 def _quote(text: str) -> str:
@@ -226,6 +231,8 @@ def translate(exc: BaseException, what: str) -> ObjectStoreError:
         retry_after = _retry_after(exc.resp.get("retry-after"))
         if status == 404:
             return ObjectNotFound(text)
+        if status == 401 or (status == 403 and AUTH_REASONS.intersection(reasons)):
+            return CredentialsRefused(text)
         if is_daily_limit(status, message, reasons, messages):
             return DailyLimit(text)
         if (status == 403 and RATE_LIMIT_REASONS.intersection(reasons)) \
@@ -234,9 +241,12 @@ def translate(exc: BaseException, what: str) -> ObjectStoreError:
         return ObjectStoreError(text)
     detail = " ".join(f"{type(exc).__name__}: {exc}".split())
     if isinstance(exc, google.auth.exceptions.RefreshError) and not getattr(exc, "retryable", False):
-        return ObjectStoreError(f"{what}: credentials refused: {detail}")
+        return CredentialsRefused(f"{what}: credentials refused: {detail}")
     if isinstance(exc, _TRANSPORT_ERRORS) or isinstance(exc, google.auth.exceptions.RefreshError):
         return TryAgain(f"{what}: network error: {detail}")
+    if isinstance(exc, google.auth.exceptions.GoogleAuthError):
+        # e.g. a 401 answered to credentials that cannot be refreshed (InvalidOperation)
+        return CredentialsRefused(f"{what}: credentials refused: {detail}")
     return ObjectStoreError(f"{what}: {detail}")
 
 

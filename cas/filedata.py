@@ -106,6 +106,11 @@ class FileData:
         self.unsynced_bytes = 0   # bytes held in InodeData.unsynced, all states
         self._holding: dict[int, InodeData] = {}  # states with unsynced changes (by inode)
         self.epoch = 0            # counts reload_all calls (a flush must not span one)
+        # plaintext bytes of the non-hole slots that writebacks committed: those whose
+        # chunk had no usable copy and was written to the store (new), and those that
+        # found their chunk stored already (deduplicated); read by the metrics collector
+        self.new_bytes = 0
+        self.dedup_bytes = 0
 
     def _add_dirty(self, st: InodeData, n: int) -> None:
         """Change ``st.dirty_bytes`` by ``n`` bytes, keeping :attr:`total_dirty` in step."""
@@ -528,6 +533,9 @@ class FileData:
         except _RowsMissing:
             return self._flush_many([st for st in states if not st.lost])
         pending = self.db.group_open  # joined the open group: keep the bytes until it commits
+        new_bytes = sum(len(chunk_data[c]) for c in stored)
+        self.new_bytes += new_bytes
+        self.dedup_bytes += sum(len(d) for d in nonzero) - new_bytes
         # committed: bring the RAM state in line
         for (st, new), canon in zip(plan, canons):
             if pending:

@@ -835,6 +835,14 @@ class Filesystem:
         return None
 
     @_locked
+    def dentry_of(self, ino: int) -> tuple[int, bytes] | None:
+        """One dentry naming ``ino``: (parent inode, name), or None when it has none
+        (unlinked; the root). One indexed query (dentries.inode_idx); sees this mount's
+        uncommitted changes. Raises MetaError."""
+        rows = self.db.query("SELECT parent, name FROM dentries WHERE inode = %s LIMIT 1", (ino,))
+        return (int(rows[0][0]), bytes(rows[0][1])) if rows else None
+
+    @_locked
     def uncommitted(self) -> list[tuple[int, str | None, int, str]]:
         """Files holding changes not yet committed: (inode, path or None, dirty bytes,
         message of the last failed writeback or "")."""

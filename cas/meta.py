@@ -24,6 +24,7 @@ import pymysql
 import pymysql.cursors
 
 from . import metatls
+from .counters import MYSQL_COMMIT, MYSQL_RETRIES, MYSQL_TX
 from .errors import MetaError, SchemaMismatch
 from .server import EmbeddedServer
 from .volume import Volume
@@ -244,10 +245,12 @@ class Database:
         """Commit the open group transaction, if any (durable when this returns)."""
         if not self._group_open:
             return
+        t0 = time.perf_counter_ns()
         try:
             self.conn.commit()
         except pymysql.err.MySQLError as exc:
             self._group_lost(exc)
+        MYSQL_COMMIT.observe_ns(time.perf_counter_ns() - t0)
         self._group_open = False
         self._group_ops = 0
         if self.on_group_commit is not None:
@@ -352,18 +355,24 @@ class Database:
         undoes the body alone, and the commit happens later.
         """
         if self._group_max:
-            return self._in_group(body)
+            t0 = time.perf_counter_ns()
+            result = self._in_group(body)
+            MYSQL_TX.observe_ns(time.perf_counter_ns() - t0)
+            return result
         for attempt in range(retries):
             try:
                 self._ensure_conn()
+                t0 = time.perf_counter_ns()
                 self.conn.begin()
                 with self.conn.cursor() as cur:
                     result = body(cur)
                 self.conn.commit()
+                MYSQL_TX.observe_ns(time.perf_counter_ns() - t0)
                 return result
             except pymysql.err.MySQLError as exc:
                 self._rollback()
                 if exc.args and exc.args[0] in _RETRY_CODES and attempt + 1 < retries:
+                    MYSQL_RETRIES.add()
                     time.sleep(min(0.5, 0.01 * 2 ** attempt))
                     continue
                 if exc.args and exc.args[0] in _RECONNECT_CODES and attempt == 0:

@@ -39,6 +39,12 @@ class ObjectStoreError(Exception):
     """A cloud-store failure that retrying will not cure."""
 
 
+class CredentialsRefused(ObjectStoreError):
+    """The store refused our credentials (HTTP 401, a 403 naming the credentials, a
+    token that cannot be refreshed), or the credentials file is not usable. Logged to
+    the audit log (cas.audit) by the mount that met it."""
+
+
 class ObjectNotFound(ObjectStoreError):
     """The object id names no object (HTTP 404)."""
 

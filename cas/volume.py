@@ -6,6 +6,7 @@ A volume is a directory ``$XDG_DATA_HOME/casfs/NAME/`` (``~/.local/share`` when 
                   [drive] (cloud tier, cas.cloud.CloudConfig),
                   [mount] (defaults of `casfs mount`: durability = "group" | "immediate"),
                   [meta] (TLS to an external server, cas.metatls)
+                  [audit] (the audit log: level, max_bytes, backups; cas.audit.AuditConfig)
     chunks/       the local chunk store (cas.store)
     mysql/        datadir of the embedded MariaDB server (embedded volumes only)
     run/          socket (or sockdir: where a long path's socket lives), lock files,
@@ -75,6 +76,7 @@ class Volume:
     drive: dict[str, object] = field(default_factory=dict)   # the [drive] table (cas.cloud.CloudConfig)
     mount: dict[str, object] = field(default_factory=dict)   # the [mount] table: defaults of `casfs mount`
     meta_tls: dict[str, object] = field(default_factory=dict)  # the [meta] table: TLS (cas/metatls.py)
+    audit: dict[str, object] = field(default_factory=dict)   # the [audit] table (cas.audit.AuditConfig)
 
     @property
     def embedded(self) -> bool:
@@ -118,6 +120,8 @@ class Volume:
             cfg["mount"] = dict(self.mount)
         if self.meta_tls:
             cfg["meta"] = dict(self.meta_tls)
+        if self.audit:
+            cfg["audit"] = dict(self.audit)
         tmp = self.path / "volume.toml.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
@@ -158,6 +162,7 @@ def open_volume(name: str) -> Volume:
             drive=dict(cfg.get("drive", {})),
             mount=dict(cfg.get("mount", {})),
             meta_tls=dict(cfg.get("meta", {})),
+            audit=dict(cfg.get("audit", {})),
         )
         parse_codec(vol.compression)
     except (KeyError, ValueError) as exc:

@@ -27,6 +27,7 @@ from cas.errors import CasError
 from cas.fs import Filesystem
 from cas.volume import write_private
 
+from .observe import Observer
 from .operations import CasOperations
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ STATS_FILE = "stats.json"
 SYNC_REQUEST = "sync.request"   # token of the last commit request of `casfs umount`
 SYNC_STATUS = "sync.json"       # the daemon's answer to it
 SYNC_SIGNAL = signal.SIGUSR1
+AUDIT_FLUSH_S = 1.0          # how often buffered audit log lines are written (cas/audit.py)
 
 
 def answer_sync(fs: Filesystem) -> dict[str, object]:
@@ -105,11 +107,20 @@ async def _writeback(fs: Filesystem) -> None:
             last_error = ""
 
 
-async def _main(fs: Filesystem, state: dict[str, bool]) -> None:
+async def _flush_audit() -> None:
+    while True:
+        await trio.sleep(AUDIT_FLUSH_S)
+        for h in list(logging.getLogger("casfs.audit").handlers):
+            h.flush()
+
+
+async def _main(fs: Filesystem, state: dict[str, bool], audit: bool = False) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_writeback, fs)
         nursery.start_soon(_publish, fs)
         nursery.start_soon(_sync_requests, fs)
+        if audit:
+            nursery.start_soon(_flush_audit)
 
         async def watch_signals() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -125,14 +136,18 @@ async def _main(fs: Filesystem, state: dict[str, bool]) -> None:
 
 
 def serve(fs: Filesystem, mountpoint: Path, *, fsname: str, allow_other: bool = False,
-          on_ready: Callable[[], None] = lambda: None, extra_options: tuple[str, ...] = ()) -> None:
+          on_ready: Callable[[], None] = lambda: None, extra_options: tuple[str, ...] = (),
+          observer: Observer | None = None) -> None:
     """Mount ``fs`` at ``mountpoint`` and serve requests until unmounted.
 
     ``on_ready`` is called once the kernel mount exists; ``extra_options`` are more
-    libfuse mount options (kernel flags such as ``ro``, ``noatime``, ``nosuid``). Raises
-    RuntimeError from pyfuse3.init when the kernel refuses the mount.
+    libfuse mount options (kernel flags such as ``ro``, ``noatime``, ``nosuid``);
+    ``observer`` (metrics, audit log; fusefront/observe.py) is installed on the handlers
+    when given. Raises RuntimeError from pyfuse3.init when the kernel refuses the mount.
     """
     ops = CasOperations(fs)
+    if observer is not None:
+        observer.install(ops)
     options = set(pyfuse3.default_options) | {f"fsname={fsname}", "subtype=casfs"} | set(extra_options)
     if allow_other:
         options.add("allow_other")
@@ -143,6 +158,6 @@ def serve(fs: Filesystem, mountpoint: Path, *, fsname: str, allow_other: bool = 
     state = {"unmounted": False}
     try:
         on_ready()
-        trio.run(_main, fs, state)
+        trio.run(_main, fs, state, observer is not None and observer.audit_level != "off")
     finally:
         pyfuse3.close(unmount=not state["unmounted"])

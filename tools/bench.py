@@ -39,7 +39,9 @@ Workloads (all "higher is better"):
 casfs then remounts with ``--durability immediate`` (each namespace operation
 committed before it returns; docs/durability.md) and runs the create, rename and
 unlink rows again in a new directory; a line under the table gives each as a ratio
-of the same row on the default mount (group durability) of the same run.
+of the same row on the default mount (group durability) of the same run. Last,
+casfs creates N files with the audit log off and on (level changes, the default),
+each on a fresh mount, and the ratio of the two is printed (:func:`audit_rows`).
 
 With ``--extra``, two more:
 
@@ -131,7 +133,14 @@ def workloads(size_mib: int, files: int, tree_files: int | None = None) -> list[
         Workload("rename_imm", f"rename {files} files + fsync dir, --durability immediate (files/s)"),
         Workload("unlink_imm", f"unlink {files} files + fsync dir, --durability immediate (files/s)"),
     ]
+    rows += audit_workloads(files)
     return rows
+
+
+def audit_workloads(files: int) -> list[Workload]:
+    """The rows of :func:`audit_rows` (casfs only)."""
+    return [Workload("create_audit_off", f"create {files} x 4 KiB files + fsync dir, --audit off (files/s)"),
+            Workload("create_audit", f"create {files} x 4 KiB files + fsync dir, --audit changes (files/s)")]
 
 
 @dataclass
@@ -750,12 +759,30 @@ def run_target(target: Target, data: BenchData, progress: Callable[[str], None])
             step = "unlink" + IMMEDIATE_SUFFIX
             progress(f"{target.name}: unlink {data.files} files, --durability immediate")
             res.values[step] = bench_unlink(imm, data.files)
+        step = "audit"
+        audit_rows(target, data, progress, res)
     except Exception as e:  # noqa: BLE001 - report and go on with the next target
         res.error = f"{step}: {type(e).__name__}: {e}"
     finally:
         with no_interrupts():
             target.stop()
     return res
+
+
+def audit_rows(target: Target, data: BenchData, progress: Callable[[str], None], res: TargetResult) -> None:
+    """casfs only: create ``data.files`` small files on a mount with the audit log off,
+    then on one with it at level changes (every create logged), in the same run."""
+    if not isinstance(target, CasfsTarget):
+        return
+    for level, key in (("off", "create_audit_off"), ("changes", "create_audit")):
+        target._umount()
+        if is_fuse_mounted(target.mp):
+            raise RuntimeError("could not unmount casfs to remount it with --audit")
+        target._mount("--audit", level)
+        d = target.mp / f"small-audit-{level}"
+        d.mkdir()
+        progress(f"{target.name}: create {data.files} small files, --audit {level}")
+        res.values[key] = bench_create(d, data.files, data.small_payload)
 
 
 # --------------------------------------------------------------------------- report
@@ -945,6 +972,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(k + IMMEDIATE_SUFFIX in cas_vals for k in IMMEDIATE_ROWS):
         lines.append("casfs --durability immediate / default (group) mount, same run: " + ", ".join(
             f"{k} {_ratio(cas_vals.get(k + IMMEDIATE_SUFFIX), cas_vals.get(k))}" for k in IMMEDIATE_ROWS) + ".")
+    if "create_audit" in cas_vals:
+        lines.append(f"casfs create with the audit log on (changes) / off, same run: "
+                     f"{_ratio(cas_vals.get('create_audit'), cas_vals.get('create_audit_off'))}.")
     if args.extra:
         secs = {t: results[t].values.get("copy_s") for t in TARGETS if t in results}
         lines += [

@@ -13,10 +13,13 @@ import sys
 import click
 
 from cas import metatls
+from cas.audit import LEVELS as AUDIT_LEVELS
 from cas.meta import initialize
 from cas.errors import VolumeError
 from cas.fs import DURABILITY_MODES
 from cas.volume import DEFAULT_CHUNK, DEFAULT_NAME, create_volume_dir, open_volume, volume_path
+
+from fusefront.metrics import parse_listen
 
 from . import drivecmd, maint, mountcmd
 from . import scrubcmd
@@ -118,11 +121,19 @@ def tls_table(meta: str, mode: str | None, ca: str | None, cert: str | None,
                    "'group' (default) commits them together every 0.5 s and at fsync; 'immediate' "
                    "commits each before it returns (slower). Default: volume.toml [mount] durability, "
                    "else group. See docs/durability.md.")
+@click.option("--metrics", default=None, metavar="[HOST:]PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (HOST defaults to 127.0.0.1). "
+                   "Off unless given. See docs/monitoring.md.")
+@click.option("--audit", type=click.Choice(AUDIT_LEVELS), default=None,
+              help="Audit log VOLUME/log/audit.jsonl: 'changes' (namespace changes, setattr, xattr "
+                   "changes, opens), 'all' (also reads, writes, lookups) or 'off'. Default: "
+                   "volume.toml [audit] level, else changes.")
 @click.option("--debug", is_flag=True, help="Debug logging.")
 @click.option("--fuse-option", "fuse_options", multiple=True, hidden=True)  # kernel flags from -o
 @user_errors
 def mount(mountpoint: str, volume: str, foreground: bool, allow_other: bool, cache_size: str,
-          local_limit: str | None, drive_endpoint: str | None, durability: str | None, debug: bool,
+          local_limit: str | None, drive_endpoint: str | None, durability: str | None,
+          metrics: str | None, audit: str | None, debug: bool,
           fuse_options: tuple[str, ...] = ()) -> None:
     """Mount VOLUME (default: "default", created if missing) at MOUNTPOINT.
 
@@ -136,6 +147,8 @@ def mount(mountpoint: str, volume: str, foreground: bool, allow_other: bool, cac
     (durability=immediate, local_limit=20G, allow_other ...).
     """
     cache = parse_size(cache_size)
+    if metrics is not None:
+        parse_listen(metrics)   # a bad address fails here, before any daemon starts
     mountcmd.check_mountpoint(mountpoint)  # a bad mountpoint creates no default volume
     try:
         vol = open_volume(volume)
@@ -148,7 +161,8 @@ def mount(mountpoint: str, volume: str, foreground: bool, allow_other: bool, cac
     opts = mountcmd.MountOptions(allow_other=allow_other, cache_bytes=cache,
                                  local_limit=None if local_limit is None else parse_size(local_limit),
                                  drive_endpoint=drive_endpoint, durability=durability,
-                                 fuse_options=kernel_flags(fuse_options))
+                                 fuse_options=kernel_flags(fuse_options),
+                                 metrics=metrics, audit=audit)
     mountcmd.mount(vol, mountpoint, opts, foreground=foreground, debug=debug)
 
 

@@ -29,15 +29,17 @@ from pathlib import Path
 
 import click
 
-from cas import cloud, rescue
+from cas import audit, cloud, rescue
 from cas.errors import CasError, VolumeError
 from cas.fs import DURABILITY_MODES, GROUP, Filesystem
 from cas.meta import Metadata, connect
-from cas.objstore import ObjectStoreError
+from cas.objstore import CredentialsRefused, ObjectStoreError
 from cas.server import ServerSupervisor, pid_running
 from cas.store import LocalStore
 from cas.volume import Volume, data_home
 from fusefront.daemon import SYNC_REQUEST, SYNC_SIGNAL, SYNC_STATUS, serve
+from fusefront.metrics import MetricsServer
+from fusefront.observe import Observer
 from fusefront.mountpoint import (MountpointError, check_mountpoint, find_mount, is_dead_mount,
                                   unmount)
 
@@ -84,6 +86,8 @@ class MountOptions:
     drive_endpoint: str | None = None
     durability: str | None = None   # None: the volume's [mount] durability, else "group"
     fuse_options: tuple[str, ...] = ()  # kernel mount flags from -o (tools/fstab.py KERNEL_FLAGS)
+    metrics: str | None = None      # [HOST:]PORT of the Prometheus endpoint; None: off
+    audit: str | None = None        # audit level; None: the volume's [audit] level, else "changes"
 
 
 def durability_of(vol: Volume, opts: MountOptions) -> str:
@@ -114,11 +118,39 @@ def start_cloud(meta: Metadata, fs: Filesystem, opts: MountOptions) -> cloud.Clo
         objects = cloud.open_objects(vol, cfg, meta.db)
     except ObjectStoreError as exc:
         log.error("cloud tier unavailable, uploads stay queued: %s", exc)
+        if isinstance(exc, CredentialsRefused):
+            audit.event("drive credentials refused", op="drive_credentials", result="EACCES",
+                        detail=str(exc).splitlines()[0] if str(exc) else "")
         return None
     tier = cloud.CloudTier(meta, objects, cfg, local_limit=opts.local_limit)
     fs.attach_cloud(tier)
     tier.start()
     return tier
+
+
+def open_audit(vol: Volume, opts: MountOptions) -> tuple[str, audit.PrivateRotatingHandler | None]:
+    """The mount's audit level and, unless it is off, the buffered handler of the
+    volume's audit log, attached to the "casfs.audit" logger (cas/audit.py). Raises
+    VolumeError for a bad level or a log that cannot be opened."""
+    cfg = audit.AuditConfig.from_volume(vol, opts.audit)
+    if cfg.level == audit.OFF:
+        return cfg.level, None
+    try:
+        handler = audit.open_handler(vol, cfg, buffered=True)
+    except OSError as exc:
+        raise VolumeError(f"cannot open the audit log in {vol.log_dir}: {exc.strerror or exc}") from exc
+    logger = logging.getLogger(audit.LOGGER)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False   # thousands of records: not for mount.log
+    return cfg.level, handler
+
+
+def close_audit(handler: logging.Handler | None) -> None:
+    """Write what the audit handler holds and detach it (at the daemon's exit)."""
+    if handler is not None:
+        logging.getLogger(audit.LOGGER).removeHandler(handler)
+        handler.close()
 
 
 EXIT_FILE = "exit.json"   # run/exit.json: how the last daemon ended {"pid", "rescued", "error"}
@@ -266,8 +298,11 @@ def run_daemon(vol: Volume, mp: Path, opts: MountOptions, on_ready: Callable[[st
         os.close(lock_fd)
         raise VolumeError(f"volume {vol.name} is already mounted") from None
     reg = registry_file(mp)
+    audit_handler: logging.Handler | None = None
+    metrics: MetricsServer | None = None
     try:
         durability = durability_of(vol, opts)
+        audit_level, audit_handler = open_audit(vol, opts)
         meta = connect(vol)
         # an embedded server that dies is restarted (docs/database.md)
         supervisor = ServerSupervisor(meta.server) if meta.server is not None else None
@@ -283,21 +318,28 @@ def run_daemon(vol: Volume, mp: Path, opts: MountOptions, on_ready: Callable[[st
             notice = replay_rescue(fs, vol)
             if notice:
                 log.warning("%s", notice)
+            observer = Observer(fs, metrics=opts.metrics is not None, audit_level=audit_level)
+            if opts.metrics is not None:
+                metrics = MetricsServer(fs, observer, opts.metrics)
             reg.parent.mkdir(parents=True, exist_ok=True)
             # "commit_request": this daemon answers `casfs umount`'s SIGUSR1 (an older one
             # would die of it)
             reg.write_text(json.dumps({"pid": os.getpid(), "mountpoint": str(mp), "volume": str(vol.path),
                                        "commit_request": True}))
             serve(fs, mp, fsname=f"casfs:{vol.name}", allow_other=opts.allow_other,
-                  on_ready=lambda: on_ready(notice), extra_options=opts.fuse_options)
+                  on_ready=lambda: on_ready(notice), extra_options=opts.fuse_options,
+                  observer=observer if observer.enabled else None)
         finally:
             _defer_exit_signals()
             try:
+                if metrics is not None:
+                    metrics.stop()
                 _close_or_rescue(fs, vol)
             finally:
                 if supervisor is not None:
                     supervisor.stop()
     finally:
+        close_audit(audit_handler)
         try:
             reg.unlink()
         except FileNotFoundError:
