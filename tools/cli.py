@@ -18,6 +18,7 @@ from cas.fs import DURABILITY_MODES
 from cas.volume import DEFAULT_CHUNK, DEFAULT_NAME, create_volume_dir, open_volume, volume_path
 
 from . import drivecmd, maint, mountcmd
+from . import findcmd
 from . import scrubcmd
 from .common import CasfsGroup, human, parse_size, user_errors
 
@@ -119,6 +120,7 @@ def umount(mountpoint: str, timeout: float) -> None:
 
 
 maint.register(main)
+findcmd.register(main)
 drivecmd.register(main)
 main.add_command(scrubcmd.scrub)
 
