@@ -106,6 +106,8 @@ class FileData:
         self.unsynced_bytes = 0   # bytes held in InodeData.unsynced, all states
         self._holding: dict[int, InodeData] = {}  # states with unsynced changes (by inode)
         self.epoch = 0            # counts reload_all calls (a flush must not span one)
+        self.flushed_bytes = 0    # bytes of non-hole slots committed by writeback, since start
+        self.new_chunk_bytes = 0  # of those, bytes stored as new chunks (the rest: deduplicated)
 
     def _add_dirty(self, st: InodeData, n: int) -> None:
         """Change ``st.dirty_bytes`` by ``n`` bytes, keeping :attr:`total_dirty` in step."""
@@ -528,6 +530,8 @@ class FileData:
         except _RowsMissing:
             return self._flush_many([st for st in states if not st.lost])
         pending = self.db.group_open  # joined the open group: keep the bytes until it commits
+        self.flushed_bytes += sum(len(d) for d in nonzero)
+        self.new_chunk_bytes += sum(len(chunk_data[c]) for c in stored)
         # committed: bring the RAM state in line
         for (st, new), canon in zip(plan, canons):
             if pending:
