@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
 import signal
 import subprocess
@@ -158,6 +159,36 @@ def test_stats_watch_shows_the_write_rate(casenv: CasEnv, mounted: Callable[...,
         if p.poll() is None:
             p.kill()
             p.wait()
+    # on a terminal: redrawn in place by rich (a table, cursor movements between reports)
+    text = _on_pty(casenv, "stats", "vol", "--watch", "--count", "2", "--interval", "0.3")
+    assert text.count("written (in)") >= 2 and "queue ETA" in text and "\x1b[" in text, text
     casenv.umount(mp)
     r = casenv.run("stats", "vol", "--watch", "--count", "1", check=False)
     assert r.returncode == 1 and "not mounted" in r.stderr
+
+
+def _on_pty(casenv: CasEnv, *args: str) -> str:
+    """Run `casfs ARGS` with a pseudo-terminal as stdin/stdout; its output, once it exited 0."""
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "tools.cli", *args], cwd=ROOT, env=dict(casenv.env, TERM="xterm"),
+                         stdin=slave, stdout=slave, stderr=subprocess.PIPE)
+    os.close(slave)
+    out = bytearray()
+    try:
+        while True:
+            try:
+                piece = os.read(master, 65536)
+            except OSError:          # EIO: the child closed the terminal
+                break
+            if not piece:
+                break
+            out += piece
+        assert p.wait(timeout=60) == 0, p.stderr.read() if p.stderr else ""
+    finally:
+        os.close(master)
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        if p.stderr:
+            p.stderr.close()
+    return out.decode(errors="replace")
