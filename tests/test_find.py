@@ -137,6 +137,10 @@ def test_find_matches_find1(casenv: CasEnv) -> None:
     assert r.returncode == 1 and "not a directory" in r.stderr
     r = casenv.run("find", "vol", "--size", "lots", check=False)
     assert r.returncode == 2 and "--size" in r.stderr
+    r = casenv.run("find", "vol", "--duplicates-of", "img", check=False)
+    assert r.returncode == 1 and "not a regular file" in r.stderr
+    r = casenv.run("find", "vol", "--status", "synced", check=False)
+    assert r.returncode == 1 and "no cloud tier" in r.stderr
     # unmounted: the same answers from the database alone
     before = cfind(casenv, "vol", "--type", "f", "--size", "+1000")
     casenv.umount(mp)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from cas import cloud
 from cas import du as du_mod
 from cas import find as find_mod
 from cas.errors import FsError, VolumeError
@@ -129,7 +130,14 @@ def find(where: tuple[str, ...], glob: str | None, size: str | None, mtime: str 
         start, mode = find_mod.resolve(meta.db, loc.inner)
         if mode & 0o170000 != 0o040000:
             raise FsError(f"{loc.shown or loc.inner}: not a directory", errno.ENOTDIR)
-        dup_ino = find_mod.resolve(meta.db, _inner_file(loc.volume, dup))[0] if dup is not None else None
+        dup_ino = None
+        if dup is not None:
+            dup_ino, dup_mode = find_mod.resolve(meta.db, _inner_file(loc.volume, dup))
+            if dup_mode & 0o170000 != 0o100000:
+                raise FsError(f"--duplicates-of {dup}: not a regular file", errno.EINVAL)
+        if status is not None and not cloud.enabled(meta.db):
+            raise VolumeError(f"volume {loc.volume.name} has no cloud tier: --status needs one "
+                              "(set it up with `casfs drive auth`)")
         q = find_mod.Query(start=start, name=glob, size=size_t, mtime=mtime_t, ftype=ftype, xattrs=tuple(xs),
                            duplicates_of=dup_ino, status=status)
         _print_hits(meta.db, q, os.fsencode(loc.shown), as_json, print0)
