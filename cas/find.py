@@ -5,7 +5,8 @@ entry to be printed, like find(1)'s expression with implicit ``-a``:
 
 - ``name``: a shell glob on the entry's last component (fnmatch(3) without flags, as
   find(1)'s ``-name``): ``*`` any bytes, ``?`` one byte, ``[abc]``, ``[a-z]``, ``[!a]``
-  one byte of (not of) a set, ``\\x`` the byte ``x``. Case-sensitive: names are
+  (or ``[^a]``, as glibc) one byte of (not of) a set, a reversed range matching nothing,
+  ``\\x`` the byte ``x``. Case-sensitive: names are
   VARBINARY (schema.sql), so LIKE and REGEXP compare bytes. A non-ASCII character is
   several bytes, so ``?`` and ``[...]`` do not match it; ``*`` does.
 - ``size``: (op, bytes) with op ``>``, ``<`` or ``=``; exact bytes (find(1)'s ``-size``
@@ -136,7 +137,12 @@ def glob_to_sql(glob: str) -> tuple[bytes, bytes | None]:
             if neg:
                 body = body[1:]
             like += b"_"
-            rx += b"[" + (b"^" if neg else b"") + re.sub(rb"([\\\[\]^])", rb"\\\1", body) + b"]"
+            cls = b"[" + (b"^" if neg else b"") + re.sub(rb"([\\\[\]^])", rb"\\\1", body) + b"]"
+            try:
+                re.compile(cls)
+            except re.error:     # a reversed range such as [z-a]: the set is empty
+                cls = b"(?!)"
+            rx += cls
             exact = False
             i = end
         else:
