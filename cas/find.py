@@ -137,7 +137,9 @@ def glob_to_sql(glob: str) -> tuple[bytes, bytes | None]:
             if neg:
                 body = body[1:]
             like += b"_"
-            cls = b"[" + (b"^" if neg else b"") + re.sub(rb"([\\\[\]^])", rb"\\\1", body) + b"]"
+            # every byte but ranges' '-' escaped: PCRE reads "[." "[:" "[=" in a set as
+            # POSIX collating elements and classes, which fnmatch here does not support
+            cls = b"[" + (b"^" if neg else b"") + re.sub(rb"([^A-Za-z0-9-])", rb"\\\1", body) + b"]"
             try:
                 re.compile(cls)
             except re.error:     # a reversed range such as [z-a]: the set is empty
