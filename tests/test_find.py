@@ -212,3 +212,6 @@ def test_find_status_follows_the_cloud_tier(casenv: CasEnv, drive_sim: DriveSim)
     assert cfind(casenv, "vol", "--status", "pending") == {"new"}
     assert cfind(casenv, "vol", "--status", "cloud-only") == {"up/f0", "up/f1"}
     assert cfind(casenv, "vol", "up", "--status", "pending") == set()
+    # stats --watch shows the stuck queue: one chunk, no upload rate, so no ETA
+    w = json.loads(casenv.run("stats", "vol", "--watch", "--json", "--count", "1", "--interval", "0.2").stdout)
+    assert w["queued_chunks"] == 1 and w["queued_bytes"] > CHUNK and w["eta_s"] is None, w

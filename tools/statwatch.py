@@ -8,7 +8,8 @@ fusefront/daemon.py) and shows, per second of the time between the two readings:
 - dedup: MiB/s of written-back data that was already stored (not stored again);
 - hit: the RAM cache's hit ratio over the interval (chunk reads; "-" without reads);
 - up: MiB/s uploaded to Drive; queue: chunks and bytes waiting for upload (from the
-  database) and the ETA at the interval's upload rate ("-" when nothing moved).
+  database) and the ETA at the upload rate of the last ETA_WINDOW reports (uploads
+  go a pack at a time, so one interval's rate jumps; "-" when nothing moved).
 
 On a terminal the figures are redrawn in place with rich; otherwise one line is printed
 per interval with a header first, for scripts and logs. Ctrl-C ends it with status 0;
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import deque
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +36,7 @@ from .common import human
 from .mountcmd import is_mounted
 
 MiB = 1 << 20
+ETA_WINDOW = 10   # reports whose uploaded bytes the ETA's rate is averaged over
 
 
 @dataclass(frozen=True)
@@ -82,9 +85,11 @@ def queue(meta: Metadata) -> tuple[int, int]:
     return int(n), int(b)
 
 
-def rates(prev: dict[str, Any], cur: dict[str, Any], queued: tuple[int, int]) -> Rates:
+def rates(prev: dict[str, Any], cur: dict[str, Any], queued: tuple[int, int],
+          eta_rate: float | None = None) -> Rates:
     """The rates between readings ``prev`` and ``cur`` (per second of the time between
-    them; all 0 when the mount wrote no new reading: nothing changed)."""
+    them; all 0 when the mount wrote no new reading: nothing changed). The ETA divides
+    the queued bytes by ``eta_rate`` (bytes/s; default: this interval's upload rate)."""
     dt = float(cur.get("time", 0)) - float(prev.get("time", 0))
 
     def per_s(key: str, scale: float = 1.0) -> float:
@@ -100,7 +105,8 @@ def rates(prev: dict[str, Any], cur: dict[str, Any], queued: tuple[int, int]) ->
         new = float(cur.get("new_chunk_bytes", 0)) - float(prev.get("new_chunk_bytes", 0))
         dedup = max(wb - new, 0.0) / dt / MiB
     up = per_s("cloud_uploaded_bytes", MiB)
-    eta = queued[1] / (up * MiB) if up > 0 else (0.0 if queued[1] == 0 else None)
+    speed = up * MiB if eta_rate is None else eta_rate
+    eta = queued[1] / speed if speed > 0 else (0.0 if queued[1] == 0 else None)
     return Rates(ops=per_s("ops"), in_mib=per_s("written_bytes", MiB), out_mib=per_s("read_bytes", MiB),
                  dedup_mib=dedup, hit_ratio=hits / (hits + misses) if hits + misses > 0 else None,
                  up_mib=up, queued_chunks=queued[0], queued_bytes=queued[1], eta_s=eta,
@@ -146,6 +152,8 @@ def watch(vol: Volume, interval: float, count: int | None, as_json: bool) -> Non
     with connect(vol) as meta:
         prev = read_live(vol)
         done = 0
+        started = time.monotonic()
+        uploads: deque[tuple[float, float]] = deque(maxlen=ETA_WINDOW)   # (seconds, bytes uploaded)
         live_view: Any = None
         try:
             if tty:
@@ -158,7 +166,12 @@ def watch(vol: Volume, interval: float, count: int | None, as_json: bool) -> Non
             while count is None or done < count:
                 time.sleep(interval)
                 cur = read_live(vol)
-                r = rates(prev, cur, queue(meta))
+                now = time.monotonic()
+                uploads.append((now - started, float(cur.get("cloud_uploaded_bytes", 0))
+                                - float(prev.get("cloud_uploaded_bytes", 0))))
+                started = now
+                span = sum(s for s, _ in uploads)
+                r = rates(prev, cur, queue(meta), sum(b for _, b in uploads) / span if span > 0 else None)
                 when = time.time()
                 if as_json:
                     click.echo(json.dumps({"time": round(when, 3), **r.as_dict()}))
