@@ -46,11 +46,15 @@ CREATE TABLE symlinks (
     target VARBINARY(4096) NOT NULL
 ) ENGINE=InnoDB;
 
+-- name_idx: `casfs find --xattr KEY[=VALUE]` over the whole volume (cas/find.py) reads
+-- the inodes holding an attribute from it instead of scanning the table (needs the schema
+-- migration that adds it: ALTER TABLE xattrs ADD KEY name_idx (name, value(64))).
 CREATE TABLE xattrs (
     inode BIGINT UNSIGNED NOT NULL,
     name VARBINARY(255) NOT NULL,
     value MEDIUMBLOB NOT NULL,
-    PRIMARY KEY (inode, name)
+    PRIMARY KEY (inode, name),
+    KEY name_idx (name, value(64))
 ) ENGINE=InnoDB;
 
 -- Chunks: id = SHA-256 of the plaintext. length = plaintext bytes; stored_length = bytes

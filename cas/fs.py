@@ -179,13 +179,21 @@ class Filesystem:
         self.dir_opens: dict[int, int] = {}  # directory inode -> open handles
         self.xattr_cache = XattrCache()  # bounded in bytes (cas/xattrs.py)
         self.cloud: CloudTier | None = None
+        # since mount, for the rates of `casfs stats --watch`: FUSE requests (counted by
+        # the FUSE layer), bytes the applications read and wrote
+        self.ops = 0
+        self.bytes_read = 0
+        self.bytes_written = 0
         # New chunks join the upload queue whenever the volume has a cloud tier, even
         # while this mount cannot reach it (the queue is drained by a later mount).
         self.chunks.enqueue = cloud_enabled(self.db)
 
     def runtime_stats(self) -> dict[str, float | int]:
         """Live counters of this mount, for `casfs stats`: the RAM cache's hits, misses,
-        hit ratio, size and capacity (bytes), evictions; cloud uploads and fetches."""
+        hit ratio, size and capacity (bytes), evictions; cloud uploads and fetches; since
+        mount: FUSE requests (``ops``), bytes read and written by applications, bytes
+        written back (non-hole slots) and, of those, bytes stored as new chunks (the rest
+        was deduplicated). O(open files)."""
         c = self.cache.stats()
         out: dict[str, float | int] = {
             "cache_hits": c.hits, "cache_misses": c.misses, "cache_hit_ratio": round(c.hit_ratio, 6),
@@ -195,6 +203,9 @@ class Filesystem:
             out.update(cloud_uploaded_packs=self.cloud.uploaded_packs,
                        cloud_uploaded_bytes=self.cloud.uploaded_bytes, cloud_fetches=self.cloud.fetches)
         out.update(self.writeback_stats())
+        out.update(ops=self.ops, read_bytes=self.bytes_read, written_bytes=self.bytes_written,
+                   writeback_bytes=self.data.new_bytes + self.data.dedup_bytes,
+                   new_chunk_bytes=self.data.new_bytes)
         return out
 
     def writeback_stats(self) -> dict[str, Any]:
@@ -752,7 +763,9 @@ class Filesystem:
         a chunk that failed verification or is missing is marked bad first (see
         :meth:`_mark_bad`)."""
         try:
-            return self.data.read(ino, offset, length)
+            out = self.data.read(ino, offset, length)
+            self.bytes_read += len(out)
+            return out
         except (IntegrityError, ChunkMissing):
             self._mark_bad()
             raise
@@ -774,7 +787,9 @@ class Filesystem:
             if offset >= MAX_FILE_SIZE:
                 raise FsError(f"write at {offset}: beyond the maximum file size", errno.EFBIG)
             data = data[:MAX_FILE_SIZE - offset]
-        return self.data.write(ino, offset, data)
+        n = self.data.write(ino, offset, data)
+        self.bytes_written += n
+        return n
 
     @_locked
     def fsync(self, ino: int) -> None:

@@ -5,7 +5,11 @@ Definitions (bytes):
   file counts once); what ``du --apparent-size`` would report.
 - referenced: the sum, over every manifest slot, of its chunk's plaintext length.
 - unique: the plaintext bytes of the chunks with refcount > 0 (each counted once).
-- stored: the envelope bytes of every chunk row (after compression), garbage included.
+- stored: the envelope bytes of every chunk row (after compression), garbage included;
+  ``live_stored`` counts the live chunks only (refcount > 0), ``garbage`` the rest
+  (refcount 0, awaiting gc). `casfs stats` prints live and garbage on their own lines.
+- dedup saved: logical - sparse - unique (bytes of file data not stored again because
+  an identical chunk was stored already).
 - sparse: the bytes of regular files that lie in holes (slots never written, or written
   all zeros): logical minus the files' ``data_bytes``. They are stored as nothing, so
   they are not deduplicated bytes.
@@ -49,6 +53,10 @@ class VolumeStats:
     sparse_bytes: int = 0         # bytes of files in holes (not stored, not deduplicated)
 
     @property
+    def dedup_saved_bytes(self) -> int:
+        return max(self.logical_bytes - self.sparse_bytes - self.unique_bytes, 0)
+
+    @property
     def dedup_ratio(self) -> float:
         data = self.logical_bytes - self.sparse_bytes
         return data / self.unique_bytes if self.unique_bytes else 1.0
@@ -61,6 +69,7 @@ class VolumeStats:
         d: dict[str, float | int] = dict(asdict(self))
         d["dedup_ratio"] = round(self.dedup_ratio, 6)
         d["compression_ratio"] = round(self.compression_ratio, 6)
+        d["dedup_saved_bytes"] = self.dedup_saved_bytes
         return d
 
 

@@ -35,7 +35,12 @@ WRITEBACK_INTERVAL_S = 0.5   # how often released files are committed (in one tr
 if "CASFS_WRITEBACK_INTERVAL_S" in os.environ:  # tests: hold a group open (tests/test_dbsup.py)
     WRITEBACK_INTERVAL_S = float(os.environ["CASFS_WRITEBACK_INTERVAL_S"])
 WRITEBACK_AGE_S = 5.0        # an open file's dirty buffer older than this is committed too
-STATS_INTERVAL_S = 2.0       # how often run/stats.json (live counters for `casfs stats`) is rewritten
+# run/stats.json (the live counters of `casfs stats` and `casfs stats --watch`) is rewritten
+# when a counter changed, at most every STATS_INTERVAL_S; the counters are looked at every
+# STATS_POLL_S, so the file is never older than the mount's state by more than
+# STATS_INTERVAL_S + STATS_POLL_S (0.75 s), busy or idle (docs/find.md, "Live figures")
+STATS_INTERVAL_S = 0.5
+STATS_POLL_S = 0.25
 STATS_FILE = "stats.json"
 SYNC_REQUEST = "sync.request"   # token of the last commit request of `casfs umount`
 SYNC_STATUS = "sync.json"       # the daemon's answer to it
@@ -74,21 +79,34 @@ async def _sync_requests(fs: Filesystem) -> None:
                 log.exception("cannot answer a commit request")
 
 
-def publish_stats(fs: Filesystem) -> None:
-    """Write the mount's live counters to ``run/stats.json`` (atomically)."""
+def publish_stats(fs: Filesystem, counters: dict[str, object] | None = None) -> None:
+    """Write the mount's live counters (``counters``, else :meth:`Filesystem.runtime_stats`)
+    to ``run/stats.json`` (atomically), with ``pid`` and ``time`` (s since the epoch)."""
     run = fs.meta.volume.run_dir
     tmp = run / (STATS_FILE + ".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "time": time.time(), **fs.runtime_stats()}))
+    data = fs.runtime_stats() if counters is None else counters
+    tmp.write_text(json.dumps({"pid": os.getpid(), "time": time.time(), **data}))
     os.replace(tmp, run / STATS_FILE)
 
 
 async def _publish(fs: Filesystem) -> None:
+    """Keep run/stats.json current: rewritten when the counters changed and the last
+    write is STATS_INTERVAL_S old, so at most twice a second while busy, and once more
+    when a workload ends (its final counters differ from the last written)."""
+    last: dict[str, object] | None = None
+    written = -STATS_INTERVAL_S
     while True:
-        try:
-            publish_stats(fs)
-        except OSError as exc:
-            log.warning("cannot write live stats: %s", exc)
-        await trio.sleep(STATS_INTERVAL_S)
+        now = time.monotonic()
+        if now - written >= STATS_INTERVAL_S:
+            counters: dict[str, object] = dict(fs.runtime_stats())
+            if counters != last:
+                try:
+                    publish_stats(fs, counters)
+                    last, written = counters, now
+                except OSError as exc:
+                    log.warning("cannot write live stats: %s", exc)
+                    written = now
+        await trio.sleep(STATS_POLL_S)
 
 
 async def _writeback(fs: Filesystem) -> None:

@@ -70,6 +70,7 @@ def _translate(fn: F) -> F:
     """Turn engine errors into FUSEError with the right errno (EIO for the unexpected)."""
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        args[0].fs.ops += 1  # the request rate of `casfs stats --watch`
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:

@@ -22,7 +22,10 @@ Measured for both volumes, in this order:
 * the mount daemon's VmRSS (``/proc/PID/status``; the pid comes from the mount
   registry) after 2 s idle; the MariaDB server's is printed beside it;
 * ``ls`` and ``ls -l`` of one directory (``scale``: d0000, PER-DIR entries) right
-  after a fresh mount, and the daemon's VmRSS after them.
+  after a fresh mount, and the daemon's VmRSS after them;
+* ``casfs find`` on the mounted ``scale`` volume (median of MOUNTS runs): a name glob
+  in d0000, and a whole-volume xattr query (every 10th file gets ``user.project``, every
+  100th inode with the value ``alpha``).
 
 With ``--data-home`` an existing directory is used (and kept) and a ``scale``
 volume already in it is measured without being filled again. Everything this
@@ -199,6 +202,59 @@ def fill(world: Scale, files: int, per_dir: int, progress: "Progress") -> None:
     (world.data_home / "scale.json").write_text(json.dumps({"files": files, "per_dir": per_dir}))
 
 
+def fill_xattrs(world: Scale, progress: "Progress") -> int:
+    """Give every 10th file of volume ``scale`` the xattr ``user.project``: ``alpha`` on
+    every 100th inode, ``beta`` on the others (unless it has them already). Returns the
+    number of ``alpha`` files, which `casfs find --xattr user.project=alpha` must print."""
+    from cas.meta import connect
+    from cas.volume import open_volume
+    meta = connect(open_volume("scale"))
+    try:
+        db = meta.db
+        if not db.query("SELECT 1 FROM xattrs WHERE name = 'user.project' LIMIT 1"):
+            progress("scale: setting user.project on every 10th file")
+            db.execute("INSERT INTO xattrs (inode, name, value) SELECT id, 'user.project', "
+                       "IF(id %% 100 = 0, 'alpha', 'beta') FROM inodes WHERE id %% 10 = 0 AND mode = %s",
+                       (REG_FILE,))
+        return int(db.query("SELECT COUNT(*) FROM xattrs WHERE name = 'user.project' AND value = 'alpha'")[0][0])
+    finally:
+        meta.close()
+
+
+def measure_find(world: Scale, runs: int, progress: "Progress") -> dict[str, float | int | None]:
+    """`casfs find` on the mounted scale volume (wall time of the command, median of
+    ``runs``): a name glob in one directory (d0000, PER-DIR entries) and a whole-volume
+    xattr query; with the number of paths each printed."""
+    alpha = fill_xattrs(world, progress)
+    mp = world.scratch / "scale-find-mnt"
+    world.mount("scale", mp)
+    out: dict[str, float | int | None] = {"find_xattr_expected": alpha}
+    try:
+        for key, args in (("find_name", ["d0000", "--name", "f00001*"]),
+                          ("find_xattr", ["--xattr", "user.project=alpha"])):
+            times = []
+            for _ in range(runs):
+                progress(f"scale: casfs find {' '.join(args)}")
+                t0 = time.perf_counter()
+                r = world.cli("find", "scale", *args)
+                times.append(time.perf_counter() - t0)
+            out[f"{key}_s"] = statistics.median(times)
+            out[f"{key}_paths"] = len(r.stdout.splitlines())
+    finally:
+        world.umount(mp)
+    return out
+
+
+def _find_rows(f: dict[str, float | int | None] | None) -> list[str]:
+    """Report rows of :func:`measure_find` (targets: < 1 s and < 5 s, issue 11)."""
+    if not f:
+        return []
+    return [
+        f"| {'find d0000 --name f00001* (%s paths) (s)' % f['find_name_paths']:<47} | {'-':>12} | {_fmt_s(f['find_name_s']):>12} |",
+        f"| {'find --xattr user.project=alpha (%s) (s)' % f['find_xattr_paths']:<47} | {'-':>12} | {_fmt_s(f['find_xattr_s']):>12} |",
+    ]
+
+
 # ----------------------------------------------------------------------------- measuring
 
 
@@ -268,6 +324,7 @@ def report(args: argparse.Namespace, res: dict[str, dict[str, float | int | None
         f"| {'ls of d0000 (%s entries) after mount (s)' % s.get('ls_entries', '-'):<47} | {'-':>12} | {_fmt_s(s.get('ls_s')):>12} |",
         f"| ls -l of d0000 (s)                              | {'-':>12} | {_fmt_s(s.get('ls_l_s')):>12} |",
         f"| daemon VmRSS after ls + ls -l (MiB)             | {'-':>12} | {_fmt_mib(s.get('rss_after_ls_kib')):>12} |",
+        *_find_rows(res.get("find")),
         "",
         f"scale volume: {files:,} files of 4 KiB sharing one chunk, in directories of {per_dir:,}; "
         f"RAM chunk cache configured: {args.cache_size} (it fills only on reads).",
@@ -311,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         shape = json.loads((data_home / "scale.json").read_text())
         res["empty"] = measure(world, "empty", None, args.mounts, progress)
         res["scale"] = measure(world, "scale", "d0000", args.mounts, progress)
+        res["find"] = measure_find(world, args.mounts, progress)
     finally:
         world.cleanup()
         if world.mounted:

@@ -22,6 +22,7 @@ from cas.volume import DEFAULT_CHUNK, DEFAULT_NAME, create_volume_dir, open_volu
 from fusefront.metrics import parse_listen
 
 from . import drivecmd, maint, mountcmd
+from . import findcmd
 from . import scrubcmd
 from . import statuscmd
 from .common import human, parse_size, user_errors
@@ -181,6 +182,7 @@ def umount(mountpoint: str, timeout: float) -> None:
 
 
 maint.register(main)
+findcmd.register(main)
 drivecmd.register(main)
 main.add_command(scrubcmd.scrub)
 statuscmd.register(main, drivecmd.drive)

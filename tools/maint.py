@@ -25,6 +25,7 @@ from cas.safety import DEFAULT_GRACE_S
 from cas.volume import DEFAULT_NAME, Volume, open_volume
 from fusefront.daemon import STATS_FILE
 
+from . import statwatch
 from .common import human, open_tier, user_errors
 from .mountcmd import is_mounted
 from .progress import progress
@@ -32,11 +33,19 @@ from .progress import progress
 
 @click.command()
 @click.argument("volume", default=DEFAULT_NAME)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (with --watch: one per interval).")
+@click.option("--watch", is_flag=True, help="Show the mount's rates every --interval seconds until Ctrl-C: "
+              "ops/s, MiB/s written and read, dedup saved, cache hit ratio, upload rate, queue and ETA.")
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds between --watch reports.")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="Stop --watch after N reports.")
 @user_errors
-def stats(volume: str, as_json: bool) -> None:
+def stats(volume: str, as_json: bool, watch: bool = False, interval: float = 1.0, count: int | None = None) -> None:
     """Show VOLUME's files, logical/unique/stored bytes and dedup ratio."""
     vol = open_volume(volume)
+    if watch:
+        statwatch.watch(vol, interval, count, as_json)
+        return
     with connect(vol) as meta:
         s = stats_mod.collect(meta)
     live = _live_stats(vol)
@@ -48,17 +57,23 @@ def stats(volume: str, as_json: bool) -> None:
         d["rescue_bytes"] = rescue_bytes
         click.echo(json.dumps(d, sort_keys=True))
         return
+    # live figures first, each line a part of the one above it; garbage (chunks at
+    # refcount 0 that gc has not deleted yet) on its own line, never inside stored bytes
     rows = [
         ("files", f"{s.files} ({s.directories} directories, {s.symlinks} symlinks)"),
-        ("logical bytes", f"{human(s.logical_bytes)} ({s.logical_bytes})"),
-        ("sparse bytes", f"{human(s.sparse_bytes)} ({s.sparse_bytes}, in holes: not stored)"),
-        ("unique bytes", f"{human(s.unique_bytes)} ({s.unique_bytes})"),
-        ("stored bytes", f"{human(s.stored_bytes)} ({s.stored_bytes}, after compression)"),
-        ("dedup ratio", f"{s.dedup_ratio:.3f}"),
-        ("compression ratio", f"{s.compression_ratio:.3f}"),
-        ("chunks", f"{s.chunks} ({s.live_chunks} live, {s.garbage_chunks} awaiting gc, "
-                   f"{human(s.garbage_bytes)})"),
-        ("chunk size", human(s.chunk_size)),
+        ("logical bytes", f"{human(s.logical_bytes)} ({s.logical_bytes}): the sizes of the files"),
+        ("sparse bytes", f"{human(s.sparse_bytes)} ({s.sparse_bytes}): in holes, not stored "
+                         "(not counted as dedup)"),
+        ("dedup saved", f"{human(s.dedup_saved_bytes)} ({s.dedup_saved_bytes}): data stored once "
+                        "for several places"),
+        ("unique bytes", f"{human(s.unique_bytes)} ({s.unique_bytes}): live chunks, before compression"),
+        ("stored bytes", f"{human(s.live_stored_bytes)} ({s.live_stored_bytes}): live chunks, "
+                         "after compression"),
+        ("dedup ratio", f"{s.dedup_ratio:.3f} (logical - sparse) / unique"),
+        ("compression ratio", f"{s.compression_ratio:.3f} unique / stored"),
+        ("live chunks", f"{s.live_chunks} (chunk size {human(s.chunk_size)})"),
+        ("garbage", f"{s.garbage_chunks} chunks, {human(s.garbage_bytes)} ({s.garbage_bytes}) stored: "
+                    "no longer referenced, freed by `casfs gc` after the grace period"),
         ("local store", f"{human(s.local_bytes)} ({s.local_bytes})"),
         ("cloud", f"{human(s.cloud_bytes)} in {s.cloud_packs} packs; live chunks: {s.local_only_chunks} "
                   f"local only, {s.both_chunks} local and cloud, {s.cloud_only_chunks} cloud only; "
