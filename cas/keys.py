@@ -257,7 +257,10 @@ def unwrap_master(table: dict[str, Any], passphrase: str | None, key_file: Path 
                 if w.get("kdf") != "scrypt":
                     raise VolumeError(f"[encryption] table: unknown kdf {w.get('kdf')!r}")
                 salt = _unb64(w.get("salt"), "salt")
-                params = (int(w["n"]), int(w["r"]), int(w["p"]))
+                try:
+                    params = (int(w["n"]), int(w["r"]), int(w["p"]))
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise VolumeError(f"[encryption] table: bad scrypt parameters: {exc}") from exc
                 key = (salt, *params)
                 if key not in kek_cache:
                     try:
@@ -326,11 +329,13 @@ def audit_unlock_failure(volume: Volume, message: str) -> None:
 
 def unlock(volume: Volume, passphrase: str | None = None, key_file: Path | None = None,
            interactive: bool = False) -> VolumeKeys | None:
-    """The keys of ``volume``, or None for an unencrypted volume.
+    """The keys of ``volume``, or None for an unencrypted volume; also stored in
+    ``volume.keys``, where the engine's chunk codec finds them (cas.envelope.codec_for).
 
     Secrets in order: ``key_file``; ``passphrase``; $CASFS_PASSPHRASE; a prompt on the
-    terminal when ``interactive`` and stdin is a TTY. Raises WrongPassphrase (after the
-    audit event, :func:`audit_unlock_failure`) when they do not unlock it, VolumeError
+    terminal when ``interactive`` and stdin is a TTY. Raises WrongPassphrase when none is
+    given, or (after the audit event, :func:`audit_unlock_failure`) when the one given
+    does not unlock it; VolumeError
     when the table is malformed or belongs to another volume (its uuid differs).
     """
     table = volume.encryption
@@ -343,8 +348,13 @@ def unlock(volume: Volume, passphrase: str | None = None, key_file: Path | None 
         passphrase = passphrase_from_env_or_file(None)
         if passphrase is None and interactive and sys.stdin.isatty():
             passphrase = getpass.getpass(f"Passphrase of volume {volume.name}: ")
+    if not passphrase and key_file is None:   # nothing was tried: not an authentication failure
+        raise WrongPassphrase(f"volume {volume.name} is encrypted: give its passphrase (CASFS_PASSPHRASE, "
+                              "--passphrase-file, or a terminal to ask on) or --key-file")
     try:
-        return unwrap(table, passphrase, key_file)
+        keys = unwrap(table, passphrase, key_file)
     except WrongPassphrase as exc:
         audit_unlock_failure(volume, str(exc))
         raise
+    volume.keys = keys
+    return keys

@@ -24,12 +24,15 @@ import tomllib
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomli_w
 
 from .envelope import parse_codec
 from .errors import VolumeError
+
+if TYPE_CHECKING:
+    from .keys import VolumeKeys
 
 CONFIG_FORMAT = 1
 MIN_CHUNK = 64 * 1024
@@ -76,6 +79,8 @@ class Volume:
     drive: dict[str, object] = field(default_factory=dict)   # the [drive] table (cas.cloud.CloudConfig)
     mount: dict[str, object] = field(default_factory=dict)   # the [mount] table: defaults of `casfs mount`
     encryption: dict[str, Any] = field(default_factory=dict)  # the [encryption] table (cas.keys); {} = plain
+    # the unlocked keys of an encrypted volume (cas.keys.unlock sets them; never saved)
+    keys: VolumeKeys | None = field(default=None, repr=False, compare=False)
 
     @property
     def embedded(self) -> bool:
@@ -123,6 +128,8 @@ class Volume:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             tomli_w.dump(cfg, f)
+            f.flush()
+            os.fsync(f.fileno())   # the [encryption] table: a torn volume.toml loses the data
         os.replace(tmp, self.path / "volume.toml")
 
 

@@ -20,6 +20,7 @@ from cas.objstore import DailyLimit
 from cas.volume import DEFAULT_NAME, Volume, open_volume, write_private
 
 from .common import human, open_tier, parse_size, user_errors
+from .keycmd import key_options, unlock_volume
 from .mountcmd import is_mounted
 
 DRIVE_SCOPES = ["https://www.googleapis.com/auth/drive.file"]
@@ -195,6 +196,7 @@ def _age(seconds: float) -> str:
 @click.argument("volume", default=DEFAULT_NAME)
 @click.option("--timeout", default=None, type=float, help="Give up after this many seconds.")
 @click.option("--drive-endpoint", default=None, metavar="URL", help="Override the volume's endpoint.")
+@key_options
 @user_errors
 def push(volume: str, timeout: float | None, drive_endpoint: str | None) -> None:
     """Upload everything queued now, without waiting for a full pack (safe while mounted).
@@ -203,6 +205,7 @@ def push(volume: str, timeout: float | None, drive_endpoint: str | None) -> None
     named as such ("daily upload limit"): retrying before it resets is pointless.
     """
     vol = open_volume(volume)
+    unlock_volume(vol)
     with connect(vol) as meta:
         tier = open_tier(meta, drive_endpoint)
         try:
@@ -223,6 +226,7 @@ def push(volume: str, timeout: float | None, drive_endpoint: str | None) -> None
 @click.option("--lazy", is_flag=True, help="Only mark missing chunks as cloud-only; reads fetch them.")
 @click.option("--all", "everything", is_flag=True, help="Also bring back chunks evicted on purpose.")
 @click.option("--drive-endpoint", default=None, metavar="URL", help="Override the volume's endpoint.")
+@key_options
 @user_errors
 def restore(volume: str, lazy: bool, everything: bool, drive_endpoint: str | None) -> None:
     """Rebuild VOLUME's local chunk store from Drive, given its database.
@@ -234,6 +238,7 @@ def restore(volume: str, lazy: bool, everything: bool, drive_endpoint: str | Non
     vol = open_volume(volume)
     if is_mounted(vol):
         raise VolumeError(f"volume {vol.name} is mounted: unmount it before `casfs restore`")
+    unlock_volume(vol)
     vol.chunk_dir.mkdir(parents=True, exist_ok=True)
     with connect(vol) as meta:
         tier = open_tier(meta, drive_endpoint)
