@@ -135,6 +135,13 @@ def test_encrypted_volume_keeps_no_plaintext_locally_or_on_drive(casenv: CasEnv,
     casenv.umount(mp)
     assert json.loads(casenv.run("fsck", "--json", "vol").stdout)["clean"]
 
+    # every local chunk evicted: reads open the envelopes inside Drive's packs
+    mp = casenv.mount("vol", mp, "--local-limit", "0")
+    wait_for(lambda: json.loads(casenv.run("stats", "--json", "vol").stdout)["local_bytes"] == 0,
+             "eviction of every local chunk", timeout=120, interval=0.3)
+    assert compare_trees(src, mp / "t", mtimes=False) == []
+    casenv.umount(mp)
+
 
 def one_line_error(r: Any) -> str:
     assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
