@@ -13,6 +13,8 @@ import json
 import os
 import random
 import shutil
+import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,8 @@ import pytest
 from tests.conftest import CasEnv
 from tests.drivesim_fixture import drive_sim  # noqa: F401
 from tests.treeutil import compare_trees
-from tests.waiting import wait_for
+from tests.test_writeback import _close_errno, _grow, _write, store_tmpfs  # noqa: F401
+from tests.waiting import wait_exit, wait_for
 from tools.drivesim import FOLDER_MIME, DriveSim
 
 CHUNK = 64 * 1024
@@ -216,3 +219,29 @@ def test_wrong_passphrase_passwd_key_file_and_a_damaged_chunk(casenv: CasEnv) ->
     r = casenv.run("scrub", "--restart", "--json", "--key-file", str(key_file), "vol", check=False)
     assert r.returncode == 1, r.stderr
     assert victim.name in json.dumps(json.loads(r.stdout))
+
+
+def test_rescue_records_of_an_encrypted_volume_hold_no_plaintext(
+        casenv: CasEnv, store_tmpfs: Callable[[str, str], Path]) -> None:
+    casenv.env["CASFS_PASSPHRASE"] = PASS
+    init_encrypted(casenv)
+    t = store_tmpfs("vol", "4m")
+    mp = casenv.mount("vol")
+    big = os.urandom(8 << 20)
+    fd = _write(mp / "big.bin", big)
+    assert _close_errno(fd) == errno.ENOSPC           # the store is full: the data stays in RAM
+    pid = casenv.daemon_pid(mp)
+    os.kill(pid, signal.SIGTERM)                      # exits spilling it to the rescue area
+    wait_exit(pid)
+    records = list((casenv.data_home / "vol" / "rescue").iterdir())
+    assert len(records) == 1 and records[0].name.endswith(".rec"), records
+    blob = records[0].read_bytes()
+    assert len(blob) > len(big)
+    # every offset of the first 256 KiB, and 4096 windows spread over the rest
+    probes = [big[:256 << 10]] + [big[i:i + 32] for i in range(256 << 10, len(big) - 32, len(big) // 4096)]
+    assert not plaintext_runs_found(probes, [blob])
+    _grow(t, "64m")
+    r = casenv.run("mount", str(mp), "vol")
+    assert "replayed 1 files" in r.stderr, r.stderr
+    assert (mp / "big.bin").read_bytes() == big
+    casenv.umount(mp)
