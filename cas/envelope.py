@@ -28,7 +28,6 @@ import hashlib
 import os
 import struct
 import threading
-
 from typing import TYPE_CHECKING
 
 import zstandard
