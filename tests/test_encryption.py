@@ -137,6 +137,9 @@ def test_encrypted_volume_keeps_no_plaintext_locally_or_on_drive(casenv: CasEnv,
     assert compare_trees(src, mp / "t", mtimes=False) == []
     casenv.umount(mp)
     assert json.loads(casenv.run("fsck", "--json", "vol").stdout)["clean"]
+    scrubbed = json.loads(casenv.run("scrub", "--cloud", "--rate", "0", "--json", "vol").stdout)
+    assert scrubbed["local"]["checked"] == len(ids) and not scrubbed["local"]["bad"], scrubbed
+    assert scrubbed["cloud"]["checked"] == len(entries) and not scrubbed["cloud"]["bad"], scrubbed
 
     # every local chunk evicted: reads open the envelopes inside Drive's packs
     mp = casenv.mount("vol", mp, "--local-limit", "0")
