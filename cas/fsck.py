@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .envelope import open_envelope
+from .envelope import codec_for
 from .errors import ChunkMissing, IntegrityError
 from .meta import Metadata
 from .store import LocalStore
@@ -59,6 +59,7 @@ def check(meta: Metadata, repair: bool = False, verify: bool = True,
     database snapshot), ``progress`` with 1 per live chunk checked."""
     db = meta.db
     store = LocalStore(meta.volume.chunk_dir)
+    envelope = codec_for(meta.volume)
 
     def snapshot(cur: Any) -> tuple[Any, ...]:
         cur.execute("SELECT c.id, c.refcount, COUNT(m.chunk) FROM chunks c "
@@ -100,7 +101,7 @@ def check(meta: Metadata, repair: bool = False, verify: bool = True,
         try:
             blob = store.get(cid)
             if verify:
-                open_envelope(blob, cid)
+                envelope.open(blob, cid)
         except ChunkMissing:
             if cid in in_cloud:
                 cloud_only += 1   # evicted, or lost locally: reads fetch it (casfs restore)

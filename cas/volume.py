@@ -7,6 +7,7 @@ A volume is a directory ``$XDG_DATA_HOME/casfs/NAME/`` (``~/.local/share`` when 
                   [mount] (defaults of `casfs mount`: durability = "group" | "immediate"),
                   [meta] (TLS to an external server, cas.metatls)
                   [audit] (the audit log: level, max_bytes, backups; cas.audit.AuditConfig)
+                  [encryption] (wrapped master key of an encrypted volume, cas.keys)
     chunks/       the local chunk store (cas.store)
     mysql/        datadir of the embedded MariaDB server (embedded volumes only)
     run/          socket (or sockdir: where a long path's socket lives), lock files,
@@ -25,11 +26,15 @@ import tomllib
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import tomli_w
 
 from .envelope import parse_codec
 from .errors import VolumeError
+
+if TYPE_CHECKING:
+    from .keys import VolumeKeys
 
 CONFIG_FORMAT = 1
 MIN_CHUNK = 64 * 1024
@@ -77,6 +82,9 @@ class Volume:
     mount: dict[str, object] = field(default_factory=dict)   # the [mount] table: defaults of `casfs mount`
     meta_tls: dict[str, object] = field(default_factory=dict)  # the [meta] table: TLS (cas/metatls.py)
     audit: dict[str, object] = field(default_factory=dict)   # the [audit] table (cas.audit.AuditConfig)
+    encryption: dict[str, Any] = field(default_factory=dict)  # the [encryption] table (cas.keys); {} = plain
+    # the unlocked keys of an encrypted volume (cas.keys.unlock sets them; never saved)
+    keys: VolumeKeys | None = field(default=None, repr=False, compare=False)
 
     @property
     def embedded(self) -> bool:
@@ -122,10 +130,14 @@ class Volume:
             cfg["meta"] = dict(self.meta_tls)
         if self.audit:
             cfg["audit"] = dict(self.audit)
+        if self.encryption:
+            cfg["encryption"] = dict(self.encryption)
         tmp = self.path / "volume.toml.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             tomli_w.dump(cfg, f)
+            f.flush()
+            os.fsync(f.fileno())   # the [encryption] table: a torn volume.toml loses the data
         os.replace(tmp, self.path / "volume.toml")
 
 
@@ -163,6 +175,7 @@ def open_volume(name: str) -> Volume:
             mount=dict(cfg.get("mount", {})),
             meta_tls=dict(cfg.get("meta", {})),
             audit=dict(cfg.get("audit", {})),
+            encryption=dict(cfg.get("encryption", {})),
         )
         parse_codec(vol.compression)
     except (KeyError, ValueError) as exc:

@@ -9,10 +9,11 @@ import logging
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import click
 
-from cas import metatls
+from cas import keys, metatls
 from cas.audit import LEVELS as AUDIT_LEVELS
 from cas.meta import initialize
 from cas.errors import VolumeError
@@ -22,7 +23,7 @@ from cas.volume import DEFAULT_CHUNK, DEFAULT_NAME, create_volume_dir, open_volu
 from fusefront.metrics import parse_listen
 
 from . import drivecmd, maint, mountcmd
-from . import findcmd
+from . import findcmd, keycmd
 from . import scrubcmd
 from . import statuscmd
 from .common import human, parse_size, user_errors
@@ -34,17 +35,26 @@ from .fstab import CasfsMainGroup, MountCommand, kernel_flags
 def main() -> None:
     """casfs: a deduplicating FUSE filesystem (SHA-256 chunks, zstd, MySQL metadata)."""
     logging.basicConfig(level=logging.WARNING, format="casfs: %(levelname)s: %(message)s")
+    # audit events (records with an ``audit`` dict) are for the audit log, not the user's
+    # terminal: the command's own one-line error already tells the user
+    for h in logging.getLogger().handlers:
+        h.addFilter(lambda r: not hasattr(r, "audit"))
 
 
 def init_volume(name: str, chunk_size: int, compression: str, meta: str,
-                tls: dict[str, object] | None = None) -> None:
+                tls: dict[str, object] | None = None,
+                encrypt: tuple[str | None, Path | None] | None = None) -> None:
     """Create volume ``name`` (directory, config, database); undo the directory on failure.
-    ``tls``: the volume.toml ``[meta]`` table (cas/metatls.py), for an external server."""
+    ``tls``: the volume.toml ``[meta]`` table (cas/metatls.py), for an external server;
+    ``encrypt`` (passphrase, key file): an encrypted volume (cas.keys)."""
     existed = volume_path(name).exists()
     vol = create_volume_dir(name, chunk_size, compression, meta)
     if tls:
         vol.meta_tls = dict(tls)
     try:
+        if encrypt is not None:
+            vol.encryption = keys.new_encryption_table(keys.new_master_key(), encrypt[0], encrypt[1],
+                                                       volume_uuid=vol.uuid)
         initialize(vol, os.getuid(), os.getgid())
         vol.save()
     except BaseException:
@@ -71,17 +81,33 @@ def init_volume(name: str, chunk_size: int, compression: str, meta: str,
               help="PEM client certificate for the --meta server (with --tls-key).")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None, metavar="FILE",
               help="PEM key of --tls-cert.")
+@click.option("--encrypt", is_flag=True,
+              help="Encrypt every chunk (AES-256-GCM, keyed BLAKE3 ids) under a random master key "
+                   "wrapped by a passphrase (prompt, $CASFS_PASSPHRASE or --passphrase-file) and/or "
+                   "--key-file. A lost passphrase and key file mean lost data. docs/security.md.")
+@click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --encrypt: also wrap the master key under this key file (created if missing).")
+@click.option("--passphrase-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --encrypt: read the passphrase from this file (first line).")
 @click.argument("name", default=DEFAULT_NAME)
 @user_errors
 def init(chunk_size: str, compression: str, meta: str, name: str, tls_mode: str | None = None,
-         tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None) -> None:
+         tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+         encrypt: bool = False, key_file: Path | None = None, passphrase_file: Path | None = None) -> None:
     """Create volume NAME (default: "default")."""
     size = parse_size(chunk_size)
+    if not encrypt and (key_file is not None or passphrase_file is not None):
+        raise click.UsageError("--key-file and --passphrase-file need --encrypt")
     tls = tls_table(meta, tls_mode, tls_ca, tls_cert, tls_key)
-    init_volume(name, size, compression, meta, tls)
+    secrets = keycmd.new_secrets(key_file, passphrase_file) if encrypt else None
+    init_volume(name, size, compression, meta, tls, secrets)
     vol = open_volume(name)
+    enc = ""
+    if vol.encryption:
+        kinds = " and ".join(str(w["kind"]).replace("keyfile", "key file") for w in vol.encryption["wraps"])
+        enc = f", encrypted (unlocks with its {kinds}; `casfs key export` prints a backup of the key)"
     click.echo(f"created volume {vol.name} at {vol.path} (chunk size {human(vol.chunk_size)}, "
-               f"{vol.compression}, metadata: {vol.meta_url or 'embedded MariaDB'})")
+               f"{vol.compression}, metadata: {vol.meta_url or 'embedded MariaDB'}{enc})")
 
 
 def tls_table(meta: str, mode: str | None, ca: str | None, cert: str | None,
@@ -131,6 +157,7 @@ def tls_table(meta: str, mode: str | None, ca: str | None, cert: str | None,
                    "volume.toml [audit] level, else changes.")
 @click.option("--debug", is_flag=True, help="Debug logging.")
 @click.option("--fuse-option", "fuse_options", multiple=True, hidden=True)  # kernel flags from -o
+@keycmd.key_options
 @user_errors
 def mount(mountpoint: str, volume: str, foreground: bool, allow_other: bool, cache_size: str,
           local_limit: str | None, drive_endpoint: str | None, durability: str | None,
@@ -159,6 +186,7 @@ def mount(mountpoint: str, volume: str, foreground: bool, allow_other: bool, cac
         init_volume(DEFAULT_NAME, DEFAULT_CHUNK, "zstd:3", "")
         vol = open_volume(DEFAULT_NAME)
         click.echo(f"created the default volume at {vol.path}", err=True)
+    keycmd.unlock_volume(vol)   # before the daemon forks: it inherits vol.keys
     opts = mountcmd.MountOptions(allow_other=allow_other, cache_bytes=cache,
                                  local_limit=None if local_limit is None else parse_size(local_limit),
                                  drive_endpoint=drive_endpoint, durability=durability,
@@ -186,6 +214,7 @@ findcmd.register(main)
 drivecmd.register(main)
 main.add_command(scrubcmd.scrub)
 statuscmd.register(main, drivecmd.drive)
+main.add_command(keycmd.key)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,6 +20,7 @@ from cas.objstore import DailyLimit
 from cas.volume import DEFAULT_NAME, Volume, open_volume, write_private
 
 from .common import human, open_tier, parse_size, user_errors
+from .keycmd import key_options, unlock_volume
 from .mountcmd import is_mounted
 from .progress import progress
 
@@ -197,6 +198,7 @@ def _age(seconds: float) -> str:
 @click.option("--timeout", default=None, type=float, help="Give up after this many seconds.")
 @click.option("--drive-endpoint", default=None, metavar="URL", help="Override the volume's endpoint.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object; no progress.")
+@key_options
 @user_errors
 def push(volume: str, timeout: float | None, drive_endpoint: str | None, as_json: bool = False) -> None:
     """Upload everything queued now, without waiting for a full pack (safe while mounted).
@@ -206,6 +208,7 @@ def push(volume: str, timeout: float | None, drive_endpoint: str | None, as_json
     named as such ("daily upload limit"): retrying before it resets is pointless.
     """
     vol = open_volume(volume)
+    unlock_volume(vol)
     with connect(vol) as meta:
         tier = open_tier(meta, drive_endpoint)
         try:
@@ -232,6 +235,7 @@ def push(volume: str, timeout: float | None, drive_endpoint: str | None, as_json
 @click.option("--all", "everything", is_flag=True, help="Also bring back chunks evicted on purpose.")
 @click.option("--drive-endpoint", default=None, metavar="URL", help="Override the volume's endpoint.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object; no progress.")
+@key_options
 @user_errors
 def restore(volume: str, lazy: bool, everything: bool, drive_endpoint: str | None, as_json: bool = False) -> None:
     """Rebuild VOLUME's local chunk store from Drive, given its database.
@@ -245,6 +249,7 @@ def restore(volume: str, lazy: bool, everything: bool, drive_endpoint: str | Non
     vol = open_volume(volume)
     if is_mounted(vol):
         raise VolumeError(f"volume {vol.name} is mounted: unmount it before `casfs restore`")
+    unlock_volume(vol)
     vol.chunk_dir.mkdir(parents=True, exist_ok=True)
     with connect(vol) as meta:
         tier = open_tier(meta, drive_endpoint)

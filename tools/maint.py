@@ -27,6 +27,7 @@ from fusefront.daemon import STATS_FILE
 
 from . import statwatch
 from .common import human, open_tier, user_errors
+from .keycmd import key_options, unlock_volume
 from .mountcmd import is_mounted
 from .progress import progress
 
@@ -120,12 +121,14 @@ def _live_stats(vol: Volume) -> dict[str, Any] | None:
                    "unrecorded) before it is deleted.")
 @click.option("--drive-endpoint", default=None, metavar="URL", help="Override the volume's Drive endpoint.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object; no progress.")
+@key_options
 @user_errors
 def gc(volume: str, dry_run: bool, grace: float, drive_endpoint: str | None, as_json: bool = False) -> None:
     """Delete chunks no file references, then empty, sparse and orphan packs on Drive
     (safe while mounted). Shows progress (chunks and files examined; then packs and
     Drive objects) on stderr."""
     vol = open_volume(volume)
+    unlock_volume(vol)
     with connect(vol) as meta:
         with progress("gc", unit="chunks", json_mode=as_json) as p:
             r = gc_mod.collect(meta, grace_s=grace, dry_run=dry_run, progress=p, on_total=p.set_total)
@@ -163,6 +166,7 @@ def gc(volume: str, dry_run: bool, grace: float, drive_endpoint: str | None, as_
 @click.option("--cloud", "check_cloud", is_flag=True,
               help="Also check that every pack the database names is on Drive with its recorded size "
                    "(and md5), and list the files that depend on any that is not.")
+@key_options
 @user_errors
 def fsck(volume: str, repair: bool, no_verify: bool, as_json: bool, check_cloud: bool = False) -> None:
     """Check refcounts, link counts, and every referenced chunk's presence and hash.
@@ -170,6 +174,7 @@ def fsck(volume: str, repair: bool, no_verify: bool, as_json: bool, check_cloud:
     Exits 1 when a problem is found and not repaired.
     """
     vol = open_volume(volume)
+    unlock_volume(vol)
     if repair and is_mounted(vol):
         raise click.ClickException(f"volume {vol.name} is mounted: unmount it before `casfs fsck --repair`")
     with connect(vol) as meta:
