@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .chunks import ChunkManager, net_deltas
+from .chunks import REMOTE_AHEAD_BYTES, ChunkManager, net_deltas
 from .errors import CasError, FsError, NotFound
 from .meta import Database
 
@@ -80,6 +80,7 @@ class InodeData:
 
 
 READAHEAD_SLOTS = 4  # slots loaded ahead of a sequential reader
+REMOTE_VERIFY_SLOTS = 8  # the same while it reads evicted chunks: more verify in parallel
 WRITEBACK_RETRY_S = 2.0      # a failed writeback is retried after this, doubling per failure
 WRITEBACK_RETRY_MAX_S = 30.0 # ... up to this (fsync, close and `casfs umount` retry at once)
 
@@ -262,8 +263,13 @@ class FileData:
         cs = self.cs
         if offset == st.read_end:  # sequential: load the next slots in the background
             first = (end - 1) // cs + 1
-            self.chunks.prefetch(st.manifest[s] for s in range(first, first + READAHEAD_SLOTS)
+            remote = self.chunks.remote_reading()   # evicted chunks: GETs ahead (docs/cloud.md)
+            self.chunks.prefetch(st.manifest[s] for s in range(first, first + (REMOTE_VERIFY_SLOTS if remote
+                                                                               else READAHEAD_SLOTS))
                                  if s in st.manifest and s not in st.dirty)
+            if remote:
+                self.chunks.prefetch_remote(st.manifest[s] for s in range(first, first + REMOTE_AHEAD_BYTES // cs + 1)
+                                            if s in st.manifest and s not in st.dirty)
         st.read_end = end
         parts: list[bytes | bytearray | memoryview] = []
         pos = offset
