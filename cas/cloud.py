@@ -35,7 +35,7 @@ import secrets
 import socket
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 PACK_PREFIX = "casfs-pack-"
 AHEAD_MAX = 64 << 20    # bytes of pack read-ahead kept in RAM
+AHEAD_STALE_S = 30.0    # read-ahead bytes unread this long are dropped (they hold the budget)
 EVICT_INTERVAL_S = 2.0  # how often the mount's thread checks the local limit
 LEASE_S = 600            # an uploading pack belongs to its owner this long without renewal
 _CLAIM_BATCH = 5000
@@ -326,6 +327,7 @@ class CloudTier:
         self._ahead_pending = 0       # their bytes
         self.ahead_failures = 0       # fetch_ahead GETs that failed (the reads fetched on their own)
         self.last_fetch_at = -1e9     # time.monotonic() of the last fetch (a read that missed locally)
+        self._ahead_log: deque[tuple[float, bytes]] = deque()   # (time buffered, chunk), oldest first
         self._stop = threading.Event()
         self._kick = threading.Event()
         self._thread: threading.Thread | None = None
@@ -444,6 +446,7 @@ class CloudTier:
                     if c not in self._ahead:
                         self._ahead[c] = data[p - start:p - start + n]
                         self._ahead_bytes += n
+                        self._ahead_log.append((time.monotonic(), c))
                 while self._ahead_bytes > AHEAD_MAX:
                     _, old = self._ahead.popitem(last=False)
                     self._ahead_bytes -= len(old)
@@ -471,14 +474,16 @@ class CloudTier:
         it does its own :meth:`fetch`, with its retries. Returns the GETs started.
         Never raises for a store or database error (logged)."""
         limit = self.cfg.fetch_ahead
+        cand = list(dict.fromkeys(cids))
         with self._read_lock:
+            self._drop_stale()
             # refill in steps of fetch_span: waiting until that much of the budget is free
             # lets the GETs be large (one small GET per chunk read would make the link's
             # latency, not its bandwidth, the bound)
             if limit <= 0 or self._ahead_gets >= limit \
                     or AHEAD_MAX - self._ahead_pending - self._ahead_bytes < min(self.cfg.fetch_span, AHEAD_MAX // 2):
                 return 0
-            wanted = [c for c in dict.fromkeys(cids) if c not in self._inflight and c not in self._ahead]
+            wanted = [c for c in cand if c not in self._inflight and c not in self._ahead]
         wanted = [c for c in wanted if self.store.stat(c) is None]   # local ones need no GET
         if not wanted:
             return 0
@@ -524,6 +529,17 @@ class CloudTier:
             started += 1
         return started
 
+    def _drop_stale(self) -> None:
+        """Drop read-ahead bytes buffered more than AHEAD_STALE_S ago (a reader that
+        stopped, or span tails nobody needed), so they do not hold the budget of
+        :meth:`fetch_ahead` forever. Caller holds ``_read_lock``."""
+        old = time.monotonic() - AHEAD_STALE_S
+        while self._ahead_log and self._ahead_log[0][0] < old:
+            _, c = self._ahead_log.popleft()
+            blob = self._ahead.pop(c, None)
+            if blob is not None:
+                self._ahead_bytes -= len(blob)
+
     def _locate_many(self, cids: list[bytes]) -> dict[bytes, tuple[str, int, int]]:
         """chunk id -> (pack object id, offset, length in bytes) of the confirmed cloud
         copies of ``cids`` (ids without one are left out). Raises MetaError."""
@@ -560,6 +576,7 @@ class CloudTier:
                     if c not in self._ahead:
                         self._ahead[c] = data[p - start:p - start + n]
                         self._ahead_bytes += n
+                        self._ahead_log.append((time.monotonic(), c))
                 while self._ahead_bytes > AHEAD_MAX:
                     _, old = self._ahead.popitem(last=False)
                     self._ahead_bytes -= len(old)

@@ -80,7 +80,6 @@ class InodeData:
 
 
 READAHEAD_SLOTS = 4  # slots loaded ahead of a sequential reader
-REMOTE_VERIFY_SLOTS = 8  # the same while it reads evicted chunks: more verify in parallel
 WRITEBACK_RETRY_S = 2.0      # a failed writeback is retried after this, doubling per failure
 WRITEBACK_RETRY_MAX_S = 30.0 # ... up to this (fsync, close and `casfs umount` retry at once)
 
@@ -263,11 +262,9 @@ class FileData:
         cs = self.cs
         if offset == st.read_end:  # sequential: load the next slots in the background
             first = (end - 1) // cs + 1
-            remote = self.chunks.remote_reading()   # evicted chunks: GETs ahead (docs/cloud.md)
-            self.chunks.prefetch(st.manifest[s] for s in range(first, first + (REMOTE_VERIFY_SLOTS if remote
-                                                                               else READAHEAD_SLOTS))
+            self.chunks.prefetch(st.manifest[s] for s in range(first, first + READAHEAD_SLOTS)
                                  if s in st.manifest and s not in st.dirty)
-            if remote:
+            if self.chunks.remote_reading():   # evicted chunks: GETs ahead (docs/cloud.md)
                 self.chunks.prefetch_remote(st.manifest[s] for s in range(first, first + REMOTE_AHEAD_BYTES // cs + 1)
                                             if s in st.manifest and s not in st.dirty)
         st.read_end = end
