@@ -327,7 +327,9 @@ class CloudTier:
         self._ahead_pending = 0       # their bytes
         self.ahead_failures = 0       # fetch_ahead GETs that failed (the reads fetched on their own)
         self.last_fetch_at = -1e9     # time.monotonic() of the last fetch (a read that missed locally)
-        self._ahead_log: deque[tuple[float, bytes]] = deque()   # (time buffered, chunk), oldest first
+        # (time buffered, chunk), oldest first; bounded: past it the oldest are only
+        # dropped by the buffer's own size limit
+        self._ahead_log: deque[tuple[float, bytes]] = deque(maxlen=1 << 16)
         self._stop = threading.Event()
         self._kick = threading.Event()
         self._thread: threading.Thread | None = None
@@ -468,9 +470,9 @@ class CloudTier:
         GET of at most ``fetch_span`` bytes; the GETs start in file order. Bounds: at
         most ``fetch_ahead`` GETs in flight, and their bytes plus the read-ahead buffer
         at most AHEAD_MAX; nothing starts until ``fetch_span`` bytes of that budget are
-        free, so that a steady reader is served by large GETs. The bytes land in that buffer as unverified envelopes;
-        :meth:`fetch` hands them out and the caller verifies them as any fetched
-        envelope. A GET that fails is tried once only and dropped: a read that needed
+        free, so that a steady reader is served by large GETs. The bytes land in that
+        buffer as unverified envelopes; :meth:`fetch` hands them out and the caller
+        verifies them as any fetched envelope. A GET that fails is tried once only and dropped: a read that needed
         it does its own :meth:`fetch`, with its retries. Returns the GETs started.
         Never raises for a store or database error (logged)."""
         limit = self.cfg.fetch_ahead

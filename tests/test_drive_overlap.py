@@ -14,6 +14,8 @@ from pathlib import Path
 
 import tomli_w
 
+from cas.meta import connect
+from cas.volume import open_volume
 from tests.conftest import CasEnv
 from tests.test_drive import drained, fsync_tree, setup_volume, stats, wait_for
 from tools.drivesim import DriveSim
@@ -65,8 +67,6 @@ def test_cold_sequential_read_overlaps_gets_and_survives_failed_read_ahead(
     assert stats(casenv)["cloud_packs"] >= 40
     # the uploader packed the file's chunks in file order (they were queued in one
     # writeback, i.e. in chunk id order): a pack holds consecutive slots, in order
-    from cas.meta import connect
-    from cas.volume import open_volume
     with connect(open_volume("vol")) as meta:
         slots = [int(r[0]) for r in meta.db.query(
             "SELECT m.slot FROM pack_entries e JOIN manifests m ON m.chunk = e.chunk ORDER BY e.pack, e.pos")]
@@ -89,6 +89,10 @@ def test_cold_sequential_read_overlaps_gets_and_survives_failed_read_ahead(
     drive_sim.inject("slow", probability=1.0, match="download", delay=DELAY_S)
     assert read_sequentially(mp / "f") == data
     assert drive_sim.counters.faults.get("server_error", 0) == 4
+    # at least one of those was a GET ahead (the reader's own GETs at that moment are at
+    # most the two of the local read-ahead): dropped, said so in the mount's log
+    log_text = (open_volume("vol").log_dir / "mount.log").read_text(errors="replace")
+    assert "cloud read-ahead of pack object" in log_text and "the reads fetch on their own" in log_text
     # the chunks read were kept locally again and verify: fsck finds nothing wrong
     drive_sim.clear_faults()
     casenv.umount(mp)
