@@ -160,6 +160,14 @@ class ChunkManager:
         return (cloud is not None and cloud.cfg.fetch_ahead > 0
                 and time.monotonic() - cloud.last_fetch_at < REMOTE_RECENT_S)
 
+    def evicted(self, cid: bytes | None) -> bool:
+        """True when chunk ``cid`` would come from the cloud tier (not in the RAM cache,
+        no local file) and the tier overlaps its GETs: a read of a file's start that
+        will miss, so :meth:`prefetch_remote` can start before its own fetch. One stat."""
+        cloud = self.cloud
+        return (cid is not None and cloud is not None and cloud.cfg.fetch_ahead > 0
+                and cid not in self.cache and self.store.stat(cid) is None)
+
     def prefetch_remote(self, cids: Iterable[bytes]) -> int:
         """Overlapped cold reads: offer the chunks a sequential reader needs next (file
         order, up to REMOTE_AHEAD_BYTES) to :meth:`CloudTier.fetch_ahead`, which keeps

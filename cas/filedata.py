@@ -267,6 +267,9 @@ class FileData:
             if self.chunks.remote_reading():   # evicted chunks: GETs ahead (docs/cloud.md)
                 self.chunks.prefetch_remote(st.manifest[s] for s in range(first, first + REMOTE_AHEAD_BYTES // cs + 1)
                                             if s in st.manifest and s not in st.dirty)
+        elif offset == 0 and self.chunks.evicted(st.manifest.get(0)):   # a cold read from the start
+            self.chunks.prefetch_remote(st.manifest[s] for s in range(0, REMOTE_AHEAD_BYTES // cs + 1)
+                                        if s in st.manifest and s not in st.dirty)
         st.read_end = end
         parts: list[bytes | bytearray | memoryview] = []
         pos = offset

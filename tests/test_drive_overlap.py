@@ -89,8 +89,8 @@ def test_cold_sequential_read_overlaps_gets_and_survives_failed_read_ahead(
     drive_sim.inject("slow", probability=1.0, match="download", delay=DELAY_S)
     assert read_sequentially(mp / "f") == data
     assert drive_sim.counters.faults.get("server_error", 0) == 4
-    # at least one of those was a GET ahead (the reader's own GETs at that moment are at
-    # most the two of the local read-ahead): dropped, said so in the mount's log
+    # those were GETs ahead (a read from the file's start sends them before its own
+    # fetch): dropped, said so in the mount's log
     log_text = (open_volume("vol").log_dir / "mount.log").read_text(errors="replace")
     assert "cloud read-ahead of pack object" in log_text and "the reads fetch on their own" in log_text
     # the chunks read were kept locally again and verify: fsck finds nothing wrong
