@@ -22,7 +22,7 @@ from tools.drivesim import DriveSim
 
 CHUNK = 64 * 1024
 FILE_SIZE = 8 << 20          # 128 chunks, 3 to a pack of 256 KiB: 43 packs
-DELAY_S = 1.0                # drivesim's answer delay for every download
+DELAY_S = 2.0                # drivesim answers every download this late (s)
 # Before, the only GETs running at once were the local read-ahead's (4 chunks ahead) and
 # the reader's own: at most 5 or 6. Now up to fetch_ahead (16) more.
 MANY_IN_FLIGHT = 10
