@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 Plain = bytes | bytearray  # chunk plaintext as buffered (never modified while in use)
 _IN_BATCH = 500
 READAHEAD_MAX = 16  # chunk loads under way or waiting to be collected
+REMOTE_AHEAD_BYTES = 64 << 20  # bytes of a file offered to the cloud read-ahead (cas.cloud.AHEAD_MAX)
+REMOTE_RECENT_S = 5.0  # a read missed locally this recently: sequential readers use prefetch_remote
 
 
 def _batches(items: list[Any], n: int = _IN_BATCH) -> Iterable[list[Any]]:
@@ -150,6 +153,32 @@ class ChunkManager:
                 if len(self._readahead) >= READAHEAD_MAX:
                     return
             self._readahead[cid] = self.io_pool.submit(self._load_from_store, cid)
+
+    def remote_reading(self) -> bool:
+        """True when a read of this mount missed locally and went to the cloud tier in the
+        last REMOTE_RECENT_S seconds (and the tier overlaps its GETs): the cheap gate
+        before :meth:`prefetch_remote`, so reads of local files pay nothing."""
+        cloud = self.cloud
+        return (cloud is not None and cloud.cfg.fetch_ahead > 0
+                and time.monotonic() - cloud.last_fetch_at < REMOTE_RECENT_S)
+
+    def evicted(self, cid: bytes | None) -> bool:
+        """True when chunk ``cid`` would come from the cloud tier (not in the RAM cache,
+        no local file) and the tier overlaps its GETs: a read of a file's start that
+        will miss, so :meth:`prefetch_remote` can start before its own fetch. One stat."""
+        cloud = self.cloud
+        return (cid is not None and cloud is not None and cloud.cfg.fetch_ahead > 0
+                and cid not in self.cache and self.store.stat(cid) is None)
+
+    def prefetch_remote(self, cids: Iterable[bytes]) -> int:
+        """Overlapped cold reads: offer the chunks a sequential reader needs next (file
+        order, up to REMOTE_AHEAD_BYTES) to :meth:`CloudTier.fetch_ahead`, which keeps
+        several ranged GETs in flight for the evicted ones. Chunks in the RAM cache or
+        under local read-ahead are skipped. Their envelopes are verified, kept locally
+        and cached by :meth:`load` as for any cloud read. Returns the GETs started."""
+        if self.cloud is None:
+            return 0
+        return self.cloud.fetch_ahead(c for c in cids if c not in self.cache and c not in self._readahead)
 
     def _load_from_store(self, cid: bytes) -> bytes:
         """Load and verify ``cid`` from the local store, else from the cloud tier. A chunk

@@ -35,8 +35,9 @@ import secrets
 import socket
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 
 PACK_PREFIX = "casfs-pack-"
 AHEAD_MAX = 64 << 20    # bytes of pack read-ahead kept in RAM
+AHEAD_STALE_S = 30.0    # read-ahead bytes unread this long are dropped (they hold the budget)
 EVICT_INTERVAL_S = 2.0  # how often the mount's thread checks the local limit
 LEASE_S = 600            # an uploading pack belongs to its owner this long without renewal
 _CLAIM_BATCH = 5000
@@ -83,6 +85,7 @@ class CloudConfig:
     pause_s: float = 3600.0
     upload_chunk: int = 8 << 20
     fetch_span: int = 8 << 20
+    fetch_ahead: int = 16  # ranged GETs kept in flight for a sequential reader (0: none ahead)
 
     @classmethod
     def from_volume(cls, volume: Volume) -> "CloudConfig":
@@ -98,7 +101,8 @@ class CloudConfig:
                 setattr(cfg, k, type(cur)(v))
             except (TypeError, ValueError) as exc:
                 raise VolumeError(f"volume {volume.name}: bad [drive] {k} = {v!r}") from exc
-        if cfg.pack_size < 1 or not 0 <= cfg.repack_threshold <= 1 or cfg.read_attempts < 1:
+        if cfg.pack_size < 1 or not 0 <= cfg.repack_threshold <= 1 or cfg.read_attempts < 1 \
+                or cfg.fetch_ahead < 0:
             raise VolumeError(f"volume {volume.name}: bad [drive] values {raw}")
         if not cfg.folder:
             cfg.folder = f"casfs-{volume.uuid}"
@@ -132,6 +136,27 @@ def forget_sql(cur: Any, cid: bytes) -> None:
     """Drop a deleted chunk's queue row and cloud location (caller holds its row lock)."""
     cur.execute("DELETE FROM upload_queue WHERE chunk = %s", (cid,))
     cur.execute("DELETE FROM pack_entries WHERE chunk = %s", (cid,))
+
+
+def file_order(cur: Any, queued: list[tuple[bytes, Any]]) -> list[bytes]:
+    """The chunk ids of ``queued`` ((chunk id, queued time) in queue order) ordered by
+    queued time, then by the first place a file holds them (inode, slot; chunks no file
+    holds last): the chunks one writeback queued together go into packs in file order,
+    so a sequential read of an evicted file finds its chunks back to back in a pack and
+    fetches them with few, large ranged GETs (docs/cloud.md, "Reading evicted
+    chunks"). Without it they would be in chunk id (hash) order. One query on ``cur``."""
+    if len(queued) <= 1:
+        return [c for c, _ in queued]
+    where: dict[bytes, tuple[int, int]] = {}
+    ids = [c for c, _ in queued]
+    for i in range(0, len(ids), 1000):
+        cur.execute("SELECT m.chunk, m.inode, MIN(m.slot) FROM manifests m JOIN "
+                    "(SELECT chunk, MIN(inode) AS ino FROM manifests WHERE chunk IN %s GROUP BY chunk) f "
+                    "ON f.chunk = m.chunk AND f.ino = m.inode GROUP BY m.chunk, m.inode", (ids[i:i + 1000],))
+        for c, ino, slot in cur.fetchall():
+            where[bytes(c)] = (int(ino), int(slot))
+    last = (1 << 64, 0)
+    return [c for _, _, c in sorted((q, where.get(c, last), c) for c, q in queued)]
 
 
 def owner_id() -> str:
@@ -300,6 +325,14 @@ class CloudTier:
         self._ahead: OrderedDict[bytes, bytes] = OrderedDict()   # pack read-ahead (envelopes)
         self._ahead_bytes = 0
         self._inflight: dict[bytes, threading.Event] = {}   # chunk -> download under way
+        self._ahead_pool: ThreadPoolExecutor | None = None   # fetch_ahead's GETs
+        self._ahead_gets = 0          # fetch_ahead GETs in flight
+        self._ahead_pending = 0       # their bytes
+        self.ahead_failures = 0       # fetch_ahead GETs that failed (the reads fetched on their own)
+        self.last_fetch_at = -1e9     # time.monotonic() of the last fetch (a read that missed locally)
+        # (time buffered, chunk), oldest first; bounded: past it the oldest are only
+        # dropped by the buffer's own size limit
+        self._ahead_log: deque[tuple[float, bytes]] = deque(maxlen=1 << 16)
         self._stop = threading.Event()
         self._kick = threading.Event()
         self._thread: threading.Thread | None = None
@@ -323,6 +356,9 @@ class CloudTier:
     def close(self) -> None:
         """Stop the background thread, record pending local marks, close the connections."""
         self.stop()
+        if self._ahead_pool is not None:
+            self._ahead_pool.shutdown(wait=True, cancel_futures=True)
+            self._ahead_pool = None
         try:
             self.flush_local_marks()
         except CasError as exc:
@@ -378,6 +414,7 @@ class CloudTier:
         Retries transient errors ``read_attempts`` times with short backoff; raises
         ChunkMissing (EIO) when the chunk has no cloud copy or the store cannot give it.
         """
+        self.last_fetch_at = time.monotonic()
         while True:
             with self._read_lock:
                 blob = self._ahead.pop(cid, None)
@@ -421,6 +458,7 @@ class CloudTier:
                     if c not in self._ahead:
                         self._ahead[c] = data[p - start:p - start + n]
                         self._ahead_bytes += n
+                        self._ahead_log.append((time.monotonic(), c))
                 while self._ahead_bytes > AHEAD_MAX:
                     _, old = self._ahead.popitem(last=False)
                     self._ahead_bytes -= len(old)
@@ -431,6 +469,137 @@ class CloudTier:
                     if self._inflight.get(c) is done:
                         del self._inflight[c]
             done.set()
+
+    def fetch_ahead(self, cids: Iterable[bytes]) -> int:
+        """Start ranged GETs, in background threads, for the evicted chunks among ``cids``
+        (the chunks a sequential reader needs next, in file order): the overlapped cold
+        read of docs/cloud.md, "Reading evicted chunks".
+
+        The chunks not local, not buffered and not already downloading are located in
+        one query; those that sit back to back in one pack are merged into one ranged
+        GET of at most ``fetch_span`` bytes; the GETs start in file order. Bounds: at
+        most ``fetch_ahead`` GETs in flight, and their bytes plus the read-ahead buffer
+        at most AHEAD_MAX; nothing starts until ``fetch_span`` bytes of that budget are
+        free, so that a steady reader is served by large GETs. The bytes land in that
+        buffer as unverified envelopes; :meth:`fetch` hands them out and the caller
+        verifies them as any fetched envelope. A GET that fails is tried once only and dropped: a read that needed
+        it does its own :meth:`fetch`, with its retries. Returns the GETs started.
+        Never raises for a store or database error (logged)."""
+        limit = self.cfg.fetch_ahead
+        cand = list(dict.fromkeys(cids))
+        with self._read_lock:
+            self._drop_stale()
+            # refill in steps of fetch_span: waiting until that much of the budget is free
+            # lets the GETs be large (one small GET per chunk read would make the link's
+            # latency, not its bandwidth, the bound)
+            if limit <= 0 or self._ahead_gets >= limit \
+                    or AHEAD_MAX - self._ahead_pending - self._ahead_bytes < min(self.cfg.fetch_span, AHEAD_MAX // 2):
+                return 0
+            wanted = [c for c in cand if c not in self._inflight and c not in self._ahead]
+        wanted = [c for c in wanted if self.store.stat(c) is None]   # local ones need no GET
+        if not wanted:
+            return 0
+        try:
+            where = self._locate_many(wanted)
+        except CasError as exc:
+            log.warning("cloud read-ahead: %s", exc)
+            return 0
+        at = {(oid, pos): (cid, length) for cid, (oid, pos, length) in where.items()}
+        runs: list[tuple[str, list[tuple[bytes, int, int]]]] = []
+        taken: set[bytes] = set()
+        for cid in wanted:   # file order: each run starts at the first chunk not yet taken
+            if cid in taken or cid not in where:
+                continue
+            oid, pos, length = where[cid]
+            run = [(cid, pos, length)]
+            taken.add(cid)
+            end = pos + length
+            while (oid, end) in at and at[(oid, end)][0] not in taken \
+                    and end + at[(oid, end)][1] - pos <= self.cfg.fetch_span:
+                nxt, n = at[(oid, end)]
+                run.append((nxt, end, n))
+                taken.add(nxt)
+                end += n
+            runs.append((oid, run))
+        started = 0
+        for oid, run in runs:
+            total = run[-1][1] + run[-1][2] - run[0][1]
+            done = threading.Event()
+            with self._read_lock:
+                if self._ahead_gets >= limit or self._ahead_pending + self._ahead_bytes + total > AHEAD_MAX:
+                    break
+                if any(c in self._inflight or c in self._ahead for c, _, _ in run):
+                    continue   # a read's own fetch got there meanwhile
+                for c, _, _ in run:
+                    self._inflight[c] = done
+                self._ahead_gets += 1
+                self._ahead_pending += total
+                if self._ahead_pool is None:
+                    self._ahead_pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="casfs-fetch")
+                pool = self._ahead_pool
+            pool.submit(self._get_ahead, oid, run, done)
+            started += 1
+        return started
+
+    def _drop_stale(self) -> None:
+        """Drop read-ahead bytes buffered more than AHEAD_STALE_S ago (a reader that
+        stopped, or span tails nobody needed), so they do not hold the budget of
+        :meth:`fetch_ahead` forever. Caller holds ``_read_lock``."""
+        old = time.monotonic() - AHEAD_STALE_S
+        while self._ahead_log and self._ahead_log[0][0] < old:
+            _, c = self._ahead_log.popleft()
+            blob = self._ahead.pop(c, None)
+            if blob is not None:
+                self._ahead_bytes -= len(blob)
+
+    def _locate_many(self, cids: list[bytes]) -> dict[bytes, tuple[str, int, int]]:
+        """chunk id -> (pack object id, offset, length in bytes) of the confirmed cloud
+        copies of ``cids`` (ids without one are left out). Raises MetaError."""
+        out: dict[bytes, tuple[str, int, int]] = {}
+        with self._read_lock:
+            if self._read_db is None:
+                self._read_db = Database(self.target)
+            for i in range(0, len(cids), 500):
+                for c, oid, pos, length in self._read_db.query(
+                        "SELECT e.chunk, p.object_id, e.pos, e.length FROM pack_entries e "
+                        "JOIN packs p ON p.id = e.pack WHERE p.state = 'confirmed' AND e.chunk IN %s",
+                        (cids[i:i + 500],)):
+                    out[bytes(c)] = (str(oid), int(pos), int(length))
+        return out
+
+    def _get_ahead(self, oid: str, span: list[tuple[bytes, int, int]], done: threading.Event) -> None:
+        """One GET of :meth:`fetch_ahead` (a background thread): the span's envelopes go
+        into the read-ahead buffer; on any error nothing does (one attempt, logged)."""
+        start = span[0][1]
+        total = span[-1][1] + span[-1][2] - start
+        data: bytes | None = None
+        try:
+            data = self.objects.get(oid, start, total)
+            if len(data) != total:
+                raise ObjectStoreError(f"got {len(data)} of {total} bytes")
+        except Exception as exc:  # noqa: BLE001 - a failed read-ahead only costs the reads a GET
+            log.info("cloud read-ahead of pack object %s (%d bytes at %d) failed, the reads "
+                     "fetch on their own: %s", oid, total, start, exc)
+            data = None
+        with self._read_lock:
+            if data is not None:
+                self.fetches += 1
+                for c, p, n in span:
+                    if c not in self._ahead:
+                        self._ahead[c] = data[p - start:p - start + n]
+                        self._ahead_bytes += n
+                        self._ahead_log.append((time.monotonic(), c))
+                while self._ahead_bytes > AHEAD_MAX:
+                    _, old = self._ahead.popitem(last=False)
+                    self._ahead_bytes -= len(old)
+            else:
+                self.ahead_failures += 1
+            for c, _, _ in span:
+                if self._inflight.get(c) is done:
+                    del self._inflight[c]
+            self._ahead_gets -= 1
+            self._ahead_pending -= total
+        done.set()
 
     def keep_local(self, cid: bytes, blob: bytes) -> None:
         """Store a verified fetched envelope locally again (no fsync: the cloud holds the
@@ -515,9 +684,9 @@ class CloudTier:
         def body(cur: Any) -> tuple[int, str, list[tuple[bytes, int, int]]] | None:
             cur.execute("DELETE q FROM upload_queue q JOIN pack_entries e ON e.chunk = q.chunk "
                         "WHERE q.pack IS NULL")
-            cur.execute("SELECT chunk FROM upload_queue WHERE pack IS NULL ORDER BY queued, chunk "
+            cur.execute("SELECT chunk, queued FROM upload_queue WHERE pack IS NULL ORDER BY queued, chunk "
                         "LIMIT %s FOR UPDATE SKIP LOCKED", (_CLAIM_BATCH,))
-            ids = [bytes(r[0]) for r in cur.fetchall()]
+            ids = file_order(cur, [(bytes(r[0]), r[1]) for r in cur.fetchall()])
             layout: list[tuple[bytes, int, int]] = []
             pos = 0
             missing: list[bytes] = []

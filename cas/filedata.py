@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .chunks import ChunkManager, net_deltas
+from .chunks import REMOTE_AHEAD_BYTES, ChunkManager, net_deltas
 from .errors import CasError, FsError, NotFound
 from .meta import Database
 
@@ -269,6 +269,12 @@ class FileData:
             first = (end - 1) // cs + 1
             self.chunks.prefetch(st.manifest[s] for s in range(first, first + READAHEAD_SLOTS)
                                  if s in st.manifest and s not in st.dirty)
+            if self.chunks.remote_reading():   # evicted chunks: GETs ahead (docs/cloud.md)
+                self.chunks.prefetch_remote(st.manifest[s] for s in range(first, first + REMOTE_AHEAD_BYTES // cs + 1)
+                                            if s in st.manifest and s not in st.dirty)
+        elif offset == 0 and self.chunks.evicted(st.manifest.get(0)):   # a cold read from the start
+            self.chunks.prefetch_remote(st.manifest[s] for s in range(0, REMOTE_AHEAD_BYTES // cs + 1)
+                                        if s in st.manifest and s not in st.dirty)
         st.read_end = end
         parts: list[bytes | bytearray | memoryview] = []
         pos = offset

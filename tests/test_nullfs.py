@@ -16,6 +16,7 @@ from typing import Iterator
 
 import pytest
 
+from tests.conftest import CasEnv
 from tools.bench import child_env, is_fuse_mounted, mounted_fstype, wait_mounted
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -179,10 +180,37 @@ def _table_rows(text: str) -> dict[str, list[str]]:
     return rows
 
 
+def make_small_tree(root: Path) -> int:
+    """A tiny tree for the small-file rows: files in two levels and a symlink; returns
+    the number of files and symlinks."""
+    (root / "sub").mkdir(parents=True)
+    for i in range(12):
+        (root / ("sub" if i % 2 else ".") / f"f{i}").write_bytes(os.urandom(100 * i + 1))
+    os.symlink("f0", root / "link")
+    return 13
+
+
+def latency_rows(size_mib: int) -> list[str]:
+    return [f"{op}, {phase}, {q} (ms, lower is better)"
+            for phase in ("idle", f"during a {size_mib} MiB streaming write")
+            for op in ("stat of a cached file", "open + read 4 KiB + close, cached file",
+                       "create + close of a new file")
+            for q in ("p50", "p99")]
+
+
+def small_file_rows(n: int) -> list[str]:
+    return [f"ls -lR of the --tree tree ({n} files), cold (entries/s)",
+            f"read every file of the --tree tree ({n} files), cold (files/s)",
+            f"tar -xf of the --tree tree ({n} files) (files/s)",
+            "git clone of a local bare repository (files checked out/s)"]
+
+
 def test_bench_native_and_null(tmp_path: Path) -> None:
     out = tmp_path / "report.txt"
+    tree_files = make_small_tree(tmp_path / "tree")
     r = subprocess.run(
         [sys.executable, "-m", "tools.bench", "--size-mib", "8", "--files", "200",
+         "--latency-samples", "30", "--small-files", "--tree", str(tmp_path / "tree"),
          "--only", "native,null", "--out", str(out), "--workdir", str(tmp_path), "--quiet"],
         cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -217,17 +245,42 @@ def test_bench_native_and_null(tmp_path: Path) -> None:
         "create 200 x 4 KiB files + fsync dir, --audit off (files/s)",
         "create 200 x 4 KiB files + fsync dir, --audit changes (files/s)",
     ]
-    assert list(rows) == expected + immediate + audit
+    small = small_file_rows(tree_files)
+    assert list(rows) == expected + immediate + audit + latency_rows(8) + small
+    assert "latency: 30 samples per operation" in report
     for label, cells in rows.items():
         native, null, casfs, r_null, r_native = cells
         if label in immediate + audit:
             assert native == null == casfs == r_null == r_native == "-", label
+            continue
+        if label.startswith("git clone"):   # the null fs reads back zeros: no git there
+            assert float(native.replace(",", "")) > 0 and null == casfs == "-", label
             continue
         assert float(native.replace(",", "")) > 0, label
         assert float(null.replace(",", "")) > 0, label
         assert casfs == r_null == r_native == "-", label
 
     # Everything cleaned up: no mount left, scratch directory removed.
+    with open("/proc/self/mounts") as f:
+        assert str(tmp_path) not in f.read()
+    assert not list(tmp_path.glob("casfs-bench-*"))
+
+
+def test_bench_casfs_latency_and_small_file_rows(tmp_path: Path, casenv: CasEnv) -> None:
+    """The casfs column of the latency and small-file rows at a tiny size (its cold
+    remounts, the background writer on a mount, git clone into casfs), so they cannot rot."""
+    tree_files = make_small_tree(tmp_path / "tree")
+    r = subprocess.run(
+        [sys.executable, "-m", "tools.bench", "--size-mib", "4", "--files", "50",
+         "--latency-samples", "20", "--small-files", "--tree", str(tmp_path / "tree"),
+         "--only", "casfs", "--workdir", str(tmp_path), "--quiet",
+         "--casfs-init-arg=--meta", f"--casfs-init-arg={casenv.meta_url(f'bench{os.getpid()}')}"],
+        cwd=REPO_ROOT, env=casenv.env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = _table_rows(r.stdout)
+    for label in latency_rows(4) + small_file_rows(tree_files):
+        native, null, casfs, r_null, r_native = rows[label]
+        assert native == null == "-" and float(casfs.replace(",", "")) > 0, label
     with open("/proc/self/mounts") as f:
         assert str(tmp_path) not in f.read()
     assert not list(tmp_path.glob("casfs-bench-*"))

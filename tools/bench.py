@@ -4,6 +4,7 @@ Usage::
 
     python -m tools.bench [--size-mib 1024] [--files 10000] [--out FILE]
                           [--only native,null,casfs] [--chunk-size N] [--extra] [--encrypt]
+                          [--latency-samples N] [--small-files [--tree DIR]]
 
 One run measures three targets with the same workloads and the same data:
 
@@ -57,6 +58,20 @@ With ``--extra``, two more:
 With ``--encrypt``: new write, cold read and small-file creation on fresh unencrypted
 and encrypted (``casfs init --encrypt``) casfs volumes, two of each in ABBA order, the
 best of each kind and the ratio encrypted / plain (docs/encryption.md).
+
+Latency rows (``--latency-samples N``, default 2,000; 0 leaves them out): p50 and p99
+(nearest rank, ``time.perf_counter_ns``, in ms) of ``stat`` of a cached file, ``open`` +
+``read`` of 4 KiB + ``close`` of it, and ``create`` + ``close`` of a new file, interleaved,
+N samples each: idle, then while another process rewrites a SIZE MiB file with 1 MiB
+writes of new random data and ``fsync`` over and over. Lower is better; casfs/null
+above 1 is slower than null.
+
+With ``--small-files`` (``--tree DIR`` for another tree than the standard library):
+``ls -lR`` of the tree after a remount (entries/s), reading every file of it after a
+remount (files/s), ``tar -xf`` of a tarball of it (files/s), and ``git clone`` via
+``file://`` of a bare clone of this repository (files checked out/s; not on the null fs,
+whose files read back as zeros). The null fs is restarted with ``--populate`` for the cold
+rows (it forgets everything at unmount); native drops file pages only.
 
 The benchmark only measures and prints; it asserts nothing about speed.  Every
 mount is unmounted and every subprocess ended in ``finally`` blocks, also on
@@ -507,6 +522,10 @@ class Target:
         immediate); False if the target has no such mode."""
         return False
 
+    def make_tree_cold(self, src: Path, tree: Path) -> None:
+        """Make the next listing and reads of *tree* (a copy of *src*) cold."""
+        raise NotImplementedError
+
     content_is_zero = False
 
 
@@ -520,6 +539,11 @@ class NativeTarget(Target):
 
     def make_cold(self, path: Path, size: int) -> None:
         drop_file_cache(path)
+
+    def make_tree_cold(self, src: Path, tree: Path) -> None:
+        # file pages only: dropping dentries and inodes would take the whole machine's
+        # caches (drop_caches), so native lists and opens warm
+        drop_tree_cache(tree)
 
     def stop(self) -> None:
         shutil.rmtree(self.scratch / "native", ignore_errors=True)
@@ -535,9 +559,10 @@ class NullTarget(Target):
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = scratch / "nullfs.log"
         self.keep_cache = True
+        self.populate: list[str] = []   # --populate NAME=DIR arguments
 
     def _spawn(self) -> None:
-        flags = [] if self.keep_cache else ["--no-keep-cache"]
+        flags = ([] if self.keep_cache else ["--no-keep-cache"]) + self.populate
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tools.nullfs", *flags, str(self.mp)],
@@ -578,6 +603,15 @@ class NullTarget(Target):
             os.ftruncate(fd, size)
         finally:
             os.close(fd)
+
+    def make_tree_cold(self, src: Path, tree: Path) -> None:
+        # the null fs forgets everything on unmount: start it again with *src*'s
+        # namespace (no data) in place, never looked up by the kernel
+        if tree.parent != self.mp:
+            raise RuntimeError(f"{tree}: the null fs can only populate its root")
+        self._unmount()
+        self.populate = ["--populate", f"{tree.name}={src}"]
+        self._spawn()
 
     def begin_reread(self) -> None:
         # the null fs forgets everything on unmount; the row writes its file afresh
@@ -666,6 +700,9 @@ class CasfsTarget(Target):
         drop_tree_cache(self.data_home)
         self._mount()
 
+    def make_tree_cold(self, src: Path, tree: Path) -> None:
+        self.make_cold(tree, 0)
+
     def begin_immediate(self) -> bool:
         self._umount()
         if is_fuse_mounted(self.mp):
@@ -680,6 +717,244 @@ class CasfsTarget(Target):
             warn(f"casfs: cleanup: {e}")
 
 
+# ------------------------------------------------------- latency and small-file rows
+
+LATENCY_SAMPLES = 2000      # default samples per operation and phase
+LATENCY_OPS = {"stat": "stat of a cached file", "read4k": "open + read 4 KiB + close, cached file",
+               "create": "create + close of a new file"}
+WRITER_START_TIMEOUT = 60.0  # seconds for the background writer to write its first MiB
+
+
+def latency_workloads(size_mib: int) -> list[Workload]:
+    """The latency rows: p50 and p99 of each LATENCY_OPS operation, idle and while
+    another process streams SIZE MiB writes (ms, lower is better)."""
+    rows = []
+    for phase, what in (("idle", "idle"), ("busy", f"during a {size_mib} MiB streaming write")):
+        for op, label in LATENCY_OPS.items():
+            for q in ("p50", "p99"):
+                rows.append(Workload(f"lat_{op}_{phase}_{q}", f"{label}, {what}, {q} (ms, lower is better)"))
+    return rows
+
+
+def percentile_ms(samples_ns: Sequence[int], q: float) -> float:
+    """The q-quantile (0 < q <= 1, nearest rank) of samples in ns, in ms."""
+    s = sorted(samples_ns)
+    rank = max(1, -(-len(s) * q // 1))   # ceil(n q), nearest-rank definition
+    return s[int(rank) - 1] / 1e6
+
+
+def _latency_samples(directory: Path, n: int, tag: str) -> dict[str, list[int]]:
+    """*n* timed samples (perf_counter_ns) of each LATENCY_OPS operation, interleaved;
+    the files created are left in *directory*."""
+    cached = directory / "cached"
+    out: dict[str, list[int]] = {op: [] for op in LATENCY_OPS}
+    clock = time.perf_counter_ns
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    for i in range(n):
+        t0 = clock()
+        os.stat(cached)
+        t1 = clock()
+        fd = os.open(cached, os.O_RDONLY)
+        try:
+            got = os.read(fd, SMALL_FILE_SIZE)
+        finally:
+            os.close(fd)
+        t2 = clock()
+        fd = os.open(directory / f"{tag}{i:06d}", flags, 0o644)
+        os.close(fd)
+        t3 = clock()
+        if len(got) != SMALL_FILE_SIZE:
+            raise RuntimeError(f"{cached}: read {len(got)} bytes, expected {SMALL_FILE_SIZE}")
+        out["stat"].append(t1 - t0)
+        out["read4k"].append(t2 - t1)
+        out["create"].append(t3 - t2)
+    return out
+
+
+def stream_writer(path: str, size_mib: int, stop: str) -> None:
+    """The background writer of the latency rows (run in its own process): write
+    *size_mib* MiB of new random data to *path* in 1 MiB writes, fsync, and start over
+    (O_TRUNC) until the file *stop* exists."""
+    while True:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for _ in range(size_mib):
+                _write_all(fd, os.urandom(MiB))
+                if os.path.exists(stop):
+                    return
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def bench_latency(directory: Path, size_mib: int, samples: int) -> dict[str, float]:
+    """The latency rows (see latency_workloads) in *directory*: key -> ms."""
+    directory.mkdir()
+    cached = directory / "cached"
+    cached.write_bytes(os.urandom(SMALL_FILE_SIZE))
+    cached.read_bytes()                       # now cached
+    res: dict[str, float] = {}
+
+    def record(phase: str, got: dict[str, list[int]]) -> None:
+        for op, ns in got.items():
+            res[f"lat_{op}_{phase}_p50"] = percentile_ms(ns, 0.50)
+            res[f"lat_{op}_{phase}_p99"] = percentile_ms(ns, 0.99)
+
+    record("idle", _latency_samples(directory, samples, "i"))
+    big, stop = directory / "stream", directory.parent / "stream.stop"
+    stop.unlink(missing_ok=True)
+    code = "import sys; from tools.bench import stream_writer; stream_writer(sys.argv[1], int(sys.argv[2]), sys.argv[3])"
+    writer = subprocess.Popen([sys.executable, "-c", code, str(big), str(size_mib), str(stop)],
+                              stdin=subprocess.DEVNULL, env=child_env(), cwd=REPO_ROOT)
+    try:
+        deadline = time.monotonic() + WRITER_START_TIMEOUT
+        while not (big.exists() and big.stat().st_size >= MiB):
+            if writer.poll() is not None:
+                raise RuntimeError(f"background writer exited with status {writer.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("background writer wrote nothing")
+            time.sleep(0.01)
+        got = _latency_samples(directory, samples, "b")
+        if writer.poll() is not None:
+            raise RuntimeError(f"background writer exited with status {writer.returncode} during the samples")
+        record("busy", got)
+    finally:
+        stop.touch()
+        end_process(writer, timeout=600)   # our own child, by PID
+        stop.unlink(missing_ok=True)
+    big.unlink()
+    return res
+
+
+def small_file_workloads(tree_files: int, tree_name: str = "stdlib") -> list[Workload]:
+    """The small-file rows (--small-files), all higher is better."""
+    return [
+        Workload("lsr_cold", f"ls -lR of the {tree_name} tree ({tree_files} files), cold (entries/s)"),
+        Workload("readall_cold", f"read every file of the {tree_name} tree ({tree_files} files), cold (files/s)"),
+        Workload("untar", f"tar -xf of the {tree_name} tree ({tree_files} files) (files/s)"),
+        Workload("git_clone", "git clone of a local bare repository (files checked out/s)"),
+    ]
+
+
+@dataclass
+class SmallFileData:
+    tree: Path           # the tree snapshot (on the scratch disk)
+    tarball: Path        # tar of it
+    repo: Path           # a bare git repository
+    tree_files: int
+    tree_entries: int    # files, symlinks and directories below the tree's root
+    repo_files: int      # files of the repository's HEAD
+
+
+def prepare_small_files(scratch: Path, tree_src: Path) -> SmallFileData:
+    """Snapshot *tree_src* into *scratch*, tar it, and make a bare clone of this
+    repository (git is needed). Untimed."""
+    tree = scratch / "sf-tree"
+    shutil.copytree(tree_src, tree, symlinks=True, ignore=TREE_IGNORED)
+    files, _ = count_files(tree)
+    entries = sum(len(d) + len(f) for _, d, f in os.walk(tree))
+    tarball = scratch / "sf-tree.tar"
+    subprocess.run(["tar", "-cf", str(tarball), "-C", str(tree), "."], check=True, timeout=600)
+    repo = scratch / "sf-repo.git"
+    subprocess.run(["git", "clone", "-q", "--bare", "--no-local", str(REPO_ROOT), str(repo)],
+                   check=True, timeout=600, stdout=subprocess.DEVNULL)
+    ls = subprocess.run(["git", "-C", str(repo), "ls-tree", "-r", "--name-only", "HEAD"],
+                        check=True, timeout=60, capture_output=True, text=True)
+    return SmallFileData(tree, tarball, repo, files, entries, len(ls.stdout.splitlines()))
+
+
+def _timed_run(cmd: list[str], cwd: Path | None = None) -> float:
+    """Seconds of one run of *cmd* (output discarded; raises on a non-zero exit)."""
+    env = dict(os.environ, LC_ALL="C")
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, timeout=3600)
+    elapsed = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: exit {r.returncode}: {r.stderr.decode(errors='replace').strip()}")
+    return elapsed
+
+
+def read_every_file(root: Path) -> int:
+    """Open, read whole (1 MiB reads) and close every regular file below *root*; count."""
+    n = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            if os.path.islink(p):
+                continue
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                while os.read(fd, MiB):
+                    pass
+            finally:
+                os.close(fd)
+            n += 1
+    return n
+
+
+def bench_small_files(target: "Target", workdir: Path, sf: SmallFileData,
+                      progress: Callable[[str], None]) -> dict[str, float]:
+    """The small-file rows on *target*: key -> rate (see small_file_workloads)."""
+    res: dict[str, float] = {}
+    tree = workdir / "sf-tree"
+    progress(f"{target.name}: small files: copying the tree in (untimed)")
+    subprocess.run(["cp", "-a", str(sf.tree), str(tree)], check=True, timeout=3600)
+    target.make_tree_cold(sf.tree, tree)
+    progress(f"{target.name}: ls -lR, cold")
+    res["lsr_cold"] = sf.tree_entries / _timed_run(["ls", "-lR", str(tree)])
+    target.make_tree_cold(sf.tree, tree)
+    progress(f"{target.name}: read every file, cold")
+    t0 = time.perf_counter()
+    n = read_every_file(tree)
+    res["readall_cold"] = n / (time.perf_counter() - t0)
+    untar = workdir / "sf-untar"
+    untar.mkdir()
+    os.sync()
+    progress(f"{target.name}: tar -xf")
+    res["untar"] = sf.tree_files / _timed_run(["tar", "-xf", str(sf.tarball), "-C", str(untar)])
+    if not target.content_is_zero:    # git reads back the pack it writes: not on the null fs
+        progress(f"{target.name}: git clone")
+        res["git_clone"] = sf.repo_files / _timed_run(
+            ["git", "clone", "-q", f"file://{sf.repo}", str(workdir / "sf-clone")])
+    return res
+
+
+def run_speed_rows(target: "Target", workdir: Path, data: "BenchData", res: TargetResult,
+                   progress: Callable[[str], None]) -> None:
+    """The latency rows (unless --latency-samples 0) and the small-file rows (with
+    --small-files) on *target*, into ``res.values``. Raises RuntimeError naming the row."""
+    if data.latency_samples:
+        progress(f"{target.name}: latency, {data.latency_samples} samples per operation, idle and busy")
+        try:
+            res.values.update(bench_latency(workdir / "latency", len(data.blocks), data.latency_samples))
+        except Exception as e:
+            raise RuntimeError(f"latency: {type(e).__name__}: {e}") from e
+    if data.small is not None:
+        try:
+            res.values.update(bench_small_files(target, workdir, data.small, progress))
+        except Exception as e:
+            raise RuntimeError(f"small files: {type(e).__name__}: {e}") from e
+
+
+def speed_report(args: argparse.Namespace, data: "BenchData") -> tuple[list[Workload], list[str]]:
+    """The latency and small-file rows of this run, and the notes under the table."""
+    rows: list[Workload] = []
+    notes: list[str] = []
+    if data.latency_samples:
+        rows += latency_workloads(args.size_mib)
+        notes.append(f"latency: {data.latency_samples} samples per operation and phase (perf_counter_ns), "
+                     f"interleaved; busy = while another process rewrites a {args.size_mib} MiB file "
+                     "with 1 MiB writes of new data + fsync, over and over; ratios > 1 are slower than null.")
+    if data.small is not None:
+        rows += small_file_workloads(data.small.tree_files, "stdlib" if args.tree is None else "--tree")
+        notes.append(f"small files: tree {args.tree or 'stdlib'} ({data.small.tree_entries} entries); cold = "
+                     "remount (casfs: + DONTNEED on its data dir; null: restarted with the tree's namespace, "
+                     "never looked up); native: DONTNEED of the files only (dentries stay cached); "
+                     f"git clone of a {data.small.repo_files}-file repository via file:// (not on null: git "
+                     "reads back what it writes).")
+    return rows, notes
+
+
 # ------------------------------------------------------------------------------ run
 
 
@@ -691,6 +966,8 @@ class BenchData:
     files: int
     tree: Path | None = None   # the tree of the copy row (--extra)
     tree_files: int = 0
+    latency_samples: int = 0   # samples per op and phase of the latency rows (0: none)
+    small: SmallFileData | None = None   # the small-file rows (--small-files)
 
 
 def run_target(target: Target, data: BenchData, progress: Callable[[str], None]) -> TargetResult:
@@ -744,6 +1021,8 @@ def run_target(target: Target, data: BenchData, progress: Callable[[str], None])
         step = "unlink"
         progress(f"{target.name}: unlink {data.files} files")
         res.values["unlink"] = bench_unlink(small, data.files)
+        step = "latency and small-file rows"
+        run_speed_rows(target, workdir, data, res, progress)
         if data.tree is not None:
             step = "copy"
             progress(f"{target.name}: cp -a of the standard library, twice")
@@ -899,7 +1178,7 @@ def _fmt(v: float | None) -> str:
         return f"{v:,.0f}"
     if v >= 10:
         return f"{v:.1f}"
-    return f"{v:.2f}"
+    return f"{v:.2f}" if v >= 1 else f"{v:.3g}"
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -939,6 +1218,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chunk-size", help="passed to 'casfs init --chunk-size'")
     p.add_argument("--extra", action="store_true",
                    help="also the re-read and standard-library copy rows")
+    p.add_argument("--latency-samples", type=int, default=LATENCY_SAMPLES, metavar="N",
+                   help=f"samples per operation of the latency rows (default {LATENCY_SAMPLES}; 0: no latency rows)")
+    p.add_argument("--small-files", action="store_true",
+                   help="also the small-file rows: cold ls -lR and read of a tree, tar -xf, git clone")
+    p.add_argument("--tree", type=Path, default=None,
+                   help="the tree of the small-file rows (default: the standard library)")
     p.add_argument("--casfs-init-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for 'casfs init' (repeatable)")
     p.add_argument("--casfs-timeout", type=float, default=1800.0,
@@ -955,6 +1240,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--only: unknown target(s) {','.join(bad) or '(none)'}; choose from {','.join(TARGETS)}")
     if args.size_mib < 1 or args.files < 1:
         p.error("--size-mib and --files must be >= 1")
+    if args.latency_samples < 0 or (args.tree is not None and not args.tree.is_dir()):
+        p.error("--latency-samples must be >= 0 and --tree an existing directory")
     args.only = only
     return args
 
@@ -990,6 +1277,11 @@ def main(argv: list[str] | None = None) -> int:
             progress(f"snapshot of the standard library in {data.tree}")
             shutil.copytree(sysconfig.get_paths()["stdlib"], data.tree, symlinks=True, ignore=TREE_IGNORED)
             data.tree_files, tree_bytes = count_files(data.tree)
+        data.latency_samples = args.latency_samples
+        if args.small_files:
+            import sysconfig
+            progress("small files: snapshot of the tree, its tarball, a bare clone of this repository")
+            data.small = prepare_small_files(scratch, args.tree or Path(sysconfig.get_paths()["stdlib"]))
         for name in TARGETS:
             if name not in args.only:
                 results[name] = TargetResult(name, skipped=True)
@@ -1017,10 +1309,13 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(scratch, ignore_errors=True)
 
     wls = workloads(args.size_mib, args.files, data.tree_files if args.extra else None)
+    speed_rows, speed_notes = speed_report(args, data)
+    wls += speed_rows
     lines = machine_info(Path(tempfile.gettempdir()) if args.workdir is None else args.workdir)
     lines.append(f"params:  --size-mib {args.size_mib} --files {args.files} --only {','.join(args.only)}"
                  + (f" --chunk-size {args.chunk_size}" if args.chunk_size else "")
-                 + (" --extra" if args.extra else "") + (" --encrypt" if args.encrypt else ""))
+                 + (" --extra" if args.extra else "") + (" --encrypt" if args.encrypt else "")
+                 + f" --latency-samples {args.latency_samples}" + (" --small-files" if args.small_files else ""))
     lines.append("")
     for name in TARGETS:
         r = results.get(name)
@@ -1035,7 +1330,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += format_table(wls, results)
     lines += [
         "",
-        "MiB/s = 2^20 bytes/s; all figures higher-is-better; ratios are casfs divided by the other column.",
+        "MiB/s = 2^20 bytes/s; all figures higher-is-better but the latency rows (ms); "
+        "ratios are casfs divided by the other column.",
         "cold read: native = fsync + POSIX_FADV_DONTNEED; null = remount; casfs = umount + mount "
         "+ DONTNEED on its data dir. warm read = re-open and read again right away.",
     ]
@@ -1055,6 +1351,7 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{TARGET_LABELS[t]} {_fmt(v)}" for t, v in secs.items())
             + f"; casfs/native time {_ratio(secs.get('casfs'), secs.get('native'))}.",
         ]
+    lines += speed_notes
     lines += enc_lines
     report = "\n".join(lines) + "\n"
     sys.stdout.write(report)

@@ -1,6 +1,6 @@
 """The cloud-tier benchmark: casfs against the raw speed of the same Drive server.
 
-``python -m tools.bench_drive [--size-mib N] [--chunk-size SIZE] [--out FILE]``
+``python -m tools.bench_drive [--size-mib N] [--chunk-size SIZE] [--latency S] [--serial] [--out FILE]``
 
 Starts ``tools.drivesim`` in its own process (in memory) and measures, in one run:
 
@@ -15,6 +15,11 @@ Starts ``tools.drivesim`` in its own process (in memory) and measures, in one ru
 3. **casfs cold read from Drive**: the volume is remounted with ``--local-limit 0``,
    every chunk evicted, remounted again (empty RAM cache), and the file read
    sequentially: every chunk comes from a ranged GET on its pack.
+4. with ``--latency S``, drivesim answers every download after S seconds (its ``slow``
+   fault; Drive's own latency is of that order), raw downloads included; with
+   ``--serial`` the cold read is also measured with ``fetch_ahead = 0`` (no ranged GETs
+   kept in flight ahead of the reader, as before overlapped cold reads) and the row
+   "overlapped / serial" gives the ratio of the two cold reads of the same run.
 
 Ratios are casfs / raw of the same run; absolute speeds drift on a shared machine.
 """
@@ -38,8 +43,11 @@ MiB = 1 << 20
 OBJECT = 32 * MiB
 
 
-def start_sim() -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-m", "tools.drivesim", "--port", "0"],
+def start_sim(latency_s: float = 0.0) -> tuple[subprocess.Popen[str], str]:
+    """drivesim in its own process; with ``latency_s`` every download is answered after
+    that many seconds (only 0.5 s, drivesim's ``slow`` delay, is offered by its CLI)."""
+    faults = ["--fault", "slow:1:download"] if latency_s else []
+    proc = subprocess.Popen([sys.executable, "-m", "tools.drivesim", "--port", "0", *faults],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
     url = proc.stdout.readline().strip()
@@ -98,9 +106,43 @@ class Casfs:
                 time.sleep(0.02)
 
 
-def run(size_mib: int, chunk_size: str) -> list[str]:
+def set_fetch_ahead(c: "Casfs", n: int | None) -> None:
+    """Set (or with None remove) ``fetch_ahead`` in the volume's [drive] table."""
+    import tomllib
+
+    import tomli_w
+    path = Path(c.env["XDG_DATA_HOME"]) / "casfs" / "bench" / "volume.toml"
+    cfg = tomllib.loads(path.read_text())
+    if n is None:
+        cfg["drive"].pop("fetch_ahead", None)
+    else:
+        cfg["drive"]["fetch_ahead"] = n
+    path.write_text(tomli_w.dumps(cfg))
+
+
+def cold_read(c: "Casfs", data: bytes, fetch_ahead: int | None) -> float:
+    """Evict everything, remount, read the file sequentially; MiB/s."""
+    c.cli("umount", str(c.mp))
+    set_fetch_ahead(c, fetch_ahead)
+    c.cli("mount", "--local-limit", "0", str(c.mp), "bench")
+    c.wait("evicted")
+    c.cli("umount", str(c.mp))
+    c.cli("mount", "--local-limit", "0", str(c.mp), "bench")
+    t0 = time.perf_counter()
+    with open(c.mp / "f", "rb", buffering=0) as f:
+        n = 0
+        while piece := f.read(MiB):
+            if piece != data[n:n + len(piece)]:
+                raise RuntimeError(f"cold read: wrong bytes at offset {n}")
+            n += len(piece)
+    down = time.perf_counter() - t0
+    assert n == len(data)
+    return len(data) / MiB / down
+
+
+def run(size_mib: int, chunk_size: str, latency_s: float = 0.0, serial: bool = False) -> list[str]:
     data = os.urandom(size_mib * MiB)
-    proc, url = start_sim()
+    proc, url = start_sim(latency_s)
     rows: list[str] = []
     try:
         raw_up, raw_down = raw_speeds(url, data)
@@ -118,32 +160,29 @@ def run(size_mib: int, chunk_size: str) -> list[str]:
                 c.wait("drained")
                 up = time.perf_counter() - t0
                 st = c.stats()
-                c.cli("umount", str(c.mp))
-                c.cli("mount", "--local-limit", "0", str(c.mp), "bench")
-                c.wait("evicted")
-                c.cli("umount", str(c.mp))
-                c.cli("mount", "--local-limit", "0", str(c.mp), "bench")
-                t0 = time.perf_counter()
-                with open(c.mp / "f", "rb", buffering=0) as f:
-                    n = 0
-                    while piece := f.read(MiB):
-                        n += len(piece)
-                down = time.perf_counter() - t0
-                assert n == len(data)
+                cas_serial = cold_read(c, data, 0) if serial else None
+                cas_down = cold_read(c, data, None)
             finally:
                 subprocess.run([sys.executable, "-m", "tools.cli", "umount", str(c.mp)], env=c.env,
                                capture_output=True, timeout=600)
         cas_up = st["cloud_bytes"] / MiB / up
-        cas_down = len(data) / MiB / down
         per_gb = st["cloud_packs"] / (st["cloud_bytes"] / 1e9)
         rows += [
-            f"| workload ({size_mib} MiB, chunk {chunk_size}) | raw client | casfs | casfs/raw |",
+            f"| workload ({size_mib} MiB, chunk {chunk_size}"
+            + (f", every download answered after {latency_s} s" if latency_s else "")
+            + ") | raw client | casfs | casfs/raw |",
             "|---|---:|---:|---:|",
             f"| upload to Drive (MiB/s) | {raw_up:,.0f} | {cas_up:,.0f} | {cas_up / raw_up:.2f}x |",
             f"| cold read from Drive after eviction (MiB/s) | {raw_down:,.0f} | {cas_down:,.0f} | "
             f"{cas_down / raw_down:.2f}x |",
             f"| Drive files created per GB uploaded | - | {per_gb:,.1f} | - |",
         ]
+        if cas_serial is not None:
+            rows += [
+                f"| cold read from Drive, serial fetch (fetch_ahead = 0) (MiB/s) | {raw_down:,.0f} | "
+                f"{cas_serial:,.1f} | {cas_serial / raw_down:.2f}x |",
+                f"| cold read from Drive, overlapped / serial | - | {cas_down / cas_serial:.2f}x | - |",
+            ]
     finally:
         proc.terminate()
         proc.wait(30)
@@ -154,9 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.bench_drive", description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=256)
     ap.add_argument("--chunk-size", default="1MiB")
+    ap.add_argument("--latency", type=float, default=0.0, metavar="S",
+                    help="answer every download after S seconds (drivesim's slow fault: 0 or 0.5)")
+    ap.add_argument("--serial", action="store_true",
+                    help="also the cold read with fetch_ahead = 0, and the overlapped/serial ratio")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    rows = run(args.size_mib, args.chunk_size)
+    if args.latency not in (0.0, 0.5):
+        ap.error("--latency: drivesim's command line offers 0 or 0.5 s")
+    rows = run(args.size_mib, args.chunk_size, args.latency, args.serial)
     text = "\n".join(rows)
     print(text)
     if args.out:

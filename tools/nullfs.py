@@ -24,7 +24,11 @@ process (the pyfuse3 read ceiling; the benchmark's re-read row uses it).
 
 Run in the foreground::
 
-    python -m tools.nullfs [--no-keep-cache] MOUNTPOINT
+    python -m tools.nullfs [--no-keep-cache] [--populate NAME=DIR] MOUNTPOINT
+
+``--populate NAME=DIR`` starts with a copy of DIR's namespace (sizes, no data) as
+``/NAME``, which the kernel has never looked up: a cold tree for the benchmark's
+small-file rows.
 
 SIGTERM / SIGINT (Ctrl-C) unmount cleanly; ``fusermount3 -u MOUNTPOINT`` also
 ends the process.
@@ -229,6 +233,42 @@ class NullFS(pyfuse3.Operations):
         self._touch_dir(parent)
         node.lookups += 1
         return node
+
+    def populate(self, name: bytes, src: str) -> int:
+        """Copy the namespace of the directory ``src`` (names, modes, sizes, symlink
+        targets, times; no data) under the root as ``name``, before mounting: the
+        kernel has never seen these entries, so a listing or read of them after the
+        mount is cold on the kernel side. The benchmark's cold small-file rows use it,
+        since the null fs forgets everything at unmount. Returns the entries added."""
+        uid, gid = os.getuid(), os.getgid()
+        count = 0
+
+        def add(parent_ino: int, entry_name: bytes, path: str) -> None:
+            nonlocal count
+            st = os.lstat(path)
+            ino = self.next_ino
+            self.next_ino += 1
+            node = Inode(ino, st.st_mode, uid, gid)
+            node.size = st.st_size if not stat.S_ISDIR(st.st_mode) else 0
+            node.atime_ns, node.mtime_ns, node.ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+            parent = self.inodes[parent_ino]
+            assert parent.dir is not None
+            if node.dir is not None:
+                node.dir.parent = parent_ino
+                parent.nlink += 1
+            if stat.S_ISLNK(st.st_mode):
+                node.target = os.fsencode(os.readlink(path))
+            self.inodes[ino] = node
+            self.entries[(parent_ino, entry_name)] = ino
+            parent.dir.add(entry_name)
+            count += 1
+            if node.dir is not None:
+                with os.scandir(path) as it:
+                    for e in sorted(it, key=lambda e: e.name):
+                        add(ino, os.fsencode(e.name), e.path)
+
+        add(pyfuse3.ROOT_INODE, name, src)
+        return count
 
     def _unlink_entry(self, parent: Inode, name: bytes, node: Inode) -> None:
         del self.entries[(parent.ino, name)]
@@ -571,9 +611,13 @@ async def _serve() -> None:
         nursery.cancel_scope.cancel()
 
 
-def run(mountpoint: str, debug: bool = False, keep_cache: bool = True) -> None:
-    """Mount the null filesystem on *mountpoint* and serve until unmounted."""
+def run(mountpoint: str, debug: bool = False, keep_cache: bool = True,
+        populate: Sequence[tuple[str, str]] = ()) -> None:
+    """Mount the null filesystem on *mountpoint* and serve until unmounted;
+    ``populate``: (name, source directory) pairs for :meth:`NullFS.populate`."""
     ops = NullFS(keep_cache=keep_cache)
+    for name, src in populate:
+        ops.populate(os.fsencode(name), src)
     opts = mount_options()
     if debug:
         opts.add("debug")
@@ -590,11 +634,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="libfuse debug output")
     parser.add_argument("--no-keep-cache", action="store_true",
                         help="open files without keep_cache (every read reaches this process)")
+    parser.add_argument("--populate", action="append", default=[], metavar="NAME=DIR",
+                        help="start with a copy of DIR's namespace (no data) as /NAME (repeatable)")
     args = parser.parse_args(argv)
+    populate = []
+    for item in args.populate:
+        name, sep, src = item.partition("=")
+        if not sep or not name or "/" in name or not os.path.isdir(src):
+            parser.error(f"--populate {item!r}: want NAME=DIR with DIR an existing directory")
+        populate.append((name, src))
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(name)s: %(message)s")
     try:
-        run(args.mountpoint, debug=args.debug, keep_cache=not args.no_keep_cache)
+        run(args.mountpoint, debug=args.debug, keep_cache=not args.no_keep_cache, populate=populate)
     except KeyboardInterrupt:
         # A SIGINT that arrived before the signal watcher was installed.
         pass

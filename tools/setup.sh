@@ -11,7 +11,7 @@ install() {
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -q
         apt-get install -y -q --no-install-recommends fuse3 libfuse3-dev pkg-config gcc \
-            mariadb-server python3-venv python3-dev e2fsprogs >/dev/null
+            mariadb-server python3-venv python3-dev e2fsprogs git >/dev/null
     fi
     if [ ! -x .venv/bin/python ]; then
         python3 -m venv .venv

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tools.drivesim.protocol import KINDS, _ApiError
 
@@ -70,7 +70,10 @@ class SimCounters:
     folders created; ``created_by_name``: the same per name; ``bytes_uploaded``: media bytes
     in completed uploads; ``bytes_received``: body bytes of upload calls read off the wire
     (multipart envelopes included), re-sent and abandoned ones too; ``uploads_started``:
-    resumable sessions opened."""
+    resumable sessions opened; ``max_in_flight``: the most HTTP requests of a kind served
+    at the same time (from reading the request line to the last byte of the reply, ``slow``
+    delays included), e.g. ``max_in_flight["download"] > 1`` when a client overlaps its
+    ranged GETs."""
 
     requests: dict[str, int]
     faults: dict[str, int]
@@ -79,3 +82,4 @@ class SimCounters:
     bytes_uploaded: int
     bytes_received: int
     uploads_started: int
+    max_in_flight: dict[str, int] = field(default_factory=dict)

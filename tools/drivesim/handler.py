@@ -104,6 +104,13 @@ class _Handler(BaseHTTPRequestHandler):
                        dict(parse_qsl(url.query, keep_blank_values=True)), headers, b"",
                        headers.get("host") or f"{sim.host}:{sim.port}")
         kind = classify(req.method, req.path, req.query, headers)
+        sim._request_started(kind)
+        try:
+            self._serve_request(sim, req, kind, headers)
+        finally:
+            sim._request_ended(kind)
+
+    def _serve_request(self, sim: DriveSim, req: _Request, kind: str, headers: dict[str, str]) -> None:
         fault = sim._take_fault(kind, f"{req.method} /{req.path}")
         try:
             length = int(headers.get("content-length") or 0)

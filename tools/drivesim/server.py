@@ -90,6 +90,8 @@ class DriveSim:
         self._sessions: dict[str, _Session] = {}
         self._faults: list[Fault] = []
         self._requests: Counter[str] = Counter()
+        self._active: Counter[str] = Counter()        # HTTP requests being served, per kind
+        self._max_active: Counter[str] = Counter()    # the most at once, per kind
         self._fault_counts: Counter[str] = Counter()
         self._by_name: Counter[str] = Counter()
         self._bytes_uploaded = self._bytes_received = self._uploads_started = 0
@@ -182,7 +184,18 @@ class DriveSim:
         with self._lock:
             return SimCounters(dict(self._requests), dict(self._fault_counts),
                                sum(self._by_name.values()), dict(self._by_name),
-                               self._bytes_uploaded, self._bytes_received, self._uploads_started)
+                               self._bytes_uploaded, self._bytes_received, self._uploads_started,
+                               dict(self._max_active))
+
+    def _request_started(self, kind: str) -> None:
+        """Count an HTTP request of ``kind`` as being served (for ``max_in_flight``)."""
+        with self._lock:
+            self._active[kind] += 1
+            self._max_active[kind] = max(self._max_active[kind], self._active[kind])
+
+    def _request_ended(self, kind: str) -> None:
+        with self._lock:
+            self._active[kind] -= 1
 
     # -- faults
 
