@@ -126,3 +126,14 @@ CREATE TABLE upload_queue (
     length INT UNSIGNED NULL,
     KEY pack_idx (pack, queued)
 ) ENGINE=InnoDB;
+
+-- Metadata snapshots on the cloud store (cas/snapshot.py, docs/backup.md): the packs
+-- (by name, as on the store) that each snapshot generation still kept on the store names.
+-- gc never deletes or rewrites a pack named here; retention deletes a generation's rows
+-- after deleting its snapshot object.
+CREATE TABLE snapshot_packs (
+    generation BIGINT UNSIGNED NOT NULL,
+    pack VARCHAR(64) NOT NULL,
+    PRIMARY KEY (generation, pack),
+    KEY pack_idx (pack)
+) ENGINE=InnoDB;

@@ -79,10 +79,14 @@ def init(chunk_size: str, compression: str, meta: str, name: str) -> None:
                    "'group' (default) commits them together every 0.5 s and at fsync; 'immediate' "
                    "commits each before it returns (slower). Default: volume.toml [mount] durability, "
                    "else group. See docs/durability.md.")
+@click.option("--snapshot-interval", default=None, type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Upload a metadata snapshot to Drive at most this often after a change "
+                   "[default: volume.toml [drive] snapshot_interval_s, else 600]. docs/backup.md.")
 @click.option("--debug", is_flag=True, help="Debug logging.")
 @user_errors
 def mount(mountpoint: str, volume: str, foreground: bool, allow_other: bool, cache_size: str,
-          local_limit: str | None, drive_endpoint: str | None, durability: str | None, debug: bool) -> None:
+          local_limit: str | None, drive_endpoint: str | None, durability: str | None, debug: bool,
+          snapshot_interval: float | None = None) -> None:
     """Mount VOLUME (default: "default", created if missing) at MOUNTPOINT.
 
     Returns once the mount is ready; the daemon runs in the background until
@@ -100,7 +104,8 @@ def mount(mountpoint: str, volume: str, foreground: bool, allow_other: bool, cac
         click.echo(f"created the default volume at {vol.path}", err=True)
     opts = mountcmd.MountOptions(allow_other=allow_other, cache_bytes=cache,
                                  local_limit=None if local_limit is None else parse_size(local_limit),
-                                 drive_endpoint=drive_endpoint, durability=durability)
+                                 drive_endpoint=drive_endpoint, durability=durability,
+                                 snapshot_interval_s=snapshot_interval)
     mountcmd.mount(vol, mountpoint, opts, foreground=foreground, debug=debug)
 
 

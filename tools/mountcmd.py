@@ -28,7 +28,7 @@ from pathlib import Path
 
 import click
 
-from cas import cloud, rescue
+from cas import cloud, rescue, snapshot
 from cas.errors import CasError, VolumeError
 from cas.fs import DURABILITY_MODES, GROUP, Filesystem
 from cas.meta import Metadata, connect
@@ -82,6 +82,7 @@ class MountOptions:
     local_limit: int | None = None
     drive_endpoint: str | None = None
     durability: str | None = None   # None: the volume's [mount] durability, else "group"
+    snapshot_interval_s: float | None = None   # None: the volume's [drive] snapshot_interval_s
 
 
 def durability_of(vol: Volume, opts: MountOptions) -> str:
@@ -114,9 +115,28 @@ def start_cloud(meta: Metadata, fs: Filesystem, opts: MountOptions) -> cloud.Clo
         log.error("cloud tier unavailable, uploads stay queued: %s", exc)
         return None
     tier = cloud.CloudTier(meta, objects, cfg, local_limit=opts.local_limit)
+    interval = cfg.snapshot_interval_s if opts.snapshot_interval_s is None else opts.snapshot_interval_s
+    tier.snapshots = snapper = snapshot.Snapshotter(tier, interval, cfg.keep_generations)
+    tier.on_idle = snapper.tick
     fs.attach_cloud(tier)
     tier.start()
     return tier
+
+
+def final_snapshot(fs: Filesystem) -> None:
+    """The unmount's metadata snapshot (docs/backup.md): stop the tier's thread, then
+    drain the queue and upload a snapshot when something changed since the last one,
+    within the volume's [drive] unmount_snapshot_s. Never raises: a failure is logged
+    and the recovery point stays the previous snapshot."""
+    tier = fs.cloud
+    snapper = tier.snapshots if tier is not None else None
+    if tier is None or snapper is None:
+        return
+    try:
+        tier.stop()
+        snapper.final(tier.cfg.unmount_snapshot_s)
+    except Exception:  # noqa: BLE001 - the unmount goes on whatever happens here
+        log.exception("unmount snapshot failed")
 
 
 EXIT_FILE = "exit.json"   # run/exit.json: how the last daemon ended {"pid", "rescued", "error"}
@@ -162,6 +182,8 @@ def _close_or_rescue(fs: Filesystem, vol: Volume) -> None:
     except Exception as exc:  # noqa: BLE001 - whatever it is, the buffers must be kept
         err = str(exc)
         left = [(st.ino, None, st.dirty_bytes, "") for st in fs.data.states.values() if st.needs_flush]
+    if not left:
+        final_snapshot(fs)
     spilled: list[Path] = []
     spill_error: rescue.RescueError | None = None
     if left:
