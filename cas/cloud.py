@@ -83,7 +83,7 @@ class CloudConfig:
     fetch_span: int = 8 << 20
     snapshot_interval_s: float = 600.0   # metadata snapshots: at most one per interval (cas.snapshot)
     keep_generations: int = 7            # snapshot generations kept on the store
-    unmount_snapshot_s: float = 60.0     # bound on the unmount's snapshot (queue drain included)
+    unmount_snapshot_s: float = 30.0     # bound on the unmount's queue drain before its snapshot
 
     @classmethod
     def from_volume(cls, volume: Volume) -> "CloudConfig":

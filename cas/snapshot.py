@@ -642,7 +642,8 @@ class Snapshotter:
                 return False
             self._draining_since = now
         if self.tier.ready_to_upload(True) and now - self._draining_since < self.drain_s:
-            return bool(self.tier.upload_one(force=True)) or True
+            self.tier.upload_one(force=True)
+            return True
         with self._lock:
             take(self.tier, self.keep, self.keys)
             self.taken += 1
@@ -658,6 +659,9 @@ class Snapshotter:
         try:
             if not self._changed():
                 return None
+            # one cheap call first: with the store unreachable the unmount does not spend
+            # its whole bound on retries
+            self.tier.objects.find(VOLUME_OBJECT)
             with self._lock:
                 return drain_then_take(self.tier, self.keep, self.keys, drain_s=timeout_s)
         except (CasError, ObjectStoreError) as exc:
