@@ -455,6 +455,11 @@ def take(tier: CloudTier, keep: int, keys: Sealer | None = None,
     bytes): RAM holds the compressed snapshot once (twice when sealed). Raises
     SnapshotError, MetaError, and the cas.objstore errors."""
     vol = tier.volume
+    if keys is None:
+        keys = getattr(vol, "keys", None)   # an unlocked encrypted volume's keys (cas.keys)
+    if _encryption_table(vol) and keys is None:
+        # never plaintext metadata of an encrypted volume on the store
+        raise SnapshotError(f"volume {vol.name} is encrypted and not unlocked: no snapshot")
     db = tier.db
     gen = _next_generation(db)
     try:
@@ -692,6 +697,10 @@ def plan_restore(objects: ObjectStore, generation: int | None = None) -> Restore
     if not vols:
         raise SnapshotError("the folder holds no casfs-volume.json: no metadata snapshot was ever uploaded "
                             "(or this is not a casfs volume's folder)")
+    owners = sorted({o.properties.get(VOLUME_PROPERTY, "") for o in vols})
+    if len(owners) > 1:
+        raise SnapshotError(f"the folder holds the volume objects of several volumes ({', '.join(owners)}); "
+                            "it was shared by mistake: restore is not possible from it automatically")
     try:
         doc = json.loads(objects.get(vols[-1].id))
         uuid = str(doc["uuid"])
