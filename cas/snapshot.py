@@ -657,10 +657,15 @@ class Snapshotter:
         return True
 
     def final(self, timeout_s: float) -> SnapshotResult | None:
-        """The unmount's snapshot: when something changed since the last one, drain the
-        queue and take one, within ``timeout_s`` seconds in all (the tier's thread must be
-        stopped). Errors are logged, not raised: the unmount goes on, and the recovery
+        """The unmount's snapshot: stop the tier's thread; then, when something changed
+        since the last snapshot, drain the queue (for at most ``timeout_s`` seconds) and
+        take one. Errors are logged, not raised: the unmount goes on, and the recovery
         point stays the previous snapshot. Returns the snapshot or None."""
+        thread = self.tier._thread
+        self.tier.stop()
+        if thread is not None and thread.is_alive():   # stuck in a request: its connection is busy
+            log.error("no snapshot at unmount: the uploader thread did not stop in time")
+            return None
         try:
             if not self._changed():
                 return None

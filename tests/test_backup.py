@@ -97,11 +97,18 @@ def test_total_loss_restore_from_drive_brings_back_the_whole_tree(casenv: CasEnv
 
     # total loss: config, database, chunks
     vol_dir = casenv.data_home / "vol"
+    folder = "casfs-" + (vol_dir / "volume.toml").read_text().split('uuid = "')[1].split('"')[0]
     shutil.rmtree(vol_dir)
-    r = casenv.run("restore", "--from-drive", "--endpoint", drive_sim.url, "vol")
+    # another volume's folder on the same Drive: the restore must be told which one
+    setup(casenv, drive_sim, "other")
+    amb = casenv.run("restore", "--from-drive", "--endpoint", drive_sim.url, "vol", check=False)
+    assert amb.returncode == 1 and "several casfs folders" in amb.stderr and folder in amb.stderr
+    assert len(amb.stderr.strip().splitlines()) == 1 and not vol_dir.exists()
+    r = casenv.run("restore", "--from-drive", "--endpoint", drive_sim.url, "--folder", folder, "vol")
     assert "from generation 1" in r.stdout and "loaded inodes:" in r.stdout, r.stdout
     # the restored volume is recognised as it was, and is refused as a restore target now
-    again = casenv.run("restore", "--from-drive", "--endpoint", drive_sim.url, "vol", check=False)
+    again = casenv.run("restore", "--from-drive", "--endpoint", drive_sim.url, "--folder", folder, "vol",
+                       check=False)
     assert again.returncode == 1 and "refusing to restore" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
     assert not any(p.is_file() for p in (vol_dir / "chunks").rglob("*")), "a lazy restore downloads no chunk"
@@ -132,6 +139,10 @@ def test_older_generation_restores_after_gc(casenv: CasEnv, drive_sim: DriveSim)
     left = {f["name"] for f in pack_files(drive_sim)}
     assert gen1_packs <= left, "gc deleted a pack that generation 1 names"
 
+    bad = casenv.run("restore", "--from-drive", "--generation", "9", "--endpoint", drive_sim.url, "nine",
+                     check=False)
+    assert bad.returncode == 1 and "no generation 9 on the store; there are 1, 2" in bad.stderr, bad.stderr
+    assert not (casenv.data_home / "nine").exists()
     url = casenv.meta_url(f"t{os.getpid()}_restored")
     r = casenv.run("restore", "--from-drive", "--generation", "1", "--endpoint", drive_sim.url,
                    "--meta", url, "--eager", "old")

@@ -218,7 +218,8 @@ def _age(seconds: float) -> str:
 @click.option("--drive-endpoint", default=None, metavar="URL", help="Override the volume's endpoint.")
 @user_errors
 def push(volume: str, timeout: float | None, drive_endpoint: str | None) -> None:
-    """Upload everything queued now, without waiting for a full pack (safe while mounted).
+    """Upload everything queued now, without waiting for a full pack, then a metadata
+    snapshot when something changed since the last one (safe while mounted; docs/backup.md).
 
     Exits 1 with a one-line message when Drive refuses uploads; the daily upload cap is
     named as such ("daily upload limit"): retrying before it resets is pointless.

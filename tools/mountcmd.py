@@ -125,15 +125,14 @@ def start_cloud(meta: Metadata, fs: Filesystem, opts: MountOptions) -> cloud.Clo
 
 def final_snapshot(fs: Filesystem) -> None:
     """The unmount's metadata snapshot (docs/backup.md): stop the tier's thread, then
-    drain the queue and upload a snapshot when something changed since the last one,
-    within the volume's [drive] unmount_snapshot_s. Never raises: a failure is logged
+    drain the queue (for at most the volume's [drive] unmount_snapshot_s) and upload a
+    snapshot when something changed since the last one. Never raises: a failure is logged
     and the recovery point stays the previous snapshot."""
     tier = fs.cloud
     snapper = tier.snapshots if tier is not None else None
     if tier is None or snapper is None:
         return
     try:
-        tier.stop()
         snapper.final(tier.cfg.unmount_snapshot_s)
     except Exception:  # noqa: BLE001 - the unmount goes on whatever happens here
         log.exception("unmount snapshot failed")
