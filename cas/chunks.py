@@ -30,7 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from .cache import LFUCache
-from .envelope import chunk_id, open_envelope, seal
+from .envelope import PLAIN, ChunkCodec
 from .errors import ChunkMissing, FsError, IntegrityError
 from .meta import Database
 from .store import LocalStore
@@ -53,8 +53,10 @@ class ChunkManager:
     """The local store, the RAM cache and the refcount protocol of one volume."""
 
     def __init__(self, store: LocalStore, cache: LFUCache, codec: int, level: int,
-                 pool: ThreadPoolExecutor, io_pool: ThreadPoolExecutor | None = None) -> None:
+                 pool: ThreadPoolExecutor, io_pool: ThreadPoolExecutor | None = None,
+                 envelope: ChunkCodec = PLAIN) -> None:
         self.store = store
+        self.envelope = envelope  # chunk ids, seal and open of this volume (plain or encrypted)
         self.cache = cache
         self.codec = codec
         self.level = level
@@ -117,7 +119,7 @@ class ChunkManager:
 
     # -- reading ---------------------------------------------------------------------
     def load(self, cid: bytes) -> bytes:
-        """Plaintext of chunk ``cid``, verified against its SHA-256.
+        """Plaintext of chunk ``cid``, verified against its id (and AEAD tag, if encrypted).
 
         Served from the RAM cache, a read-ahead already under way, the store, or (for a
         chunk evicted from the store) the cloud tier, which keeps a local copy again.
@@ -166,7 +168,7 @@ class ChunkManager:
                 self.note_missing(cid)
                 raise
         try:
-            data = open_envelope(blob, cid)
+            data = self.envelope.open(blob, cid)
         except IntegrityError:
             log.error("integrity: chunk %s in %s fails verification", cid.hex(), self.store.path(cid))
             if self.cloud is not None:
@@ -186,7 +188,7 @@ class ChunkManager:
         assert self.cloud is not None
         blob = self.cloud.fetch(cid)
         try:
-            data = open_envelope(blob, cid)
+            data = self.envelope.open(blob, cid)
         except IntegrityError:
             log.error("integrity: chunk %s read from the cloud fails verification", cid.hex())
             self.note_corrupt(cid)
@@ -197,10 +199,10 @@ class ChunkManager:
 
     # -- writing ---------------------------------------------------------------------
     def ids_of(self, datas: list[Plain]) -> list[bytes]:
-        """Chunk ids (SHA-256) of ``datas``, computed in parallel."""
+        """Chunk ids of ``datas`` (SHA-256, keyed BLAKE3 in an encrypted volume), computed in parallel."""
         if len(datas) <= 1:
-            return [chunk_id(d) for d in datas]
-        return list(self.pool.map(chunk_id, datas))
+            return [self.envelope.chunk_id(d) for d in datas]
+        return list(self.pool.map(self.envelope.chunk_id, datas))
 
     @staticmethod
     def recorded(db: Database, ids: Iterable[bytes]) -> set[bytes]:
@@ -244,7 +246,7 @@ class ChunkManager:
         todo = [cid for cid in chunks if cid not in usable]
         if not todo:
             return {}
-        blobs = list(self.pool.map(lambda c: seal(chunks[c], self.codec, self.level), todo))
+        blobs = list(self.pool.map(lambda c: self.envelope.seal(chunks[c], self.codec, self.level, c), todo))
         self.store.put_many(zip(todo, blobs), self.io_pool)
         return {cid: len(b) for cid, b in zip(todo, blobs)}
 
@@ -275,14 +277,14 @@ class ChunkManager:
                 rewritten.append((slen, cid))
             elif row is not None and row[2]:
                 # marked bad after store_unknown looked (a scrub): never reference the bad file
-                blob = seal(chunks[cid], self.codec, self.level)
+                blob = self.envelope.seal(chunks[cid], self.codec, self.level, cid)
                 self.store.put(cid, blob)
                 slen = len(blob)
                 rewritten.append((slen, cid))
             elif row is None or row[0] <= 0:
                 st = self.store.stat(cid)
                 if st is None:  # gc (or eviction) removed it after our pre-check: write it again
-                    blob = seal(chunks[cid], self.codec, self.level)
+                    blob = self.envelope.seal(chunks[cid], self.codec, self.level, cid)
                     self.store.put(cid, blob)
                     slen = len(blob)
                     if row is not None:

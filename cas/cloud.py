@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .envelope import open_envelope
+from .envelope import codec_for
 from .errors import CasError, ChunkMissing, FsError, MetaError, VolumeError
 from .errors import IntegrityError
 from .meta import Database, Metadata
@@ -293,6 +293,7 @@ class CloudTier:
         self.local_limit = local_limit
         self.owner = owner or owner_id()
         self.store = LocalStore(meta.volume.chunk_dir)
+        self.envelope = codec_for(meta.volume)   # opens this volume's envelopes (plain or encrypted)
         self.counts = AccessCounts()
         self._db: Database | None = None       # uploader / evictor thread
         self._read_db: Database | None = None  # fetches (any thread, under _read_lock)
@@ -562,7 +563,7 @@ class CloudTier:
             if len(blob) != n:
                 return None
             try:
-                open_envelope(blob, cid)
+                self.envelope.open(blob, cid)
             except IntegrityError:
                 self._drop_bad(cid)
                 return None
@@ -905,7 +906,6 @@ def restore(tier: CloudTier, lazy: bool = False, everything: bool = False,
     as ``lost``. ``progress`` is called with the bytes of each chunk handled. Raises
     MetaError; store errors are collected, not raised.
     """
-    from .envelope import open_envelope
     db = tier.db
     rows = db.query("SELECT c.id, c.is_local, e.pack, e.pos, e.length, p.object_id, p.size, p.name "
                     "FROM chunks c LEFT JOIN pack_entries e ON e.chunk = c.id "
@@ -946,7 +946,7 @@ def restore(tier: CloudTier, lazy: bool = False, everything: bool = False,
         for cid, pos, n in items:
             blob = whole[pos:pos + n] if whole is not None else read(oid, pos, n)
             try:
-                open_envelope(blob, cid)
+                tier.envelope.open(blob, cid)
             except FsError:
                 log.error("restore: chunk %s in pack object %s fails verification", cid.hex(), oid)
                 lost.append(cid.hex())

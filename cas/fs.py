@@ -33,6 +33,7 @@ from .cache import LFUCache
 from .chunks import ChunkManager
 from .cloud import CloudTier
 from .cloud import enabled as cloud_enabled
+from .envelope import codec_for
 from .errors import ChunkMissing, IntegrityError
 from .errors import (CasError, Exists, FsError, InvalidArgument, IsADirectory, NameTooLong, NoData,
                      NotADirectory, NotEmpty, NotFound)
@@ -141,6 +142,7 @@ class Filesystem:
     def __init__(self, meta: Metadata, cache_bytes: int = 256 << 20, workers: int = 2,
                  group_commit: bool = True, durability: str = GROUP) -> None:
         vol = meta.volume
+        envelope = codec_for(vol)   # VolumeError for an encrypted volume not unlocked: before any thread starts
         self.meta = meta
         self.db = meta.db
         if durability not in DURABILITY_MODES:
@@ -161,7 +163,8 @@ class Filesystem:
         codec, level = vol.codec
         self.store = LocalStore(vol.chunk_dir)
         self.cache = LFUCache(cache_bytes)
-        self.chunks = ChunkManager(self.store, self.cache, codec, level, self.pool, self.io_pool)
+        self.chunks = ChunkManager(self.store, self.cache, codec, level, self.pool, self.io_pool,
+                                   envelope=envelope)
         self.data = FileData(self.db, self.chunks, vol.chunk_size)
         self.data.on_commit = self._committed
         self.lookups: dict[int, int] = {}   # inode -> references the kernel holds (lookups)

@@ -19,7 +19,7 @@ import stat as S
 from dataclasses import dataclass, field
 from typing import Any
 
-from .envelope import open_envelope
+from .envelope import codec_for
 from .errors import ChunkMissing, IntegrityError
 from .meta import Metadata
 from .store import LocalStore
@@ -53,6 +53,7 @@ def check(meta: Metadata, repair: bool = False, verify: bool = True) -> FsckRepo
     """Run the checks of the module docstring; with ``repair`` fix refcounts and nlinks."""
     db = meta.db
     store = LocalStore(meta.volume.chunk_dir)
+    envelope = codec_for(meta.volume)
 
     def snapshot(cur: Any) -> tuple[Any, ...]:
         cur.execute("SELECT c.id, c.refcount, COUNT(m.chunk) FROM chunks c "
@@ -90,7 +91,7 @@ def check(meta: Metadata, repair: bool = False, verify: bool = True) -> FsckRepo
         try:
             blob = store.get(cid)
             if verify:
-                open_envelope(blob, cid)
+                envelope.open(blob, cid)
         except ChunkMissing:
             if cid in in_cloud:
                 cloud_only += 1   # evicted, or lost locally: reads fetch it (casfs restore)

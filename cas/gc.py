@@ -18,7 +18,6 @@ from datetime import timedelta
 from typing import Any
 
 from .cloud import PACK_PREFIX, CloudTier, forget_sql, owned, put_checked
-from .envelope import open_envelope
 from .errors import ChunkMissing, FsError
 from .meta import Metadata
 from .objstore import ObjectNotFound, now_utc
@@ -225,13 +224,13 @@ def _repack(tier: CloudTier, packs: list[int]) -> tuple[int, int, int]:
         blob = None
         try:
             local = tier.store.get(cid)
-            open_envelope(local, cid)
+            tier.envelope.open(local, cid)
             blob = local
         except (ChunkMissing, FsError):
             pass
         if blob is None:
             blob = tier.read_object(oid, pos, n)
-            open_envelope(blob, cid)   # IntegrityError: never copy a bad chunk
+            tier.envelope.open(blob, cid)   # IntegrityError: never copy a bad chunk
         if size and size + len(blob) > tier.cfg.pack_size:
             flush()
         batch.append((cid, old, blob))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .cloud import CloudTier
-from .envelope import open_envelope
+from .envelope import codec_for
 from .errors import ChunkMissing, FsError
 from .meta import ROOT_INODE, Database, Metadata
 from .store import LocalStore
@@ -68,12 +68,13 @@ def repair_chunks(meta: Metadata, ids: list[bytes], tier: CloudTier | None,
     MetaError, and NoSpace/FsError when a fetched copy cannot be written."""
     db = meta.db
     store = LocalStore(meta.volume.chunk_dir)
+    envelope = codec_for(meta.volume)
     replaced: list[str] = []
     cleared: list[str] = []
     lost: list[bytes] = []
     for cid in ids:
         try:
-            open_envelope(store.get(cid), cid)
+            envelope.open(store.get(cid), cid)
         except FsError:
             pass
         else:
@@ -101,7 +102,7 @@ def _from_cloud(tier: CloudTier | None, cid: bytes) -> bytes | None:
         return None
     try:
         blob = tier.fetch(cid)
-        open_envelope(blob, cid)
+        tier.envelope.open(blob, cid)
     except ChunkMissing as exc:
         log.info("repair: chunk %s: %s", cid.hex(), exc)
         return None

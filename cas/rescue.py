@@ -18,7 +18,9 @@ describes the design; the byte format of one record (``<inode>.<time_ns>.rec``) 
 
 A record is written to ``NAME.tmp``, fsynced, renamed, and the directory fsynced: it is
 either absent or complete; a record whose digest does not match is renamed to
-``NAME.bad`` and reported, never replayed.
+``NAME.bad`` and reported, never replayed. In an encrypted volume the whole record is
+sealed (:meth:`cas.keys.VolumeKeys.seal_blob`, associated data RESCUE_AAD): the rescue
+area never holds file data in the clear (docs/encryption.md).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import CasError, Exists, FsError
+from .errors import CasError, Exists, FsError, IntegrityError
 from .store import fsync_dir
 
 if TYPE_CHECKING:
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAGIC = b"CASRESCUE1\n"
+RESCUE_AAD = b"casfs-rescue/1"
 SUFFIX = ".rec"
 LOST_FOUND = b"lost+found"   # directory at the root of the volume for orphaned records
 
@@ -109,6 +112,23 @@ def decode(blob: bytes) -> Record:
     return Record(header, slots)
 
 
+def _seal(fs: Filesystem, blob: bytes) -> bytes:
+    """``blob`` sealed under the volume's keys in an encrypted volume, else as it is."""
+    keys = fs.meta.volume.keys
+    return keys.seal_blob(blob, RESCUE_AAD) if keys is not None else blob
+
+
+def _open(fs: Filesystem, blob: bytes) -> bytes:
+    """The record inside ``blob`` (:func:`_seal`); RescueError when it does not open."""
+    keys = fs.meta.volume.keys
+    if keys is None:
+        return blob
+    try:
+        return keys.open_blob(blob, RESCUE_AAD)
+    except IntegrityError as exc:
+        raise RescueError(f"sealed record does not open: {exc}") from exc
+
+
 def spill(fs: Filesystem, directory: Path) -> list[Path]:
     """Write every file of ``fs`` holding uncommitted changes to the rescue area.
 
@@ -134,7 +154,7 @@ def spill(fs: Filesystem, directory: Path) -> list[Path]:
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 try:
-                    view = memoryview(encode(header, slots))
+                    view = memoryview(_seal(fs, encode(header, slots)))
                     while view:
                         view = view[os.write(fd, view):]
                     os.fsync(fd)
@@ -187,7 +207,7 @@ def replay(fs: Filesystem, directory: Path) -> ReplayResult:
     out = ReplayResult(lost_found=[], damaged=[])
     for path in pending(directory):
         try:
-            rec = decode(path.read_bytes())
+            rec = decode(_open(fs, path.read_bytes()))
             if int(rec.header["chunk_size"]) != fs.chunk_size:
                 raise RescueError("chunk size differs from the volume's")
         except (RescueError, OSError, KeyError, ValueError, TypeError) as exc:

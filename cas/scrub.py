@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .cloud import CloudTier, set_meta
-from .envelope import open_envelope
+from .envelope import ChunkCodec, codec_for
 from .errors import ChunkMissing, FsError
 from .meta import Database, Metadata
 from .objstore import ObjectNotFound, ObjectStoreError
@@ -151,6 +151,7 @@ def scrub_local(meta: Metadata, pacer: Pacer, progress: Progress | None = None,
     """The local pass (module docstring), from the saved cursor. Raises MetaError."""
     db = meta.db
     store = LocalStore(meta.volume.chunk_dir)
+    envelope = codec_for(meta.volume)
     budget = budget or _Budget(None)
     saved = _cursor(db, LOCAL_CURSOR)
     res = PassResult(resumed=saved is not None)
@@ -173,7 +174,7 @@ def scrub_local(meta: Metadata, pacer: Pacer, progress: Progress | None = None,
                 if budget.spent():
                     break
                 cid = bytes(cid_b)
-                n = _verify_local(db, store, cid, res)
+                n = _verify_local(db, store, cid, res, envelope)
                 res.checked += 1
                 res.bytes += n
                 budget.use()
@@ -196,7 +197,7 @@ def scrub_local(meta: Metadata, pacer: Pacer, progress: Progress | None = None,
     return res
 
 
-def _verify_local(db: Database, store: LocalStore, cid: bytes, res: PassResult) -> int:
+def _verify_local(db: Database, store: LocalStore, cid: bytes, res: PassResult, envelope: ChunkCodec) -> int:
     """Verify one local chunk; mark it bad when it fails. Returns the bytes read."""
     try:
         blob = store.get(cid)
@@ -213,7 +214,7 @@ def _verify_local(db: Database, store: LocalStore, cid: bytes, res: PassResult) 
         res.bad.append(cid.hex())
         return 0
     try:
-        open_envelope(blob, cid)
+        envelope.open(blob, cid)
     except FsError as exc:
         log.error("scrub: chunk %s fails verification (%s); marked bad", cid.hex(), exc)
         db.execute("UPDATE chunks SET bad = 1 WHERE id = %s", (cid,))
@@ -289,7 +290,7 @@ def _requeue(tier: CloudTier, cid: bytes, pack: int) -> bool:
             return False   # collected meanwhile
         if row[0]:
             try:
-                open_envelope(tier.store.get(cid), cid)
+                tier.envelope.open(tier.store.get(cid), cid)
             except FsError:
                 pass
             else:
@@ -330,7 +331,7 @@ def _verify_pack(tier: CloudTier, oid: str, entries: list[tuple[bytes, int, int]
             try:
                 if len(blob) != n:
                     raise ChunkMissing(f"chunk {cid.hex()}: pack object {oid} is short")
-                open_envelope(blob, cid)
+                tier.envelope.open(blob, cid)
             except FsError as exc:
                 log.error("scrub: the cloud copy of chunk %s (pack object %s) is bad: %s", cid.hex(), oid, exc)
                 bad.append(cid)

@@ -4,7 +4,8 @@ A volume is a directory ``$XDG_DATA_HOME/casfs/NAME/`` (``~/.local/share`` when 
 
     volume.toml   config: format, uuid, chunk_size, compression, meta_url, meta_password,
                   [drive] (cloud tier, cas.cloud.CloudConfig),
-                  [mount] (defaults of `casfs mount`: durability = "group" | "immediate")
+                  [mount] (defaults of `casfs mount`: durability = "group" | "immediate"),
+                  [encryption] (wrapped master key of an encrypted volume, cas.keys)
     chunks/       the local chunk store (cas.store)
     mysql/        datadir of the embedded MariaDB server (embedded volumes only)
     run/          socket (or sockdir: where a long path's socket lives), lock files,
@@ -23,11 +24,15 @@ import tomllib
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import tomli_w
 
 from .envelope import parse_codec
 from .errors import VolumeError
+
+if TYPE_CHECKING:
+    from .keys import VolumeKeys
 
 CONFIG_FORMAT = 1
 MIN_CHUNK = 64 * 1024
@@ -73,6 +78,9 @@ class Volume:
     meta_password: str = ""
     drive: dict[str, object] = field(default_factory=dict)   # the [drive] table (cas.cloud.CloudConfig)
     mount: dict[str, object] = field(default_factory=dict)   # the [mount] table: defaults of `casfs mount`
+    encryption: dict[str, Any] = field(default_factory=dict)  # the [encryption] table (cas.keys); {} = plain
+    # the unlocked keys of an encrypted volume (cas.keys.unlock sets them; never saved)
+    keys: VolumeKeys | None = field(default=None, repr=False, compare=False)
 
     @property
     def embedded(self) -> bool:
@@ -114,10 +122,14 @@ class Volume:
             cfg["drive"] = dict(self.drive)
         if self.mount:
             cfg["mount"] = dict(self.mount)
+        if self.encryption:
+            cfg["encryption"] = dict(self.encryption)
         tmp = self.path / "volume.toml.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             tomli_w.dump(cfg, f)
+            f.flush()
+            os.fsync(f.fileno())   # the [encryption] table: a torn volume.toml loses the data
         os.replace(tmp, self.path / "volume.toml")
 
 
@@ -153,6 +165,7 @@ def open_volume(name: str) -> Volume:
             meta_password=str(cfg.get("meta_password", "")),
             drive=dict(cfg.get("drive", {})),
             mount=dict(cfg.get("mount", {})),
+            encryption=dict(cfg.get("encryption", {})),
         )
         parse_codec(vol.compression)
     except (KeyError, ValueError) as exc:

@@ -3,7 +3,7 @@
 Usage::
 
     python -m tools.bench [--size-mib 1024] [--files 10000] [--out FILE]
-                          [--only native,null,casfs] [--chunk-size N] [--extra]
+                          [--only native,null,casfs] [--chunk-size N] [--extra] [--encrypt]
 
 One run measures three targets with the same workloads and the same data:
 
@@ -51,6 +51,10 @@ With ``--extra``, two more:
 * ``cp -a`` of the interpreter's standard library (site-packages excluded, a
   snapshot in the scratch directory, read once beforehand) into the target
   twice, files/s; the seconds are printed under the table.
+
+With ``--encrypt``: new write, cold read and small-file creation on fresh unencrypted
+and encrypted (``casfs init --encrypt``) casfs volumes, two of each in ABBA order, the
+best of each kind and the ratio encrypted / plain (docs/encryption.md).
 
 The benchmark only measures and prints; it asserts nothing about speed.  Every
 mount is unmounted and every subprocess ended in ``finally`` blocks, also on
@@ -758,6 +762,68 @@ def run_target(target: Target, data: BenchData, progress: Callable[[str], None])
     return res
 
 
+# ------------------------------------------------------------------------ --encrypt
+
+ENCRYPT_ROUNDS = 2          # volumes per kind; the best of them is reported
+ENCRYPT_PASSPHRASE = "casfs-bench passphrase"   # a benchmark volume's throwaway passphrase
+ENCRYPT_ROWS = ("write_new", "read_cold", "create")
+
+
+def bench_encrypt(scratch: Path, data: BenchData, args: argparse.Namespace,
+                  progress: Callable[[str], None]) -> list[str]:
+    """The ``--encrypt`` rows: new write, cold read and small-file creation on unencrypted
+    and encrypted (`casfs init --encrypt`) casfs volumes in the same run, ENCRYPT_ROUNDS
+    fresh volumes of each kind in ABBA order (drift on a shared machine cancels), the
+    best of each kind reported with the ratio encrypted / plain. Returns report lines."""
+    best: dict[tuple[bool, str], float] = {}
+    order = [False, True, True, False] * ((ENCRYPT_ROUNDS + 1) // 2)
+    errors: list[str] = []
+    for i, enc in enumerate(order[:2 * ENCRYPT_ROUNDS]):
+        kind = "encrypted" if enc else "plain"
+        sub = scratch / f"enc-{i}"
+        sub.mkdir()
+        target = CasfsTarget(sub, args.chunk_size, [*args.casfs_init_arg, *(["--encrypt"] if enc else [])],
+                             args.casfs_timeout)
+        target.env["CASFS_PASSPHRASE"] = ENCRYPT_PASSPHRASE
+        step = "start"
+        try:
+            try:
+                workdir = target.start()
+            except NotAvailable as e:
+                return [f"--encrypt: casfs not available: {e}"]
+            vals: dict[str, float] = {}
+            step = "write_new"
+            progress(f"--encrypt round {i + 1}: {kind}: sequential write, new data")
+            vals[step] = bench_write(workdir / "big1", data.blocks)
+            step = "read_cold"
+            progress(f"--encrypt round {i + 1}: {kind}: sequential read, cold")
+            target.make_cold(workdir / "big1", data.size)
+            vals[step] = bench_read(workdir / "big1", data.size, bytearray(MiB))
+            check_content(workdir / "big1", data.blocks, zeros=False)
+            step = "create"
+            progress(f"--encrypt round {i + 1}: {kind}: create {data.files} small files")
+            (workdir / "small").mkdir()
+            vals[step] = bench_create(workdir / "small", data.files, data.small_payload)
+            for k, v in vals.items():
+                best[(enc, k)] = max(best.get((enc, k), 0.0), v)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            errors.append(f"--encrypt round {i + 1} ({kind}): error during {step}: {type(e).__name__}: {e}")
+        finally:
+            with no_interrupts():
+                target.stop()
+    labels = {w.key: w.label for w in workloads(args.size_mib, args.files)}
+    rows = [["workload", "casfs", "casfs --encrypt", "encrypted/plain"]]
+    for k in ENCRYPT_ROWS:
+        a, b = best.get((True, k)), best.get((False, k))
+        rows.append([labels[k], _fmt(b), _fmt(a), _ratio(a, b)])
+    widths = [max(len(r[c]) for r in rows) for c in range(4)]
+    table = ["| " + " | ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]) + " |"
+             for r in rows]
+    table.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return ["", f"encrypted vs unencrypted casfs, same run: {ENCRYPT_ROUNDS} fresh volumes of each kind "
+                "(ABBA order), best of each:", *errors, *table]
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -853,6 +919,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=None,
                    help="where to create the scratch directory (default: the system temp dir)")
     p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    p.add_argument("--encrypt", action="store_true",
+                   help="also new write, cold read and create on unencrypted vs encrypted casfs volumes")
     args = p.parse_args(argv)
     only = [t.strip() for t in args.only.split(",") if t.strip()]
     bad = [t for t in only if t not in TARGETS]
@@ -880,6 +948,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="casfs-bench-", dir=args.workdir))
     targets: list[Target] = []
     results: dict[str, TargetResult] = {}
+    enc_lines: list[str] = []
     try:
         progress(f"scratch directory {scratch}; generating {args.size_mib} MiB of random data")
         data = BenchData(
@@ -908,11 +977,13 @@ def main(argv: list[str] | None = None) -> int:
             targets.append(target)
             results[name] = run_target(target, data, progress)
             del target
+        enc_lines = bench_encrypt(scratch, data, args, progress) if args.encrypt else []
     finally:
         with no_interrupts():
             for t in targets:
                 t.stop()  # idempotent; already done in run_target on the normal path
-            leftover = [mp for mp in (scratch / "null-mnt", scratch / "casfs-mnt") if is_fuse_mounted(mp)]
+            leftover = [mp for mp in (scratch / "null-mnt", scratch / "casfs-mnt",
+                                      *scratch.glob("enc-*/casfs-mnt")) if is_fuse_mounted(mp)]
             if leftover:
                 warn(f"still mounted, not removing {scratch}: {', '.join(map(str, leftover))}")
             else:
@@ -922,7 +993,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = machine_info(Path(tempfile.gettempdir()) if args.workdir is None else args.workdir)
     lines.append(f"params:  --size-mib {args.size_mib} --files {args.files} --only {','.join(args.only)}"
                  + (f" --chunk-size {args.chunk_size}" if args.chunk_size else "")
-                 + (" --extra" if args.extra else ""))
+                 + (" --extra" if args.extra else "") + (" --encrypt" if args.encrypt else ""))
     lines.append("")
     for name in TARGETS:
         r = results.get(name)
@@ -954,6 +1025,7 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{TARGET_LABELS[t]} {_fmt(v)}" for t, v in secs.items())
             + f"; casfs/native time {_ratio(secs.get('casfs'), secs.get('native'))}.",
         ]
+    lines += enc_lines
     report = "\n".join(lines) + "\n"
     sys.stdout.write(report)
     sys.stdout.flush()

@@ -9,16 +9,18 @@ import logging
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import click
 
+from cas import keys
 from cas.meta import initialize
 from cas.errors import VolumeError
 from cas.fs import DURABILITY_MODES
 from cas.volume import DEFAULT_CHUNK, DEFAULT_NAME, create_volume_dir, open_volume, volume_path
 
 from . import drivecmd, maint, mountcmd
-from . import scrubcmd
+from . import keycmd, scrubcmd
 from .common import CasfsGroup, human, parse_size, user_errors
 
 
@@ -27,13 +29,22 @@ from .common import CasfsGroup, human, parse_size, user_errors
 def main() -> None:
     """casfs: a deduplicating FUSE filesystem (SHA-256 chunks, zstd, MySQL metadata)."""
     logging.basicConfig(level=logging.WARNING, format="casfs: %(levelname)s: %(message)s")
+    # audit events (records with an ``audit`` dict) are for the audit log, not the user's
+    # terminal: the command's own one-line error already tells the user
+    for h in logging.getLogger().handlers:
+        h.addFilter(lambda r: not hasattr(r, "audit"))
 
 
-def init_volume(name: str, chunk_size: int, compression: str, meta: str) -> None:
-    """Create volume ``name`` (directory, config, database); undo the directory on failure."""
+def init_volume(name: str, chunk_size: int, compression: str, meta: str,
+                encrypt: tuple[str | None, Path | None] | None = None) -> None:
+    """Create volume ``name`` (directory, config, database); undo the directory on failure.
+    ``encrypt`` (passphrase, key file): an encrypted volume (cas.keys)."""
     existed = volume_path(name).exists()
     vol = create_volume_dir(name, chunk_size, compression, meta)
     try:
+        if encrypt is not None:
+            vol.encryption = keys.new_encryption_table(keys.new_master_key(), encrypt[0], encrypt[1],
+                                                       volume_uuid=vol.uuid)
         initialize(vol, os.getuid(), os.getgid())
         vol.save()
     except BaseException:
@@ -50,15 +61,31 @@ def init_volume(name: str, chunk_size: int, compression: str, meta: str) -> None
               help="mysql://USER@HOST[:PORT]/DB of an existing MariaDB>=10.6/MySQL 8 server "
                    "(password: config meta_password or CASFS_MYSQL_PASSWORD). Default: a private "
                    "embedded MariaDB in the volume directory.")
+@click.option("--encrypt", is_flag=True,
+              help="Encrypt every chunk (AES-256-GCM, keyed BLAKE3 ids) under a random master key "
+                   "wrapped by a passphrase (prompt, $CASFS_PASSPHRASE or --passphrase-file) and/or "
+                   "--key-file. A lost passphrase and key file mean lost data. docs/security.md.")
+@click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --encrypt: also wrap the master key under this key file (created if missing).")
+@click.option("--passphrase-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --encrypt: read the passphrase from this file (first line).")
 @click.argument("name", default=DEFAULT_NAME)
 @user_errors
-def init(chunk_size: str, compression: str, meta: str, name: str) -> None:
+def init(chunk_size: str, compression: str, meta: str, encrypt: bool, key_file: Path | None,
+         passphrase_file: Path | None, name: str) -> None:
     """Create volume NAME (default: "default")."""
     size = parse_size(chunk_size)
-    init_volume(name, size, compression, meta)
+    if not encrypt and (key_file is not None or passphrase_file is not None):
+        raise click.UsageError("--key-file and --passphrase-file need --encrypt")
+    secrets = keycmd.new_secrets(key_file, passphrase_file) if encrypt else None
+    init_volume(name, size, compression, meta, secrets)
     vol = open_volume(name)
+    enc = ""
+    if vol.encryption:
+        kinds = " and ".join(str(w["kind"]).replace("keyfile", "key file") for w in vol.encryption["wraps"])
+        enc = f", encrypted (unlocks with its {kinds}; `casfs key export` prints a backup of the key)"
     click.echo(f"created volume {vol.name} at {vol.path} (chunk size {human(vol.chunk_size)}, "
-               f"{vol.compression}, metadata: {vol.meta_url or 'embedded MariaDB'})")
+               f"{vol.compression}, metadata: {vol.meta_url or 'embedded MariaDB'}{enc})")
 
 
 @main.command()
@@ -83,6 +110,7 @@ def init(chunk_size: str, compression: str, meta: str, name: str) -> None:
               help="Upload a metadata snapshot to Drive at most this often after a change "
                    "[default: volume.toml [drive] snapshot_interval_s, else 600]. docs/backup.md.")
 @click.option("--debug", is_flag=True, help="Debug logging.")
+@keycmd.key_options
 @user_errors
 def mount(mountpoint: str, volume: str, foreground: bool, allow_other: bool, cache_size: str,
           local_limit: str | None, drive_endpoint: str | None, durability: str | None, debug: bool,
@@ -102,6 +130,7 @@ def mount(mountpoint: str, volume: str, foreground: bool, allow_other: bool, cac
         init_volume(DEFAULT_NAME, DEFAULT_CHUNK, "zstd:3", "")
         vol = open_volume(DEFAULT_NAME)
         click.echo(f"created the default volume at {vol.path}", err=True)
+    keycmd.unlock_volume(vol)   # before the daemon forks: it inherits vol.keys
     opts = mountcmd.MountOptions(allow_other=allow_other, cache_bytes=cache,
                                  local_limit=None if local_limit is None else parse_size(local_limit),
                                  drive_endpoint=drive_endpoint, durability=durability,
@@ -126,6 +155,7 @@ def umount(mountpoint: str, timeout: float) -> None:
 maint.register(main)
 drivecmd.register(main)
 main.add_command(scrubcmd.scrub)
+main.add_command(keycmd.key)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,6 +20,7 @@ from cas.objstore import DailyLimit
 from cas.volume import DEFAULT_NAME, Volume, open_volume, write_private
 
 from .common import human, open_tier, parse_size, user_errors
+from .keycmd import key_options, unlock_volume
 from .mountcmd import is_mounted
 
 DRIVE_SCOPES = ["https://www.googleapis.com/auth/drive.file"]
@@ -216,6 +217,7 @@ def _age(seconds: float) -> str:
 @click.argument("volume", default=DEFAULT_NAME)
 @click.option("--timeout", default=None, type=float, help="Give up after this many seconds.")
 @click.option("--drive-endpoint", default=None, metavar="URL", help="Override the volume's endpoint.")
+@key_options
 @user_errors
 def push(volume: str, timeout: float | None, drive_endpoint: str | None) -> None:
     """Upload everything queued now, without waiting for a full pack, then a metadata
@@ -225,6 +227,7 @@ def push(volume: str, timeout: float | None, drive_endpoint: str | None) -> None
     named as such ("daily upload limit"): retrying before it resets is pointless.
     """
     vol = open_volume(volume)
+    unlock_volume(vol)
     with connect(vol) as meta:
         tier = open_tier(meta, drive_endpoint)
         snap: snapshot.SnapshotResult | None = None
@@ -272,6 +275,7 @@ def push(volume: str, timeout: float | None, drive_endpoint: str | None) -> None
 @click.option("--folder", default="", help="With --from-drive: the Drive folder name [default: the only "
               "casfs-<uuid> folder].")
 @click.option("--no-browser", is_flag=True, help="Print the sign-in URL instead of opening a browser.")
+@key_options
 @user_errors
 def restore(volume: str, lazy: bool, everything: bool, drive_endpoint: str | None, from_drive: bool = False,
             generation: int | None = None, eager: bool = False, meta_url: str = "",
@@ -296,6 +300,7 @@ def restore(volume: str, lazy: bool, everything: bool, drive_endpoint: str | Non
     vol = open_volume(volume)
     if is_mounted(vol):
         raise VolumeError(f"volume {vol.name} is mounted: unmount it before `casfs restore`")
+    unlock_volume(vol)
     vol.chunk_dir.mkdir(parents=True, exist_ok=True)
     with connect(vol) as meta:
         tier = open_tier(meta, drive_endpoint)
@@ -390,12 +395,18 @@ def _restore_from_drive(name: str, generation: int | None, eager: bool, meta_url
             if folder_name != f"casfs-{vol.uuid}":
                 table["folder"] = folder_name
             vol.drive = {k: v for k, v in table.items() if v != ""}
+            if doc.get("encryption"):
+                # the wrapped master key came with the volume object: the passphrase (or
+                # key file) unlocks it here, before the snapshot is opened
+                vol.encryption = dict(doc["encryption"])
+                unlock_volume(vol)
             if cred_name:
                 write_private(vol.path / cred_name, cred_data)
             cfg = cloud.CloudConfig.from_volume(vol)
             click.echo(f"restoring volume {vol.name} ({vol.uuid}) from folder {folder_name}: generation "
                        f"{plan.chosen.generation} of {plan.chosen.created:%Y-%m-%d %H:%M:%S} UTC")
-            r = snapshot.restore_into(vol, objects, cfg, folder_id, plan, eager=eager, progress=click.echo)
+            r = snapshot.restore_into(vol, objects, cfg, folder_id, plan, keys=vol.keys, eager=eager,
+                                      progress=click.echo)
             vol.save()
         except BaseException:
             shutil.rmtree(vol.path, ignore_errors=True)

@@ -26,6 +26,7 @@ from cas.volume import DEFAULT_NAME, Volume, open_volume
 from fusefront.daemon import STATS_FILE
 
 from .common import human, open_tier, user_errors
+from .keycmd import key_options, unlock_volume
 from .mountcmd import is_mounted
 
 
@@ -108,11 +109,13 @@ def _live_stats(vol: Volume) -> dict[str, Any] | None:
               help="Seconds a chunk must have been unreferenced (or an orphan cloud object "
                    "unrecorded) before it is deleted.")
 @click.option("--drive-endpoint", default=None, metavar="URL", help="Override the volume's Drive endpoint.")
+@key_options
 @user_errors
 def gc(volume: str, dry_run: bool, grace: float, drive_endpoint: str | None) -> None:
     """Delete chunks no file references, then empty, sparse and orphan packs on Drive
     (safe while mounted)."""
     vol = open_volume(volume)
+    unlock_volume(vol)
     with connect(vol) as meta:
         r = gc_mod.collect(meta, grace_s=grace, dry_run=dry_run)
         verb = "would free" if dry_run else "freed"
@@ -141,6 +144,7 @@ def gc(volume: str, dry_run: bool, grace: float, drive_endpoint: str | None) -> 
 @click.option("--cloud", "check_cloud", is_flag=True,
               help="Also check that every pack the database names is on Drive with its recorded size "
                    "(and md5), and list the files that depend on any that is not.")
+@key_options
 @user_errors
 def fsck(volume: str, repair: bool, no_verify: bool, as_json: bool, check_cloud: bool = False) -> None:
     """Check refcounts, link counts, and every referenced chunk's presence and hash.
@@ -148,6 +152,7 @@ def fsck(volume: str, repair: bool, no_verify: bool, as_json: bool, check_cloud:
     Exits 1 when a problem is found and not repaired.
     """
     vol = open_volume(volume)
+    unlock_volume(vol)
     if repair and is_mounted(vol):
         raise click.ClickException(f"volume {vol.name} is mounted: unmount it before `casfs fsck --repair`")
     with connect(vol) as meta:

@@ -19,6 +19,7 @@ from cas.meta import connect
 from cas.volume import DEFAULT_NAME, open_volume
 
 from .common import human, open_tier, user_errors
+from .keycmd import key_options, unlock_volume
 
 PLAIN_EVERY_S = 10.0
 
@@ -55,6 +56,7 @@ class _PlainProgress:
 @click.option("--drive-endpoint", default=None, metavar="URL", help="Override the volume's Drive endpoint.")
 @click.option("--stop-after", default=None, type=click.IntRange(min=1), hidden=True,
               help="Stop after verifying this many chunks (the cursor is saved).")
+@key_options
 @user_errors
 def scrub(volume: str, with_cloud: bool, rate: float, restart: bool, as_json: bool,
           drive_endpoint: str | None, stop_after: int | None) -> None:
@@ -65,6 +67,7 @@ def scrub(volume: str, with_cloud: bool, rate: float, restart: bool, as_json: bo
     Exits 1 when a bad chunk was found.
     """
     vol = open_volume(volume)
+    unlock_volume(vol)
     with connect(vol) as meta:
         tier = open_tier(meta, drive_endpoint) if with_cloud else None
         try:

@@ -1,0 +1,72 @@
+"""cas.keys: wrapping the master key, unlocking, sealed metadata blobs."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from cas import keys
+from cas.errors import IntegrityError
+from cas.volume import Volume
+
+
+def _vol(tmp_path: Path, table: dict) -> Volume:
+    return Volume(path=tmp_path, name="v", uuid="u-1", chunk_size=1 << 20, compression="zstd:3",
+                  encryption=table)
+
+
+def test_wrap_unwrap_passphrase_and_key_file(tmp_path: Path) -> None:
+    kf = tmp_path / "key"
+    keys.create_key_file(kf)
+    master = keys.new_master_key()
+    table = keys.new_encryption_table(master, "correct horse", kf, volume_uuid="u-1")
+    assert keys.unwrap_master(table, "correct horse", None) == master
+    assert keys.unwrap_master(table, None, kf) == master
+    with pytest.raises(keys.WrongPassphrase):
+        keys.unwrap(table, "wrong horse", None)
+    other = tmp_path / "other"
+    keys.create_key_file(other)
+    with pytest.raises(keys.WrongPassphrase):
+        keys.unwrap(table, None, other)
+    # a wrap moved to another volume's table does not open (uuid in the associated data)
+    with pytest.raises(keys.WrongPassphrase):
+        keys.unwrap({**table, "volume_uuid": "u-2"}, "correct horse", None)
+    # same master -> same subkeys -> same chunk ids; a different master -> different ids
+    a, b = keys.unwrap(table, "correct horse", None), keys.VolumeKeys(master)
+    assert a.chunk_id(b"x" * 100) == b.chunk_id(bytearray(b"x" * 100)) != keys.VolumeKeys(
+        keys.new_master_key()).chunk_id(b"x" * 100)
+    assert len(a.chunk_id(memoryview(b"abc"))) == 32
+
+
+def test_sealed_blob(tmp_path: Path) -> None:
+    k = keys.VolumeKeys(keys.new_master_key())
+    blob = k.seal_blob(b"snapshot bytes", b"aad-1")
+    assert b"snapshot" not in blob and len(blob) == len(b"snapshot bytes") + 33
+    assert k.open_blob(blob, b"aad-1") == b"snapshot bytes"
+    with pytest.raises(IntegrityError):
+        k.open_blob(blob, b"aad-2")
+    bad = bytearray(blob)
+    bad[-20] ^= 1
+    with pytest.raises(IntegrityError):
+        k.open_blob(bytes(bad), b"aad-1")
+    with pytest.raises(IntegrityError):
+        keys.VolumeKeys(keys.new_master_key()).open_blob(blob, b"aad-1")
+
+
+def test_unlock_env_file_and_audit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   caplog: pytest.LogCaptureFixture) -> None:
+    master = keys.new_master_key()
+    vol = _vol(tmp_path, keys.new_encryption_table(master, "pw", None, volume_uuid="u-1"))
+    assert keys.unlock(_vol(tmp_path, {})) is None
+    monkeypatch.setenv("CASFS_PASSPHRASE", "pw")
+    assert keys.unlock(vol).master == master        # type: ignore[union-attr]
+    pf = tmp_path / "pf"
+    pf.write_text("nope\n")
+    assert keys.passphrase_from_env_or_file(pf) == "nope"
+    with caplog.at_level(logging.WARNING, logger="casfs.audit"):
+        with pytest.raises(keys.WrongPassphrase):
+            keys.unlock(vol, passphrase=keys.passphrase_from_env_or_file(pf))
+    rec = [r for r in caplog.records if r.name == "casfs.audit"]
+    assert rec and rec[0].audit["op"] == "unlock" and rec[0].audit["result"] == "EACCES"  # type: ignore[attr-defined]
+    assert "authentication failed" in (tmp_path / "log" / "mount.log").read_text()
