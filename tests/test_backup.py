@@ -190,3 +190,43 @@ def test_recovery_point_mount_snapshots_retention_and_unmount_snapshot(
     gens = sorted(int(n.split("-")[2]) for n in names)
     assert gens == [gens[1] - 1, gens[1]] and gens[1] >= 3
     casenv.umount(mp)
+
+
+def test_total_loss_of_an_encrypted_volume_restores_with_the_passphrase(
+        casenv: CasEnv, drive_sim: DriveSim) -> None:
+    import pymysql
+
+    from cas.keys import BLOB_MAGIC
+    from tests.test_encryption import PASS, init_encrypted
+    casenv.env["CASFS_PASSPHRASE"] = PASS
+    db = init_encrypted(casenv)
+    casenv.run("drive", "auth", "--endpoint", drive_sim.url, "--pack-size", "256KiB", "--pack-age", "0", "vol")
+    mp = casenv.mount("vol")
+    write_tree(mp, seed=21)
+    fsync_tree(mp)
+    before = facts(mp)
+    assert "uploaded metadata snapshot generation 1" in casenv.run("drive", "push", "vol").stdout
+    casenv.umount(mp)
+    snaps = [f for f in drive_sim.files() if f["name"].startswith("casfs-meta-")]
+    assert snaps
+    for f in snaps:   # sealed after compression: no name of the tree readable on Drive
+        blob = drive_sim.file_bytes(f["id"])
+        assert blob.startswith(BLOB_MAGIC) and b"sparse" not in blob and b"user.color" not in blob
+
+    shutil.rmtree(casenv.data_home / "vol")
+    admin = pymysql.connect(unix_socket=str(casenv.server.socket), user="root", password="")
+    with admin.cursor() as cur:
+        cur.execute(f"DROP DATABASE `{db}`")
+    admin.close()
+    url = casenv.meta_url(db)
+    casenv.env["CASFS_PASSPHRASE"] = "not the passphrase"
+    bad = casenv.run("restore", "--from-drive", "--endpoint", drive_sim.url, "--meta", url, "vol", check=False)
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert not (casenv.data_home / "vol").exists()
+    casenv.env["CASFS_PASSPHRASE"] = PASS
+    r = casenv.run("restore", "--from-drive", "--endpoint", drive_sim.url, "--meta", url, "vol")
+    assert "from generation 1" in r.stdout
+    mp = casenv.mount("vol", mp)
+    assert facts(mp) == before
+    assert "0 missing files, 0 corrupt" in casenv.run("fsck", "vol").stdout
+    casenv.umount(mp)
