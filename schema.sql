@@ -8,7 +8,7 @@ CREATE TABLE meta (
     v VARCHAR(255) NOT NULL
 ) ENGINE=InnoDB;
 
-INSERT INTO meta (k, v) VALUES ('schema_version', '3');
+INSERT INTO meta (k, v) VALUES ('schema_version', '4');
 
 -- One row per inode. Times in ns since the epoch. nlink = 0 marks a file unlinked while
 -- still open; it is freed at its last release (or at the next mount after a crash).
@@ -129,4 +129,15 @@ CREATE TABLE upload_queue (
     pos BIGINT UNSIGNED NULL,
     length INT UNSIGNED NULL,
     KEY pack_idx (pack, queued)
+) ENGINE=InnoDB;
+
+-- Metadata snapshots on the cloud store (cas/snapshot.py, docs/backup.md): the packs
+-- (by name, as on the store) that each snapshot generation still kept on the store names.
+-- gc never deletes or rewrites a pack named here; retention deletes a generation's rows
+-- after deleting its snapshot object.
+CREATE TABLE snapshot_packs (
+    generation BIGINT UNSIGNED NOT NULL,
+    pack VARCHAR(64) NOT NULL,
+    PRIMARY KEY (generation, pack),
+    KEY pack_idx (pack)
 ) ENGINE=InnoDB;

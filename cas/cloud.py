@@ -86,6 +86,9 @@ class CloudConfig:
     upload_chunk: int = 8 << 20
     fetch_span: int = 8 << 20
     fetch_ahead: int = 16  # ranged GETs kept in flight for a sequential reader (0: none ahead)
+    snapshot_interval_s: float = 600.0   # metadata snapshots: at most one per interval (cas.snapshot)
+    keep_generations: int = 7            # snapshot generations kept on the store
+    unmount_snapshot_s: float = 30.0     # bound on the unmount's queue drain before its snapshot
 
     @classmethod
     def from_volume(cls, volume: Volume) -> "CloudConfig":
@@ -101,8 +104,8 @@ class CloudConfig:
                 setattr(cfg, k, type(cur)(v))
             except (TypeError, ValueError) as exc:
                 raise VolumeError(f"volume {volume.name}: bad [drive] {k} = {v!r}") from exc
-        if cfg.pack_size < 1 or not 0 <= cfg.repack_threshold <= 1 or cfg.read_attempts < 1 \
-                or cfg.fetch_ahead < 0:
+        if (cfg.pack_size < 1 or not 0 <= cfg.repack_threshold <= 1 or cfg.read_attempts < 1
+                or cfg.fetch_ahead < 0 or cfg.keep_generations < 1 or cfg.snapshot_interval_s < 0):
             raise VolumeError(f"volume {volume.name}: bad [drive] values {raw}")
         if not cfg.folder:
             cfg.folder = f"casfs-{volume.uuid}"
@@ -345,6 +348,10 @@ class CloudTier:
         self._errors_lock = threading.Lock()
         self.evicted_chunks = 0
         self.evicted_bytes = 0
+        # called by the thread when a round uploaded nothing; returns True when it did
+        # work (cas.snapshot.Snapshotter.tick: metadata snapshots)
+        self.on_idle: Callable[[], bool] | None = None
+        self.snapshots: Any = None   # a mount's cas.snapshot.Snapshotter (None: no snapshots)
 
     # -- connections -------------------------------------------------------------------
     @property
@@ -937,7 +944,7 @@ class CloudTier:
                     self.evict(self.local_limit)   # sums the local bytes: not every round
                     next_evict = time.monotonic() + EVICT_INTERVAL_S
                 backoff = 0   # the last error stays recorded (with its time) for `drive status`
-                if not n:
+                if not n and not (self.on_idle is not None and self.on_idle()):
                     self._wait(1.0)
             except DailyLimit as exc:
                 until = time.time() + self.cfg.pause_s

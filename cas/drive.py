@@ -175,6 +175,29 @@ def ensure_folder(store_or_service: DriveObjectStore | Resource, name: str,
     return str(made["id"])
 
 
+def find_folders(service: Resource, name: str | None = None, prefix: str = "casfs-") -> list[tuple[str, str]]:
+    """(id, name) of the non-trashed folders called ``name``, or, without a name, of those
+    whose name starts with ``prefix``, oldest first; found without creating anything (a
+    restore on a fresh machine looks for its volume's folder this way). With the
+    ``drive.file`` scope Drive shows only the folders this app created. Raises the
+    :mod:`cas.objstore` errors."""
+    cond = f"name = '{_quote(name)}'" if name else f"name contains '{_quote(prefix)}'"
+    q = f"{cond} and mimeType = '{FOLDER_MIME}' and trashed = false"
+    out: list[dict[str, Any]] = []
+    token: str | None = None
+    while True:
+        page = _run("find folders", lambda: service.files().list(
+            q=q, fields="nextPageToken, files(id,name,createdTime)", pageSize=100, pageToken=token,
+            spaces="drive").execute(num_retries=0))
+        out += page.get("files", [])
+        token = page.get("nextPageToken")
+        if not token:
+            break
+    found = [f for f in out if name or str(f.get("name", "")).startswith(prefix)]
+    found.sort(key=lambda f: (f.get("createdTime", ""), f["id"]))
+    return [(str(f["id"]), str(f["name"])) for f in found]
+
+
 # -- errors ----------------------------------------------------------------------------
 
 def _error_details(content: bytes | str | None) -> tuple[str, list[str], list[str]]:

@@ -23,6 +23,7 @@ from .errors import ChunkMissing, FsError
 from .meta import Metadata
 from .objstore import ObjectNotFound, now_utc
 from .safety import DEFAULT_GRACE_S
+from .snapshot import is_backup_object
 from .store import LocalStore
 
 
@@ -164,8 +165,12 @@ def collect_cloud(tier: CloudTier, grace_s: float = DEFAULT_GRACE_S, dry_run: bo
     rows = db.query("SELECT p.id, p.size, COALESCE(SUM(e.length), 0), COUNT(e.chunk) FROM packs p "
                     "LEFT JOIN pack_entries e ON e.pack = p.id WHERE p.state = 'confirmed' "
                     "GROUP BY p.id, p.size")
+    # a pack a kept snapshot generation names stays as it is: rewriting it would only add
+    # a copy (docs/backup.md, "What gc keeps")
+    pinned = _pinned_ids(tier)
     sparse = [(int(pid), int(size), int(live)) for pid, size, live, n in rows
-              if int(n) and int(size) and int(live) / int(size) < tier.cfg.repack_threshold]
+              if int(n) and int(size) and int(live) / int(size) < tier.cfg.repack_threshold
+              and int(pid) not in pinned]
     rewritten = rewritten_bytes = new_packs = 0
     if on_total is not None:
         on_total(len(sparse))
@@ -183,6 +188,8 @@ def collect_cloud(tier: CloudTier, grace_s: float = DEFAULT_GRACE_S, dry_run: bo
     for pid, oid, size in dead:
         if progress is not None:
             progress(1)
+        if int(pid) in pinned or (not dry_run and not _drop_dead_pack(tier, int(pid))):
+            continue   # a kept snapshot generation names it (or it gained entries meanwhile)
         if not dry_run:
             try:
                 # the row names it, but an object is deleted only when it carries our id
@@ -190,7 +197,6 @@ def collect_cloud(tier: CloudTier, grace_s: float = DEFAULT_GRACE_S, dry_run: bo
                     tier.objects.delete(str(oid))
             except ObjectNotFound:
                 pass
-            db.execute("DELETE FROM packs WHERE id = %s", (pid,))
         deleted += 1
         deleted_bytes += int(size)
     orphans, orphan_bytes = _sweep_cloud_orphans(
@@ -198,6 +204,34 @@ def collect_cloud(tier: CloudTier, grace_s: float = DEFAULT_GRACE_S, dry_run: bo
         None if on_total is None else lambda n: on_total(len(sparse) + len(dead) + n))
     return CloudGcResult(deleted, deleted_bytes, rewritten, rewritten_bytes, new_packs, orphans,
                          orphan_bytes, dry_run)
+
+
+def _pinned_ids(tier: CloudTier) -> set[int]:
+    """Ids of the confirmed packs that a kept snapshot generation names."""
+    return {int(r[0]) for r in tier.db.query(
+        "SELECT DISTINCT p.id FROM packs p JOIN snapshot_packs s ON s.pack = p.name")}
+
+
+def _drop_dead_pack(tier: CloudTier, pack: int) -> bool:
+    """Delete the row of pack ``pack`` if it still has no entry and no kept generation
+    names it, under an exclusive lock on its row (a snapshot pins a pack under a shared
+    lock on the same row, cas.snapshot._pin: one of the two waits for the other). The
+    object is deleted after this commit; a failure there leaves an orphan for the sweep.
+    Returns whether the row was deleted."""
+    def body(cur: Any) -> bool:
+        cur.execute("SELECT name FROM packs WHERE id = %s AND state = 'confirmed' FOR UPDATE", (pack,))
+        row = cur.fetchone()
+        if row is None:
+            return False
+        cur.execute("SELECT 1 FROM pack_entries WHERE pack = %s LIMIT 1", (pack,))
+        if cur.fetchone() is not None:
+            return False
+        cur.execute("SELECT 1 FROM snapshot_packs WHERE pack = %s LIMIT 1", (row[0],))
+        if cur.fetchone() is not None:
+            return False
+        cur.execute("DELETE FROM packs WHERE id = %s", (pack,))
+        return True
+    return tier.db.transaction(body)
 
 
 def _repack(tier: CloudTier, packs: list[int]) -> tuple[int, int, int]:
@@ -267,6 +301,7 @@ def _sweep_cloud_orphans(tier: CloudTier, grace_s: float, dry_run: bool,
     db = tier.db
     known = {str(r[0]) for r in db.query("SELECT object_id FROM packs WHERE state = 'confirmed'")}
     busy = {str(r[0]) for r in db.query("SELECT name FROM packs WHERE state = 'uploading'")}
+    busy |= {str(r[0]) for r in db.query("SELECT DISTINCT pack FROM snapshot_packs")}   # kept generations' packs
     cutoff = now_utc() - timedelta(seconds=grace_s)
     n = total = 0
     listed = list(tier.objects.list())
@@ -276,6 +311,8 @@ def _sweep_cloud_orphans(tier: CloudTier, grace_s: float, dry_run: bool,
         if progress is not None:
             progress(1)
         if obj.id in known or obj.name in busy or obj.created > cutoff:
+            continue
+        if is_backup_object(obj.name):   # metadata snapshots and the volume object (cas.snapshot)
             continue
         if not owned(obj, tier.volume.uuid):   # another volume's (or nobody's): never ours to delete
             continue

@@ -31,7 +31,7 @@ from .volume import Volume
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCHEMA_FILE = Path(__file__).resolve().parent / "schema.sql"   # package data (docs/install.md)
 EMBEDDED_DB = "casfs"
 ROOT_INODE = 1
@@ -429,9 +429,20 @@ def _v2_to_v3(db: Database) -> None:
                    "GROUP BY m.inode) t ON t.inode = i.id SET i.data_bytes = GREATEST(t.b, 0)", (cs, cs))
 
 
+def _v3_to_v4(db: Database) -> None:
+    """Schema 3 -> 4: snapshot_packs (the packs each kept metadata snapshot names, which gc
+    keeps; docs/backup.md) and xattrs.name_idx (casfs find --xattr; docs/find.md)."""
+    for stmt in schema_statements():
+        if stmt.startswith("CREATE TABLE snapshot_packs "):
+            db.execute(stmt.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS", 1))
+    if not db.query("SELECT 1 FROM information_schema.statistics WHERE table_schema = DATABASE() "
+                    "AND table_name = 'xattrs' AND index_name = 'name_idx'"):
+        db.execute("ALTER TABLE xattrs ADD KEY name_idx (name, value(64))")
+
+
 #: from_version -> the step to the next version; each step is idempotent (DDL commits
 #: on its own in MySQL, so a step cut short by a crash is simply run again).
-_MIGRATIONS: dict[str, Callable[[Database], None]] = {"1": _v1_to_v2, "2": _v2_to_v3}
+_MIGRATIONS: dict[str, Callable[[Database], None]] = {"1": _v1_to_v2, "2": _v2_to_v3, "3": _v3_to_v4}
 
 
 def _upgrade(db: Database, version: int) -> None:

@@ -72,7 +72,9 @@ def drained(casenv: CasEnv) -> bool:
 
 
 def pack_files(sim: DriveSim) -> list[dict[str, Any]]:
-    return [f for f in sim.files() if f["mimeType"] != FOLDER_MIME]
+    """The pack objects on the server (not folders, not the metadata snapshots and the
+    volume object of docs/backup.md)."""
+    return [f for f in sim.files() if f["mimeType"] != FOLDER_MIME and f["name"].startswith("casfs-pack-")]
 
 
 def setup_volume(casenv: CasEnv, sim: DriveSim, *extra: str) -> None:

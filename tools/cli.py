@@ -155,6 +155,9 @@ def tls_table(meta: str, mode: str | None, ca: str | None, cert: str | None,
               help="Audit log VOLUME/log/audit.jsonl: 'changes' (namespace changes, setattr, xattr "
                    "changes, opens), 'all' (also reads, writes, lookups) or 'off'. Default: "
                    "volume.toml [audit] level, else changes.")
+@click.option("--snapshot-interval", default=None, type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Upload a metadata snapshot to Drive at most this often after a change "
+                   "[default: volume.toml [drive] snapshot_interval_s, else 600]. docs/backup.md.")
 @click.option("--debug", is_flag=True, help="Debug logging.")
 @click.option("--fuse-option", "fuse_options", multiple=True, hidden=True)  # kernel flags from -o
 @keycmd.key_options
@@ -162,7 +165,7 @@ def tls_table(meta: str, mode: str | None, ca: str | None, cert: str | None,
 def mount(mountpoint: str, volume: str, foreground: bool, allow_other: bool, cache_size: str,
           local_limit: str | None, drive_endpoint: str | None, durability: str | None,
           metrics: str | None, audit: str | None, debug: bool,
-          fuse_options: tuple[str, ...] = ()) -> None:
+          fuse_options: tuple[str, ...] = (), snapshot_interval: float | None = None) -> None:
     """Mount VOLUME (default: "default", created if missing) at MOUNTPOINT.
 
     Returns once the mount is ready; the daemon runs in the background until
@@ -191,7 +194,7 @@ def mount(mountpoint: str, volume: str, foreground: bool, allow_other: bool, cac
                                  local_limit=None if local_limit is None else parse_size(local_limit),
                                  drive_endpoint=drive_endpoint, durability=durability,
                                  fuse_options=kernel_flags(fuse_options),
-                                 metrics=metrics, audit=audit)
+                                 metrics=metrics, audit=audit, snapshot_interval_s=snapshot_interval)
     mountcmd.mount(vol, mountpoint, opts, foreground=foreground, debug=debug)
 
 

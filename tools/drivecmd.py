@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from cas import cloud
+from cas import cloud, snapshot
 from cas.errors import VolumeError
 from cas.meta import Metadata, connect
 from cas.objstore import DailyLimit
@@ -62,10 +62,14 @@ def drive() -> None:
 @click.option("--repack-threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1),
               help="gc rewrites packs whose live fraction is below this.")
 @click.option("--no-browser", is_flag=True, help="Print the sign-in URL instead of opening a browser.")
+@click.option("--keep-generations", default=7, show_default=True, type=click.IntRange(min=1),
+              help="Metadata snapshots kept on Drive (docs/backup.md).")
+@click.option("--snapshot-interval", default=600.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds between a mount's metadata snapshots, at most one per interval after a change.")
 @user_errors
 def auth(volume: str, client_secrets: Path | None, service_account: Path | None, endpoint: str,
          folder: str, pack_size: str, pack_age: float, bwlimit: str, repack_threshold: float,
-         no_browser: bool) -> None:
+         no_browser: bool, keep_generations: int = 7, snapshot_interval: float = 600.0) -> None:
     """Connect VOLUME to Google Drive (or a Drive-compatible server) and enable uploads."""
     vol = open_volume(volume)
     if is_mounted(vol):
@@ -82,6 +86,8 @@ def auth(volume: str, client_secrets: Path | None, service_account: Path | None,
     cfg.pack_age_s = pack_age
     cfg.bwlimit = parse_size(bwlimit)
     cfg.repack_threshold = repack_threshold
+    cfg.keep_generations = keep_generations
+    cfg.snapshot_interval_s = snapshot_interval
     staged: Path | None = None     # new credentials, kept only once the folder is accepted
     if service_account:
         try:
@@ -159,8 +165,11 @@ def status(volume: str, as_json: bool) -> None:
     vol = open_volume(volume)
     with connect(vol) as meta:
         st = cloud.status(meta.db)
+        rp = snapshot.recovery_point(meta.db)
     if as_json:
-        click.echo(json.dumps(asdict(st), sort_keys=True))
+        d = asdict(st)
+        d["snapshot"] = rp.as_dict()
+        click.echo(json.dumps(d, sort_keys=True))
         return
     if not st.enabled:
         click.echo(f"volume {vol.name}: no cloud tier (set one up with `casfs drive auth`)")
@@ -177,9 +186,21 @@ def status(volume: str, as_json: bool) -> None:
         ("last error", (f"{st.last_error} at {st.last_error_at}"
                         + (" (uploads succeeded since)" if st.last_upload_at > st.last_error_at else ""))
                        if st.last_error else "none"),
+        ("snapshot", recovery_text(rp)),
     ]
     for k, v in rows:
         click.echo(f"{k:12} {v}")
+
+
+def recovery_text(rp: snapshot.RecoveryPoint) -> str:
+    """The recovery point in one line, for `drive status` and `stats` (docs/backup.md)."""
+    if not rp.generation:
+        return f"none on Drive yet ({rp.changes_since} files and directories not backed up)"
+    text = (f"generation {rp.generation}, confirmed on Drive at {rp.confirmed_at}; "
+            f"{rp.changes_since} files and directories changed since")
+    if rp.lacking_chunks:
+        text += f"; it lacks {rp.lacking_chunks} chunks that were not on Drive yet"
+    return text
 
 
 def _age(seconds: float) -> str:
@@ -201,7 +222,8 @@ def _age(seconds: float) -> str:
 @key_options
 @user_errors
 def push(volume: str, timeout: float | None, drive_endpoint: str | None, as_json: bool = False) -> None:
-    """Upload everything queued now, without waiting for a full pack (safe while mounted).
+    """Upload everything queued now, without waiting for a full pack, then a metadata
+    snapshot when something changed since the last one (safe while mounted; docs/backup.md).
 
     Shows progress (bytes of packs uploaded, of the bytes queued at the start) on stderr.
     Exits 1 with a one-line message when Drive refuses uploads; the daily upload cap is
@@ -211,10 +233,14 @@ def push(volume: str, timeout: float | None, drive_endpoint: str | None, as_json
     unlock_volume(vol)
     with connect(vol) as meta:
         tier = open_tier(meta, drive_endpoint)
+        snap: snapshot.SnapshotResult | None = None
         try:
             with progress("drive push", total=cloud.status(meta.db).queued_bytes, unit="B",
                           json_mode=as_json) as p:
                 n = tier.drain(timeout, on_pack=p)
+            rp = snapshot.recovery_point(meta.db)
+            if not rp.generation or rp.changes_since or rp.lacking_chunks:
+                snap = snapshot.take(tier, tier.cfg.keep_generations)
         except DailyLimit as exc:
             tier.note_error(exc)
             left = cloud.status(meta.db).queued_chunks
@@ -224,21 +250,51 @@ def push(volume: str, timeout: float | None, drive_endpoint: str | None, as_json
         finally:
             tier.close()
     if as_json:
-        click.echo(json.dumps({"uploaded_packs": tier.uploaded_packs, "uploaded_bytes": n}))
+        click.echo(json.dumps({"uploaded_packs": tier.uploaded_packs, "uploaded_bytes": n,
+                               "snapshot_generation": snap.generation if snap is not None else rp.generation}))
         return
     click.echo(f"uploaded {tier.uploaded_packs} packs ({human(n)}); queue empty")
+    if snap is not None:
+        click.echo(f"uploaded metadata snapshot generation {snap.generation} ({human(snap.size)})"
+                   + (f"; deleted generations {', '.join(map(str, snap.deleted))}" if snap.deleted else ""))
+    else:
+        click.echo(f"metadata snapshot generation {rp.generation} is current")
 
 
 @click.command()
 @click.argument("volume", default=DEFAULT_NAME)
-@click.option("--lazy", is_flag=True, help="Only mark missing chunks as cloud-only; reads fetch them.")
+@click.option("--lazy", is_flag=True, help="Only mark missing chunks as cloud-only; reads fetch them "
+              "(the default with --from-drive).")
 @click.option("--all", "everything", is_flag=True, help="Also bring back chunks evicted on purpose.")
 @click.option("--drive-endpoint", default=None, metavar="URL", help="Override the volume's endpoint.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object; no progress.")
+@click.option("--from-drive", is_flag=True, help="Recreate VOLUME on this machine from its Drive folder: "
+              "volume.toml, the database (from a metadata snapshot) and the chunk store.")
+@click.option("--generation", default=None, type=click.IntRange(min=1),
+              help="With --from-drive: the snapshot generation to restore [default: the newest].")
+@click.option("--eager", is_flag=True, help="With --from-drive: download every chunk now instead of "
+              "on first read.")
+@click.option("--meta", "meta_url", default="", metavar="URL", help="With --from-drive: load the database into this "
+              "(empty) MySQL database instead of a new embedded MariaDB.")
+@click.option("--client-secrets", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --from-drive: OAuth client JSON (as for `casfs drive auth`).")
+@click.option("--service-account", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --from-drive: a service-account key JSON file.")
+@click.option("--endpoint", default="", metavar="URL",
+              help="With --from-drive: a Drive-compatible server instead of Google.")
+@click.option("--folder", default="", help="With --from-drive: the Drive folder name [default: the only "
+              "casfs-<uuid> folder].")
+@click.option("--no-browser", is_flag=True, help="Print the sign-in URL instead of opening a browser.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object; no progress (not with --from-drive).")
 @key_options
 @user_errors
-def restore(volume: str, lazy: bool, everything: bool, drive_endpoint: str | None, as_json: bool = False) -> None:
-    """Rebuild VOLUME's local chunk store from Drive, given its database.
+def restore(volume: str, lazy: bool, everything: bool, drive_endpoint: str | None, as_json: bool = False,
+            from_drive: bool = False,
+            generation: int | None = None, eager: bool = False, meta_url: str = "",
+            client_secrets: Path | None = None, service_account: Path | None = None, endpoint: str = "",
+            folder: str = "", no_browser: bool = False) -> None:
+    """Rebuild VOLUME's local chunk store from Drive, given its database; with
+    --from-drive, recreate the whole volume from Drive (docs/backup.md).
+
 
     Shows progress (envelope bytes downloaded of those to download) on stderr.
 
@@ -246,6 +302,15 @@ def restore(volume: str, lazy: bool, everything: bool, drive_endpoint: str | Non
     with backoff) does not stop the others. Exits 1, listing them, when some chunk is
     neither local nor on Drive, or could not be read from Drive (run restore again).
     """
+    if from_drive:
+        if lazy and eager:
+            raise click.UsageError("give --lazy or --eager, not both")
+        _restore_from_drive(volume, generation, eager, meta_url, client_secrets, service_account, endpoint,
+                            folder, no_browser)
+        return
+    if generation is not None or eager or meta_url or client_secrets or service_account or endpoint or folder:
+        raise click.UsageError("--generation, --eager, --meta, --client-secrets, --service-account, "
+                               "--endpoint and --folder go with --from-drive")
     vol = open_volume(volume)
     if is_mounted(vol):
         raise VolumeError(f"volume {vol.name} is mounted: unmount it before `casfs restore`")
@@ -277,6 +342,110 @@ def restore(volume: str, lazy: bool, everything: bool, drive_endpoint: str | Non
         for cid in r.unreadable[:20]:
             click.echo(f"  not restored chunk {cid}")
     if r.lost or r.failed_packs:
+        raise SystemExit(1)
+
+
+def _restore_from_drive(name: str, generation: int | None, eager: bool, meta_url: str,
+                        client_secrets: Path | None, service_account: Path | None, endpoint: str,
+                        folder: str, no_browser: bool) -> None:
+    """`casfs restore --from-drive`: find the volume's folder, read its volume object,
+    create the volume directory and database, load the snapshot (cas.snapshot). The
+    directory is removed again when anything fails; an existing one is refused."""
+    import shutil
+    import tempfile
+
+    from cas import drive as drive_mod
+    from cas import snapshot
+    from cas.volume import check_new_volume_dir, create_volume_dir, volume_path
+
+    path = volume_path(name)
+    if path.exists() and (path / "volume.toml").exists() or path.exists() and any(path.iterdir()):
+        raise VolumeError(f"refusing to restore into {path}: it exists and is not empty (an existing "
+                          "volume is never overwritten); give another volume name")
+    check_new_volume_dir(path)
+    if client_secrets and service_account:
+        raise click.UsageError("give --client-secrets or --service-account, not both")
+    if not (client_secrets or service_account or endpoint):
+        raise click.UsageError("give --client-secrets FILE (Google sign-in), --service-account FILE, "
+                               "or --endpoint URL (a test server)")
+    cred_name, cred_data = "", b""
+    if service_account:
+        try:
+            cred_data = service_account.read_bytes()
+            if json.loads(cred_data).get("type") != "service_account":
+                raise VolumeError(f"{service_account} is not a service-account key file")
+        except (OSError, ValueError) as exc:
+            raise VolumeError(f"cannot read service-account key {service_account}: {exc}") from exc
+        cred_name = SERVICE_ACCOUNT_FILE
+    elif client_secrets:
+        cred_data = _oauth_token(client_secrets, not no_browser)
+        cred_name = TOKEN_FILE
+    cfg = cloud.CloudConfig()
+    cfg.endpoint = endpoint
+    with tempfile.TemporaryDirectory() as tmp:
+        creds = None
+        if cred_name:
+            staged = Path(tmp) / cred_name
+            write_private(staged, cred_data)
+            creds = drive_mod.load_credentials(staged)
+        elif not endpoint:
+            raise VolumeError("Google Drive needs credentials")
+        cred_obj = creds if creds is not None else drive_mod.load_credentials(None)
+
+        def factory() -> object:
+            return drive_mod.build_service(endpoint or None, cred_obj, timeout=cfg.timeout_s)
+        svc = factory()
+        found = drive_mod.find_folders(svc, folder or None)
+        if not found:
+            raise VolumeError(f"no folder {folder or 'casfs-<uuid>'} on Drive for these credentials")
+        if len(found) > 1:
+            raise VolumeError("several casfs folders on Drive, choose one with --folder: "
+                              + ", ".join(f"{n} ({i})" for i, n in found))
+        folder_id, folder_name = found[0]
+        objects = drive_mod.DriveObjectStore(factory, folder_id, chunk_size=cfg.upload_chunk)
+        plan = snapshot.plan_restore(objects, generation)
+        doc = plan.volume
+        vol = create_volume_dir(name, int(doc["chunk_size"]), str(doc["compression"]), meta_url)
+        try:
+            vol.uuid = str(doc["uuid"])
+            table: dict[str, object] = dict(doc.get("drive", {}))
+            table["endpoint"] = endpoint
+            table["credentials"] = cred_name
+            table.pop("folder", None)
+            if folder_name != f"casfs-{vol.uuid}":
+                table["folder"] = folder_name
+            vol.drive = {k: v for k, v in table.items() if v != ""}
+            if doc.get("encryption"):
+                # the wrapped master key came with the volume object: the passphrase (or
+                # key file) unlocks it here, before the snapshot is opened
+                vol.encryption = dict(doc["encryption"])
+                unlock_volume(vol)
+            if cred_name:
+                write_private(vol.path / cred_name, cred_data)
+            cfg = cloud.CloudConfig.from_volume(vol)
+            click.echo(f"restoring volume {vol.name} ({vol.uuid}) from folder {folder_name}: generation "
+                       f"{plan.chosen.generation} of {plan.chosen.created:%Y-%m-%d %H:%M:%S} UTC")
+            r = snapshot.restore_into(vol, objects, cfg, folder_id, plan, keys=vol.keys, eager=eager,
+                                      progress=click.echo)
+            vol.save()
+        except BaseException:
+            shutil.rmtree(vol.path, ignore_errors=True)
+            raise
+    how = (f"{r.downloaded} chunks downloaded ({human(r.downloaded_bytes)})" if eager
+           else f"{r.live_chunks} chunks on Drive, fetched on first read")
+    click.echo(f"restored volume {vol.name} at {vol.path} from generation {r.generation} (taken {r.created}): "
+               f"{r.inodes} inodes, {how}; mount it with `casfs mount MOUNTPOINT {name}`")
+    if r.lost:
+        click.echo(f"{len(r.lost)} chunks were not on Drive when generation {r.generation} was taken: the "
+                   "files using them read as errors (casfs fsck lists them)")
+        for cid in r.lost[:20]:
+            click.echo(f"  lost chunk {cid}")
+    if r.failed_packs:
+        click.echo(f"not downloaded: {len(r.unreadable)} chunks in {len(r.failed_packs)} packs Drive did not "
+                   "give; they stay cloud-only (fetched on first read)")
+        for line in r.failed_packs[:20]:
+            click.echo(f"  pack {line}")
+    if r.lost:
         raise SystemExit(1)
 
 

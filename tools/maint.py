@@ -15,6 +15,7 @@ from cas import cloud
 from cas import cloudcheck
 from cas import fsck as fsck_mod
 from cas import rescue
+from cas import snapshot
 from cas import gc as gc_mod
 from cas import repair as repair_mod
 from cas import stats as stats_mod
@@ -49,6 +50,7 @@ def stats(volume: str, as_json: bool, watch: bool = False, interval: float = 1.0
         return
     with connect(vol) as meta:
         s = stats_mod.collect(meta)
+        rp = snapshot.recovery_point(meta.db) if cloud.enabled(meta.db) else None
     live = _live_stats(vol)
     rescue_files, rescue_bytes = rescue.area_bytes(rescue.rescue_dir(vol.path))
     if as_json:
@@ -56,6 +58,7 @@ def stats(volume: str, as_json: bool, watch: bool = False, interval: float = 1.0
         d["mount"] = live
         d["rescue_files"] = rescue_files
         d["rescue_bytes"] = rescue_bytes
+        d["snapshot"] = rp.as_dict() if rp is not None else None
         click.echo(json.dumps(d, sort_keys=True))
         return
     # live figures first, each line a part of the one above it; garbage (chunks at
@@ -80,6 +83,9 @@ def stats(volume: str, as_json: bool, watch: bool = False, interval: float = 1.0
                   f"local only, {s.both_chunks} local and cloud, {s.cloud_only_chunks} cloud only; "
                   f"{s.queued_chunks} queued for upload"),
     ]
+    if rp is not None:
+        from .drivecmd import recovery_text
+        rows.append(("recovery point", recovery_text(rp)))
     if live:
         lookups = int(live["cache_hits"]) + int(live["cache_misses"])
         rows.append(("RAM cache", f"hit ratio {float(live['cache_hit_ratio']) * 100:.1f}% of {lookups} "

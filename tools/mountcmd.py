@@ -29,7 +29,7 @@ from pathlib import Path
 
 import click
 
-from cas import audit, cloud, rescue
+from cas import audit, cloud, rescue, snapshot
 from cas.errors import CasError, VolumeError
 from cas.fs import DURABILITY_MODES, GROUP, Filesystem
 from cas.meta import Metadata, connect
@@ -88,6 +88,7 @@ class MountOptions:
     fuse_options: tuple[str, ...] = ()  # kernel mount flags from -o (tools/fstab.py KERNEL_FLAGS)
     metrics: str | None = None      # [HOST:]PORT of the Prometheus endpoint; None: off
     audit: str | None = None        # audit level; None: the volume's [audit] level, else "changes"
+    snapshot_interval_s: float | None = None   # None: the volume's [drive] snapshot_interval_s
 
 
 def durability_of(vol: Volume, opts: MountOptions) -> str:
@@ -123,6 +124,9 @@ def start_cloud(meta: Metadata, fs: Filesystem, opts: MountOptions) -> cloud.Clo
                         detail=str(exc).splitlines()[0] if str(exc) else "")
         return None
     tier = cloud.CloudTier(meta, objects, cfg, local_limit=opts.local_limit)
+    interval = cfg.snapshot_interval_s if opts.snapshot_interval_s is None else opts.snapshot_interval_s
+    tier.snapshots = snapper = snapshot.Snapshotter(tier, interval, cfg.keep_generations)
+    tier.on_idle = snapper.tick
     fs.attach_cloud(tier)
     tier.start()
     return tier
@@ -151,6 +155,21 @@ def close_audit(handler: logging.Handler | None) -> None:
     if handler is not None:
         logging.getLogger(audit.LOGGER).removeHandler(handler)
         handler.close()
+
+
+def final_snapshot(fs: Filesystem) -> None:
+    """The unmount's metadata snapshot (docs/backup.md): stop the tier's thread, then
+    drain the queue (for at most the volume's [drive] unmount_snapshot_s) and upload a
+    snapshot when something changed since the last one. Never raises: a failure is logged
+    and the recovery point stays the previous snapshot."""
+    tier = fs.cloud
+    snapper = tier.snapshots if tier is not None else None
+    if tier is None or snapper is None:
+        return
+    try:
+        snapper.final(tier.cfg.unmount_snapshot_s)
+    except Exception:  # noqa: BLE001 - the unmount goes on whatever happens here
+        log.exception("unmount snapshot failed")
 
 
 EXIT_FILE = "exit.json"   # run/exit.json: how the last daemon ended {"pid", "rescued", "error"}
@@ -196,6 +215,8 @@ def _close_or_rescue(fs: Filesystem, vol: Volume) -> None:
     except Exception as exc:  # noqa: BLE001 - whatever it is, the buffers must be kept
         err = str(exc)
         left = [(st.ino, None, st.dirty_bytes, "") for st in fs.data.states.values() if st.needs_flush]
+    if not left:
+        final_snapshot(fs)
     spilled: list[Path] = []
     spill_error: rescue.RescueError | None = None
     if left:

@@ -145,7 +145,7 @@ def test_initialize_and_connect(volume: Volume) -> None:
 
 def test_schema_statements_cover_schema() -> None:
     stmts = list(schema_statements())
-    assert sum(s.upper().startswith("CREATE TABLE") for s in stmts) == 10
+    assert sum(s.upper().startswith("CREATE TABLE") for s in stmts) == 11
     assert any(f"'schema_version', '{SCHEMA_VERSION}'" in s for s in stmts)
     assert not any("--" in s.splitlines()[0] for s in stmts)
 
@@ -191,6 +191,31 @@ def test_schema_version_mismatch(volume: Volume, version: str) -> None:
         connect(volume)
     _set_meta(volume, "schema_version", str(SCHEMA_VERSION))
     connect(volume).close()
+
+
+def test_schema_3_database_is_upgraded_to_4(volume: Volume) -> None:
+    """A schema-3 database (no snapshot_packs, no xattrs.name_idx) is upgraded in place at
+    connect, keeping its rows; the step is idempotent (a crash mid-way runs it again)."""
+    initialize(volume, 0, 0)
+    db = Database(parse_meta_url(volume.meta_url))
+    try:
+        db.execute("INSERT INTO xattrs (inode, name, value) VALUES (1, 'user.k', 'v')")
+        db.execute("DROP TABLE snapshot_packs")
+        db.execute("ALTER TABLE xattrs DROP KEY name_idx")
+        db.execute("UPDATE meta SET v = '3' WHERE k = 'schema_version'")
+    finally:
+        db.close()
+    connect(volume).close()
+    connect(volume).close()   # already at 4: nothing to do
+    db = Database(parse_meta_url(volume.meta_url))
+    try:
+        assert db.query("SELECT v FROM meta WHERE k = 'schema_version'") == [(str(SCHEMA_VERSION),)]
+        assert db.query("SELECT COUNT(*) FROM snapshot_packs") == [(0,)]
+        assert db.query("SELECT COUNT(*) FROM information_schema.statistics WHERE table_schema = DATABASE() "
+                        "AND table_name = 'xattrs' AND index_name = 'name_idx'")[0][0] >= 1
+        assert db.query("SELECT value FROM xattrs WHERE inode = 1 AND name = 'user.k'") == [(b"v",)]
+    finally:
+        db.close()
 
 
 def test_schema_version_missing(volume: Volume) -> None:
