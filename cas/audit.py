@@ -211,6 +211,17 @@ def attach(volume: Volume) -> logging.Handler | None:
     return h
 
 
+def detach(handler: logging.Handler | None) -> None:
+    """Undo :func:`attach`: write out and remove ``handler`` (None: nothing to do), and let
+    audit events reach the root logger again."""
+    if handler is None:
+        return
+    audit_log.removeHandler(handler)
+    handler.close()
+    if not audit_log.handlers:
+        audit_log.propagate = True
+
+
 def event(message: str, **fields: Any) -> None:
     """Log one audit event of this process (a WARNING on "casfs.audit") with ``fields``
     (``op``, ``result``, ``path``, ...)."""

@@ -97,7 +97,7 @@ def test_status_pending_then_synced_by_push_then_cloud_only(casenv: CasEnv, driv
         assert rc == 0 and "uploaded 1 packs" in out, out
         assert re.search(r"drive push: 100%\|.*\| [\d.]+k/[\d.]+k \[[^\]]*, *[\d.]+[kM]?B/s\]", out), out
         assert waiter.wait(120) == 0, waiter.communicate()
-        packs = [p for p in drive_sim.files() if p["mimeType"] != FOLDER_MIME]
+        packs = [p for p in drive_sim.files() if p["mimeType"] != FOLDER_MIME and p["name"].startswith("casfs-pack-")]
         st = stats(casenv)
         assert packs and sum(int(p["size"]) for p in packs) == st["cloud_bytes"] == st["stored_bytes"]
         assert waiter.stdout is not None and waiter.stdout.read() == "2 files synced to Drive\n"

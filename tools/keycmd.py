@@ -19,7 +19,7 @@ from typing import Any, ParamSpec, TypeVar
 import click
 import tomli_w
 
-from cas import keys
+from cas import audit, keys
 from cas.volume import DEFAULT_NAME, Volume, open_volume
 
 from .common import user_errors
@@ -65,7 +65,13 @@ def unlock_volume(vol: Volume) -> keys.VolumeKeys | None:
         passphrase = keys.passphrase_from_env_or_file(passphrase_file)
         if passphrase is None and sys.stdin.isatty():
             passphrase = click.prompt(f"Passphrase of volume {vol.name}", hide_input=True, err=True)
-    return keys.unlock(vol, passphrase, key_file)
+    # a failed unlock is an audit event (cas.keys): into this volume's audit log too, for
+    # this call only (a mount's daemon attaches its own handler after the fork)
+    handler = audit.attach(vol)
+    try:
+        return keys.unlock(vol, passphrase, key_file)
+    finally:
+        audit.detach(handler)
 
 
 def new_secrets(key_file: Path | None, passphrase_file: Path | None) -> tuple[str | None, Path | None]:

@@ -64,9 +64,14 @@ def test_unlock_env_file_and_audit(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     pf = tmp_path / "pf"
     pf.write_text("nope\n")
     assert keys.passphrase_from_env_or_file(pf) == "nope"
-    with caplog.at_level(logging.WARNING, logger="casfs.audit"):
-        with pytest.raises(keys.WrongPassphrase):
-            keys.unlock(vol, passphrase=keys.passphrase_from_env_or_file(pf))
-    rec = [r for r in caplog.records if r.name == "casfs.audit"]
+    audit_logger = logging.getLogger("casfs.audit")   # another test may have stopped it propagating
+    audit_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="casfs.audit"):
+            with pytest.raises(keys.WrongPassphrase):
+                keys.unlock(vol, passphrase=keys.passphrase_from_env_or_file(pf))
+    finally:
+        audit_logger.removeHandler(caplog.handler)
+    rec = [r for r in caplog.records if r.name == "casfs.audit"][:1]
     assert rec and rec[0].audit["op"] == "unlock" and rec[0].audit["result"] == "EACCES"  # type: ignore[attr-defined]
     assert "authentication failed" in (tmp_path / "log" / "mount.log").read_text()

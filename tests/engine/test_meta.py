@@ -132,7 +132,7 @@ def test_initialize_and_connect(volume: Volume) -> None:
         assert root == [(ROOT_INODE, 0o40755, 1234, 5678, 2, 0)]
         tables = {r[0] for r in db.query("SHOW TABLES")}
         assert tables == {"meta", "inodes", "dentries", "symlinks", "xattrs", "chunks", "manifests",
-                          "packs", "pack_entries", "upload_queue"}
+                          "packs", "pack_entries", "upload_queue", "snapshot_packs"}
         # tx_isolation (MariaDB < 11.1) or transaction_isolation (MySQL 8, MariaDB >= 11.1)
         iso = {v for _, v in db.query("SHOW SESSION VARIABLES WHERE Variable_name IN "
                                           "('tx_isolation', 'transaction_isolation')")}
