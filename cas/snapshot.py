@@ -37,7 +37,9 @@ Consistency (docs/backup.md):
 out), ``snapshot_last_generation`` (newest generation confirmed on the store),
 ``snapshot_confirmed_at`` (UTC ISO time it was confirmed), ``snapshot_ctime_mark`` (the
 largest inode ctime in it, ns: inodes with a larger ctime changed after it),
-``snapshot_lacking_chunks``, ``snapshot_object`` (its object name).
+``snapshot_ctime_floor`` (min(mark, dump start - CTIME_SLACK_S), ns: what a mount
+compares with to decide it must snapshot again), ``snapshot_lacking_chunks``,
+``snapshot_object`` (its object name).
 """
 from __future__ import annotations
 
@@ -81,11 +83,17 @@ _BINARY_TYPES = {"binary", "varbinary", "tinyblob", "blob", "mediumblob", "longb
 #: the old machine's uploader, or are set by the restore itself)
 _LOCAL_META = ("drive_paused_until", "drive_last_error", "drive_last_error_at", "drive_folder_id",
                "drive_folder_key", "snapshot_generation", "snapshot_last_generation", "snapshot_confirmed_at",
-               "snapshot_ctime_mark", "snapshot_lacking_chunks", "snapshot_object")
+               "snapshot_ctime_mark", "snapshot_lacking_chunks", "snapshot_object", "snapshot_ctime_floor")
 _NAME_RE = re.compile(r"^casfs-meta-(\d{8,})-(\d{8}T\d{6}Z)\.zst$")
 ZSTD_LEVEL = 3
 LOAD_BATCH = 1000   # rows per INSERT batch (and per transaction) when loading
 RACE_RETRIES = 3    # dumps taken again when gc deleted a named pack meanwhile
+#: How long (s) a mount may hold a change in RAM before committing it: an open file's dirty
+#: buffer is written back once older than WRITEBACK_AGE_S (5 s) at the next writeback tick
+#: (WRITEBACK_INTERVAL_S, 0.5 s; both fusefront/daemon.py), plus 2 s of margin for the
+#: commit itself. A write's ctime is taken when it reaches RAM, so a change committed after
+#: a dump can carry a ctime up to this much older than the dump's start.
+CTIME_SLACK_S = 5.0 + 0.5 + 2.0
 
 
 class SnapshotError(CasError):
@@ -119,13 +127,16 @@ def _iso(t: datetime) -> str:
 @dataclass(frozen=True)
 class DumpInfo:
     """What :func:`dump` wrote: rows per table, the names of the packs it names, the
-    largest inode ctime (ns), live chunks with no cloud copy, compressed bytes."""
+    largest inode ctime (ns), live chunks with no cloud copy, compressed bytes, and the
+    conservative mark ``ctime_floor`` (ns): min(ctime_mark, dump start - CTIME_SLACK_S),
+    below every ctime a change missing from the dump can carry while writeback works."""
 
     rows: dict[str, int]
     packs: list[str]
     ctime_mark: int
     lacking_chunks: int
     compressed_bytes: int
+    ctime_floor: int = 0
 
 
 def _text(v: Any) -> Any:
@@ -150,6 +161,7 @@ def dump(db: Database, out: IO[bytes], volume_uuid: str, generation: int,
     cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
     try:
         with conn.cursor() as cur:
+            t0 = time.time_ns()
             cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             cur.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
             cur.execute("SELECT v FROM meta WHERE k = 'schema_version'")
@@ -201,7 +213,8 @@ def dump(db: Database, out: IO[bytes], volume_uuid: str, generation: int,
     except BaseException:
         db._rollback()
         raise
-    return DumpInfo(rows, packs, mark, lacking, out.tell() - start)
+    return DumpInfo(rows, packs, mark, lacking, out.tell() - start,
+                    min(mark, t0 - int(CTIME_SLACK_S * 1e9)))
 
 
 # -- reading -------------------------------------------------------------------------------
@@ -462,6 +475,7 @@ def take(tier: CloudTier, keep: int, keys: Sealer | None = None,
         raise SnapshotError(f"volume {vol.name} is encrypted and not unlocked: no snapshot")
     db = tier.db
     gen = _next_generation(db)
+    put_started = False
     try:
         for attempt in range(RACE_RETRIES):
             reader = Database(tier.target)
@@ -480,12 +494,17 @@ def take(tier: CloudTier, keep: int, keys: Sealer | None = None,
         if keys is not None:
             blob = keys.seal_blob(blob, snapshot_aad(vol.uuid, gen))
         name = snapshot_name(gen, _utc_now())
+        # from here on the object may reach the store even when the call fails (a lost
+        # reply, a failed delete after a mismatch): its pins stay, so gc keeps its packs;
+        # retain() drops them once the generation is older than every kept one
+        put_started = True
         put_confirmed(tier.objects, name, blob, {VOLUME_PROPERTY: vol.uuid[:60], SNAPSHOT_PROPERTY: str(gen)})
     except BaseException:
-        try:
-            unpin(db, gen)
-        except MetaError:
-            pass
+        if not put_started:
+            try:
+                unpin(db, gen)
+            except MetaError:
+                pass
         raise
 
     def record(cur: Any) -> None:
@@ -495,7 +514,8 @@ def take(tier: CloudTier, keep: int, keys: Sealer | None = None,
             return   # a newer one (another process) was confirmed first
         for k, v in (("snapshot_last_generation", str(gen)), ("snapshot_confirmed_at", _iso(_utc_now())),
                      ("snapshot_ctime_mark", str(info.ctime_mark)),
-                     ("snapshot_lacking_chunks", str(info.lacking_chunks)), ("snapshot_object", name)):
+                     ("snapshot_lacking_chunks", str(info.lacking_chunks)), ("snapshot_object", name),
+                     ("snapshot_ctime_floor", str(info.ctime_floor))):
             cur.execute("INSERT INTO meta (k, v) VALUES (%s, %s) ON DUPLICATE KEY UPDATE v = VALUES(v)", (k, v))
     db.transaction(record)
     listing = list(tier.objects.list())
@@ -617,8 +637,12 @@ class Snapshotter:
     """
 
     def __init__(self, tier: CloudTier, interval_s: float, keep: int, keys: Sealer | None = None,
-                 drain_s: float = 60.0) -> None:
+                 drain_s: float = 60.0, commits: Callable[[], int] | None = None) -> None:
         self.tier = tier
+        # the mount's count of metadata COMMITs (cas.meta.Database.commits of the
+        # Filesystem's connection), read when a dump starts: final() snapshots when it moved
+        self.commits = commits
+        self._commits_at_dump = commits() if commits is not None else 0
         self.interval_s = interval_s
         self.keep = keep
         self.keys = keys
@@ -629,10 +653,20 @@ class Snapshotter:
         self.taken = 0
 
     def _changed(self) -> bool:
-        m = dict(self.tier.db.query("SELECT k, v FROM meta WHERE k IN "
-                                    "('snapshot_last_generation', 'snapshot_ctime_mark')"))
-        mark = int(m.get("snapshot_ctime_mark", "0") or 0) if m.get("snapshot_last_generation") else -1
-        return changes_since(self.tier.db, mark) > 0
+        """Whether a snapshot is due: an inode's ctime is above the last snapshot's
+        conservative mark (``snapshot_ctime_floor``, else its ``snapshot_ctime_mark``),
+        or the last snapshot lacked chunks (then queued; now maybe uploaded)."""
+        m = dict(self.tier.db.query("SELECT k, v FROM meta WHERE k IN ('snapshot_last_generation', "
+                                    "'snapshot_ctime_mark', 'snapshot_ctime_floor', 'snapshot_lacking_chunks')"))
+        if not m.get("snapshot_last_generation"):
+            return changes_since(self.tier.db, -1) > 0
+        mark = int(m.get("snapshot_ctime_floor") or m.get("snapshot_ctime_mark") or 0)
+        return changes_since(self.tier.db, mark) > 0 or int(m.get("snapshot_lacking_chunks", "0") or 0) > 0
+
+    def _take(self) -> SnapshotResult:
+        if self.commits is not None:
+            self._commits_at_dump = self.commits()
+        return take(self.tier, self.keep, self.keys)
 
     def tick(self) -> bool:
         """One step, on the tier's thread; True when it did work (uploaded a pack or took
@@ -650,7 +684,7 @@ class Snapshotter:
             self.tier.upload_one(force=True)
             return True
         with self._lock:
-            take(self.tier, self.keep, self.keys)
+            self._take()
             self.taken += 1
         self._draining_since = None
         self._last = time.monotonic()
@@ -667,7 +701,8 @@ class Snapshotter:
             log.error("no snapshot at unmount: the uploader thread did not stop in time")
             return None
         try:
-            if not self._changed():
+            committed = self.commits is not None and self.commits() != self._commits_at_dump
+            if not committed and not self._changed():
                 return None
             # one cheap call first: with the store unreachable the unmount does not spend
             # its whole bound on retries

@@ -12,6 +12,7 @@ import pytest
 import zstandard
 
 from cas import snapshot
+from cas.objstore import ObjectStoreError
 from cas.meta import Database, parse_meta_url
 from tests.engine.test_cloud import CloudEngine, ceng, rand  # noqa: F401 - the fixture
 from tests.engine.test_fs import CS, make_file
@@ -73,3 +74,69 @@ def test_dump_loads_into_a_fresh_database_row_for_row_and_damage_is_refused(ceng
             with admin.cursor() as cur:
                 cur.execute(f"DROP DATABASE `{ceng.dbname}_bad`")
             admin.close()
+
+
+def test_a_snapshot_whose_upload_started_keeps_its_pins(ceng: CloudEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """F2: the object may be on the store although put failed (a lost reply): the pins of
+    its generation stay, so gc keeps the packs it names (docs/backup.md)."""
+    make_file(ceng.fs, b"a", rand(3 * CS, 3))
+    ceng.drain()
+    tier = ceng.tier()
+    real_put = tier.objects.put
+
+    def put_then_lose_reply(name: str, data: bytes, properties: dict[str, str] | None = None) -> Any:
+        real_put(name, data, properties)
+        raise ObjectStoreError("connection reset (reply lost)")
+    monkeypatch.setattr(tier.objects, "put", put_then_lose_reply)
+    with pytest.raises(ObjectStoreError):
+        snapshot.take(tier, 5)
+    assert [o.name for o in tier.objects.list() if o.name.startswith(snapshot.SNAPSHOT_PREFIX)]
+    assert ceng.q("SELECT DISTINCT generation FROM snapshot_packs") == [(1,)]
+
+
+def test_a_write_committed_after_the_dump_is_not_lost_by_the_mark(ceng: CloudEngine) -> None:
+    """F3: a write buffered in RAM (ctime taken at the write) and committed after a dump
+    whose newest ctime is later still makes the mount snapshot again (the conservative
+    mark snapshot_ctime_floor); the unmount snapshots when anything committed since the
+    last dump started (docs/backup.md, "The recovery point")."""
+    fs = ceng.fs
+    a = fs.create(1, b"a", 0o100644, 1000, 1000).ino
+    assert fs.write(a, 0, b"buffered") == 8             # ctime in RAM now; not committed
+    make_file(fs, b"b", b"committed")                    # a later ctime, committed first
+    ceng.drain()
+    tier = ceng.tier()
+    snapshot.take(tier, 5)
+    snapper = snapshot.Snapshotter(tier, 0.0, 5, commits=lambda: fs.db.commits)
+    fs.fsync(a)                                          # the buffered write commits now
+    fs.release(a)
+    assert ceng.q("SELECT size FROM inodes WHERE id = %s", (a,)) == [(8,)]
+    assert snapper._changed()
+    assert snapshot.take(tier, 5).generation == 2
+    # beyond the slack (writeback failing for long) the unmount still snapshots when the
+    # mount committed anything since the last dump started
+    snapshot.CTIME_SLACK_S, slack = 0.0, snapshot.CTIME_SLACK_S
+    try:
+        tier.drain(30)
+        assert snapper._take().generation == 3
+        assert not snapper._changed() and snapper.final(10.0) is None
+        moved = [snapper._commits_at_dump + 1]
+        snapper.commits = lambda: moved[0]
+        got = snapper.final(10.0)
+        assert got is not None and got.generation == 4
+    finally:
+        snapshot.CTIME_SLACK_S = slack
+
+
+def test_the_mount_snapshots_again_when_the_last_one_lacked_chunks(
+        ceng: CloudEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """F4: a snapshot taken while chunks were still queued is replaced by the mount."""
+    monkeypatch.setattr(snapshot, "CTIME_SLACK_S", 0.0, raising=False)
+    make_file(ceng.fs, b"a", rand(2 * CS, 4))
+    ceng.fs.sync()
+    tier = ceng.tier()
+    assert snapshot.take(tier, 5).lacking_chunks > 0
+    snapper = snapshot.Snapshotter(tier, 0.0, 5)
+    assert snapper._changed()
+    tier.drain(30)
+    got = snapper.final(10.0)
+    assert got is not None and got.lacking_chunks == 0 and not snapper._changed()
