@@ -10,7 +10,7 @@ docs/backup.md describes the format, the rules and the tests that guard them.
 
 Format (after decompression; one JSON document per line, UTF-8):
 
-- a header object: ``{"format": "casfs-snapshot", "version": 1, "schema_version": "3",
+- a header object: ``{"format": "casfs-snapshot", "version": 1, "schema_version": "4",
   "volume_uuid": ..., "generation": G, "created": "<UTC ISO 8601>", "ctime_mark": NS,
   "lacking_chunks": N, "tables": [...]}``;
 - per table, in :data:`TABLES` order: ``{"table": T, "columns": [...], "binary": [i...]}``,
@@ -158,7 +158,9 @@ def dump(db: Database, out: IO[bytes], volume_uuid: str, generation: int,
     packs: list[str] = []
     rows: dict[str, int] = {}
     start = out.tell()
-    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    # the frame's content checksum (XXH64) makes any damage of an unsealed dump fail to
+    # decompress instead of loading other values
+    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True)
     try:
         with conn.cursor() as cur:
             t0 = time.time_ns()
@@ -240,7 +242,15 @@ def read_header(blob: bytes) -> dict[str, Any]:
 
 
 def pack_names(blob: bytes) -> list[str]:
-    """Names of the packs a snapshot blob names (reads only as far as its packs table)."""
+    """Names of the packs a snapshot blob names (reads only as far as its packs table).
+    Raises SnapshotError for a damaged snapshot."""
+    try:
+        return _pack_names(blob)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise SnapshotError(f"the snapshot is damaged: {exc!r}") from exc
+
+
+def _pack_names(blob: bytes) -> list[str]:
     it = _lines(blob)
     read_header_doc = next(it, None)
     if not isinstance(read_header_doc, dict) or read_header_doc.get("format") != FORMAT:
@@ -271,8 +281,15 @@ def load(db: Database, blob: bytes, progress: Callable[[str, int], None] | None 
     freshly created from schema.sql. Rows go in batches of LOAD_BATCH, each batch one
     transaction; ``meta`` rows replace the ones schema.sql inserted. Raises
     SnapshotError for a snapshot of another schema version, a damaged or truncated
-    one (row counts are checked against each table's end line and the trailer), and
-    MetaError."""
+    one (row counts are checked against each table's end line and the trailer; column
+    names against the table's real columns), and MetaError."""
+    try:
+        return _load(db, blob, progress)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise SnapshotError(f"the snapshot is damaged: {exc!r}") from exc
+
+
+def _load(db: Database, blob: bytes, progress: Callable[[str, int], None] | None) -> LoadInfo:
     it = _lines(blob)
     header = next(it, None)
     if not isinstance(header, dict) or header.get("format") != FORMAT:
@@ -303,9 +320,12 @@ def load(db: Database, blob: bytes, progress: Callable[[str, int], None] | None 
         if isinstance(doc, list):
             if not table:
                 raise SnapshotError("the snapshot is damaged: a row outside a table")
+            if len(doc) != len(cols):
+                raise SnapshotError(f"the snapshot is damaged: a row of {table} has {len(doc)} values, "
+                                    f"not {len(cols)}")
             for i in binary:
                 if doc[i] is not None:
-                    doc[i] = base64.b64decode(doc[i])
+                    doc[i] = base64.b64decode(doc[i], validate=True)
             batch.append(doc)
             n += 1
             if len(batch) >= LOAD_BATCH:
@@ -315,6 +335,15 @@ def load(db: Database, blob: bytes, progress: Callable[[str, int], None] | None 
             table, cols, binary, n = str(doc["table"]), list(doc["columns"]), list(doc["binary"]), 0
             if table not in TABLES:
                 raise SnapshotError(f"the snapshot names an unknown table {table}")
+            real = {str(r[0]) for r in db.query(
+                "SELECT column_name FROM information_schema.columns WHERE table_schema = DATABASE() "
+                "AND table_name = %s", (table,))}
+            unknown = [c for c in cols if not isinstance(c, str) or c not in real]
+            if unknown or len(set(cols)) != len(cols):
+                raise SnapshotError(f"the snapshot is damaged: table {table} has no columns {unknown!r} "
+                                    "(or names one twice)")
+            if any(not isinstance(i, int) or not 0 <= i < len(cols) for i in binary):
+                raise SnapshotError(f"the snapshot is damaged: table {table}'s binary columns {binary!r}")
         elif "end" in doc:
             flush()
             if doc["end"] != table or int(doc["rows"]) != n:
@@ -336,13 +365,15 @@ def load(db: Database, blob: bytes, progress: Callable[[str, int], None] | None 
 @dataclass(frozen=True)
 class SnapshotObject:
     """One snapshot object on the store: generation, name, object id, size (bytes),
-    and its creation time (aware UTC)."""
+    its creation time (aware UTC), and the hex md5 the store's listing gives ("" when
+    it gives none)."""
 
     generation: int
     name: str
     id: str
     size: int
     created: datetime
+    md5: str = ""
 
 
 def snapshot_name(generation: int, when: datetime) -> str:
@@ -366,7 +397,7 @@ def generations(objects: ObjectStore, volume_uuid: str | None = None,
         m = _NAME_RE.match(o.name)
         if not m or (volume_uuid is not None and not owned(o, volume_uuid)):
             continue
-        out.append(SnapshotObject(int(m.group(1)), o.name, o.id, o.size, o.created))
+        out.append(SnapshotObject(int(m.group(1)), o.name, o.id, o.size, o.created, o.md5 or ""))
     return sorted(out, key=lambda s: (s.generation, s.created))
 
 
@@ -766,6 +797,9 @@ def _open_blob(objects: ObjectStore, snap: SnapshotObject, uuid: str, keys: Seal
     blob = retrying(lambda: objects.get(snap.id), 5, initial_s=0.5, cap_s=4.0)
     if len(blob) != snap.size:
         raise SnapshotError(f"{snap.name}: got {len(blob)} of {snap.size} bytes")
+    if snap.md5 and hashlib.md5(blob).hexdigest() != snap.md5.lower():
+        raise SnapshotError(f"{snap.name}: the bytes downloaded have md5 {hashlib.md5(blob).hexdigest()}, "
+                            f"the store lists {snap.md5}: damaged on the store or on the way")
     if keys is not None:
         try:
             blob = keys.open_blob(blob, snapshot_aad(uuid, snap.generation))

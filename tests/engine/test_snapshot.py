@@ -4,6 +4,7 @@ damaged or truncated dump is refused (docs/backup.md, "The snapshot format")."""
 from __future__ import annotations
 
 import io
+import random
 from dataclasses import replace
 from typing import Any
 
@@ -140,3 +141,71 @@ def test_the_mount_snapshots_again_when_the_last_one_lacked_chunks(
     tier.drain(30)
     got = snapper.final(10.0)
     assert got is not None and got.lacking_chunks == 0 and not snapper._changed()
+
+
+def test_damaged_unsealed_snapshots_are_refused_with_one_line(
+        ceng: CloudEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """F1: an unsealed snapshot carries a zstd content checksum (a bit flip never loads
+    other values), the listing's md5 is compared on download, base64 is strict; damaged
+    but valid JSON is a SnapshotError, never a traceback, and column names are checked
+    against the table's real columns (docs/backup.md, "The snapshot format")."""
+    make_file(ceng.fs, b"a", rand(3 * CS, 5))
+    ceng.drain()
+    tier = ceng.tier()
+    snapshot.take(tier, 5)
+    snap = snapshot.plan_restore(tier.objects).chosen
+    assert snap.md5
+    blob = tier.objects.get(snap.id)
+    want = list(snapshot._lines(blob))
+    rng = random.Random(7)
+    for _ in range(300):
+        bad = bytearray(blob)
+        bit = rng.randrange(len(bad) * 8)
+        bad[bit // 8] ^= 1 << (bit % 8)
+        try:
+            got = list(snapshot._lines(bytes(bad)))
+        except snapshot.SnapshotError:
+            continue
+        # the same documents, or a prefix of them (a truncation: load refuses it, no trailer)
+        assert got == want[:len(got)], f"bit {bit} changed the content silently"
+    # damaged on the way: same size, other bytes -> the listing's md5 catches it
+    real_get = tier.objects.get
+    monkeypatch.setattr(tier.objects, "get", lambda oid, *a: bytes([real_get(oid, *a)[0] ^ 1]) + real_get(oid, *a)[1:])
+    with pytest.raises(snapshot.SnapshotError, match="md5"):
+        snapshot._open_blob(tier.objects, snap, ceng.vol.uuid, None)
+    monkeypatch.undo()
+    # valid JSON, wrong content
+    import json
+    docs = [json.loads(x) for x in zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob)).read().splitlines()]
+    assert docs[1]["table"] == "packs" and isinstance(docs[2], list)
+    md5_at = docs[1]["columns"].index("md5")
+
+    def variant(i: int, doc: Any) -> bytes:
+        out = list(docs)
+        out[i] = doc
+        return zstandard.ZstdCompressor().compress("".join(json.dumps(d) + "\n" for d in out).encode())
+    row = list(docs[2])
+    row[md5_at] = "***"
+    variants = [variant(0, {**docs[0], "version": "x"}),
+                variant(1, {**docs[1], "columns": docs[1]["columns"][:-1] + ["name` = 1; DROP TABLE inodes; --"]}),
+                variant(1, {**docs[1], "columns": 5}),
+                variant(1, {**docs[1], "binary": [99]}),
+                variant(2, row[:-1]),
+                variant(2, row)]
+    vol3 = replace(ceng.vol, meta_url=ceng.vol.meta_url.replace(ceng.dbname, f"{ceng.dbname}_dmg"))
+    snapshot.create_database(vol3)
+    bad_db = Database(parse_meta_url(vol3.meta_url))
+    try:
+        for v in variants:
+            with pytest.raises(snapshot.SnapshotError, match="damaged|not supported"):
+                snapshot.load(bad_db, v)
+        for v in (variants[2], variant(2, [])):
+            with pytest.raises(snapshot.SnapshotError, match="damaged"):
+                snapshot.pack_names(v)
+        assert bad_db.query("SELECT COUNT(*) FROM packs")[0][0] == 0
+    finally:
+        bad_db.close()
+        admin = pymysql.connect(unix_socket=str(ceng.server.socket), user="root", password="")
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE `{ceng.dbname}_dmg`")
+        admin.close()
