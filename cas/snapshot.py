@@ -882,7 +882,12 @@ def restore_into(volume: Volume, objects: ObjectStore, cfg: Any, folder_id: str,
     blob = _open_blob(objects, snap, volume.uuid, keys)
     say(f"downloaded snapshot generation {snap.generation} ({snap.size} bytes)")
     header = read_header(blob)
-    if header.get("volume_uuid") != volume.uuid or int(header.get("generation", -1)) != snap.generation:
+    try:
+        hgen = int(header.get("generation", -1))
+        int(header.get("ctime_mark", 0)), int(header.get("lacking_chunks", 0))
+    except (TypeError, ValueError) as exc:
+        raise SnapshotError(f"{snap.name}: the snapshot's header is damaged: {exc}") from exc
+    if header.get("volume_uuid") != volume.uuid or hgen != snap.generation:
         raise SnapshotError(f"{snap.name} is generation {header.get('generation')} of volume "
                             f"{header.get('volume_uuid')}, not generation {snap.generation} of {volume.uuid}")
     create_database(volume)
