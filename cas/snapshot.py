@@ -562,9 +562,32 @@ def _encryption_table(vol: Volume) -> dict[str, Any] | None:
     return dict(table) if table else None
 
 
+def _volume_on_disk(vol: Volume) -> Volume:
+    """``vol`` as its volume.toml says now: `casfs key passwd` rewrites the [encryption]
+    table there while a mount keeps the table it started with in RAM. Falls back to
+    ``vol`` when the file cannot be read or names another volume."""
+    from .errors import VolumeError
+    from .volume import open_volume
+    try:
+        disk = open_volume(str(vol.path.resolve()) + "/")
+    except VolumeError as exc:
+        log.warning("volume object: cannot read %s/volume.toml (%s); using the mount's copy", vol.path, exc)
+        return vol
+    return disk if disk.uuid == vol.uuid else vol
+
+
+def refresh_volume_object(tier: CloudTier) -> None:
+    """Upload the volume object when the store's copy is missing or differs from what
+    volume.toml on disk says now (`casfs drive push` calls it every time). Raises
+    SnapshotError and the cas.objstore errors."""
+    _ensure_volume_object(tier, list(tier.objects.list()), None)
+
+
 def _ensure_volume_object(tier: CloudTier, listing: list[ObjectInfo], keys: Sealer | None) -> None:
-    """Upload the volume object when it is missing or differs; then delete older copies."""
-    vol = tier.volume
+    """Upload the volume object when it is missing or differs; then delete older copies.
+    The document is built from volume.toml on disk (:func:`_volume_on_disk`), so the
+    [encryption] table on the store follows `casfs key passwd`."""
+    vol = _volume_on_disk(tier.volume)
     doc = volume_document(vol, _encryption_table(vol))
     md5 = hashlib.md5(doc).hexdigest()
     mine = [o for o in listing if o.name == VOLUME_OBJECT and owned(o, vol.uuid)]

@@ -209,3 +209,39 @@ def test_damaged_unsealed_snapshots_are_refused_with_one_line(
         with admin.cursor() as cur:
             cur.execute(f"DROP DATABASE `{ceng.dbname}_dmg`")
         admin.close()
+
+
+def test_the_volume_object_follows_key_passwd_on_disk(ceng: CloudEngine) -> None:
+    """F5: `casfs key passwd` rewrites volume.toml while a mount keeps the old table in
+    RAM; the volume object on the store is built from volume.toml on disk, so neither the
+    mount's next snapshot nor `drive push` (refresh_volume_object) puts the old wraps
+    back (docs/encryption.md, "Changing the passphrase")."""
+    import json
+
+    from cas import keys
+    from cas.volume import open_volume
+    from tests.engine.test_cloud_encrypted import encrypt
+    encrypt(ceng)
+    make_file(ceng.fs, b"a", rand(CS, 6))
+    ceng.drain()
+    tier = ceng.tier()
+
+    def on_store() -> dict[str, Any]:
+        vols = [o for o in tier.objects.list() if o.name == snapshot.VOLUME_OBJECT]
+        assert len(vols) == 1
+        return dict(json.loads(tier.objects.get(vols[0].id)))
+    snapshot.take(tier, 5)
+    assert on_store()["encryption"] == ceng.vol.encryption
+    # what `key passwd` does: the same master key wrapped under a new passphrase, on disk
+    disk = open_volume(str(ceng.vol.path))
+    master = keys.unlock(disk, "pw").master          # type: ignore[union-attr]
+    disk.encryption = {**disk.encryption, "wraps": [keys.passphrase_wrap(master, "new pw", disk.uuid)]}
+    disk.save()
+    snapshot.refresh_volume_object(tier)
+    assert on_store()["encryption"] == disk.encryption
+    make_file(ceng.fs, b"b", b"later")
+    ceng.drain()
+    snapshot.take(tier, 5)                           # the tier's volume still has the old table
+    assert tier.volume.encryption != disk.encryption and on_store()["encryption"] == disk.encryption
+    restored = replace(disk, encryption=on_store()["encryption"], keys=None)
+    assert keys.unlock(restored, "new pw").master == master     # type: ignore[union-attr]
