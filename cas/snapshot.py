@@ -49,7 +49,6 @@ import io
 import json
 import logging
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -494,9 +493,9 @@ def take(tier: CloudTier, keep: int, keys: Sealer | None = None,
          progress: Callable[[str, int], None] | None = None) -> SnapshotResult:
     """Take a snapshot of ``tier``'s volume and upload it; apply retention (keep the newest
     ``keep`` generations). Does not drain the upload queue: callers do that first
-    (:func:`drain_then_take`). The dump goes to an anonymous temporary file in the
-    volume's run directory, and is read back whole for the upload (the store's put takes
-    bytes): RAM holds the compressed snapshot once (twice when sealed). Raises
+    (:func:`drain_then_take`). The compressed dump goes to a buffer in RAM, never to
+    disk (the store's put takes bytes anyway): RAM holds the compressed snapshot about
+    twice while it is taken and sealed. Raises
     SnapshotError, MetaError, and the cas.objstore errors."""
     vol = tier.volume
     if keys is None:
@@ -511,10 +510,12 @@ def take(tier: CloudTier, keep: int, keys: Sealer | None = None,
         for attempt in range(RACE_RETRIES):
             reader = Database(tier.target)
             try:
-                with tempfile.TemporaryFile(dir=vol.run_dir) as tmp:
-                    info = dump(reader, tmp, vol.uuid, gen, progress)
-                    tmp.seek(0)
-                    blob = tmp.read()
+                # in RAM, never a file: in an encrypted volume the dump is plaintext until
+                # sealed below (docs/encryption.md)
+                buf = io.BytesIO()
+                info = dump(reader, buf, vol.uuid, gen, progress)
+                blob = buf.getvalue()
+                del buf
             finally:
                 reader.close()
             if _pin(db, gen, info.packs):

@@ -11,6 +11,7 @@ audit event (cas.keys.audit_unlock_failure). docs/security.md.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -72,6 +73,9 @@ def unlock_volume(vol: Volume) -> keys.VolumeKeys | None:
         return keys.unlock(vol, passphrase, key_file)
     finally:
         audit.detach(handler)
+        # read once: out of the environment that the mount's daemon and an embedded
+        # mariadbd started later would inherit (/proc/PID/environ)
+        os.environ.pop(keys.PASSPHRASE_ENV, None)
 
 
 def new_secrets(key_file: Path | None, passphrase_file: Path | None) -> tuple[str | None, Path | None]:

@@ -11,6 +11,7 @@ import pytest
 from cas import keys
 from cas.errors import IntegrityError
 from cas.server import EmbeddedServer
+from tests.engine.test_cloud import CloudEngine, ceng  # noqa: F401 - the fixture
 from cas.volume import Volume
 
 
@@ -123,3 +124,51 @@ def test_an_encrypted_volume_that_lost_its_table_is_refused(tmp_path: Path, mysq
             cas.meta.connect(lost)
     finally:
         e.close()
+
+
+def test_rescue_records_are_bound_to_volume_and_name_and_scrypt_is_bounded(
+        ceng: CloudEngine, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """Sealed rescue records open only under their own volume uuid and file name; an
+    encrypted volume that is not unlocked writes none; scrypt parameters beyond the
+    bounds are refused before running (docs/encryption.md)."""
+    from cas import rescue
+    from cas.errors import VolumeError
+    from tests.engine.test_cloud_encrypted import encrypt
+    from tests.engine.test_fs import CS
+    encrypt(ceng)
+    fs = ceng.fs
+    ino = fs.create(1, b"f", 0o100644, 1000, 1000).ino
+    assert fs.write(ino, 0, b"r" * (CS + 5)) == CS + 5
+    [path] = rescue.spill(fs, ceng.vol.path / "rescue")
+    blob = path.read_bytes()
+    assert b"rrrr" not in blob
+    assert rescue.decode(rescue._open(fs, blob, path.name)).header["ino"] == ino
+    with pytest.raises(rescue.RescueError):
+        rescue._open(fs, blob, f"{ino}.1{rescue.SUFFIX}")            # renamed
+    monkeypatch.setattr(fs.meta.volume, "uuid", "another-volume")
+    with pytest.raises(rescue.RescueError):
+        rescue._open(fs, blob, path.name)                              # moved to another volume
+    monkeypatch.undo()
+    monkeypatch.setattr(fs.meta.volume, "keys", None)
+    with pytest.raises(rescue.RescueError, match="not unlocked"):
+        rescue._seal(fs, b"x", path.name)
+    monkeypatch.undo()
+    fs.release(ino)
+    table = keys.new_encryption_table(keys.new_master_key(), "pw", None, volume_uuid="u-1")
+    for n, r, p in ((2 ** 30, 8, 1), (2 ** 15, 1 << 20, 1), (2 ** 15, 8, 64), (2 ** 10, 8, 1)):
+        bad = {**table, "wraps": [{**table["wraps"][0], "n": n, "r": r, "p": p}]}
+        with pytest.raises(VolumeError, match="outside the accepted bounds"):
+            keys.unwrap_master(bad, "pw", None)
+
+
+def test_the_passphrase_leaves_the_environment_once_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tools/keycmd.unlock_volume pops $CASFS_PASSPHRASE after reading it: the mount's
+    daemon and an embedded mariadbd started later do not inherit it (/proc/PID/environ)."""
+    import os
+
+    from tools.keycmd import unlock_volume
+    master = keys.new_master_key()
+    vol = _vol(tmp_path, keys.new_encryption_table(master, "pw", None, volume_uuid="u-1"))
+    monkeypatch.setenv("CASFS_PASSPHRASE", "pw")
+    assert unlock_volume(vol).master == master                     # type: ignore[union-attr]
+    assert "CASFS_PASSPHRASE" not in os.environ

@@ -211,12 +211,21 @@ def test_damaged_unsealed_snapshots_are_refused_with_one_line(
         admin.close()
 
 
-def test_the_volume_object_follows_key_passwd_on_disk(ceng: CloudEngine) -> None:
+def test_the_volume_object_follows_key_passwd_on_disk(ceng: CloudEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     """F5: `casfs key passwd` rewrites volume.toml while a mount keeps the old table in
     RAM; the volume object on the store is built from volume.toml on disk, so neither the
     mount's next snapshot nor `drive push` (refresh_volume_object) puts the old wraps
-    back (docs/encryption.md, "Changing the passphrase")."""
+    back (docs/encryption.md, "Changing the passphrase"). F7: the dump of an encrypted
+    volume never goes to a file (it is plaintext until sealed)."""
     import json
+    import tempfile
+    files: list[Any] = []
+    real_tf = tempfile.TemporaryFile
+
+    def recording(*a: Any, **kw: Any) -> Any:
+        files.append(kw.get("dir"))
+        return real_tf(*a, **kw)
+    monkeypatch.setattr(tempfile, "TemporaryFile", recording)
 
     from cas import keys
     from cas.volume import open_volume
@@ -232,6 +241,7 @@ def test_the_volume_object_follows_key_passwd_on_disk(ceng: CloudEngine) -> None
         return dict(json.loads(tier.objects.get(vols[0].id)))
     snapshot.take(tier, 5)
     assert on_store()["encryption"] == ceng.vol.encryption
+    assert files == [] and not any(ceng.vol.run_dir.iterdir())
     # what `key passwd` does: the same master key wrapped under a new passphrase, on disk
     disk = open_volume(str(ceng.vol.path))
     master = keys.unlock(disk, "pw").master          # type: ignore[union-attr]
