@@ -833,11 +833,12 @@ def _open_blob(objects: ObjectStore, snap: SnapshotObject, uuid: str, keys: Seal
     return blob
 
 
-def create_database(volume: Volume) -> None:
+def create_database(volume: Volume) -> bool:
     """Create the volume's empty database from schema.sql (no root inode, no meta rows
     but the schema version): the target of :func:`load`. Starts and releases the
-    embedded server of an embedded volume. Raises MetaError when the database exists
-    and holds tables."""
+    embedded server of an embedded volume. Returns True when it created the database
+    (False: it existed, empty). Raises MetaError when the database exists and holds
+    tables."""
     from .meta import _server_for, _target_for, schema_statements
     server = _server_for(volume)
     if server is not None:
@@ -846,6 +847,8 @@ def create_database(volume: Volume) -> None:
         target = _target_for(volume, server)
         admin = Database(target, database="")
         try:
+            existed = bool(admin.query("SELECT COUNT(*) FROM information_schema.schemata WHERE schema_name = %s",
+                                       (target.database,))[0][0])
             admin.execute(f"CREATE DATABASE IF NOT EXISTS `{target.database}` CHARACTER SET utf8mb4")
             n = admin.query("SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = %s",
                             (target.database,))[0][0]
@@ -862,6 +865,31 @@ def create_database(volume: Volume) -> None:
     finally:
         if server is not None:
             server.release()
+    return not existed
+
+
+def _undo_database(volume: Volume, created: bool) -> None:
+    """After a failed restore into an external (``--meta``) database: drop it when the
+    restore created it, else drop the tables it made (it was empty before), so that no
+    half-loaded database is left. Errors are logged: the restore's own error is the one
+    the user sees. (An embedded volume's datadir goes with its directory.)"""
+    from .meta import _target_for
+    if volume.embedded:
+        return
+    target = _target_for(volume, None)
+    try:
+        admin = Database(target, database="")
+        try:
+            if created:
+                admin.execute(f"DROP DATABASE IF EXISTS `{target.database}`")
+            else:
+                for (t,) in admin.query("SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+                                        (target.database,)):
+                    admin.execute(f"DROP TABLE IF EXISTS `{target.database}`.`{t}`")
+        finally:
+            admin.close()
+    except CasError as exc:
+        log.error("cannot remove the half-loaded database %s: %s", target.describe(), exc)
 
 
 @dataclass(frozen=True)
@@ -895,9 +923,8 @@ def restore_into(volume: Volume, objects: ObjectStore, cfg: Any, folder_id: str,
     the restored volume deletes none of them. Meta keys describing the old machine's
     uploader are dropped; ``snapshot_generation`` continues after the newest generation
     on the store. ``progress`` gets one line per step. Raises SnapshotError,
-    MetaError and the cas.objstore errors."""
-    from . import cloud as cloud_mod
-    from .meta import _server_for, _target_for, connect
+    MetaError and the cas.objstore errors. After a failure the database is removed
+    again (:func:`_undo_database`): no half-loaded database is left behind."""
 
     def say(text: str) -> None:
         if progress is not None:
@@ -914,7 +941,21 @@ def restore_into(volume: Volume, objects: ObjectStore, cfg: Any, folder_id: str,
     if header.get("volume_uuid") != volume.uuid or hgen != snap.generation:
         raise SnapshotError(f"{snap.name} is generation {header.get('generation')} of volume "
                             f"{header.get('volume_uuid')}, not generation {snap.generation} of {volume.uuid}")
-    create_database(volume)
+    created = create_database(volume)
+    try:
+        return _restore_loaded(volume, objects, cfg, folder_id, plan, keys, eager, say, blob, header)
+    except BaseException:
+        _undo_database(volume, created)
+        raise
+
+
+def _restore_loaded(volume: Volume, objects: ObjectStore, cfg: Any, folder_id: str, plan: RestorePlan,
+                    keys: Sealer | None, eager: bool, say: Callable[[str], None], blob: bytes,
+                    header: dict[str, Any]) -> VolumeRestore:
+    """The part of :func:`restore_into` after the database was created."""
+    from . import cloud as cloud_mod
+    from .meta import _server_for, _target_for, connect
+    snap = plan.chosen
     server = _server_for(volume)
     if server is not None:
         server.acquire()

@@ -11,8 +11,8 @@ import pytest
 from cas import keys
 from cas.errors import IntegrityError
 from cas.server import EmbeddedServer
-from tests.engine.test_cloud import CloudEngine, ceng  # noqa: F401 - the fixture
 from cas.volume import Volume
+from tests.engine.test_cloud import CloudEngine, ceng  # noqa: F401 - the fixture
 
 
 def _vol(tmp_path: Path, table: dict) -> Volume:

@@ -13,8 +13,8 @@ import pytest
 import zstandard
 
 from cas import snapshot
-from cas.objstore import ObjectStoreError
 from cas.meta import Database, parse_meta_url
+from cas.objstore import ObjectStoreError
 from tests.engine.test_cloud import CloudEngine, ceng, rand  # noqa: F401 - the fixture
 from tests.engine.test_fs import CS, make_file
 
@@ -255,3 +255,33 @@ def test_the_volume_object_follows_key_passwd_on_disk(ceng: CloudEngine, monkeyp
     assert tier.volume.encryption != disk.encryption and on_store()["encryption"] == disk.encryption
     restored = replace(disk, encryption=on_store()["encryption"], keys=None)
     assert keys.unlock(restored, "new pw").master == master     # type: ignore[union-attr]
+
+
+def test_a_failed_restore_leaves_no_half_loaded_database(ceng: CloudEngine, tmp_path: Any) -> None:
+    """restore --from-drive --meta URL: when the restore fails after the database was
+    created and loaded (here: an older generation on the store is garbage), the database
+    it created is dropped again (docs/backup.md, "Restore on a fresh machine")."""
+    make_file(ceng.fs, b"a", rand(CS, 8))
+    ceng.drain()
+    tier = ceng.tier()
+    old = snapshot.take(tier, 5)
+    make_file(ceng.fs, b"b", b"b")
+    ceng.drain()
+    snapshot.take(tier, 5)
+    [obj] = [o for o in tier.objects.list() if o.name == old.name]
+    (ceng.objdir / obj.id).write_bytes(b"garbage, not a zstd frame")
+    plan = snapshot.plan_restore(tier.objects)
+    name = f"{ceng.dbname}_rst"
+    vol2 = replace(ceng.vol, path=tmp_path / "restored", meta_url=ceng.vol.meta_url.replace(ceng.dbname, name))
+    with pytest.raises(snapshot.SnapshotError):
+        snapshot.restore_into(vol2, tier.objects, tier.cfg, "folder", plan)
+    admin = pymysql.connect(unix_socket=str(ceng.server.socket), user="root", password="")
+    try:
+        with admin.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM information_schema.schemata WHERE schema_name = %s", (name,))
+            left = cur.fetchone()[0]
+            if left:
+                cur.execute(f"DROP DATABASE `{name}`")
+    finally:
+        admin.close()
+    assert left == 0
