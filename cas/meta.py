@@ -124,7 +124,7 @@ class Database:
         self._group_ops = 0
         self.on_group_lost: Callable[[], None] | None = None  # RAM state must be reloaded
         self.on_group_commit: Callable[[], None] | None = None  # after each group COMMIT
-        self.commits = 0          # COMMITs that succeeded on this connection (cas.snapshot)
+        self.last_commit_ns = 0   # time.time_ns() after the last COMMIT that succeeded here (cas.snapshot)
         self.reconnect_wait_s = RECONNECT_WAIT_S
         self._resync_due = False  # a group was lost while the server was down: reload first
 
@@ -251,7 +251,7 @@ class Database:
             self.conn.commit()
         except pymysql.err.MySQLError as exc:
             self._group_lost(exc)
-        self.commits += 1
+        self.last_commit_ns = time.time_ns()
         MYSQL_COMMIT.observe_ns(time.perf_counter_ns() - t0)
         self._group_open = False
         self._group_ops = 0
@@ -369,7 +369,7 @@ class Database:
                 with self.conn.cursor() as cur:
                     result = body(cur)
                 self.conn.commit()
-                self.commits += 1
+                self.last_commit_ns = time.time_ns()
                 MYSQL_TX.observe_ns(time.perf_counter_ns() - t0)
                 return result
             except pymysql.err.MySQLError as exc:

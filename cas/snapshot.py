@@ -37,8 +37,8 @@ Consistency (docs/backup.md):
 out), ``snapshot_last_generation`` (newest generation confirmed on the store),
 ``snapshot_confirmed_at`` (UTC ISO time it was confirmed), ``snapshot_ctime_mark`` (the
 largest inode ctime in it, ns: inodes with a larger ctime changed after it),
-``snapshot_ctime_floor`` (min(mark, dump start - CTIME_SLACK_S), ns: what a mount
-compares with to decide it must snapshot again), ``snapshot_lacking_chunks``,
+``snapshot_dump_started`` (wall-clock ns taken just before the dump's transaction began:
+a mount that committed anything later snapshots again), ``snapshot_lacking_chunks``,
 ``snapshot_object`` (its object name).
 """
 from __future__ import annotations
@@ -82,16 +82,18 @@ _BINARY_TYPES = {"binary", "varbinary", "tinyblob", "blob", "mediumblob", "longb
 #: the old machine's uploader, or are set by the restore itself)
 _LOCAL_META = ("drive_paused_until", "drive_last_error", "drive_last_error_at", "drive_folder_id",
                "drive_folder_key", "snapshot_generation", "snapshot_last_generation", "snapshot_confirmed_at",
-               "snapshot_ctime_mark", "snapshot_lacking_chunks", "snapshot_object", "snapshot_ctime_floor")
+               "snapshot_ctime_mark", "snapshot_lacking_chunks", "snapshot_object", "snapshot_dump_started")
 _NAME_RE = re.compile(r"^casfs-meta-(\d{8,})-(\d{8}T\d{6}Z)\.zst$")
 ZSTD_LEVEL = 3
 LOAD_BATCH = 1000   # rows per INSERT batch (and per transaction) when loading
 RACE_RETRIES = 3    # dumps taken again when gc deleted a named pack meanwhile
-#: How long (s) a mount may hold a change in RAM before committing it: an open file's dirty
-#: buffer is written back once older than WRITEBACK_AGE_S (5 s) at the next writeback tick
-#: (WRITEBACK_INTERVAL_S, 0.5 s; both fusefront/daemon.py), plus 2 s of margin for the
-#: commit itself. A write's ctime is taken when it reaches RAM, so a change committed after
-#: a dump can carry a ctime up to this much older than the dump's start.
+#: How long (s) a working mount holds a change in RAM before committing it: an open
+#: file's dirty buffer is written back once older than WRITEBACK_AGE_S (5 s) at the next
+#: writeback tick (WRITEBACK_INTERVAL_S, 0.5 s; both fusefront/daemon.py), plus 2 s of
+#: margin for the commit. A write's ctime is taken when it reaches RAM, so a change
+#: committed after a dump can carry a ctime up to this much older than the dump's start
+#: (longer while writeback fails): "changes since" does not count it, and the mount
+#: snapshots again on its commit time instead (Snapshotter, docs/backup.md).
 CTIME_SLACK_S = 5.0 + 0.5 + 2.0
 
 
@@ -126,16 +128,16 @@ def _iso(t: datetime) -> str:
 @dataclass(frozen=True)
 class DumpInfo:
     """What :func:`dump` wrote: rows per table, the names of the packs it names, the
-    largest inode ctime (ns), live chunks with no cloud copy, compressed bytes, and the
-    conservative mark ``ctime_floor`` (ns): min(ctime_mark, dump start - CTIME_SLACK_S),
-    below every ctime a change missing from the dump can carry while writeback works."""
+    largest inode ctime (ns), live chunks with no cloud copy, compressed bytes, and
+    ``started_ns``: time.time_ns() just before the dump's transaction began (every
+    COMMIT that returned before it is in the dump)."""
 
     rows: dict[str, int]
     packs: list[str]
     ctime_mark: int
     lacking_chunks: int
     compressed_bytes: int
-    ctime_floor: int = 0
+    started_ns: int = 0
 
 
 def _text(v: Any) -> Any:
@@ -214,8 +216,7 @@ def dump(db: Database, out: IO[bytes], volume_uuid: str, generation: int,
     except BaseException:
         db._rollback()
         raise
-    return DumpInfo(rows, packs, mark, lacking, out.tell() - start,
-                    min(mark, t0 - int(CTIME_SLACK_S * 1e9)))
+    return DumpInfo(rows, packs, mark, lacking, out.tell() - start, t0)
 
 
 # -- reading -------------------------------------------------------------------------------
@@ -547,7 +548,7 @@ def take(tier: CloudTier, keep: int, keys: Sealer | None = None,
         for k, v in (("snapshot_last_generation", str(gen)), ("snapshot_confirmed_at", _iso(_utc_now())),
                      ("snapshot_ctime_mark", str(info.ctime_mark)),
                      ("snapshot_lacking_chunks", str(info.lacking_chunks)), ("snapshot_object", name),
-                     ("snapshot_ctime_floor", str(info.ctime_floor))):
+                     ("snapshot_dump_started", str(info.started_ns))):
             cur.execute("INSERT INTO meta (k, v) VALUES (%s, %s) ON DUPLICATE KEY UPDATE v = VALUES(v)", (k, v))
     db.transaction(record)
     listing = list(tier.objects.list())
@@ -692,12 +693,12 @@ class Snapshotter:
     """
 
     def __init__(self, tier: CloudTier, interval_s: float, keep: int, keys: Sealer | None = None,
-                 drain_s: float = 60.0, commits: Callable[[], int] | None = None) -> None:
+                 drain_s: float = 60.0, last_commit_ns: Callable[[], int] | None = None) -> None:
         self.tier = tier
-        # the mount's count of metadata COMMITs (cas.meta.Database.commits of the
-        # Filesystem's connection), read when a dump starts: final() snapshots when it moved
-        self.commits = commits
-        self._commits_at_dump = commits() if commits is not None else 0
+        # when the mount's Filesystem last committed (cas.meta.Database.last_commit_ns,
+        # wall-clock ns; 0: never): a commit after the last dump started may be missing
+        # from it whatever its ctimes say
+        self.last_commit_ns = last_commit_ns
         self.interval_s = interval_s
         self.keep = keep
         self.keys = keys
@@ -709,19 +710,18 @@ class Snapshotter:
 
     def _changed(self) -> bool:
         """Whether a snapshot is due: an inode's ctime is above the last snapshot's
-        conservative mark (``snapshot_ctime_floor``, else its ``snapshot_ctime_mark``),
-        or the last snapshot lacked chunks (then queued; now maybe uploaded)."""
+        ``snapshot_ctime_mark``; or the mount committed something after that snapshot's
+        dump started (``snapshot_dump_started``; a buffered write committed late keeps
+        its older ctime); or the last snapshot lacked chunks (then queued)."""
         m = dict(self.tier.db.query("SELECT k, v FROM meta WHERE k IN ('snapshot_last_generation', "
-                                    "'snapshot_ctime_mark', 'snapshot_ctime_floor', 'snapshot_lacking_chunks')"))
+                                    "'snapshot_ctime_mark', 'snapshot_dump_started', 'snapshot_lacking_chunks')"))
         if not m.get("snapshot_last_generation"):
             return changes_since(self.tier.db, -1) > 0
-        mark = int(m.get("snapshot_ctime_floor") or m.get("snapshot_ctime_mark") or 0)
+        started = int(m.get("snapshot_dump_started") or 0)
+        if self.last_commit_ns is not None and self.last_commit_ns() >= started:
+            return True
+        mark = int(m.get("snapshot_ctime_mark") or 0)
         return changes_since(self.tier.db, mark) > 0 or int(m.get("snapshot_lacking_chunks", "0") or 0) > 0
-
-    def _take(self) -> SnapshotResult:
-        if self.commits is not None:
-            self._commits_at_dump = self.commits()
-        return take(self.tier, self.keep, self.keys)
 
     def tick(self) -> bool:
         """One step, on the tier's thread; True when it did work (uploaded a pack or took
@@ -739,7 +739,7 @@ class Snapshotter:
             self.tier.upload_one(force=True)
             return True
         with self._lock:
-            self._take()
+            take(self.tier, self.keep, self.keys)
             self.taken += 1
         self._draining_since = None
         self._last = time.monotonic()
@@ -756,8 +756,7 @@ class Snapshotter:
             log.error("no snapshot at unmount: the uploader thread did not stop in time")
             return None
         try:
-            committed = self.commits is not None and self.commits() != self._commits_at_dump
-            if not committed and not self._changed():
+            if not self._changed():
                 return None
             # one cheap call first: with the store unreachable the unmount does not spend
             # its whole bound on retries

@@ -97,9 +97,9 @@ def test_a_snapshot_whose_upload_started_keeps_its_pins(ceng: CloudEngine, monke
 
 def test_a_write_committed_after_the_dump_is_not_lost_by_the_mark(ceng: CloudEngine) -> None:
     """F3: a write buffered in RAM (ctime taken at the write) and committed after a dump
-    whose newest ctime is later still makes the mount snapshot again (the conservative
-    mark snapshot_ctime_floor); the unmount snapshots when anything committed since the
-    last dump started (docs/backup.md, "The recovery point")."""
+    whose newest ctime is later is not counted by the ctime mark, but the mount
+    snapshots again (periodic and unmount) because it committed after the dump started
+    (docs/backup.md, "The recovery point")."""
     fs = ceng.fs
     a = fs.create(1, b"a", 0o100644, 1000, 1000).ino
     assert fs.write(a, 0, b"buffered") == 8             # ctime in RAM now; not committed
@@ -107,31 +107,19 @@ def test_a_write_committed_after_the_dump_is_not_lost_by_the_mark(ceng: CloudEng
     ceng.drain()
     tier = ceng.tier()
     snapshot.take(tier, 5)
-    snapper = snapshot.Snapshotter(tier, 0.0, 5, commits=lambda: fs.db.commits)
+    snapper = snapshot.Snapshotter(tier, 0.0, 5, last_commit_ns=lambda: fs.db.last_commit_ns)
+    assert not snapper._changed()
     fs.fsync(a)                                          # the buffered write commits now
     fs.release(a)
     assert ceng.q("SELECT size FROM inodes WHERE id = %s", (a,)) == [(8,)]
+    assert snapshot.recovery_point(tier.db).changes_since == 0   # the mark cannot see it
     assert snapper._changed()
-    assert snapshot.take(tier, 5).generation == 2
-    # beyond the slack (writeback failing for long) the unmount still snapshots when the
-    # mount committed anything since the last dump started
-    snapshot.CTIME_SLACK_S, slack = 0.0, snapshot.CTIME_SLACK_S
-    try:
-        tier.drain(30)
-        assert snapper._take().generation == 3
-        assert not snapper._changed() and snapper.final(10.0) is None
-        moved = [snapper._commits_at_dump + 1]
-        snapper.commits = lambda: moved[0]
-        got = snapper.final(10.0)
-        assert got is not None and got.generation == 4
-    finally:
-        snapshot.CTIME_SLACK_S = slack
+    got = snapper.final(10.0)                            # so the unmount snapshots it
+    assert got is not None and got.generation == 2 and not snapper._changed()
 
 
-def test_the_mount_snapshots_again_when_the_last_one_lacked_chunks(
-        ceng: CloudEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_mount_snapshots_again_when_the_last_one_lacked_chunks(ceng: CloudEngine) -> None:
     """F4: a snapshot taken while chunks were still queued is replaced by the mount."""
-    monkeypatch.setattr(snapshot, "CTIME_SLACK_S", 0.0, raising=False)
     make_file(ceng.fs, b"a", rand(2 * CS, 4))
     ceng.fs.sync()
     tier = ceng.tier()
