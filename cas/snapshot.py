@@ -962,6 +962,12 @@ def _restore_loaded(volume: Volume, objects: ObjectStore, cfg: Any, folder_id: s
         raw = Database(_target_for(volume, server))
         try:
             info = load(raw, blob, lambda t, n: say(f"loaded {t}: {n} rows"))
+            # the volume object gave volume.chunk_size; the database's own must agree
+            # (slot numbers are offsets // chunk size: another size reads wrong bytes)
+            row = raw.query("SELECT v FROM meta WHERE k = 'chunk_size'")
+            if not row or str(row[0][0]) != str(volume.chunk_size):
+                raise SnapshotError(f"{snap.name}: the snapshot's chunk size {row[0][0] if row else '(none)'} "
+                                    f"differs from casfs-volume.json's {volume.chunk_size}: damaged or mixed up")
         finally:
             raw.close()
     finally:

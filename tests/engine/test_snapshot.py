@@ -248,7 +248,9 @@ def test_the_volume_object_follows_key_passwd_on_disk(ceng: CloudEngine, monkeyp
 def test_a_failed_restore_leaves_no_half_loaded_database(ceng: CloudEngine, tmp_path: Any) -> None:
     """restore --from-drive --meta URL: when the restore fails after the database was
     created and loaded (here: an older generation on the store is garbage), the database
-    it created is dropped again (docs/backup.md, "Restore on a fresh machine")."""
+    it created is dropped again (docs/backup.md, "Restore on a fresh machine"); so is
+    the database of a restore refused for a chunk size that disagrees with the volume
+    object's."""
     make_file(ceng.fs, b"a", rand(CS, 8))
     ceng.drain()
     tier = ceng.tier()
@@ -256,11 +258,15 @@ def test_a_failed_restore_leaves_no_half_loaded_database(ceng: CloudEngine, tmp_
     make_file(ceng.fs, b"b", b"b")
     ceng.drain()
     snapshot.take(tier, 5)
+    name = f"{ceng.dbname}_rst"
+    vol2 = replace(ceng.vol, path=tmp_path / "restored", meta_url=ceng.vol.meta_url.replace(ceng.dbname, name))
+    # a volume object whose chunk size disagrees with the snapshot's is refused
+    with pytest.raises(snapshot.SnapshotError, match="chunk size"):
+        snapshot.restore_into(replace(vol2, chunk_size=2 * CS), tier.objects, tier.cfg, "folder",
+                              snapshot.plan_restore(tier.objects))
     [obj] = [o for o in tier.objects.list() if o.name == old.name]
     (ceng.objdir / obj.id).write_bytes(b"garbage, not a zstd frame")
     plan = snapshot.plan_restore(tier.objects)
-    name = f"{ceng.dbname}_rst"
-    vol2 = replace(ceng.vol, path=tmp_path / "restored", meta_url=ceng.vol.meta_url.replace(ceng.dbname, name))
     with pytest.raises(snapshot.SnapshotError):
         snapshot.restore_into(vol2, tier.objects, tier.cfg, "folder", plan)
     admin = pymysql.connect(unix_socket=str(ceng.server.socket), user="root", password="")
