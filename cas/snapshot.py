@@ -989,7 +989,16 @@ def _restore_loaded(volume: Volume, objects: ObjectStore, cfg: Any, folder_id: s
         for other in plan.snapshots:
             if other.generation == snap.generation:
                 continue
-            names = pack_names(_open_blob(objects, other, volume.uuid, keys))
+            try:
+                names = pack_names(_open_blob(objects, other, volume.uuid, keys))
+            except SnapshotError as exc:
+                # it cannot be read now, but may be later (or by hand): keep every pack of
+                # the folder for it rather than fail the restore of the chosen one
+                log.warning("generation %d cannot be read (%s): all packs of the folder kept for it",
+                            other.generation, exc)
+                say(f"warning: generation {other.generation} cannot be read ({exc}); every pack in the "
+                    "folder is kept safe from gc for it")
+                names = sorted({o.name for o in objects.list() if not is_backup_object(o.name)})
             rows = [(other.generation, n) for n in names]
             for i in range(0, len(rows), 1000):
                 _insert_pins(db, rows[i:i + 1000])
