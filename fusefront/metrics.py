@@ -5,8 +5,8 @@ prometheus-client's ``start_http_server``) from a thread of the mount daemon. No
 is pushed or updated on the hot path for it: :class:`CasCollector` reads, when scraped,
 the counters the engine and the FUSE hook keep anyway (cas/counters.py, the RAM
 cache's statistics, the cloud tier's counters, fusefront/observe.py) and runs a few
-queries on its own database connection (the upload queue, the local store's bytes,
-the last metadata snapshot). docs/monitoring.md lists every metric.
+queries on its own database connection (the upload queue, the last metadata snapshot,
+and, at most once per LOCAL_BYTES_TTL_S, the local store's bytes). docs/monitoring.md lists every metric.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
@@ -34,6 +35,9 @@ DEFAULT_HOST = "127.0.0.1"
 #: the labels of casfs_drive_errors_total (cas.cloud.error_kind), exported from 0
 DRIVE_ERROR_KINDS = ("daily_limit", "try_again", "credentials", "not_found", "store", "database", "other")
 SNAPSHOT_KEY = "snapshot_confirmed_at"   # meta key: UTC "%Y-%m-%d %H:%M:%S" of the last snapshot
+#: seconds a scrape reuses the local store's byte count (a scan of the chunks table:
+#: SUM(stored_length) WHERE is_local = 1 has no index to use)
+LOCAL_BYTES_TTL_S = 60.0
 
 
 class MetricsError(CasError):
@@ -74,6 +78,8 @@ class CasCollector(Collector):
         self.observer = observer
         self._db: Database | None = None
         self._db_lock = threading.Lock()
+        self.local_bytes_ttl_s = LOCAL_BYTES_TTL_S
+        self._local: tuple[float, int] | None = None   # (time.monotonic() measured, bytes)
 
     def close(self) -> None:
         with self._db_lock:
@@ -90,7 +96,10 @@ class CasCollector(Collector):
             n, size, age = q("SELECT COUNT(*), COALESCE(SUM(c.stored_length), 0), "
                              "TIMESTAMPDIFF(MICROSECOND, MIN(q.queued), NOW(6)) "
                              "FROM upload_queue q JOIN chunks c ON c.id = q.chunk")[0]
-            local = q("SELECT COALESCE(SUM(stored_length), 0) FROM chunks WHERE is_local = 1")[0][0]
+            t = time.monotonic()
+            if self._local is None or t - self._local[0] >= self.local_bytes_ttl_s:
+                self._local = (t, int(q("SELECT COALESCE(SUM(stored_length), 0) FROM chunks WHERE is_local = 1")[0][0]))
+            local = self._local[1]
             snap = q("SELECT v FROM meta WHERE k = %s", (SNAPSHOT_KEY,))
             now = q("SELECT UTC_TIMESTAMP()")[0][0]
         snapshot_age = math.nan
