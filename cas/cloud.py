@@ -461,14 +461,7 @@ class CloudTier:
                 raise ChunkMissing(f"chunk {cid.hex()}: cloud returned {len(data)} of {total} bytes")
             self.fetches += 1
             with self._read_lock:
-                for c, p, n in span[1:]:
-                    if c not in self._ahead:
-                        self._ahead[c] = data[p - start:p - start + n]
-                        self._ahead_bytes += n
-                        self._ahead_log.append((time.monotonic(), c))
-                while self._ahead_bytes > AHEAD_MAX:
-                    _, old = self._ahead.popitem(last=False)
-                    self._ahead_bytes -= len(old)
+                self._buffer_ahead(span[1:], data, start)
             return data[:span[0][2]]
         finally:
             with self._read_lock:
@@ -566,6 +559,20 @@ class CloudTier:
             return started, len(cids)
         return started, cids.index(stopped_at)
 
+    def _buffer_ahead(self, span: list[tuple[bytes, int, int]], data: bytes, start: int) -> None:
+        """Put the envelopes of ``span`` ((chunk id, offset in the pack, length)), cut
+        from ``data`` (the pack's bytes from offset ``start``), into the read-ahead
+        buffer, then drop its oldest entries past AHEAD_MAX bytes. Caller holds
+        ``_read_lock``."""
+        for c, p, n in span:
+            if c not in self._ahead:
+                self._ahead[c] = data[p - start:p - start + n]
+                self._ahead_bytes += n
+                self._ahead_log.append((time.monotonic(), c))
+        while self._ahead_bytes > AHEAD_MAX:
+            _, old = self._ahead.popitem(last=False)
+            self._ahead_bytes -= len(old)
+
     def _drop_stale(self) -> None:
         """Drop read-ahead bytes buffered more than AHEAD_STALE_S ago (a reader that
         stopped, or span tails nobody needed), so they do not hold the budget of
@@ -609,14 +616,7 @@ class CloudTier:
         with self._read_lock:
             if data is not None:
                 self.fetches += 1
-                for c, p, n in span:
-                    if c not in self._ahead:
-                        self._ahead[c] = data[p - start:p - start + n]
-                        self._ahead_bytes += n
-                        self._ahead_log.append((time.monotonic(), c))
-                while self._ahead_bytes > AHEAD_MAX:
-                    _, old = self._ahead.popitem(last=False)
-                    self._ahead_bytes -= len(old)
+                self._buffer_ahead(span, data, start)
             else:
                 self.ahead_failures += 1
             for c, _, _ in span:

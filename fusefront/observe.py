@@ -7,7 +7,8 @@ context, and -- only for the requests the audit log records -- the path(s) the
 request names, resolved just before it runs. Two consumers read what the hook takes:
 
 * the metrics (fusefront/metrics.py): a latency histogram and error counts per
-  operation, bytes read and written by applications;
+  operation (bytes read and written are the engine's counters,
+  ``Filesystem.bytes_read``/``bytes_written``, which run/stats.json shows too);
 * the audit log (cas/audit.py): one JSON line per request of the chosen level.
 
 With metrics and the audit log both off nothing is installed: the handlers are the
@@ -94,8 +95,6 @@ class Observer:
         self.audit_level = audit_level
         self.latency: dict[str, Histogram] = {}        # op -> duration histogram
         self.errors: dict[tuple[str, str], int] = {}   # (op, errno name) -> requests
-        self.read_bytes = 0      # bytes returned by read requests
-        self.written_bytes = 0   # bytes accepted by write requests
         self._names: dict[int, tuple[int, bytes]] = {}   # inode -> (parent inode, name)
         self._inos: dict[tuple[int, bytes], int] = {}    # (parent inode, name) -> inode
         self._openers: dict[int, tuple[int, int, int]] = {}
@@ -167,13 +166,9 @@ class Observer:
                                               op, exc, exc_info=exc)
 
     def _count(self, op: str, code: int, result: Any) -> None:
-        if code:
+        if code:   # bytes read and written: cas.fs.Filesystem counts them (one set for stats.json and /metrics)
             key = (op, str(errno_name(code)))
             self.errors[key] = self.errors.get(key, 0) + 1
-        elif op == "read":
-            self.read_bytes += len(result)
-        elif op == "write":
-            self.written_bytes += int(result)
 
     def _remember_opener(self, op: str, args: tuple[Any, ...], result: Any) -> None:
         ctx = args[-1]

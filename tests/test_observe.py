@@ -137,6 +137,14 @@ def test_metrics_move_with_a_copy(casenv: CasEnv) -> None:
     assert read_direct(mp / "b") == data
     m3 = scrape(port)
     assert m3["casfs_read_bytes_total"] - m2["casfs_read_bytes_total"] == 8 * MIB
+    # one set of counters: run/stats.json (casfs stats --watch) shows the same bytes
+    live = casenv.data_home / "vol" / "run" / "stats.json"
+
+    def same_bytes() -> bool:
+        st = json.loads(live.read_text())
+        return bool(st["written_bytes"] == m3["casfs_written_bytes_total"]
+                    and st["read_bytes"] == m3["casfs_read_bytes_total"])
+    wait_for(same_bytes, "run/stats.json to show the bytes /metrics shows")
     lookups = (m3["casfs_cache_hits_total"] + m3["casfs_cache_misses_total"]
                - m2["casfs_cache_hits_total"] - m2["casfs_cache_misses_total"])
     assert lookups >= 8 * MIB // (64 << 10)
