@@ -151,7 +151,8 @@ class PrivateRotatingHandler(logging.handlers.RotatingFileHandler):
 @dataclass(frozen=True)
 class AuditConfig:
     """The ``[audit]`` table of volume.toml: ``level`` (:data:`LEVELS`), ``max_bytes``
-    (bytes of audit.jsonl before rotation) and ``backups`` (rotated files kept)."""
+    (bytes of audit.jsonl before rotation; 0: never rotated) and ``backups`` (rotated
+    files kept, at least 1)."""
 
     level: str = CHANGES
     max_bytes: int = DEFAULT_MAX_BYTES
@@ -177,6 +178,12 @@ class AuditConfig:
             raise VolumeError(f"volume {volume.name}: audit level {cfg.level!r} is not one of {', '.join(LEVELS)}")
         if cfg.max_bytes < 0 or cfg.backups < 0:
             raise VolumeError(f"volume {volume.name}: bad [audit] values {raw}")
+        if cfg.backups == 0:
+            # logging.handlers.RotatingFileHandler rotates nothing with backupCount 0:
+            # the log would grow without bound past max_bytes
+            raise VolumeError(f"volume {volume.name}: [audit] backups = 0 keeps no rotated file and "
+                              "the log would grow without bound; give 1 or more (and max_bytes = 0 "
+                              "to never rotate)")
         return cfg
 
 

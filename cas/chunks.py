@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -44,7 +43,8 @@ Plain = bytes | bytearray  # chunk plaintext as buffered (never modified while i
 _IN_BATCH = 500
 READAHEAD_MAX = 16  # chunk loads under way or waiting to be collected
 REMOTE_AHEAD_BYTES = 64 << 20  # bytes of a file offered to the cloud read-ahead (cas.cloud.AHEAD_MAX)
-REMOTE_RECENT_S = 5.0  # a read missed locally this recently: sequential readers use prefetch_remote
+FROM_CLOUD_MAX = 4096  # chunk ids in ChunkManager.from_cloud before it starts over
+REMOTE_RECENT_S = 5.0  # a file read from the cloud this recently (s): its sequential reads offer slots ahead
 
 
 def _batches(items: list[Any], n: int = _IN_BATCH) -> Iterable[list[Any]]:
@@ -66,6 +66,9 @@ class ChunkManager:
         self.pool = pool          # CPU: hashing and compression
         self.io_pool = io_pool    # disk: chunk writes and read-ahead
         self._readahead: dict[bytes, Future[bytes]] = {}
+        # chunks loaded from the cloud tier (any thread) that no read has claimed yet:
+        # the read that returns one marks its file as read from the cloud (cas/filedata.py)
+        self.from_cloud: set[bytes] = set()
         # The cloud tier (set by a mount that has one): reads of evicted chunks go to it.
         self.cloud: CloudTier | None = None
         # Queue new chunks for upload in the transaction that creates their row.
@@ -154,13 +157,12 @@ class ChunkManager:
                     return
             self._readahead[cid] = self.io_pool.submit(self._load_from_store, cid)
 
-    def remote_reading(self) -> bool:
-        """True when a read of this mount missed locally and went to the cloud tier in the
-        last REMOTE_RECENT_S seconds (and the tier overlaps its GETs): the cheap gate
-        before :meth:`prefetch_remote`, so reads of local files pay nothing."""
+    def remote_room(self) -> bool:
+        """True when the cloud tier overlaps its GETs and its read-ahead has room for
+        another GET: the cheap gate (no list, no stat, no query) before
+        :meth:`offer_remote`."""
         cloud = self.cloud
-        return (cloud is not None and cloud.cfg.fetch_ahead > 0
-                and time.monotonic() - cloud.last_fetch_at < REMOTE_RECENT_S)
+        return cloud is not None and cloud.cfg.fetch_ahead > 0 and cloud.ahead_room()
 
     def evicted(self, cid: bytes | None) -> bool:
         """True when chunk ``cid`` would come from the cloud tier (not in the RAM cache,
@@ -179,6 +181,17 @@ class ChunkManager:
         if self.cloud is None:
             return 0
         return self.cloud.fetch_ahead(c for c in cids if c not in self.cache and c not in self._readahead)
+
+    def offer_remote(self, slots: list[tuple[int, bytes]], end: int) -> int:
+        """:meth:`prefetch_remote` for ``slots`` ((slot, chunk id), file order, ending
+        before slot ``end``): returns the first slot the read-ahead did not take (all
+        before it are cached, local, buffered, downloading or have no cloud copy), or
+        ``end`` when it took them all."""
+        if self.cloud is None or not slots:
+            return end
+        cand = [(s, c) for s, c in slots if c not in self.cache and c not in self._readahead]
+        _, taken = self.cloud.fetch_ahead_prefix([c for _, c in cand])
+        return cand[taken][0] if taken < len(cand) else end
 
     def _load_from_store(self, cid: bytes) -> bytes:
         """Load and verify ``cid`` from the local store, else from the cloud tier. A chunk
@@ -224,6 +237,9 @@ class ChunkManager:
             raise
         self.cloud.keep_local(cid, blob)
         self.cache.put(cid, data)
+        if len(self.from_cloud) >= FROM_CLOUD_MAX:
+            self.from_cloud.clear()
+        self.from_cloud.add(cid)
         return data
 
     # -- writing ---------------------------------------------------------------------

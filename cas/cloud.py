@@ -461,14 +461,7 @@ class CloudTier:
                 raise ChunkMissing(f"chunk {cid.hex()}: cloud returned {len(data)} of {total} bytes")
             self.fetches += 1
             with self._read_lock:
-                for c, p, n in span[1:]:
-                    if c not in self._ahead:
-                        self._ahead[c] = data[p - start:p - start + n]
-                        self._ahead_bytes += n
-                        self._ahead_log.append((time.monotonic(), c))
-                while self._ahead_bytes > AHEAD_MAX:
-                    _, old = self._ahead.popitem(last=False)
-                    self._ahead_bytes -= len(old)
+                self._buffer_ahead(span[1:], data, start)
             return data[:span[0][2]]
         finally:
             with self._read_lock:
@@ -492,25 +485,39 @@ class CloudTier:
         verifies them as any fetched envelope. A GET that fails is tried once only and dropped: a read that needed
         it does its own :meth:`fetch`, with its retries. Returns the GETs started.
         Never raises for a store or database error (logged)."""
-        limit = self.cfg.fetch_ahead
-        cand = list(dict.fromkeys(cids))
+        return self.fetch_ahead_prefix(list(cids))[0]
+
+    def ahead_room(self) -> bool:
+        """True when :meth:`fetch_ahead` would start a GET now: fewer than ``fetch_ahead``
+        GETs in flight and ``fetch_span`` bytes (at most AHEAD_MAX / 2) of the read-ahead
+        budget free. Drops stale read-ahead bytes first. No list, no stat, no query."""
         with self._read_lock:
             self._drop_stale()
             # refill in steps of fetch_span: waiting until that much of the budget is free
             # lets the GETs be large (one small GET per chunk read would make the link's
             # latency, not its bandwidth, the bound)
-            if limit <= 0 or self._ahead_gets >= limit \
-                    or AHEAD_MAX - self._ahead_pending - self._ahead_bytes < min(self.cfg.fetch_span, AHEAD_MAX // 2):
-                return 0
+            return (self.cfg.fetch_ahead > 0 and self._ahead_gets < self.cfg.fetch_ahead
+                    and AHEAD_MAX - self._ahead_pending - self._ahead_bytes
+                    >= min(self.cfg.fetch_span, AHEAD_MAX // 2))
+
+    def fetch_ahead_prefix(self, cids: list[bytes]) -> tuple[int, int]:
+        """:meth:`fetch_ahead` for ``cids`` (file order); returns (GETs started, how many
+        leading ``cids`` it dealt with: local, buffered, downloading, without a cloud
+        copy, or in a GET it started). The caller offers the rest again later."""
+        limit = self.cfg.fetch_ahead
+        cand = list(dict.fromkeys(cids))
+        if not self.ahead_room():
+            return 0, 0
+        with self._read_lock:
             wanted = [c for c in cand if c not in self._inflight and c not in self._ahead]
         wanted = [c for c in wanted if self.store.stat(c) is None]   # local ones need no GET
         if not wanted:
-            return 0
+            return 0, len(cids)
         try:
             where = self._locate_many(wanted)
         except CasError as exc:
             log.warning("cloud read-ahead: %s", exc)
-            return 0
+            return 0, len(cids)   # the reads fetch on their own
         at = {(oid, pos): (cid, length) for cid, (oid, pos, length) in where.items()}
         runs: list[tuple[str, list[tuple[bytes, int, int]]]] = []
         taken: set[bytes] = set()
@@ -529,11 +536,13 @@ class CloudTier:
                 end += n
             runs.append((oid, run))
         started = 0
+        stopped_at: bytes | None = None   # the first chunk of the first run not started
         for oid, run in runs:
             total = run[-1][1] + run[-1][2] - run[0][1]
             done = threading.Event()
             with self._read_lock:
                 if self._ahead_gets >= limit or self._ahead_pending + self._ahead_bytes + total > AHEAD_MAX:
+                    stopped_at = run[0][0]
                     break
                 if any(c in self._inflight or c in self._ahead for c, _, _ in run):
                     continue   # a read's own fetch got there meanwhile
@@ -546,7 +555,23 @@ class CloudTier:
                 pool = self._ahead_pool
             pool.submit(self._get_ahead, oid, run, done)
             started += 1
-        return started
+        if stopped_at is None:
+            return started, len(cids)
+        return started, cids.index(stopped_at)
+
+    def _buffer_ahead(self, span: list[tuple[bytes, int, int]], data: bytes, start: int) -> None:
+        """Put the envelopes of ``span`` ((chunk id, offset in the pack, length)), cut
+        from ``data`` (the pack's bytes from offset ``start``), into the read-ahead
+        buffer, then drop its oldest entries past AHEAD_MAX bytes. Caller holds
+        ``_read_lock``."""
+        for c, p, n in span:
+            if c not in self._ahead:
+                self._ahead[c] = data[p - start:p - start + n]
+                self._ahead_bytes += n
+                self._ahead_log.append((time.monotonic(), c))
+        while self._ahead_bytes > AHEAD_MAX:
+            _, old = self._ahead.popitem(last=False)
+            self._ahead_bytes -= len(old)
 
     def _drop_stale(self) -> None:
         """Drop read-ahead bytes buffered more than AHEAD_STALE_S ago (a reader that
@@ -591,14 +616,7 @@ class CloudTier:
         with self._read_lock:
             if data is not None:
                 self.fetches += 1
-                for c, p, n in span:
-                    if c not in self._ahead:
-                        self._ahead[c] = data[p - start:p - start + n]
-                        self._ahead_bytes += n
-                        self._ahead_log.append((time.monotonic(), c))
-                while self._ahead_bytes > AHEAD_MAX:
-                    _, old = self._ahead.popitem(last=False)
-                    self._ahead_bytes -= len(old)
+                self._buffer_ahead(span, data, start)
             else:
                 self.ahead_failures += 1
             for c, _, _ in span:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .chunks import REMOTE_AHEAD_BYTES, ChunkManager, net_deltas
+from .chunks import REMOTE_AHEAD_BYTES, REMOTE_RECENT_S, ChunkManager, net_deltas
 from .errors import CasError, FsError, NotFound
 from .meta import Database
 
@@ -46,6 +46,8 @@ class InodeData:
     attrs: dict[str, int] = field(default_factory=dict)  # inode columns to write at flush
     dirty_since: float = 0.0       # time.monotonic() of the oldest unflushed change
     read_end: int = -1             # where the last read ended (sequential detection)
+    remote_at: float = 0.0         # time.monotonic() a read of this file last got a chunk from the cloud
+    ahead_slot: int = 0            # slots below this were offered to the cloud read-ahead already
     # the last failed writeback of this file's buffers (docs/writeback.md): its errno
     # (ENOSPC, EIO; 0 = none), message and time.monotonic(); cleared when a flush commits
     wb_error: int = 0
@@ -269,12 +271,16 @@ class FileData:
             first = (end - 1) // cs + 1
             self.chunks.prefetch(st.manifest[s] for s in range(first, first + READAHEAD_SLOTS)
                                  if s in st.manifest and s not in st.dirty)
-            if self.chunks.remote_reading():   # evicted chunks: GETs ahead (docs/cloud.md)
-                self.chunks.prefetch_remote(st.manifest[s] for s in range(first, first + REMOTE_AHEAD_BYTES // cs + 1)
-                                            if s in st.manifest and s not in st.dirty)
-        elif offset == 0 and self.chunks.evicted(st.manifest.get(0)):   # a cold read from the start
-            self.chunks.prefetch_remote(st.manifest[s] for s in range(0, REMOTE_AHEAD_BYTES // cs + 1)
-                                        if s in st.manifest and s not in st.dirty)
+            # evicted chunks: GETs ahead (docs/cloud.md), only for a file whose reads went
+            # to the cloud lately, only when the read-ahead has room, each slot once
+            if st.remote_at and time.monotonic() - st.remote_at < REMOTE_RECENT_S and self.chunks.remote_room():
+                self._offer_remote(st, max(first, st.ahead_slot), first + REMOTE_AHEAD_BYTES // cs + 1)
+        else:
+            st.ahead_slot = 0   # a seek: the window starts again
+            if offset == 0 and self.chunks.evicted(st.manifest.get(0)):   # a cold read from the start
+                st.remote_at = time.monotonic()
+                if self.chunks.remote_room():
+                    self._offer_remote(st, 0, REMOTE_AHEAD_BYTES // cs + 1)
         st.read_end = end
         parts: list[bytes | bytearray | memoryview] = []
         pos = offset
@@ -287,9 +293,30 @@ class FileData:
             if len(piece) < take:
                 parts.append(self._zeros[:take - len(piece)])
             pos += take
+        if self.chunks.from_cloud:   # did this read get a chunk from the cloud? (a set look-up per slot)
+            self._note_remote(st, offset // cs, (end - 1) // cs + 1)
         if len(parts) == 1:
             return bytes(parts[0])
         return b"".join(parts)
+
+    def _offer_remote(self, st: InodeData, lo: int, hi: int) -> None:
+        """Offer slots [lo, hi) of ``st`` to the cloud read-ahead and remember how far
+        it took them (``st.ahead_slot``), so the next sequential read offers only new
+        slots."""
+        if lo >= hi:
+            return
+        st.ahead_slot = self.chunks.offer_remote(
+            [(s, st.manifest[s]) for s in range(lo, hi) if s in st.manifest and s not in st.dirty], hi)
+
+    def _note_remote(self, st: InodeData, lo: int, hi: int) -> None:
+        """Mark ``st`` as read from the cloud when one of slots [lo, hi) was loaded from
+        there (claimed from :attr:`ChunkManager.from_cloud`)."""
+        fc = self.chunks.from_cloud
+        for s in range(lo, hi):
+            cid = st.manifest.get(s)
+            if cid is not None and cid in fc:
+                fc.discard(cid)
+                st.remote_at = time.monotonic()
 
     # -- writes ----------------------------------------------------------------------
     def write(self, ino: int, offset: int, data: bytes) -> int:

@@ -47,14 +47,17 @@ import pymysql.cursors
 from .errors import FsError, MetaError, NotFound
 from .meta import ROOT_INODE, Database
 
-PATH_MAX = 4096            # bytes of a directory path built by the query (Linux PATH_MAX)
+# bytes of a path the query can build: a column type that cannot truncate in practice
+# (Linux's PATH_MAX, 4096, binds path arguments, not the depth of a tree: a tree
+# made through relative paths can hold longer paths)
+PATH_BYTES = 65535
 _FMT, _DIR, _REG, _LNK = S.S_IFMT(0o170000), S.S_IFDIR, S.S_IFREG, S.S_IFLNK
 TYPES = {"f": _REG, "d": _DIR, "l": _LNK}
 STATUSES = ("synced", "pending", "cloud-only")
 _SIZE_UNITS = {"": 1, "c": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-# '' typed VARBINARY(PATH_MAX): a recursive CTE's column takes its type from the anchor
-# row, and CAST('' AS BINARY(n)) would pad the value with n zero bytes
-_EMPTY_PATH = f"IF(0, REPEAT(_binary' ', {PATH_MAX}), _binary'')"
+# '' typed as a binary string of PATH_BYTES: a recursive CTE's column takes its type
+# from the anchor row, and CAST('' AS BINARY(n)) would pad the value with n zero bytes
+_EMPTY_PATH = f"IF(0, REPEAT(_binary' ', {PATH_BYTES}), _binary'')"
 _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 

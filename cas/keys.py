@@ -62,6 +62,9 @@ SCRYPT_P = 1
 SALT_SIZE = 16
 BLOB_MAGIC = b"CASB\x01"  # sealed metadata blob: magic+version, nonce, ciphertext+tag
 PASSPHRASE_ENV = "CASFS_PASSPHRASE"
+#: bounds on the scrypt parameters a wrap may ask for (RFC 7914 section 2 defines them;
+#: casfs writes n = 2**15, r = 8, p = 1): beyond them the table is refused, not run
+SCRYPT_N_MIN, SCRYPT_N_MAX, SCRYPT_R_MAX, SCRYPT_P_MAX = 2 ** 14, 2 ** 20, 16, 4
 NEW_PASSPHRASE_ENV = "CASFS_NEW_PASSPHRASE"
 
 
@@ -261,6 +264,13 @@ def unwrap_master(table: dict[str, Any], passphrase: str | None, key_file: Path 
                     params = (int(w["n"]), int(w["r"]), int(w["p"]))
                 except (KeyError, TypeError, ValueError) as exc:
                     raise VolumeError(f"[encryption] table: bad scrypt parameters: {exc}") from exc
+                n, r, p = params
+                # the table may come from the unauthenticated volume object on Drive: bound
+                # the work (128 * n * r bytes of RAM: at most 2 GiB) before running it
+                if not (SCRYPT_N_MIN <= n <= SCRYPT_N_MAX and 1 <= r <= SCRYPT_R_MAX and 1 <= p <= SCRYPT_P_MAX):
+                    raise VolumeError(f"[encryption] table: scrypt parameters n={n} r={r} p={p} are outside "
+                                      f"the accepted bounds (n {SCRYPT_N_MIN}..{SCRYPT_N_MAX}, r <= "
+                                      f"{SCRYPT_R_MAX}, p <= {SCRYPT_P_MAX})")
                 key = (salt, *params)
                 if key not in kek_cache:
                     try:

@@ -25,7 +25,7 @@ import pymysql.cursors
 
 from . import metatls
 from .counters import MYSQL_COMMIT, MYSQL_RETRIES, MYSQL_TX
-from .errors import MetaError, SchemaMismatch
+from .errors import MetaError, SchemaMismatch, VolumeError
 from .server import EmbeddedServer
 from .volume import Volume
 
@@ -124,6 +124,7 @@ class Database:
         self._group_ops = 0
         self.on_group_lost: Callable[[], None] | None = None  # RAM state must be reloaded
         self.on_group_commit: Callable[[], None] | None = None  # after each group COMMIT
+        self.last_commit_ns = 0   # time.time_ns() after the last COMMIT that succeeded here (cas.snapshot)
         self.reconnect_wait_s = RECONNECT_WAIT_S
         self._resync_due = False  # a group was lost while the server was down: reload first
 
@@ -250,6 +251,7 @@ class Database:
             self.conn.commit()
         except pymysql.err.MySQLError as exc:
             self._group_lost(exc)
+        self.last_commit_ns = time.time_ns()
         MYSQL_COMMIT.observe_ns(time.perf_counter_ns() - t0)
         self._group_open = False
         self._group_ops = 0
@@ -367,6 +369,7 @@ class Database:
                 with self.conn.cursor() as cur:
                     result = body(cur)
                 self.conn.commit()
+                self.last_commit_ns = time.time_ns()
                 MYSQL_TX.observe_ns(time.perf_counter_ns() - t0)
                 return result
             except pymysql.err.MySQLError as exc:
@@ -521,11 +524,36 @@ def connect(volume: Volume) -> Metadata:
             db.close()
             raise MetaError(f"database {db.target.describe()} belongs to another volume "
                             f"({rows.get('volume_uuid')}, expected {volume.uuid})")
+        _check_encryption(volume, db, rows.get(ENCRYPTION_META))
     except BaseException:
         if server is not None:
             server.release()
         raise
     return Metadata(volume, db, server)
+
+
+#: meta key recording that a volume is encrypted (written at init, or at the first
+#: unlocked open of an encrypted volume made before the key existed); its value names
+#: the scheme (docs/encryption.md)
+ENCRYPTION_META = "encryption"
+ENCRYPTION_SCHEME = "aes-256-gcm/blake3-keyed"
+
+
+def _check_encryption(volume: Volume, db: Database, recorded: str | None) -> None:
+    """Refuse a volume whose database says it is encrypted while its volume.toml has no
+    [encryption] table (new chunks would be written in plaintext under SHA-256 names,
+    snapshots unsealed); record the scheme for an encrypted volume that has no row yet
+    once it is unlocked (``volume.keys`` set). Closes ``db`` and raises VolumeError."""
+    if recorded is not None and recorded != "none" and not volume.encryption:
+        db.close()
+        raise VolumeError(f"volume {volume.name} is encrypted ({recorded}, says its database) but "
+                          f"{volume.path}/volume.toml has no [encryption] table: put it back from "
+                          "`casfs key export` text or the volume object on Drive; refusing to go on as plain")
+    if recorded is None and volume.encryption and getattr(volume, "keys", None) is not None:
+        try:
+            db.execute("INSERT IGNORE INTO meta (k, v) VALUES (%s, %s)", (ENCRYPTION_META, ENCRYPTION_SCHEME))
+        except MetaError as exc:   # the next unlocked open tries again
+            log.warning("cannot record that volume %s is encrypted: %s", volume.name, exc)
 
 
 def initialize(volume: Volume, uid: int, gid: int) -> None:
@@ -554,6 +582,8 @@ def initialize(volume: Volume, uid: int, gid: int) -> None:
             now = time.time_ns()
             db.execute("INSERT INTO meta (k, v) VALUES ('volume_uuid', %s), ('chunk_size', %s)",
                        (volume.uuid, str(volume.chunk_size)))
+            if volume.encryption:
+                db.execute("INSERT INTO meta (k, v) VALUES (%s, %s)", (ENCRYPTION_META, ENCRYPTION_SCHEME))
             db.execute("INSERT INTO inodes (id, mode, uid, gid, nlink, atime_ns, mtime_ns, ctime_ns) "
                        "VALUES (%s, %s, %s, %s, 2, %s, %s, %s)",
                        (ROOT_INODE, 0o40755, uid, gid, now, now, now))

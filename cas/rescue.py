@@ -19,7 +19,8 @@ describes the design; the byte format of one record (``<inode>.<time_ns>.rec``) 
 A record is written to ``NAME.tmp``, fsynced, renamed, and the directory fsynced: it is
 either absent or complete; a record whose digest does not match is renamed to
 ``NAME.bad`` and reported, never replayed. In an encrypted volume the whole record is
-sealed (:meth:`cas.keys.VolumeKeys.seal_blob`, associated data RESCUE_AAD): the rescue
+sealed (:meth:`cas.keys.VolumeKeys.seal_blob`, associated data RESCUE_AAD + volume uuid
++ "/" + the record's file name: a renamed or moved record does not open): the rescue
 area never holds file data in the clear (docs/encryption.md).
 """
 from __future__ import annotations
@@ -112,19 +113,34 @@ def decode(blob: bytes) -> Record:
     return Record(header, slots)
 
 
-def _seal(fs: Filesystem, blob: bytes) -> bytes:
+def _aad(fs: Filesystem, name: str) -> bytes:
+    """A record's associated data: RESCUE_AAD, the volume uuid and the record's file
+    name, so a sealed record renamed, or moved to another volume, does not open."""
+    return RESCUE_AAD + fs.meta.volume.uuid.encode() + b"/" + name.encode()
+
+
+def _keys(fs: Filesystem) -> Any:
+    """The volume's keys; None for a plain volume. RescueError for an encrypted volume
+    that is not unlocked (never plaintext records of an encrypted volume)."""
+    vol = fs.meta.volume
+    if vol.encryption and vol.keys is None:
+        raise RescueError(f"volume {vol.name} is encrypted and not unlocked: no rescue record")
+    return vol.keys if vol.encryption else None
+
+
+def _seal(fs: Filesystem, blob: bytes, name: str) -> bytes:
     """``blob`` sealed under the volume's keys in an encrypted volume, else as it is."""
-    keys = fs.meta.volume.keys
-    return keys.seal_blob(blob, RESCUE_AAD) if keys is not None else blob
+    keys = _keys(fs)
+    return keys.seal_blob(blob, _aad(fs, name)) if keys is not None else blob
 
 
-def _open(fs: Filesystem, blob: bytes) -> bytes:
+def _open(fs: Filesystem, blob: bytes, name: str) -> bytes:
     """The record inside ``blob`` (:func:`_seal`); RescueError when it does not open."""
-    keys = fs.meta.volume.keys
+    keys = _keys(fs)
     if keys is None:
         return blob
     try:
-        return keys.open_blob(blob, RESCUE_AAD)
+        return bytes(keys.open_blob(blob, _aad(fs, name)))
     except IntegrityError as exc:
         raise RescueError(f"sealed record does not open: {exc}") from exc
 
@@ -151,10 +167,11 @@ def spill(fs: Filesystem, directory: Path) -> list[Path]:
             slots = {s: data._slot_bytes(st, s) for s in st.dirty}
             name = f"{st.ino}.{header['time_ns']}{SUFFIX}"
             tmp = directory / (name + ".tmp")
+            sealed = _seal(fs, encode(header, slots), name)
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 try:
-                    view = memoryview(_seal(fs, encode(header, slots)))
+                    view = memoryview(sealed)
                     while view:
                         view = view[os.write(fd, view):]
                     os.fsync(fd)
@@ -207,7 +224,7 @@ def replay(fs: Filesystem, directory: Path) -> ReplayResult:
     out = ReplayResult(lost_found=[], damaged=[])
     for path in pending(directory):
         try:
-            rec = decode(_open(fs, path.read_bytes()))
+            rec = decode(_open(fs, path.read_bytes(), path.name))
             if int(rec.header["chunk_size"]) != fs.chunk_size:
                 raise RescueError("chunk size differs from the volume's")
         except (RescueError, OSError, KeyError, ValueError, TypeError) as exc:

@@ -10,7 +10,7 @@ docs/backup.md describes the format, the rules and the tests that guard them.
 
 Format (after decompression; one JSON document per line, UTF-8):
 
-- a header object: ``{"format": "casfs-snapshot", "version": 1, "schema_version": "3",
+- a header object: ``{"format": "casfs-snapshot", "version": 1, "schema_version": "4",
   "volume_uuid": ..., "generation": G, "created": "<UTC ISO 8601>", "ctime_mark": NS,
   "lacking_chunks": N, "tables": [...]}``;
 - per table, in :data:`TABLES` order: ``{"table": T, "columns": [...], "binary": [i...]}``,
@@ -37,7 +37,9 @@ Consistency (docs/backup.md):
 out), ``snapshot_last_generation`` (newest generation confirmed on the store),
 ``snapshot_confirmed_at`` (UTC ISO time it was confirmed), ``snapshot_ctime_mark`` (the
 largest inode ctime in it, ns: inodes with a larger ctime changed after it),
-``snapshot_lacking_chunks``, ``snapshot_object`` (its object name).
+``snapshot_dump_started`` (wall-clock ns taken just before the dump's transaction began:
+a mount that committed anything later snapshots again), ``snapshot_lacking_chunks``,
+``snapshot_object`` (its object name).
 """
 from __future__ import annotations
 
@@ -47,7 +49,6 @@ import io
 import json
 import logging
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -81,11 +82,19 @@ _BINARY_TYPES = {"binary", "varbinary", "tinyblob", "blob", "mediumblob", "longb
 #: the old machine's uploader, or are set by the restore itself)
 _LOCAL_META = ("drive_paused_until", "drive_last_error", "drive_last_error_at", "drive_folder_id",
                "drive_folder_key", "snapshot_generation", "snapshot_last_generation", "snapshot_confirmed_at",
-               "snapshot_ctime_mark", "snapshot_lacking_chunks", "snapshot_object")
+               "snapshot_ctime_mark", "snapshot_lacking_chunks", "snapshot_object", "snapshot_dump_started")
 _NAME_RE = re.compile(r"^casfs-meta-(\d{8,})-(\d{8}T\d{6}Z)\.zst$")
 ZSTD_LEVEL = 3
 LOAD_BATCH = 1000   # rows per INSERT batch (and per transaction) when loading
 RACE_RETRIES = 3    # dumps taken again when gc deleted a named pack meanwhile
+#: How long (s) a working mount holds a change in RAM before committing it: an open
+#: file's dirty buffer is written back once older than WRITEBACK_AGE_S (5 s) at the next
+#: writeback tick (WRITEBACK_INTERVAL_S, 0.5 s; both fusefront/daemon.py), plus 2 s of
+#: margin for the commit. A write's ctime is taken when it reaches RAM, so a change
+#: committed after a dump can carry a ctime up to this much older than the dump's start
+#: (longer while writeback fails): "changes since" does not count it, and the mount
+#: snapshots again on its commit time instead (Snapshotter, docs/backup.md).
+CTIME_SLACK_S = 5.0 + 0.5 + 2.0
 
 
 class SnapshotError(CasError):
@@ -119,13 +128,16 @@ def _iso(t: datetime) -> str:
 @dataclass(frozen=True)
 class DumpInfo:
     """What :func:`dump` wrote: rows per table, the names of the packs it names, the
-    largest inode ctime (ns), live chunks with no cloud copy, compressed bytes."""
+    largest inode ctime (ns), live chunks with no cloud copy, compressed bytes, and
+    ``started_ns``: time.time_ns() just before the dump's transaction began (every
+    COMMIT that returned before it is in the dump)."""
 
     rows: dict[str, int]
     packs: list[str]
     ctime_mark: int
     lacking_chunks: int
     compressed_bytes: int
+    started_ns: int = 0
 
 
 def _text(v: Any) -> Any:
@@ -147,9 +159,12 @@ def dump(db: Database, out: IO[bytes], volume_uuid: str, generation: int,
     packs: list[str] = []
     rows: dict[str, int] = {}
     start = out.tell()
-    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    # the frame's content checksum (XXH64) makes any damage of an unsealed dump fail to
+    # decompress instead of loading other values
+    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True)
     try:
         with conn.cursor() as cur:
+            t0 = time.time_ns()
             cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             cur.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
             cur.execute("SELECT v FROM meta WHERE k = 'schema_version'")
@@ -201,7 +216,7 @@ def dump(db: Database, out: IO[bytes], volume_uuid: str, generation: int,
     except BaseException:
         db._rollback()
         raise
-    return DumpInfo(rows, packs, mark, lacking, out.tell() - start)
+    return DumpInfo(rows, packs, mark, lacking, out.tell() - start, t0)
 
 
 # -- reading -------------------------------------------------------------------------------
@@ -227,7 +242,15 @@ def read_header(blob: bytes) -> dict[str, Any]:
 
 
 def pack_names(blob: bytes) -> list[str]:
-    """Names of the packs a snapshot blob names (reads only as far as its packs table)."""
+    """Names of the packs a snapshot blob names (reads only as far as its packs table).
+    Raises SnapshotError for a damaged snapshot."""
+    try:
+        return _pack_names(blob)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise SnapshotError(f"the snapshot is damaged: {exc!r}") from exc
+
+
+def _pack_names(blob: bytes) -> list[str]:
     it = _lines(blob)
     read_header_doc = next(it, None)
     if not isinstance(read_header_doc, dict) or read_header_doc.get("format") != FORMAT:
@@ -258,8 +281,15 @@ def load(db: Database, blob: bytes, progress: Callable[[str, int], None] | None 
     freshly created from schema.sql. Rows go in batches of LOAD_BATCH, each batch one
     transaction; ``meta`` rows replace the ones schema.sql inserted. Raises
     SnapshotError for a snapshot of another schema version, a damaged or truncated
-    one (row counts are checked against each table's end line and the trailer), and
-    MetaError."""
+    one (row counts are checked against each table's end line and the trailer; column
+    names against the table's real columns), and MetaError."""
+    try:
+        return _load(db, blob, progress)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise SnapshotError(f"the snapshot is damaged: {exc!r}") from exc
+
+
+def _load(db: Database, blob: bytes, progress: Callable[[str, int], None] | None) -> LoadInfo:
     it = _lines(blob)
     header = next(it, None)
     if not isinstance(header, dict) or header.get("format") != FORMAT:
@@ -290,9 +320,12 @@ def load(db: Database, blob: bytes, progress: Callable[[str, int], None] | None 
         if isinstance(doc, list):
             if not table:
                 raise SnapshotError("the snapshot is damaged: a row outside a table")
+            if len(doc) != len(cols):
+                raise SnapshotError(f"the snapshot is damaged: a row of {table} has {len(doc)} values, "
+                                    f"not {len(cols)}")
             for i in binary:
                 if doc[i] is not None:
-                    doc[i] = base64.b64decode(doc[i])
+                    doc[i] = base64.b64decode(doc[i], validate=True)
             batch.append(doc)
             n += 1
             if len(batch) >= LOAD_BATCH:
@@ -302,6 +335,15 @@ def load(db: Database, blob: bytes, progress: Callable[[str, int], None] | None 
             table, cols, binary, n = str(doc["table"]), list(doc["columns"]), list(doc["binary"]), 0
             if table not in TABLES:
                 raise SnapshotError(f"the snapshot names an unknown table {table}")
+            real = {str(r[0]) for r in db.query(
+                "SELECT column_name FROM information_schema.columns WHERE table_schema = DATABASE() "
+                "AND table_name = %s", (table,))}
+            unknown = [c for c in cols if not isinstance(c, str) or c not in real]
+            if unknown or len(set(cols)) != len(cols):
+                raise SnapshotError(f"the snapshot is damaged: table {table} has no columns {unknown!r} "
+                                    "(or names one twice)")
+            if any(not isinstance(i, int) or not 0 <= i < len(cols) for i in binary):
+                raise SnapshotError(f"the snapshot is damaged: table {table}'s binary columns {binary!r}")
         elif "end" in doc:
             flush()
             if doc["end"] != table or int(doc["rows"]) != n:
@@ -323,13 +365,15 @@ def load(db: Database, blob: bytes, progress: Callable[[str, int], None] | None 
 @dataclass(frozen=True)
 class SnapshotObject:
     """One snapshot object on the store: generation, name, object id, size (bytes),
-    and its creation time (aware UTC)."""
+    its creation time (aware UTC), and the hex md5 the store's listing gives ("" when
+    it gives none)."""
 
     generation: int
     name: str
     id: str
     size: int
     created: datetime
+    md5: str = ""
 
 
 def snapshot_name(generation: int, when: datetime) -> str:
@@ -353,7 +397,7 @@ def generations(objects: ObjectStore, volume_uuid: str | None = None,
         m = _NAME_RE.match(o.name)
         if not m or (volume_uuid is not None and not owned(o, volume_uuid)):
             continue
-        out.append(SnapshotObject(int(m.group(1)), o.name, o.id, o.size, o.created))
+        out.append(SnapshotObject(int(m.group(1)), o.name, o.id, o.size, o.created, o.md5 or ""))
     return sorted(out, key=lambda s: (s.generation, s.created))
 
 
@@ -450,9 +494,9 @@ def take(tier: CloudTier, keep: int, keys: Sealer | None = None,
          progress: Callable[[str, int], None] | None = None) -> SnapshotResult:
     """Take a snapshot of ``tier``'s volume and upload it; apply retention (keep the newest
     ``keep`` generations). Does not drain the upload queue: callers do that first
-    (:func:`drain_then_take`). The dump goes to an anonymous temporary file in the
-    volume's run directory, and is read back whole for the upload (the store's put takes
-    bytes): RAM holds the compressed snapshot once (twice when sealed). Raises
+    (:func:`drain_then_take`). The compressed dump goes to a buffer in RAM, never to
+    disk (the store's put takes bytes anyway): RAM holds the compressed snapshot about
+    twice while it is taken and sealed. Raises
     SnapshotError, MetaError, and the cas.objstore errors."""
     vol = tier.volume
     if keys is None:
@@ -462,14 +506,17 @@ def take(tier: CloudTier, keep: int, keys: Sealer | None = None,
         raise SnapshotError(f"volume {vol.name} is encrypted and not unlocked: no snapshot")
     db = tier.db
     gen = _next_generation(db)
+    put_started = False
     try:
         for attempt in range(RACE_RETRIES):
             reader = Database(tier.target)
             try:
-                with tempfile.TemporaryFile(dir=vol.run_dir) as tmp:
-                    info = dump(reader, tmp, vol.uuid, gen, progress)
-                    tmp.seek(0)
-                    blob = tmp.read()
+                # in RAM, never a file: in an encrypted volume the dump is plaintext until
+                # sealed below (docs/encryption.md)
+                buf = io.BytesIO()
+                info = dump(reader, buf, vol.uuid, gen, progress)
+                blob = buf.getvalue()
+                del buf
             finally:
                 reader.close()
             if _pin(db, gen, info.packs):
@@ -480,12 +527,17 @@ def take(tier: CloudTier, keep: int, keys: Sealer | None = None,
         if keys is not None:
             blob = keys.seal_blob(blob, snapshot_aad(vol.uuid, gen))
         name = snapshot_name(gen, _utc_now())
+        # from here on the object may reach the store even when the call fails (a lost
+        # reply, a failed delete after a mismatch): its pins stay, so gc keeps its packs;
+        # retain() drops them once the generation is older than every kept one
+        put_started = True
         put_confirmed(tier.objects, name, blob, {VOLUME_PROPERTY: vol.uuid[:60], SNAPSHOT_PROPERTY: str(gen)})
     except BaseException:
-        try:
-            unpin(db, gen)
-        except MetaError:
-            pass
+        if not put_started:
+            try:
+                unpin(db, gen)
+            except MetaError:
+                pass
         raise
 
     def record(cur: Any) -> None:
@@ -495,7 +547,8 @@ def take(tier: CloudTier, keep: int, keys: Sealer | None = None,
             return   # a newer one (another process) was confirmed first
         for k, v in (("snapshot_last_generation", str(gen)), ("snapshot_confirmed_at", _iso(_utc_now())),
                      ("snapshot_ctime_mark", str(info.ctime_mark)),
-                     ("snapshot_lacking_chunks", str(info.lacking_chunks)), ("snapshot_object", name)):
+                     ("snapshot_lacking_chunks", str(info.lacking_chunks)), ("snapshot_object", name),
+                     ("snapshot_dump_started", str(info.started_ns))):
             cur.execute("INSERT INTO meta (k, v) VALUES (%s, %s) ON DUPLICATE KEY UPDATE v = VALUES(v)", (k, v))
     db.transaction(record)
     listing = list(tier.objects.list())
@@ -511,9 +564,32 @@ def _encryption_table(vol: Volume) -> dict[str, Any] | None:
     return dict(table) if table else None
 
 
+def _volume_on_disk(vol: Volume) -> Volume:
+    """``vol`` as its volume.toml says now: `casfs key passwd` rewrites the [encryption]
+    table there while a mount keeps the table it started with in RAM. Falls back to
+    ``vol`` when the file cannot be read or names another volume."""
+    from .errors import VolumeError
+    from .volume import open_volume
+    try:
+        disk = open_volume(str(vol.path.resolve()) + "/")
+    except VolumeError as exc:
+        log.warning("volume object: cannot read %s/volume.toml (%s); using the mount's copy", vol.path, exc)
+        return vol
+    return disk if disk.uuid == vol.uuid else vol
+
+
+def refresh_volume_object(tier: CloudTier) -> None:
+    """Upload the volume object when the store's copy is missing or differs from what
+    volume.toml on disk says now (`casfs drive push` calls it every time). Raises
+    SnapshotError and the cas.objstore errors."""
+    _ensure_volume_object(tier, list(tier.objects.list()), None)
+
+
 def _ensure_volume_object(tier: CloudTier, listing: list[ObjectInfo], keys: Sealer | None) -> None:
-    """Upload the volume object when it is missing or differs; then delete older copies."""
-    vol = tier.volume
+    """Upload the volume object when it is missing or differs; then delete older copies.
+    The document is built from volume.toml on disk (:func:`_volume_on_disk`), so the
+    [encryption] table on the store follows `casfs key passwd`."""
+    vol = _volume_on_disk(tier.volume)
     doc = volume_document(vol, _encryption_table(vol))
     md5 = hashlib.md5(doc).hexdigest()
     mine = [o for o in listing if o.name == VOLUME_OBJECT and owned(o, vol.uuid)]
@@ -617,8 +693,12 @@ class Snapshotter:
     """
 
     def __init__(self, tier: CloudTier, interval_s: float, keep: int, keys: Sealer | None = None,
-                 drain_s: float = 60.0) -> None:
+                 drain_s: float = 60.0, last_commit_ns: Callable[[], int] | None = None) -> None:
         self.tier = tier
+        # when the mount's Filesystem last committed (cas.meta.Database.last_commit_ns,
+        # wall-clock ns; 0: never): a commit after the last dump started may be missing
+        # from it whatever its ctimes say
+        self.last_commit_ns = last_commit_ns
         self.interval_s = interval_s
         self.keep = keep
         self.keys = keys
@@ -629,10 +709,19 @@ class Snapshotter:
         self.taken = 0
 
     def _changed(self) -> bool:
-        m = dict(self.tier.db.query("SELECT k, v FROM meta WHERE k IN "
-                                    "('snapshot_last_generation', 'snapshot_ctime_mark')"))
-        mark = int(m.get("snapshot_ctime_mark", "0") or 0) if m.get("snapshot_last_generation") else -1
-        return changes_since(self.tier.db, mark) > 0
+        """Whether a snapshot is due: an inode's ctime is above the last snapshot's
+        ``snapshot_ctime_mark``; or the mount committed something after that snapshot's
+        dump started (``snapshot_dump_started``; a buffered write committed late keeps
+        its older ctime); or the last snapshot lacked chunks (then queued)."""
+        m = dict(self.tier.db.query("SELECT k, v FROM meta WHERE k IN ('snapshot_last_generation', "
+                                    "'snapshot_ctime_mark', 'snapshot_dump_started', 'snapshot_lacking_chunks')"))
+        if not m.get("snapshot_last_generation"):
+            return changes_since(self.tier.db, -1) > 0
+        started = int(m.get("snapshot_dump_started") or 0)
+        if self.last_commit_ns is not None and self.last_commit_ns() >= started:
+            return True
+        mark = int(m.get("snapshot_ctime_mark") or 0)
+        return changes_since(self.tier.db, mark) > 0 or int(m.get("snapshot_lacking_chunks", "0") or 0) > 0
 
     def tick(self) -> bool:
         """One step, on the tier's thread; True when it did work (uploaded a pack or took
@@ -731,6 +820,9 @@ def _open_blob(objects: ObjectStore, snap: SnapshotObject, uuid: str, keys: Seal
     blob = retrying(lambda: objects.get(snap.id), 5, initial_s=0.5, cap_s=4.0)
     if len(blob) != snap.size:
         raise SnapshotError(f"{snap.name}: got {len(blob)} of {snap.size} bytes")
+    if snap.md5 and hashlib.md5(blob).hexdigest() != snap.md5.lower():
+        raise SnapshotError(f"{snap.name}: the bytes downloaded have md5 {hashlib.md5(blob).hexdigest()}, "
+                            f"the store lists {snap.md5}: damaged on the store or on the way")
     if keys is not None:
         try:
             blob = keys.open_blob(blob, snapshot_aad(uuid, snap.generation))
@@ -740,11 +832,12 @@ def _open_blob(objects: ObjectStore, snap: SnapshotObject, uuid: str, keys: Seal
     return blob
 
 
-def create_database(volume: Volume) -> None:
+def create_database(volume: Volume) -> bool:
     """Create the volume's empty database from schema.sql (no root inode, no meta rows
     but the schema version): the target of :func:`load`. Starts and releases the
-    embedded server of an embedded volume. Raises MetaError when the database exists
-    and holds tables."""
+    embedded server of an embedded volume. Returns True when it created the database
+    (False: it existed, empty). Raises MetaError when the database exists and holds
+    tables."""
     from .meta import _server_for, _target_for, schema_statements
     server = _server_for(volume)
     if server is not None:
@@ -753,6 +846,8 @@ def create_database(volume: Volume) -> None:
         target = _target_for(volume, server)
         admin = Database(target, database="")
         try:
+            existed = bool(admin.query("SELECT COUNT(*) FROM information_schema.schemata WHERE schema_name = %s",
+                                       (target.database,))[0][0])
             admin.execute(f"CREATE DATABASE IF NOT EXISTS `{target.database}` CHARACTER SET utf8mb4")
             n = admin.query("SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = %s",
                             (target.database,))[0][0]
@@ -769,6 +864,31 @@ def create_database(volume: Volume) -> None:
     finally:
         if server is not None:
             server.release()
+    return not existed
+
+
+def _undo_database(volume: Volume, created: bool) -> None:
+    """After a failed restore into an external (``--meta``) database: drop it when the
+    restore created it, else drop the tables it made (it was empty before), so that no
+    half-loaded database is left. Errors are logged: the restore's own error is the one
+    the user sees. (An embedded volume's datadir goes with its directory.)"""
+    from .meta import _target_for
+    if volume.embedded:
+        return
+    target = _target_for(volume, None)
+    try:
+        admin = Database(target, database="")
+        try:
+            if created:
+                admin.execute(f"DROP DATABASE IF EXISTS `{target.database}`")
+            else:
+                for (t,) in admin.query("SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+                                        (target.database,)):
+                    admin.execute(f"DROP TABLE IF EXISTS `{target.database}`.`{t}`")
+        finally:
+            admin.close()
+    except CasError as exc:
+        log.error("cannot remove the half-loaded database %s: %s", target.describe(), exc)
 
 
 @dataclass(frozen=True)
@@ -802,9 +922,8 @@ def restore_into(volume: Volume, objects: ObjectStore, cfg: Any, folder_id: str,
     the restored volume deletes none of them. Meta keys describing the old machine's
     uploader are dropped; ``snapshot_generation`` continues after the newest generation
     on the store. ``progress`` gets one line per step. Raises SnapshotError,
-    MetaError and the cas.objstore errors."""
-    from . import cloud as cloud_mod
-    from .meta import _server_for, _target_for, connect
+    MetaError and the cas.objstore errors. After a failure the database is removed
+    again (:func:`_undo_database`): no half-loaded database is left behind."""
 
     def say(text: str) -> None:
         if progress is not None:
@@ -813,10 +932,29 @@ def restore_into(volume: Volume, objects: ObjectStore, cfg: Any, folder_id: str,
     blob = _open_blob(objects, snap, volume.uuid, keys)
     say(f"downloaded snapshot generation {snap.generation} ({snap.size} bytes)")
     header = read_header(blob)
-    if header.get("volume_uuid") != volume.uuid or int(header.get("generation", -1)) != snap.generation:
+    try:
+        hgen = int(header.get("generation", -1))
+        int(header.get("ctime_mark", 0)), int(header.get("lacking_chunks", 0))
+    except (TypeError, ValueError) as exc:
+        raise SnapshotError(f"{snap.name}: the snapshot's header is damaged: {exc}") from exc
+    if header.get("volume_uuid") != volume.uuid or hgen != snap.generation:
         raise SnapshotError(f"{snap.name} is generation {header.get('generation')} of volume "
                             f"{header.get('volume_uuid')}, not generation {snap.generation} of {volume.uuid}")
-    create_database(volume)
+    created = create_database(volume)
+    try:
+        return _restore_loaded(volume, objects, cfg, folder_id, plan, keys, eager, say, blob, header)
+    except BaseException:
+        _undo_database(volume, created)
+        raise
+
+
+def _restore_loaded(volume: Volume, objects: ObjectStore, cfg: Any, folder_id: str, plan: RestorePlan,
+                    keys: Sealer | None, eager: bool, say: Callable[[str], None], blob: bytes,
+                    header: dict[str, Any]) -> VolumeRestore:
+    """The part of :func:`restore_into` after the database was created."""
+    from . import cloud as cloud_mod
+    from .meta import _server_for, _target_for, connect
+    snap = plan.chosen
     server = _server_for(volume)
     if server is not None:
         server.acquire()
@@ -824,6 +962,12 @@ def restore_into(volume: Volume, objects: ObjectStore, cfg: Any, folder_id: str,
         raw = Database(_target_for(volume, server))
         try:
             info = load(raw, blob, lambda t, n: say(f"loaded {t}: {n} rows"))
+            # the volume object gave volume.chunk_size; the database's own must agree
+            # (slot numbers are offsets // chunk size: another size reads wrong bytes)
+            row = raw.query("SELECT v FROM meta WHERE k = 'chunk_size'")
+            if not row or str(row[0][0]) != str(volume.chunk_size):
+                raise SnapshotError(f"{snap.name}: the snapshot's chunk size {row[0][0] if row else '(none)'} "
+                                    f"differs from casfs-volume.json's {volume.chunk_size}: damaged or mixed up")
         finally:
             raw.close()
     finally:
@@ -845,7 +989,16 @@ def restore_into(volume: Volume, objects: ObjectStore, cfg: Any, folder_id: str,
         for other in plan.snapshots:
             if other.generation == snap.generation:
                 continue
-            names = pack_names(_open_blob(objects, other, volume.uuid, keys))
+            try:
+                names = pack_names(_open_blob(objects, other, volume.uuid, keys))
+            except SnapshotError as exc:
+                # it cannot be read now, but may be later (or by hand): keep every pack of
+                # the folder for it rather than fail the restore of the chosen one
+                log.warning("generation %d cannot be read (%s): all packs of the folder kept for it",
+                            other.generation, exc)
+                say(f"warning: generation {other.generation} cannot be read ({exc}); every pack in the "
+                    "folder is kept safe from gc for it")
+                names = sorted({o.name for o in objects.list() if not is_backup_object(o.name)})
             rows = [(other.generation, n) for n in names]
             for i in range(0, len(rows), 1000):
                 _insert_pins(db, rows[i:i + 1000])

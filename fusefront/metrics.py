@@ -5,8 +5,8 @@ prometheus-client's ``start_http_server``) from a thread of the mount daemon. No
 is pushed or updated on the hot path for it: :class:`CasCollector` reads, when scraped,
 the counters the engine and the FUSE hook keep anyway (cas/counters.py, the RAM
 cache's statistics, the cloud tier's counters, fusefront/observe.py) and runs a few
-queries on its own database connection (the upload queue, the local store's bytes,
-the last metadata snapshot). docs/monitoring.md lists every metric.
+queries on its own database connection (the upload queue, the last metadata snapshot,
+and, at most once per LOCAL_BYTES_TTL_S, the local store's bytes). docs/monitoring.md lists every metric.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
@@ -34,6 +35,10 @@ DEFAULT_HOST = "127.0.0.1"
 #: the labels of casfs_drive_errors_total (cas.cloud.error_kind), exported from 0
 DRIVE_ERROR_KINDS = ("daily_limit", "try_again", "credentials", "not_found", "store", "database", "other")
 SNAPSHOT_KEY = "snapshot_confirmed_at"   # meta key: UTC "%Y-%m-%d %H:%M:%S" of the last snapshot
+#: seconds a scrape reuses the local store's byte count (a scan of the chunks table:
+#: SUM(stored_length) WHERE is_local = 1 has no index to use) while this mount stored,
+#: evicted and fetched nothing; what other processes do (gc) shows within this time
+LOCAL_BYTES_TTL_S = 60.0
 
 
 class MetricsError(CasError):
@@ -74,6 +79,9 @@ class CasCollector(Collector):
         self.observer = observer
         self._db: Database | None = None
         self._db_lock = threading.Lock()
+        self.local_bytes_ttl_s = LOCAL_BYTES_TTL_S
+        # (time.monotonic() measured, this mount's store changes then, bytes)
+        self._local: tuple[float, tuple[int, int, int], int] | None = None
 
     def close(self) -> None:
         with self._db_lock:
@@ -90,7 +98,11 @@ class CasCollector(Collector):
             n, size, age = q("SELECT COUNT(*), COALESCE(SUM(c.stored_length), 0), "
                              "TIMESTAMPDIFF(MICROSECOND, MIN(q.queued), NOW(6)) "
                              "FROM upload_queue q JOIN chunks c ON c.id = q.chunk")[0]
-            local = q("SELECT COALESCE(SUM(stored_length), 0) FROM chunks WHERE is_local = 1")[0][0]
+            t, moved = time.monotonic(), self._store_changes()
+            if self._local is None or t - self._local[0] >= self.local_bytes_ttl_s or moved != self._local[1]:
+                self._local = (t, moved,
+                               int(q("SELECT COALESCE(SUM(stored_length), 0) FROM chunks WHERE is_local = 1")[0][0]))
+            local = self._local[2]
             snap = q("SELECT v FROM meta WHERE k = %s", (SNAPSHOT_KEY,))
             now = q("SELECT UTC_TIMESTAMP()")[0][0]
         snapshot_age = math.nan
@@ -104,10 +116,22 @@ class CasCollector(Collector):
                 "queue_age_s": 0.0 if age is None else int(age) / 1e6,
                 "local_bytes": int(local), "snapshot_age_s": snapshot_age}
 
+    def _store_changes(self) -> tuple[int, int, int]:
+        """What this mount did to its local store: plaintext bytes written back as new
+        chunks, chunk bytes evicted, chunks fetched back from the cloud (they are kept
+        locally). Unchanged: the local store's byte count is unchanged by this mount."""
+        tier = self.fs.cloud
+        return (self.fs.data.new_bytes, tier.evicted_bytes if tier is not None else 0,
+                tier.fetches if tier is not None else 0)
+
     def collect(self) -> Iterator[Metric]:
         fs, ob = self.fs, self.observer
         # read before the written-back counters: a writeback adds to those before it
         # takes its bytes off the dirty total, so dirty + written back never dips
+        # bytes written (cas.fs.Filesystem's counter, also run/stats.json's) first: it
+        # grows after the dirty total it adds to, so read before it, it never
+        # exceeds dirty + written back
+        written = fs.bytes_written
         dirty = fs.data.total_dirty
         ops = CounterMetricFamily("casfs_fuse_operations", "FUSE requests answered, by operation", labels=["op"])
         lat = HistogramMetricFamily("casfs_fuse_operation_seconds", "Time to answer a FUSE request", labels=["op"])
@@ -129,8 +153,8 @@ class CasCollector(Collector):
                 eio += n
         yield errs
         yield CounterMetricFamily("casfs_eio_errors", "FUSE requests answered with EIO", value=eio)
-        yield CounterMetricFamily("casfs_read_bytes", "Bytes returned to applications by read", value=ob.read_bytes)
-        yield CounterMetricFamily("casfs_written_bytes", "Bytes written by applications", value=ob.written_bytes)
+        yield CounterMetricFamily("casfs_read_bytes", "Bytes returned to applications by read", value=fs.bytes_read)
+        yield CounterMetricFamily("casfs_written_bytes", "Bytes written by applications", value=written)
         yield CounterMetricFamily("casfs_dedup_bytes", "Bytes of written-back slots whose chunk was stored "
                                   "already (deduplicated)", value=fs.data.dedup_bytes)
         yield CounterMetricFamily("casfs_new_chunk_bytes", "Bytes of written-back slots stored as new chunks",

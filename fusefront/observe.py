@@ -7,7 +7,8 @@ context, and -- only for the requests the audit log records -- the path(s) the
 request names, resolved just before it runs. Two consumers read what the hook takes:
 
 * the metrics (fusefront/metrics.py): a latency histogram and error counts per
-  operation, bytes read and written by applications;
+  operation (bytes read and written are the engine's counters,
+  ``Filesystem.bytes_read``/``bytes_written``, which run/stats.json shows too);
 * the audit log (cas/audit.py): one JSON line per request of the chosen level.
 
 With metrics and the audit log both off nothing is installed: the handlers are the
@@ -17,10 +18,20 @@ the handlers of that level are wrapped (reads, writes and lookups stay unwrapped
 Callers of read and write: pyfuse3 passes no request context to read, write, flush,
 fsync, release and readdir, so their audit records carry the uid/gid/pid of the
 last process that opened the inode through this mount (file handles are inode numbers,
-see fusefront/operations.py). Paths: a path of the inode (one of its hard links),
-found through its dentry (:meth:`cas.fs.Filesystem.dentry_of`) and a RAM cache of
-directory paths that every rename and rmdir clears; ``null`` when the inode has no name
-left. docs/monitoring.md describes the records.
+see fusefront/operations.py). Paths: a path of the inode (one of its hard links), built
+from a RAM map inode -> (parent inode, name) that the hook keeps up to date from the
+requests it sees (lookup, mkdir, mknod, symlink, create and link add names; rename moves
+one; unlink and rmdir drop one), so an open, setattr, read or write of a known inode
+runs no query; an inode not in the map is found through its dentry
+(:meth:`cas.fs.Filesystem.dentry_of`, one indexed query per unknown level) and
+remembered. The walk to the root is a loop capped at MAX_DEPTH levels (a deeper path,
+or a loop in damaged metadata, gives ``null``), ``null`` also when the inode has no
+name left. docs/monitoring.md describes the records.
+
+The hook cannot fail a request: an exception in its own bookkeeping (paths, counters,
+the audit record) is logged once (logger ``fusefront.observe``) and dropped, and the
+request's own result or FUSEError is passed on unchanged (tests/test_observe.py::
+test_deep_tree_does_not_kill_the_mount).
 """
 from __future__ import annotations
 
@@ -35,7 +46,7 @@ import pyfuse3
 from cas.audit import ALL, CHANGES, LOGGER, OFF
 from cas.counters import Histogram
 from cas.errors import CasError
-from cas.fs import Filesystem
+from cas.fs import RENAME_EXCHANGE, Filesystem
 from cas.meta import ROOT_INODE
 
 audit_log = logging.getLogger(LOGGER)
@@ -57,7 +68,10 @@ WITH_CTX = frozenset(("lookup", "getattr", "setattr", "readlink", "mknod", "mkdi
                       "setxattr", "listxattr", "removexattr", "access"))
 #: handlers naming (parent inode, name) in their first two arguments
 BY_NAME = frozenset(("lookup", "mknod", "mkdir", "unlink", "rmdir", "symlink", "create", "rename"))
-DIR_CACHE_MAX = 10_000    # directory paths kept (about 200 bytes each)
+NAMES_MAX = 100_000       # inodes whose (parent, name) is remembered (about 250 bytes each)
+MAX_DEPTH = 10_000        # levels a path walk climbs before it gives up (None)
+#: handlers whose success adds, moves or drops a name in the path map
+TRACKS = frozenset(("lookup", "mknod", "mkdir", "symlink", "create", "link", "rename", "unlink", "rmdir"))
 OPENERS_MAX = 100_000     # inodes whose last opener is remembered (level all)
 _SETATTR_FIELDS = (("update_mode", "mode", "st_mode"), ("update_uid", "uid", "st_uid"),
                    ("update_gid", "gid", "st_gid"), ("update_size", "size", "st_size"),
@@ -81,10 +95,10 @@ class Observer:
         self.audit_level = audit_level
         self.latency: dict[str, Histogram] = {}        # op -> duration histogram
         self.errors: dict[tuple[str, str], int] = {}   # (op, errno name) -> requests
-        self.read_bytes = 0      # bytes returned by read requests
-        self.written_bytes = 0   # bytes accepted by write requests
-        self._dirs: dict[int, str] = {ROOT_INODE: "/"}
+        self._names: dict[int, tuple[int, bytes]] = {}   # inode -> (parent inode, name)
+        self._inos: dict[tuple[int, bytes], int] = {}    # (parent inode, name) -> inode
         self._openers: dict[int, tuple[int, int, int]] = {}
+        self.hook_errors = 0     # exceptions of the hook's own bookkeeping, dropped
 
     @property
     def enabled(self) -> bool:
@@ -98,18 +112,23 @@ class Observer:
         """Wrap the handlers of ``ops`` (instance attributes shadow the class's methods,
         which is what pyfuse3 calls) that metrics or the audit log need."""
         for op in HANDLERS:
-            if self.metrics or self.audited(op):
+            if self.metrics or self.audited(op) or (self.audit_level != OFF and op in TRACKS):
                 setattr(ops, op, self._wrap(op, getattr(ops, op)))
 
     # -- the hook ----------------------------------------------------------------------
     def _wrap(self, op: str, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         audited = self.audited(op)
         hist = self.latency.setdefault(op, Histogram()) if self.metrics else None
-        clears_dirs = op in ("rename", "rmdir")
+        tracks = op in TRACKS and self.audit_level != OFF
         remembers_opener = op in ("open", "create") and self.audit_level == ALL
 
         async def hooked(*args: Any) -> Any:
-            before = self._before(op, args) if audited else None
+            before = None
+            if audited:
+                try:
+                    before = self._before(op, args)
+                except Exception as exc:   # the hook must not fail the request
+                    self._trouble(op, exc)
             t0 = time.perf_counter_ns()
             code = 0
             result: Any = None
@@ -123,27 +142,33 @@ class Observer:
                 code = errno.EIO
                 raise
             finally:
-                dt = time.perf_counter_ns() - t0
-                if hist is not None:
-                    hist.observe_ns(dt)
-                    self._count(op, code, result)
-                if clears_dirs and not code:
-                    self._dirs = {ROOT_INODE: "/"}
-                if remembers_opener and not code:
-                    self._remember_opener(op, args, result)
-                if before is not None:
-                    self._audit(op, args, before, code, result)
+                try:
+                    dt = time.perf_counter_ns() - t0
+                    if hist is not None:
+                        hist.observe_ns(dt)
+                        self._count(op, code, result)
+                    if tracks and not code:
+                        self._track(op, args, result)
+                    if remembers_opener and not code:
+                        self._remember_opener(op, args, result)
+                    if before is not None:
+                        self._audit(op, args, before, code, result)
+                except Exception as exc:   # the request's own result stands
+                    self._trouble(op, exc)
         hooked.__name__ = op
         return hooked
 
+    def _trouble(self, op: str, exc: Exception) -> None:
+        """An exception of the hook's own bookkeeping: logged the first time, counted."""
+        self.hook_errors += 1
+        if self.hook_errors == 1:
+            logging.getLogger(__name__).error("audit/metrics hook failed in %s (logged once, dropped): %r",
+                                              op, exc, exc_info=exc)
+
     def _count(self, op: str, code: int, result: Any) -> None:
-        if code:
+        if code:   # bytes read and written: cas.fs.Filesystem counts them (one set for stats.json and /metrics)
             key = (op, str(errno_name(code)))
             self.errors[key] = self.errors.get(key, 0) + 1
-        elif op == "read":
-            self.read_bytes += len(result)
-        elif op == "write":
-            self.written_bytes += int(result)
 
     def _remember_opener(self, op: str, args: tuple[Any, ...], result: Any) -> None:
         ctx = args[-1]
@@ -197,25 +222,67 @@ class Observer:
             return None
         return parent + ("" if parent.endswith("/") else "/") + bytes(name).decode(errors="replace")
 
+    # -- the path map --------------------------------------------------------------------
+    def _learn(self, parent: int, name: bytes, ino: int) -> None:
+        """Remember that ``name`` in directory ``parent`` is inode ``ino``."""
+        if ino == ROOT_INODE or not ino:
+            return
+        key = (parent, bytes(name))
+        if len(self._names) >= NAMES_MAX or len(self._inos) >= NAMES_MAX:
+            self._names.clear()    # rare (NAMES_MAX inodes seen): start over, the
+            self._inos.clear()     # dentries give every name back on demand
+        self._drop(key)
+        old = self._names.get(ino)
+        if old is not None:
+            self._inos.pop(old, None)
+        self._names[ino] = key
+        self._inos[key] = ino
+
+    def _drop(self, key: tuple[int, bytes]) -> int | None:
+        """Forget the name ``key`` (parent, name); returns the inode it named, if known."""
+        ino = self._inos.pop(key, None)
+        if ino is not None and self._names.get(ino) == key:
+            del self._names[ino]
+        return ino
+
+    def _track(self, op: str, args: tuple[Any, ...], result: Any) -> None:
+        """Keep the path map in step with a request that succeeded."""
+        if op in ("lookup", "mknod", "mkdir", "symlink"):
+            self._learn(args[0], args[1], result.st_ino)
+        elif op == "create":
+            self._learn(args[0], args[1], result[1].st_ino)
+        elif op == "link":
+            self._learn(args[1], args[2], args[0])
+        elif op in ("unlink", "rmdir"):
+            self._drop((args[0], bytes(args[1])))
+        elif op == "rename":
+            old, new, flags = (args[0], bytes(args[1])), (args[2], bytes(args[3])), args[4]
+            moved = self._drop(old)
+            replaced = self._drop(new)
+            if moved is not None:
+                self._learn(new[0], new[1], moved)
+            if replaced is not None and flags & RENAME_EXCHANGE:
+                self._learn(old[0], old[1], replaced)
+
     def _dir_path(self, ino: int) -> str | None:
-        """Path of directory ``ino`` (cached until the next rename or rmdir)."""
-        hit = self._dirs.get(ino)
-        if hit is not None:
-            return hit
-        path = self.path(ino)
-        if path is not None:
-            if len(self._dirs) >= DIR_CACHE_MAX:
-                self._dirs = {ROOT_INODE: "/"}
-            self._dirs[ino] = path
-        return path
+        """Path of directory ``ino``. Raises MetaError."""
+        return self.path(ino)
 
     def path(self, ino: int) -> str | None:
-        """A path of inode ``ino`` ("/a/b"), or None when it has no name left. Raises
-        MetaError."""
-        if ino in self._dirs:
-            return self._dirs[ino]
-        found = self.fs.dentry_of(ino)
-        if found is None:
-            return None
-        parent, name = found
-        return self._join(self._dir_path(parent), name)
+        """A path of inode ``ino`` ("/a/b"), or None when it has no name left or lies
+        deeper than MAX_DEPTH levels. No query for the levels in the path map, one
+        indexed query per other level. Raises MetaError."""
+        parts: list[bytes] = []
+        cur = ino
+        for _ in range(MAX_DEPTH):
+            if cur == ROOT_INODE:
+                return "/" + b"/".join(reversed(parts)).decode(errors="replace")
+            hit = self._names.get(cur)
+            if hit is None:
+                hit = self.fs.dentry_of(cur)
+                if hit is None:
+                    return None
+                self._learn(hit[0], hit[1], cur)
+            parts.append(hit[1])
+            cur = hit[0]
+        return None

@@ -137,6 +137,14 @@ def test_metrics_move_with_a_copy(casenv: CasEnv) -> None:
     assert read_direct(mp / "b") == data
     m3 = scrape(port)
     assert m3["casfs_read_bytes_total"] - m2["casfs_read_bytes_total"] == 8 * MIB
+    # one set of counters: run/stats.json (casfs stats --watch) shows the same bytes
+    live = casenv.data_home / "vol" / "run" / "stats.json"
+
+    def same_bytes() -> bool:
+        st = json.loads(live.read_text())
+        return bool(st["written_bytes"] == m3["casfs_written_bytes_total"]
+                    and st["read_bytes"] == m3["casfs_read_bytes_total"])
+    wait_for(same_bytes, "run/stats.json to show the bytes /metrics shows")
     lookups = (m3["casfs_cache_hits_total"] + m3["casfs_cache_misses_total"]
                - m2["casfs_cache_hits_total"] - m2["casfs_cache_misses_total"])
     assert lookups >= 8 * MIB // (64 << 10)
@@ -355,3 +363,38 @@ def test_unusable_credentials_file_is_audited_at_mount(casenv: CasEnv, drive_sim
     casenv.umount(mp)
     (rec,) = [r for r in audit_records(casenv) if r["op"] == "drive_credentials"]
     assert rec["result"] == "EACCES" and "client-secrets" in rec["detail"]
+
+
+DEPTH = 600   # deeper than the old recursive path walk survived (~500 levels)
+
+
+def test_deep_tree_does_not_kill_the_mount(casenv: CasEnv) -> None:
+    """A create 600 directories down, after a rename, is audited with its full path and
+    the mount lives on (the recursive path walk raised RecursionError out of the hook,
+    which ended pyfuse3.main)."""
+    casenv.init("vol")
+    mp = casenv.mount("vol")
+    (mp / "a").write_bytes(b"a")
+    fd = os.open(mp, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(DEPTH):
+            os.mkdir("d", dir_fd=fd)
+            nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        os.rename(mp / "a", mp / "b")          # moves a name; the old hook dropped its path cache
+        os.rename(mp / "d", mp / "e")          # a directory above the bottom moves
+        f = os.open("f", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=fd)
+        os.write(f, b"bottom")
+        os.close(f)
+        os.chmod("f", 0o600, dir_fd=fd)
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(mp)) == ["b", "e"]     # still mounted
+    casenv.umount(mp)
+    recs = audit_records(casenv)
+    deep = "/e" + "/d" * (DEPTH - 1) + "/f"
+    assert [(r["op"], r["path"], r["result"]) for r in recs[-2:]] == [("create", deep, 0), ("setattr", deep, 0)]
+    assert [(r["op"], r["path"], r.get("path2")) for r in recs if r["op"] == "rename"] == [
+        ("rename", "/a", "/b"), ("rename", "/d", "/e")]
+    assert sum(r["op"] == "mkdir" for r in recs) == DEPTH

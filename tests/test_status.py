@@ -123,3 +123,33 @@ def test_status_pending_then_synced_by_push_then_cloud_only(casenv: CasEnv, driv
     assert re.search(r"restore: 100%\|.*\[[^\]]*, *[\d.]+[kM]?B/s\]", out), out
     mp = casenv.mount("vol", mp)
     assert xstatus(f)["where"] == "both" and (mp / "d" / "f").read_bytes() == data
+
+
+def test_drive_wait_polls_only_pending_files_with_backoff(casenv: CasEnv, drive_sim: DriveSim) -> None:
+    """`drive wait` reads the status of a synced file once, and looks at the pending ones
+    less and less often while nothing moves (it used to read every file every 0.5 s).
+    The mount's own getxattr count (/metrics) is the measure."""
+    from tests.test_observe import free_port, scrape
+    casenv.init("vol", chunk_size="64KiB")
+    casenv.run("drive", "auth", "--endpoint", drive_sim.url, "--pack-size", "256KiB", "--pack-age", "3600", "vol")
+    port = free_port()
+    mp = casenv.mount("vol", None, "--metrics", str(port))
+    (mp / "d").mkdir()
+    synced = 10
+    for i in range(synced):
+        write_fsynced(mp / "d" / f"s{i}", os.urandom(CHUNK // 4))
+    casenv.run("drive", "push", "vol")
+    write_fsynced(mp / "d" / "p", os.urandom(CHUNK))   # pending: the pack age is an hour
+    key = 'casfs_fuse_operations_total{op="getxattr"}'
+    before = scrape(port).get(key, 0.0)
+    xstatus(mp / "d" / "p")        # requests per status read (Python asks with 128 bytes, then more)
+    per_read = scrape(port)[key] - before
+    assert per_read >= 1
+    before += per_read
+    r = casenv.run("drive", "wait", "--timeout", "3", str(mp / "d"), check=False)
+    assert r.returncode == 1 and f"1 of {synced + 1} files not on Drive yet" in r.stderr, r.stderr
+    reads = (scrape(port)[key] - before) / per_read
+    # one look at every file, then at most one per pause (0.5 + 1 + 2 s > 3 s) at the
+    # pending one; every 0.5 s at every file would be at least twice the files
+    assert synced + 1 <= reads <= synced + 1 + 4, reads
+    casenv.umount(mp)

@@ -241,6 +241,8 @@ def push(volume: str, timeout: float | None, drive_endpoint: str | None, as_json
             rp = snapshot.recovery_point(meta.db)
             if not rp.generation or rp.changes_since or rp.lacking_chunks:
                 snap = snapshot.take(tier, tier.cfg.keep_generations)
+            else:   # volume.toml may have changed (key passwd), or an upload of it failed
+                snapshot.refresh_volume_object(tier)
         except DailyLimit as exc:
             tier.note_error(exc)
             left = cloud.status(meta.db).queued_chunks

@@ -11,6 +11,7 @@ audit event (cas.keys.audit_unlock_failure). docs/security.md.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -72,6 +73,9 @@ def unlock_volume(vol: Volume) -> keys.VolumeKeys | None:
         return keys.unlock(vol, passphrase, key_file)
     finally:
         audit.detach(handler)
+        # read once: out of the environment that the mount's daemon and an embedded
+        # mariadbd started later would inherit (/proc/PID/environ)
+        os.environ.pop(keys.PASSPHRASE_ENV, None)
 
 
 def new_secrets(key_file: Path | None, passphrase_file: Path | None) -> tuple[str | None, Path | None]:
@@ -154,6 +158,11 @@ def passwd(volume: str, new_passphrase_file: Path | None, add_key_file: Path | N
     vol.save()
     what = "passphrase changed" if new is not None else "key file added"
     click.echo(f"volume {vol.name}: {what} (master key wrapped again; no chunk rewritten)")
+    if vol.drive:
+        # the key table on Drive (casfs-volume.json) still holds the old wraps until the
+        # next snapshot or push uploads it again (docs/encryption.md)
+        click.echo(f"run `casfs drive push {vol.name}` to update the key table on Drive: until then "
+                   "a restore from Drive takes the old passphrase")
 
 
 @key.command(name="export")

@@ -125,7 +125,8 @@ def start_cloud(meta: Metadata, fs: Filesystem, opts: MountOptions) -> cloud.Clo
         return None
     tier = cloud.CloudTier(meta, objects, cfg, local_limit=opts.local_limit)
     interval = cfg.snapshot_interval_s if opts.snapshot_interval_s is None else opts.snapshot_interval_s
-    tier.snapshots = snapper = snapshot.Snapshotter(tier, interval, cfg.keep_generations)
+    tier.snapshots = snapper = snapshot.Snapshotter(tier, interval, cfg.keep_generations,
+                                                    last_commit_ns=lambda: fs.db.last_commit_ns)
     tier.on_idle = snapper.tick
     fs.attach_cloud(tier)
     tier.start()

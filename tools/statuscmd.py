@@ -27,7 +27,8 @@ from .common import human, os_error_line
 from .progress import progress
 
 XATTR = STATUS_XATTR.decode()
-WAIT_POLL_S = 0.5   # seconds between two looks at the files' status in `drive wait`
+WAIT_POLL_S = 0.5       # seconds between the first looks at the pending files in `drive wait`
+WAIT_POLL_MAX_S = 5.0   # ... doubling while nothing moves, up to this; back to WAIT_POLL_S on progress
 
 
 class StatusError(click.ClickException):
@@ -164,7 +165,10 @@ def wait(paths: tuple[str, ...], timeout: float | None, as_json: bool) -> None:
     """Wait until every chunk of the files PATHS name (directories: their whole subtree)
     is in a confirmed pack on Drive, then exit 0.
 
-    Looks every 0.5 s; shows the bytes still to upload on stderr. Exits 1 with one line
+    Reads each file's status once, then only the files still pending, after 0.5 s,
+    doubling the pause while nothing moves up to 5 s (0.5 s again after progress; a
+    file once synced is not looked at again); shows the bytes still to upload on
+    stderr. Exits 1 with one line
     at --timeout, or when a file is not on a casfs mount or its volume has no cloud
     tier. It only waits: the mount uploads (a partly filled pack after the volume's
     pack age, 60 s by default); `casfs drive push` uploads now.
@@ -172,16 +176,22 @@ def wait(paths: tuple[str, ...], timeout: float | None, as_json: bool) -> None:
     files = [f for p in paths for f in files_under(p, recursive=True)]
     end = None if timeout is None else time.monotonic() + timeout
     left = 0
+    todo = files
+    pause = WAIT_POLL_S
     with progress("drive wait", unit="B", json_mode=as_json) as bar:
         first = True
         while True:
-            statuses = [(f, read_status(f)) for f in files]
+            statuses = [(f, read_status(f)) for f in todo]
             no_cloud = [f for f, s in statuses if s.state == "no-cloud"]
             if no_cloud:
                 raise StatusError(f"{no_cloud[0]}: its volume has no cloud tier (set one up with "
                                   "`casfs drive auth`): nothing will reach Drive")
             pending = [(f, s) for f, s in statuses if s.state != "synced"]
+            before = left
             left = sum(s.bytes_left for _, s in pending)
+            if not first:   # nothing moved: look less often; progress: look soon again
+                pause = WAIT_POLL_S if (left < before or len(pending) < len(todo)) else min(2 * pause, WAIT_POLL_MAX_S)
+            todo = [f for f, _ in pending]
             if first:
                 bar.set_total(left)
                 first = False
@@ -195,7 +205,7 @@ def wait(paths: tuple[str, ...], timeout: float | None, as_json: bool) -> None:
                 raise StatusError(
                     f"timed out after {timeout:g} s: {len(pending)} of {len(files)} files not on Drive yet "
                     f"({human(left)} to upload; first: {pending[0][0]}); see `casfs drive status`")
-            time.sleep(WAIT_POLL_S if end is None else max(0.0, min(WAIT_POLL_S, end - now)))
+            time.sleep(pause if end is None else max(0.0, min(pause, end - now)))
     if as_json:
         click.echo(json.dumps({"files": len(files), "synced": True}))
     else:

@@ -19,8 +19,10 @@ from pathlib import Path
 import pytest
 
 import cas.cloud
+import cas.fs
 import cas.gc
 import cas.meta
+import cas.store
 import cas.volume
 from cas.cloud import CloudConfig, CloudTier
 from cas.errors import FsError
@@ -433,3 +435,43 @@ def test_queued_chunk_whose_file_is_lost_leaves_the_queue(ceng: CloudEngine,
     assert lost not in set(uploaded_chunks(ceng)) and len(uploaded_chunks(ceng)) == 2
     assert any(lost.hex() in r.getMessage() for r in caplog.records)
     assert ceng.fsck().missing_files == [lost.hex()]
+
+
+def read_in_chunks(fs: cas.fs.Filesystem, ino: int, size: int) -> bytes:
+    """``size`` bytes of ``ino`` read sequentially, one chunk per read (as a reader would)."""
+    fs.open(ino)
+    try:
+        return b"".join(fs.read(ino, off, CS) for off in range(0, size, CS))
+    finally:
+        fs.release(ino)
+
+
+def test_read_ahead_is_per_file_and_offers_each_slot_once(ceng: CloudEngine,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file streaming from the cloud does not make sequential reads of local files
+    look for evicted chunks (the gate used to be mount-wide: every read of any file for
+    5 s after a fetch built candidate lists and stat'ed each), and a cold sequential
+    read examines each of its slots once, not the whole window at every read."""
+    n = 24
+    cold, hot = rand(n * CS, 51), rand(n * CS, 52)
+    make_file(ceng.fs, b"cold", cold)
+    ceng.drain()
+    ceng.tier(local_limit=0).evict(0)
+    make_file(ceng.fs, b"hot", hot)            # after the drain: queued, local only
+    fs = ceng.reopen(cache_bytes=0)
+    reader = ceng.tier()
+    fs.attach_cloud(reader)
+    stats = [0]
+    real_stat = cas.store.LocalStore.stat
+
+    def counted(self: cas.store.LocalStore, cid: bytes) -> object:
+        stats[0] += 1
+        return real_stat(self, cid)
+    monkeypatch.setattr(cas.store.LocalStore, "stat", counted)
+
+    assert read_in_chunks(fs, fs.lookup(1, b"cold").ino, n * CS) == cold
+    assert reader.fetches >= 1
+    assert stats[0] <= n + 1     # the first chunk's stat at offset 0, then each slot once
+    stats[0] = 0
+    assert read_in_chunks(fs, fs.lookup(1, b"hot").ino, n * CS) == hot
+    assert stats[0] <= 1         # only the offset-0 check of the first chunk
