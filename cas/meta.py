@@ -556,11 +556,12 @@ def _check_encryption(volume: Volume, db: Database, recorded: str | None) -> Non
             log.warning("cannot record that volume %s is encrypted: %s", volume.name, exc)
 
 
-def initialize(volume: Volume, uid: int, gid: int) -> None:
-    """Create the volume's database from schema.sql with its root directory inode.
-
-    Raises MetaError if the database already holds tables, or on any server error.
-    """
+def create_schema(volume: Volume, fill: Callable[[Database], None] | None = None) -> bool:
+    """Create the volume's database from schema.sql, then run ``fill`` on it (the rows a
+    new volume needs beyond the schema's). Starts and releases the embedded server of an
+    embedded volume. Returns True when it created the database (False: it existed,
+    empty). Raises MetaError when the database already holds tables, or on any server
+    error."""
     server = _server_for(volume)
     if server is not None:
         server.acquire()
@@ -568,6 +569,8 @@ def initialize(volume: Volume, uid: int, gid: int) -> None:
         target = _target_for(volume, server)
         admin = Database(target, database="")
         try:
+            existed = bool(admin.query("SELECT COUNT(*) FROM information_schema.schemata WHERE schema_name = %s",
+                                       (target.database,))[0][0])
             admin.execute(f"CREATE DATABASE IF NOT EXISTS `{target.database}` CHARACTER SET utf8mb4")
             n = admin.query("SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = %s",
                             (target.database,))[0][0]
@@ -579,16 +582,28 @@ def initialize(volume: Volume, uid: int, gid: int) -> None:
         try:
             for stmt in schema_statements():
                 db.execute(stmt)
-            now = time.time_ns()
-            db.execute("INSERT INTO meta (k, v) VALUES ('volume_uuid', %s), ('chunk_size', %s)",
-                       (volume.uuid, str(volume.chunk_size)))
-            if volume.encryption:
-                db.execute("INSERT INTO meta (k, v) VALUES (%s, %s)", (ENCRYPTION_META, ENCRYPTION_SCHEME))
-            db.execute("INSERT INTO inodes (id, mode, uid, gid, nlink, atime_ns, mtime_ns, ctime_ns) "
-                       "VALUES (%s, %s, %s, %s, 2, %s, %s, %s)",
-                       (ROOT_INODE, 0o40755, uid, gid, now, now, now))
+            if fill is not None:
+                fill(db)
         finally:
             db.close()
     finally:
         if server is not None:
             server.release()
+    return not existed
+
+
+def initialize(volume: Volume, uid: int, gid: int) -> None:
+    """Create the volume's database from schema.sql with its root directory inode.
+
+    Raises MetaError if the database already holds tables, or on any server error.
+    """
+    def fill(db: Database) -> None:
+        now = time.time_ns()
+        db.execute("INSERT INTO meta (k, v) VALUES ('volume_uuid', %s), ('chunk_size', %s)",
+                   (volume.uuid, str(volume.chunk_size)))
+        if volume.encryption:
+            db.execute("INSERT INTO meta (k, v) VALUES (%s, %s)", (ENCRYPTION_META, ENCRYPTION_SCHEME))
+        db.execute("INSERT INTO inodes (id, mode, uid, gid, nlink, atime_ns, mtime_ns, ctime_ns) "
+                   "VALUES (%s, %s, %s, %s, 2, %s, %s, %s)",
+                   (ROOT_INODE, 0o40755, uid, gid, now, now, now))
+    create_schema(volume, fill)

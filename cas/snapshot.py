@@ -838,33 +838,8 @@ def create_database(volume: Volume) -> bool:
     embedded server of an embedded volume. Returns True when it created the database
     (False: it existed, empty). Raises MetaError when the database exists and holds
     tables."""
-    from .meta import _server_for, _target_for, schema_statements
-    server = _server_for(volume)
-    if server is not None:
-        server.acquire()
-    try:
-        target = _target_for(volume, server)
-        admin = Database(target, database="")
-        try:
-            existed = bool(admin.query("SELECT COUNT(*) FROM information_schema.schemata WHERE schema_name = %s",
-                                       (target.database,))[0][0])
-            admin.execute(f"CREATE DATABASE IF NOT EXISTS `{target.database}` CHARACTER SET utf8mb4")
-            n = admin.query("SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = %s",
-                            (target.database,))[0][0]
-            if n:
-                raise MetaError(f"database {target.describe()} is not empty: it may hold another volume")
-        finally:
-            admin.close()
-        db = Database(target)
-        try:
-            for stmt in schema_statements():
-                db.execute(stmt)
-        finally:
-            db.close()
-    finally:
-        if server is not None:
-            server.release()
-    return not existed
+    from .meta import create_schema
+    return create_schema(volume)
 
 
 def _undo_database(volume: Volume, created: bool) -> None:
@@ -912,7 +887,9 @@ class VolumeRestore:
 
 def restore_into(volume: Volume, objects: ObjectStore, cfg: Any, folder_id: str, plan: RestorePlan,
                  keys: Sealer | None = None, eager: bool = False,
-                 progress: Callable[[str], None] | None = None) -> VolumeRestore:
+                 progress: Callable[[str], None] | None = None,
+                 chunk_progress: Callable[[int], None] | None = None,
+                 chunk_total: Callable[[int], None] | None = None) -> VolumeRestore:
     """Rebuild ``volume``'s database (created here, empty; :func:`create_database`) from
     snapshot ``plan.chosen``, with ``volume.uuid`` etc. already taken from the plan.
 
@@ -921,7 +898,10 @@ def restore_into(volume: Volume, objects: ObjectStore, cfg: Any, folder_id: str,
     packs of every snapshot kept on the store are pinned (``snapshot_packs``), so gc on
     the restored volume deletes none of them. Meta keys describing the old machine's
     uploader are dropped; ``snapshot_generation`` continues after the newest generation
-    on the store. ``progress`` gets one line per step. Raises SnapshotError,
+    on the store. ``progress`` gets one line per step; with ``eager``,
+    ``chunk_progress`` gets the envelope bytes of each chunk downloaded and
+    ``chunk_total`` the bytes to download, first (default: a line per 8 MiB through
+    ``progress``). Raises SnapshotError,
     MetaError and the cas.objstore errors. After a failure the database is removed
     again (:func:`_undo_database`): no half-loaded database is left behind."""
 
@@ -942,7 +922,8 @@ def restore_into(volume: Volume, objects: ObjectStore, cfg: Any, folder_id: str,
                             f"{header.get('volume_uuid')}, not generation {snap.generation} of {volume.uuid}")
     created = create_database(volume)
     try:
-        return _restore_loaded(volume, objects, cfg, folder_id, plan, keys, eager, say, blob, header)
+        return _restore_loaded(volume, objects, cfg, folder_id, plan, keys, eager, say, blob, header,
+                               chunk_progress, chunk_total)
     except BaseException:
         _undo_database(volume, created)
         raise
@@ -950,7 +931,8 @@ def restore_into(volume: Volume, objects: ObjectStore, cfg: Any, folder_id: str,
 
 def _restore_loaded(volume: Volume, objects: ObjectStore, cfg: Any, folder_id: str, plan: RestorePlan,
                     keys: Sealer | None, eager: bool, say: Callable[[str], None], blob: bytes,
-                    header: dict[str, Any]) -> VolumeRestore:
+                    header: dict[str, Any], chunk_progress: Callable[[int], None] | None = None,
+                    chunk_total: Callable[[int], None] | None = None) -> VolumeRestore:
     """The part of :func:`restore_into` after the database was created."""
     from . import cloud as cloud_mod
     from .meta import _server_for, _target_for, connect
@@ -1022,7 +1004,7 @@ def _restore_loaded(volume: Volume, objects: ObjectStore, cfg: Any, folder_id: s
                     say(f"downloaded {got[0]} bytes of chunks")
                     got[0] = 0
             try:
-                r = cloud_mod.restore(tier, everything=True, progress=tick)
+                r = cloud_mod.restore(tier, everything=True, progress=chunk_progress or tick, on_total=chunk_total)
             finally:
                 tier.close()
             downloaded, downloaded_bytes = r.restored, r.restored_bytes

@@ -6,6 +6,7 @@ tier (every chunk not yet in a pack joins the upload queue). The next mount uplo
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict
@@ -90,12 +91,7 @@ def auth(volume: str, client_secrets: Path | None, service_account: Path | None,
     cfg.snapshot_interval_s = snapshot_interval
     staged: Path | None = None     # new credentials, kept only once the folder is accepted
     if service_account:
-        try:
-            data = service_account.read_bytes()
-            if json.loads(data).get("type") != "service_account":
-                raise VolumeError(f"{service_account} is not a service-account key file")
-        except (OSError, ValueError) as exc:
-            raise VolumeError(f"cannot read service-account key {service_account}: {exc}") from exc
+        data = read_service_account(service_account)
         cfg.credentials = SERVICE_ACCOUNT_FILE
     elif client_secrets:
         data = _oauth_token(client_secrets, not no_browser)
@@ -263,6 +259,17 @@ def push(volume: str, timeout: float | None, drive_endpoint: str | None, as_json
         click.echo(f"metadata snapshot generation {rp.generation} is current")
 
 
+def read_service_account(path: Path) -> bytes:
+    """The bytes of service-account key file ``path``. Raises VolumeError (one line) when
+    it cannot be read or is not a service-account key (its JSON ``type``)."""
+    try:
+        data = path.read_bytes()
+        if json.loads(data).get("type") != "service_account":
+            raise VolumeError(f"{path} is not a service-account key file")
+    except (OSError, ValueError) as exc:
+        raise VolumeError(f"cannot read service-account key {path}: {exc}") from exc
+    return data
+
 @click.command()
 @click.argument("volume", default=DEFAULT_NAME)
 @click.option("--lazy", is_flag=True, help="Only mark missing chunks as cloud-only; reads fetch them "
@@ -372,12 +379,7 @@ def _restore_from_drive(name: str, generation: int | None, eager: bool, meta_url
                                "or --endpoint URL (a test server)")
     cred_name, cred_data = "", b""
     if service_account:
-        try:
-            cred_data = service_account.read_bytes()
-            if json.loads(cred_data).get("type") != "service_account":
-                raise VolumeError(f"{service_account} is not a service-account key file")
-        except (OSError, ValueError) as exc:
-            raise VolumeError(f"cannot read service-account key {service_account}: {exc}") from exc
+        cred_data = read_service_account(service_account)
         cred_name = SERVICE_ACCOUNT_FILE
     elif client_secrets:
         cred_data = _oauth_token(client_secrets, not no_browser)
@@ -427,8 +429,12 @@ def _restore_from_drive(name: str, generation: int | None, eager: bool, meta_url
             cfg = cloud.CloudConfig.from_volume(vol)
             click.echo(f"restoring volume {vol.name} ({vol.uuid}) from folder {folder_name}: generation "
                        f"{plan.chosen.generation} of {plan.chosen.created:%Y-%m-%d %H:%M:%S} UTC")
-            r = snapshot.restore_into(vol, objects, cfg, folder_id, plan, keys=vol.keys, eager=eager,
-                                      progress=click.echo)
+            # the eager download gets a bar with rate and ETA (tools/progress.py); the
+            # steps before it are one line each
+            with progress("restore", unit="B") if eager else contextlib.nullcontext() as bar:
+                r = snapshot.restore_into(vol, objects, cfg, folder_id, plan, keys=vol.keys, eager=eager,
+                                          progress=click.echo, chunk_progress=bar,
+                                          chunk_total=None if bar is None else bar.set_total)
             vol.save()
         except BaseException:
             shutil.rmtree(vol.path, ignore_errors=True)
