@@ -7,26 +7,17 @@ import random
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from tests.conftest import ROOT, CasEnv
 from tests.treeutil import IGNORED, compare_trees, snapshot_stdlib, unique_chunk_bytes
+from tests.waiting import wait_for
 
 CS = 1 << 20
 
 
 def stats(casenv: CasEnv, vol: str = "vol") -> dict[str, float]:
     return json.loads(casenv.run("stats", "--json", vol).stdout)
-
-
-def wait_for(pred, what: str, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    """Poll ``pred`` until true: FUSE release reaches the daemon after close() returns."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def write_synced(path: Path, data: bytes) -> None:
@@ -43,7 +34,7 @@ def test_dedup_delete_and_gc(casenv: CasEnv, tmp_path: Path) -> None:
     shutil.copytree(src, mp / "a", symlinks=True, ignore=IGNORED)
     shutil.copytree(src, mp / "b", symlinks=True, ignore=IGNORED)
     logical, unique = unique_chunk_bytes([src, src], CS)
-    wait_for(lambda: stats(casenv)["logical_bytes"] == logical, "all files flushed")
+    wait_for(lambda: stats(casenv)["logical_bytes"] == logical, "all files flushed", 30.0, interval=0.1)
     s = stats(casenv)
     true_ratio = logical / unique
     assert s["logical_bytes"] == logical
@@ -52,7 +43,7 @@ def test_dedup_delete_and_gc(casenv: CasEnv, tmp_path: Path) -> None:
     before_delete = s
 
     shutil.rmtree(mp / "a")
-    wait_for(lambda: stats(casenv)["logical_bytes"] == logical // 2, "deleted copy released")
+    wait_for(lambda: stats(casenv)["logical_bytes"] == logical // 2, "deleted copy released", 30.0, interval=0.1)
     s = stats(casenv)
     assert s["stored_bytes"] == before_delete["stored_bytes"]      # nothing freed ...
     assert s["unique_bytes"] == before_delete["unique_bytes"]      # ... every chunk still used
@@ -65,12 +56,12 @@ def test_dedup_delete_and_gc(casenv: CasEnv, tmp_path: Path) -> None:
     rnd = random.Random(7)
     write_synced(mp / "new1.bin", rnd.randbytes(5 * CS + 12345))
     write_synced(mp / "new2.bin", rnd.randbytes(3000))
-    wait_for(lambda: stats(casenv)["chunks"] == base["chunks"] + 7, "new chunks recorded")
+    wait_for(lambda: stats(casenv)["chunks"] == base["chunks"] + 7, "new chunks recorded", 30.0, interval=0.1)
     grown = stats(casenv)
     assert grown["stored_bytes"] > base["stored_bytes"]
     os.unlink(mp / "new1.bin")
     os.unlink(mp / "new2.bin")
-    wait_for(lambda: stats(casenv)["garbage_chunks"] == 7, "deleted files released")
+    wait_for(lambda: stats(casenv)["garbage_chunks"] == 7, "deleted files released", 30.0, interval=0.1)
     r = casenv.run("gc", "--grace", "0", "vol")
     assert "freed 7 chunks" in r.stdout
     after = stats(casenv)
@@ -106,7 +97,7 @@ def test_gc_racing_a_writer(casenv: CasEnv) -> None:
         for i in range(len(payloads)):
             os.unlink(d / f"f{i}")
         wait_for(lambda: json.loads(casenv.run("stats", "--json", "vol").stdout)["garbage_chunks"] == n_chunks,
-                 "deleted data released")
+                 "deleted data released", 30.0, interval=0.1)
         gc = subprocess.Popen([sys.executable, "-c", GC_LOOP, "4"], cwd=ROOT, env=casenv.env,
                               stdout=subprocess.PIPE, text=True)
         try:

@@ -15,7 +15,6 @@ import random
 import shutil
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import pytest
 from tests.conftest import CasEnv
 
 from tests.treeutil import compare_trees
+from tests.waiting import wait_for
 from tools.drivesim import FOLDER_MIME, DriveSim
 
 CHUNK = 64 * 1024
@@ -59,13 +59,6 @@ def stats(casenv: CasEnv) -> dict[str, Any]:
     return dict(json.loads(casenv.run("stats", "--json", "vol").stdout))
 
 
-def wait_for(what: str, cond: Callable[[], bool], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)
-
-
 def drained(casenv: CasEnv) -> bool:
     s = status(casenv)
     return bool(s["queued_chunks"] == 0 and s["uploading_packs"] == 0)
@@ -93,7 +86,7 @@ def upload_tree(casenv: CasEnv, sim: DriveSim, seed: int) -> tuple[Path, Path]:
     make_tree(src, seed=seed)
     shutil.copytree(src, mp / "t")
     fsync_tree(mp)
-    wait_for("the upload queue to drain", lambda: drained(casenv))
+    wait_for(lambda: drained(casenv), "the upload queue to drain", 120, interval=0.3)
     return mp, src
 
 
@@ -113,14 +106,14 @@ def test_tree_uploaded_once_and_identical_tree_adds_nothing(casenv: CasEnv, driv
     mp = casenv.mount("vol")
     make_tree(mp / "one", seed=1)
     fsync_tree(mp)
-    wait_for("the upload queue to drain", lambda: drained(casenv))
+    wait_for(lambda: drained(casenv), "the upload queue to drain", 120, interval=0.3)
     assert_each_chunk_once(casenv, drive_sim)
     before = drive_sim.counters
     assert before.bytes_uploaded == stats(casenv)["cloud_bytes"]
     make_tree(mp / "two", seed=1)                            # the same bytes again
     fsync_tree(mp)
     time.sleep(2.5)                                          # several uploader rounds
-    wait_for("the upload queue to drain", lambda: drained(casenv))
+    wait_for(lambda: drained(casenv), "the upload queue to drain", 120, interval=0.3)
     after = drive_sim.counters
     assert after.files_created == before.files_created
     assert after.bytes_uploaded == before.bytes_uploaded
@@ -134,7 +127,7 @@ def test_evict_everything_then_read_back_from_drive(casenv: CasEnv, drive_sim: D
     mp, src = upload_tree(casenv, drive_sim, seed=2)
     casenv.umount(mp)
     casenv.mount("vol", mp, "--local-limit", "0")
-    wait_for("eviction of every local chunk", lambda: stats(casenv)["local_bytes"] == 0)
+    wait_for(lambda: stats(casenv)["local_bytes"] == 0, "eviction of every local chunk", 120, interval=0.3)
     st = stats(casenv)
     assert st["cloud_only_chunks"] == st["live_chunks"] > 0
     assert not any(p.is_file() for p in (casenv.data_home / "vol" / "chunks").rglob("*"))
@@ -160,21 +153,22 @@ def test_kill_during_faulty_uploads_then_remount_drains_once(casenv: CasEnv, dri
     make_tree(src, seed=3, files=40)
     shutil.copytree(src, mp / "t")
     fsync_tree(mp)
-    wait_for("an upload under way", lambda: drive_sim.counters.requests.get("upload_multipart", 0) >= 2, 60)
+    wait_for(lambda: drive_sim.counters.requests.get("upload_multipart", 0) >= 2,
+             "an upload under way", 60, interval=0.3)
     pid = casenv.daemon_pid(mp)
     os.kill(pid, signal.SIGKILL)
-    wait_for("the daemon to die", lambda: not Path(f"/proc/{pid}").exists(), 30)
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), "the daemon to die", 30, interval=0.3)
     casenv.umount(mp)                                       # cleans the dead mount
     s = status(casenv)
     assert s["queued_chunks"] > 0                           # the kill left uploads pending
     casenv.mount("vol", mp)
-    wait_for("the upload queue to drain after remount", lambda: drained(casenv), 180)
+    wait_for(lambda: drained(casenv), "the upload queue to drain after remount", 180, interval=0.3)
     drive_sim.clear_faults()
     casenv.run("gc", "--grace", "0", "vol")
     assert_each_chunk_once(casenv, drive_sim)
     casenv.umount(mp)
     casenv.mount("vol", mp, "--local-limit", "0")
-    wait_for("eviction", lambda: stats(casenv)["local_bytes"] == 0)
+    wait_for(lambda: stats(casenv)["local_bytes"] == 0, "eviction", 120, interval=0.3)
     casenv.umount(mp)
     casenv.mount("vol", mp)
     assert compare_trees(src, mp / "t", mtimes=False) == []
@@ -190,10 +184,10 @@ def test_gc_deletes_dead_packs_and_rewrites_sparse_ones(casenv: CasEnv, drive_si
         (mp / f"k{i}").write_bytes(keep[f"k{i}"])
         (mp / f"d{i}").write_bytes(drop[f"d{i}"])
         fsync_tree(mp)
-        wait_for("the upload queue to drain", lambda: drained(casenv))
+        wait_for(lambda: drained(casenv), "the upload queue to drain", 120, interval=0.3)
     (mp / "gone").write_bytes(rnd.randbytes(3 * CHUNK))
     fsync_tree(mp)
-    wait_for("the upload queue to drain", lambda: drained(casenv))
+    wait_for(lambda: drained(casenv), "the upload queue to drain", 120, interval=0.3)
     before = {f["id"] for f in pack_files(drive_sim)}
     for name in [*drop, "gone"]:
         (mp / name).unlink()
@@ -207,7 +201,7 @@ def test_gc_deletes_dead_packs_and_rewrites_sparse_ones(casenv: CasEnv, drive_si
     assert {f["id"] for f in after} - before                 # the live chunks moved to a new pack
     casenv.umount(mp)
     casenv.mount("vol", mp, "--local-limit", "0")
-    wait_for("eviction", lambda: stats(casenv)["local_bytes"] == 0)
+    wait_for(lambda: stats(casenv)["local_bytes"] == 0, "eviction", 120, interval=0.3)
     casenv.umount(mp)
     casenv.mount("vol", mp)
     for name, data in keep.items():
@@ -221,7 +215,7 @@ def test_daily_limit_pauses_uploads_and_says_so(casenv: CasEnv, drive_sim: Drive
     data = os.urandom(3 * CHUNK)
     (mp / "f").write_bytes(data)
     fsync_tree(mp)
-    wait_for("the pause", lambda: bool(status(casenv)["paused_until"]), 60)
+    wait_for(lambda: bool(status(casenv)["paused_until"]), "the pause", 60, interval=0.3)
     s = status(casenv)
     assert "User rate limit exceeded." in s["last_error"] and s["queued_chunks"] == 3
     assert "PAUSED until" in casenv.run("drive", "status", "vol").stdout
@@ -239,10 +233,10 @@ def test_drive_unreachable_local_works_and_evicted_reads_fail_with_eio(
     data = os.urandom(3 * CHUNK)
     (mp / "evicted").write_bytes(data)
     fsync_tree(mp)
-    wait_for("the upload queue to drain", lambda: drained(casenv))
+    wait_for(lambda: drained(casenv), "the upload queue to drain", 120, interval=0.3)
     casenv.umount(mp)
     casenv.mount("vol", mp, "--local-limit", "0")
-    wait_for("eviction", lambda: stats(casenv)["local_bytes"] == 0)
+    wait_for(lambda: stats(casenv)["local_bytes"] == 0, "eviction", 120, interval=0.3)
     drive_sim.stop()                                         # Drive is gone
     local = os.urandom(2 * CHUNK)
     (mp / "local").write_bytes(local)                        # queued, never evicted

@@ -17,7 +17,8 @@ import tomli_w
 from cas.meta import connect
 from cas.volume import open_volume
 from tests.conftest import CasEnv
-from tests.test_drive import drained, fsync_tree, setup_volume, stats, wait_for
+from tests.test_drive import drained, fsync_tree, stats
+from tests.waiting import wait_for
 from tools.drivesim import DriveSim
 
 CHUNK = 64 * 1024
@@ -40,7 +41,7 @@ def evict_and_remount(casenv: CasEnv, mp: Path) -> None:
     """Evict every chunk, then remount (empty RAM cache, no kernel page cache)."""
     casenv.umount(mp)
     casenv.mount("vol", mp, "--local-limit", "0")
-    wait_for("eviction of every local chunk", lambda: stats(casenv)["local_bytes"] == 0)
+    wait_for(lambda: stats(casenv)["local_bytes"] == 0, "eviction of every local chunk", 120, interval=0.3)
     casenv.umount(mp)
     casenv.mount("vol", mp, "--local-limit", "0")
 
@@ -63,7 +64,7 @@ def test_cold_sequential_read_overlaps_gets_and_survives_failed_read_ahead(
     data = os.urandom(FILE_SIZE)
     (mp / "f").write_bytes(data)
     fsync_tree(mp)
-    wait_for("the upload queue to drain", lambda: drained(casenv))
+    wait_for(lambda: drained(casenv), "the upload queue to drain", 120, interval=0.3)
     assert stats(casenv)["cloud_packs"] >= 40
     # the uploader packed the file's chunks in file order (they were queued in one
     # writeback, i.e. in chunk id order): a pack holds consecutive slots, in order

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import CasEnv
-from tests.test_drive import CHUNK, fsync_tree, make_tree, pack_files, wait_for
+from tests.test_drive import CHUNK, fsync_tree, make_tree, pack_files
 from tests.treeutil import compare_trees
+from tests.waiting import wait_for
 from tools.drivesim import DriveSim
 
 
@@ -43,7 +44,20 @@ def evict_all(casenv: CasEnv, mp: Path, vol: str = "vol") -> None:
     """Remount ``vol`` at ``mp`` with --local-limit 0 and wait until no chunk is local."""
     casenv.umount(mp)
     casenv.mount(vol, mp, "--local-limit", "0")
-    wait_for("eviction of every local chunk", lambda: stats(casenv, vol)["local_bytes"] == 0)
+    wait_for(lambda: stats(casenv, vol)["local_bytes"] == 0, "eviction of every local chunk", 120, interval=0.3)
+
+
+def uploaded_tree(casenv: CasEnv, drive_sim: DriveSim, seed: int, files: int) -> tuple[Path, Path]:
+    """Volume "vol" on drivesim, mounted, holding a copy of a fresh tree at ``MP/t`` that
+    is fsync'd and all on Drive. Returns (mountpoint, the source tree)."""
+    auth(casenv, drive_sim, "vol")
+    mp = casenv.mount("vol")
+    src = casenv.tmp / "src"
+    make_tree(src, seed=seed, files=files)
+    shutil.copytree(src, mp / "t")
+    fsync_tree(mp)
+    wait_for(lambda: drained(casenv), "the upload queue to drain", 90, interval=0.3)
+    return mp, src
 
 
 # -- 1. two volumes, one Drive folder ------------------------------------------------------
@@ -61,7 +75,7 @@ def test_two_volumes_in_one_folder_gc_keeps_the_others_packs_and_auth_refuses_a_
     fsync_tree(mpa)
     fsync_tree(mpb)
     for v in ("va", "vb"):
-        wait_for(f"{v}'s upload queue to drain", lambda v=v: drained(casenv, v))
+        wait_for(lambda v=v: drained(casenv, v), f"{v}'s upload queue to drain", 120, interval=0.3)
     folders = {f["parents"][0] for f in pack_files(drive_sim)}
     assert len(folders) == 1                                  # really one folder for both
     before = {f["id"] for f in pack_files(drive_sim)}
@@ -100,7 +114,7 @@ def test_failed_upload_and_failed_recovery_are_retried_until_the_queue_drains(
     data = os.urandom(3 * CHUNK)
     (mp / "f").write_bytes(data)
     fsync_tree(mp)
-    wait_for("the upload queue to drain", lambda: drained(casenv), 90)
+    wait_for(lambda: drained(casenv), "the upload queue to drain", 90, interval=0.3)
     assert drive_sim.counters.faults.get("server_error", 0) == 4
     s = status(casenv)
     assert "503" in s["last_error"] and s["last_error_at"]        # kept, not wiped by a quiet round
@@ -119,7 +133,7 @@ def test_a_mount_recovers_a_pack_whose_lease_expires_while_it_runs(casenv: CasEn
     mp = casenv.mount("vol")
     (mp / "f").write_bytes(os.urandom(3 * CHUNK))
     fsync_tree(mp)
-    wait_for("the queue age to show", lambda: status(casenv)["oldest_queued_s"] > 0)
+    wait_for(lambda: status(casenv)["oldest_queued_s"] > 0, "the queue age to show", 120, interval=0.3)
     assert "oldest not yet on Drive: " in casenv.run("drive", "status", "vol").stdout
     # An uploader on another host claims the queue and is never heard of again; its lease
     # runs out a few seconds from now, long after this mount's uploader started.
@@ -131,7 +145,7 @@ def test_a_mount_recovers_a_pack_whose_lease_expires_while_it_runs(casenv: CasEn
             cur.execute("UPDATE upload_queue SET pack = %s, pos = 0, length = 1", (cur.lastrowid,))
         meta.db.transaction(claim)
     assert status(casenv)["uploading_packs"] == 1
-    wait_for("the expired pack to be released", lambda: status(casenv)["uploading_packs"] == 0, 60)
+    wait_for(lambda: status(casenv)["uploading_packs"] == 0, "the expired pack to be released", 60, interval=0.3)
     with connect(open_volume("vol")) as meta:
         assert meta.db.query("SELECT COUNT(*) FROM upload_queue WHERE pack IS NOT NULL")[0][0] == 0
     casenv.run("drive", "push", "--timeout", "60", "vol")
@@ -143,13 +157,7 @@ def test_a_mount_recovers_a_pack_whose_lease_expires_while_it_runs(casenv: CasEn
 def test_drive_without_sha256_uploads_adopts_after_a_crash_and_restores(
         casenv: CasEnv, drive_sim: DriveSim) -> None:
     drive_sim.sha256 = False                      # Drive gives sha256Checksum only "if available"
-    auth(casenv, drive_sim, "vol")
-    mp = casenv.mount("vol")
-    src = casenv.tmp / "src"
-    make_tree(src, seed=21, files=12)
-    shutil.copytree(src, mp / "t")
-    fsync_tree(mp)
-    wait_for("the upload queue to drain", lambda: drained(casenv), 90)
+    mp, src = uploaded_tree(casenv, drive_sim, seed=21, files=12)
     assert all("sha256Checksum" not in f for f in pack_files(drive_sim))
     packs = len(pack_files(drive_sim))
     assert packs == stats(casenv)["cloud_packs"] > 0
@@ -159,17 +167,17 @@ def test_drive_without_sha256_uploads_adopts_after_a_crash_and_restores(
     late = os.urandom(3 * CHUNK)
     (mp / "late").write_bytes(late)
     fsync_tree(mp)
-    wait_for("an upload's bytes to reach Drive",
-             lambda: slow.fired == 1 and drive_sim.counters.bytes_received > received, 60)
+    wait_for(lambda: slow.fired == 1 and drive_sim.counters.bytes_received > received,
+             "an upload's bytes to reach Drive", 60, interval=0.3)
     pid = casenv.daemon_pid(mp)
     os.kill(pid, signal.SIGKILL)
-    wait_for("the daemon to die", lambda: not Path(f"/proc/{pid}").exists(), 30)
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), "the daemon to die", 30, interval=0.3)
     casenv.umount(mp)
-    wait_for("the upload to complete on Drive", lambda: len(pack_files(drive_sim)) == packs + 1, 30)
+    wait_for(lambda: len(pack_files(drive_sim)) == packs + 1, "the upload to complete on Drive", 30, interval=0.3)
     assert status(casenv)["uploading_packs"] == 1
     created = drive_sim.counters.files_created
     casenv.mount("vol", mp)
-    wait_for("the upload queue to drain after remount", lambda: drained(casenv), 90)
+    wait_for(lambda: drained(casenv), "the upload queue to drain after remount", 90, interval=0.3)
     assert drive_sim.counters.files_created == created         # adopted on size + md5, not sent again
     assert len(pack_files(drive_sim)) == stats(casenv)["cloud_packs"] == packs + 1
     casenv.umount(mp)
@@ -192,7 +200,7 @@ def test_daily_cap_is_told_by_reason_push_names_it_and_a_remount_is_not_stale_pa
     mp = casenv.mount("vol")
     (mp / "a").write_bytes(os.urandom(3 * CHUNK))
     fsync_tree(mp)
-    wait_for("the upload queue to drain", lambda: drained(casenv), 60)
+    wait_for(lambda: drained(casenv), "the upload queue to drain", 60, interval=0.3)
     assert drive_sim.counters.faults.get("rate_limit", 0) == 2
     assert status(casenv)["paused_until"] == ""
     # The daily cap by its documented reason, whatever its wording: the mount pauses.
@@ -200,7 +208,7 @@ def test_daily_cap_is_told_by_reason_push_names_it_and_a_remount_is_not_stale_pa
                      message="Daily Limit Exceeded")
     (mp / "b").write_bytes(os.urandom(3 * CHUNK))
     fsync_tree(mp)
-    wait_for("the pause", lambda: bool(status(casenv)["paused_until"]), 60)
+    wait_for(lambda: bool(status(casenv)["paused_until"]), "the pause", 60, interval=0.3)
     assert "PAUSED until" in casenv.run("drive", "status", "vol").stdout
     casenv.umount(mp)
     r = casenv.run("drive", "push", "--timeout", "30", "vol", check=False)
@@ -212,7 +220,7 @@ def test_daily_cap_is_told_by_reason_push_names_it_and_a_remount_is_not_stale_pa
     casenv.mount("vol", mp)
     assert status(casenv)["paused_until"] == ""
     assert "uploads      running" in casenv.run("drive", "status", "vol").stdout
-    wait_for("the upload queue to drain", lambda: drained(casenv), 60)
+    wait_for(lambda: drained(casenv), "the upload queue to drain", 60, interval=0.3)
     assert status(casenv)["paused_until"] == ""
     assert len(pack_files(drive_sim)) == stats(casenv)["cloud_packs"] == 2
 
@@ -223,13 +231,7 @@ def test_restore_skips_a_pack_drive_will_not_give_reports_it_and_counts_cloud_on
         casenv: CasEnv, drive_sim: DriveSim) -> None:
     from cas.meta import connect
     from cas.volume import open_volume
-    auth(casenv, drive_sim, "vol")
-    mp = casenv.mount("vol")
-    src = casenv.tmp / "src"
-    make_tree(src, seed=31, files=16)
-    shutil.copytree(src, mp / "t")
-    fsync_tree(mp)
-    wait_for("the upload queue to drain", lambda: drained(casenv), 90)
+    mp, src = uploaded_tree(casenv, drive_sim, seed=31, files=16)
     evict_all(casenv, mp)
     casenv.umount(mp)
     live = stats(casenv)["live_chunks"]
@@ -266,13 +268,7 @@ def test_fsck_cloud_finds_missing_and_damaged_packs_and_names_the_files(
 
     from cas.meta import connect
     from cas.volume import open_volume
-    auth(casenv, drive_sim, "vol")
-    mp = casenv.mount("vol")
-    src = casenv.tmp / "src"
-    make_tree(src, seed=41, files=16)
-    shutil.copytree(src, mp / "t")
-    fsync_tree(mp)
-    wait_for("the upload queue to drain", lambda: drained(casenv), 90)
+    mp, src = uploaded_tree(casenv, drive_sim, seed=41, files=16)
     out = casenv.run("fsck", "--cloud", "vol").stdout
     assert "0 missing or different" in out
     with connect(open_volume("vol")) as meta:
