@@ -25,6 +25,7 @@ from tests.conftest import CasEnv
 from tests.drivesim_fixture import drive_sim  # noqa: F401
 from tests.treeutil import compare_trees
 from tests.test_writeback import _close_errno, _grow, _write, store_tmpfs  # noqa: F401
+from tests.test_drive import fsync_tree
 from tests.waiting import wait_exit, wait_for
 from tools.drivesim import FOLDER_MIME, DriveSim
 
@@ -66,15 +67,6 @@ def make_tree(root: Path) -> dict[str, bytes]:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
     return files
-
-
-def fsync_tree(root: Path) -> None:
-    for p in [root, *root.rglob("*")]:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def plaintext_runs_found(inputs: list[bytes], stored: list[bytes]) -> list[str]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -27,6 +29,34 @@ def rows(db: Database, table: str) -> list[tuple[Any, ...]]:
     return db.query(f"SELECT * FROM `{table}`{where} ORDER BY {KEYS[table]}")
 
 
+def drop_database(ceng: CloudEngine, name: str) -> bool:
+    """Drop database ``name`` of the test server if it exists; True when it existed."""
+    admin = pymysql.connect(unix_socket=str(ceng.server.socket), user="root", password="")
+    try:
+        with admin.cursor() as cur:
+            existed = bool(cur.execute("SELECT 1 FROM information_schema.schemata WHERE schema_name = %s",
+                                       (name,)))
+            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+    finally:
+        admin.close()
+    return existed
+
+
+@contextmanager
+def scratch_database(ceng: CloudEngine, suffix: str) -> Iterator[Database]:
+    """A connection to an empty volume database (schema.sql, :func:`snapshot.create_database`)
+    named after the engine's plus ``suffix``, on the same server; dropped at exit."""
+    name = f"{ceng.dbname}_{suffix}"
+    vol = replace(ceng.vol, meta_url=ceng.vol.meta_url.replace(ceng.dbname, name))
+    snapshot.create_database(vol)
+    db = Database(parse_meta_url(vol.meta_url))
+    try:
+        yield db
+    finally:
+        db.close()
+        drop_database(ceng, name)
+
+
 def test_dump_loads_into_a_fresh_database_row_for_row_and_damage_is_refused(ceng: CloudEngine) -> None:
     fs = ceng.fs
     make_file(fs, b"a", rand(5 * CS + 17, 1))
@@ -40,21 +70,11 @@ def test_dump_loads_into_a_fresh_database_row_for_row_and_damage_is_refused(ceng
     try:
         info = snapshot.dump(src, out, ceng.vol.uuid, 1)
         assert info.lacking_chunks == 0 and info.packs and info.rows["inodes"] == 5
-        name = f"{ceng.dbname}_copy"
-        vol2 = replace(ceng.vol, meta_url=ceng.vol.meta_url.replace(ceng.dbname, name))
-        snapshot.create_database(vol2)
-        dst = Database(parse_meta_url(vol2.meta_url))
-        try:
+        with scratch_database(ceng, "copy") as dst:
             loaded = snapshot.load(dst, out.getvalue())
             assert loaded.rows == info.rows
             for t in snapshot.TABLES:
                 assert rows(dst, t) == rows(src, t), t
-        finally:
-            dst.close()
-            admin = pymysql.connect(unix_socket=str(ceng.server.socket), user="root", password="")
-            with admin.cursor() as cur:
-                cur.execute(f"DROP DATABASE `{name}`")
-            admin.close()
     finally:
         src.close()
     text = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(out.getvalue())).read().decode()
@@ -63,18 +83,8 @@ def test_dump_loads_into_a_fresh_database_row_for_row_and_damage_is_refused(ceng
     for damaged in (lines[:-1],                                    # no trailer
                     lines[:2] + lines[3:]):                        # a row missing
         blob = zstandard.ZstdCompressor().compress(("\n".join(damaged) + "\n").encode())
-        vol3 = replace(ceng.vol, meta_url=ceng.vol.meta_url.replace(ceng.dbname, f"{ceng.dbname}_bad"))
-        snapshot.create_database(vol3)
-        bad = Database(parse_meta_url(vol3.meta_url))
-        try:
-            with pytest.raises(snapshot.SnapshotError):
-                snapshot.load(bad, blob)
-        finally:
-            bad.close()
-            admin = pymysql.connect(unix_socket=str(ceng.server.socket), user="root", password="")
-            with admin.cursor() as cur:
-                cur.execute(f"DROP DATABASE `{ceng.dbname}_bad`")
-            admin.close()
+        with scratch_database(ceng, "bad") as bad, pytest.raises(snapshot.SnapshotError):
+            snapshot.load(bad, blob)
 
 
 def test_a_snapshot_whose_upload_started_keeps_its_pins(ceng: CloudEngine, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -180,10 +190,7 @@ def test_damaged_unsealed_snapshots_are_refused_with_one_line(
                 variant(1, {**docs[1], "binary": [99]}),
                 variant(2, row[:-1]),
                 variant(2, row)]
-    vol3 = replace(ceng.vol, meta_url=ceng.vol.meta_url.replace(ceng.dbname, f"{ceng.dbname}_dmg"))
-    snapshot.create_database(vol3)
-    bad_db = Database(parse_meta_url(vol3.meta_url))
-    try:
+    with scratch_database(ceng, "dmg") as bad_db:
         for v in variants:
             with pytest.raises(snapshot.SnapshotError, match="damaged|not supported"):
                 snapshot.load(bad_db, v)
@@ -191,12 +198,6 @@ def test_damaged_unsealed_snapshots_are_refused_with_one_line(
             with pytest.raises(snapshot.SnapshotError, match="damaged"):
                 snapshot.pack_names(v)
         assert bad_db.query("SELECT COUNT(*) FROM packs")[0][0] == 0
-    finally:
-        bad_db.close()
-        admin = pymysql.connect(unix_socket=str(ceng.server.socket), user="root", password="")
-        with admin.cursor() as cur:
-            cur.execute(f"DROP DATABASE `{ceng.dbname}_dmg`")
-        admin.close()
 
 
 def test_the_volume_object_follows_key_passwd_on_disk(ceng: CloudEngine, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -279,20 +280,8 @@ def test_a_failed_restore_leaves_no_half_loaded_database(ceng: CloudEngine, tmp_
             "SELECT pack FROM snapshot_packs WHERE generation = 1")} == packs
     finally:
         dst.close()
-    admin = pymysql.connect(unix_socket=str(ceng.server.socket), user="root", password="")
-    with admin.cursor() as cur:
-        cur.execute(f"DROP DATABASE `{name}`")
-    admin.close()
+    assert drop_database(ceng, name)
     # the chunk size mismatch again, after the load: nothing is left
     with pytest.raises(snapshot.SnapshotError, match="chunk size"):
         snapshot.restore_into(replace(vol2, chunk_size=2 * CS), tier.objects, tier.cfg, "folder", plan)
-    admin = pymysql.connect(unix_socket=str(ceng.server.socket), user="root", password="")
-    try:
-        with admin.cursor() as cur:
-            cur.execute("SELECT COUNT(*) FROM information_schema.schemata WHERE schema_name = %s", (name,))
-            left = cur.fetchone()[0]
-            if left:
-                cur.execute(f"DROP DATABASE `{name}`")
-    finally:
-        admin.close()
-    assert left == 0
+    assert not drop_database(ceng, name)
