@@ -33,13 +33,14 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def human(n: float) -> str:
-    """Bytes as a short human string (binary units)."""
+def human(n: float, digits: int = 2) -> str:
+    """``n`` bytes as a short human string in binary units (``512 B``, ``12.34 MiB``),
+    with ``digits`` decimals above bytes."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{digits}f} {unit}"
         n /= 1024
-    return f"{n:.2f} TiB"
+    return f"{n:.{digits}f} TiB"
 
 
 def user_errors(fn: Callable[P, R]) -> Callable[P, R]:

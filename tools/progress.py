@@ -33,18 +33,11 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from .common import human
+
 PLAIN_FIRST_S = 2.0   # seconds of work before the first plain line
 PLAIN_EVERY_S = 2.0   # seconds between plain lines at most
 PLAIN_STEP_PCT = 10   # percent of the total between plain lines at most
-
-
-def _bytes(n: float) -> str:
-    """Bytes as a short text in binary units (``512 B``, ``12.3 MiB``)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _clock(seconds: float) -> str:
@@ -126,13 +119,13 @@ class Progress:
         self._emit(text)
 
     def _amount(self, n: float) -> str:
-        return _bytes(n) if self.unit == "B" else f"{n:,.0f} {self.unit}"
+        return human(n, 1) if self.unit == "B" else f"{n:,.0f} {self.unit}"
 
     def _text(self) -> str:
         if self.unit == "B":
-            text = f"{self.desc}: {_bytes(self.done)}"
+            text = f"{self.desc}: {human(self.done, 1)}"
             if self.total:
-                text += f"/{_bytes(self.total)}"
+                text += f"/{human(self.total, 1)}"
         else:
             text = f"{self.desc}: {self.done:,}" + (f"/{self.total:,}" if self.total else "") + f" {self.unit}"
         if self.total:
