@@ -69,6 +69,7 @@ class Counter:
         self._lock = threading.Lock()
 
     def add(self, n: int = 1) -> None:
+        """Add ``n`` (default 1) to the count. Thread-safe."""
         with self._lock:
             self.value += n
 

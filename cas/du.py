@@ -50,6 +50,7 @@ class Usage:
         return max(self.data - self.unique - self.shared, 0)
 
     def as_dict(self) -> dict[str, int]:
+        """The figures in bytes (``--json`` of `casfs du`), with ``dedup_saved``."""
         d = dict(asdict(self))
         d["dedup_saved"] = self.dedup_saved
         return d

@@ -172,6 +172,7 @@ class ChunkCodec:
 
     @property
     def encrypted(self) -> bool:
+        """True for an encrypted volume's codec (AEAD envelopes, keyed ids)."""
         return self.keys is not None
 
     def chunk_id(self, data: bytes | bytearray | memoryview) -> bytes:

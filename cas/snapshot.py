@@ -104,9 +104,13 @@ class SnapshotError(CasError):
 class Sealer(Protocol):
     """What a snapshot needs of an encrypted volume's keys (cas.keys.VolumeKeys)."""
 
-    def seal_blob(self, data: bytes, aad: bytes) -> bytes: ...
+    def seal_blob(self, data: bytes, aad: bytes) -> bytes:
+        """``data`` sealed (AES-256-GCM) with ``aad`` authenticated."""
+        ...
 
-    def open_blob(self, blob: bytes, aad: bytes) -> bytes: ...
+    def open_blob(self, blob: bytes, aad: bytes) -> bytes:
+        """The data of ``blob``; IntegrityError when it or ``aad`` was changed."""
+        ...
 
 
 def snapshot_aad(volume_uuid: str, generation: int) -> bytes:
@@ -662,6 +666,7 @@ class RecoveryPoint:
     object_name: str
 
     def as_dict(self) -> dict[str, object]:
+        """The recovery point as `drive status --json` / `stats --json` show it (key ``snapshot``)."""
         return {"generation": self.generation, "confirmed_at": self.confirmed_at,
                 "changes_since": self.changes_since, "lacking_chunks": self.lacking_chunks,
                 "object": self.object_name}

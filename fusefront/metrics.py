@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from prometheus_client import start_http_server
@@ -84,6 +84,7 @@ class CasCollector(Collector):
         self._local: tuple[float, tuple[int, int, int], int] | None = None
 
     def close(self) -> None:
+        """Close the collector's own database connection (opened again at the next scrape)."""
         with self._db_lock:
             if self._db is not None:
                 self._db.close()
@@ -248,6 +249,7 @@ class MetricsServer:
         log.info("metrics at http://%s/metrics (pid %d)", self.address, os.getpid())
 
     def stop(self) -> None:
+        """Stop serving /metrics (waits up to 5 s for the server thread) and close the collector."""
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(5)

@@ -102,9 +102,11 @@ class Observer:
 
     @property
     def enabled(self) -> bool:
+        """True when metrics or the audit log are on (else nothing is installed)."""
         return self.metrics or self.audit_level != OFF
 
     def audited(self, op: str) -> bool:
+        """True when FUSE operation ``op`` is written to the audit log at this level."""
         level = AUDIT_LEVEL.get(op)
         return level is not None and (self.audit_level == ALL or (self.audit_level == CHANGES and level == CHANGES))
 

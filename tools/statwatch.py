@@ -55,6 +55,7 @@ class Rates:
     dirty_bytes: int
 
     def as_dict(self) -> dict[str, Any]:
+        """One `stats --watch --json` line: rates per second (MiB/s in binary MiB)."""
         return {"ops_per_s": round(self.ops, 3), "in_mib_per_s": round(self.in_mib, 3),
                 "out_mib_per_s": round(self.out_mib, 3), "dedup_mib_per_s": round(self.dedup_mib, 3),
                 "cache_hit_ratio": None if self.hit_ratio is None else round(self.hit_ratio, 4),
