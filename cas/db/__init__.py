@@ -1,0 +1,11 @@
+"""The typed metadata layer: every SQL statement casfs runs against a volume's tables.
+
+One module per group of tables (see docs/metadata.md for the lock order, transaction
+scopes and the invariants each statement relies on):
+
+* :mod:`cas.db.batch` - the one batching helper for multi-row statements.
+
+Callers pass the cursor of the transaction they run in (``Database.transaction`` bodies)
+or the :class:`cas.meta.Database` for single reads; functions return typed rows
+(dataclasses or NamedTuples), never raw tuples.
+"""
