@@ -44,6 +44,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
+import trio
 
 from cas.errors import CasError, FsError, NoData, NotFound
 from cas.fs import Attr, Filesystem
@@ -64,6 +65,23 @@ ACL_ACCESS = b"system.posix_acl_access"
 # readdir offsets 1 and 2 are '.' and '..'; an engine dentry offset d is d + DOT_OFFSETS
 DOT_OFFSETS = 2
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+R = TypeVar("R")
+# Worker threads for engine calls that may block for long (chunk I/O, a flush, a Drive
+# fetch): at most this many at once, so that the loop thread stays free (docs/concurrency.md)
+ENGINE_THREADS = 8
+_limiter: trio.CapacityLimiter | None = None
+
+
+async def offload(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+    """``fn(*args, **kwargs)`` run in a worker thread (``trio.to_thread.run_sync``, at
+    most :data:`ENGINE_THREADS` at once), so that the trio loop keeps serving other FUSE
+    requests meanwhile; returns its result or raises its exception. Not cancellable once
+    started: the engine call always finishes (a half-done engine call would be worse
+    than a late reply)."""
+    global _limiter
+    if _limiter is None:
+        _limiter = trio.CapacityLimiter(ENGINE_THREADS)
+    return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=_limiter)
 
 
 def _translate(fn: F) -> F:
