@@ -1,0 +1,70 @@
+"""The manifests table: slot -> chunk of each file (schema.sql).
+
+A file's slot i covers bytes [i*chunk_size, (i+1)*chunk_size); a slot with no row is a
+hole. Every change here commits in the same transaction as the refcount deltas of the
+chunks it gains and loses (invariant 2, docs/design.md: cas.db.chunks) and, for a new
+chunk, only after the chunk's file is durable (invariant 1). The mount is the only
+writer of its volume's manifests, so the rows of a file it holds open are what its RAM
+manifest says (cas/filedata.py).
+
+Locks (InnoDB, READ COMMITTED; see cas.db.namespace for the background): writes X-lock
+the (inode, slot) records they change until the transaction (the group) ends.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from pymysql.cursors import Cursor
+
+from .batch import batches, values
+from .source import Source, rows
+
+
+class ManifestRow(NamedTuple):
+    """One ``manifests`` row: slot ``slot`` of inode ``inode`` holds chunk ``chunk``
+    (32 bytes)."""
+
+    inode: int
+    slot: int
+    chunk: bytes
+
+
+def manifest_of(src: Source, ino: int) -> dict[int, bytes]:
+    """The manifest of ``ino``: slot -> chunk id, holes absent. No lock."""
+    return {int(s): bytes(c) for s, c in rows(src, "SELECT slot, chunk FROM manifests WHERE inode = %s", (ino,))}
+
+
+def chunks_for_update(cur: Cursor, ino: int) -> list[bytes]:
+    """The chunk id of every slot of ``ino`` (a chunk once per slot naming it),
+    X-locking the manifest rows: the file is being freed and its chunks lose these
+    references in the same transaction (invariant 2)."""
+    cur.execute("SELECT chunk FROM manifests WHERE inode = %s FOR UPDATE", (ino,))
+    return [bytes(r[0]) for r in cur.fetchall()]
+
+
+def put(cur: Cursor, manifest_rows: Sequence[ManifestRow]) -> None:
+    """Insert or replace ``manifest_rows`` (one REPLACE per BATCH_ROWS rows). X-locks
+    each (inode, slot) record. The caller applies the refcount deltas in the same
+    transaction (invariant 2)."""
+    for batch in batches(manifest_rows):
+        text, args = values(batch)
+        cur.execute("REPLACE INTO manifests (inode, slot, chunk) VALUES " + text, args)
+
+
+def delete_from(cur: Cursor, ino: int, first_slot: int) -> None:
+    """Delete the rows of slots >= ``first_slot`` of ``ino`` (truncation). X-locks them."""
+    cur.execute("DELETE FROM manifests WHERE inode = %s AND slot >= %s", (ino, first_slot))
+
+
+def delete_slots(cur: Cursor, ino: int, slots: Sequence[int]) -> None:
+    """Delete the rows of ``slots`` of ``ino`` (slots rewritten as holes); one statement
+    per BATCH_ROWS slots. X-locks them."""
+    for batch in batches(list(slots)):
+        cur.execute("DELETE FROM manifests WHERE inode = %s AND slot IN %s", (ino, batch))
+
+
+def delete_all(cur: Cursor, ino: int) -> None:
+    """Delete every row of ``ino``'s manifest (the inode is freed). X-locks them (locked
+    already by :func:`chunks_for_update`)."""
+    cur.execute("DELETE FROM manifests WHERE inode = %s", (ino,))

@@ -1,0 +1,307 @@
+"""The namespace tables: inodes, dentries, symlinks, xattrs (schema.sql).
+
+Every statement casfs's engine runs on these tables is a function here. Functions that
+write take the cursor of the caller's transaction (``Database.transaction`` body: under
+group commit a savepoint of the mount's open group); reads take a :data:`Source` (that
+cursor, or the :class:`cas.meta.Database` for a single read). Each docstring names the
+row locks the statement takes and the rule it serves; docs/metadata.md gives the lock
+order of the transactions that combine them.
+
+Locking background (InnoDB, READ COMMITTED, the session level of cas.meta): a plain
+SELECT takes no lock (a consistent read); UPDATE and DELETE take exclusive (X) locks on
+the index records they change (READ COMMITTED releases the locks of rows that did not
+match); INSERT takes an X lock on the new record, and on a duplicate key a shared (S)
+lock on the existing one; ``SELECT ... FOR UPDATE`` takes X locks on the rows read. All
+locks are held until the transaction ends: for a mount, until the group commits.
+
+The mount is the only writer of its volume's namespace (a volume mounts once), so these
+locks serialize the mount with the tools that read or repair a volume (fsck, gc), never
+two writers of one namespace (invariant "single writer of a namespace",
+docs/metadata.md).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+from pymysql.cursors import Cursor
+
+from .batch import batches
+from .source import Source, rows
+
+#: the columns of an inodes row, in :class:`InodeRow` order
+INODE_COLUMNS = ("id", "mode", "uid", "gid", "nlink", "size", "rdev", "atime_ns", "mtime_ns",
+                 "ctime_ns", "data_bytes")
+_COLS = ", ".join(INODE_COLUMNS)
+_ICOLS = ", ".join("i." + c for c in INODE_COLUMNS)   # the same, of alias i
+#: the columns :func:`update_inode` may set (never id: the primary key)
+WRITABLE_COLUMNS = frozenset(INODE_COLUMNS) - {"id"}
+
+
+class InodeRow(NamedTuple):
+    """One ``inodes`` row: sizes in bytes, times in ns since the epoch; ``data_bytes``
+    the bytes in stored (non-hole) slots (invariant 14, docs/design.md)."""
+
+    id: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    rdev: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    data_bytes: int
+
+
+class Dentry(NamedTuple):
+    """One ``dentries`` row as the engine reads it: entry ``name`` of directory ``parent``
+    names inode ``inode``."""
+
+    parent: int
+    name: bytes
+    inode: int
+
+
+class DirEntry(NamedTuple):
+    """One entry of a directory listing: its name, its readdir offset (``dentries.id``,
+    stable across additions and removals) and the inode it names."""
+
+    name: bytes
+    offset: int
+    inode: InodeRow
+
+
+def _inode(r: Sequence[Any]) -> InodeRow:
+    return InodeRow(*(int(v) for v in r))
+
+
+# -- inodes ------------------------------------------------------------------------------
+
+def inode(src: Source, ino: int) -> InodeRow | None:
+    """The row of inode ``ino``, or None. No lock (a consistent read)."""
+    r = rows(src, f"SELECT {_COLS} FROM inodes WHERE id = %s", (ino,))
+    return _inode(r[0]) if r else None
+
+
+def inode_size(src: Source, ino: int) -> int | None:
+    """The committed size (bytes) of ``ino``, or None when it has no row. No lock."""
+    r = rows(src, "SELECT size FROM inodes WHERE id = %s", (ino,))
+    return int(r[0][0]) if r else None
+
+
+def unlinked_inodes(src: Source) -> list[int]:
+    """Inodes with nlink 0 (unlinked while open, left by a crash: freed at the next start,
+    docs/posix.md). No lock; uses ``nlink_idx``."""
+    return [int(r[0]) for r in rows(src, "SELECT id FROM inodes WHERE nlink = 0")]
+
+
+def inode_count(src: Source) -> int:
+    """Number of inode rows (statfs's used files). No lock."""
+    return int(rows(src, "SELECT COUNT(*) FROM inodes")[0][0])
+
+
+def existing_inodes(cur: Cursor, inos: Sequence[int]) -> set[int]:
+    """Which of ``inos`` have a row. No lock, but run inside the flush's transaction:
+    a flush never writes manifest rows for an inode whose row was lost with a group
+    (invariant 7, docs/design.md). One statement per BATCH_ROWS inodes."""
+    found: set[int] = set()
+    for batch in batches(list(inos)):
+        found.update(int(r[0]) for r in rows(cur, "SELECT id FROM inodes WHERE id IN %s", (batch,)))
+    return found
+
+
+def mode_for_update(cur: Cursor, ino: int) -> int:
+    """st_mode of ``ino``, X-locking its row (unlink, rmdir, rename: the inode's type
+    cannot change under the operation). Raises LookupError when the row is missing (the
+    caller found it through a dentry it holds locked, so it is there)."""
+    cur.execute("SELECT mode FROM inodes WHERE id = %s FOR UPDATE", (ino,))
+    row = cur.fetchone()
+    if row is None:
+        raise LookupError(f"inode {ino} has no row")
+    return int(row[0])
+
+
+def nlink_for_update(cur: Cursor, ino: int) -> int | None:
+    """nlink of ``ino`` X-locking its row, or None when the row is gone. Freeing an
+    inode re-checks nlink 0 under this lock (a link made meanwhile keeps it)."""
+    cur.execute("SELECT nlink FROM inodes WHERE id = %s FOR UPDATE", (ino,))
+    row = cur.fetchone()
+    return None if row is None else int(row[0])
+
+
+def update_inode(cur: Cursor, ino: int, cols: Mapping[str, int]) -> None:
+    """Set columns ``cols`` (name -> value, in the order given; names from
+    WRITABLE_COLUMNS, others raise ValueError) of inode ``ino``. X-locks its row.
+    setattr (chmod, chown, utimens) and the flush (size, times, data_bytes: invariant 14,
+    committed with the manifest) use it."""
+    if not cols:
+        raise ValueError("no columns to set")
+    bad = set(cols) - WRITABLE_COLUMNS
+    if bad:
+        raise ValueError(f"not writable inode columns: {sorted(bad)}")
+    cur.execute("UPDATE inodes SET " + ", ".join(f"{c} = %s" for c in cols) + " WHERE id = %s",
+                [*cols.values(), ino])
+
+
+def touch_dir(cur: Cursor, ino: int, now: int, nlink_delta: int = 0) -> None:
+    """Directory ``ino`` changed: mtime and ctime become ``now`` (ns), nlink changes by
+    ``nlink_delta`` (a subdirectory added or removed: POSIX link count 2 + subdirs).
+    X-locks its row."""
+    cur.execute("UPDATE inodes SET mtime_ns = %s, ctime_ns = %s, nlink = nlink + %s WHERE id = %s",
+                (now, now, nlink_delta, ino))
+
+
+def add_link(cur: Cursor, ino: int, now: int) -> None:
+    """One more link to ``ino`` (link(2)): nlink + 1, ctime ``now``. X-locks its row."""
+    cur.execute("UPDATE inodes SET nlink = nlink + 1, ctime_ns = %s WHERE id = %s", (now, ino))
+
+
+def drop_link(cur: Cursor, ino: int, now: int) -> None:
+    """One link less to non-directory ``ino``: nlink - 1 (never below 0), ctime ``now``.
+    X-locks its row."""
+    cur.execute("UPDATE inodes SET nlink = nlink - 1, ctime_ns = %s WHERE id = %s AND nlink > 0", (now, ino))
+
+
+def set_unlinked(cur: Cursor, ino: int, now: int) -> None:
+    """Directory ``ino`` was removed: nlink 0 (freed when nothing references it),
+    ctime ``now``. X-locks its row."""
+    cur.execute("UPDATE inodes SET nlink = 0, ctime_ns = %s WHERE id = %s", (now, ino))
+
+
+def set_ctime(cur: Cursor, now: int, *inos: int) -> None:
+    """ctime of every inode of ``inos`` (one or two: rename, xattr changes) becomes
+    ``now``. X-locks their rows."""
+    if not inos:
+        raise ValueError("no inodes")
+    if len(inos) == 1:
+        cur.execute("UPDATE inodes SET ctime_ns = %s WHERE id = %s", (now, inos[0]))
+    else:
+        cur.execute("UPDATE inodes SET ctime_ns = %s WHERE id IN (" + ", ".join(["%s"] * len(inos)) + ")",
+                    (now, *inos))
+
+
+def delete_inode(cur: Cursor, ino: int) -> None:
+    """Delete inode ``ino``'s symlink target, xattrs and row, in that order (its manifest
+    goes first, cas.db.manifests). X-locks those rows. Only for an inode whose nlink 0
+    the caller checked under :func:`nlink_for_update`."""
+    for table, col in (("symlinks", "inode"), ("xattrs", "inode"), ("inodes", "id")):
+        cur.execute(f"DELETE FROM {table} WHERE {col} = %s", (ino,))
+
+
+# -- dentries ----------------------------------------------------------------------------
+
+def entry(src: Source, parent: int, name: bytes) -> int | None:
+    """Inode named by entry ``name`` of ``parent``, or None. No lock (primary key
+    (parent, name))."""
+    r = rows(src, "SELECT inode FROM dentries WHERE parent = %s AND name = %s", (parent, name))
+    return int(r[0][0]) if r else None
+
+
+def entry_for_update(cur: Cursor, parent: int, name: bytes) -> int | None:
+    """Inode of entry ``name`` in ``parent``, X-locking the entry, or None (nothing is
+    locked then: READ COMMITTED takes no gap locks). unlink, rmdir and rename lock
+    their entries first, then the inodes they name."""
+    cur.execute("SELECT inode FROM dentries WHERE parent = %s AND name = %s FOR UPDATE", (parent, name))
+    row = cur.fetchone()
+    return int(row[0]) if row else None
+
+
+def lookup(src: Source, parent: int, name: bytes) -> InodeRow | None:
+    """The inode row named by entry ``name`` of ``parent`` (one join on primary keys),
+    or None. No lock."""
+    r = rows(src, f"SELECT {_ICOLS} FROM dentries d JOIN inodes i ON i.id = d.inode "
+                  "WHERE d.parent = %s AND d.name = %s", (parent, name))
+    return _inode(r[0]) if r else None
+
+
+def parent_of(src: Source, ino: int) -> int | None:
+    """The parent of directory ``ino`` (what its '..' names), or None for the root and
+    for a removed directory. No lock (``inode_idx``); a directory has one entry."""
+    r = rows(src, "SELECT parent FROM dentries WHERE inode = %s LIMIT 1", (ino,))
+    return int(r[0][0]) if r else None
+
+
+def dentry_of(src: Source, ino: int) -> Dentry | None:
+    """One entry naming ``ino``, or None (unlinked; the root). No lock (``inode_idx``)."""
+    r = rows(src, "SELECT parent, name FROM dentries WHERE inode = %s LIMIT 1", (ino,))
+    return Dentry(int(r[0][0]), bytes(r[0][1]), ino) if r else None
+
+
+def has_entries(cur: Cursor, ino: int) -> bool:
+    """Whether directory ``ino`` has any entry (rmdir, rename over a directory: ENOTEMPTY).
+    No lock: the mount is the only writer of its namespace, and it is serialized."""
+    cur.execute("SELECT 1 FROM dentries WHERE parent = %s LIMIT 1", (ino,))
+    return cur.fetchone() is not None
+
+
+def delete_entry(cur: Cursor, parent: int, name: bytes) -> None:
+    """Delete entry ``name`` of ``parent``. X-locks it (locked already by
+    :func:`entry_for_update`)."""
+    cur.execute("DELETE FROM dentries WHERE parent = %s AND name = %s", (parent, name))
+
+
+def repoint_entry(cur: Cursor, parent: int, name: bytes, ino: int) -> None:
+    """Entry ``name`` of ``parent`` names ``ino`` from now on (RENAME_EXCHANGE). X-locks
+    the entry."""
+    cur.execute("UPDATE dentries SET inode = %s WHERE parent = %s AND name = %s", (ino, parent, name))
+
+
+def move_entry(cur: Cursor, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes) -> None:
+    """Entry ``old_name`` of ``old_parent`` becomes ``new_name`` of ``new_parent``,
+    keeping its readdir offset (rename). X-locks the entry (old and new key)."""
+    cur.execute("UPDATE dentries SET parent = %s, name = %s WHERE parent = %s AND name = %s",
+                (new_parent, new_name, old_parent, old_name))
+
+
+def list_dir(src: Source, ino: int, after: int, limit: int) -> list[DirEntry]:
+    """At most ``limit`` entries of directory ``ino`` with readdir offset > ``after``, in
+    offset order, with their inode rows. No lock.
+
+    The plan is forced: a range scan of (parent, id) joined to inodes by primary key
+    reads O(limit) rows. Left to itself, MariaDB 10.11 with stale statistics (rows
+    added in bulk) chose a full scan of inodes and a filesort of the whole directory
+    for every batch: listing cost grew with the square of its size (invariant 14)."""
+    r = rows(src, f"SELECT d.name, d.id, {_ICOLS} "
+                  "FROM dentries d FORCE INDEX (parent_id_idx) "
+                  "STRAIGHT_JOIN inodes i FORCE INDEX (PRIMARY) ON i.id = d.inode "
+                  "WHERE d.parent = %s AND d.id > %s ORDER BY d.id LIMIT %s", (ino, after, limit))
+    return [DirEntry(bytes(x[0]), int(x[1]), _inode(x[2:])) for x in r]
+
+
+# -- symlinks ----------------------------------------------------------------------------
+
+def symlink_target(src: Source, ino: int) -> bytes | None:
+    """The target of symlink ``ino``, or None (not a symlink, or no such inode). No lock."""
+    r = rows(src, "SELECT target FROM symlinks WHERE inode = %s", (ino,))
+    return bytes(r[0][0]) if r else None
+
+
+# -- xattrs ------------------------------------------------------------------------------
+
+def xattrs_of(src: Source, ino: int) -> dict[bytes, bytes]:
+    """The extended attributes of ``ino``: name -> value. No lock."""
+    return {bytes(n): bytes(v) for n, v in rows(src, "SELECT name, value FROM xattrs WHERE inode = %s", (ino,))}
+
+
+def inodes_with_xattrs(src: Source, inos: Iterable[int]) -> set[int]:
+    """Which of ``inos`` have at least one extended attribute (a listing learns, with one
+    statement per BATCH_ROWS inodes, which entries have none: docs/posix.md). No lock."""
+    found: set[int] = set()
+    for batch in batches(list(inos)):
+        found.update(int(r[0]) for r in rows(src, "SELECT DISTINCT inode FROM xattrs WHERE inode IN %s",
+                                             (batch,)))
+    return found
+
+
+def set_xattr(cur: Cursor, ino: int, name: bytes, value: bytes) -> None:
+    """Create or replace extended attribute ``name`` of ``ino``. X-locks the
+    (inode, name) row."""
+    cur.execute("REPLACE INTO xattrs (inode, name, value) VALUES (%s, %s, %s)", (ino, name, value))
+
+
+def delete_xattr(cur: Cursor, ino: int, name: bytes) -> None:
+    """Remove extended attribute ``name`` of ``ino`` (absent: nothing). X-locks the row."""
+    cur.execute("DELETE FROM xattrs WHERE inode = %s AND name = %s", (ino, name))
+
