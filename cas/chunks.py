@@ -27,9 +27,12 @@ import logging
 import threading
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+import pymysql.cursors
 
 from .cache import LFUCache
+from .db import chunks as dbchunks
 from .envelope import PLAIN, ChunkCodec
 from .errors import ChunkMissing, FsError, IntegrityError
 from .meta import Database
@@ -40,16 +43,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 Plain = bytes | bytearray  # chunk plaintext as buffered (never modified while in use)
-_IN_BATCH = 500
 READAHEAD_MAX = 16  # chunk loads under way or waiting to be collected
 REMOTE_AHEAD_BYTES = 64 << 20  # bytes of a file offered to the cloud read-ahead (cas.cloud.AHEAD_MAX)
 FROM_CLOUD_MAX = 4096  # chunk ids in ChunkManager.from_cloud before it starts over
 REMOTE_RECENT_S = 5.0  # a file read from the cloud this recently (s): its sequential reads offer slots ahead
-
-
-def _batches(items: list[Any], n: int = _IN_BATCH) -> Iterable[list[Any]]:
-    for i in range(0, len(items), n):
-        yield items[i:i + n]
 
 
 class ChunkManager:
@@ -103,11 +100,9 @@ class ChunkManager:
         if not corrupt and not missing:
             return 0
 
-        def body(cur: Any) -> None:
-            for batch in _batches(corrupt):
-                cur.execute("UPDATE chunks SET bad = 1 WHERE id IN %s", (batch,))
-            for batch in _batches(missing):
-                cur.execute("UPDATE chunks SET bad = 1 WHERE is_local = 1 AND id IN %s", (batch,))
+        def body(cur: pymysql.cursors.Cursor) -> None:
+            dbchunks.mark_bad(cur, corrupt)
+            dbchunks.mark_bad_if_local(cur, missing)
         try:
             db.transaction(body)
         except BaseException:
@@ -252,10 +247,7 @@ class ChunkManager:
     @staticmethod
     def recorded(db: Database, ids: Iterable[bytes]) -> set[bytes]:
         """The ids among ``ids`` that have a chunk row, any refcount (no locks taken)."""
-        found: set[bytes] = set()
-        for batch in _batches(sorted(set(ids))):
-            found.update(bytes(r[0]) for r in db.query("SELECT id FROM chunks WHERE id IN %s", (batch,)))
-        return found
+        return dbchunks.recorded(db, ids)
 
     def store_unknown(self, db: Database, chunks: Mapping[bytes, Plain]) -> dict[bytes, int]:
         """Durably store the chunks of ``chunks`` (id -> plaintext) that have no usable copy:
@@ -275,19 +267,16 @@ class ChunkManager:
             return {}
         self.apply_marks(db)
         usable: set[bytes] = set()
-        for batch in _batches(sorted(chunks)):
-            for cid_b, bad, is_local, slen in db.query(
-                    "SELECT id, bad, is_local, stored_length FROM chunks WHERE id IN %s", (batch,)):
-                cid = bytes(cid_b)
-                if bad:
+        for cid, bad, is_local, slen in dbchunks.states(db, chunks):
+            if bad:
+                continue
+            if is_local:
+                st = self.store.stat(cid)
+                if st is None or (slen and st.size != slen):
+                    log.warning("integrity: chunk %s: local file %s; writing it again", cid.hex(),
+                                "missing" if st is None else "of the wrong size")
                     continue
-                if is_local:
-                    st = self.store.stat(cid)
-                    if st is None or (int(slen) and st.size != int(slen)):
-                        log.warning("integrity: chunk %s: local file %s; writing it again", cid.hex(),
-                                    "missing" if st is None else "of the wrong size")
-                        continue
-                usable.add(cid)
+            usable.add(cid)
         todo = [cid for cid in chunks if cid not in usable]
         if not todo:
             return {}
@@ -295,7 +284,7 @@ class ChunkManager:
         self.store.put_many(zip(todo, blobs), self.io_pool)
         return {cid: len(b) for cid, b in zip(todo, blobs)}
 
-    def apply_deltas(self, cur: Any, deltas: Mapping[bytes, int], chunks: Mapping[bytes, Plain],
+    def apply_deltas(self, cur: pymysql.cursors.Cursor, deltas: Mapping[bytes, int], chunks: Mapping[bytes, Plain],
                      stored: Mapping[bytes, int]) -> None:
         """Apply net refcount ``deltas`` (id -> +/-n) inside the caller's transaction.
 
@@ -306,27 +295,23 @@ class ChunkManager:
         ``bad = 0, is_local = 1`` and its new length in this transaction (invariant 4).
         """
         gain = sorted(c for c, d in deltas.items() if d > 0)
-        rows: dict[bytes, tuple[int, int, int]] = {}
-        for batch in _batches(gain):
-            cur.execute("SELECT id, refcount, stored_length, bad FROM chunks WHERE id IN %s "
-                        "ORDER BY id FOR UPDATE", (batch,))
-            rows.update({bytes(r[0]): (int(r[1]), int(r[2]), int(r[3])) for r in cur.fetchall()})
-        values = []
+        rows = dbchunks.lock_gaining(cur, gain)
+        values: list[dbchunks.ChunkRef] = []
         rewritten: list[tuple[int, bytes]] = []   # (envelope length, id): files written again
         for cid in gain:
             row = rows.get(cid)
-            slen = row[1] if row else stored.get(cid, 0)
+            slen = row.stored_length if row else stored.get(cid, 0)
             if row is not None and cid in stored:
                 # store_unknown wrote it again (bad, missing or wrong size): this write heals it
                 slen = stored[cid]
                 rewritten.append((slen, cid))
-            elif row is not None and row[2]:
+            elif row is not None and row.bad:
                 # marked bad after store_unknown looked (a scrub): never reference the bad file
                 blob = self.envelope.seal(chunks[cid], self.codec, self.level, cid)
                 self.store.put(cid, blob)
                 slen = len(blob)
                 rewritten.append((slen, cid))
-            elif row is None or row[0] <= 0:
+            elif row is None or row.refcount <= 0:
                 st = self.store.stat(cid)
                 if st is None:  # gc (or eviction) removed it after our pre-check: write it again
                     blob = self.envelope.seal(chunks[cid], self.codec, self.level, cid)
@@ -336,31 +321,21 @@ class ChunkManager:
                         rewritten.append((slen, cid))
                 elif not slen:
                     slen = st.size
-            values.append((cid, len(chunks[cid]), slen, deltas[cid]))
-        for batch in _batches(values):
-            cur.execute(
-                "INSERT INTO chunks (id, length, stored_length, refcount) VALUES "
-                + ",".join(["(%s,%s,%s,%s)"] * len(batch))
-                + " ON DUPLICATE KEY UPDATE zero_since = IF(refcount + VALUES(refcount) > 0, NULL, zero_since),"
-                  " refcount = refcount + VALUES(refcount)",
-                [v for row in batch for v in row])
+            values.append(dbchunks.ChunkRef(cid, len(chunks[cid]), slen, deltas[cid]))
+        dbchunks.add_refs(cur, values)
         for slen, cid in rewritten:
-            cur.execute("UPDATE chunks SET bad = 0, is_local = 1, stored_length = %s WHERE id = %s", (slen, cid))
+            dbchunks.mark_rewritten(cur, cid, slen)
         if self.enqueue:
             # new chunks, and rewritten ones (a bad chunk left the queue unuploaded; one
             # already confirmed in a pack is dropped from the queue at the next claim)
             new = [cid for cid in gain if cid not in rows] + [cid for _, cid in rewritten]
-            for batch in _batches(new):
-                cur.execute("INSERT IGNORE INTO upload_queue (chunk) VALUES "
-                            + ",".join(["(%s)"] * len(batch)), batch)
+            dbchunks.queue_uploads(cur, new)
         by_delta: dict[int, list[bytes]] = {}
         for cid, d in deltas.items():
             if d < 0:
                 by_delta.setdefault(d, []).append(cid)
         for d, ids in by_delta.items():
-            for batch in _batches(sorted(ids)):
-                cur.execute("UPDATE chunks SET zero_since = IF(refcount + %s <= 0, NOW(6), zero_since), "
-                            "refcount = refcount + %s WHERE id IN %s", (d, d, batch))
+            dbchunks.drop_refs(cur, d, ids)
 
 
 def net_deltas(gained: Iterable[bytes], lost: Iterable[bytes]) -> dict[bytes, int]:

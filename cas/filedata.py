@@ -21,9 +21,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+
+import pymysql.cursors
 
 from .chunks import REMOTE_AHEAD_BYTES, REMOTE_RECENT_S, ChunkManager, net_deltas
+from .db import manifests as dbmanifests
+from .db import namespace as ns
 from .errors import CasError, FsError, NotFound
 from .meta import Database
 
@@ -143,10 +146,9 @@ class FileData:
 
     def _committed(self, ino: int) -> tuple[int | None, dict[int, bytes]]:
         """The committed size (None: no such inode) and manifest of ``ino``."""
-        rows = self.db.query("SELECT size FROM inodes WHERE id = %s", (ino,))
-        manifest = {int(s): bytes(c) for s, c in
-                    self.db.query("SELECT slot, chunk FROM manifests WHERE inode = %s", (ino,))}
-        return (int(rows[0][0]) if rows else None), manifest
+        size = ns.inode_size(self.db, ino)
+        manifest = dbmanifests.manifest_of(self.db, ino)
+        return size, manifest
 
     def reload_all(self) -> list[int]:
         """After a lost group transaction: reload every state's committed manifest from
@@ -524,10 +526,9 @@ class FileData:
         if self.epoch != epoch:  # a lost group was recovered meanwhile: plan again
             return self._flush_many([st for st in states if not st.lost])
 
-        def body(cur: Any) -> None:
+        def body(cur: pymysql.cursors.Cursor) -> None:
             # never manifest rows for an inode whose row is missing (a lost group)
-            cur.execute("SELECT id FROM inodes WHERE id IN %s", ([st.ino for st, _ in plan],))
-            found = {int(r[0]) for r in cur.fetchall()}
+            found = ns.existing_inodes(cur, [st.ino for st, _ in plan])
             missing = [st for st, _ in plan if st.ino not in found]
             if missing:
                 for st in missing:
@@ -535,31 +536,26 @@ class FileData:
                 raise _RowsMissing()
             gained: list[bytes] = []
             lost: list[bytes] = []
-            manifest_rows: list[tuple[int, int, bytes]] = []
+            manifest_rows: list[dbmanifests.ManifestRow] = []
             for st, new in plan:
                 # this mount is the only writer of its open inodes' manifests: the RAM
                 # manifest is the committed one
                 old = {s: st.manifest[s] for s in new if s in st.manifest}
                 if st.truncate_from is not None:
                     old.update({s: c for s, c in st.manifest.items() if s >= st.truncate_from})
-                    cur.execute("DELETE FROM manifests WHERE inode = %s AND slot >= %s",
-                                (st.ino, st.truncate_from))
+                    dbmanifests.delete_from(cur, st.ino, st.truncate_from)
                 lost.extend(old.values())
                 holes = [s for s, c in new.items() if c is None and s in old]
                 if holes:
-                    cur.execute("DELETE FROM manifests WHERE inode = %s AND slot IN %s", (st.ino, holes))
+                    dbmanifests.delete_slots(cur, st.ino, holes)
                 for s, c in new.items():
                     if c is not None:
                         gained.append(c)
-                        manifest_rows.append((st.ino, s, c))
+                        manifest_rows.append(dbmanifests.ManifestRow(st.ino, s, c))
                 cols = sorted(st.attrs)
-                cur.execute("UPDATE inodes SET " + "".join(f"{c} = %s, " for c in cols) + "size = %s WHERE id = %s",
-                            [*(st.attrs[c] for c in cols), st.size, st.ino])
+                ns.update_inode(cur, st.ino, {**{c: st.attrs[c] for c in cols}, "size": st.size})
             self.chunks.apply_deltas(cur, net_deltas(gained, lost), chunk_data, stored)
-            for i in range(0, len(manifest_rows), 500):
-                batch = manifest_rows[i:i + 500]
-                cur.execute("REPLACE INTO manifests (inode, slot, chunk) VALUES "
-                            + ",".join(["(%s,%s,%s)"] * len(batch)), [v for r in batch for v in r])
+            dbmanifests.put(cur, manifest_rows)
 
         try:
             self.db.transaction(body)
@@ -654,13 +650,12 @@ class FileData:
         """Flush every inode with unflushed changes, in one transaction."""
         self.flush_many(list(self.states.values()))
 
-    def free_manifest(self, cur: Any, ino: int) -> None:
+    def free_manifest(self, cur: pymysql.cursors.Cursor, ino: int) -> None:
         """Inside a transaction: drop ``ino``'s manifest and its chunks' references."""
-        cur.execute("SELECT chunk FROM manifests WHERE inode = %s FOR UPDATE", (ino,))
-        lost = [bytes(r[0]) for r in cur.fetchall()]
+        lost = dbmanifests.chunks_for_update(cur, ino)
         if lost:
             self.chunks.apply_deltas(cur, net_deltas([], lost), {}, {})
-            cur.execute("DELETE FROM manifests WHERE inode = %s", (ino,))
+            dbmanifests.delete_all(cur, ino)
 
 
 class _RowsMissing(Exception):

@@ -31,6 +31,7 @@ import pymysql
 
 from .cache import LFUCache
 from .chunks import ChunkManager
+from .db import namespace as ns
 from .cloud import CloudTier
 from .cloud import enabled as cloud_enabled
 from .envelope import codec_for
@@ -63,8 +64,6 @@ IMMEDIATE = "immediate"
 DURABILITY_MODES = (GROUP, IMMEDIATE)
 CLOSE_WRITEBACK_BYTES = 8 << 20  # close() writes back a file with this many dirty bytes
 CLOSE_SPACE_MARGIN = 64 << 20    # ... or any dirty file when the store's disk is this tight
-_COLS = "id, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, data_bytes"
-_ICOLS = ", ".join("i." + c.strip() for c in _COLS.split(","))  # the same, of alias i
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -231,9 +230,9 @@ class Filesystem:
     @_locked
     def recover(self) -> int:
         """Free inodes left with nlink 0 by a crash (unlinked while open). Returns count."""
-        rows = self.db.query("SELECT id FROM inodes WHERE nlink = 0")
-        for (ino,) in rows:
-            self._free_inode(int(ino))
+        rows = ns.unlinked_inodes(self.db)
+        for ino in rows:
+            self._free_inode(ino)
         self.db.commit()
         return len(rows)
 
@@ -288,17 +287,16 @@ class Filesystem:
             log.warning("cannot move the inode counter past %d: %s", used, exc)
 
     # -- attributes ------------------------------------------------------------------
-    def _attr_row(self, row: tuple[Any, ...]) -> Attr:
+    def _attr_row(self, row: ns.InodeRow) -> Attr:
         """Attributes from an inodes row (cached), with unflushed size/times applied."""
-        a = self.attrs.get(int(row[0])) or self._cache(Attr(*(int(v) for v in row)))
+        a = self.attrs.get(row.id) or self._cache(Attr(*row))
         return self._with_pending(a)
 
     def _xattrs(self, ino: int) -> dict[bytes, bytes]:
         """The extended attributes of ``ino`` (write-through cache, like attrs)."""
         x = self.xattr_cache.get(ino)
         if x is None:
-            x = _bounded_put(self.xattr_cache, ino, {bytes(n): bytes(v) for n, v in self.db.query(
-                "SELECT name, value FROM xattrs WHERE inode = %s", (ino,))})
+            x = _bounded_put(self.xattr_cache, ino, ns.xattrs_of(self.db, ino))
         return x
 
     def _cache(self, attr: Attr) -> Attr:
@@ -313,10 +311,10 @@ class Filesystem:
     def _get(self, ino: int) -> Attr:
         a = self.attrs.get(ino)
         if a is None:
-            rows = self.db.query(f"SELECT {_COLS} FROM inodes WHERE id = %s", (ino,))
-            if not rows:
+            row = ns.inode(self.db, ino)
+            if row is None:
                 raise NotFound(f"inode {ino}")
-            a = self._cache(Attr(*(int(v) for v in rows[0])))
+            a = self._cache(Attr(*row))
         return self._with_pending(a)
 
     def _with_pending(self, a: Attr) -> Attr:
@@ -355,22 +353,20 @@ class Filesystem:
         if name == b".":
             return self._remember(self._get(parent))
         if name == b"..":
-            rows = self.db.query("SELECT parent FROM dentries WHERE inode = %s LIMIT 1", (parent,))
-            return self._remember(self._get(int(rows[0][0]) if rows else ROOT_INODE))
-        rows = self.db.query(f"SELECT {_ICOLS} "
-                             "FROM dentries d JOIN inodes i ON i.id = d.inode "
-                             "WHERE d.parent = %s AND d.name = %s", (parent, name))
-        if not rows:
+            up = ns.parent_of(self.db, parent)
+            return self._remember(self._get(up if up is not None else ROOT_INODE))
+        row = ns.lookup(self.db, parent, name)
+        if row is None:
             raise NotFound(name.decode(errors="replace"))
-        return self._remember(self._attr_row(rows[0]))
+        return self._remember(self._attr_row(row))
 
     @_locked
     def parent_attr(self, ino: int) -> Attr:
         """Attributes of the parent of directory ``ino`` (what its '..' names), without
         counting a kernel lookup: the root's parent is the root, and so is a removed
         directory's. Raises NotFound."""
-        rows = self.db.query("SELECT parent FROM dentries WHERE inode = %s LIMIT 1", (ino,))
-        return self._get(int(rows[0][0]) if rows else ROOT_INODE)
+        up = ns.parent_of(self.db, ino)
+        return self._get(up if up is not None else ROOT_INODE)
 
     @_locked
     def count_lookup(self, ino: int) -> None:
@@ -426,9 +422,7 @@ class Filesystem:
             if st is not None:  # IMMEDIATE: commit now; its next flush must not write older values back
                 st.attrs.update((c, v) for c, v in changes.items() if c in st.attrs)
             cols = sorted(changes)
-            self.db.transaction(lambda cur: cur.execute(
-                "UPDATE inodes SET " + ", ".join(f"{c} = %s" for c in cols) + " WHERE id = %s",
-                [*(changes[c] for c in cols), ino]))
+            self.db.transaction(lambda cur: ns.update_inode(cur, ino, {c: changes[c] for c in cols}))
             self._patch(ino, **changes)
         return self._get(ino)
 
@@ -440,17 +434,13 @@ class Filesystem:
         return a
 
     @staticmethod
-    def _entry(cur: Any, parent: int, name: bytes) -> int | None:
+    def _entry(cur: pymysql.cursors.Cursor, parent: int, name: bytes) -> int | None:
         """Inode of entry ``name`` in ``parent``, row-locked, or None."""
-        cur.execute("SELECT inode FROM dentries WHERE parent = %s AND name = %s FOR UPDATE",
-                    (parent, name))
-        row = cur.fetchone()
-        return int(row[0]) if row else None
+        return ns.entry_for_update(cur, parent, name)
 
     @staticmethod
-    def _touch_dir(cur: Any, ino: int, now: int, nlink_delta: int = 0) -> None:
-        cur.execute("UPDATE inodes SET mtime_ns = %s, ctime_ns = %s, nlink = nlink + %s WHERE id = %s",
-                    (now, now, nlink_delta, ino))
+    def _touch_dir(cur: pymysql.cursors.Cursor, ino: int, now: int, nlink_delta: int = 0) -> None:
+        ns.touch_dir(cur, ino, now, nlink_delta)
 
     def _make(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
               target: bytes | None = None) -> Attr:
@@ -522,11 +512,11 @@ class Filesystem:
     @_locked
     def readlink(self, ino: int) -> bytes:
         """Target of symlink ``ino``. Raises NotFound, InvalidArgument (not a symlink)."""
-        rows = self.db.query("SELECT target FROM symlinks WHERE inode = %s", (ino,))
-        if not rows:
+        target = ns.symlink_target(self.db, ino)
+        if target is None:
             self._get(ino)
             raise InvalidArgument("not a symlink")
-        return bytes(rows[0][0])
+        return target
 
     @_locked
     def link(self, ino: int, parent: int, name: bytes) -> Attr:
@@ -539,9 +529,9 @@ class Filesystem:
 
         now = time.time_ns()
 
-        def body(cur: Any) -> None:
+        def body(cur: pymysql.cursors.Cursor) -> None:
             self._insert_entry(cur, parent, name, ino)
-            cur.execute("UPDATE inodes SET nlink = nlink + 1, ctime_ns = %s WHERE id = %s", (now, ino))
+            ns.add_link(cur, ino, now)
             self._touch_dir(cur, parent, now)
 
         self.db.transaction(body)
@@ -549,8 +539,8 @@ class Filesystem:
         self._patch(parent, mtime_ns=now, ctime_ns=now)
         return self._remember(self._get(ino))
 
-    def _drop_link(self, cur: Any, ino: int, now: int) -> None:
-        cur.execute("UPDATE inodes SET nlink = nlink - 1, ctime_ns = %s WHERE id = %s AND nlink > 0", (now, ino))
+    def _drop_link(self, cur: pymysql.cursors.Cursor, ino: int, now: int) -> None:
+        ns.drop_link(cur, ino, now)
 
     @_locked
     def unlink(self, parent: int, name: bytes) -> None:
@@ -565,25 +555,23 @@ class Filesystem:
     def _remove(self, parent: int, name: bytes, directory: bool) -> None:
         label = name.decode(errors="replace")
 
-        def body(cur: Any) -> int:
+        def body(cur: pymysql.cursors.Cursor) -> int:
             ino = self._entry(cur, parent, name)
             if ino is None:
                 raise NotFound(label)
-            cur.execute("SELECT mode FROM inodes WHERE id = %s FOR UPDATE", (ino,))
-            is_dir = S.S_ISDIR(int(cur.fetchone()[0]))
+            is_dir = S.S_ISDIR(ns.mode_for_update(cur, ino))
             if is_dir and not directory:
                 raise IsADirectory(label)
             if directory and not is_dir:
                 raise NotADirectory(label)
             now = time.time_ns()
             if is_dir:
-                cur.execute("SELECT 1 FROM dentries WHERE parent = %s LIMIT 1", (ino,))
-                if cur.fetchone():
+                if ns.has_entries(cur, ino):
                     raise NotEmpty(label)
-                cur.execute("UPDATE inodes SET nlink = 0, ctime_ns = %s WHERE id = %s", (now, ino))
+                ns.set_unlinked(cur, ino, now)
             else:
                 self._drop_link(cur, ino, now)
-            cur.execute("DELETE FROM dentries WHERE parent = %s AND name = %s", (parent, name))
+            ns.delete_entry(cur, parent, name)
             self._touch_dir(cur, parent, now, -1 if is_dir else 0)
             return ino
 
@@ -609,11 +597,10 @@ class Filesystem:
             if flags & RENAME_EXCHANGE:
                 self._flush_renamed(new_parent, new_name)
 
-        def mode_of(cur: Any, ino: int) -> int:
-            cur.execute("SELECT mode FROM inodes WHERE id = %s FOR UPDATE", (ino,))
-            return int(cur.fetchone()[0])
+        def mode_of(cur: pymysql.cursors.Cursor, ino: int) -> int:
+            return ns.mode_for_update(cur, ino)
 
-        def body(cur: Any) -> tuple[int, int | None, int | None]:
+        def body(cur: pymysql.cursors.Cursor) -> tuple[int, int | None, int | None]:
             src = self._entry(cur, old_parent, old_name)
             if src is None:
                 raise NotFound(old_name.decode(errors="replace"))
@@ -628,8 +615,8 @@ class Filesystem:
                 dst_dir = S.S_ISDIR(mode_of(cur, dst))
                 if dst_dir and new_parent != old_parent:
                     self._check_not_below(cur, old_parent, dst)
-                cur.execute("UPDATE dentries SET inode = %s WHERE parent = %s AND name = %s", (dst, old_parent, old_name))
-                cur.execute("UPDATE dentries SET inode = %s WHERE parent = %s AND name = %s", (src, new_parent, new_name))
+                ns.repoint_entry(cur, old_parent, old_name, dst)
+                ns.repoint_entry(cur, new_parent, new_name, src)
                 if src_dir != dst_dir and old_parent != new_parent:
                     d = 1 if src_dir else -1
                     self._touch_dir(cur, new_parent, now, d)
@@ -637,7 +624,7 @@ class Filesystem:
                 else:
                     self._touch_dir(cur, new_parent, now)
                     self._touch_dir(cur, old_parent, now)
-                cur.execute("UPDATE inodes SET ctime_ns = %s WHERE id IN (%s, %s)", (now, src, dst))
+                ns.set_ctime(cur, now, src, dst)
                 return src, dst, None
             if dst == src:
                 return src, None, None  # same inode: POSIX says do nothing
@@ -651,17 +638,15 @@ class Filesystem:
                 if dst_dir and not src_dir:
                     raise IsADirectory(new_name.decode(errors="replace"))
                 if dst_dir:
-                    cur.execute("SELECT 1 FROM dentries WHERE parent = %s LIMIT 1", (dst,))
-                    if cur.fetchone():
+                    if ns.has_entries(cur, dst):
                         raise NotEmpty(new_name.decode(errors="replace"))
-                    cur.execute("UPDATE inodes SET nlink = 0, ctime_ns = %s WHERE id = %s", (now, dst))
+                    ns.set_unlinked(cur, dst, now)
                     self._touch_dir(cur, new_parent, now, -1)
                 else:
                     self._drop_link(cur, dst, now)
-                cur.execute("DELETE FROM dentries WHERE parent = %s AND name = %s", (new_parent, new_name))
+                ns.delete_entry(cur, new_parent, new_name)
                 freed = dst
-            cur.execute("UPDATE dentries SET parent = %s, name = %s WHERE parent = %s AND name = %s",
-                        (new_parent, new_name, old_parent, old_name))
+            ns.move_entry(cur, old_parent, old_name, new_parent, new_name)
             if src_dir and old_parent != new_parent:
                 self._touch_dir(cur, old_parent, now, -1)
                 self._touch_dir(cur, new_parent, now, 1)
@@ -669,7 +654,7 @@ class Filesystem:
                 self._touch_dir(cur, old_parent, now)
                 if new_parent != old_parent:
                     self._touch_dir(cur, new_parent, now)
-            cur.execute("UPDATE inodes SET ctime_ns = %s WHERE id = %s", (now, src))
+            ns.set_ctime(cur, now, src)
             return src, dst, freed
 
         src, dst, freed = self.db.transaction(body)
@@ -687,23 +672,22 @@ class Filesystem:
         raises (NoSpace, FsError, MetaError); the rename is then not done."""
         if not self.data.states:
             return
-        rows = self.db.query("SELECT inode FROM dentries WHERE parent = %s AND name = %s", (parent, name))
-        st = self.data.pending(int(rows[0][0])) if rows else None
+        target = ns.entry(self.db, parent, name)
+        st = self.data.pending(target) if target is not None else None
         if st is not None:
             self.data.flush(st)
 
     @staticmethod
-    def _check_not_below(cur: Any, target_parent: int, moved_dir: int) -> None:
+    def _check_not_below(cur: pymysql.cursors.Cursor, target_parent: int, moved_dir: int) -> None:
         """Raise InvalidArgument if ``target_parent`` is ``moved_dir`` or below it."""
         ino = target_parent
         while ino != ROOT_INODE:
             if ino == moved_dir:
                 raise InvalidArgument("cannot move a directory below itself")
-            cur.execute("SELECT parent FROM dentries WHERE inode = %s LIMIT 1", (ino,))
-            row = cur.fetchone()
-            if row is None:
+            up = ns.parent_of(cur, ino)
+            if up is None:
                 return
-            ino = int(row[0])
+            ino = up
 
     @_locked
     def readdir(self, ino: int, after: int, limit: int = 256) -> list[tuple[bytes, Attr, int]]:
@@ -712,18 +696,11 @@ class Filesystem:
         Returns (name, attributes, offset of this entry) in stable offset order; the
         offsets survive concurrent additions and removals. '.' and '..' are not listed.
         """
-        # The plan is forced: a range scan of (parent, id) joined to inodes by primary key
-        # reads O(limit) rows. Left to itself, MariaDB 10.11 with stale statistics (rows
-        # added in bulk) chose a full scan of inodes and a filesort of the whole
-        # directory for every batch: listing cost grew with the square of its size.
-        rows = self.db.query(
-            f"SELECT d.name, d.id, {_ICOLS} "
-            "FROM dentries d FORCE INDEX (parent_id_idx) "
-            "STRAIGHT_JOIN inodes i FORCE INDEX (PRIMARY) ON i.id = d.inode "
-            "WHERE d.parent = %s AND d.id > %s ORDER BY d.id LIMIT %s", (ino, after, limit))
+        # one statement of O(limit) rows, its plan forced (cas.db.namespace.list_dir)
+        rows = ns.list_dir(self.db, ino, after, limit)
         if not rows and after == 0:
             self._dir(ino)
-        out = [(bytes(r[0]), self._attr_row(r[2:]), int(r[1])) for r in rows]
+        out = [(e.name, self._attr_row(e.inode), e.offset) for e in rows]
         self._note_no_xattrs([a.ino for _, a, _ in out])
         return out
 
@@ -739,8 +716,7 @@ class Filesystem:
         todo = [i for i in inos if i not in self.xattr_cache]
         if not todo:
             return
-        having = {int(r[0]) for r in self.db.query(
-            "SELECT DISTINCT inode FROM xattrs WHERE inode IN %s", (todo,))}
+        having = ns.inodes_with_xattrs(self.db, todo)
         for i in todo:
             if i not in having:
                 _bounded_put(self.xattr_cache, i, {})
@@ -843,11 +819,11 @@ class Filesystem:
             for _ in range(4096):  # PATH_MAX / 1 byte names: deeper means a loop
                 if cur == ROOT_INODE:
                     return "/" + b"/".join(reversed(parts)).decode(errors="replace")
-                rows = self.db.query("SELECT parent, name FROM dentries WHERE inode = %s LIMIT 1", (cur,))
-                if not rows:
+                d = ns.dentry_of(self.db, cur)
+                if d is None:
                     return None
-                parts.append(bytes(rows[0][1]))
-                cur = int(rows[0][0])
+                parts.append(d.name)
+                cur = d.parent
         except CasError:
             return None
         return None
@@ -857,8 +833,8 @@ class Filesystem:
         """One dentry naming ``ino``: (parent inode, name), or None when it has none
         (unlinked; the root). One indexed query (dentries.inode_idx); sees this mount's
         uncommitted changes. Raises MetaError."""
-        rows = self.db.query("SELECT parent, name FROM dentries WHERE inode = %s LIMIT 1", (ino,))
-        return (int(rows[0][0]), bytes(rows[0][1])) if rows else None
+        d = ns.dentry_of(self.db, ino)
+        return (d.parent, d.name) if d is not None else None
 
     @_locked
     def uncommitted(self) -> list[tuple[int, str | None, int, str]]:
@@ -1000,14 +976,12 @@ class Filesystem:
         self.held.discard(ino)
 
     def _free_inode(self, ino: int) -> None:
-        def body(cur: Any) -> None:
-            cur.execute("SELECT nlink FROM inodes WHERE id = %s FOR UPDATE", (ino,))
-            row = cur.fetchone()
-            if row is None or int(row[0]) != 0:
+        def body(cur: pymysql.cursors.Cursor) -> None:
+            nlink = ns.nlink_for_update(cur, ino)
+            if nlink is None or nlink != 0:
                 return
             self.data.free_manifest(cur, ino)
-            for table, col in (("symlinks", "inode"), ("xattrs", "inode"), ("inodes", "id")):
-                cur.execute(f"DELETE FROM {table} WHERE {col} = %s", (ino,))
+            ns.delete_inode(cur, ino)
         self.db.transaction(body)
         self.attrs.pop(ino, None)
         self.xattr_cache.pop(ino, None)
@@ -1045,9 +1019,9 @@ class Filesystem:
         check_space(xattrs, name, value)
         now = time.time_ns()
 
-        def body(cur: Any) -> None:
-            cur.execute("REPLACE INTO xattrs (inode, name, value) VALUES (%s, %s, %s)", (ino, name, value))
-            cur.execute("UPDATE inodes SET ctime_ns = %s WHERE id = %s", (now, ino))
+        def body(cur: pymysql.cursors.Cursor) -> None:
+            ns.set_xattr(cur, ino, name, value)
+            ns.set_ctime(cur, now, ino)
         self.db.transaction(body)
         xattrs[name] = bytes(value)
         self.xattr_cache.changed(ino)
@@ -1071,9 +1045,9 @@ class Filesystem:
             raise NoData(name.decode(errors="replace"))
         now = time.time_ns()
 
-        def body(cur: Any) -> None:
-            cur.execute("DELETE FROM xattrs WHERE inode = %s AND name = %s", (ino, name))
-            cur.execute("UPDATE inodes SET ctime_ns = %s WHERE id = %s", (now, ino))
+        def body(cur: pymysql.cursors.Cursor) -> None:
+            ns.delete_xattr(cur, ino, name)
+            ns.set_ctime(cur, now, ino)
         self.db.transaction(body)
         del xattrs[name]
         self.xattr_cache.changed(ino)
@@ -1095,7 +1069,7 @@ class Filesystem:
     def statfs(self) -> StatFs:
         """Space figures: the chunk store's disk, in blocks of 4096 bytes."""
         free, total = self.store.disk_usage()
-        files = int(self.db.query("SELECT COUNT(*) FROM inodes")[0][0])
+        files = ns.inode_count(self.db)
         bs = 4096
         return StatFs(bsize=bs, blocks=total // bs, bfree=free // bs, bavail=free // bs,
                       files=files + (1 << 32), ffree=1 << 32, namemax=NAME_MAX)
