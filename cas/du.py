@@ -21,12 +21,10 @@ committed database, like :mod:`cas.find`.
 """
 from __future__ import annotations
 
-import stat as S
 from dataclasses import asdict, dataclass
 
-from .meta import ROOT_INODE, Database
-
-_FMT, _DIR, _REG = S.S_IFMT(0o170000), S.S_IFDIR, S.S_IFREG
+from .db import reports
+from .meta import Database
 
 
 @dataclass(frozen=True)
@@ -62,37 +60,7 @@ def usage(db: Database, inode: int) -> Usage:
 
     For the root, every linked inode is in the subtree: the inodes are scanned instead
     of walking the tree (docs/find.md gives both times at 1,000,000 files)."""
-    if inode == ROOT_INODE:
-        tree = (f"tree (ino) AS (SELECT id FROM inodes WHERE nlink > 0 AND mode & {_FMT} = {_DIR}),"
-                " files AS (SELECT i.id, i.size, i.data_bytes FROM inodes i"
-                f" WHERE i.nlink > 0 AND i.mode & {_FMT} = {_REG}),")
-        args: tuple[int, ...] = ()
-    else:
-        tree = (
-            "tree (ino) AS ("
-            " SELECT %s"
-            " UNION ALL"
-            " SELECT d.inode FROM tree t JOIN dentries d ON d.parent = t.ino JOIN inodes i ON i.id = d.inode"
-            f" WHERE i.mode & {_FMT} = {_DIR}),"
-            " files AS ("
-            " SELECT i.id, i.size, i.data_bytes FROM inodes i WHERE i.id = %s AND i.mode & %s = %s"
-            " UNION"
-            " SELECT i.id, i.size, i.data_bytes FROM tree t JOIN dentries d ON d.parent = t.ino"
-            f" JOIN inodes i ON i.id = d.inode WHERE i.mode & {_FMT} = {_REG}),")
-        args = (inode, inode, _FMT, _REG)
-    text = (
-        f"WITH RECURSIVE {tree}"
-        " refs AS (SELECT m.chunk, COUNT(*) AS n FROM files f JOIN manifests m ON m.inode = f.id GROUP BY m.chunk)"
-        " SELECT f.n, f.logical, f.data, (SELECT COUNT(*) - 1 FROM tree), c.* FROM"
-        " (SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS logical, COALESCE(SUM(LEAST(data_bytes, size)), 0) AS data"
-        "  FROM files) f CROSS JOIN"
-        " (SELECT COALESCE(SUM(IF(r.n >= c.refcount, c.length, 0)), 0),"
-        "  COALESCE(SUM(IF(r.n >= c.refcount, c.stored_length, 0)), 0),"
-        "  COALESCE(SUM(IF(r.n < c.refcount, c.length, 0)), 0),"
-        "  COALESCE(SUM(IF(r.n < c.refcount, c.stored_length, 0)), 0), COUNT(*)"
-        "  FROM refs r JOIN chunks c ON c.id = r.chunk) c")
-    row = db.query(text, args)[0]
-    n, logical, data, dirs, unique, unique_st, shared, shared_st, chunks = (int(v) for v in row)
+    n, logical, data, dirs, unique, unique_st, shared, shared_st, chunks = reports.subtree_usage(db, inode)
     return Usage(files=n, directories=max(dirs, 0), logical=logical, data=data, holes=logical - data,
                  unique=unique, unique_stored=unique_st, shared=shared, shared_stored=shared_st,
                  chunks=chunks)
@@ -100,6 +68,4 @@ def usage(db: Database, inode: int) -> Usage:
 
 def children(db: Database, inode: int) -> list[tuple[bytes, int]]:
     """(name, inode) of the subdirectories of directory ``inode``, by name."""
-    return [(bytes(n), int(i)) for n, i in db.query(
-        "SELECT d.name, d.inode FROM dentries d JOIN inodes i ON i.id = d.inode "
-        "WHERE d.parent = %s AND i.mode & %s = %s ORDER BY d.name", (inode, _FMT, _DIR))]
+    return [(d.name, d.inode) for d in reports.subdirectories(db, inode)]

@@ -39,25 +39,20 @@ import re
 import stat as S
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import pymysql.cursors
-
-from .errors import FsError, MetaError, NotFound
+from .db import namespace as ns
+from .db import reports
+from .errors import FsError, NotFound
 from .meta import ROOT_INODE, Database
 
-# bytes of a path the query can build: a column type that cannot truncate in practice
-# (Linux's PATH_MAX, 4096, binds path arguments, not the depth of a tree: a tree
-# made through relative paths can hold longer paths)
-PATH_BYTES = 65535
+# bytes of a path the query can build (cas.db.reports.PATH_BYTES, docs/find.md)
+PATH_BYTES = reports.PATH_BYTES
 _FMT, _DIR, _REG, _LNK = S.S_IFMT(0o170000), S.S_IFDIR, S.S_IFREG, S.S_IFLNK
 TYPES = {"f": _REG, "d": _DIR, "l": _LNK}
-STATUSES = ("synced", "pending", "cloud-only")
+STATUSES = reports.FIND_STATUSES
 _SIZE_UNITS = {"": 1, "c": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-# '' typed as a binary string of PATH_BYTES: a recursive CTE's column takes its type
-# from the anchor row, and CAST('' AS BINARY(n)) would pad the value with n zero bytes
-_EMPTY_PATH = f"IF(0, REPEAT(_binary' ', {PATH_BYTES}), _binary'')"
 _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -183,118 +178,36 @@ def resolve(db: Database, path: str | bytes) -> tuple[int, int]:
         if mode & _FMT != _DIR:
             raise FsError(f"{raw.decode(errors='replace')}: not a directory", errno.ENOTDIR)
         if part == b"..":
-            rows = db.query("SELECT parent FROM dentries WHERE inode = %s LIMIT 1", (ino,))
-            ino = int(rows[0][0]) if rows else ROOT_INODE
+            up = ns.parent_of(db, ino)
+            ino = up if up is not None else ROOT_INODE
             mode = _DIR
             continue
-        rows = db.query("SELECT i.id, i.mode FROM dentries d JOIN inodes i ON i.id = d.inode "
-                        "WHERE d.parent = %s AND d.name = %s", (ino, part))
-        if not rows:
+        row = ns.lookup(db, ino, part)
+        if row is None:
             raise NotFound(f"{raw.decode(errors='replace')}: no such file or directory in the volume")
-        ino, mode = int(rows[0][0]), int(rows[0][1])
+        ino, mode = row.id, row.mode
     return ino, mode
 
 
-@dataclass
-class _Sql:
-    where: list[str] = field(default_factory=list)
-    args: list[Any] = field(default_factory=list)
-
-    def add(self, cond: str, *args: Any) -> None:
-        self.where.append(cond)
-        self.args.extend(args)
-
-
-def _filters(q: Query) -> _Sql:
-    """The WHERE conditions on ``d`` (dentries) and ``i`` (inodes) for ``q``."""
-    s = _Sql()
-    if q.name is not None:
-        like, rx = glob_to_sql(q.name)
-        s.add("d.name LIKE %s", like)
-        if rx is not None:
-            s.add("d.name REGEXP %s", rx)
-    if q.ftype is not None:
-        s.add("i.mode & %s = %s", _FMT, TYPES[q.ftype])
-    if q.size is not None:
-        s.add(f"i.size {q.size[0]} %s", q.size[1])
-    if q.mtime is not None:
-        s.add(f"i.mtime_ns {q.mtime[0]} %s", q.mtime[1])
-    for name, value in q.xattrs:
-        if value is None:
-            s.add("i.id IN (SELECT x.inode FROM xattrs x WHERE x.name = %s)", name)
-        else:
-            s.add("i.id IN (SELECT x.inode FROM xattrs x WHERE x.name = %s AND x.value = %s)", name, value)
-    if q.duplicates_of is not None:
-        f = q.duplicates_of
-        # same size, same number of slots, and each of f's slots holds the same chunk
-        s.add("i.mode & %s = %s AND i.id <> %s AND i.size = (SELECT size FROM inodes WHERE id = %s) "
-              "AND (SELECT COUNT(*) FROM manifests c WHERE c.inode = i.id) = "
-              "(SELECT COUNT(*) FROM manifests c WHERE c.inode = %s) "
-              "AND NOT EXISTS (SELECT 1 FROM manifests a WHERE a.inode = %s AND NOT EXISTS "
-              "(SELECT 1 FROM manifests b WHERE b.inode = i.id AND b.slot = a.slot AND b.chunk = a.chunk))",
-              _FMT, _REG, f, f, f, f)
-    if q.status is not None:
-        s.add("i.mode & %s = %s", _FMT, _REG)
-        unconfirmed = ("EXISTS (SELECT 1 FROM manifests m LEFT JOIN pack_entries e ON e.chunk = m.chunk "
-                       "WHERE m.inode = i.id AND e.chunk IS NULL)")
-        if q.status == "synced":
-            s.add("NOT " + unconfirmed)
-        elif q.status == "pending":
-            s.add(unconfirmed)
-        elif q.status == "cloud-only":
-            s.add("EXISTS (SELECT 1 FROM manifests m JOIN chunks c ON c.id = m.chunk "
-                  "WHERE m.inode = i.id AND c.is_local = 0)")
-        else:
-            raise ValueError(f"status {q.status!r}: one of {', '.join(STATUSES)}")
-    return s
+def _filter(q: Query) -> reports.FindFilter:
+    """The tests of ``q`` resolved for the statement: the glob as LIKE/REGEXP patterns,
+    the type as an S_IFMT value."""
+    like, rx = glob_to_sql(q.name) if q.name is not None else (None, None)
+    return reports.FindFilter(like=like, regexp=rx, ftype_mode=None if q.ftype is None else TYPES[q.ftype],
+                              size=q.size, mtime=q.mtime, xattrs=q.xattrs, duplicates_of=q.duplicates_of,
+                              status=q.status)
 
 
 def sql(q: Query) -> tuple[str, list[Any]]:
-    """The one statement that answers ``q`` and its arguments. Rows: (path relative to
-    q.start, inode, mode, size, mtime_ns)."""
-    f = _filters(q)
-    where = " AND ".join(["1"] + f.where)
-    cols = "i.id, i.mode, i.size, i.mtime_ns"
-    if q.start != ROOT_INODE:
-        text = (
-            "WITH RECURSIVE dirs (ino, path) AS ("
-            f" SELECT %s, {_EMPTY_PATH}"
-            " UNION ALL"
-            " SELECT d.inode, CONCAT(t.path, d.name, '/') FROM dirs t"
-            " JOIN dentries d ON d.parent = t.ino JOIN inodes i ON i.id = d.inode"
-            f" WHERE i.mode & {_FMT} = {_DIR})"
-            f" SELECT CONCAT(t.path, d.name), {cols} FROM dirs t"
-            f" JOIN dentries d ON d.parent = t.ino JOIN inodes i ON i.id = d.inode WHERE {where}")
-        return text, [q.start, *f.args]
-    # with only inode tests (type, size, mtime: no index can serve `mode & m`), scanning
-    # inodes and looking their entries up costs a fifth of the other order (measured at
-    # 1,000,000 files); otherwise the optimizer picks (a name glob scans dentries, an
-    # xattr test drives from xattrs.name_idx)
-    inode_only = q.name is None and not q.xattrs and q.duplicates_of is None and q.status is None
-    join = ("inodes i STRAIGHT_JOIN dentries d ON d.inode = i.id" if inode_only
-            else "dentries d JOIN inodes i ON i.id = d.inode")
-    text = (
-        "WITH RECURSIVE hits AS ("
-        f" SELECT d.parent, d.name, {cols} FROM {join} WHERE {where}),"
-        " up (dir, cur, path) AS ("
-        f" SELECT p.parent, p.parent, {_EMPTY_PATH} FROM (SELECT DISTINCT parent FROM hits) p"
-        " UNION ALL"
-        " SELECT u.dir, d.parent, CONCAT(d.name, '/', u.path) FROM up u"
-        f" JOIN dentries d ON d.inode = u.cur WHERE u.cur <> {ROOT_INODE})"
-        " SELECT CONCAT(u.path, h.name), h.id, h.mode, h.size, h.mtime_ns FROM hits h"
-        f" JOIN up u ON u.dir = h.parent AND u.cur = {ROOT_INODE}")
-    return text, f.args
+    """The one statement that answers ``q`` and its arguments
+    (:func:`cas.db.reports.find_statement`). Rows: (path relative to q.start, inode,
+    mode, size, mtime_ns)."""
+    return reports.find_statement(q.start, _filter(q))
 
 
 def search(db: Database, q: Query) -> Iterator[Hit]:
     """Run ``q`` on ``db`` and yield its hits as the server streams them (unordered; an
     unbuffered cursor, so a million hits take no more RAM than one). Raises MetaError
     (converted by the caller's Database helpers when the server fails)."""
-    text, args = sql(q)
-    try:
-        with db.conn.cursor(pymysql.cursors.SSCursor) as cur:
-            cur.execute(text, args)
-            for path, ino, mode, size, mtime in cur:
-                yield Hit(bytes(path), int(ino), int(mode), int(size), int(mtime))
-    except pymysql.err.MySQLError as exc:
-        raise MetaError(f"search failed on {db.target.describe()}: {exc}") from exc
+    for r in reports.find(db, q.start, _filter(q)):
+        yield Hit(r.path, r.inode, r.mode, r.size, r.mtime_ns)

@@ -20,9 +20,9 @@ Definitions (bytes):
 """
 from __future__ import annotations
 
-import stat as S
 from dataclasses import asdict, dataclass
 
+from .db import reports
 from .meta import Metadata
 
 
@@ -75,19 +75,8 @@ class VolumeStats:
 
 def collect(meta: Metadata) -> VolumeStats:
     """Compute the figures of ``meta``'s volume (works while it is mounted)."""
-    q = meta.db.query
-    fmt, reg, dir_, lnk = S.S_IFMT(0o170000), S.S_IFREG, S.S_IFDIR, S.S_IFLNK
-    files, dirs, links, logical = q(
-        "SELECT COALESCE(SUM(mode & %s = %s), 0), COALESCE(SUM(mode & %s = %s), 0), "
-        "COALESCE(SUM(mode & %s = %s), 0), COALESCE(SUM(IF(mode & %s = %s, size, 0)), 0) "
-        "FROM inodes WHERE nlink > 0", (fmt, reg, fmt, dir_, fmt, lnk, fmt, reg))[0]
-    sparse = q("SELECT COALESCE(SUM(GREATEST(CAST(size AS SIGNED) - CAST(data_bytes AS SIGNED), 0)), 0) "
-               "FROM inodes WHERE nlink > 0 AND mode & %s = %s", (fmt, reg))[0][0]
-    referenced = q("SELECT COALESCE(SUM(c.length), 0) FROM manifests m JOIN chunks c ON c.id = m.chunk")[0][0]
-    chunks, stored, live, unique, live_stored = q(
-        "SELECT COUNT(*), COALESCE(SUM(stored_length), 0), COALESCE(SUM(refcount > 0), 0), "
-        "COALESCE(SUM(IF(refcount > 0, length, 0)), 0), COALESCE(SUM(IF(refcount > 0, stored_length, 0)), 0) "
-        "FROM chunks")[0]
+    files, dirs, links, logical, sparse = reports.namespace_figures(meta.db)
+    referenced, chunks, stored, live, unique, live_stored = reports.chunk_figures(meta.db)
     return VolumeStats(
         files=int(files), directories=int(dirs), symlinks=int(links), logical_bytes=int(logical),
         referenced_bytes=int(referenced), unique_bytes=int(unique), stored_bytes=int(stored),
@@ -97,15 +86,7 @@ def collect(meta: Metadata) -> VolumeStats:
 
 
 def _cloud_figures(meta: Metadata) -> dict[str, int]:
-    q = meta.db.query
-    local_bytes, local_only, cloud_only, both = q(
-        "SELECT COALESCE(SUM(IF(c.is_local = 1, c.stored_length, 0)), 0), "
-        "COALESCE(SUM(c.refcount > 0 AND c.is_local = 1 AND e.chunk IS NULL), 0), "
-        "COALESCE(SUM(c.refcount > 0 AND c.is_local = 0), 0), "
-        "COALESCE(SUM(c.refcount > 0 AND c.is_local = 1 AND e.chunk IS NOT NULL), 0) "
-        "FROM chunks c LEFT JOIN pack_entries e ON e.chunk = c.id")[0]
-    packs, cloud_bytes = q("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM packs WHERE state = 'confirmed'")[0]
-    queued = q("SELECT COUNT(*) FROM upload_queue")[0][0]
-    return {"local_bytes": int(local_bytes), "local_only_chunks": int(local_only),
-            "cloud_only_chunks": int(cloud_only), "both_chunks": int(both), "cloud_bytes": int(cloud_bytes),
-            "cloud_packs": int(packs), "queued_chunks": int(queued)}
+    f = reports.cloud_figures(meta.db)
+    return {"local_bytes": f.local_bytes, "local_only_chunks": f.local_only,
+            "cloud_only_chunks": f.cloud_only, "both_chunks": f.both, "cloud_bytes": f.cloud_bytes,
+            "cloud_packs": f.packs, "queued_chunks": f.queued}

@@ -32,6 +32,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .db import reports
 from .meta import Database
 
 STATUS_XATTR = b"user.casfs.status"
@@ -92,12 +93,7 @@ def file_sync(db: Database, ino: int, cloud: bool, dirty_bytes: int = 0) -> File
     entries, in one query on ``db`` (a mount passes its own connection, so the rows of
     its open group transaction count). ``cloud``: whether the volume's cloud tier is
     enabled; ``dirty_bytes``: the file's bytes buffered in RAM. Raises MetaError."""
-    n, local, in_cloud, qbytes = db.query(
-        "SELECT COUNT(*), COALESCE(SUM(c.is_local <> 0), 0), COALESCE(SUM(e.chunk IS NOT NULL), 0), "
-        "COALESCE(SUM(IF(e.chunk IS NULL, c.stored_length, 0)), 0) "
-        "FROM (SELECT DISTINCT chunk FROM manifests WHERE inode = %s) m "
-        "JOIN chunks c ON c.id = m.chunk LEFT JOIN pack_entries e ON e.chunk = m.chunk", (ino,))[0]
-    n, local, in_cloud, qbytes = int(n), int(local), int(in_cloud), int(qbytes)
+    n, local, in_cloud, qbytes = reports.file_chunks(db, ino)
     if not cloud:
         state = "no-cloud"
     elif in_cloud == n and not dirty_bytes:
