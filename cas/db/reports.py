@@ -129,7 +129,9 @@ def find_statement(start: int, f: FindFilter) -> tuple[str, list[Any]]:
     Plan (docs/find.md): below a start directory other than the root, a recursive CTE
     walks down the directories, then their entries are filtered; from the root, the
     entries are filtered first and the paths of the directories holding matches are
-    built upward from them, so the cost is that of the matches, not of the volume."""
+    built upward from them, so the cost is that of the matches, not of the volume.
+    Builds the statement only (no lock; :func:`find` runs it, taking none either).
+    Raises ValueError for an unknown status or comparison."""
     flt = _filters(f)
     where = " AND ".join(["1"] + flt.where)
     cols = "i.id, i.mode, i.size, i.mtime_ns"
