@@ -79,7 +79,11 @@ def lock_gaining(cur: Cursor, ids: Sequence[bytes]) -> dict[bytes, LockedChunk]:
     """The rows of ``ids`` (sorted: the lock order) that exist, X-locking them (``FOR
     UPDATE``, in id order, one statement per BATCH_ROWS ids). Invariant 3: gc deletes a
     chunk only under this lock, so a chunk found here at refcount 0 either still has its
-    file or the caller writes it again before committing."""
+    file or the caller writes it again before committing. Raises ValueError when ``ids``
+    are not sorted and distinct: every writer locks chunk rows in id order, so two
+    writers never wait for each other in a cycle (docs/metadata.md, lock order)."""
+    if any(a >= b for a, b in zip(ids, ids[1:])):
+        raise ValueError("chunk ids must be sorted and distinct: the lock order")
     out: dict[bytes, LockedChunk] = {}
     for batch in batches(ids):
         for r in rows(cur, "SELECT id, refcount, stored_length, bad FROM chunks WHERE id IN %s "

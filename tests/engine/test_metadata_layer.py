@@ -182,6 +182,8 @@ def test_refcount_deltas_over_more_than_a_batch(eng: Engine, db: cas.meta.Databa
     assert dbchunks.recorded(db, ids + [b"\xff" * 32]) == set(ids)
     locked = db.transaction(lambda cur: dbchunks.lock_gaining(cur, ids))
     assert locked == {r.id: dbchunks.LockedChunk(r.delta, r.stored_length, False) for r in refs}
+    with pytest.raises(ValueError):    # the lock order is id order: refused otherwise
+        db.transaction(lambda cur: dbchunks.lock_gaining(cur, ids[::-1]))
     # a second upsert adds to the refcounts; a negative delta takes away, and a chunk
     # that reaches 0 gets zero_since (gc's grace period), one that stays above does not
     db.transaction(lambda cur: dbchunks.add_refs(cur, [r._replace(delta=1) for r in refs]))
