@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CasEnv
+from tools.bench import child_env
 from tools.benchprofile import (CASFS, CHUNK_IO, COMPRESS, FUSE, HASH, IDLE, MYSQL, SYNC, WAIT_GIL,
                                 WAIT_LOCK, WAIT_WORKERS, RowProfile, classify, find_py_spy, parse_raw,
                                 summarize)
@@ -76,12 +76,13 @@ def test_classify(frames: str, loop: bool, want: str) -> None:
 @pytest.mark.mount
 @pytest.mark.skipif(not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
                     reason="needs /dev/fuse and fusermount3")
-def test_bench_profile_rows(tmp_path: Path, casenv: CasEnv) -> None:
+def test_bench_profile_rows(tmp_path: Path) -> None:
     """`tools.bench --profile` attaches py-spy to the casfs daemon of each goal row (a new
     daemon after each cold remount) and prints per row the trio loop thread's shares, the
     other threads' busy time and the top functions; the raw stacks it keeps are the daemon's
     own (CasOperations handlers served the row), the new data written was compressed by
-    a worker thread, and nothing stays mounted."""
+    a worker thread, the volume's embedded MariaDB counted the statements of the create
+    row, and nothing stays mounted."""
     assert find_py_spy() is not None, "py-spy is a test dependency (pyproject.toml, extra 'test')"
     tree = tmp_path / "tree"
     (tree / "sub").mkdir(parents=True)
@@ -91,9 +92,8 @@ def test_bench_profile_rows(tmp_path: Path, casenv: CasEnv) -> None:
     r = subprocess.run(
         [sys.executable, "-m", "tools.bench", "--size-mib", "32", "--files", "200", "--latency-samples", "0",
          "--only", "native", "--small-files", "--tree", str(tree), "--profile", "--profile-rate", "250",
-         "--profile-dir", str(raw), "--workdir", str(tmp_path), "--quiet",
-         "--casfs-init-arg=--meta", f"--casfs-init-arg={casenv.meta_url(f'prof{os.getpid()}')}"],
-        cwd=REPO_ROOT, env=casenv.env,
+         "--profile-dir", str(raw), "--workdir", str(tmp_path), "--quiet"],
+        cwd=REPO_ROOT, env=child_env(),
         capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     report = r.stdout
@@ -116,6 +116,10 @@ def test_bench_profile_rows(tmp_path: Path, casenv: CasEnv) -> None:
     writes = summarize(parse_raw((raw / "write_new.raw").read_text()), RowProfile("w", "w", 1, "op", 1.0, 0, 0))
     assert writes.loop[COMPRESS] + sum(c[COMPRESS] for c in writes.groups.values()) > 0, report
     assert re.search(r"^  trio loop thread, share of the row's time", report, re.M)
+    # the volume's own (embedded) MariaDB counted the statements of each row: creating
+    # 200 files cannot take none
+    creates = re.search(r"^create: .*\n  MySQL: ([\d,]+) statements", report, re.M)
+    assert creates is not None and int(creates.group(1).replace(",", "")) > 0, report
     assert "top self, all threads" in report
     with open("/proc/self/mounts") as f:
         assert str(tmp_path) not in f.read()

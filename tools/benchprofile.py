@@ -184,7 +184,7 @@ def is_loop_thread(stacks: list[Stack], thread: str) -> bool:
 
 def thread_group(thread: str) -> str:
     """``thread (123): casfs-io_4`` -> ``casfs-io`` (pool workers grouped by name)."""
-    name = thread.split(": ", 1)[1] if ": " in thread else thread
+    name = thread.split(": ", 1)[1] if ": " in thread else "unnamed"
     return re.sub(r"[_ -]?\d+$", "", name) or name
 
 
@@ -207,6 +207,8 @@ class RowProfile:
     top_self: list[tuple[str, int]] = field(default_factory=list)  # all threads, busy samples
     busy_loop: int = 0            # loop samples not idle
     busy_all: int = 0             # samples of all threads neither idle nor waiting
+    statements: int | None = None  # SQL statements the volume's embedded server ran (None: not embedded)
+    commits: int | None = None     # of which COMMIT
 
 
 def summarize(stacks: list[Stack], row: RowProfile) -> RowProfile:
@@ -227,7 +229,7 @@ def summarize(stacks: list[Stack], row: RowProfile) -> RowProfile:
             if cat not in NOT_BUSY:
                 row.busy_loop += s.count
                 for k in {frame_key(f) for f in s.frames}:
-                    if not _PLUMBING.search(k):
+                    if k.endswith(".py)") and not _PLUMBING.search(k):
                         cum[k] += s.count
         else:
             g = thread_group(s.thread)
@@ -253,6 +255,9 @@ def format_row(row: RowProfile) -> list[str]:
     lines = [(f"{row.key}: {row.label}: {rate:,.1f} {row.unit}s/s under the profiler ({row.seconds:.2f} s, "
              f"{row.ops:,} {row.unit}s); CPU: daemon {row.cpu_daemon:.2f} s, its children (mariadbd) "
              f"{row.cpu_children:.2f} s; {row.loop_samples} samples of the trio loop thread")]
+    if row.statements is not None and row.ops:
+        lines.append(f"  MySQL: {row.statements:,} statements ({row.statements / row.ops:.3g} per {row.unit}), "
+                     f"{row.commits or 0:,} COMMIT")
     if not row.loop_samples:
         return lines + ["  (no samples of the trio loop thread)"]
     per_sample = row.seconds / row.loop_samples      # s of wall time per sample of one thread
@@ -272,7 +277,7 @@ def format_row(row: RowProfile) -> list[str]:
         parts += [f"{c} {n * per_sample:.2f} s" for c, n in sorted(waits.items(), key=lambda kv: -kv[1])]
         lines.append(f"  thread {g} (x{row.group_threads.get(g, 1)}), busy: " + ", ".join(parts))
     if row.top_cum:
-        lines.append(f"  top cumulative, trio loop thread (% of its {row.busy_loop} non-idle samples):")
+        lines.append(f"  top cumulative Python functions, trio loop thread (% of its {row.busy_loop} non-idle samples):")
         lines += [f"    {_pct(n, row.busy_loop):>6}  {k}" for k, n in row.top_cum]
     if row.top_self:
         lines.append(f"  top self, all threads (% of {row.busy_all} samples running, not waiting):")
@@ -300,6 +305,27 @@ def cpu_seconds(pid: int) -> float:
     except (OSError, IndexError):
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_counters(data_home: Path, volume: str) -> tuple[int, int] | None:
+    """(Questions, Com_commit) of the volume's embedded MariaDB server (SHOW GLOBAL
+    STATUS; MariaDB docs "Server Status Variables"), or None when the volume has none
+    (``--meta``: a shared server counts other clients' statements too). The SHOW
+    itself counts as one question."""
+    from cas.server import socket_path_for
+    run_dir = data_home / "casfs" / volume / "run"
+    sock = socket_path_for(run_dir) if run_dir.is_dir() else None
+    if sock is None or not sock.exists():
+        return None
+    import pymysql
+    conn = pymysql.connect(unix_socket=str(sock), user="root", password="", connect_timeout=10)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SHOW GLOBAL STATUS WHERE Variable_name IN ('Questions', 'Com_commit')")
+            got = {str(k): int(v) for k, v in cur.fetchall()}
+    finally:
+        conn.close()
+    return got.get("Questions", 0), got.get("Com_commit", 0)
 
 
 def child_pids(pid: int) -> list[int]:
@@ -429,6 +455,7 @@ def profile_rows(scratch: Path, data: BenchData, args: argparse.Namespace,
         out = (raw_dir or sub) / f"{key}.raw"
         pid = target.pid
         kids = child_pids(pid)
+        sql0 = server_counters(target.data_home, "bench")
         cpu0, kcpu0 = cpu_seconds(pid), sum(cpu_seconds(k) for k in kids)
         with Spy(exe, pid, out, rate) as spy:
             t0 = time.perf_counter()
@@ -436,6 +463,9 @@ def profile_rows(scratch: Path, data: BenchData, args: argparse.Namespace,
             seconds = time.perf_counter() - t0
         row = RowProfile(key, label, ops, unit, seconds, cpu_seconds(pid) - cpu0,
                          sum(cpu_seconds(k) for k in kids) - kcpu0)
+        sql1 = server_counters(target.data_home, "bench")
+        if sql0 is not None and sql1 is not None:
+            row.statements, row.commits = sql1[0] - sql0[0] - 1, sql1[1] - sql0[1]
         rows.append(summarize(spy.stacks(), row))
 
     try:
