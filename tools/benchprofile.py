@@ -63,7 +63,7 @@ SPY_STOP_TIMEOUT = 120.0    # s for py-spy to write its output after SIGINT
 TOP_N = 8                   # functions listed per top list
 
 # categories, in the order they are printed
-IDLE = "idle"
+IDLE = "idle"               # the loop in epoll: no request (or CPU starvation); a worker without work
 WAIT_WORKERS = "wait: worker threads"
 WAIT_LOCK = "wait: casfs lock"
 WAIT_GIL = "wait: GIL"
@@ -207,6 +207,7 @@ class RowProfile:
     top_self: list[tuple[str, int]] = field(default_factory=list)  # all threads, busy samples
     busy_loop: int = 0            # loop samples not idle
     busy_all: int = 0             # samples of all threads neither idle nor waiting
+    handlers: dict[str, Counter[str]] = field(default_factory=dict)  # loop: FUSE handler -> category -> samples
     statements: int | None = None  # SQL statements the volume's embedded server ran (None: not embedded)
     commits: int | None = None     # of which COMMIT
 
@@ -227,6 +228,10 @@ def summarize(stacks: list[Stack], row: RowProfile) -> RowProfile:
             row.loop_samples += s.count
             row.loop[cat] += s.count
             if cat not in NOT_BUSY:
+                handler = next((f.split(" ", 1)[0].split(".", 1)[1] for f in s.frames
+                                if f.startswith("CasOperations.")), OUTSIDE)
+                row.handlers.setdefault(handler, Counter())[cat] += s.count
+            if cat not in NOT_BUSY:
                 row.busy_loop += s.count
                 for k in {frame_key(f) for f in s.frames}:
                     if k.endswith(".py)") and not _PLUMBING.search(k):
@@ -243,6 +248,9 @@ def summarize(stacks: list[Stack], row: RowProfile) -> RowProfile:
     row.top_cum = cum.most_common(TOP_N)
     row.top_self = self_.most_common(TOP_N)
     return row
+
+
+OUTSIDE = "(no handler)"   # loop samples outside any FUSE handler: writeback tick, trio, pyfuse3
 
 
 def _pct(n: int, total: int) -> str:
@@ -268,6 +276,13 @@ def format_row(row: RowProfile) -> list[str]:
             ms_per_op = n * per_sample * 1000 / row.ops if row.ops else 0.0
             cells.append(f"{cat} {_pct(n, row.loop_samples)} ({ms_per_op:.3g} ms/{row.unit})")
     lines.append("  trio loop thread, share of the row's time (ms per " + row.unit + "): " + ", ".join(cells))
+    by_handler = sorted(row.handlers.items(), key=lambda kv: -sum(kv[1].values()))
+    if by_handler:
+        parts = []
+        for h, cats in by_handler[:TOP_N]:
+            top = ", ".join(f"{c} {_pct(n, row.loop_samples)}" for c, n in cats.most_common(3))
+            parts.append(f"{h} {_pct(sum(cats.values()), row.loop_samples)} ({top})")
+        lines.append("  trio loop thread by FUSE handler, share of the row's time: " + "; ".join(parts))
     for g in sorted(row.groups, key=lambda g: -sum(n for c, n in row.groups[g].items() if c not in WAITS)):
         busy = {c: n for c, n in row.groups[g].items() if c not in WAITS}
         waits = {c: n for c, n in row.groups[g].items() if c in WAITS - NOT_BUSY}
