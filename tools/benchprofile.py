@@ -230,6 +230,8 @@ def summarize(stacks: list[Stack], row: RowProfile) -> RowProfile:
             if cat not in NOT_BUSY:
                 handler = next((f.split(" ", 1)[0].split(".", 1)[1] for f in s.frames
                                 if f.startswith("CasOperations.")), OUTSIDE)
+                if handler == OUTSIDE and any(f.startswith("Observer.") for f in s.frames):
+                    handler = OBSERVER
                 row.handlers.setdefault(handler, Counter())[cat] += s.count
             if cat not in NOT_BUSY:
                 row.busy_loop += s.count
@@ -251,6 +253,7 @@ def summarize(stacks: list[Stack], row: RowProfile) -> RowProfile:
 
 
 OUTSIDE = "(no handler)"   # loop samples outside any FUSE handler: writeback tick, trio, pyfuse3
+OBSERVER = "(observer)"    # fusefront/observe.py around a handler: audit path, metrics
 
 
 def _pct(n: int, total: int) -> str:
