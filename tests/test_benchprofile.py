@@ -101,7 +101,7 @@ def test_bench_profile_rows(tmp_path: Path) -> None:
     assert "--profile: error" not in report, report
     for key in ROWS:
         head = re.search(rf"^{key}: .* under the profiler \(([\d.]+) s, .*; (\d+) samples of the trio loop thread$",
-                         report, re.M)
+                         report, re.MULTILINE)
         assert head is not None, (key, report)
         assert int(head.group(2)) > 0, (key, report)
         stacks = parse_raw((raw / f"{key}.raw").read_text())
@@ -115,10 +115,10 @@ def test_bench_profile_rows(tmp_path: Path) -> None:
     # 64 MiB of new random data went through zstd in some thread of the write rows
     writes = summarize(parse_raw((raw / "write_new.raw").read_text()), RowProfile("w", "w", 1, "op", 1.0, 0, 0))
     assert writes.loop[COMPRESS] + sum(c[COMPRESS] for c in writes.groups.values()) > 0, report
-    assert re.search(r"^  trio loop thread, share of the row's time", report, re.M)
+    assert re.search(r"^  trio loop thread, share of the row's time", report, re.MULTILINE)
     # the volume's own (embedded) MariaDB counted the statements of each row: creating
     # 200 files cannot take none
-    creates = re.search(r"^create: .*\n  MySQL: ([\d,]+) statements", report, re.M)
+    creates = re.search(r"^create: .*\n  MySQL: ([\d,]+) statements", report, re.MULTILINE)
     assert creates is not None and int(creates.group(1).replace(",", "")) > 0, report
     assert "top self, all threads" in report
     with open("/proc/self/mounts") as f:
