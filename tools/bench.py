@@ -5,6 +5,7 @@ Usage::
     python -m tools.bench [--size-mib 1024] [--files 10000] [--out FILE]
                           [--only native,null,casfs] [--chunk-size N] [--extra] [--encrypt]
                           [--latency-samples N] [--small-files [--tree DIR]]
+                          [--profile [--profile-rate HZ] [--profile-dir DIR]]
 
 One run measures three targets with the same workloads and the same data:
 
@@ -72,6 +73,13 @@ remount (files/s), ``tar -xf`` of a tarball of it (files/s), and ``git clone`` v
 ``file://`` of a bare clone of this repository (files checked out/s; not on the null fs,
 whose files read back as zeros). The null fs is restarted with ``--populate`` for the cold
 rows (it forgets everything at unmount); native drops file pages only.
+
+With ``--profile``: after the table, the goal rows (new and duplicate write, cold read,
+create, ``cp -a`` of the tree, cold ``ls -lR`` and cold read of every file of it) run again
+on a fresh casfs volume with py-spy attached to the mount daemon, and for each row the
+share of the trio loop thread's time in MySQL, hashing, compression, chunk file I/O,
+syncfs, FUSE, lock waits ..., the other threads' busy time and the top functions are
+printed (tools/benchprofile.py, docs/performance.md). Needs py-spy.
 
 The benchmark only measures and prints; it asserts nothing about speed.  Every
 mount is unmounted and every subprocess ended in ``finally`` blocks, also on
@@ -1130,6 +1138,30 @@ def bench_encrypt(scratch: Path, data: BenchData, args: argparse.Namespace,
                 "(ABBA order), best of each:", *errors, *table]
 
 
+# ------------------------------------------------------------------------ --profile
+
+
+def add_profile_args(p: argparse.ArgumentParser) -> None:
+    """The ``--profile`` options (tools/benchprofile.py, docs/performance.md)."""
+    p.add_argument("--profile", action="store_true",
+                   help="after the table, run the goal rows on a fresh casfs volume with py-spy attached to "
+                        "the mount daemon and print where each row's time goes")
+    p.add_argument("--profile-rate", type=int, default=100, metavar="HZ",
+                   help="py-spy samples per second and thread (default 100)")
+    p.add_argument("--profile-dir", type=Path, default=None, metavar="DIR",
+                   help="keep py-spy's raw stacks of each row as DIR/ROW.raw")
+
+
+def profile_pass(scratch: Path, data: BenchData, args: argparse.Namespace,
+                 progress: Callable[[str], None]) -> list[str]:
+    """The ``--profile`` report lines (tools/benchprofile.py), or one line saying why not."""
+    from tools.benchprofile import profile_rows
+    try:
+        return profile_rows(scratch, data, args, progress)
+    except RuntimeError as e:
+        return ["", f"--profile: {e}"]
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -1233,6 +1265,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
     p.add_argument("--encrypt", action="store_true",
                    help="also new write, cold read and create on unencrypted vs encrypted casfs volumes")
+    add_profile_args(p)
     args = p.parse_args(argv)
     only = [t.strip() for t in args.only.split(",") if t.strip()]
     bad = [t for t in only if t not in TARGETS]
@@ -1242,6 +1275,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--size-mib and --files must be >= 1")
     if args.latency_samples < 0 or (args.tree is not None and not args.tree.is_dir()):
         p.error("--latency-samples must be >= 0 and --tree an existing directory")
+    if args.profile:
+        from tools.benchprofile import find_py_spy
+        if find_py_spy() is None:
+            p.error("--profile needs py-spy (pip install py-spy)")
+        if args.profile_rate < 1:
+            p.error("--profile-rate must be >= 1")
+        if args.profile_dir is not None:
+            args.profile_dir.mkdir(parents=True, exist_ok=True)
     args.only = only
     return args
 
@@ -1263,6 +1304,7 @@ def main(argv: list[str] | None = None) -> int:
     targets: list[Target] = []
     results: dict[str, TargetResult] = {}
     enc_lines: list[str] = []
+    prof_lines: list[str] = []
     try:
         progress(f"scratch directory {scratch}; generating {args.size_mib} MiB of random data")
         data = BenchData(
@@ -1297,12 +1339,14 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = run_target(target, data, progress)
             del target
         enc_lines = bench_encrypt(scratch, data, args, progress) if args.encrypt else []
+        prof_lines = profile_pass(scratch, data, args, progress) if args.profile else []
     finally:
         with no_interrupts():
             for t in targets:
                 t.stop()  # idempotent; already done in run_target on the normal path
             leftover = [mp for mp in (scratch / "null-mnt", scratch / "casfs-mnt",
-                                      *scratch.glob("enc-*/casfs-mnt")) if is_fuse_mounted(mp)]
+                                      *scratch.glob("enc-*/casfs-mnt"), scratch / "profile" / "casfs-mnt")
+                        if is_fuse_mounted(mp)]
             if leftover:
                 warn(f"still mounted, not removing {scratch}: {', '.join(map(str, leftover))}")
             else:
@@ -1353,6 +1397,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
     lines += speed_notes
     lines += enc_lines
+    lines += prof_lines
     report = "\n".join(lines) + "\n"
     sys.stdout.write(report)
     sys.stdout.flush()
