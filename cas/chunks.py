@@ -27,13 +27,16 @@ import logging
 import threading
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from .cache import LFUCache
 from .envelope import PLAIN, ChunkCodec
 from .errors import ChunkMissing, FsError, IntegrityError
 from .meta import Database
 from .store import LocalStore
+
+if TYPE_CHECKING:
+    from .remote import RemoteChunks
 
 log = logging.getLogger(__name__)
 Plain = bytes | bytearray  # chunk plaintext as buffered (never modified while in use)
@@ -42,67 +45,6 @@ READAHEAD_MAX = 16  # chunk loads under way or waiting to be collected
 REMOTE_AHEAD_BYTES = 64 << 20  # bytes of a file offered to the cloud read-ahead (cas.cloud.AHEAD_MAX)
 FROM_CLOUD_MAX = 4096  # chunk ids in ChunkManager.from_cloud before it starts over
 REMOTE_RECENT_S = 5.0  # a file read from the cloud this recently (s): its sequential reads offer slots ahead
-
-
-class AheadSettings(Protocol):
-    """The one setting of a cloud tier the chunk layer reads."""
-
-    @property
-    def fetch_ahead(self) -> int:
-        """Ranged GETs kept in flight for a sequential reader; 0: the tier does not overlap."""
-        ...
-
-
-class AccessCounter(Protocol):
-    """Where the chunk layer reports chunk reads (the cloud tier's eviction order)."""
-
-    def touch(self, cid: bytes) -> None:
-        """Count one read of chunk ``cid``; thread-safe."""
-        ...
-
-
-class RemoteChunks(Protocol):
-    """What :class:`ChunkManager` needs from a cloud tier: the interface the chunk layer
-    defines and the cloud tier implements (``cas.cloud.CloudTier`` satisfies it
-    structurally; mypy checks it where ``Filesystem.attach_cloud`` assigns the tier).
-
-    The chunk layer never imports the cloud tier (tests/engine/test_layers.py); reads of
-    evicted chunks, the read-ahead of a sequential cold reader and the access counts
-    that order eviction all go through these members. Chunk ids are bytes (32), blobs
-    are envelopes (cas/envelope.py) that the chunk layer verifies itself."""
-
-    @property
-    def cfg(self) -> AheadSettings:
-        """The tier's settings (read: ``fetch_ahead``)."""
-        ...
-
-    @property
-    def counts(self) -> AccessCounter:
-        """The tier's access counts (:meth:`ChunkManager.load` touches every chunk read)."""
-        ...
-
-    def fetch(self, cid: bytes) -> bytes:
-        """The envelope of evicted chunk ``cid``, unverified. Raises ChunkMissing when no
-        copy is recorded, FsError(EIO) when the store will not give it."""
-        ...
-
-    def keep_local(self, cid: bytes, blob: bytes) -> None:
-        """Write the verified envelope ``blob`` of ``cid`` back to the local store."""
-        ...
-
-    def ahead_room(self) -> bool:
-        """True when :meth:`fetch_ahead` would start a GET now (no list, stat or query)."""
-        ...
-
-    def fetch_ahead(self, cids: Iterable[bytes]) -> int:
-        """Start ranged GETs for the evicted chunks among ``cids`` (file order); returns
-        the GETs started. Never raises."""
-        ...
-
-    def fetch_ahead_prefix(self, cids: list[bytes]) -> tuple[int, int]:
-        """:meth:`fetch_ahead` for ``cids``; returns (GETs started, how many leading
-        ``cids`` it dealt with)."""
-        ...
 
 
 def _batches(items: list[Any], n: int = _IN_BATCH) -> Iterable[list[Any]]:
