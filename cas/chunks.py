@@ -39,7 +39,7 @@ from .meta import Database
 from .store import LocalStore
 
 if TYPE_CHECKING:
-    from .cloud import CloudTier
+    from .remote import RemoteChunks
 
 log = logging.getLogger(__name__)
 Plain = bytes | bytearray  # chunk plaintext as buffered (never modified while in use)
@@ -67,7 +67,7 @@ class ChunkManager:
         # the read that returns one marks its file as read from the cloud (cas/filedata.py)
         self.from_cloud: set[bytes] = set()
         # The cloud tier (set by a mount that has one): reads of evicted chunks go to it.
-        self.cloud: CloudTier | None = None
+        self.cloud: RemoteChunks | None = None
         # Queue new chunks for upload in the transaction that creates their row.
         self.enqueue = False
         # Chunks found bad by reads (any thread), not yet marked in the database.
@@ -169,7 +169,7 @@ class ChunkManager:
 
     def prefetch_remote(self, cids: Iterable[bytes]) -> int:
         """Overlapped cold reads: offer the chunks a sequential reader needs next (file
-        order, up to REMOTE_AHEAD_BYTES) to :meth:`CloudTier.fetch_ahead`, which keeps
+        order, up to REMOTE_AHEAD_BYTES) to :meth:`RemoteChunks.fetch_ahead`, which keeps
         several ranged GETs in flight for the evicted ones. Chunks in the RAM cache or
         under local read-ahead are skipped. Their envelopes are verified, kept locally
         and cached by :meth:`load` as for any cloud read. Returns the GETs started."""
