@@ -136,6 +136,7 @@ class FileData:
         self.on_commit: Callable[[InodeData, int, dict[str, int]], None] | None = None
         # running sum of every state's dirty_bytes (O(1) per write; issue 8 item 7)
         self.total_dirty = 0
+        self.total_flying = 0     # bytes of all flights (InodeData.flying) running now
         self.last_error = ""     # message of the last failed writeback ("" = none since start)
         self.failing = False     # the last writeback attempt failed (cleared by a success)
         self.retry_s = WRITEBACK_RETRY_S
@@ -473,7 +474,7 @@ class FileData:
         try:
             if st.dirty_bytes >= self.inode_dirty_limit:
                 self.flush_behind(st)
-            elif self.total_dirty >= self.total_dirty_limit:
+            elif self.total_dirty + self.total_flying >= self.total_dirty_limit:
                 self.flush_all()
         except CasError:
             pass  # recorded on the states (wb_error): the bytes stay buffered and are retried
@@ -754,6 +755,7 @@ class FileData:
             st.flying_trunc, st.flying_attrs = st.truncate_from, st.attrs
             st.flying_size, st.flying_since = st.size, st.dirty_since
             st.dirty = {}
+            self.total_flying += st.flying_bytes
             self._add_dirty(st, -st.dirty_bytes)
             st.truncate_from = None
             st.attrs = {}
@@ -763,6 +765,7 @@ class FileData:
         become dirty again, under the changes made since it was taken; a slot that a
         truncation since cut off stays cut off."""
         for st in states:
+            self.total_flying -= st.flying_bytes
             for slot, d in st.flying.items():
                 if slot in st.dirty or (st.truncate_from is not None and slot >= st.truncate_from):
                     continue
@@ -799,6 +802,7 @@ class FileData:
                     st.manifest.pop(slot, None)
                 else:
                     st.manifest[slot] = maybe
+            self.total_flying -= st.flying_bytes
             st.flying, st.flying_trunc, st.flying_attrs = {}, None, {}
             st.wb_error = st.wb_failures = 0
             st.wb_message = ""

@@ -222,7 +222,7 @@ class Filesystem:
         the message of the last failed writeback ("" = none, or a success since)."""
         d = self.data
         files = sum(1 for st in list(d.states.values()) if st.needs_flush)
-        return {"dirty_bytes": d.total_dirty, "dirty_files": files,
+        return {"dirty_bytes": d.total_dirty + d.total_flying, "dirty_files": files,
                 "uncommitted_ops": self.db.uncommitted,
                 "writeback_error": d.last_error if d.failing else "",
                 "last_writeback_error": d.last_error}
@@ -826,7 +826,7 @@ class Filesystem:
         st = self.data.states.get(ino)
         d = self.data
         return (st is None or st.wb_error != 0 or st.dirty_bytes + n >= d.inode_dirty_limit
-                or d.total_dirty + n >= d.total_dirty_limit)
+                or d.total_dirty + d.total_flying + n >= d.total_dirty_limit)
 
     @_locked
     def write(self, ino: int, offset: int, data: bytes) -> int:

@@ -106,7 +106,7 @@ def test_reads_and_writes_during_a_flight(eng: Engine) -> None:
     want += tail
     assert seen == [first, bytes(want), b"\x01"]
     st = fs.data.states[a.ino]
-    assert sorted(st.dirty) == [0, 3] and not st.flying and not st.busy
+    assert sorted(st.dirty) == [0, 3] and not st.flying and not st.busy and fs.data.total_flying == 0
     assert read_all(fs, a.ino) == bytes(want)
     fs.fsync(a.ino)
     fs.release(a.ino)
@@ -184,7 +184,7 @@ def test_failed_flight_gives_its_slots_back_under_newer_writes(eng: Engine) -> N
     joined(fs, threads)
     st = fs.data.states[a.ino]
     assert sorted(st.dirty) == [0, 1, 2] and bytes(st.dirty[0]) == newer and not st.busy
-    assert st.wb_error == errno.ENOSPC and fs.data.total_dirty == 3 * CS
+    assert st.wb_error == errno.ENOSPC and fs.data.total_dirty == 3 * CS and fs.data.total_flying == 0
     want = newer + first[CS:]
     assert read_all(fs, a.ino) == want
     fs.fsync(a.ino)
