@@ -864,6 +864,7 @@ class Filesystem:
         st = self.data.pending(ino)
         if st is None:
             return
+        self.data.wait_idle([st])   # a flush-behind still running: its error is reported here
         if not (st.wb_error or self.data.failing or st.dirty_bytes >= CLOSE_WRITEBACK_BYTES
                 or self._space_tight()):
             return
