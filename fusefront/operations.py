@@ -89,7 +89,10 @@ def _translate(fn: F) -> F:
     """Turn engine errors into FUSEError with the right errno (EIO for the unexpected)."""
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        args[0].fs.ops += 1  # the request rate of `casfs stats --watch`
+        ops = args[0]
+        ops.fs.ops += 1  # the request rate of `casfs stats --watch`
+        if ops.token is None:
+            ops.token = trio.lowlevel.current_trio_token()
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -153,6 +156,7 @@ class CasOperations(pyfuse3.Operations):
         self.enable_writeback_cache = writeback_cache
         self.pages = PageCacheGuard()
         self.listings = Listings()
+        self.token: trio.lowlevel.TrioToken | None = None   # the loop's, set by the first request
         db = getattr(fs, "db", None)
         if db is not None and hasattr(db, "on_group_lost"):
             # a lost group transaction rolls namespace changes back behind the kernel's
@@ -160,8 +164,18 @@ class CasOperations(pyfuse3.Operations):
             engine_hook = db.on_group_lost
 
             def group_lost() -> None:
-                self.pages.clear()
-                self.listings.clear()
+                # this layer's tables belong to the loop thread: a loss found by an
+                # engine call in a worker thread (offload) clears them on the loop, at
+                # its next turn (TrioToken.run_sync_soon does not wait)
+                try:
+                    trio.lowlevel.current_trio_token()
+                    on_loop = True
+                except RuntimeError:
+                    on_loop = False
+                if on_loop or self.token is None:
+                    self._forget_tables()
+                else:
+                    self.token.run_sync_soon(self._forget_tables)
                 if engine_hook is not None:
                     engine_hook()
             db.on_group_lost = group_lost
@@ -172,6 +186,10 @@ class CasOperations(pyfuse3.Operations):
         async def run(*args: Any, **kwargs: Any) -> R:
             return fn(*args, **kwargs)
         return run
+
+    def _forget_tables(self) -> None:
+        self.pages.clear()
+        self.listings.clear()
 
     def _e(self, attr: Attr) -> pyfuse3.EntryAttributes:
         return entry(attr, self.blksize)
