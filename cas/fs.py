@@ -2,7 +2,8 @@
 
 :class:`Filesystem` is what the FUSE layer (and tests) call. Inode numbers are the
 ``inodes.id`` column; the root is inode 1. Every public method holds one re-entrant
-lock, so calls are serialized (see docs/concurrency.md); errors are raised as
+lock, but only for short steps: a flush stores its chunks and a read loads them without
+it, so calls from several threads overlap (see docs/concurrency.md); errors are raised as
 :class:`~cas.errors.FsError` subclasses carrying the POSIX errno.
 
 Semantics follow POSIX and Linux: unlink of a file still open keeps its data readable
