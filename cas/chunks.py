@@ -146,7 +146,7 @@ class ChunkManager:
             if cid in self._readahead or cid in self.cache:
                 continue
             if len(self._readahead) >= READAHEAD_MAX:
-                for old in [c for c, f in self._readahead.items() if f.done()]:
+                for old in [c for c, f in list(self._readahead.items()) if f.done()]:
                     del self._readahead[old]
                 if len(self._readahead) >= READAHEAD_MAX:
                     return
@@ -263,8 +263,15 @@ class ChunkManager:
         Returns id -> envelope length in bytes for the chunks written. Raises NoSpace
         (ENOSPC) or FsError(EIO) from the store; nothing is committed by this call.
         """
+        return self.write_chunks(chunks, self.unusable(db, chunks))
+
+    def unusable(self, db: Database, chunks: Mapping[bytes, Plain]) -> list[bytes]:
+        """The first half of :meth:`store_unknown`, on the caller's connection (so under
+        the engine lock): write the noted bad marks, then return the ids of ``chunks``
+        that have no usable copy (no row, bad, or a local file missing or of the wrong
+        size). Raises MetaError."""
         if not chunks:
-            return {}
+            return []
         self.apply_marks(db)
         usable: set[bytes] = set()
         for cid, bad, is_local, slen in dbchunks.states(db, chunks):
@@ -277,7 +284,16 @@ class ChunkManager:
                                 "missing" if st is None else "of the wrong size")
                     continue
             usable.add(cid)
-        todo = [cid for cid in chunks if cid not in usable]
+        return [cid for cid in chunks if cid not in usable]
+
+    def write_chunks(self, chunks: Mapping[bytes, Plain], todo: list[bytes]) -> dict[bytes, int]:
+        """The second half of :meth:`store_unknown`: seal (compress, encrypt) the chunks
+        ``todo`` of ``chunks`` in the CPU pool, write them in the I/O pool and make them
+        durable with one syncfs(2). Uses no database connection and takes no engine
+        lock: a flush runs it without the engine lock (docs/concurrency.md). Thread-safe:
+        the store writes each file under a temporary name unique to the writing thread
+        and renames it into place. Returns id -> envelope length in bytes. Raises
+        NoSpace or FsError(EIO)."""
         if not todo:
             return {}
         blobs = list(self.pool.map(lambda c: self.envelope.seal(chunks[c], self.codec, self.level, c), todo))

@@ -2,7 +2,8 @@
 
 :class:`Filesystem` is what the FUSE layer (and tests) call. Inode numbers are the
 ``inodes.id`` column; the root is inode 1. Every public method holds one re-entrant
-lock, so calls are serialized (see docs/concurrency.md); errors are raised as
+lock, but only for short steps: a flush stores its chunks and a read loads them without
+it, so calls from several threads overlap (see docs/concurrency.md); errors are raised as
 :class:`~cas.errors.FsError` subclasses carrying the POSIX errno.
 
 Semantics follow POSIX and Linux: unlink of a file still open keeps its data readable
@@ -38,7 +39,7 @@ from .envelope import codec_for
 from .errors import ChunkMissing, IntegrityError
 from .errors import (CasError, Exists, FsError, InvalidArgument, IsADirectory, NameTooLong, NoData,
                      NotADirectory, NotEmpty, NotFound)
-from .filedata import FileData, InodeData
+from .filedata import FileData, InodeData, ReadPlan
 from .meta import ROOT_INODE, Metadata
 from .store import LocalStore
 from .syncstatus import VIRTUAL_XATTRS, FileSync, file_sync
@@ -136,11 +137,16 @@ class Filesystem:
 
     ``durability``: GROUP (namespace operations commit with the group transaction) or
     IMMEDIATE (each commits before it returns); see docs/durability.md. Raises
-    InvalidArgument for anything else.
+    InvalidArgument for anything else. ``flush_behind``: a write that fills a file's
+    buffers hands their flush to a background thread (docs/writeback.md).
+
+    Thread-safe: any thread may call any method (docs/concurrency.md). The engine lock
+    is held for short steps only; a flush stores its chunks, and :meth:`read_finish`
+    loads chunks, without it.
     """
 
     def __init__(self, meta: Metadata, cache_bytes: int = 256 << 20, workers: int = 2,
-                 group_commit: bool = True, durability: str = GROUP) -> None:
+                 group_commit: bool = True, durability: str = GROUP, flush_behind: bool = True) -> None:
         vol = meta.volume
         envelope = codec_for(vol)   # VolumeError for an encrypted volume not unlocked: before any thread starts
         self.meta = meta
@@ -165,7 +171,7 @@ class Filesystem:
         self.cache = LFUCache(cache_bytes)
         self.chunks = ChunkManager(self.store, self.cache, codec, level, self.pool, self.io_pool,
                                    envelope=envelope)
-        self.data = FileData(self.db, self.chunks, vol.chunk_size)
+        self.data = FileData(self.db, self.chunks, vol.chunk_size, lock=self.lock, flush_behind=flush_behind)
         self.data.on_commit = self._committed
         self.lookups: dict[int, int] = {}   # inode -> references the kernel holds (lookups)
         # inodes with no links left that the kernel still references: freed at its forget
@@ -216,7 +222,7 @@ class Filesystem:
         the message of the last failed writeback ("" = none, or a success since)."""
         d = self.data
         files = sum(1 for st in list(d.states.values()) if st.needs_flush)
-        return {"dirty_bytes": d.total_dirty, "dirty_files": files,
+        return {"dirty_bytes": d.total_dirty + d.total_flying, "dirty_files": files,
                 "uncommitted_ops": self.db.uncommitted,
                 "writeback_error": d.last_error if d.failing else "",
                 "last_writeback_error": d.last_error}
@@ -250,6 +256,9 @@ class Filesystem:
             for ino in list(self.held):
                 self._maybe_free(ino)
         finally:
+            if self.data.behind is not None:
+                with self.data.unlocked():   # a queued flush-behind needs the lock
+                    self.data.behind.shutdown(wait=True)
             if self.cloud is not None:
                 self.cloud.close()
             self.pool.shutdown(wait=True)
@@ -321,13 +330,15 @@ class Filesystem:
         st = self.data.pending(a.ino)
         if st is None:
             return a
-        return replace(a, **{**st.attrs, "size": st.size, "data_bytes": self.data.stored_bytes(st)})
+        return replace(a, **{**st.flying_attrs, **st.attrs, "size": st.size,
+                             "data_bytes": self.data.stored_bytes(st)})
 
-    def _committed(self, st: InodeData) -> None:
-        """A flush of ``st`` committed: its size and buffered columns are the row's now."""
+    def _committed(self, st: InodeData, size: int, cols: dict[str, int]) -> None:
+        """A flush of ``st`` committed: the ``size`` and columns ``cols`` it wrote are the
+        row's now (newer changes stay pending in ``st``)."""
         a = self.attrs.get(st.ino)
         if a is not None:
-            self.attrs[st.ino] = replace(a, size=st.size, **st.attrs)
+            self.attrs[st.ino] = replace(a, size=size, **cols)
 
     def _count(self, ino: int) -> None:
         self.lookups[ino] = self.lookups.get(ino, 0) + 1
@@ -736,17 +747,44 @@ class Filesystem:
         if truncate:
             self.data.truncate(ino, 0)
 
-    @_locked
     def read(self, ino: int, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes at ``offset`` of open file ``ino``. Raises EIO errors;
         a chunk that failed verification or is missing is marked bad first (see
-        :meth:`_mark_bad`)."""
+        :meth:`_mark_bad`). :meth:`read_start` then :meth:`read_finish`."""
+        return self.read_finish(self.read_start(ino, offset, length))
+
+    @_locked
+    def read_start(self, ino: int, offset: int, length: int) -> ReadPlan:
+        """First half of :meth:`read`, under the engine lock: resolve the bytes into
+        buffers and chunk ids; when every chunk is in the RAM cache the plan's ``data``
+        is the answer already (a caller on the FUSE loop thread needs no worker thread),
+        else :meth:`read_finish` loads them. Raises NotFound, MetaError, EIO errors."""
+        plan = self.data.read_plan(ino, offset, length)
+        self.bytes_read += plan.end - plan.offset
+        if plan.in_ram:
+            plan.data = self._assemble(plan)
+            self.data.note_read(plan)
+        return plan
+
+    def read_finish(self, plan: ReadPlan) -> bytes:
+        """Second half of :meth:`read`: load the plan's chunks (local chunk files, the
+        cloud tier) WITHOUT the engine lock, so other requests proceed meanwhile
+        (docs/concurrency.md). A chunk evicted or removed meanwhile is read as
+        :meth:`ChunkManager.load` does (the cloud copy). Raises EIO errors; bad marks
+        are written under the lock."""
+        if plan.data is None:
+            plan.data = self._assemble(plan)
+            if self.chunks.from_cloud:
+                with self.lock:
+                    self.data.note_read(plan)
+        return plan.data
+
+    def _assemble(self, plan: ReadPlan) -> bytes:
         try:
-            out = self.data.read(ino, offset, length)
-            self.bytes_read += len(out)
-            return out
+            return self.data.assemble(plan)
         except (IntegrityError, ChunkMissing):
-            self._mark_bad()
+            with self.lock:
+                self._mark_bad()
             raise
 
     def _mark_bad(self) -> None:
@@ -756,6 +794,16 @@ class Filesystem:
             self.chunks.apply_marks(self.db)
         except CasError as exc:
             log.error("could not mark bad chunks now (will retry): %s", exc)
+
+    def write_may_block(self, ino: int, n: int) -> bool:
+        """Whether a write of ``n`` bytes to ``ino`` may wait for more than RAM work: the
+        file is not loaded, its buffers (or all files') reach their limit (a flush, or
+        back-pressure), or its writeback is failing. A hint for the FUSE layer (a worker
+        thread or the loop); no lock, a racy read of RAM counters is fine for a hint."""
+        st = self.data.states.get(ino)
+        d = self.data
+        return (st is None or st.wb_error != 0 or st.dirty_bytes + n >= d.inode_dirty_limit
+                or d.total_dirty + d.total_flying + n >= d.total_dirty_limit)
 
     @_locked
     def write(self, ino: int, offset: int, data: bytes) -> int:
@@ -793,6 +841,7 @@ class Filesystem:
         st = self.data.pending(ino)
         if st is None:
             return
+        self.data.wait_idle([st])   # a flush-behind still running: its error is reported here
         if not (st.wb_error or self.data.failing or st.dirty_bytes >= CLOSE_WRITEBACK_BYTES
                 or self._space_tight()):
             return
@@ -802,6 +851,22 @@ class Filesystem:
             raise
         except CasError as exc:  # the database: EIO, with the message for the log
             raise FsError(str(exc)) from exc
+
+    def close_may_block(self, ino: int) -> bool:
+        """Whether :meth:`close_file` of ``ino`` may write back (a hint for the FUSE layer:
+        its flight runs, or the conditions of :meth:`close_file` may hold). No lock."""
+        st = self.data.states.get(ino)
+        return st is not None and (st.busy or st.queued or (st.needs_flush and (
+            st.wb_error != 0 or self.data.failing or st.dirty_bytes >= CLOSE_WRITEBACK_BYTES
+            or self._space_tight())))
+
+    def release_may_block(self, ino: int) -> bool:
+        """Whether :meth:`release` of ``ino`` may wait for a flight or a flush of the
+        released batch (a hint for the FUSE layer). No lock."""
+        st = self.data.states.get(ino)
+        return st is not None and (st.busy or st.queued or st.opens <= 1 and (
+            st.needs_flush and len(self.closed_dirty) + 1 >= CLOSED_DIRTY_BATCH
+            or self.attrs.get(ino) is None or self.attrs[ino].nlink == 0))
 
     def _space_tight(self) -> bool:
         try:
@@ -877,6 +942,7 @@ class Filesystem:
         st = self.data.states.get(ino)
         if st is None:
             return
+        self.data.wait_idle([st])   # decide on a file no flight is changing
         st.opens -= 1
         if st.opens > 0:
             return
@@ -896,6 +962,16 @@ class Filesystem:
             self._drop(ino)
 
     def _drop(self, ino: int) -> None:
+        st = self.data.states.get(ino)
+        if st is not None and (st.busy or st.queued):
+            # never drop a state in flight: wait, then decide again (it may have been
+            # reopened or written meanwhile)
+            self.data.wait_idle([st])
+            if st.opens > 0 or self.data.states.get(ino) is not st:
+                return
+            if st.needs_flush and not st.lost:
+                self.closed_dirty.add(ino)
+                return
         self.closed_dirty.discard(ino)
         self.data.drop_state(ino)
         self._maybe_free(ino)

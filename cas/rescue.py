@@ -157,6 +157,7 @@ def spill(fs: Filesystem, directory: Path) -> list[Path]:
     written: list[Path] = []
     with fs.lock:
         data = fs.data
+        data.wait_idle(list(data.states.values()))   # a flight gives back or commits first
         for st in [s for s in list(data.states.values()) if s.needs_flush]:
             a = fs.attrs.get(st.ino)
             header = {"ino": st.ino, "path": fs.path_of(st.ino), "size": st.size,

@@ -28,7 +28,7 @@ from cas.fs import Filesystem
 from cas.volume import write_private
 
 from .observe import Observer
-from .operations import CasOperations
+from .operations import CasOperations, offload
 
 log = logging.getLogger(__name__)
 WRITEBACK_INTERVAL_S = 0.5   # how often released files are committed (in one transaction)
@@ -74,7 +74,7 @@ async def _sync_requests(fs: Filesystem) -> None:
     with trio.open_signal_receiver(SYNC_SIGNAL) as signals:
         async for _ in signals:
             try:
-                answer_sync(fs)
+                await offload(answer_sync, fs)
             except Exception:
                 log.exception("cannot answer a commit request")
 
@@ -114,7 +114,7 @@ async def _writeback(fs: Filesystem) -> None:
     while True:
         await trio.sleep(WRITEBACK_INTERVAL_S)
         try:
-            fs.writeback(WRITEBACK_AGE_S)
+            await offload(fs.writeback, WRITEBACK_AGE_S)
         except CasError as exc:  # retried next tick; the data stays buffered
             if str(exc) != last_error:
                 log.error("writeback failed (will retry): %s", exc)

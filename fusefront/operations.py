@@ -24,13 +24,14 @@ does the rest of what a local filesystem does: an access ACL also sets the mode
 (:meth:`_set_access_acl`), chmod rewrites the access ACL, and new inodes inherit a
 directory's default ACL (fusefront/acl.py, docs/security.md).
 
-Concurrency: pyfuse3 runs these coroutines on the trio loop thread, and the engine is
-synchronous and serializes itself with one lock; its calls are made directly from the
-loop. Running read/write/create/fsync/release in worker threads
-(``trio.to_thread.run_sync``) was measured slower on every benchmark row (thread
-hand-offs and GIL contention, while the engine lock serializes the work anyway).
-Hashing, compression and chunk I/O inside a flush or a read-ahead use the engine's
-worker threads. See docs/concurrency.md.
+Concurrency: pyfuse3 runs these coroutines on the trio loop thread. Engine calls that
+may block (a read of a chunk not in RAM, a write that fills the file's buffers, fsync,
+a close or release that writes back, fsyncdir, a truncating setattr) run in worker
+threads through :func:`offload`, so the loop keeps serving other requests; the engine
+holds its lock only for short steps (a flush stores its chunks, and a read loads them,
+without it). Quick calls (getattr, lookup, a read of RAM-cached chunks, a small write)
+stay on the loop: a thread hand-off costs more than they do. This layer's own tables
+(``pages``, ``listings``) are touched on the loop thread only. See docs/concurrency.md.
 """
 from __future__ import annotations
 
@@ -88,7 +89,10 @@ def _translate(fn: F) -> F:
     """Turn engine errors into FUSEError with the right errno (EIO for the unexpected)."""
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        args[0].fs.ops += 1  # the request rate of `casfs stats --watch`
+        ops = args[0]
+        ops.fs.ops += 1  # the request rate of `casfs stats --watch`
+        if ops.token is None:
+            ops.token = trio.lowlevel.current_trio_token()
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -152,6 +156,7 @@ class CasOperations(pyfuse3.Operations):
         self.enable_writeback_cache = writeback_cache
         self.pages = PageCacheGuard()
         self.listings = Listings()
+        self.token: trio.lowlevel.TrioToken | None = None   # the loop's, set by the first request
         db = getattr(fs, "db", None)
         if db is not None and hasattr(db, "on_group_lost"):
             # a lost group transaction rolls namespace changes back behind the kernel's
@@ -159,11 +164,32 @@ class CasOperations(pyfuse3.Operations):
             engine_hook = db.on_group_lost
 
             def group_lost() -> None:
-                self.pages.clear()
-                self.listings.clear()
+                # this layer's tables belong to the loop thread: a loss found by an
+                # engine call in a worker thread (offload) clears them on the loop, at
+                # its next turn (TrioToken.run_sync_soon does not wait)
+                try:
+                    trio.lowlevel.current_trio_token()
+                    on_loop = True
+                except RuntimeError:
+                    on_loop = False
+                if on_loop or self.token is None:
+                    self._forget_tables()
+                else:
+                    self.token.run_sync_soon(self._forget_tables)
                 if engine_hook is not None:
                     engine_hook()
             db.on_group_lost = group_lost
+
+    @staticmethod
+    def _now(fn: Callable[..., R]) -> Callable[..., Awaitable[R]]:
+        """``fn`` as a coroutine function that runs it right here, on the loop thread."""
+        async def run(*args: Any, **kwargs: Any) -> R:
+            return fn(*args, **kwargs)
+        return run
+
+    def _forget_tables(self) -> None:
+        self.pages.clear()
+        self.listings.clear()
 
     def _e(self, attr: Attr) -> pyfuse3.EntryAttributes:
         return entry(attr, self.blksize)
@@ -196,7 +222,9 @@ class CasOperations(pyfuse3.Operations):
                       fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
         if fields.update_size:
             self.pages.changed(inode)
-        a = self.fs.setattr(
+        # a size change flushes (and waits for the file's flight): a worker thread
+        call: Any = functools.partial(offload, self.fs.setattr) if fields.update_size else self._now(self.fs.setattr)
+        a = await call(
             inode,
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
@@ -305,11 +333,16 @@ class CasOperations(pyfuse3.Operations):
 
     @_translate
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return self.fs.read(fh, off, size)
+        plan = self.fs.read_start(fh, off, size)
+        if plan.data is not None:   # buffers and RAM-cached chunks only
+            return plan.data
+        return await offload(self.fs.read_finish, plan)
 
     @_translate
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         self.pages.changed(fh)
+        if self.fs.write_may_block(fh, len(buf)):
+            return await offload(self.fs.write, fh, off, buf)
         return self.fs.write(fh, off, buf)
 
     @_translate
@@ -320,7 +353,10 @@ class CasOperations(pyfuse3.Operations):
         # is large (Filesystem.close_file); the data stays buffered either way.
         # FLUSH is synchronous with close(2) (RELEASE is not): the next open sees this.
         self._closed(fh)
-        self.fs.close_file(fh)
+        if self.fs.close_may_block(fh):
+            await offload(self.fs.close_file, fh)
+        else:
+            self.fs.close_file(fh)
 
     def _closed(self, fh: int) -> None:
         try:
@@ -330,12 +366,15 @@ class CasOperations(pyfuse3.Operations):
 
     @_translate
     async def fsync(self, fh: int, datasync: bool) -> None:
-        self.fs.fsync(fh)
+        await offload(self.fs.fsync, fh)
 
     @_translate
     async def release(self, fh: int) -> None:
         self._closed(fh)
-        self.fs.release(fh)
+        if self.fs.release_may_block(fh):
+            await offload(self.fs.release, fh)
+        else:
+            self.fs.release(fh)
 
     @_translate
     async def opendir(self, inode: int, ctx: Any) -> int:
@@ -409,7 +448,7 @@ class CasOperations(pyfuse3.Operations):
 
     @_translate
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        self.fs.sync()
+        await offload(self.fs.sync)
 
     @_translate
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:

@@ -920,18 +920,18 @@ def test_gc_between_precheck_and_commit(eng: Engine) -> None:
     ids = set(expected_refs(x))
     gc_meta = eng.other()
     results = []
-    orig = fs.chunks.store_unknown
+    orig = fs.chunks.write_chunks   # the store step of a flush, after the pre-check
 
-    def racing_store_unknown(db: Any, chunks: Any) -> dict[bytes, int]:
-        stored = orig(db, chunks)
+    def racing_write_chunks(chunks: Any, todo: list[bytes]) -> dict[bytes, int]:
+        stored = orig(chunks, todo)
         results.append(cas.gc.collect(gc_meta, grace_s=0))
         return stored
 
-    fs.chunks.store_unknown = racing_store_unknown  # type: ignore[method-assign]
+    fs.chunks.write_chunks = racing_write_chunks  # type: ignore[method-assign]
     try:
         make_file(fs, b"x2", x)
     finally:
-        fs.chunks.store_unknown = orig  # type: ignore[method-assign]
+        fs.chunks.write_chunks = orig  # type: ignore[method-assign]
         gc_meta.close()
     assert [r.chunks_deleted for r in results] == [2]
     disk = eng.store_files()
