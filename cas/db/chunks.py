@@ -120,27 +120,29 @@ def insert_placeholder(cur: pymysql.cursors.Cursor, chunk: bytes) -> bool:
 # the cloud tier (cas.cloud): local marks, eviction, restore
 
 def exists(cur: pymysql.cursors.Cursor, chunk: bytes) -> bool:
-    """Whether ``chunk`` has a row (a plain read in the caller's transaction)."""
+    """Whether ``chunk`` has a row: a plain read in the caller's transaction, no lock."""
     cur.execute("SELECT 1 FROM chunks WHERE id = %s", (chunk,))
     return cur.fetchone() is not None
 
 
 def mark_local(db: Database, ids: Sequence[bytes]) -> None:
     """Record ``is_local = 1`` for ``ids`` (fetched chunks kept locally again), one
-    autocommitted statement per batch."""
+    autocommitted statement per batch. Locks each batch's rows only for its own statement. Serves
+    eviction: a chunk marked local is a candidate again."""
     for part in batches(ids):
         db.execute("UPDATE chunks SET is_local = 1 WHERE id IN %s", (list(part),))
 
 
 def mark_remote(db: Database, chunk: bytes) -> None:
     """Record ``is_local = 0`` for ``chunk`` (its file is missing; reads fetch it from
-    its cloud copy). Autocommitted."""
+    its cloud copy). Autocommitted. Locks the row for that statement only."""
     db.execute("UPDATE chunks SET is_local = 0 WHERE id = %s", (chunk,))
 
 
 def mark_all_remote(db: Database) -> None:
     """Record ``is_local = 0`` for every chunk (a volume restored from a snapshot has no
-    local files yet). Autocommitted."""
+    local files yet). Autocommitted. Locks every chunk row for that one statement (the restored
+    volume is not mounted yet)."""
     db.execute("UPDATE chunks SET is_local = 0")
 
 
@@ -192,23 +194,24 @@ def copies(db: Database) -> list[ChunkCopies]:
 
 def mark_bad(cur: pymysql.cursors.Cursor, chunk: bytes) -> None:
     """Mark ``chunk`` bad in the caller's transaction (dedup never points new data at it;
-    the next write of its bytes rewrites it)."""
+    the next write of its bytes rewrites it). Locks the row (exclusive) to the caller's COMMIT. Invariant 8."""
     cur.execute("UPDATE chunks SET bad = 1 WHERE id = %s", (chunk,))
 
 
 def mark_bad_now(db: Database, chunk: bytes) -> None:
-    """:func:`mark_bad`, autocommitted."""
+    """:func:`mark_bad`, autocommitted. Locks the row for that statement only. Invariant 8."""
     db.execute("UPDATE chunks SET bad = 1 WHERE id = %s", (chunk,))
 
 
 def mark_bad_if_local(db: Database, chunk: bytes) -> None:
     """Mark ``chunk`` bad if its row still says ``is_local = 1`` (an eviction since does
-    not count as damage). Autocommitted."""
+    not count as damage). Autocommitted. Locks the row for that statement only. Invariant 8."""
     db.execute("UPDATE chunks SET bad = 1 WHERE id = %s AND is_local = 1", (chunk,))
 
 
 def mark_bad_many(db: Database, ids: Sequence[bytes]) -> None:
-    """Mark ``ids`` bad, one autocommitted statement per batch."""
+    """Mark ``ids`` bad, one autocommitted statement per batch. Locks each batch's rows for its
+    statement only. Invariant 8."""
     for part in batches(ids):
         db.execute("UPDATE chunks SET bad = 1 WHERE id IN %s", (list(part),))
 
@@ -269,7 +272,7 @@ def local_after(db: Database, after: bytes, limit: int) -> list[StoredChunk]:
 
 def refcount_mismatches(cur: pymysql.cursors.Cursor) -> list[RefcountMismatch]:
     """Chunks whose refcount differs from the manifest slots naming them (invariant 2).
-    A plain read of the caller's snapshot."""
+    A plain read of the caller's snapshot. No lock."""
     cur.execute("SELECT c.id, c.refcount, COUNT(m.chunk) FROM chunks c "
                 "LEFT JOIN manifests m ON m.chunk = c.id GROUP BY c.id, c.refcount "
                 "HAVING c.refcount <> COUNT(m.chunk)")
@@ -277,21 +280,22 @@ def refcount_mismatches(cur: pymysql.cursors.Cursor) -> list[RefcountMismatch]:
 
 
 def live(cur: pymysql.cursors.Cursor) -> list[LiveChunk]:
-    """:class:`LiveChunk` of every referenced chunk. A plain read of the caller's snapshot."""
+    """:class:`LiveChunk` of every referenced chunk. A plain read of the caller's snapshot. No lock."""
     cur.execute("SELECT c.id, e.chunk IS NOT NULL, c.is_local, c.bad FROM chunks c "
                 "LEFT JOIN pack_entries e ON e.chunk = c.id WHERE c.refcount > 0")
     return [LiveChunk(bytes(r[0]), bool(r[1]), bool(r[2]), bool(r[3])) for r in cur.fetchall()]
 
 
 def all_ids(cur: pymysql.cursors.Cursor) -> set[bytes]:
-    """Every chunk id. A plain read of the caller's snapshot."""
+    """Every chunk id. A plain read of the caller's snapshot. No lock."""
     cur.execute("SELECT id FROM chunks")
     return {bytes(r[0]) for r in cur.fetchall()}
 
 
 def recount(cur: pymysql.cursors.Cursor, chunk: bytes) -> None:
     """Set ``chunk``'s refcount to the manifest slots naming it (zero_since set when that
-    is 0 and it was not, cleared otherwise). ``fsck --repair``, volume unmounted."""
+    is 0 and it was not, cleared otherwise). ``fsck --repair``, volume unmounted. Locks the chunk
+    row (exclusive) to the caller's COMMIT. Invariant 2."""
     cur.execute("UPDATE chunks SET refcount = (SELECT COUNT(*) FROM manifests WHERE chunk = %s), "
                 "zero_since = IF((SELECT COUNT(*) FROM manifests WHERE chunk = %s) = 0, "
                 "COALESCE(zero_since, NOW(6)), NULL) WHERE id = %s", (chunk, chunk, chunk))
@@ -300,7 +304,7 @@ def recount(cur: pymysql.cursors.Cursor, chunk: bytes) -> None:
 # snapshots (cas.snapshot)
 
 def count_lacking(cur: pymysql.cursors.Cursor) -> int:
-    """Referenced chunks with no cloud copy (a plain read of the caller's snapshot)."""
+    """Referenced chunks with no cloud copy (a plain read of the caller's snapshot). No lock."""
     cur.execute("SELECT COUNT(*) FROM chunks c LEFT JOIN pack_entries e ON e.chunk = c.id "
                 "WHERE c.refcount > 0 AND e.chunk IS NULL")
     return int(cur.fetchone()[0])

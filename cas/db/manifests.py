@@ -62,7 +62,7 @@ def users(db: Database, ids: Sequence[bytes]) -> list[ChunkUser]:
 
 def chunks_without_row(cur: pymysql.cursors.Cursor) -> list[bytes]:
     """Chunk ids some manifest names that have no chunk row (invariant 1 broken). A
-    plain read of the caller's snapshot (fsck)."""
+    plain read of the caller's snapshot (fsck). No lock."""
     cur.execute("SELECT DISTINCT m.chunk FROM manifests m LEFT JOIN chunks c ON c.id = m.chunk "
                 "WHERE c.id IS NULL")
     return [bytes(r[0]) for r in cur.fetchall()]

@@ -49,7 +49,7 @@ def names_of(db: Database, inode: int) -> list[NameOf]:
 
 def nlink_mismatches(cur: pymysql.cursors.Cursor) -> list[NlinkMismatch]:
     """Linked non-directory inodes whose nlink differs from their entries. A plain read
-    of the caller's snapshot (fsck)."""
+    of the caller's snapshot (fsck). No lock."""
     cur.execute("SELECT i.id, i.nlink, COUNT(d.inode) FROM inodes i LEFT JOIN dentries d ON d.inode = i.id "
                 "WHERE i.mode & %s <> %s AND i.nlink > 0 GROUP BY i.id, i.nlink "
                 "HAVING i.nlink <> COUNT(d.inode)", (S.S_IFMT(0o170000), S.S_IFDIR))
@@ -57,21 +57,22 @@ def nlink_mismatches(cur: pymysql.cursors.Cursor) -> list[NlinkMismatch]:
 
 
 def dangling(cur: pymysql.cursors.Cursor) -> list[Dangling]:
-    """Directory entries whose inode has no row. A plain read of the caller's snapshot."""
+    """Directory entries whose inode has no row. A plain read of the caller's snapshot. No lock."""
     cur.execute("SELECT d.parent, d.name FROM dentries d LEFT JOIN inodes i ON i.id = d.inode "
                 "WHERE i.id IS NULL")
     return [Dangling(int(r[0]), bytes(r[1])) for r in cur.fetchall()]
 
 
 def recount_nlink(cur: pymysql.cursors.Cursor, inode: int) -> None:
-    """Set ``inode``'s nlink to its directory entries (``fsck --repair``, unmounted)."""
+    """Set ``inode``'s nlink to its directory entries (``fsck --repair``, unmounted). Locks the
+    inode row (exclusive) to the caller's COMMIT."""
     cur.execute("UPDATE inodes SET nlink = (SELECT COUNT(*) FROM dentries WHERE inode = %s) "
                 "WHERE id = %s", (inode, inode))
 
 
 def max_ctime(cur: pymysql.cursors.Cursor) -> int:
     """The largest inode ctime in ns (0 without inodes). A plain read of the caller's
-    snapshot (a metadata snapshot's ctime mark)."""
+    snapshot (a metadata snapshot's ctime mark). No lock."""
     cur.execute("SELECT COALESCE(MAX(ctime_ns), 0) FROM inodes")
     return int(cur.fetchone()[0])
 

@@ -178,7 +178,8 @@ def insert_uploading(cur: pymysql.cursors.Cursor, name: str, size: int, md5: byt
 
 def set_checksums(db: Database, pack: int, md5: bytes, sha256: bytes) -> None:
     """Record the digests of the bytes built for pack ``pack`` before its upload starts
-    (recovery adopts an object only when it matches them). Autocommitted."""
+    (recovery adopts an object only when it matches them). Autocommitted. Locks the pack row for
+    that statement only (the uploader owns the row)."""
     db.execute("UPDATE packs SET md5 = %s, sha256 = %s WHERE id = %s", (md5, sha256, pack))
 
 
@@ -203,7 +204,9 @@ def enter_claimed(cur: pymysql.cursors.Cursor, pack: int) -> int:
     """Give every chunk claimed for ``pack`` (its queue rows) that still has a chunk row
     its ``pack_entries`` row (``INSERT IGNORE``: a chunk confirmed elsewhere first keeps
     that copy: invariant 5). Reads the queue rows the caller's claim holds; returns the
-    entries added. Then :func:`cas.db.queue.delete_claims`."""
+    entries added. Then :func:`cas.db.queue.delete_claims`. Locks the entry rows it inserts
+    (exclusive) to the COMMIT; the caller holds the pack row (lock_claim) and the queue rows (its
+    claim)."""
     return int(cur.execute("INSERT IGNORE INTO pack_entries (chunk, pack, pos, length) "
                            "SELECT q.chunk, q.pack, q.pos, q.length FROM upload_queue q "
                            "JOIN chunks c ON c.id = q.chunk WHERE q.pack = %s", (pack,)))
@@ -321,7 +324,7 @@ def delete_pack(cur: pymysql.cursors.Cursor, pack: int) -> None:
 
 def discard(db: Database, pack: int) -> None:
     """Delete pack ``pack``'s row at once (autocommitted): a repack's new pack whose
-    upload failed; it was never confirmed, so nothing names it."""
+    upload failed; it was never confirmed, so nothing names it. Locks the row for that statement only."""
     db.execute("DELETE FROM packs WHERE id = %s", (pack,))
 
 
@@ -338,7 +341,9 @@ def repack_entries(db: Database, packs: Sequence[int]) -> list[RepackEntry]:
 def move_entry(cur: pymysql.cursors.Cursor, chunk: bytes, old: int, new: int, pos: int) -> None:
     """Move ``chunk``'s location from pack ``old`` to offset ``pos`` of pack ``new``, if it
     is still in ``old`` (gc may have dropped it meanwhile). In the transaction that
-    confirms ``new``: the copy counts in the new pack from that COMMIT on."""
+    confirms ``new``: the copy counts in the new pack from that COMMIT on. Locks the entry row
+    (exclusive) to the caller's COMMIT; the caller holds no chunk row lock (gc deleting the chunk
+    meanwhile deletes its entry under the chunk's lock, and this UPDATE then changes nothing)."""
     cur.execute("UPDATE pack_entries SET pack = %s, pos = %s WHERE chunk = %s AND pack = %s",
                 (new, pos, chunk, old))
 
@@ -413,24 +418,26 @@ def insert_pins(cur: pymysql.cursors.Cursor, generation: int, names: Sequence[st
 
 
 def delete_pins(cur: pymysql.cursors.Cursor, generation: int) -> None:
-    """Drop ``generation``'s pins in the caller's transaction."""
+    """Drop ``generation``'s pins in the caller's transaction. Locks the generation's pin rows
+    (exclusive) to the caller's COMMIT."""
     cur.execute("DELETE FROM snapshot_packs WHERE generation = %s", (generation,))
 
 
 def unpin(db: Database, generation: int) -> None:
-    """Drop ``generation``'s pins at once (autocommitted)."""
+    """Drop ``generation``'s pins at once (autocommitted). Locks the pin rows for that statement only."""
     db.execute("DELETE FROM snapshot_packs WHERE generation = %s", (generation,))
 
 
 def unpin_older(db: Database, generation: int) -> None:
     """Drop the pins of every generation below ``generation`` (retention, after their
-    snapshot objects were deleted). Autocommitted."""
+    snapshot objects were deleted). Autocommitted. Locks the pin rows for that statement only."""
     db.execute("DELETE FROM snapshot_packs WHERE generation < %s", (generation,))
 
 
 def pin_every_pack(db: Database, generation: int) -> None:
     """Pin every pack row for ``generation`` (a restored volume: the packs its snapshot
-    names are exactly its pack rows). Autocommitted."""
+    names are exactly its pack rows). Autocommitted. Reads packs without lock (nothing else runs on
+    a volume being restored); locks the pins it inserts for that statement."""
     db.execute("INSERT IGNORE INTO snapshot_packs (generation, pack) SELECT %s, name FROM packs", (generation,))
 
 

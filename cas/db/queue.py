@@ -135,5 +135,6 @@ def release(cur: pymysql.cursors.Cursor, pack: int) -> None:
 
 def delete_claims(cur: pymysql.cursors.Cursor, pack: int) -> None:
     """Delete pack ``pack``'s claimed rows: the last statement of the confirmation, after
-    :func:`cas.db.packs.enter_claimed` gave them their locations (invariant 5)."""
+    :func:`cas.db.packs.enter_claimed` gave them their locations (invariant 5). Locks the rows it
+    deletes (the caller's claim holds them already, or a recovery under the pack row's lock)."""
     cur.execute("DELETE FROM upload_queue WHERE pack = %s", (pack,))

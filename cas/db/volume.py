@@ -61,7 +61,7 @@ def set_value(cur: pymysql.cursors.Cursor, key: str, value: str) -> None:
 
 def add_if_absent(db: Database, key: str, value: str) -> None:
     """Insert ``key`` unless it has a row (``INSERT IGNORE``: the first writer wins; read
-    the value back with :func:`get`)."""
+    the value back with :func:`get`). Locks the row for that statement only."""
     db.execute("INSERT IGNORE INTO meta (k, v) VALUES (%s, %s)", (key, value[:VALUE_MAX]))
 
 
@@ -75,7 +75,7 @@ def lock_value(cur: pymysql.cursors.Cursor, key: str) -> str | None:
 
 
 def delete_keys(db: Database, keys: Iterable[str]) -> None:
-    """Delete the rows of ``keys`` (none: no statement). Autocommitted."""
+    """Delete the rows of ``keys`` (none: no statement). Autocommitted. Locks those rows for that statement only."""
     ks = list(keys)
     if ks:
         db.execute("DELETE FROM meta WHERE k IN %s", (ks,))
@@ -88,5 +88,6 @@ def cloud_enabled(db: Database) -> bool:
 
 def enable_cloud(cur: pymysql.cursors.Cursor) -> None:
     """Set ``cloud_enabled`` = "1" in the caller's transaction: from its COMMIT on, every
-    new chunk row gets its upload_queue row in the transaction that creates it."""
+    new chunk row gets its upload_queue row in the transaction that creates it. Locks the row
+    (exclusive) to the caller's COMMIT."""
     set_value(cur, "cloud_enabled", "1")
