@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import pymysql.cursors
 
+from .batch import batches, values
+
 if TYPE_CHECKING:
     from cas.meta import Database
 
@@ -64,6 +66,18 @@ def queue_unconfirmed(cur: pymysql.cursors.Cursor) -> int:
     return int(cur.execute(
         "INSERT IGNORE INTO upload_queue (chunk) SELECT c.id FROM chunks c "
         "LEFT JOIN pack_entries p ON p.chunk = c.id WHERE p.chunk IS NULL"))
+
+
+def enqueue(cur: pymysql.cursors.Cursor, chunks: Sequence[bytes]) -> None:
+    """Queue ``chunks`` (new chunk rows, and bad ones just rewritten) in the transaction
+    that creates or rewrites their chunk rows (cas.chunks.ChunkManager.apply_deltas,
+    with the tier enabled): no pending upload is ever lost (invariant 5). ``INSERT
+    IGNORE``: rows already queued stay. The caller holds the chunk rows' locks (lock
+    order chunk -> queue); locks the queue rows it inserts to its COMMIT. One statement
+    per batch of :data:`cas.db.batch.BATCH_ROWS`."""
+    for part in batches(chunks):
+        sql, params = values([(c,) for c in part])
+        cur.execute(f"INSERT IGNORE INTO upload_queue (chunk) VALUES {sql}", params)
 
 
 def requeue(cur: pymysql.cursors.Cursor, chunk: bytes) -> None:
