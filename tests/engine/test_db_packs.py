@@ -9,6 +9,7 @@ waiting connection still inside its statement), never assumed from time.
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ import cas.gc
 import cas.meta
 import cas.snapshot
 from cas.db import packs as pack_rows
+from cas.db.batch import BATCH_ROWS
 from cas.db import queue as queue_rows
 from tests.engine.test_cloud import CloudEngine, ceng, rand  # noqa: F401 - ceng is a fixture
 from tests.engine.test_fs import CS, make_file
@@ -142,3 +144,20 @@ def test_a_pack_gc_is_deleting_is_never_pinned(ceng: CloudEngine) -> None:
             t.join(60)
     assert not err and out == [False]                 # the snapshot is dumped again
     assert ceng.q("SELECT COUNT(*) FROM snapshot_packs WHERE generation = 8")[0][0] == 0
+
+
+def test_enqueue_adds_each_chunk_once_in_batches_and_keeps_claims(ceng: CloudEngine) -> None:
+    make_file(ceng.fs, b"a", rand(2 * CS, 800))
+    ceng.fs.sync()
+    tier = ceng.tier(pack_size=1 << 20)
+    claim = tier._claim()
+    assert claim is not None
+    pack, _, layout = claim
+    claimed = {c for c, _, _ in layout}
+    ids = [hashlib.sha256(b"%d" % i).digest() for i in range(2 * BATCH_ROWS + 1)] + sorted(claimed)
+    for _ in range(2):   # again: nothing added, nothing changed
+        tier.db.transaction(lambda cur: queue_rows.enqueue(cur, ids))
+        rows = {bytes(c): p for c, p in ceng.q("SELECT chunk, pack FROM upload_queue")}
+        assert set(rows) == set(ids)
+        assert {c for c, p in rows.items() if p is not None} == claimed
+        assert {p for p in rows.values() if p is not None} == {pack}
