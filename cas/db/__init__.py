@@ -1,6 +1,6 @@
 """The typed metadata layer: every SQL statement casfs runs against a volume's tables.
 
-One module per group of tables (see docs/metadata.md and docs/metadata-packs.md for the lock order, transaction
+One module per group of tables (see docs/metadata.md for the lock order, transaction
 scopes and the invariants each statement relies on):
 
 * :mod:`cas.db.batch` - the one batching helper for multi-row statements.
