@@ -1097,13 +1097,13 @@ def restore(tier: CloudTier, lazy: bool = False, everything: bool = False,
     packs: dict[int, tuple[str, int, str]] = {}
     lost: list[str] = []
     marked = cloud_only = 0
-    for cid, is_local, pack, pos, length, oid, psize, pname in rows:
+    for cid, is_local, copy in rows:
         if is_local and tier.store.exists(cid):
             continue
         if not is_local and not everything:
-            cloud_only += oid is not None
+            cloud_only += copy is not None
             continue
-        if oid is None:
+        if copy is None:
             lost.append(cid.hex())
             continue
         if lazy:
@@ -1112,9 +1112,8 @@ def restore(tier: CloudTier, lazy: bool = False, everything: bool = False,
                 marked += 1
             cloud_only += 1
             continue
-        assert pack is not None and pos is not None and length is not None   # oid is set: so are they
-        need.setdefault(pack, []).append((cid, pos, length))
-        packs[pack] = (oid, int(psize or 0), str(pname))
+        need.setdefault(copy.pack, []).append((cid, copy.pos, copy.length))
+        packs[copy.pack] = (copy.object_id, copy.pack_size, copy.pack_name)
     restored = restored_bytes = 0
     done: set[bytes] = set()
     if on_total is not None:

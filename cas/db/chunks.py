@@ -32,19 +32,25 @@ class StoredChunk(NamedTuple):
     stored_length: int
 
 
+class CloudCopy(NamedTuple):
+    """A chunk's confirmed cloud copy: pack row id, offset and length in it (bytes), the
+    pack's object id, size (bytes) and name."""
+
+    pack: int
+    pos: int
+    length: int
+    object_id: str
+    pack_size: int
+    pack_name: str
+
+
 class ChunkCopies(NamedTuple):
     """Where a chunk (local, or live) may be read from, for ``casfs restore``: its local
-    mark, and its confirmed cloud copy (all None without one): pack row id, offset,
-    length, object id, pack size and name."""
+    mark, and its confirmed cloud copy (None without one)."""
 
     id: bytes
     is_local: bool
-    pack: int | None
-    pos: int | None
-    length: int | None
-    object_id: str | None
-    pack_size: int | None
-    pack_name: str | None
+    cloud: CloudCopy | None
 
 
 class LiveChunk(NamedTuple):
@@ -180,9 +186,8 @@ def mark_evicted(cur: pymysql.cursors.Cursor, ids: Sequence[bytes]) -> None:
 
 def copies(db: Database) -> list[ChunkCopies]:
     """:class:`ChunkCopies` of every chunk that is referenced or marked local. No lock."""
-    return [ChunkCopies(bytes(c), bool(loc), None if pk is None else int(pk), None if pos is None else int(pos),
-                        None if n is None else int(n), None if oid is None else str(oid),
-                        None if ps is None else int(ps), None if pn is None else str(pn))
+    return [ChunkCopies(bytes(c), bool(loc),
+                        None if oid is None else CloudCopy(int(pk), int(pos), int(n), str(oid), int(ps), str(pn)))
             for c, loc, pk, pos, n, oid, ps, pn in db.query(
                 "SELECT c.id, c.is_local, e.pack, e.pos, e.length, p.object_id, p.size, p.name "
                 "FROM chunks c LEFT JOIN pack_entries e ON e.chunk = c.id "
