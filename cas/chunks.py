@@ -33,6 +33,7 @@ import pymysql.cursors
 
 from .cache import LFUCache
 from .db import chunks as dbchunks
+from .db import queue as dbqueue
 from .envelope import PLAIN, ChunkCodec
 from .errors import ChunkMissing, FsError, IntegrityError
 from .meta import Database
@@ -345,7 +346,7 @@ class ChunkManager:
             # new chunks, and rewritten ones (a bad chunk left the queue unuploaded; one
             # already confirmed in a pack is dropped from the queue at the next claim)
             new = [cid for cid in gain if cid not in rows] + [cid for _, cid in rewritten]
-            dbchunks.queue_uploads(cur, new)
+            dbqueue.enqueue(cur, new)
         by_delta: dict[int, list[bytes]] = {}
         for cid, d in deltas.items():
             if d < 0:

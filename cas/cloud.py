@@ -42,6 +42,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import pymysql.cursors
+
+from .db import chunks as chunk_rows
+from .db import manifests as manifest_rows
+from .db import packs as pack_rows
+from .db import queue as queue_rows
+from .db import volume as meta_rows
 from .envelope import codec_for
 from .errors import CasError, ChunkMissing, FsError, MetaError, VolumeError
 from .errors import IntegrityError
@@ -120,28 +127,25 @@ class CloudConfig:
 
 def enabled(db: Database) -> bool:
     """Whether the volume's cloud tier is enabled (meta key cloud_enabled = 1)."""
-    rows = db.query("SELECT v FROM meta WHERE k = 'cloud_enabled'")
-    return bool(rows) and rows[0][0] == "1"
+    return meta_rows.cloud_enabled(db)
 
 
 def enable(db: Database) -> int:
     """Enable the cloud tier: queue every chunk not yet confirmed in a pack. Returns the
     number of chunks queued. Idempotent."""
-    def body(cur: Any) -> int:
-        cur.execute("INSERT INTO meta (k, v) VALUES ('cloud_enabled', '1') ON DUPLICATE KEY UPDATE v = '1'")
-        return int(cur.execute(
-            "INSERT IGNORE INTO upload_queue (chunk) SELECT c.id FROM chunks c "
-            "LEFT JOIN pack_entries p ON p.chunk = c.id WHERE p.chunk IS NULL"))
+    def body(cur: pymysql.cursors.Cursor) -> int:
+        meta_rows.enable_cloud(cur)
+        return queue_rows.queue_unconfirmed(cur)
     return db.transaction(body)
 
 
-def forget_sql(cur: Any, cid: bytes) -> None:
+def forget_sql(cur: pymysql.cursors.Cursor, cid: bytes) -> None:
     """Drop a deleted chunk's queue row and cloud location (caller holds its row lock)."""
-    cur.execute("DELETE FROM upload_queue WHERE chunk = %s", (cid,))
-    cur.execute("DELETE FROM pack_entries WHERE chunk = %s", (cid,))
+    queue_rows.dequeue(cur, cid)
+    pack_rows.delete_entry(cur, cid)
 
 
-def file_order(cur: Any, queued: list[tuple[bytes, Any]]) -> list[bytes]:
+def file_order(cur: pymysql.cursors.Cursor, queued: list[queue_rows.QueuedChunk]) -> list[bytes]:
     """The chunk ids of ``queued`` ((chunk id, queued time) in queue order) ordered by
     queued time, then by the first place a file holds them (inode, slot; chunks no file
     holds last): the chunks one writeback queued together go into packs in file order,
@@ -150,15 +154,8 @@ def file_order(cur: Any, queued: list[tuple[bytes, Any]]) -> list[bytes]:
     chunks"). Without it they would be in chunk id (hash) order. One query on ``cur``."""
     if len(queued) <= 1:
         return [c for c, _ in queued]
-    where: dict[bytes, tuple[int, int]] = {}
-    ids = [c for c, _ in queued]
-    for i in range(0, len(ids), 1000):
-        cur.execute("SELECT m.chunk, m.inode, MIN(m.slot) FROM manifests m JOIN "
-                    "(SELECT chunk, MIN(inode) AS ino FROM manifests WHERE chunk IN %s GROUP BY chunk) f "
-                    "ON f.chunk = m.chunk AND f.ino = m.inode GROUP BY m.chunk, m.inode", (ids[i:i + 1000],))
-        for c, ino, slot in cur.fetchall():
-            where[bytes(c)] = (int(ino), int(slot))
-    last = (1 << 64, 0)
+    where = manifest_rows.first_places(cur, [c for c, _ in queued])
+    last = manifest_rows.Place(1 << 64, 0)
     return [c for _, _, c in sorted((q, where.get(c, last), c) for c, q in queued)]
 
 
@@ -224,29 +221,23 @@ class TierStatus:
 
 def status(db: Database) -> TierStatus:
     """The tier's figures from the database (works while mounted)."""
-    meta = dict(db.query("SELECT k, v FROM meta WHERE k LIKE 'cloud%%' OR k LIKE 'drive%%'"))
-    qn, qb = db.query("SELECT COUNT(*), COALESCE(SUM(c.stored_length), 0) FROM upload_queue q "
-                      "JOIN chunks c ON c.id = q.chunk")[0]
-    oldest = db.query("SELECT COALESCE(TIMESTAMPDIFF(MICROSECOND, MIN(queued), NOW(6)), 0) "
-                      "FROM upload_queue")[0][0]
-    up = db.query("SELECT COUNT(*) FROM packs WHERE state = 'uploading'")[0][0]
-    pn, pb = db.query("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM packs WHERE state = 'confirmed'")[0]
-    live = db.query("SELECT COALESCE(SUM(length), 0) FROM pack_entries")[0][0]
+    meta = meta_rows.values_with_prefix(db, "cloud", "drive")
+    q = queue_rows.figures(db)
+    p = pack_rows.figures(db)
     paused = meta.get("drive_paused_until", "")
     if paused and float(paused) < time.time():
         paused = ""
     return TierStatus(
-        enabled=meta.get("cloud_enabled") == "1", queued_chunks=int(qn), queued_bytes=int(qb),
-        uploading_packs=int(up), packs=int(pn), cloud_bytes=int(pb), live_cloud_bytes=int(live),
+        enabled=meta.get("cloud_enabled") == "1", queued_chunks=q.chunks, queued_bytes=q.bytes,
+        uploading_packs=p.uploading, packs=p.confirmed, cloud_bytes=p.confirmed_bytes, live_cloud_bytes=p.live_bytes,
         last_error=meta.get("drive_last_error", ""), last_error_at=meta.get("drive_last_error_at", ""),
         paused_until=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(paused))) if paused else "",
-        last_upload_at=meta.get("drive_last_upload_at", ""), oldest_queued_s=max(int(oldest), 0) / 1e6)
+        last_upload_at=meta.get("drive_last_upload_at", ""), oldest_queued_s=q.oldest_us / 1e6)
 
 
 def set_meta(db: Database, values: dict[str, str]) -> None:
     """Upsert meta keys (values cut to the column's 255 characters)."""
-    for k, v in values.items():
-        db.execute("INSERT INTO meta (k, v) VALUES (%s, %s) ON DUPLICATE KEY UPDATE v = VALUES(v)", (k, v[:255]))
+    meta_rows.set_values(db, values)
 
 
 def _now_text() -> str:
@@ -384,24 +375,19 @@ class CloudTier:
         with self._read_lock:
             if self._read_db is None:
                 self._read_db = Database(self.target)
-            rows = self._read_db.query(
-                "SELECT p.object_id, e.pack, e.pos, e.length FROM pack_entries e JOIN packs p ON p.id = e.pack "
-                "WHERE e.chunk = %s AND p.state = 'confirmed'", (cid,))
-            if not rows:
+            loc = pack_rows.locate(self._read_db, cid)
+            if loc is None:
                 return None
-            oid, pack, pos, length = str(rows[0][0]), int(rows[0][1]), int(rows[0][2]), int(rows[0][3])
+            oid, pack, pos, length = loc
             span = [(cid, pos, length)]
             if self.cfg.fetch_span > length:
-                after = self._read_db.query(
-                    "SELECT e.chunk, e.pos, e.length, c.is_local FROM pack_entries e JOIN chunks c ON c.id = e.chunk "
-                    "WHERE e.pack = %s AND e.pos > %s AND e.pos < %s ORDER BY e.pos",
-                    (pack, pos, pos + self.cfg.fetch_span))
+                after = pack_rows.following(self._read_db, pack, pos, self.cfg.fetch_span)
                 end = pos + length
                 for c, p, n, is_local in after:
-                    if int(p) != end or is_local or int(p) + int(n) - pos > self.cfg.fetch_span:
+                    if p != end or is_local or p + n - pos > self.cfg.fetch_span:
                         break
-                    span.append((bytes(c), int(p), int(n)))
-                    end += int(n)
+                    span.append((c, p, n))
+                    end += n
         return oid, span
 
     def read_object(self, object_id: str, offset: int = 0, length: int | None = None) -> bytes:
@@ -584,20 +570,13 @@ class CloudTier:
             if blob is not None:
                 self._ahead_bytes -= len(blob)
 
-    def _locate_many(self, cids: list[bytes]) -> dict[bytes, tuple[str, int, int]]:
+    def _locate_many(self, cids: list[bytes]) -> dict[bytes, pack_rows.ObjectRange]:
         """chunk id -> (pack object id, offset, length in bytes) of the confirmed cloud
         copies of ``cids`` (ids without one are left out). Raises MetaError."""
-        out: dict[bytes, tuple[str, int, int]] = {}
         with self._read_lock:
             if self._read_db is None:
                 self._read_db = Database(self.target)
-            for i in range(0, len(cids), 500):
-                for c, oid, pos, length in self._read_db.query(
-                        "SELECT e.chunk, p.object_id, e.pos, e.length FROM pack_entries e "
-                        "JOIN packs p ON p.id = e.pack WHERE p.state = 'confirmed' AND e.chunk IN %s",
-                        (cids[i:i + 500],)):
-                    out[bytes(c)] = (str(oid), int(pos), int(length))
-        return out
+            return dict(pack_rows.locate_many(self._read_db, cids))
 
     def _get_ahead(self, oid: str, span: list[tuple[bytes, int, int]], done: threading.Event) -> None:
         """One GET of :meth:`fetch_ahead` (a background thread): the span's envelopes go
@@ -642,13 +621,12 @@ class CloudTier:
         """Record ``is_local = 1`` for the chunks :meth:`keep_local` wrote (one statement)."""
         with self._read_lock:
             ids, self._relocal = self._relocal, []
-        for i in range(0, len(ids), 1000):
-            self.db.execute("UPDATE chunks SET is_local = 1 WHERE id IN %s", (ids[i:i + 1000],))
+        chunk_rows.mark_local(self.db, ids)
 
     # -- eviction ----------------------------------------------------------------------
     def local_bytes(self) -> int:
         """Envelope bytes of the chunks marked local."""
-        return int(self.db.query("SELECT COALESCE(SUM(stored_length), 0) FROM chunks WHERE is_local = 1")[0][0])
+        return chunk_rows.local_bytes(self.db)
 
     def evict(self, limit: int) -> tuple[int, int]:
         """Delete local files of chunks confirmed in the cloud, least frequently used first,
@@ -657,13 +635,10 @@ class CloudTier:
         excess = self.local_bytes() - limit
         done = freed = 0
         while excess > 0:
-            rows = self.db.query(
-                "SELECT c.id, c.stored_length FROM chunks c JOIN pack_entries e ON e.chunk = c.id "
-                "JOIN packs p ON p.id = e.pack WHERE c.is_local = 1 AND p.state = 'confirmed' LIMIT %s",
-                (_CLAIM_BATCH,))
+            rows = chunk_rows.evictable(self.db, _CLAIM_BATCH)
             if not rows:
                 break
-            cands = sorted(((bytes(r[0]), int(r[1])) for r in rows), key=lambda x: self.counts.get(x[0]))
+            cands = sorted(rows, key=lambda x: self.counts.get(x.id))
             victims: list[bytes] = []
             for cid, n in cands:
                 if excess <= 0:
@@ -672,18 +647,16 @@ class CloudTier:
                 excess -= n
                 freed += n
 
-            def body(cur: Any) -> list[bytes]:
-                cur.execute("SELECT c.id FROM chunks c JOIN pack_entries e ON e.chunk = c.id "
-                            "WHERE c.id IN %s AND c.is_local = 1 FOR UPDATE", (victims,))
-                ids = [bytes(r[0]) for r in cur.fetchall()]
+            def body(cur: pymysql.cursors.Cursor) -> list[bytes]:
+                ids = chunk_rows.lock_evictable(cur, victims)
                 if ids:
-                    cur.execute("UPDATE chunks SET is_local = 0 WHERE id IN %s", (ids,))
+                    chunk_rows.mark_evicted(cur, ids)
                 return ids
             ids = self.db.transaction(body)
             for cid in ids:   # after the commit: a reader that misses the file fetches it
                 self.store.delete(cid)
             done += len(ids)
-            sizes = dict(cands)
+            sizes = {c.id: c.stored_length for c in cands}
             self.evicted_chunks += len(ids)
             self.evicted_bytes += sum(sizes.get(cid, 0) for cid in ids)
             if len(rows) < _CLAIM_BATCH and not ids:
@@ -694,24 +667,17 @@ class CloudTier:
     def ready_to_upload(self, force: bool) -> bool:
         """True when the unclaimed queue holds a pack's worth of bytes, or its oldest
         entry is older than pack_age_s, or ``force``."""
-        n, size, old = self.db.query(
-            "SELECT COUNT(*), COALESCE(SUM(c.stored_length), 0), "
-            "COALESCE(MIN(q.queued) <= NOW(6) - INTERVAL %s MICROSECOND, 0) "
-            "FROM upload_queue q JOIN chunks c ON c.id = q.chunk WHERE q.pack IS NULL",
-            (int(self.cfg.pack_age_s * 1e6),))[0]
-        return int(n) > 0 and (force or int(size) >= self.cfg.pack_size or bool(old))
+        n, size, old = queue_rows.backlog(self.db, int(self.cfg.pack_age_s * 1e6))
+        return n > 0 and (force or size >= self.cfg.pack_size or old)
 
     def _claim(self) -> tuple[int, str, list[tuple[bytes, int, int]]] | None:
         """Claim up to pack_size bytes of queued chunks for a new pack.
         Returns (pack id, name, [(chunk id, pos, length)]) or None."""
         name = PACK_PREFIX + secrets.token_hex(12)
 
-        def body(cur: Any) -> tuple[int, str, list[tuple[bytes, int, int]]] | None:
-            cur.execute("DELETE q FROM upload_queue q JOIN pack_entries e ON e.chunk = q.chunk "
-                        "WHERE q.pack IS NULL")
-            cur.execute("SELECT chunk, queued FROM upload_queue WHERE pack IS NULL ORDER BY queued, chunk "
-                        "LIMIT %s FOR UPDATE SKIP LOCKED", (_CLAIM_BATCH,))
-            ids = file_order(cur, [(bytes(r[0]), r[1]) for r in cur.fetchall()])
+        def body(cur: pymysql.cursors.Cursor) -> tuple[int, str, list[tuple[bytes, int, int]]] | None:
+            queue_rows.drop_confirmed(cur)
+            ids = file_order(cur, queue_rows.claim(cur, _CLAIM_BATCH))
             layout: list[tuple[bytes, int, int]] = []
             pos = 0
             missing: list[bytes] = []
@@ -727,29 +693,23 @@ class CloudTier:
             for cid in missing:
                 # gc deleted the chunk (and its queue row) after our SELECT, or its only
                 # copy is lost (disk damage): nothing to upload either way; fsck reports it
-                cur.execute("SELECT 1 FROM chunks WHERE id = %s", (cid,))
-                if cur.fetchone() is not None:
+                if chunk_rows.exists(cur, cid):
                     log.error("chunk %s was queued for upload but its local file is gone: "
                               "dropped from the queue (casfs fsck lists it)", cid.hex())
-                cur.execute("DELETE FROM upload_queue WHERE chunk = %s", (cid,))
+                queue_rows.dequeue(cur, cid)
             if not layout:
                 return None
             pack = self.insert_pack(cur, name, pos)
-            for cid, p, n in layout:
-                cur.execute("UPDATE upload_queue SET pack = %s, pos = %s, length = %s WHERE chunk = %s",
-                            (pack, p, n, cid))
+            queue_rows.assign(cur, pack, [queue_rows.Placement(*e) for e in layout])
             return pack, name, layout
         return self.db.transaction(body)
 
-    def insert_pack(self, cur: Any, name: str, size: int, md5: bytes = b"\0" * 16,
+    def insert_pack(self, cur: pymysql.cursors.Cursor, name: str, size: int, md5: bytes = b"\0" * 16,
                     sha256: bytes = b"\0" * 32) -> int:
         """Record pack ``name`` (``size`` bytes) as 'uploading', owned by this tier for
         LEASE_S seconds, in the caller's transaction; returns its id. Zero checksums
         mean "not built yet" (recovery then finds nothing to adopt)."""
-        cur.execute("INSERT INTO packs (name, state, size, md5, sha256, owner, lease_until) "
-                    "VALUES (%s, 'uploading', %s, %s, %s, %s, NOW(6) + INTERVAL %s SECOND)",
-                    (name, size, md5, sha256, self.owner, LEASE_S))
-        return int(cur.lastrowid)
+        return pack_rows.insert_uploading(cur, name, size, md5, sha256, self.owner, LEASE_S)
 
     def _build(self, layout: list[tuple[bytes, int, int]]) -> bytes | None:
         parts = []
@@ -774,34 +734,30 @@ class CloudTier:
         heals it queues it again (cas.chunks.ChunkManager.apply_deltas)."""
         log.error("cloud tier: chunk %s fails verification: marked bad, not uploaded", cid.hex())
 
-        def body(cur: Any) -> None:
-            cur.execute("UPDATE chunks SET bad = 1 WHERE id = %s", (cid,))
-            cur.execute("DELETE FROM upload_queue WHERE chunk = %s", (cid,))
+        def body(cur: pymysql.cursors.Cursor) -> None:
+            chunk_rows.mark_bad(cur, [cid])
+            queue_rows.dequeue(cur, cid)
         self.db.transaction(body)
 
     def _release(self, pack: int) -> None:
         """Give a pack's claims back to the queue and delete its row."""
-        def body(cur: Any) -> None:
-            cur.execute("UPDATE upload_queue SET pack = NULL, pos = NULL, length = NULL WHERE pack = %s", (pack,))
-            cur.execute("DELETE FROM packs WHERE id = %s AND state = 'uploading'", (pack,))
+        def body(cur: pymysql.cursors.Cursor) -> None:
+            queue_rows.release(cur, pack)
+            pack_rows.delete_uploading(cur, pack)
         self.db.transaction(body)
 
     def _confirm(self, pack: int, info: ObjectInfo, owner: str | None) -> bool:
         """Make ``pack`` confirmed with object ``info``: its chunks' cloud copies count
         from this commit on. False if the pack is no longer ours (recovered by another)."""
-        def body(cur: Any) -> bool:
-            cur.execute("SELECT state, owner FROM packs WHERE id = %s FOR UPDATE", (pack,))
-            row = cur.fetchone()
-            if row is None or row[0] != "uploading" or (owner is not None and row[1] != owner):
+        def body(cur: pymysql.cursors.Cursor) -> bool:
+            row = pack_rows.lock_claim(cur, pack)
+            if row is None or row.state != "uploading" or (owner is not None and row.owner != owner):
                 return False
             # md5/sha256 stay those we computed from the bytes we built (equal to the
             # store's, :func:`matches`; the store may not report a sha256)
-            cur.execute("UPDATE packs SET state = 'confirmed', object_id = %s, confirmed = NOW(6), "
-                        "owner = NULL, lease_until = NULL WHERE id = %s", (info.id, pack))
-            cur.execute("INSERT IGNORE INTO pack_entries (chunk, pack, pos, length) "
-                        "SELECT q.chunk, q.pack, q.pos, q.length FROM upload_queue q "
-                        "JOIN chunks c ON c.id = q.chunk WHERE q.pack = %s", (pack,))
-            cur.execute("DELETE FROM upload_queue WHERE pack = %s", (pack,))
+            pack_rows.mark_confirmed(cur, pack, info.id)
+            pack_rows.enter_claimed(cur, pack)
+            queue_rows.delete_claims(cur, pack)
             return True
         return self.db.transaction(body)
 
@@ -819,8 +775,7 @@ class CloudTier:
         if blob is None:   # a file changed or went away under us: try again with a fresh claim
             self._release(pack)
             return 0
-        self.db.execute("UPDATE packs SET md5 = %s, sha256 = %s WHERE id = %s",
-                        (hashlib.md5(blob).digest(), hashlib.sha256(blob).digest(), pack))
+        pack_rows.set_checksums(self.db, pack, hashlib.md5(blob).digest(), hashlib.sha256(blob).digest())
         try:
             info = put_checked(self.objects, name, blob, self.volume.uuid)
         except BaseException:
@@ -847,10 +802,10 @@ class CloudTier:
     def recover_pack(self, pack: int, name: str) -> str:
         """Settle an 'uploading' pack whose upload is over (failed or owner dead).
         Returns 'adopted' or 'released'."""
-        rows = self.db.query("SELECT size, md5, sha256 FROM packs WHERE id = %s AND state = 'uploading'", (pack,))
-        if not rows:
+        sums = pack_rows.uploading_checksums(self.db, pack)
+        if sums is None:
             return "released"
-        size, md5, sha = int(rows[0][0]), bytes(rows[0][1]).hex(), bytes(rows[0][2]).hex()
+        size, md5, sha = sums.size, sums.md5.hex(), sums.sha256.hex()
         found = [o for o in self.objects.find(name) if owned(o, self.volume.uuid)]
         keep = next((o for o in found if matches(o, size, md5, sha)), None)
         for o in found:
@@ -870,11 +825,11 @@ class CloudTier:
         pack at a time, so any left between calls failed and could not be settled then),
         those whose owner died (this host), and those whose lease expired.
         Returns how many were settled."""
-        rows = self.db.query("SELECT id, name, owner, lease_until < NOW(6) FROM packs WHERE state = 'uploading'")
+        rows = pack_rows.uploading(self.db)
         n = 0
         for pack, name, owner, expired in rows:
             if owner == self.owner or _owner_dead(owner) or expired:
-                self.recover_pack(int(pack), str(name))
+                self.recover_pack(pack, name)
                 n += 1
         return n
 
@@ -913,7 +868,7 @@ class CloudTier:
                 on_pack(n)
 
     def _uploading_left(self) -> bool:
-        return bool(self.db.query("SELECT 1 FROM packs WHERE state = 'uploading' LIMIT 1"))
+        return pack_rows.any_uploading(self.db)
 
     # -- the background thread of a mount ----------------------------------------------
     def start(self) -> None:
@@ -1077,19 +1032,19 @@ def open_objects(volume: Volume, cfg: CloudConfig, db: Database, *,
 
     def factory() -> Any:
         return drive.build_service(cfg.endpoint or None, creds, timeout=cfg.timeout_s)
-    rows = db.query("SELECT v FROM meta WHERE k = 'drive_folder_id'")
+    recorded = meta_rows.get(db, "drive_folder_id")
     if not record:
-        known = dict(db.query("SELECT k, v FROM meta WHERE k = 'drive_folder_key'"))
-        if rows and known.get("drive_folder_key") == folder_key(cfg):
-            folder = str(rows[0][0])
+        made_for = meta_rows.get(db, "drive_folder_key")
+        if recorded is not None and made_for == folder_key(cfg):
+            folder = recorded
         else:
             folder = retrying(lambda: drive.ensure_folder(factory(), cfg.folder), 3, initial_s=0.5, cap_s=4.0)
-    elif rows:
-        folder = str(rows[0][0])
+    elif recorded is not None:
+        folder = recorded
     else:
         folder = retrying(lambda: drive.ensure_folder(factory(), cfg.folder), 3, initial_s=0.5, cap_s=4.0)
-        db.execute("INSERT IGNORE INTO meta (k, v) VALUES ('drive_folder_id', %s)", (folder,))
-        folder = str(db.query("SELECT v FROM meta WHERE k = 'drive_folder_id'")[0][0])
+        meta_rows.add_if_absent(db, "drive_folder_id", folder)
+        folder = str(meta_rows.get(db, "drive_folder_id"))
     return drive.DriveObjectStore(factory, folder, chunk_size=cfg.upload_chunk)
 
 
@@ -1137,32 +1092,28 @@ def restore(tier: CloudTier, lazy: bool = False, everything: bool = False,
     in all. Raises MetaError; store errors are collected, not raised.
     """
     db = tier.db
-    rows = db.query("SELECT c.id, c.is_local, e.pack, e.pos, e.length, p.object_id, p.size, p.name "
-                    "FROM chunks c LEFT JOIN pack_entries e ON e.chunk = c.id "
-                    "LEFT JOIN packs p ON p.id = e.pack AND p.state = 'confirmed' "
-                    "WHERE c.refcount > 0 OR c.is_local = 1")
+    rows = chunk_rows.copies(db)
     need: dict[int, list[tuple[bytes, int, int]]] = {}
     packs: dict[int, tuple[str, int, str]] = {}
     lost: list[str] = []
     marked = cloud_only = 0
-    for cid_b, is_local, pack, pos, length, oid, psize, pname in rows:
-        cid = bytes(cid_b)
+    for cid, is_local, copy in rows:
         if is_local and tier.store.exists(cid):
             continue
         if not is_local and not everything:
-            cloud_only += oid is not None
+            cloud_only += copy is not None
             continue
-        if oid is None:
+        if copy is None:
             lost.append(cid.hex())
             continue
         if lazy:
             if is_local:
-                db.execute("UPDATE chunks SET is_local = 0 WHERE id = %s", (cid,))
+                chunk_rows.mark_remote(db, cid)
                 marked += 1
             cloud_only += 1
             continue
-        need.setdefault(int(pack), []).append((cid, int(pos), int(length)))
-        packs[int(pack)] = (str(oid), int(psize), str(pname))
+        need.setdefault(copy.pack, []).append((cid, copy.pos, copy.length))
+        packs[copy.pack] = (copy.object_id, copy.pack_size, copy.pack_name)
     restored = restored_bytes = 0
     done: set[bytes] = set()
     if on_total is not None:
@@ -1185,7 +1136,7 @@ def restore(tier: CloudTier, lazy: bool = False, everything: bool = False,
                 done.add(cid)
                 continue
             tier.store.put(cid, blob)
-            db.execute("UPDATE chunks SET is_local = 1 WHERE id = %s", (cid,))
+            chunk_rows.mark_local(db, [cid])
             done.add(cid)
             restored += 1
             restored_bytes += len(blob)

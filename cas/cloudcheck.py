@@ -17,6 +17,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .db import manifests as manifest_rows
+from .db import namespace as namespace_rows
+from .db import packs as pack_rows
 from .meta import ROOT_INODE, Database
 from .objstore import ObjectInfo, ObjectNotFound, ObjectStore
 
@@ -63,11 +66,11 @@ def check_packs(db: Database, objects: ObjectStore) -> CloudCheck:
     """Compare every confirmed pack with the store's object (see the module doc).
     Read-only; safe while the volume is mounted. Raises MetaError and the cas.objstore
     errors (TryAgain after the store's own retries, ObjectStoreError)."""
-    rows = db.query("SELECT id, name, object_id, size, md5 FROM packs WHERE state = 'confirmed' ORDER BY id")
+    rows = pack_rows.confirmed(db)
     listed: dict[str, ObjectInfo] = {o.id: o for o in objects.list()}
     problems: list[PackProblem] = []
     for pid, name, oid, size, md5 in rows:
-        oid, want_md5 = str(oid), bytes(md5).hex()
+        want_md5 = md5.hex()
         info = listed.get(oid)
         problem = ""
         if info is None:
@@ -76,24 +79,20 @@ def check_packs(db: Database, objects: ObjectStore) -> CloudCheck:
                 problem = "not in the volume's folder (trashed or moved)"
             except ObjectNotFound:
                 problem = "missing"
-        elif info.size != int(size):
-            problem = f"size {info.size} bytes, recorded {int(size)}"
+        elif info.size != size:
+            problem = f"size {info.size} bytes, recorded {size}"
         elif info.md5 and info.md5 != want_md5:
             problem = f"md5 {info.md5}, recorded {want_md5}"
         if problem:
-            problems.append(_problem(db, int(pid), str(name), oid, problem))
+            problems.append(_problem(db, pid, name, oid, problem))
     return CloudCheck(len(rows), problems)
 
 
 def _problem(db: Database, pack: int, name: str, oid: str, problem: str) -> PackProblem:
-    chunks, remote = db.query(
-        "SELECT COUNT(*), COALESCE(SUM(c.is_local = 0), 0) FROM pack_entries e "
-        "JOIN chunks c ON c.id = e.chunk WHERE e.pack = %s", (pack,))[0]
-    inodes = [int(r[0]) for r in db.query(
-        "SELECT DISTINCT m.inode FROM manifests m JOIN pack_entries e ON e.chunk = m.chunk "
-        "WHERE e.pack = %s ORDER BY m.inode", (pack,))]
+    chunks, remote = pack_rows.entry_counts(db, pack)
+    inodes = manifest_rows.inodes_using_pack(db, pack)
     paths = [path_of(db, ino) for ino in inodes[:PATHS_PER_PACK]]
-    return PackProblem(name, oid, problem, int(chunks), int(remote), len(inodes), paths)
+    return PackProblem(name, oid, problem, chunks, remote, len(inodes), paths)
 
 
 def path_of(db: Database, inode: int) -> str:
@@ -103,10 +102,10 @@ def path_of(db: Database, inode: int) -> str:
     ino = inode
     seen = set()
     while ino != ROOT_INODE:
-        row = db.query("SELECT parent, name FROM dentries WHERE inode = %s LIMIT 1", (ino,))
-        if not row or ino in seen:
+        row = namespace_rows.first_name(db, ino)
+        if row is None or ino in seen:
             return f"<inode {inode}>"
         seen.add(ino)
-        parts.append(bytes(row[0][1]).decode("utf-8", "surrogateescape"))
-        ino = int(row[0][0])
+        parts.append(row.name.decode("utf-8", "surrogateescape"))
+        ino = row.parent
     return "/" + "/".join(reversed(parts))

@@ -15,15 +15,26 @@ missing, corrupt and bad-marked chunks are repaired by cas.repair (from the clou
 """
 from __future__ import annotations
 
-import stat as S
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
+import pymysql.cursors
+
+from .db import chunks as chunk_rows
+from .db import manifests as manifest_rows
+from .db import namespace as namespace_rows
+from .db import tables
 from .envelope import codec_for
 from .errors import ChunkMissing, IntegrityError
 from .meta import Metadata
 from .store import LocalStore
+
+
+#: what fsck reads in its one snapshot: refcount mismatches (id, stored, actual), chunk
+#: ids with no row, live chunk ids, (cloud-only ids, bad-marked ids), nlink mismatches
+#: (inode, stored, actual), dangling entries (parent, name), every chunk id
+_Snapshot = tuple[list[tuple[bytes, int, int]], list[bytes], list[bytes], tuple[set[bytes], set[bytes]],
+                  list[tuple[int, int, int]], list[tuple[int, str]], set[bytes]]
 
 
 @dataclass(frozen=True)
@@ -61,36 +72,20 @@ def check(meta: Metadata, repair: bool = False, verify: bool = True,
     store = LocalStore(meta.volume.chunk_dir)
     envelope = codec_for(meta.volume)
 
-    def snapshot(cur: Any) -> tuple[Any, ...]:
-        cur.execute("SELECT c.id, c.refcount, COUNT(m.chunk) FROM chunks c "
-                    "LEFT JOIN manifests m ON m.chunk = c.id GROUP BY c.id, c.refcount "
-                    "HAVING c.refcount <> COUNT(m.chunk)")
-        refs = [(bytes(r[0]), int(r[1]), int(r[2])) for r in cur.fetchall()]
-        cur.execute("SELECT DISTINCT m.chunk FROM manifests m LEFT JOIN chunks c ON c.id = m.chunk "
-                    "WHERE c.id IS NULL")
-        no_row = [bytes(r[0]) for r in cur.fetchall()]
-        cur.execute("SELECT c.id, e.chunk IS NOT NULL, c.is_local, c.bad FROM chunks c "
-                    "LEFT JOIN pack_entries e ON e.chunk = c.id WHERE c.refcount > 0")
-        rows = cur.fetchall()
-        live = [bytes(r[0]) for r in rows]
-        in_cloud = {bytes(r[0]) for r in rows if r[1] and not (r[2] or r[3])}   # meant to be cloud-only
-        marked = {bytes(r[0]) for r in rows if r[3]}
-        cur.execute("SELECT i.id, i.nlink, COUNT(d.inode) FROM inodes i LEFT JOIN dentries d ON d.inode = i.id "
-                    "WHERE i.mode & %s <> %s AND i.nlink > 0 GROUP BY i.id, i.nlink "
-                    "HAVING i.nlink <> COUNT(d.inode)", (S.S_IFMT(0o170000), S.S_IFDIR))
-        nlinks = [(int(r[0]), int(r[1]), int(r[2])) for r in cur.fetchall()]
-        cur.execute("SELECT d.parent, d.name FROM dentries d LEFT JOIN inodes i ON i.id = d.inode "
-                    "WHERE i.id IS NULL")
-        dangling = [(int(r[0]), bytes(r[1]).decode(errors="replace")) for r in cur.fetchall()]
-        cur.execute("SELECT id FROM chunks")
-        all_ids = {bytes(r[0]) for r in cur.fetchall()}
+    def snapshot(cur: pymysql.cursors.Cursor) -> _Snapshot:
+        refs = [(r.chunk, r.stored, r.actual) for r in chunk_rows.refcount_mismatches(cur)]
+        no_row = manifest_rows.chunks_without_row(cur)
+        rows = chunk_rows.live(cur)
+        live = [r.id for r in rows]
+        in_cloud = {r.id for r in rows if r.in_cloud and not (r.is_local or r.bad)}   # meant to be cloud-only
+        marked = {r.id for r in rows if r.bad}
+        nlinks = [(r.inode, r.stored, r.actual) for r in namespace_rows.nlink_mismatches(cur)]
+        dangling = [(r.parent, r.name.decode(errors="replace")) for r in namespace_rows.dangling(cur)]
+        all_ids = chunk_rows.all_ids(cur)
         return refs, no_row, live, (in_cloud, marked), nlinks, dangling, all_ids
 
-    db.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-    try:
+    with tables.repeatable_read(db):
         refs, no_row, live, (in_cloud, marked), nlinks, dangling, all_ids = db.transaction(snapshot)
-    finally:
-        db.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
     missing, corrupt, bad_marked = [], [], []
     cloud_only = 0
     if on_total is not None:
@@ -115,14 +110,11 @@ def check(meta: Metadata, repair: bool = False, verify: bool = True,
     orphans = sum(1 for cid in store.iter_ids() if cid not in all_ids)
     repaired = False
     if repair and (refs or nlinks):
-        def fix(cur: Any) -> None:
+        def fix(cur: pymysql.cursors.Cursor) -> None:
             for cid, _, _ in refs:
-                cur.execute("UPDATE chunks SET refcount = (SELECT COUNT(*) FROM manifests WHERE chunk = %s), "
-                            "zero_since = IF((SELECT COUNT(*) FROM manifests WHERE chunk = %s) = 0, "
-                            "COALESCE(zero_since, NOW(6)), NULL) WHERE id = %s", (cid, cid, cid))
+                chunk_rows.recount(cur, cid)
             for ino, _, _ in nlinks:
-                cur.execute("UPDATE inodes SET nlink = (SELECT COUNT(*) FROM dentries WHERE inode = %s) "
-                            "WHERE id = %s", (ino, ino))
+                namespace_rows.recount_nlink(cur, ino)
         db.transaction(fix)
         repaired = True
     return FsckReport(

@@ -16,9 +16,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+import pymysql.cursors
 
 from .cloud import PACK_PREFIX, CloudTier, forget_sql, owned, put_checked
+from .db import chunks as chunk_rows
+from .db import packs as pack_rows
 from .errors import ChunkMissing, FsError
 from .meta import Metadata
 from .objstore import ObjectNotFound, now_utc
@@ -53,24 +55,20 @@ def collect(meta: Metadata, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = Fa
     db = meta.db
     store = LocalStore(meta.volume.chunk_dir)
     grace_us = int(grace_s * 1_000_000)
-    candidates = [bytes(r[0]) for r in db.query(
-        "SELECT id FROM chunks WHERE refcount <= 0 AND zero_since <= NOW(6) - INTERVAL %s MICROSECOND",
-        (grace_us,))]
+    candidates = chunk_rows.collectable(db, grace_us)
     deleted = freed = 0
     if on_total is not None:
         on_total(len(candidates))
     for cid in candidates:
-        def body(cur: Any, cid: bytes = cid) -> int | None:
-            cur.execute("SELECT refcount, stored_length, zero_since <= NOW(6) - INTERVAL %s MICROSECOND "
-                        "FROM chunks WHERE id = %s FOR UPDATE", (grace_us, cid))
-            row = cur.fetchone()
-            if row is None or int(row[0]) > 0 or not row[2]:
+        def body(cur: pymysql.cursors.Cursor, cid: bytes = cid) -> int | None:
+            row = chunk_rows.lock_for_gc(cur, cid, grace_us)
+            if row is None or row.refcount > 0 or not row.expired:
                 return None
             if not dry_run:
                 store.delete(cid)
-                cur.execute("DELETE FROM chunks WHERE id = %s", (cid,))
+                chunk_rows.delete_row(cur, cid)
                 forget_sql(cur, cid)
-            return int(row[1])
+            return row.stored_length
         n = db.transaction(body)
         if n is not None:
             deleted += 1
@@ -89,10 +87,7 @@ def _sweep_orphans(meta: Metadata, store: LocalStore, grace_s: float, dry_run: b
     ids = list(store.iter_ids())
     if on_total is not None:
         on_total(len(ids))
-    known: set[bytes] = set()
-    for i in range(0, len(ids), 500):
-        batch = ids[i:i + 500]
-        known.update(bytes(r[0]) for r in db.query("SELECT id FROM chunks WHERE id IN %s", (batch,)))
+    known = chunk_rows.known(db, ids)
     count = total = 0
     for cid in ids:
         if progress is not None:
@@ -107,16 +102,14 @@ def _sweep_orphans(meta: Metadata, store: LocalStore, grace_s: float, dry_run: b
             total += st.size
             continue
 
-        def body(cur: Any, cid: bytes = cid) -> int | None:
+        def body(cur: pymysql.cursors.Cursor, cid: bytes = cid) -> int | None:
             # placeholder row: holds the row lock a writer would take for this id
-            cur.execute("INSERT IGNORE INTO chunks (id, length, stored_length, refcount, zero_since) "
-                        "VALUES (%s, 0, 0, 0, NOW(6))", (cid,))
-            if cur.rowcount != 1:
+            if not chunk_rows.insert_placeholder(cur, cid):
                 return None  # a writer recorded it meanwhile
             now_st = store.stat(cid)
             if now_st is not None and time.time_ns() - now_st.mtime_ns >= grace_s * 1e9:
                 store.delete(cid)
-            cur.execute("DELETE FROM chunks WHERE id = %s", (cid,))
+            chunk_rows.delete_row(cur, cid)
             return now_st.size if now_st is not None else 0
         n = db.transaction(body)
         if n:
@@ -162,15 +155,12 @@ def collect_cloud(tier: CloudTier, grace_s: float = DEFAULT_GRACE_S, dry_run: bo
     Raises ObjectStoreError/TryAgain from the store; what was done so far stays consistent.
     """
     db = tier.db
-    rows = db.query("SELECT p.id, p.size, COALESCE(SUM(e.length), 0), COUNT(e.chunk) FROM packs p "
-                    "LEFT JOIN pack_entries e ON e.pack = p.id WHERE p.state = 'confirmed' "
-                    "GROUP BY p.id, p.size")
+    rows = pack_rows.fill(db)
     # a pack a kept snapshot generation names stays as it is: rewriting it would only add
     # a copy (docs/backup.md, "What gc keeps")
     pinned = _pinned_ids(tier)
-    sparse = [(int(pid), int(size), int(live)) for pid, size, live, n in rows
-              if int(n) and int(size) and int(live) / int(size) < tier.cfg.repack_threshold
-              and int(pid) not in pinned]
+    sparse = [(pid, size, live) for pid, size, live, n in rows
+              if n and size and live / size < tier.cfg.repack_threshold and pid not in pinned]
     rewritten = rewritten_bytes = new_packs = 0
     if on_total is not None:
         on_total(len(sparse))
@@ -180,25 +170,24 @@ def collect_cloud(tier: CloudTier, grace_s: float = DEFAULT_GRACE_S, dry_run: bo
         rewritten, rewritten_bytes = len(sparse), sum(live for _, _, live in sparse)
     if progress is not None:
         progress(len(sparse))
-    dead = db.query("SELECT p.id, p.object_id, p.size FROM packs p LEFT JOIN pack_entries e ON e.pack = p.id "
-                    "WHERE p.state = 'confirmed' AND e.chunk IS NULL")
+    dead = pack_rows.dead(db)
     if on_total is not None:
         on_total(len(sparse) + len(dead))
     deleted = deleted_bytes = 0
     for pid, oid, size in dead:
         if progress is not None:
             progress(1)
-        if int(pid) in pinned or (not dry_run and not _drop_dead_pack(tier, int(pid))):
+        if pid in pinned or (not dry_run and not _drop_dead_pack(tier, pid)):
             continue   # a kept snapshot generation names it (or it gained entries meanwhile)
         if not dry_run:
             try:
                 # the row names it, but an object is deleted only when it carries our id
-                if owned(tier.objects.stat(str(oid)), tier.volume.uuid):
-                    tier.objects.delete(str(oid))
+                if owned(tier.objects.stat(oid), tier.volume.uuid):
+                    tier.objects.delete(oid)
             except ObjectNotFound:
                 pass
         deleted += 1
-        deleted_bytes += int(size)
+        deleted_bytes += size
     orphans, orphan_bytes = _sweep_cloud_orphans(
         tier, grace_s, dry_run, progress,
         None if on_total is None else lambda n: on_total(len(sparse) + len(dead) + n))
@@ -208,8 +197,7 @@ def collect_cloud(tier: CloudTier, grace_s: float = DEFAULT_GRACE_S, dry_run: bo
 
 def _pinned_ids(tier: CloudTier) -> set[int]:
     """Ids of the confirmed packs that a kept snapshot generation names."""
-    return {int(r[0]) for r in tier.db.query(
-        "SELECT DISTINCT p.id FROM packs p JOIN snapshot_packs s ON s.pack = p.name")}
+    return pack_rows.pinned_ids(tier.db)
 
 
 def _drop_dead_pack(tier: CloudTier, pack: int) -> bool:
@@ -218,18 +206,15 @@ def _drop_dead_pack(tier: CloudTier, pack: int) -> bool:
     lock on the same row, cas.snapshot._pin: one of the two waits for the other). The
     object is deleted after this commit; a failure there leaves an orphan for the sweep.
     Returns whether the row was deleted."""
-    def body(cur: Any) -> bool:
-        cur.execute("SELECT name FROM packs WHERE id = %s AND state = 'confirmed' FOR UPDATE", (pack,))
-        row = cur.fetchone()
-        if row is None:
+    def body(cur: pymysql.cursors.Cursor) -> bool:
+        name = pack_rows.lock_confirmed_name(cur, pack)
+        if name is None:
             return False
-        cur.execute("SELECT 1 FROM pack_entries WHERE pack = %s LIMIT 1", (pack,))
-        if cur.fetchone() is not None:
+        if pack_rows.has_entries(cur, pack):
             return False
-        cur.execute("SELECT 1 FROM snapshot_packs WHERE pack = %s LIMIT 1", (row[0],))
-        if cur.fetchone() is not None:
+        if pack_rows.is_pinned(cur, name):
             return False
-        cur.execute("DELETE FROM packs WHERE id = %s", (pack,))
+        pack_rows.delete_pack(cur, pack)
         return True
     return tier.db.transaction(body)
 
@@ -238,9 +223,7 @@ def _repack(tier: CloudTier, packs: list[int]) -> tuple[int, int, int]:
     """Copy the live chunks of ``packs`` into new packs; returns (old packs emptied, bytes
     copied, new packs)."""
     db = tier.db
-    entries = [(bytes(c), int(p), int(pos), int(n), str(oid)) for c, p, pos, n, oid in db.query(
-        "SELECT e.chunk, e.pack, e.pos, e.length, p.object_id FROM pack_entries e JOIN packs p ON p.id = e.pack "
-        "WHERE e.pack IN %s ORDER BY e.pack, e.pos", (packs,))]
+    entries = pack_rows.repack_entries(db, packs)
     copied = new = 0
     batch: list[tuple[bytes, int, bytes]] = []   # (chunk, old pack, envelope)
     size = 0
@@ -281,16 +264,14 @@ def _write_pack(tier: CloudTier, batch: list[tuple[bytes, int, bytes]]) -> None:
     try:
         info = put_checked(tier.objects, name, blob, tier.volume.uuid)
     except BaseException:
-        db.execute("DELETE FROM packs WHERE id = %s", (pack,))
+        pack_rows.discard(db, pack)
         raise
 
-    def confirm(cur: Any) -> None:
-        cur.execute("UPDATE packs SET state = 'confirmed', object_id = %s, confirmed = NOW(6), owner = NULL, "
-                    "lease_until = NULL WHERE id = %s", (info.id, pack))
+    def confirm(cur: pymysql.cursors.Cursor) -> None:
+        pack_rows.mark_confirmed(cur, pack, info.id)
         pos = 0
         for cid, old, b in batch:
-            cur.execute("UPDATE pack_entries SET pack = %s, pos = %s WHERE chunk = %s AND pack = %s",
-                        (pack, pos, cid, old))
+            pack_rows.move_entry(cur, cid, old, pack, pos)
             pos += len(b)
     db.transaction(confirm)
 
@@ -299,9 +280,9 @@ def _sweep_cloud_orphans(tier: CloudTier, grace_s: float, dry_run: bool,
                          progress: Callable[[int], None] | None = None,
                          on_total: Callable[[int], None] | None = None) -> tuple[int, int]:
     db = tier.db
-    known = {str(r[0]) for r in db.query("SELECT object_id FROM packs WHERE state = 'confirmed'")}
-    busy = {str(r[0]) for r in db.query("SELECT name FROM packs WHERE state = 'uploading'")}
-    busy |= {str(r[0]) for r in db.query("SELECT DISTINCT pack FROM snapshot_packs")}   # kept generations' packs
+    known = pack_rows.confirmed_object_ids(db)
+    busy = pack_rows.uploading_names(db)
+    busy |= pack_rows.pinned_names(db)   # kept generations' packs
     cutoff = now_utc() - timedelta(seconds=grace_s)
     n = total = 0
     listed = list(tier.objects.list())

@@ -22,14 +22,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pymysql.cursors
+
 from .cloud import CloudTier
+from .db import chunks as chunk_rows
+from .db import manifests as manifest_rows
+from .db import namespace as namespace_rows
 from .envelope import codec_for
 from .errors import ChunkMissing, FsError
 from .meta import ROOT_INODE, Database, Metadata
 from .store import LocalStore
 
 log = logging.getLogger(__name__)
-_BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ def candidates(db: Database, found: Iterable[str]) -> list[bytes]:
     """The ids to repair: ``found`` (hex ids fsck listed as missing, corrupt or marked)
     and every referenced chunk marked bad, sorted."""
     ids = {bytes.fromhex(h) for h in found}
-    ids.update(bytes(r[0]) for r in db.query("SELECT id FROM chunks WHERE bad = 1 AND refcount > 0"))
+    ids.update(chunk_rows.bad_referenced(db))
     return sorted(ids)
 
 
@@ -89,8 +93,7 @@ def repair_chunks(meta: Metadata, ids: list[bytes], tier: CloudTier | None,
         _set_good(db, cid, len(blob))
         log.warning("repair: chunk %s replaced by its verified cloud copy", cid.hex())
         replaced.append(cid.hex())
-    for i in range(0, len(lost), _BATCH):
-        db.execute("UPDATE chunks SET bad = 1 WHERE id IN %s", (lost[i:i + _BATCH],))
+    chunk_rows.mark_bad_many(db, lost)
     paths = affected_paths(db, lost)
     return ChunkRepair(replaced, cleared, [c.hex() for c in lost],
                        {c.hex(): paths.get(c, []) for c in lost}, cloud_error)
@@ -114,15 +117,13 @@ def _from_cloud(tier: CloudTier | None, cid: bytes) -> bytes | None:
 
 def _set_good(db: Database, cid: bytes, stored_length: int | None) -> None:
     """Clear ``cid``'s bad mark (and record its new envelope length) under its row lock."""
-    def body(cur: Any) -> None:
-        cur.execute("SELECT 1 FROM chunks WHERE id = %s FOR UPDATE", (cid,))
-        if cur.fetchone() is None:
+    def body(cur: pymysql.cursors.Cursor) -> None:
+        if not chunk_rows.lock_exists(cur, cid):
             return   # collected meanwhile: the file we wrote is an orphan for gc
         if stored_length is None:
-            cur.execute("UPDATE chunks SET bad = 0 WHERE id = %s", (cid,))
+            chunk_rows.clear_bad(cur, cid)
         else:
-            cur.execute("UPDATE chunks SET bad = 0, is_local = 1, stored_length = %s WHERE id = %s",
-                        (stored_length, cid))
+            chunk_rows.set_good_local(cur, cid, stored_length)
     db.transaction(body)
 
 
@@ -131,10 +132,8 @@ def affected_paths(db: Database, ids: list[bytes]) -> dict[bytes, list[str]]:
     it; a file with several hard links is listed under each name, an unlinked one as
     ``<unlinked inode N>``."""
     users: dict[bytes, set[int]] = {}
-    for i in range(0, len(ids), _BATCH):
-        for cid, ino in db.query("SELECT DISTINCT chunk, inode FROM manifests WHERE chunk IN %s",
-                                 (ids[i:i + _BATCH],)):
-            users.setdefault(bytes(cid), set()).add(int(ino))
+    for cid, ino in manifest_rows.users(db, ids):
+        users.setdefault(cid, set()).add(ino)
     dirs: dict[int, str] = {ROOT_INODE: ""}
     files: dict[int, list[str]] = {}
     out: dict[bytes, list[str]] = {}
@@ -152,10 +151,10 @@ def inode_paths(db: Database, ino: int, dirs: dict[int, str] | None = None) -> l
     """Every path of inode ``ino`` (one per directory entry naming it), sorted.
     ``dirs`` caches directory inode -> path ("" for the root)."""
     cache = {ROOT_INODE: ""} if dirs is None else dirs
-    names = db.query("SELECT parent, name FROM dentries WHERE inode = %s", (ino,))
-    if not names:
+    entries = namespace_rows.names_of(db, ino)
+    if not entries:
         return [f"<unlinked inode {ino}>"]
-    return sorted(f"{_dir_path(db, int(p), cache)}/{os.fsdecode(bytes(n))}" for p, n in names)
+    return sorted(f"{_dir_path(db, p, cache)}/{os.fsdecode(n)}" for p, n in entries)
 
 
 def _dir_path(db: Database, ino: int, cache: dict[int, str]) -> str:
@@ -163,12 +162,12 @@ def _dir_path(db: Database, ino: int, cache: dict[int, str]) -> str:
     chain: list[tuple[int, str]] = []
     cur = ino
     while cur not in cache:
-        rows = db.query("SELECT parent, name FROM dentries WHERE inode = %s LIMIT 1", (cur,))
-        if not rows or len(chain) > 4096:
+        row = namespace_rows.first_name(db, cur)
+        if row is None or len(chain) > 4096:
             cache[cur] = f"<detached inode {cur}>"
             break
-        chain.append((cur, os.fsdecode(bytes(rows[0][1]))))
-        cur = int(rows[0][0])
+        chain.append((cur, os.fsdecode(row.name)))
+        cur = row.parent
     path = cache[cur]
     for d, name in reversed(chain):
         path = f"{path}/{name}"

@@ -32,7 +32,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pymysql.cursors
+
 from .cloud import CloudTier, set_meta
+from .db import chunks as chunk_rows
+from .db import packs as pack_rows
+from .db import queue as queue_rows
+from .db import volume as meta_rows
 from .envelope import ChunkCodec, codec_for
 from .errors import ChunkMissing, FsError
 from .meta import Database, Metadata
@@ -103,11 +109,11 @@ class Plan:
 
 
 def _cursor(db: Database, key: str) -> dict[str, Any] | None:
-    rows = db.query("SELECT v FROM meta WHERE k = %s", (key,))
-    if not rows:
+    text = meta_rows.get(db, key)
+    if text is None:
         return None
     try:
-        value = json.loads(str(rows[0][0]))
+        value = json.loads(text)
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
@@ -115,21 +121,19 @@ def _cursor(db: Database, key: str) -> dict[str, Any] | None:
 
 def reset(db: Database) -> None:
     """Forget both cursors: the next scrub starts from the beginning."""
-    db.execute("DELETE FROM meta WHERE k IN (%s, %s)", (LOCAL_CURSOR, CLOUD_CURSOR))
+    meta_rows.delete_keys(db, (LOCAL_CURSOR, CLOUD_CURSOR))
 
 
 def plan(db: Database, cloud: bool) -> Plan:
     """What is left to verify from the saved cursors (for progress totals)."""
     cur = _cursor(db, LOCAL_CURSOR)
     after = bytes.fromhex(cur["at"]) if cur else b""
-    n, size = db.query("SELECT COUNT(*), COALESCE(SUM(stored_length), 0) FROM chunks "
-                       "WHERE is_local = 1 AND id > %s", (after,))[0]
+    n, size = chunk_rows.local_totals_after(db, after)
     pn = pb = 0
     if cloud:
         cc = _cursor(db, CLOUD_CURSOR)
-        pn, pb = db.query("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM packs WHERE state = 'confirmed' "
-                          "AND id > %s", (int(cc["at"]) if cc else 0,))[0]
-    return Plan(int(n), int(size), int(pn), int(pb))
+        pn, pb = pack_rows.totals_after(db, int(cc["at"]) if cc else 0)
+    return Plan(n, size, pn, pb)
 
 
 class _Budget:
@@ -165,15 +169,13 @@ def scrub_local(meta: Metadata, pacer: Pacer, progress: Progress | None = None,
                                                 "bad": prior_bad + len(res.bad)})})
     try:
         while not budget.spent():
-            rows = db.query("SELECT id, stored_length FROM chunks WHERE is_local = 1 AND id > %s "
-                            "ORDER BY id LIMIT %s", (after, BATCH))
+            rows = chunk_rows.local_after(db, after, BATCH)
             if not rows:
                 res.complete = True
                 break
-            for cid_b, slen in rows:
+            for cid, slen in rows:
                 if budget.spent():
                     break
-                cid = bytes(cid_b)
                 n = _verify_local(db, store, cid, res, envelope)
                 res.checked += 1
                 res.bytes += n
@@ -181,13 +183,13 @@ def scrub_local(meta: Metadata, pacer: Pacer, progress: Progress | None = None,
                 after = cid
                 pacer.take(n)
                 if progress is not None:
-                    progress(n or int(slen))
+                    progress(n or slen)
             if time.monotonic() - last_save >= SAVE_EVERY_S or budget.spent():
                 save()
                 last_save = time.monotonic()
     finally:
         if res.complete:
-            db.execute("DELETE FROM meta WHERE k = %s", (LOCAL_CURSOR,))
+            meta_rows.delete_keys(db, (LOCAL_CURSOR,))
             set_meta(db, {LOCAL_LAST: f"{time.strftime('%Y-%m-%d %H:%M:%S')}: "
                                       f"{prior_checked + res.checked} chunks, {prior_bad + len(res.bad)} bad"})
         elif after:
@@ -203,21 +205,21 @@ def _verify_local(db: Database, store: LocalStore, cid: bytes, res: PassResult, 
         blob = store.get(cid)
     except ChunkMissing:
         # evicted or collected since our query? then its row no longer says is_local = 1
-        if db.query("SELECT 1 FROM chunks WHERE id = %s AND is_local = 1", (cid,)) and store.stat(cid) is None:
-            db.execute("UPDATE chunks SET bad = 1 WHERE id = %s AND is_local = 1", (cid,))
+        if chunk_rows.is_local(db, cid) and store.stat(cid) is None:
+            chunk_rows.mark_bad_if_still_local(db, cid)
             log.error("scrub: chunk %s: local file missing; marked bad", cid.hex())
             res.bad.append(cid.hex())
         return 0
     except FsError as exc:   # an OS read error (EIO from the disk)
         log.error("scrub: chunk %s: %s; marked bad", cid.hex(), exc)
-        db.execute("UPDATE chunks SET bad = 1 WHERE id = %s", (cid,))
+        chunk_rows.mark_bad_now(db, cid)
         res.bad.append(cid.hex())
         return 0
     try:
         envelope.open(blob, cid)
     except FsError as exc:
         log.error("scrub: chunk %s fails verification (%s); marked bad", cid.hex(), exc)
-        db.execute("UPDATE chunks SET bad = 1 WHERE id = %s", (cid,))
+        chunk_rows.mark_bad_now(db, cid)
         res.bad.append(cid.hex())
     return len(blob)
 
@@ -240,15 +242,13 @@ def scrub_cloud(tier: CloudTier, pacer: Pacer, progress: Progress | None = None,
         set_meta(db, {CLOUD_CURSOR: json.dumps({"at": after, "checked": prior_checked + res.checked,
                                                 "bad": prior_bad + len(res.bad)})})
     try:
-        packs = db.query("SELECT id, name, object_id FROM packs WHERE state = 'confirmed' AND id > %s "
-                         "ORDER BY id", (after,))
+        packs = pack_rows.confirmed_after(db, after)
         for pack, name, oid in packs:
             if budget.spent():
                 break
-            entries = [(bytes(c), int(p), int(n)) for c, p, n in db.query(
-                "SELECT chunk, pos, length FROM pack_entries WHERE pack = %s ORDER BY pos", (pack,))]
+            entries = pack_rows.entries(db, pack)
             try:
-                bad, nbytes = _verify_pack(tier, str(oid), entries, pacer, progress)
+                bad, nbytes = _verify_pack(tier, oid, entries, pacer, progress)
             except ObjectStoreError as exc:
                 res.errors.append(f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
                 stuck = True
@@ -257,19 +257,19 @@ def scrub_cloud(tier: CloudTier, pacer: Pacer, progress: Progress | None = None,
             res.bytes += nbytes
             budget.use(len(entries))
             if bad:
-                res.bad_packs[str(name)] = [c.hex() for c in bad]
+                res.bad_packs[name] = [c.hex() for c in bad]
                 res.bad.extend(c.hex() for c in bad)
                 for cid in bad:
-                    if _requeue(tier, cid, int(pack)):
+                    if _requeue(tier, cid, pack):
                         res.requeued.append(cid.hex())
             if not stuck:
-                after = int(pack)
+                after = pack
                 save()
         else:
             res.complete = not stuck
     finally:
         if res.complete:
-            db.execute("DELETE FROM meta WHERE k = %s", (CLOUD_CURSOR,))
+            meta_rows.delete_keys(db, (CLOUD_CURSOR,))
             set_meta(db, {CLOUD_LAST: f"{time.strftime('%Y-%m-%d %H:%M:%S')}: "
                                       f"{prior_checked + res.checked} chunks, {prior_bad + len(res.bad)} bad"})
     res.pass_checked = prior_checked + res.checked
@@ -283,21 +283,20 @@ def _requeue(tier: CloudTier, cid: bytes, pack: int) -> bool:
     queue the chunk for upload again, so eviction never relies on the bad copy; else no
     good copy is left: mark it bad (the next write of its bytes heals it). Returns True
     when the chunk was queued again."""
-    def body(cur: Any) -> bool:
-        cur.execute("SELECT is_local FROM chunks WHERE id = %s FOR UPDATE", (cid,))
-        row = cur.fetchone()
-        if row is None:
+    def body(cur: pymysql.cursors.Cursor) -> bool:
+        local = chunk_rows.lock_is_local(cur, cid)
+        if local is None:
             return False   # collected meanwhile
-        if row[0]:
+        if local:
             try:
                 tier.envelope.open(tier.store.get(cid), cid)
             except FsError:
                 pass
             else:
-                cur.execute("DELETE FROM pack_entries WHERE chunk = %s AND pack = %s", (cid, pack))
-                cur.execute("INSERT IGNORE INTO upload_queue (chunk) VALUES (%s)", (cid,))
+                pack_rows.drop_entry(cur, cid, pack)
+                queue_rows.requeue(cur, cid)
                 return True
-        cur.execute("UPDATE chunks SET bad = 1 WHERE id = %s", (cid,))
+        chunk_rows.mark_bad(cur, [cid])
         return False
     requeued = tier.db.transaction(body)
     if requeued:
@@ -307,7 +306,7 @@ def _requeue(tier: CloudTier, cid: bytes, pack: int) -> bool:
     return requeued
 
 
-def _verify_pack(tier: CloudTier, oid: str, entries: list[tuple[bytes, int, int]], pacer: Pacer,
+def _verify_pack(tier: CloudTier, oid: str, entries: list[pack_rows.Entry], pacer: Pacer,
                  progress: Progress | None) -> tuple[list[bytes], int]:
     """Read ``entries`` of pack object ``oid`` in runs of adjacent entries (at most
     RUN_MAX bytes per ranged read) and verify each envelope. Returns (bad chunk ids,

@@ -61,6 +61,12 @@ import pymysql.cursors
 import zstandard
 
 from .cloud import VOLUME_PROPERTY, CloudTier, matches, owned, set_meta
+from .db import chunks as chunk_rows
+from .db import namespace as namespace_rows
+from .db import packs as pack_rows
+from .db import tables
+from .db import volume as meta_rows
+from .db.batch import batches
 from .errors import CasError, MetaError
 from .meta import SCHEMA_VERSION, Database
 from .objstore import ObjectInfo, ObjectNotFound, ObjectStore, ObjectStoreError
@@ -75,8 +81,8 @@ VOLUME_OBJECT = "casfs-volume.json"
 SNAPSHOT_PROPERTY = "casfs_snapshot"   # app property: the generation number of a snapshot object
 #: dumped tables, in load order; packs first, so that the packs a generation names can be
 #: read without decompressing the rest (:func:`pack_names`)
+#: (which rows of each table a dump takes: cas.db.tables.ROW_FILTER)
 TABLES = ("packs", "meta", "inodes", "dentries", "symlinks", "xattrs", "chunks", "manifests", "pack_entries")
-_ROW_FILTER = {"packs": " WHERE state = 'confirmed'"}
 _BINARY_TYPES = {"binary", "varbinary", "tinyblob", "blob", "mediumblob", "longblob"}
 #: meta keys of the source volume that a restored volume does not take over (they describe
 #: the old machine's uploader, or are set by the restore itself)
@@ -169,20 +175,13 @@ def dump(db: Database, out: IO[bytes], volume_uuid: str, generation: int,
     try:
         with conn.cursor() as cur:
             t0 = time.time_ns()
-            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            cur.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
-            cur.execute("SELECT v FROM meta WHERE k = 'schema_version'")
-            schema = str(cur.fetchone()[0])
-            cur.execute("SELECT COALESCE(MAX(ctime_ns), 0) FROM inodes")
-            mark = int(cur.fetchone()[0])
-            cur.execute("SELECT COUNT(*) FROM chunks c LEFT JOIN pack_entries e ON e.chunk = c.id "
-                        "WHERE c.refcount > 0 AND e.chunk IS NULL")
-            lacking = int(cur.fetchone()[0])
-            columns: dict[str, list[tuple[str, str]]] = {}
+            tables.begin_consistent(cur)
+            schema = tables.schema_version(cur)
+            mark = namespace_rows.max_ctime(cur)
+            lacking = chunk_rows.count_lacking(cur)
+            columns: dict[str, list[tables.Column]] = {}
             for t in TABLES:
-                cur.execute("SELECT column_name, data_type FROM information_schema.columns "
-                            "WHERE table_schema = DATABASE() AND table_name = %s ORDER BY ordinal_position", (t,))
-                columns[t] = [(str(a), str(b).lower()) for a, b in cur.fetchall()]
+                columns[t] = tables.columns(cur, t)
                 if not columns[t]:
                     raise SnapshotError(f"the database has no table {t}")
         with cctx.stream_writer(out, closefd=False) as zw:
@@ -197,17 +196,15 @@ def dump(db: Database, out: IO[bytes], volume_uuid: str, generation: int,
                 line({"table": t, "columns": cols, "binary": binary})
                 name_at = cols.index("name") if t == "packs" else -1
                 n = 0
-                with conn.cursor(pymysql.cursors.SSCursor) as sc:
-                    sc.execute(f"SELECT {', '.join(f'`{c}`' for c in cols)} FROM `{t}`{_ROW_FILTER.get(t, '')}")
-                    for row in sc:
-                        vals = [_text(v) for v in row]
-                        for i in binary:
-                            if vals[i] is not None:
-                                vals[i] = base64.b64encode(bytes(vals[i])).decode()
-                        if name_at >= 0:
-                            packs.append(str(vals[name_at]))
-                        line(vals)
-                        n += 1
+                for row in tables.stream_rows(conn, t, cols):
+                    vals = [_text(v) for v in row]
+                    for i in binary:
+                        if vals[i] is not None:
+                            vals[i] = base64.b64encode(bytes(vals[i])).decode()
+                    if name_at >= 0:
+                        packs.append(str(vals[name_at]))
+                    line(vals)
+                    n += 1
                 line({"end": t, "rows": n})
                 rows[t] = n
                 if progress is not None:
@@ -313,11 +310,8 @@ def _load(db: Database, blob: bytes, progress: Callable[[str, int], None] | None
     def flush() -> None:
         if not batch:
             return
-        verb = "REPLACE" if table == "meta" else "INSERT"
-        sql = (f"{verb} INTO `{table}` ({', '.join(f'`{c}`' for c in cols)}) "
-               f"VALUES ({', '.join(['%s'] * len(cols))})")
-        data = [tuple(r) for r in batch]
-        db.transaction(lambda cur: cur.executemany(sql, data))
+        data, t, c = list(batch), table, list(cols)
+        db.transaction(lambda cur: tables.insert_rows(cur, t, c, data, replace=t == "meta"))
         batch.clear()
 
     for doc in it:
@@ -339,9 +333,7 @@ def _load(db: Database, blob: bytes, progress: Callable[[str, int], None] | None
             table, cols, binary, n = str(doc["table"]), list(doc["columns"]), list(doc["binary"]), 0
             if table not in TABLES:
                 raise SnapshotError(f"the snapshot names an unknown table {table}")
-            real = {str(r[0]) for r in db.query(
-                "SELECT column_name FROM information_schema.columns WHERE table_schema = DATABASE() "
-                "AND table_name = %s", (table,))}
+            real = tables.column_names(db, table)
             unknown = [c for c in cols if not isinstance(c, str) or c not in real]
             if unknown or len(set(cols)) != len(cols):
                 raise SnapshotError(f"the snapshot is damaged: table {table} has no columns {unknown!r} "
@@ -448,12 +440,10 @@ class SnapshotResult:
 
 
 def _next_generation(db: Database) -> int:
-    def body(cur: Any) -> int:
-        cur.execute("SELECT v FROM meta WHERE k = 'snapshot_generation' FOR UPDATE")
-        row = cur.fetchone()
-        gen = (int(row[0]) if row else 0) + 1
-        cur.execute("INSERT INTO meta (k, v) VALUES ('snapshot_generation', %s) "
-                    "ON DUPLICATE KEY UPDATE v = VALUES(v)", (str(gen),))
+    def body(cur: pymysql.cursors.Cursor) -> int:
+        row = meta_rows.lock_value(cur, "snapshot_generation")
+        gen = (int(row) if row else 0) + 1
+        meta_rows.set_value(cur, "snapshot_generation", str(gen))
         return gen
     return db.transaction(body)
 
@@ -463,35 +453,33 @@ def _pin(db: Database, generation: int, names: list[str]) -> bool:
     row; False when one of them is gone (gc deleted it after the dump read it)."""
     unique = sorted(set(names))
 
-    def body(cur: Any) -> bool:
+    def body(cur: pymysql.cursors.Cursor) -> bool:
         found = 0
-        for i in range(0, len(unique), 1000):
-            part = unique[i:i + 1000]
-            found += cur.execute("SELECT id FROM packs WHERE name IN %s AND state = 'confirmed' "
-                                 "LOCK IN SHARE MODE", (part,))
-            cur.executemany("INSERT IGNORE INTO snapshot_packs (generation, pack) VALUES (%s, %s)",
-                            [(generation, n) for n in part])
+        for part in batches(unique):
+            found += pack_rows.lock_confirmed_names(cur, part)
+            pack_rows.insert_pins(cur, generation, part)
         if found != len(unique):
-            cur.execute("DELETE FROM snapshot_packs WHERE generation = %s", (generation,))
+            pack_rows.delete_pins(cur, generation)
             return False
         return True
     return db.transaction(body)
 
 
-def _insert_pins(db: Database, rows: list[tuple[int, str]]) -> None:
-    def body(cur: Any) -> None:
-        cur.executemany("INSERT IGNORE INTO snapshot_packs (generation, pack) VALUES (%s, %s)", rows)
+def _insert_pins(db: Database, generation: int, names: list[str]) -> None:
+    """Pin ``names`` for ``generation`` in one transaction of its own."""
+    def body(cur: pymysql.cursors.Cursor) -> None:
+        pack_rows.insert_pins(cur, generation, names)
     db.transaction(body)
 
 
 def unpin(db: Database, generation: int) -> None:
     """Forget which packs ``generation`` names (it was never uploaded, or was deleted)."""
-    db.execute("DELETE FROM snapshot_packs WHERE generation = %s", (generation,))
+    pack_rows.unpin(db, generation)
 
 
 def pinned_names(db: Database) -> set[str]:
     """Names of the packs some kept generation names (gc must not delete them)."""
-    return {str(r[0]) for r in db.query("SELECT DISTINCT pack FROM snapshot_packs")}
+    return pack_rows.pinned_names(db)
 
 
 def take(tier: CloudTier, keep: int, keys: Sealer | None = None,
@@ -544,16 +532,15 @@ def take(tier: CloudTier, keep: int, keys: Sealer | None = None,
                 pass
         raise
 
-    def record(cur: Any) -> None:
-        cur.execute("SELECT v FROM meta WHERE k = 'snapshot_last_generation' FOR UPDATE")
-        row = cur.fetchone()
-        if row is not None and int(row[0]) > gen:
+    def record(cur: pymysql.cursors.Cursor) -> None:
+        row = meta_rows.lock_value(cur, "snapshot_last_generation")
+        if row is not None and int(row) > gen:
             return   # a newer one (another process) was confirmed first
         for k, v in (("snapshot_last_generation", str(gen)), ("snapshot_confirmed_at", _iso(_utc_now())),
                      ("snapshot_ctime_mark", str(info.ctime_mark)),
                      ("snapshot_lacking_chunks", str(info.lacking_chunks)), ("snapshot_object", name),
                      ("snapshot_dump_started", str(info.started_ns))):
-            cur.execute("INSERT INTO meta (k, v) VALUES (%s, %s) ON DUPLICATE KEY UPDATE v = VALUES(v)", (k, v))
+            meta_rows.set_value(cur, k, v)
     db.transaction(record)
     listing = list(tier.objects.list())
     _ensure_volume_object(tier, listing, keys)
@@ -629,7 +616,7 @@ def retain(tier: CloudTier, keep: int, listing: list[ObjectInfo] | None = None) 
                 pass
         deleted.append(gen)
     if kept:
-        tier.db.execute("DELETE FROM snapshot_packs WHERE generation < %s", (kept[0],))
+        pack_rows.unpin_older(tier.db, kept[0])
     return deleted
 
 
@@ -674,12 +661,12 @@ class RecoveryPoint:
 
 def changes_since(db: Database, mark: int) -> int:
     """Inodes with ctime_ns > ``mark`` (one scan of the inodes table)."""
-    return int(db.query("SELECT COUNT(*) FROM inodes WHERE ctime_ns > %s", (mark,))[0][0])
+    return namespace_rows.count_changed_since(db, mark)
 
 
 def recovery_point(db: Database) -> RecoveryPoint:
     """The volume's recovery point (works while mounted). Raises MetaError."""
-    m = dict(db.query("SELECT k, v FROM meta WHERE k LIKE 'snapshot%%'"))
+    m = meta_rows.values_with_prefix(db, "snapshot")
     gen = int(m.get("snapshot_last_generation", "0") or 0)
     mark = int(m.get("snapshot_ctime_mark", "0") or 0) if gen else -1
     return RecoveryPoint(gen, m.get("snapshot_confirmed_at", ""), changes_since(db, mark),
@@ -718,8 +705,8 @@ class Snapshotter:
         ``snapshot_ctime_mark``; or the mount committed something after that snapshot's
         dump started (``snapshot_dump_started``; a buffered write committed late keeps
         its older ctime); or the last snapshot lacked chunks (then queued)."""
-        m = dict(self.tier.db.query("SELECT k, v FROM meta WHERE k IN ('snapshot_last_generation', "
-                                    "'snapshot_ctime_mark', 'snapshot_dump_started', 'snapshot_lacking_chunks')"))
+        m = meta_rows.values_of(self.tier.db, ("snapshot_last_generation", "snapshot_ctime_mark",
+                                                "snapshot_dump_started", "snapshot_lacking_chunks"))
         if not m.get("snapshot_last_generation"):
             return changes_since(self.tier.db, -1) > 0
         started = int(m.get("snapshot_dump_started") or 0)
@@ -860,11 +847,9 @@ def _undo_database(volume: Volume, created: bool) -> None:
         admin = Database(target, database="")
         try:
             if created:
-                admin.execute(f"DROP DATABASE IF EXISTS `{target.database}`")
+                tables.drop_database(admin, target.database)
             else:
-                for (t,) in admin.query("SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
-                                        (target.database,)):
-                    admin.execute(f"DROP TABLE IF EXISTS `{target.database}`.`{t}`")
+                tables.drop_tables(admin, target.database)
         finally:
             admin.close()
     except CasError as exc:
@@ -951,9 +936,9 @@ def _restore_loaded(volume: Volume, objects: ObjectStore, cfg: Any, folder_id: s
             info = load(raw, blob, lambda t, n: say(f"loaded {t}: {n} rows"))
             # the volume object gave volume.chunk_size; the database's own must agree
             # (slot numbers are offsets // chunk size: another size reads wrong bytes)
-            row = raw.query("SELECT v FROM meta WHERE k = 'chunk_size'")
-            if not row or str(row[0][0]) != str(volume.chunk_size):
-                raise SnapshotError(f"{snap.name}: the snapshot's chunk size {row[0][0] if row else '(none)'} "
+            size = meta_rows.get(raw, "chunk_size")
+            if size is None or size != str(volume.chunk_size):
+                raise SnapshotError(f"{snap.name}: the snapshot's chunk size {size if size is not None else '(none)'} "
                                     f"differs from casfs-volume.json's {volume.chunk_size}: damaged or mixed up")
         finally:
             raw.close()
@@ -962,7 +947,7 @@ def _restore_loaded(volume: Volume, objects: ObjectStore, cfg: Any, folder_id: s
             server.release()
     with connect(volume) as meta:
         db = meta.db
-        db.execute("DELETE FROM meta WHERE k IN %s", (list(_LOCAL_META),))
+        meta_rows.delete_keys(db, _LOCAL_META)
         newest = max(s.generation for s in plan.snapshots)
         set_meta(db, {"drive_folder_id": folder_id, "drive_folder_key": cloud_mod.folder_key(cfg),
                       "snapshot_generation": str(newest), "snapshot_last_generation": str(snap.generation),
@@ -970,9 +955,8 @@ def _restore_loaded(volume: Volume, objects: ObjectStore, cfg: Any, folder_id: s
                       "snapshot_ctime_mark": str(int(header.get("ctime_mark", 0))),
                       "snapshot_lacking_chunks": str(int(header.get("lacking_chunks", 0))),
                       "snapshot_object": snap.name})
-        db.execute("UPDATE chunks SET is_local = 0")
-        db.execute("INSERT IGNORE INTO snapshot_packs (generation, pack) SELECT %s, name FROM packs",
-                   (snap.generation,))
+        chunk_rows.mark_all_remote(db)
+        pack_rows.pin_every_pack(db, snap.generation)
         for other in plan.snapshots:
             if other.generation == snap.generation:
                 continue
@@ -986,15 +970,12 @@ def _restore_loaded(volume: Volume, objects: ObjectStore, cfg: Any, folder_id: s
                 say(f"warning: generation {other.generation} cannot be read ({exc}); every pack in the "
                     "folder is kept safe from gc for it")
                 names = sorted({o.name for o in objects.list() if not is_backup_object(o.name)})
-            rows = [(other.generation, n) for n in names]
-            for i in range(0, len(rows), 1000):
-                _insert_pins(db, rows[i:i + 1000])
+            for part in batches(names):
+                _insert_pins(db, other.generation, list(part))
             say(f"kept the {len(names)} packs of generation {other.generation} safe from gc")
-        lost = [bytes(r[0]).hex() for r in db.query(
-            "SELECT c.id FROM chunks c LEFT JOIN pack_entries e ON e.chunk = c.id "
-            "WHERE c.refcount > 0 AND e.chunk IS NULL")]
-        live = int(db.query("SELECT COUNT(*) FROM chunks WHERE refcount > 0")[0][0])
-        inodes = int(db.query("SELECT COUNT(*) FROM inodes")[0][0])
+        lost = [c.hex() for c in chunk_rows.lacking(db)]
+        live = chunk_rows.count_live(db)
+        inodes = namespace_rows.count_inodes(db)
         downloaded = downloaded_bytes = 0
         unreadable: list[str] = []
         failed: list[str] = []

@@ -9,6 +9,11 @@ scopes and the invariants each statement relies on):
 * :mod:`cas.db.manifests` - the slot -> chunk rows of each file.
 * :mod:`cas.db.chunks` - chunk rows, refcount deltas, the gc protocol's row locks, bad marks.
 * :mod:`cas.db.reports` - the read-only statements of find, du, stats and the sync status.
+* :mod:`cas.db.queue` - ``upload_queue``: enqueue, the uploader's claim, release
+  (docs/metadata-packs.md).
+* :mod:`cas.db.packs` - ``packs``, ``pack_entries``, ``snapshot_packs``.
+* :mod:`cas.db.volume` - the ``meta`` table.
+* :mod:`cas.db.tables` - consistent reads, dumps and loads of whole tables.
 
 Callers pass the cursor of the transaction they run in (``Database.transaction`` bodies)
 or the :class:`cas.meta.Database` for single reads; functions return typed rows

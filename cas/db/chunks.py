@@ -18,12 +18,16 @@ READ COMMITTED (see cas.db.namespace for the background).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, TYPE_CHECKING
 
 from pymysql.cursors import Cursor
+import pymysql.cursors
 
 from .batch import batches, values
 from .source import Source, rows
+
+if TYPE_CHECKING:
+    from cas.meta import Database
 
 
 class ChunkState(NamedTuple):
@@ -136,13 +140,313 @@ def mark_bad_if_local(cur: Cursor, ids: Sequence[bytes]) -> None:
         cur.execute("UPDATE chunks SET bad = 1 WHERE is_local = 1 AND id IN %s", (batch,))
 
 
-def queue_uploads(cur: Cursor, ids: Sequence[bytes]) -> None:
-    """Queue ``ids`` for upload to the cloud tier (``upload_queue``, a table of the cloud
-    tier's group: this is the one statement the chunk layer runs on it), in the
-    transaction that creates (or heals) their chunk rows, so no pending upload is ever
-    lost. ``INSERT IGNORE``: a chunk queued already stays as it is. X-locks the new
-    queue records; the lock order is chunk rows first, then queue rows
-    (docs/metadata.md)."""
-    for batch in batches(ids):
-        text, args = values([(cid,) for cid in batch])
-        cur.execute("INSERT IGNORE INTO upload_queue (chunk) VALUES " + text, args)
+# -- used by gc, the cloud tier and maintenance
+# The statements on the ``chunks`` table that gc (cas.gc), the cloud tier (cas.cloud:
+# eviction, local marks, restore), scrub, repair, fsck and snapshots run. Lock order
+# and transaction scopes: docs/metadata-packs.md. A function taking a cursor runs in
+# the caller's transaction; one taking the Database is autocommitted (reads: no lock).
+
+
+class GcRow(NamedTuple):
+    """A gc candidate read under its row lock: refcount, envelope bytes, and whether its
+    refcount has been 0 for longer than the grace period (server clock)."""
+
+    refcount: int
+    stored_length: int
+    expired: bool
+
+
+class StoredChunk(NamedTuple):
+    """A chunk id and its envelope bytes in the local store."""
+
+    id: bytes
+    stored_length: int
+
+
+class CloudCopy(NamedTuple):
+    """A chunk's confirmed cloud copy: pack row id, offset and length in it (bytes), the
+    pack's object id, size (bytes) and name."""
+
+    pack: int
+    pos: int
+    length: int
+    object_id: str
+    pack_size: int
+    pack_name: str
+
+
+class ChunkCopies(NamedTuple):
+    """Where a chunk (local, or live) may be read from, for ``casfs restore``: its local
+    mark, and its confirmed cloud copy (None without one)."""
+
+    id: bytes
+    is_local: bool
+    cloud: CloudCopy | None
+
+
+class LiveChunk(NamedTuple):
+    """A referenced chunk for fsck: id, whether it has a cloud copy (a ``pack_entries``
+    row), its local mark and its bad mark."""
+
+    id: bytes
+    in_cloud: bool
+    is_local: bool
+    bad: bool
+
+
+class RefcountMismatch(NamedTuple):
+    """A chunk whose stored refcount differs from the manifest slots naming it."""
+
+    chunk: bytes
+    stored: int
+    actual: int
+
+
+class LocalTotals(NamedTuple):
+    """Chunks marked local and their envelope bytes."""
+
+    chunks: int
+    bytes: int
+
+
+# gc (cas.gc.collect): invariant 3 of docs/design.md
+
+def collectable(db: Database, grace_us: int) -> list[bytes]:
+    """Ids of chunks at refcount <= 0 for longer than ``grace_us`` microseconds (server
+    clock). No lock: :func:`lock_for_gc` decides again under the row lock."""
+    return [bytes(r[0]) for r in db.query(
+        "SELECT id FROM chunks WHERE refcount <= 0 AND zero_since <= NOW(6) - INTERVAL %s MICROSECOND",
+        (grace_us,))]
+
+
+def lock_for_gc(cur: pymysql.cursors.Cursor, chunk: bytes, grace_us: int) -> GcRow | None:
+    """``chunk``'s :class:`GcRow` under its exclusive row lock (``FOR UPDATE``), or None
+    when the row is gone. A writer's new reference takes the same lock, so it commits
+    before this read (refcount > 0) or after the caller's delete (and rewrites the
+    file): invariant 3."""
+    cur.execute("SELECT refcount, stored_length, zero_since <= NOW(6) - INTERVAL %s MICROSECOND "
+                "FROM chunks WHERE id = %s FOR UPDATE", (grace_us, chunk))
+    row = cur.fetchone()
+    return None if row is None else GcRow(int(row[0]), int(row[1]), bool(row[2]))
+
+
+def delete_row(cur: pymysql.cursors.Cursor, chunk: bytes) -> None:
+    """Delete ``chunk``'s row (the caller holds its lock: :func:`lock_for_gc`, or the
+    placeholder it inserted)."""
+    cur.execute("DELETE FROM chunks WHERE id = %s", (chunk,))
+
+
+def known(db: Database, ids: Sequence[bytes]) -> set[bytes]:
+    """Those of ``ids`` that have a chunk row (one query per batch). No lock."""
+    out: set[bytes] = set()
+    for part in batches(ids):
+        out.update(bytes(r[0]) for r in db.query("SELECT id FROM chunks WHERE id IN %s", (list(part),)))
+    return out
+
+
+def insert_placeholder(cur: pymysql.cursors.Cursor, chunk: bytes) -> bool:
+    """Insert a placeholder row for an orphan file's id (refcount 0, sizes 0), holding
+    the row lock a writer recording that id would take; False when a row exists (a
+    writer recorded it meanwhile). The caller deletes it again in the same
+    transaction (invariant 3, orphan sweep)."""
+    cur.execute("INSERT IGNORE INTO chunks (id, length, stored_length, refcount, zero_since) "
+                "VALUES (%s, 0, 0, 0, NOW(6))", (chunk,))
+    return int(cur.rowcount) == 1
+
+
+# the cloud tier (cas.cloud): local marks, eviction, restore
+
+def exists(cur: pymysql.cursors.Cursor, chunk: bytes) -> bool:
+    """Whether ``chunk`` has a row: a plain read in the caller's transaction, no lock."""
+    cur.execute("SELECT 1 FROM chunks WHERE id = %s", (chunk,))
+    return cur.fetchone() is not None
+
+
+def mark_local(db: Database, ids: Sequence[bytes]) -> None:
+    """Record ``is_local = 1`` for ``ids`` (fetched chunks kept locally again), one
+    autocommitted statement per batch. Locks each batch's rows only for its own statement. Serves
+    eviction: a chunk marked local is a candidate again."""
+    for part in batches(ids):
+        db.execute("UPDATE chunks SET is_local = 1 WHERE id IN %s", (list(part),))
+
+
+def mark_remote(db: Database, chunk: bytes) -> None:
+    """Record ``is_local = 0`` for ``chunk`` (its file is missing; reads fetch it from
+    its cloud copy). Autocommitted. Locks the row for that statement only."""
+    db.execute("UPDATE chunks SET is_local = 0 WHERE id = %s", (chunk,))
+
+
+def mark_all_remote(db: Database) -> None:
+    """Record ``is_local = 0`` for every chunk (a volume restored from a snapshot has no
+    local files yet). Autocommitted. Locks every chunk row for that one statement (the restored
+    volume is not mounted yet)."""
+    db.execute("UPDATE chunks SET is_local = 0")
+
+
+def local_bytes(db: Database) -> int:
+    """Envelope bytes of the chunks marked local. No lock."""
+    return int(db.query("SELECT COALESCE(SUM(stored_length), 0) FROM chunks WHERE is_local = 1")[0][0])
+
+
+def evictable(db: Database, limit: int) -> list[StoredChunk]:
+    """Up to ``limit`` chunks marked local that have a confirmed cloud copy. No lock:
+    :func:`lock_evictable` decides under the row locks."""
+    return [StoredChunk(bytes(c), int(n)) for c, n in db.query(
+        "SELECT c.id, c.stored_length FROM chunks c JOIN pack_entries e ON e.chunk = c.id "
+        "JOIN packs p ON p.id = e.pack WHERE c.is_local = 1 AND p.state = 'confirmed' LIMIT %s", (limit,))]
+
+
+def lock_evictable(cur: pymysql.cursors.Cursor, ids: Sequence[bytes]) -> list[bytes]:
+    """Those of ``ids`` still marked local and still located in a pack, each under its
+    exclusive row lock (``FOR UPDATE``, to the caller's COMMIT): a chunk is evicted only
+    while its confirmed copy is recorded (invariant 5)."""
+    out: list[bytes] = []
+    for part in batches(ids):
+        cur.execute("SELECT c.id FROM chunks c JOIN pack_entries e ON e.chunk = c.id "
+                    "WHERE c.id IN %s AND c.is_local = 1 FOR UPDATE", (list(part),))
+        out.extend(bytes(r[0]) for r in cur.fetchall())
+    return out
+
+
+def mark_evicted(cur: pymysql.cursors.Cursor, ids: Sequence[bytes]) -> None:
+    """Record ``is_local = 0`` for ``ids`` (locked by :func:`lock_evictable`); the files
+    are deleted after the COMMIT."""
+    for part in batches(ids):
+        cur.execute("UPDATE chunks SET is_local = 0 WHERE id IN %s", (list(part),))
+
+
+def copies(db: Database) -> list[ChunkCopies]:
+    """:class:`ChunkCopies` of every chunk that is referenced or marked local. No lock."""
+    return [ChunkCopies(bytes(c), bool(loc),
+                        None if oid is None else CloudCopy(int(pk), int(pos), int(n), str(oid), int(ps), str(pn)))
+            for c, loc, pk, pos, n, oid, ps, pn in db.query(
+                "SELECT c.id, c.is_local, e.pack, e.pos, e.length, p.object_id, p.size, p.name "
+                "FROM chunks c LEFT JOIN pack_entries e ON e.chunk = c.id "
+                "LEFT JOIN packs p ON p.id = e.pack AND p.state = 'confirmed' "
+                "WHERE c.refcount > 0 OR c.is_local = 1")]
+
+
+# bad marks: scrub, repair, the uploader (invariant 8 of docs/design.md)
+
+def mark_bad_now(db: Database, chunk: bytes) -> None:
+    """Mark ``chunk`` bad (:func:`mark_bad`), autocommitted. Locks the row for that statement only. Invariant 8."""
+    db.execute("UPDATE chunks SET bad = 1 WHERE id = %s", (chunk,))
+
+
+def mark_bad_if_still_local(db: Database, chunk: bytes) -> None:
+    """Mark ``chunk`` bad if its row still says ``is_local = 1`` (an eviction since does
+    not count as damage). Autocommitted. Locks the row for that statement only. Invariant 8."""
+    db.execute("UPDATE chunks SET bad = 1 WHERE id = %s AND is_local = 1", (chunk,))
+
+
+def mark_bad_many(db: Database, ids: Sequence[bytes]) -> None:
+    """Mark ``ids`` bad, one autocommitted statement per batch. Locks each batch's rows for its
+    statement only. Invariant 8."""
+    for part in batches(ids):
+        db.execute("UPDATE chunks SET bad = 1 WHERE id IN %s", (list(part),))
+
+
+def is_local(db: Database, chunk: bytes) -> bool:
+    """Whether ``chunk``'s row says ``is_local = 1`` (False without a row). No lock."""
+    return bool(db.query("SELECT 1 FROM chunks WHERE id = %s AND is_local = 1", (chunk,)))
+
+
+def lock_is_local(cur: pymysql.cursors.Cursor, chunk: bytes) -> bool | None:
+    """``chunk``'s local mark under its exclusive row lock (``FOR UPDATE``), or None
+    without a row (collected)."""
+    cur.execute("SELECT is_local FROM chunks WHERE id = %s FOR UPDATE", (chunk,))
+    row = cur.fetchone()
+    return None if row is None else bool(row[0])
+
+
+def lock_exists(cur: pymysql.cursors.Cursor, chunk: bytes) -> bool:
+    """Whether ``chunk`` has a row, taking its exclusive lock (``FOR UPDATE``) when it
+    does: gc cannot delete it before the caller's COMMIT."""
+    cur.execute("SELECT 1 FROM chunks WHERE id = %s FOR UPDATE", (chunk,))
+    return cur.fetchone() is not None
+
+
+def clear_bad(cur: pymysql.cursors.Cursor, chunk: bytes) -> None:
+    """Clear ``chunk``'s bad mark (its local file verifies). Caller holds the row lock."""
+    cur.execute("UPDATE chunks SET bad = 0 WHERE id = %s", (chunk,))
+
+
+def set_good_local(cur: pymysql.cursors.Cursor, chunk: bytes, stored_length: int) -> None:
+    """Record a verified copy written durably to the local store: bad = 0, is_local = 1,
+    its envelope bytes. Caller holds the row lock."""
+    cur.execute("UPDATE chunks SET bad = 0, is_local = 1, stored_length = %s WHERE id = %s",
+                (stored_length, chunk))
+
+
+def bad_referenced(db: Database) -> list[bytes]:
+    """Ids of referenced chunks marked bad. No lock."""
+    return [bytes(r[0]) for r in db.query("SELECT id FROM chunks WHERE bad = 1 AND refcount > 0")]
+
+
+def local_totals_after(db: Database, after: bytes) -> LocalTotals:
+    """Chunks marked local with an id above ``after``, and their bytes. No lock."""
+    n, size = db.query("SELECT COUNT(*), COALESCE(SUM(stored_length), 0) FROM chunks "
+                       "WHERE is_local = 1 AND id > %s", (after,))[0]
+    return LocalTotals(int(n), int(size))
+
+
+def local_after(db: Database, after: bytes, limit: int) -> list[StoredChunk]:
+    """Up to ``limit`` chunks marked local with an id above ``after``, by id (scrub's
+    cursor). No lock."""
+    return [StoredChunk(bytes(c), int(n)) for c, n in db.query(
+        "SELECT id, stored_length FROM chunks WHERE is_local = 1 AND id > %s ORDER BY id LIMIT %s",
+        (after, limit))]
+
+
+# fsck (cas.fsck.check, in its REPEATABLE READ snapshot)
+
+def refcount_mismatches(cur: pymysql.cursors.Cursor) -> list[RefcountMismatch]:
+    """Chunks whose refcount differs from the manifest slots naming them (invariant 2).
+    A plain read of the caller's snapshot. No lock."""
+    cur.execute("SELECT c.id, c.refcount, COUNT(m.chunk) FROM chunks c "
+                "LEFT JOIN manifests m ON m.chunk = c.id GROUP BY c.id, c.refcount "
+                "HAVING c.refcount <> COUNT(m.chunk)")
+    return [RefcountMismatch(bytes(r[0]), int(r[1]), int(r[2])) for r in cur.fetchall()]
+
+
+def live(cur: pymysql.cursors.Cursor) -> list[LiveChunk]:
+    """:class:`LiveChunk` of every referenced chunk. A plain read of the caller's snapshot. No lock."""
+    cur.execute("SELECT c.id, e.chunk IS NOT NULL, c.is_local, c.bad FROM chunks c "
+                "LEFT JOIN pack_entries e ON e.chunk = c.id WHERE c.refcount > 0")
+    return [LiveChunk(bytes(r[0]), bool(r[1]), bool(r[2]), bool(r[3])) for r in cur.fetchall()]
+
+
+def all_ids(cur: pymysql.cursors.Cursor) -> set[bytes]:
+    """Every chunk id. A plain read of the caller's snapshot. No lock."""
+    cur.execute("SELECT id FROM chunks")
+    return {bytes(r[0]) for r in cur.fetchall()}
+
+
+def recount(cur: pymysql.cursors.Cursor, chunk: bytes) -> None:
+    """Set ``chunk``'s refcount to the manifest slots naming it (zero_since set when that
+    is 0 and it was not, cleared otherwise). ``fsck --repair``, volume unmounted. Locks the chunk
+    row (exclusive) to the caller's COMMIT. Invariant 2."""
+    cur.execute("UPDATE chunks SET refcount = (SELECT COUNT(*) FROM manifests WHERE chunk = %s), "
+                "zero_since = IF((SELECT COUNT(*) FROM manifests WHERE chunk = %s) = 0, "
+                "COALESCE(zero_since, NOW(6)), NULL) WHERE id = %s", (chunk, chunk, chunk))
+
+
+# snapshots (cas.snapshot)
+
+def count_lacking(cur: pymysql.cursors.Cursor) -> int:
+    """Referenced chunks with no cloud copy (a plain read of the caller's snapshot). No lock."""
+    cur.execute("SELECT COUNT(*) FROM chunks c LEFT JOIN pack_entries e ON e.chunk = c.id "
+                "WHERE c.refcount > 0 AND e.chunk IS NULL")
+    return int(cur.fetchone()[0])
+
+
+def lacking(db: Database) -> list[bytes]:
+    """Ids of referenced chunks with no cloud copy. No lock."""
+    return [bytes(r[0]) for r in db.query(
+        "SELECT c.id FROM chunks c LEFT JOIN pack_entries e ON e.chunk = c.id "
+        "WHERE c.refcount > 0 AND e.chunk IS NULL")]
+
+
+def count_live(db: Database) -> int:
+    """Referenced chunks. No lock."""
+    return int(db.query("SELECT COUNT(*) FROM chunks WHERE refcount > 0")[0][0])

@@ -1,0 +1,93 @@
+"""The ``meta`` table: one row per volume-wide setting or piece of state, ``k -> v``.
+
+Keys: ``schema_version``, ``volume_uuid``, ``chunk_size``, ``encryption`` (cas.meta);
+``cloud_enabled`` and the uploader's ``drive_*`` keys (cas.cloud); the scrub cursors
+``scrub_*`` (cas.scrub); the snapshot keys ``snapshot_*`` (cas.snapshot). Values are
+text of at most 255 characters (schema.sql); :func:`set_values` cuts longer ones.
+
+Locks: reads take none (READ COMMITTED, or the caller's consistent snapshot); an upsert
+locks its one row until the caller's COMMIT; :func:`lock_value` takes the row's
+exclusive lock (``FOR UPDATE``) so that a read-modify-write of a counter (the snapshot
+generation) is serialized between processes. Every statement here touches only the
+rows of the keys it names, so no statement of this module waits for a lock held on
+another table (docs/metadata-packs.md, "Lock order").
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import pymysql.cursors
+
+if TYPE_CHECKING:
+    from cas.meta import Database
+
+#: the column's width (schema.sql ``meta.v VARCHAR(255)``)
+VALUE_MAX = 255
+
+
+def get(db: Database, key: str) -> str | None:
+    """The value of ``key``, or None when there is no row. No lock."""
+    rows = db.query("SELECT v FROM meta WHERE k = %s", (key,))
+    return str(rows[0][0]) if rows else None
+
+
+def values_of(db: Database, keys: Sequence[str]) -> dict[str, str]:
+    """``{key: value}`` of those of ``keys`` (non-empty) that have a row. No lock."""
+    return {str(k): str(v) for k, v in db.query("SELECT k, v FROM meta WHERE k IN %s", (list(keys),))}
+
+
+def values_with_prefix(db: Database, *prefixes: str) -> dict[str, str]:
+    """``{key: value}`` of every key starting with one of ``prefixes`` (at least one;
+    plain text, no LIKE wildcards in them). No lock."""
+    where = " OR ".join(["k LIKE %s"] * len(prefixes))
+    return {str(k): str(v) for k, v in db.query(f"SELECT k, v FROM meta WHERE {where}",
+                                                 [p + "%" for p in prefixes])}
+
+
+def set_values(db: Database, values: Mapping[str, str]) -> None:
+    """Upsert each key (one autocommitted statement per key, values cut to VALUE_MAX
+    characters). Locks each row only for its own statement."""
+    for k, v in values.items():
+        db.execute("INSERT INTO meta (k, v) VALUES (%s, %s) ON DUPLICATE KEY UPDATE v = VALUES(v)",
+                   (k, v[:VALUE_MAX]))
+
+
+def set_value(cur: pymysql.cursors.Cursor, key: str, value: str) -> None:
+    """Upsert ``key`` in the caller's transaction (its row stays locked until COMMIT)."""
+    cur.execute("INSERT INTO meta (k, v) VALUES (%s, %s) ON DUPLICATE KEY UPDATE v = VALUES(v)",
+                (key, value[:VALUE_MAX]))
+
+
+def add_if_absent(db: Database, key: str, value: str) -> None:
+    """Insert ``key`` unless it has a row (``INSERT IGNORE``: the first writer wins; read
+    the value back with :func:`get`). Locks the row for that statement only."""
+    db.execute("INSERT IGNORE INTO meta (k, v) VALUES (%s, %s)", (key, value[:VALUE_MAX]))
+
+
+def lock_value(cur: pymysql.cursors.Cursor, key: str) -> str | None:
+    """The value of ``key`` under its row's exclusive lock (``SELECT ... FOR UPDATE``,
+    held to the caller's COMMIT), or None when there is no row (InnoDB then holds a gap
+    lock on where it would be, so two callers still serialize)."""
+    cur.execute("SELECT v FROM meta WHERE k = %s FOR UPDATE", (key,))
+    row = cur.fetchone()
+    return None if row is None else str(row[0])
+
+
+def delete_keys(db: Database, keys: Iterable[str]) -> None:
+    """Delete the rows of ``keys`` (none: no statement). Autocommitted. Locks those rows for that statement only."""
+    ks = list(keys)
+    if ks:
+        db.execute("DELETE FROM meta WHERE k IN %s", (ks,))
+
+
+def cloud_enabled(db: Database) -> bool:
+    """Whether the cloud tier is enabled (key ``cloud_enabled`` = "1"). No lock."""
+    return get(db, "cloud_enabled") == "1"
+
+
+def enable_cloud(cur: pymysql.cursors.Cursor) -> None:
+    """Set ``cloud_enabled`` = "1" in the caller's transaction: from its COMMIT on, every
+    new chunk row gets its upload_queue row in the transaction that creates it. Locks the row
+    (exclusive) to the caller's COMMIT."""
+    set_value(cur, "cloud_enabled", "1")
