@@ -39,7 +39,7 @@ from .errors import ChunkMissing, IntegrityError
 from .errors import (CasError, Exists, FsError, InvalidArgument, IsADirectory, MetaError, NameTooLong,
                      NoData, NotADirectory, NotEmpty, NotFound)
 from .filedata import FileData, InodeData
-from .meta import ROOT_INODE, Metadata
+from .meta import ROOT_INODE, Database, Metadata
 from .store import LocalStore
 from .syncstatus import VIRTUAL_XATTRS, FileSync, file_sync
 from .xattrs import XattrCache, check_name, check_space
@@ -63,6 +63,7 @@ ABSENT_MAX = 100_000
 # with the inode row, so that a cold open needs no query (about 200 bytes each)
 SMALL_SLOTS = 4
 KNOWN_MANIFESTS_MAX = 50_000
+INODE_RESERVE = 10_000   # inode numbers reserved at a time (cas.db.namespace.reserve_inodes)
 IO_THREADS = 8                # threads writing chunk files (fsync waits overlap)
 CLOSED_DIRTY_BATCH = 256      # released dirty files flushed together at this count
 # When a namespace operation commits (docs/durability.md): with the group transaction
@@ -195,7 +196,8 @@ class Filesystem:
         # here (this mount is the only writer of the namespace), never twice a mount.
         self.creates = namespace.HeldCreates()
         self.db.before_statement = self._write_creates
-        self._next_ino = 0
+        self._next_ino = 0    # the next inode number to hand out, below _ino_limit
+        self._ino_limit = 0
         # Every name of the directories made by this mount (they started empty and
         # only this mount changes them), at most DIR_NAMES_MAX names in all; and
         # (parent, name) pairs a lookup found absent. Both emptied when a group is lost.
@@ -533,11 +535,18 @@ class Filesystem:
         return self._remember(attr)
 
     def _new_ino(self) -> int:
-        """A fresh inode number: above every inodes row when the mount first asks (one
-        query), then counted up in RAM, so never handed out twice by one mount, also
-        across a lost group (the kernel may still hold the numbers of its creates)."""
-        if not self._next_ino:
-            self._next_ino = namespace.next_inode(self.db)
+        """A fresh inode number, counted up in RAM within a range of INODE_RESERVE
+        numbers reserved (and committed) on a connection of its own
+        (:func:`cas.db.namespace.reserve_inodes`): never handed out twice, by this mount
+        (the kernel may still hold the numbers of a lost group's creates) or a later
+        one (a rescue record names a lost create's number). Raises MetaError."""
+        if self._next_ino >= self._ino_limit:
+            other = Database(self.db.target)
+            try:
+                self._next_ino = namespace.reserve_inodes(other, self._next_ino, INODE_RESERVE)
+            finally:
+                other.close()
+            self._ino_limit = self._next_ino + INODE_RESERVE
         ino = self._next_ino
         self._next_ino += 1
         return ino
@@ -864,11 +873,19 @@ class Filesystem:
         if not rows and after == 0:
             self._dir(ino)
         out = [(bytes(r[0]), self._attr_row(r[2:]), int(r[1])) for r in rows]
-        self._note_no_xattrs([a.ino for _, a, _ in out])
         small = [a.ino for _, a, _ in out if S.S_ISREG(a.mode) and a.size <= SMALL_SLOTS * self.chunk_size
                  and a.ino not in self.known_manifests and a.ino not in self.data.states]
-        if small:   # one query a batch: the next open of each needs none (docs/smallfiles.md)
-            self._know_manifests(namespace.small_manifests(self.db, small))
+        if not small:
+            self._note_no_xattrs([a.ino for _, a, _ in out])
+            return out
+        # which entries have no xattrs (_note_no_xattrs) and the manifests of the small
+        # files, in one query a batch: the next open of each needs none (docs/smallfiles.md)
+        todo = [a.ino for _, a, _ in out if a.ino not in self.xattr_cache]
+        having, manifests = namespace.listing_extras(self.db, todo, small)
+        for i in todo:
+            if i not in having:
+                _bounded_put(self.xattr_cache, i, {})
+        self._know_manifests(manifests)
         return out
 
     def _note_no_xattrs(self, inos: list[int]) -> None:

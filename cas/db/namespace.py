@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from typing import Any
 
 from ..meta import Database
@@ -88,10 +89,27 @@ class HeldCreates:
                         (now, now, d, parent))
 
 
-def next_inode(db: Database) -> int:
-    """The first inode number above every inodes row (MAX(id) + 1): where a mount starts
-    handing out inode numbers itself (one indexed read). Raises MetaError."""
-    return int(db.query("SELECT COALESCE(MAX(id), 0) + 1 FROM inodes")[0][0])
+#: meta key: every inode number a mount may hand out is below it (committed first)
+INODE_NEXT_KEY = "inode_next"
+
+
+def reserve_inodes(db: Database, at_least: int, n: int) -> int:
+    """Reserve ``n`` inode numbers for a mount: returns the first, ``start`` = the
+    greatest of ``at_least``, MAX(inodes.id) + 1 and the meta row ``inode_next``, and
+    commits ``inode_next`` = ``start + n`` before it returns. ``db`` must be a connection
+    of its own (not the mount's, whose group transaction is open): the reservation is
+    durable even when the group that uses the numbers is lost, so that no later mount
+    hands out a number of a lost create again (the rescue area names files by inode,
+    cas/rescue.py). Locks the meta row (FOR UPDATE), reads inodes without locks.
+    Raises MetaError."""
+    def body(cur: Any) -> int:
+        cur.execute("SELECT v FROM meta WHERE k = %s FOR UPDATE", (INODE_NEXT_KEY,))
+        row = cur.fetchone()
+        cur.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM inodes")
+        start = max(at_least, int(cur.fetchone()[0]), int(row[0]) if row else 0)
+        cur.execute("REPLACE INTO meta (k, v) VALUES (%s, %s)", (INODE_NEXT_KEY, str(start + n)))
+        return start
+    return db.transaction(body)
 
 
 def entry_inode(db: Database, parent: int, name: bytes) -> int | None:
@@ -118,13 +136,22 @@ def lookup_rows(db: Database, parent: int, name: bytes, small_bytes: int) -> lis
         "WHERE d.parent = %s AND d.name = %s", (small_bytes, parent, name), see_held=False)
 
 
-def small_manifests(db: Database, inodes: list[int]) -> dict[int, dict[int, bytes]]:
-    """slot -> chunk id of the manifests of ``inodes`` (regular files the caller chose as
-    small), in batches of cas.db.batch.BATCH_ROWS inodes; an inode with no manifest
-    rows (all holes, empty) maps to {}. Raises MetaError."""
-    out: dict[int, dict[int, bytes]] = {i: {} for i in inodes}
-    for part in batches(inodes):
-        for ino, slot, chunk in db.query("SELECT inode, slot, chunk FROM manifests WHERE inode IN %s",
-                                         (list(part),)):
-            out[int(ino)][int(slot)] = bytes(chunk)
-    return out
+def listing_extras(db: Database, no_xattrs_unknown: list[int], small: list[int]
+                   ) -> tuple[set[int], dict[int, dict[int, bytes]]]:
+    """For a listing batch, in one statement per :data:`cas.db.batch.BATCH_ROWS` inodes:
+    which of ``no_xattrs_unknown`` have extended attributes (a set), and the manifests
+    (slot -> chunk id; {} for none) of the small regular files ``small``. A UNION ALL
+    of the two reads (xattr rows come with a NULL slot; inode 0 stands in for an empty
+    list, no inode has it). Raises MetaError."""
+    having: set[int] = set()
+    manifests: dict[int, dict[int, bytes]] = {i: {} for i in small}
+    for xs, ms in zip_longest(batches(no_xattrs_unknown), batches(small), fillvalue=[0]):
+        for ino, slot, chunk in db.query(
+                "SELECT inode, NULL, NULL FROM xattrs WHERE inode IN %s GROUP BY inode "
+                "UNION ALL SELECT inode, slot, chunk FROM manifests WHERE inode IN %s",
+                (list(xs), list(ms))):
+            if slot is None:
+                having.add(int(ino))
+            else:
+                manifests[int(ino)][int(slot)] = bytes(chunk)
+    return having, manifests

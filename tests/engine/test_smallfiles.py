@@ -154,6 +154,9 @@ def test_lost_group_loses_held_creates_whole(eng: Engine) -> None:
     assert not eng.q("SELECT id FROM inodes WHERE id IN %s", (lost + [ldir],))
     report = eng.fsck()
     assert report.clean, report
+    # nor by the next mount (the rescue area names files by inode number)
+    fs = eng.reopen()
+    assert fs.mknod(d, b"next", S.S_IFREG | 0o644, 0, UID, GID).ino > max(lost + [ldir, again])
 
 
 def test_failed_write_of_held_creates_loses_the_group(eng: Engine) -> None:
