@@ -32,15 +32,15 @@ import pymysql
 
 from .cache import LFUCache
 from .chunks import ChunkManager
-from .db import namespace as ns
 from .cloud import CloudTier
 from .cloud import enabled as cloud_enabled
+from .db import namespace as ns
 from .envelope import codec_for
 from .errors import ChunkMissing, IntegrityError
-from .errors import (CasError, Exists, FsError, InvalidArgument, IsADirectory, NameTooLong, NoData,
-                     NotADirectory, NotEmpty, NotFound)
+from .errors import (CasError, Exists, FsError, InvalidArgument, IsADirectory, MetaError, NameTooLong,
+                     NoData, NotADirectory, NotEmpty, NotFound)
 from .filedata import FileData, InodeData, ReadPlan
-from .meta import ROOT_INODE, Metadata
+from .meta import ROOT_INODE, Database, Metadata
 from .store import LocalStore
 from .syncstatus import VIRTUAL_XATTRS, FileSync, file_sync
 from .xattrs import XattrCache, check_name, check_space
@@ -56,6 +56,15 @@ MAX_FILE_SIZE = 1 << 53
 RENAME_NOREPLACE = 1    # linux/fs.h
 RENAME_EXCHANGE = 2
 ATTR_CACHE_ENTRIES = 100_000  # inode rows kept in RAM (about 250 bytes each)
+# names of the directories this mount made, kept whole (about 100 bytes each), and names
+# lookups found absent: what answers lookups and EEXIST checks without a query
+DIR_NAMES_MAX = 200_000
+ABSENT_MAX = 100_000
+# manifests of small files (at most SMALL_SLOTS slots) that lookups and listings read
+# with the inode row, so that a cold open needs no query (about 200 bytes each)
+SMALL_SLOTS = 4
+KNOWN_MANIFESTS_MAX = 50_000
+INODE_RESERVE = 10_000   # inode numbers reserved at a time (cas.db.namespace.reserve_inodes)
 IO_THREADS = 8                # threads writing chunk files (fsync waits overlap)
 CLOSED_DIRTY_BATCH = 256      # released dirty files flushed together at this count
 # When a namespace operation commits (docs/durability.md): with the group transaction
@@ -186,6 +195,22 @@ class Filesystem:
         self.closed_dirty: set[int] = set()  # released files whose flush is batched
         self.dir_opens: dict[int, int] = {}  # directory inode -> open handles
         self.xattr_cache = XattrCache()  # bounded in bytes (cas/xattrs.py)
+        # Creates are held in RAM and written together, before the next statement or
+        # commit on the connection (docs/smallfiles.md); inode numbers are handed out
+        # here (this mount is the only writer of the namespace), never twice a mount.
+        self.creates = ns.HeldCreates()
+        self.db.before_statement = self._write_creates
+        self._next_ino = 0    # the next inode number to hand out, below _ino_limit
+        self._ino_limit = 0
+        # Every name of the directories made by this mount (they started empty and
+        # only this mount changes them), at most DIR_NAMES_MAX names in all; and
+        # (parent, name) pairs a lookup found absent. Both emptied when a group is lost.
+        self.dir_names: dict[int, dict[bytes, int]] = {}
+        self._dir_names_count = 0
+        self.absent: OrderedDict[tuple[int, bytes], None] = OrderedDict()
+        # committed manifests of small files not open, read by lookup/readdir and taken
+        # (removed) by the next open; dropped by a truncate, a free, a lost group
+        self.known_manifests: OrderedDict[int, dict[int, bytes]] = OrderedDict()
         self.cloud: CloudTier | None = None
         # since mount, for the rates of `casfs stats --watch`: FUSE requests (counted by
         # the FUSE layer), bytes the applications read and wrote
@@ -270,6 +295,11 @@ class Filesystem:
         copy of database state, and reload open files' manifests and sizes (their
         uncommitted buffers stay)."""
         log.error("metadata transaction lost: reloading cached state from the database")
+        self.creates.clear()   # lost with the group (the database counted them)
+        self.dir_names.clear()
+        self._dir_names_count = 0
+        self.absent.clear()
+        self.known_manifests.clear()
         self.attrs.clear()
         self.xattr_cache.clear()
         # files closed since the last commit come back with their buffers: write them
@@ -291,7 +321,7 @@ class Filesystem:
         if not used:
             return
         try:
-            self.db.execute(f"ALTER TABLE inodes AUTO_INCREMENT = {int(used) + 1}")
+            ns.move_inode_counter(self.db, used)
         except CasError as exc:
             log.warning("cannot move the inode counter past %d: %s", used, exc)
 
@@ -366,10 +396,34 @@ class Filesystem:
         if name == b"..":
             up = ns.parent_of(self.db, parent)
             return self._remember(self._get(up if up is not None else ROOT_INODE))
-        row = ns.lookup(self.db, parent, name)
-        if row is None:
+        if parent in self.dir_names or (parent, name) in self.absent or (parent, name) in self.creates.names:
+            known = self._entry_ino(parent, name)   # RAM (docs/smallfiles.md)
+            if known is None:
+                raise NotFound(name.decode(errors="replace"))
+            return self._remember(self._get(known))
+        # the name is not held (checked above): its row, and a small file's manifest
+        found = ns.lookup_rows(self.db, parent, name, SMALL_SLOTS * self.chunk_size)
+        if found is None:
+            self._note_absent(parent, name)
             raise NotFound(name.decode(errors="replace"))
+        row, manifest = found
+        if row.id in self.creates.touches:  # its row awaits a held change: read it after
+            return self._remember(self._get(row.id))
+        if S.S_ISREG(row.mode) and row.size <= SMALL_SLOTS * self.chunk_size:
+            self._know_manifests({row.id: manifest})
         return self._remember(self._attr_row(row))
+
+    def _know_manifests(self, manifests: dict[int, dict[int, bytes]]) -> None:
+        """Keep the committed manifests of small files that are not open (a state's
+        manifest is the truth for an open file, and a dropped state not yet committed
+        is kept in ``data.retired``), for the next open."""
+        for ino, m in manifests.items():
+            if ino in self.data.states or ino in self.data.retired:
+                continue
+            self.known_manifests[ino] = m
+            self.known_manifests.move_to_end(ino)
+        while len(self.known_manifests) > KNOWN_MANIFESTS_MAX:
+            self.known_manifests.popitem(last=False)
 
     @_locked
     def parent_attr(self, ino: int) -> Attr:
@@ -417,6 +471,7 @@ class Filesystem:
             if not S.S_ISREG(cur.mode):
                 raise InvalidArgument("truncate of a special file")
             transient = ino not in self.data.states
+            self.known_manifests.pop(ino, None)
             self.data.truncate(ino, size)
             if transient:
                 self.data.drop_state(ino)
@@ -466,32 +521,95 @@ class Filesystem:
 
         now = time.time_ns()
         nlink = 2 if is_dir else 1
-
-        def body(cur: Any) -> int:
-            cur.execute("INSERT INTO inodes (mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns) "
-                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                        (mode, uid, gid, nlink, size, rdev, now, now, now))
-            ino = int(cur.lastrowid)
-            self._insert_entry(cur, parent, name, ino)
-            if target is not None:
-                cur.execute("INSERT INTO symlinks (inode, target) VALUES (%s, %s)", (ino, target))
-            self._touch_dir(cur, parent, now, 1 if is_dir else 0)
-            return ino
-
-        ino = self.db.transaction(body)
+        if self._entry_ino(parent, name) is not None:
+            raise Exists(name.decode(errors="replace"))
+        # held in RAM, written with the creates around it (docs/smallfiles.md)
+        ino = self._new_ino()
+        self.creates.add([ino, mode, uid, gid, nlink, size, rdev, now, now, now], parent, name, target,
+                         now, 1 if is_dir else 0)
         self._patch(parent, 1 if is_dir else 0, mtime_ns=now, ctime_ns=now)
+        self._names_set(parent, name, ino)
+        if is_dir:
+            self.dir_names[ino] = {}   # empty, and only this mount adds to it
         _bounded_put(self.xattr_cache, ino, {})
-        return self._remember(self._cache(Attr(ino, mode, uid, gid, nlink, size, rdev, now, now, now)))
+        attr = self._cache(Attr(ino, mode, uid, gid, nlink, size, rdev, now, now, now))
+        self.db.hold_op()   # may write and commit the group; MetaError if it is lost
+        return self._remember(attr)
 
-    @staticmethod
-    def _insert_entry(cur: Any, parent: int, name: bytes, ino: int) -> None:
-        """Insert a directory entry; Exists (EEXIST) if ``name`` is taken (primary key)."""
+    def _new_ino(self) -> int:
+        """A fresh inode number, counted up in RAM within a range of INODE_RESERVE
+        numbers reserved (and committed) on a connection of its own
+        (:func:`cas.db.namespace.reserve_inodes`): never handed out twice, by this mount
+        (the kernel may still hold the numbers of a lost group's creates) or a later
+        one (a rescue record names a lost create's number). Raises MetaError."""
+        if self._next_ino >= self._ino_limit:
+            other = Database(self.db.target)
+            try:
+                self._next_ino = ns.reserve_inodes(other, self._next_ino, INODE_RESERVE)
+            finally:
+                other.close()
+            self._ino_limit = self._next_ino + INODE_RESERVE
+        ino = self._next_ino
+        self._next_ino += 1
+        return ino
+
+    def _write_creates(self) -> None:
+        """Write the held creates (Database.before_statement): one savepoint of multi-row
+        INSERTs (cas.db.ns.HeldCreates.write) counted as that many operations.
+        If it fails the group is rolled back as a lost one (the creates were answered
+        already: the database must not keep the group without them). Raises MetaError."""
+        held = self.creates
+        if not held:
+            return
         try:
-            cur.execute("INSERT INTO dentries (parent, name, inode) VALUES (%s, %s, %s)", (parent, name, ino))
-        except pymysql.err.IntegrityError as exc:
-            if exc.args and exc.args[0] == 1062:
-                raise Exists(name.decode(errors="replace")) from None
+            self.db.transaction(held.write, ops=len(held))
+        except MetaError as exc:
+            if self.db.held_ops:   # not lost yet: the group holds other operations still
+                self.db.lose_group(f"writing {len(held)} created inodes failed: {exc}")
             raise
+        held.clear()
+        self.db.held_ops = 0
+
+    def _entry_ino(self, parent: int, name: bytes) -> int | None:
+        """The inode ``name`` in directory ``parent`` names, or None: from RAM when this
+        mount knows (its own directories, names found absent), else one query."""
+        names = self.dir_names.get(parent)
+        if names is not None:
+            return names.get(name)
+        held = self.creates.names.get((parent, name))
+        if held is not None:
+            return held
+        if (parent, name) in self.absent:
+            return None
+        return ns.entry_inode(self.db, parent, name)
+
+    def _names_set(self, parent: int, name: bytes, ino: int | None) -> None:
+        """Keep the RAM name knowledge right after ``name`` in ``parent`` came to name
+        ``ino`` (None: was removed)."""
+        names = self.dir_names.get(parent)
+        if ino is not None:
+            self.absent.pop((parent, name), None)
+        if names is None:
+            return
+        if ino is None:
+            if names.pop(name, None) is not None:
+                self._dir_names_count -= 1
+        elif name not in names and self._dir_names_count >= DIR_NAMES_MAX:
+            self._names_drop(parent)   # too many: this directory's names are asked for again
+        else:
+            self._dir_names_count += name not in names
+            names[name] = ino
+
+    def _names_drop(self, parent: int) -> None:
+        """Stop answering names of ``parent`` from RAM (removed, or no room)."""
+        names = self.dir_names.pop(parent, None)
+        if names is not None:
+            self._dir_names_count -= len(names)
+
+    def _note_absent(self, parent: int, name: bytes) -> None:
+        self.absent[(parent, name)] = None
+        if len(self.absent) > ABSENT_MAX:
+            self.absent.popitem(last=False)
 
     @_locked
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Attr:
@@ -541,11 +659,12 @@ class Filesystem:
         now = time.time_ns()
 
         def body(cur: pymysql.cursors.Cursor) -> None:
-            self._insert_entry(cur, parent, name, ino)
+            ns.insert_entry(cur, parent, name, ino)
             ns.add_link(cur, ino, now)
             self._touch_dir(cur, parent, now)
 
         self.db.transaction(body)
+        self._names_set(parent, name, ino)
         self._patch(ino, 1, ctime_ns=now)
         self._patch(parent, mtime_ns=now, ctime_ns=now)
         return self._remember(self._get(ino))
@@ -587,6 +706,7 @@ class Filesystem:
             return ino
 
         ino = self.db.transaction(body)
+        self._names_set(parent, name, None)
         self.attrs.pop(ino, None)
         self.attrs.pop(parent, None)
         self._maybe_free(ino)
@@ -668,12 +788,32 @@ class Filesystem:
             ns.set_ctime(cur, now, src)
             return src, dst, freed
 
+        before = self._entry_ino(new_parent, new_name) if new_parent in self.dir_names else None
         src, dst, freed = self.db.transaction(body)
+        self._renamed(old_parent, old_name, new_parent, new_name, src, dst, before, flags)
         for ino in (old_parent, new_parent, src, dst):  # changed rows: re-read when needed
             if ino is not None:
                 self.attrs.pop(ino, None)
         if freed is not None:
             self._maybe_free(freed)
+
+    def _renamed(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, src: int,
+                 dst: int | None, before: int | None, flags: int) -> None:
+        """Keep the RAM name knowledge right after a rename (``before``: what the new name
+        named before it, if this mount knew)."""
+        if flags & RENAME_EXCHANGE:
+            self._names_set(old_parent, old_name, dst)
+            self._names_set(new_parent, new_name, src)
+            return
+        if dst is None and before == src:
+            return   # both names named the same inode: nothing was done (POSIX)
+        if dst is None and new_parent not in self.dir_names:
+            # maybe both names named the same inode (then nothing was done): ask again
+            self._names_drop(old_parent)
+            self.absent.pop((old_parent, old_name), None)
+        else:
+            self._names_set(old_parent, old_name, None)
+        self._names_set(new_parent, new_name, src)
 
     def _flush_renamed(self, parent: int, name: bytes) -> None:
         """IMMEDIATE durability: commit the buffered contents of the file at ``name`` before
@@ -712,7 +852,19 @@ class Filesystem:
         if not rows and after == 0:
             self._dir(ino)
         out = [(e.name, self._attr_row(e.inode), e.offset) for e in rows]
-        self._note_no_xattrs([a.ino for _, a, _ in out])
+        small = [a.ino for _, a, _ in out if S.S_ISREG(a.mode) and a.size <= SMALL_SLOTS * self.chunk_size
+                 and a.ino not in self.known_manifests and a.ino not in self.data.states]
+        if not small:
+            self._note_no_xattrs([a.ino for _, a, _ in out])
+            return out
+        # which entries have no xattrs (_note_no_xattrs) and the manifests of the small
+        # files, in one query a batch: the next open of each needs none (docs/smallfiles.md)
+        todo = [a.ino for _, a, _ in out if a.ino not in self.xattr_cache]
+        having, manifests = ns.listing_extras(self.db, todo, small)
+        for i in todo:
+            if i not in having:
+                _bounded_put(self.xattr_cache, i, {})
+        self._know_manifests(manifests)
         return out
 
     def _note_no_xattrs(self, inos: list[int]) -> None:
@@ -734,6 +886,12 @@ class Filesystem:
 
     # -- open files ------------------------------------------------------------------
     def _open(self, ino: int) -> None:
+        known = self.known_manifests.pop(ino, None)
+        a = self.attrs.get(ino)
+        if (known is not None and a is not None and ino not in self.data.states
+                and ino not in self.data.retired):
+            # size and manifest read with the inode row (lookup, readdir): no query
+            self.data.states[ino] = InodeData(ino=ino, size=a.size, manifest=known)
         self.data.load_state(ino).opens += 1
         self.closed_dirty.discard(ino)
 
@@ -1059,6 +1217,8 @@ class Filesystem:
             self.data.free_manifest(cur, ino)
             ns.delete_inode(cur, ino)
         self.db.transaction(body)
+        self._names_drop(ino)
+        self.known_manifests.pop(ino, None)
         self.attrs.pop(ino, None)
         self.xattr_cache.pop(ino, None)
         self.held.discard(ino)

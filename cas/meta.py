@@ -127,6 +127,12 @@ class Database:
         self.last_commit_ns = 0   # time.time_ns() after the last COMMIT that succeeded here (cas.snapshot)
         self.reconnect_wait_s = RECONNECT_WAIT_S
         self._resync_due = False  # a group was lost while the server was down: reload first
+        # Operations the owner holds in RAM (cas.fs creates), written by the owner's
+        # ``before_statement`` before any statement runs here and before every commit
+        # (:meth:`write_held`, docs/smallfiles.md); counted as uncommitted operations.
+        self.held_ops = 0
+        self.before_statement: Callable[[], None] | None = None
+        self._writing_held = False
 
     def _connect(self) -> pymysql.connections.Connection:
         t = self.target
@@ -178,14 +184,25 @@ class Database:
         except pymysql.err.Error:
             pass
 
-    def query(self, sql: str, args: Sequence[Any] | dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+    def query(self, sql: str, args: Sequence[Any] | dict[str, Any] | None = None, *,
+              see_held: bool = True) -> list[tuple[Any, ...]]:
         """Run one statement outside a transaction; return its rows. Raises MetaError.
+
+        Operations the owner holds in RAM are written first (:meth:`write_held`), unless
+        ``see_held`` is False: a read the owner knows no held row can change.
 
         When the server is gone (SERVER_GONE_CODES) the statement runs once more on a
         new session, after waiting up to RECONNECT_WAIT_S for the server; an open group
         transaction is lost first (:meth:`_lose_group`: the owner reloads its RAM state
         before the statement runs again, so a read sees the database as it is).
         """
+        try:
+            if see_held:
+                self.write_held()
+        except MetaError:
+            if self.held_ops:
+                raise
+            # writing them lost the group (logged): a read goes on, on the new session
         for attempt in (0, 1):
             try:
                 if not self._group_open:
@@ -214,6 +231,7 @@ class Database:
         A closed session is reopened first (waiting up to RECONNECT_WAIT_S for the
         server); a statement the server may have run before it went away is not sent
         again. Raises MetaError."""
+        self.write_held()
         try:
             if not self._group_open:
                 self._ensure_conn()
@@ -239,11 +257,50 @@ class Database:
 
     @property
     def uncommitted(self) -> int:
-        """Transaction bodies run since the last group commit."""
-        return self._group_ops
+        """Operations since the last group commit: transaction bodies run (a batch of held
+        operations counts as its size) and operations held in RAM."""
+        return self._group_ops + self.held_ops
+
+    def hold_op(self) -> None:
+        """Count one operation the owner holds in RAM instead of running it now (its rows
+        are written by ``before_statement``, :meth:`write_held`). Once the group's
+        operations reach its ``max_ops`` (at once without group commit) the held rows are
+        written and the group commits. Raises MetaError (the group was lost)."""
+        self.held_ops += 1
+        if self._group_ops + self.held_ops >= self._group_max:
+            self.commit()
+
+    def write_held(self) -> None:
+        """Let the owner write the operations it holds in RAM (``before_statement``),
+        so that no statement on this connection, and no commit, runs without them:
+        the owner's held rows are visible to every read and commit whole with the
+        group. Not re-entered from the owner's own statements. Raises MetaError."""
+        if not self.held_ops or self.before_statement is None or self._writing_held:
+            return
+        self._writing_held = True
+        try:
+            self.before_statement()
+        finally:
+            self._writing_held = False
+
+    def lose_group(self, why: str) -> NoReturn:
+        """The owner could not write the operations it held into the open group (a
+        statement failed): roll the whole group back as a lost one, so that the database
+        and the owner's RAM state (``on_group_lost``) agree again, and raise MetaError."""
+        n = self._group_ops + self.held_ops
+        self._rollback()
+        self._group_open = False
+        self._group_ops = 0
+        self.held_ops = 0
+        self._resync_due = self._resync_due or n > 0
+        log.error("metadata group transaction rolled back (%d operations): %s", n, why)
+        self._resync()
+        raise MetaError(f"{why}: the last {n} uncommitted operations were lost")
 
     def commit(self) -> None:
-        """Commit the open group transaction, if any (durable when this returns)."""
+        """Commit the open group transaction, if any (durable when this returns); held
+        operations are written first (:meth:`write_held`)."""
+        self.write_held()
         if not self._group_open:
             return
         t0 = time.perf_counter_ns()
@@ -274,7 +331,8 @@ class Database:
         before the next statement (:meth:`_ensure_conn`)."""
         self._rollback()
         self._group_open = False
-        n, self._group_ops = self._group_ops, 0
+        n, self._group_ops = self._group_ops + self.held_ops, 0
+        self.held_ops = 0
         self._close_conn()
         self._resync_due = self._resync_due or n > 0  # nothing to reload if it held nothing
         log.error("metadata group transaction lost (%d operations): %s", n, _convert(exc, self.target))
@@ -321,7 +379,7 @@ class Database:
             self._group_open = True
             return
 
-    def _in_group(self, body: Callable[[pymysql.cursors.Cursor], T], again: bool = True) -> T:
+    def _in_group(self, body: Callable[[pymysql.cursors.Cursor], T], again: bool = True, ops: int = 1) -> T:
         if not self._group_open:
             self._begin_group()
         try:
@@ -338,27 +396,30 @@ class Database:
                     cur.execute("ROLLBACK TO SAVEPOINT op")
                     raise
         except pymysql.err.MySQLError as exc:  # the server rolled the whole group back
-            if again and self._group_ops == 0 and _code(exc) in _RECONNECT_CODES:
+            if again and self._group_ops == 0 and self.held_ops == 0 and _code(exc) in _RECONNECT_CODES:
                 self._lose_group(exc)  # it held nothing: reconnect and run the body again
-                return self._in_group(body, again=False)
+                return self._in_group(body, again=False, ops=ops)
             self._group_lost(exc)
-        self._group_ops += 1
-        if self._group_ops >= self._group_max:
+        self._group_ops += ops
+        if self._group_ops + self.held_ops >= self._group_max:
             self.commit()
         return result
 
-    def transaction(self, body: Callable[[pymysql.cursors.Cursor], T], retries: int = 20) -> T:
+    def transaction(self, body: Callable[[pymysql.cursors.Cursor], T], retries: int = 20, ops: int = 1) -> T:
         """Run ``body(cursor)`` in one transaction and commit; retry on deadlock.
 
         ``body`` may run more than once, so it must not have effects outside the
         database that a retry would repeat wrongly. Raises MetaError; on any exception
         the transaction is rolled back. Under group commit (:meth:`start_group_commit`)
         the body runs in a savepoint of the open group transaction instead: an exception
-        undoes the body alone, and the commit happens later.
+        undoes the body alone, and the commit happens later; ``ops`` is how many
+        operations the body carries (a batch of held creates), counted toward
+        ``max_ops``. Operations held in RAM are written first (:meth:`write_held`).
         """
+        self.write_held()
         if self._group_max:
             t0 = time.perf_counter_ns()
-            result = self._in_group(body)
+            result = self._in_group(body, ops=ops)
             MYSQL_TX.observe_ns(time.perf_counter_ns() - t0)
             return result
         for attempt in range(retries):

@@ -87,6 +87,7 @@ def test_file_created_in_a_lost_group_is_never_written_back(eng: Engine) -> None
     fs.sync()
     c = fs.create(ROOT, b"lost", FILE_MODE, UID, GID).ino   # only in the group
     fs.write(c, 0, z)
+    assert fs.dentry_of(c) == (ROOT, b"lost")  # a statement: the held create joins the group
     _kill_session(eng)
     # a server that died may come back with its inode counter behind the lost rows
     eng.q("ALTER TABLE inodes AUTO_INCREMENT = 1", sync=False)

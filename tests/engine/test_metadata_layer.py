@@ -56,11 +56,7 @@ SQL_FREE_MODULES: tuple[str, ...] = (
 
 #: (module, function) whose statements another section of work moves (the create path:
 #: its batched inserts go to cas.db.namespace); remove an entry when its SQL has moved
-SQL_PENDING: frozenset[tuple[str, str]] = frozenset({
-    ("cas/fs.py", "Filesystem._make"),
-    ("cas/fs.py", "Filesystem._insert_entry"),
-    ("cas/fs.py", "Filesystem._reserve_inodes"),
-})
+SQL_PENDING: frozenset[tuple[str, str]] = frozenset()
 
 #: the layer's modules, each public function of which states its row locks
 LAYER_MODULES = (ns, dbmanifests, dbchunks, reports, dbpacks, dbqueue, dbvolume, dbtables)
