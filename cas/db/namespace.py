@@ -529,7 +529,7 @@ def listing_extras(db: Database, no_xattrs_unknown: list[int], small: list[int]
     which of ``no_xattrs_unknown`` have extended attributes (a set), and the manifests
     (slot -> chunk id; {} for none) of the small regular files ``small``. A UNION ALL
     of the two reads (xattr rows come with a NULL slot; inode 0 stands in for an empty
-    list, no inode has it). Raises MetaError."""
+    list, no inode has it). No lock (plain reads). Raises MetaError."""
     having: set[int] = set()
     manifests: dict[int, dict[int, bytes]] = {i: {} for i in small}
     for xs, ms in zip_longest(batches(no_xattrs_unknown), batches(small), fillvalue=[0]):
