@@ -8,8 +8,9 @@ Threads, all started together on one mount of a volume with 64 KiB chunks:
   random offsets (1 B to 3 chunks, across slot boundaries, all-zero data that casfs
   stores as holes, small repeated patterns and whole chunks from a palette shared by
   every thread so that chunks deduplicate across threads), append, truncate (grow and
-  shrink), pread and whole reads, stat, listdir, rename of files and directories
-  (within the subtree), unlink, mkdir, rmdir, hard links, symlinks, chmod, utime,
+  shrink), 1 MiB sequential streams, stores through a shared mmap, pread and whole
+  reads, stat, listdir, rename of files and directories (within the subtree; plain,
+  RENAME_NOREPLACE, RENAME_EXCHANGE), unlink, mkdir, rmdir, hard links, symlinks, chmod, utime,
   user.* xattrs, fsync of a file or a directory, a copy of a file with sendfile(2)
   (dedup), and file descriptors held open across operations (pwrite, pread, ftruncate,
   fsync through them while their file is renamed or unlinked, so the writeback tick
@@ -17,14 +18,25 @@ Threads, all started together on one mount of a volume with 64 KiB chunks:
   then on the mount; the outcome (return value, or errno) must be the same. Every 100
   operations a worker compares its whole subtree with its model while the other
   threads keep going.
-- **A writer and a reader sharing files** (``shared/``, outside the subtrees): the
-  writer writes whole aligned 4 KiB blocks (O_DIRECT, 1 to 4 blocks at a time, so
-  writes cross chunk slots) whose every byte is determined by (file, block number,
-  version), and fsyncs; it records, under a lock, the version of every block as of
-  its last completed fsync. The reader reads runs of blocks (O_DIRECT or through the
-  page cache) and checks that each block is well formed (never torn inside a block)
-  and that its version is at least the version fsynced before the read began (never
-  older than fsynced data) and at most the last one the writer started.
+- **A writer, a syncer and a reader sharing files** (``shared/``, outside the
+  subtrees): the writer writes whole aligned 4 KiB blocks (O_DIRECT, 1 to 4 blocks at
+  a time, so writes cross chunk slots) whose every byte is determined by (file, block
+  number, version), and fsyncs now and then; the syncer fsyncs the same files through
+  handles of its own while the writer writes on (the kernel serializes a file's fsync
+  with its writes, so this overlaps a file's fsync with writes from the other thread
+  right before and after it). One file (s0) is never fsynced before the end: the
+  writer closes and reopens it often, and the engine's own writeback writes it back
+  while it is being written. Both record, under a lock, the version of every block as
+  of each completed fsync. The reader reads runs of blocks (O_DIRECT, or through the
+  page cache) and checks that each block is well formed (never torn inside a block),
+  that its version is at least the one fsynced before the read began (never older
+  than fsynced data) and at least the one whose write had returned before the read
+  began (POSIX read-after-write), and at most the last one the writer started.
+
+The mount's writeback timer runs every 0.1 s and writes back open files' buffers once
+they are 0.2 s old (``CASFS_WRITEBACK_INTERVAL_S``, ``CASFS_WRITEBACK_AGE_S``; defaults
+0.5 s and 5 s), so that the engine's own writeback overlaps with the threads' writes to
+the very files it writes back.
 
 At the end: every subtree is compared with its model byte-exact (names, types, modes,
 link counts and hard-link grouping, sizes, contents read through the page cache and
@@ -71,7 +83,8 @@ import pytest
 
 from tests.conftest import CasEnv
 from tests.test_posix_details import data_bytes_mismatches
-from tests.test_posix_model import compare_trees, errname, mount_log, read_direct
+from tests.test_posix_model import (RENAME_EXCHANGE, RENAME_NOREPLACE, compare_trees, errname, mount_log,
+                                    read_direct, renameat2)
 from tests.treeutil import unique_chunk_bytes
 
 pytestmark = [
@@ -289,7 +302,8 @@ class Worker:
             (5, self.op_unlink), (5, self.op_mkdir), (3, self.op_rmdir), (4, self.op_link),
             (3, self.op_symlink), (3, self.op_chmod), (3, self.op_utime), (3, self.op_setxattr),
             (3, self.op_getxattr), (1, self.op_removexattr), (4, self.op_fsync), (3, self.op_copy),
-            (3, self.op_open_held), (6, self.op_held_io), (2, self.op_close_held),
+            (3, self.op_open_held), (6, self.op_held_io), (2, self.op_close_held), (1, self.op_stream),
+            (2, self.op_mmap_write),
         ]
         weights = [w for w, _ in ops]
         try:
@@ -399,7 +413,51 @@ class Worker:
     def op_rename(self, i: int) -> None:
         src = self.existing(prefer=self.rng.choice([stat.S_IFREG, stat.S_IFDIR, None]))
         dst = self.any_path()
-        self.both(i, f"rename {src} -> {dst}", lambda root, side: os.rename(root / src, root / dst))
+        how = self.rng.choices(["rename", "NOREPLACE", "EXCHANGE"], [6, 1, 1])[0]
+
+        def op(root: Path, side: int) -> None:
+            if how == "rename":
+                os.rename(root / src, root / dst)
+            else:
+                renameat2(root / src, root / dst, RENAME_NOREPLACE if how == "NOREPLACE" else RENAME_EXCHANGE)
+        self.both(i, f"rename {src} -> {dst}{'' if how == 'rename' else ' ' + how}", op)
+
+    def op_stream(self, i: int) -> None:
+        """Write 1 MiB sequentially in 128 KiB writes through one handle (a writer that
+        keeps going while earlier slots are written back), then read it back."""
+        path, start = self.any_path(), self.rng.choice([0, CS, 100])
+        payload = self.rng.randbytes(16 * CS)
+
+        def op(root: Path, side: int) -> bytes:
+            fd = os.open(root / path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                for k in range(0, len(payload), 2 * CS):
+                    os.pwrite(fd, payload[k:k + 2 * CS], start + k)
+                return os.pread(fd, len(payload), start)
+            finally:
+                os.close(fd)
+        self.both(i, f"stream {path} 1 MiB from {start}", op)
+
+    def op_mmap_write(self, i: int) -> None:
+        """Store through a shared writable mapping (FUSE writepage from the kernel's
+        writeback), msync, unmap."""
+        path, off, payload = self.existing(), self.offset(), self.data(self.length())
+
+        def op(root: Path, side: int) -> int:
+            fd = os.open(root / path, os.O_RDWR)
+            try:
+                size = os.fstat(fd).st_size
+                if size == 0:
+                    return 0
+                start = min(off, size - 1)
+                piece = payload[:size - start]
+                with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as m:
+                    m[start:start + len(piece)] = piece
+                    m.flush()
+                return len(piece)
+            finally:
+                os.close(fd)
+        self.both(i, f"mmap-write {path} at {off} up to {len(payload)} bytes {payload[:6]!r}", op)
 
     def op_unlink(self, i: int) -> None:
         path = self.existing(prefer=self.rng.choice([stat.S_IFREG, stat.S_IFLNK]))
