@@ -70,6 +70,7 @@ import random
 import re
 import shlex
 import shutil
+import signal
 import stat
 import threading
 import time
@@ -96,7 +97,7 @@ pytestmark = [
 CS = 64 * 1024                      # chunk size of the volume under test
 OPS = int(os.environ.get("CASFS_STRESS_OPS", "400"))            # operations per thread
 WORKERS = int(os.environ.get("CASFS_STRESS_WORKERS", "4"))
-TIMEOUT = float(os.environ.get("CASFS_STRESS_TIMEOUT", "600"))  # s one operation may take
+TIMEOUT = float(os.environ.get("CASFS_STRESS_TIMEOUT", "300"))  # s one operation may take
 MOUNT_ARGS = shlex.split(os.environ.get("CASFS_STRESS_MOUNT_ARGS", ""))
 # the mount's writeback timer (default 0.5 s) and the age at which it writes back an open
 # file's buffers (default 5 s), shortened so that the engine's own writeback overlaps
@@ -889,7 +890,32 @@ def write_logs(run: Run, dest: Path) -> list[Path]:
     return paths + [p]
 
 
-def report(run: Run, casenv: CasEnv, volume: str, logs: list[Path]) -> str:
+def daemon_threads(pid: int) -> str:
+    """The kernel wait channel of each thread of process ``pid`` (where a hang sits)."""
+    lines = []
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        try:
+            lines.append(f"  {(task / 'comm').read_text().strip()}: {(task / 'wchan').read_text().strip() or '-'}")
+        except OSError:
+            pass
+    return "\n".join(lines)
+
+
+def abort_hung_mount(casenv: CasEnv, mp: Path) -> str:
+    """SIGKILL the daemon of a hung mount, by its pid: the requests it left unanswered
+    fail (ECONNABORTED), so the stuck threads return and the fixtures can unmount (a
+    process that closes a file of a hung FUSE mount, e.g. a child forked to run
+    `casfs umount`, waits forever). Returns what it did, for the failure message."""
+    try:
+        pid = casenv.daemon_pid(mp)
+    except (OSError, ValueError, KeyError) as e:
+        return f"could not find the daemon's pid ({e}): the mount stays hung"
+    threads = daemon_threads(pid)
+    os.kill(pid, signal.SIGKILL)
+    return f"the daemon's threads (kernel wait channels):\n{threads}\nkilled the hung daemon (pid {pid})"
+
+
+def report(run: Run, casenv: CasEnv, volume: str, logs: list[Path], mp: Path) -> str:
     out = [f"stress run with seed {run.seed} failed (replay: CASFS_STRESS_SEED={run.seed} "
            f"CASFS_STRESS_OPS={OPS} CASFS_STRESS_WORKERS={WORKERS} pytest tests/test_stress.py)"]
     if run.hung:
@@ -900,8 +926,11 @@ def report(run: Run, casenv: CasEnv, volume: str, logs: list[Path]) -> str:
         log = next(lg for lg in run.logs if lg.name == name)
         out.append(f"last operations of {name} (start time in s, thread, op number, operation -> outcome):")
         out.append(log.tail())
-    out.append("operation logs: " + " ".join(str(p) for p in logs))
+    if logs:
+        out.append("operation logs: " + " ".join(str(p) for p in logs))
     out.append("--- mount log tail ---\n" + mount_log(casenv, volume))
+    if run.hung:
+        out.append(abort_hung_mount(casenv, mp))
     return "\n".join(out)
 
 
@@ -920,6 +949,20 @@ def model_figures(roots: list[Path]) -> tuple[int, int]:
     return files, size
 
 
+def guarded(what: str, fn: Callable[[], None], seed: int, casenv: CasEnv, mp: Path) -> None:
+    """``fn()`` in a thread of its own, so that a mount that hangs is reported (after
+    TIMEOUT seconds) instead of hanging the test; fails the test if ``fn`` fails."""
+    log = Log(what.split()[0], time.monotonic())
+
+    def body() -> None:
+        log.begin(0, what)
+        fn()
+        log.end("done")
+    run = run_threads([(log, body)], threading.Event(), seed)
+    if run.failures or run.hung:
+        pytest.fail(report(run, casenv, "stress", [], mp), pytrace=False)
+
+
 # -- the test -------------------------------------------------------------------------------
 
 def test_concurrent_random_operations_on_one_mount(casenv: CasEnv, tmp_path: Path) -> None:
@@ -936,13 +979,15 @@ def test_concurrent_random_operations_on_one_mount(casenv: CasEnv, tmp_path: Pat
     stop = threading.Event()
     t0 = time.monotonic()
     chunks = palette(seed)
-    workers = []
-    for k in range(WORKERS):
-        (model / f"w{k}").mkdir()
-        (mp / f"w{k}").mkdir()
-        workers.append(Worker(k, seed, model / f"w{k}", mp / f"w{k}", chunks, stop, t0))
+    workers = [Worker(k, seed, model / f"w{k}", mp / f"w{k}", chunks, stop, t0) for k in range(WORKERS)]
     sh = Shared()
-    setup_shared(mp, sh)
+
+    def setup() -> None:
+        for w in workers:
+            for root in w.roots:
+                root.mkdir()
+        setup_shared(mp, sh)
+    guarded("make the subtrees and the shared files", setup, seed, casenv, mp)
     wlog, rlog, slog = Log("writer", t0), Log("reader", t0), Log("syncer", t0)
     writer_done = threading.Event()
 
@@ -959,7 +1004,7 @@ def test_concurrent_random_operations_on_one_mount(casenv: CasEnv, tmp_path: Pat
     elapsed = time.monotonic() - t0
     logs = write_logs(run, tmp_path)
     if run.failures or run.hung:
-        pytest.fail(report(run, casenv, "stress", logs), pytrace=False)
+        pytest.fail(report(run, casenv, "stress", logs, mp), pytrace=False)
     outcomes: dict[str, int] = {}
     for w in workers:
         for key, n in w.outcomes.items():
@@ -967,12 +1012,14 @@ def test_concurrent_random_operations_on_one_mount(casenv: CasEnv, tmp_path: Pat
     print(f"threads done in {elapsed:.1f} s; operations (outcome): {dict(sorted(outcomes.items()))}")
 
     def check_all(context: str) -> None:
-        try:
-            for k in range(WORKERS):
-                compare_trees(model / f"w{k}", mp / f"w{k}", context=f" (w{k}{context})")
-            check_shared(mp, sh, context)
-        except AssertionError as e:
-            pytest.fail(f"seed {seed}: {e}\noperation logs: {' '.join(map(str, logs))}", pytrace=False)
+        def check() -> None:
+            try:
+                for k in range(WORKERS):
+                    compare_trees(model / f"w{k}", mp / f"w{k}", context=f" (w{k}{context})")
+                check_shared(mp, sh, context)
+            except AssertionError as e:
+                raise Mismatch(f"{e}\noperation logs: {' '.join(map(str, logs))}") from None
+        guarded(f"compare everything{context}", check, seed, casenv, mp)
 
     check_all(", all threads done")
     casenv.umount(mp)
