@@ -35,6 +35,8 @@ WRITEBACK_INTERVAL_S = 0.5   # how often released files are committed (in one tr
 if "CASFS_WRITEBACK_INTERVAL_S" in os.environ:  # tests: hold a group open (tests/test_dbsup.py)
     WRITEBACK_INTERVAL_S = float(os.environ["CASFS_WRITEBACK_INTERVAL_S"])
 WRITEBACK_AGE_S = 5.0        # an open file's dirty buffer older than this is committed too
+if "CASFS_WRITEBACK_AGE_S" in os.environ:  # tests: write back open files while they are written (tests/test_stress.py)
+    WRITEBACK_AGE_S = float(os.environ["CASFS_WRITEBACK_AGE_S"])
 # run/stats.json (the live counters of `casfs stats` and `casfs stats --watch`) is rewritten
 # when a counter changed, at most every STATS_INTERVAL_S; the counters are looked at every
 # STATS_POLL_S, so the file is never older than the mount's state by more than
