@@ -1,6 +1,6 @@
 -- casfs metadata schema: the single source of truth.
 -- Loaded by `casfs init` into the volume's database. Statements end with ';' at end of line.
--- Bump schema_version (and cas/meta.py SCHEMA_VERSION) on any change; casfs refuses a
+-- Bump schema_version (and cas/db/database.py SCHEMA_VERSION) on any change; casfs refuses a
 -- database whose version differs.
 
 CREATE TABLE meta (
@@ -46,7 +46,7 @@ CREATE TABLE symlinks (
     target VARBINARY(4096) NOT NULL
 ) ENGINE=InnoDB;
 
--- name_idx: `casfs find --xattr KEY[=VALUE]` over the whole volume (cas/find.py) reads
+-- name_idx: `casfs find --xattr KEY[=VALUE]` over the whole volume (cas/maint/find.py) reads
 -- the inodes holding an attribute from it instead of scanning the table (needs the schema
 -- migration that adds it: ALTER TABLE xattrs ADD KEY name_idx (name, value(64))).
 CREATE TABLE xattrs (
@@ -87,7 +87,7 @@ CREATE TABLE manifests (
     KEY chunk_idx (chunk)
 ) ENGINE=InnoDB;
 
--- The cloud tier (cas/cloud.py, docs/cloud.md). A pack is one object in the cloud store
+-- The cloud tier (cas/tier/cloud.py, docs/cloud.md). A pack is one object in the cloud store
 -- (a Drive file) holding chunk envelopes back to back. name is chosen before the upload
 -- starts (so a crash leaves a recognisable object); object_id is the store's id once
 -- the upload is confirmed (size, md5 and sha256 compared). An 'uploading' pack is owned
@@ -131,7 +131,7 @@ CREATE TABLE upload_queue (
     KEY pack_idx (pack, queued)
 ) ENGINE=InnoDB;
 
--- Metadata snapshots on the cloud store (cas/snapshot.py, docs/backup.md): the packs
+-- Metadata snapshots on the cloud store (cas/tier/snapshot.py, docs/backup.md): the packs
 -- (by name, as on the store) that each snapshot generation still kept on the store names.
 -- gc never deletes or rewrites a pack named here; retention deletes a generation's rows
 -- after deleting its snapshot object.

@@ -6,9 +6,9 @@ metric families when /metrics is scraped (docs/monitoring.md). Updating one cost
 bisect and two additions, so they stay on in every process.
 
 :data:`MYSQL_TX` (the latency of every metadata transaction), :data:`MYSQL_COMMIT` (of
-every group COMMIT, cas.meta.Database.start_group_commit) and
+every group COMMIT, cas.db.database.Database.start_group_commit) and
 :data:`MYSQL_RETRIES` (transactions run again after a deadlock, MySQL error 1213, or a
-lock wait timeout, 1205) are per process: every :class:`cas.meta.Database` of the
+lock wait timeout, 1205) are per process: every :class:`cas.db.database.Database` of the
 process adds to them, whatever thread it runs on.
 """
 from __future__ import annotations

@@ -24,8 +24,8 @@ import pyfuse3
 import trio
 
 from cas.errors import CasError
-from cas.fs import Filesystem
-from cas.volume import write_private
+from cas.engine.fs import Filesystem
+from cas.config.volume import write_private
 
 from .observe import Observer
 from .operations import CasOperations, offload
@@ -47,7 +47,7 @@ STATS_FILE = "stats.json"
 SYNC_REQUEST = "sync.request"   # token of the last commit request of `casfs umount`
 SYNC_STATUS = "sync.json"       # the daemon's answer to it
 SYNC_SIGNAL = signal.SIGUSR1
-AUDIT_FLUSH_S = 1.0          # how often buffered audit log lines are written (cas/audit.py)
+AUDIT_FLUSH_S = 1.0          # how often buffered audit log lines are written (cas/config/audit.py)
 
 
 def answer_sync(fs: Filesystem) -> dict[str, object]:

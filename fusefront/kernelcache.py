@@ -11,7 +11,7 @@ from collections import OrderedDict
 import pyfuse3
 
 from cas.errors import InvalidArgument
-from cas.fs import Attr
+from cas.engine.fs import Attr
 
 PAGE_GUARD_ENTRIES = 50_000    # inodes whose last-seen (size, mtime) is remembered
 LISTING_ENTRIES = 30_000       # directory entries kept by _Listings, all directories together

@@ -25,14 +25,14 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from cas.counters import MYSQL_COMMIT, MYSQL_RETRIES, MYSQL_TX, HistogramSnapshot
 from cas.errors import CasError
-from cas.fs import Filesystem
-from cas.meta import Database
+from cas.engine.fs import Filesystem
+from cas.db.database import Database
 
 from .observe import HANDLERS, Observer
 
 log = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
-#: the labels of casfs_drive_errors_total (cas.cloud.error_kind), exported from 0
+#: the labels of casfs_drive_errors_total (cas.tier.cloud.error_kind), exported from 0
 DRIVE_ERROR_KINDS = ("daily_limit", "try_again", "credentials", "not_found", "store", "database", "other")
 SNAPSHOT_KEY = "snapshot_confirmed_at"   # meta key: UTC "%Y-%m-%d %H:%M:%S" of the last snapshot
 #: seconds a scrape reuses the local store's byte count (a scan of the chunks table:
@@ -129,7 +129,7 @@ class CasCollector(Collector):
         fs, ob = self.fs, self.observer
         # read before the written-back counters: a writeback adds to those before it
         # takes its bytes off the dirty total, so dirty + written back never dips
-        # bytes written (cas.fs.Filesystem's counter, also run/stats.json's) first: it
+        # bytes written (cas.engine.fs.Filesystem's counter, also run/stats.json's) first: it
         # grows after the dirty total it adds to, so read before it, it never
         # exceeds dirty + written back
         written = fs.bytes_written

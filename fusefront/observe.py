@@ -9,7 +9,7 @@ request names, resolved just before it runs. Two consumers read what the hook ta
 * the metrics (fusefront/metrics.py): a latency histogram and error counts per
   operation (bytes read and written are the engine's counters,
   ``Filesystem.bytes_read``/``bytes_written``, which run/stats.json shows too);
-* the audit log (cas/audit.py): one JSON line per request of the chosen level.
+* the audit log (cas/config/audit.py): one JSON line per request of the chosen level.
 
 With metrics and the audit log both off nothing is installed: the handlers are the
 class's own, and the hook costs nothing. With only the audit log at ``changes``, only
@@ -23,7 +23,7 @@ from a RAM map inode -> (parent inode, name) that the hook keeps up to date from
 requests it sees (lookup, mkdir, mknod, symlink, create and link add names; rename moves
 one; unlink and rmdir drop one), so an open, setattr, read or write of a known inode
 runs no query; an inode not in the map is found through its dentry
-(:meth:`cas.fs.Filesystem.dentry_of`, one indexed query per unknown level) and
+(:meth:`cas.engine.fs.Filesystem.dentry_of`, one indexed query per unknown level) and
 remembered. The walk to the root is a loop capped at MAX_DEPTH levels (a deeper path,
 or a loop in damaged metadata, gives ``null``), ``null`` also when the inode has no
 name left. docs/monitoring.md describes the records.
@@ -43,11 +43,11 @@ from typing import Any
 
 import pyfuse3
 
-from cas.audit import ALL, CHANGES, LOGGER, OFF
+from cas.config.audit import ALL, CHANGES, LOGGER, OFF
 from cas.counters import Histogram
 from cas.errors import CasError
-from cas.fs import RENAME_EXCHANGE, Filesystem
-from cas.meta import ROOT_INODE
+from cas.engine.fs import RENAME_EXCHANGE, Filesystem
+from cas.db.database import ROOT_INODE
 
 audit_log = logging.getLogger(LOGGER)
 
@@ -85,7 +85,7 @@ def errno_name(code: int) -> str | int:
 
 class Observer:
     """What the hook collects for one mount. ``metrics``: keep latency and error counts;
-    ``audit_level``: cas.audit.OFF, CHANGES or ALL. Everything runs on the trio loop
+    ``audit_level``: cas.config.audit.OFF, CHANGES or ALL. Everything runs on the trio loop
     thread; the metrics collector reads the counters from its own thread (plain ints
     and :class:`cas.counters.Histogram`, safe to read there)."""
 
@@ -168,7 +168,7 @@ class Observer:
                                               op, exc, exc_info=exc)
 
     def _count(self, op: str, code: int, result: Any) -> None:
-        if code:   # bytes read and written: cas.fs.Filesystem counts them (one set for stats.json and /metrics)
+        if code:   # bytes read and written: cas.engine.fs.Filesystem counts them (one set for stats.json and /metrics)
             key = (op, str(errno_name(code)))
             self.errors[key] = self.errors.get(key, 0) + 1
 

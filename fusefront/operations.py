@@ -1,6 +1,6 @@
 """The pyfuse3 Operations of casfs: check arguments, call the engine, map errors.
 
-This layer only translates between the FUSE protocol and :class:`cas.fs.Filesystem`.
+This layer only translates between the FUSE protocol and :class:`cas.engine.fs.Filesystem`.
 Engine errors become ``FUSEError(errno)`` in one place (:func:`_translate`); anything
 unexpected is logged and reported as EIO. File handles are inode numbers: the engine
 keeps one open count per inode.
@@ -48,7 +48,7 @@ import pyfuse3
 import trio
 
 from cas.errors import CasError, FsError, NoData, NotFound
-from cas.fs import Attr, Filesystem
+from cas.engine.fs import Attr, Filesystem
 
 from .acl import ACL_DEFAULT, acl_chmod, acl_create
 from .kernelcache import Listings, PageCacheGuard, acl_mode
@@ -135,7 +135,7 @@ def entry(attr: Attr, blksize: int) -> pyfuse3.EntryAttributes:
 
 
 class CasOperations(pyfuse3.Operations):
-    """FUSE request handlers for one mounted :class:`~cas.fs.Filesystem`.
+    """FUSE request handlers for one mounted :class:`~cas.engine.fs.Filesystem`.
 
     ``writeback_cache`` asks the kernel for writeback caching (FUSE_WRITEBACK_CACHE):
     writes collect in the page cache and reach the engine at close, fsync or background

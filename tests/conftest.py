@@ -23,9 +23,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cas.server import EmbeddedServer, pid_running  # noqa: E402
+from cas.db.server import EmbeddedServer, pid_running  # noqa: E402
 from fusefront.mountpoint import find_mount, is_dead_mount  # noqa: E402
-from tools.mountcmd import registry_file  # noqa: E402
+from tools.cli.mountcmd import registry_file  # noqa: E402
 from tests.drivesim_fixture import drive_sim  # noqa: E402,F401 - the Drive test server fixture
 
 _db_counter = itertools.count()

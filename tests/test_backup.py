@@ -196,7 +196,7 @@ def test_total_loss_of_an_encrypted_volume_restores_with_the_passphrase(
         casenv: CasEnv, drive_sim: DriveSim) -> None:
     import pymysql
 
-    from cas.keys import BLOB_MAGIC
+    from cas.config.keys import BLOB_MAGIC
     from tests.test_encryption import PASS, init_encrypted
     casenv.env["CASFS_PASSPHRASE"] = PASS
     db = init_encrypted(casenv)

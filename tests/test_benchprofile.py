@@ -1,5 +1,5 @@
 """``python -m tools.bench --profile``: py-spy attached to a real casfs mount daemon per
-row (tools/benchprofile.py), and the classification of its stacks (docs/performance.md).
+row (tools/bench/profiling.py), and the classification of its stacks (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tools.bench import child_env
-from tools.benchprofile import (CASFS, CHUNK_IO, COMPRESS, FUSE, HASH, IDLE, MYSQL, SYNC, WAIT_GIL,
+from tools.bench.profiling import (CASFS, CHUNK_IO, COMPRESS, FUSE, HASH, IDLE, MYSQL, SYNC, WAIT_GIL,
                                 WAIT_LOCK, WAIT_WORKERS, RowProfile, classify, find_py_spy, parse_raw,
                                 summarize)
 
@@ -21,13 +21,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 ROWS = ("write_new", "write_dup", "read_cold", "create", "copy", "lsr_cold", "readall_cold")
 
 # the root of every stack of the daemon's main thread, as py-spy --native records it
-_LOOP = ("0x7fab91a4524a (libc.so.6);_run_module_as_main (<frozen runpy>:198);mount (tools/mountcmd.py:397);"
-         "run_daemon (tools/mountcmd.py:351);serve (fusefront/daemon.py:179);")
+_LOOP = ("0x7fab91a4524a (libc.so.6);_run_module_as_main (<frozen runpy>:198);mount (tools/cli/mountcmd.py:397);"
+         "run_daemon (tools/cli/mountcmd.py:351);serve (fusefront/daemon.py:179);")
 _HANDLER = (_LOOP + "run (trio/_core/_run.py:2532);unrolled_run (trio/_core/_run.py:2866);"
             "async_wrapper.<locals>.wrapper (_pyfuse3.py:58);__pyx_gb_7pyfuse3_44generator14 (handlers.pxi:519);"
             "_translate.<locals>.wrapper (fusefront/operations.py:93);CasOperations.write (fusefront/operations.py:313);"
-            "_locked.<locals>.wrapper (cas/fs.py:112);Filesystem.write (cas/fs.py:793);"
-            "FileData.flush (cas/filedata.py:452);FileData._flush_many (cas/filedata.py:523);")
+            "_locked.<locals>.wrapper (cas/engine/fs.py:112);Filesystem.write (cas/engine/fs.py:793);"
+            "FileData.flush (cas/engine/filedata.py:452);FileData._flush_many (cas/engine/filedata.py:523);")
 _WORKER = ("0x7fab91a4524a (libc.so.6);thread_run (libpython3.11.so.1.0);Thread._bootstrap (threading.py:1002);"
            "Thread.run (threading.py:982);_worker (concurrent/futures/thread.py:83);"
            "_WorkItem.run (concurrent/futures/thread.py:58);")
@@ -36,32 +36,32 @@ _WORKER = ("0x7fab91a4524a (libc.so.6);thread_run (libpython3.11.so.1.0);Thread.
 @pytest.mark.parametrize("frames, loop, want", [
     (_LOOP + "run (trio/_core/_run.py:2535);EpollIOManager.get_events (trio/_core/_io_epoll.py:243);"
      "select_epoll_poll (selectmodule.c.h:841);epoll_wait (libc.so.6)", True, IDLE),
-    (_HANDLER + "ChunkManager.store_unknown (cas/chunks.py:295);LocalStore.put_many (cas/store.py:89);"
+    (_HANDLER + "ChunkManager.store_unknown (cas/chunk/manager.py:295);LocalStore.put_many (cas/chunk/store.py:89);"
      "Future.result (concurrent/futures/_base.py:451);Condition.wait (threading.py:327);"
      "lock_PyThread_acquire_lock (libpython3.11.so.1.0);PyThread_acquire_lock_timed (libpython3.11.so.1.0);"
      "0x7fab91aaed90 (libc.so.6)", True, WAIT_WORKERS),
-    (_HANDLER + "ChunkManager.store_unknown (cas/chunks.py:295);LocalStore.put_many (cas/store.py:94);"
-     "LocalStore._sync (cas/store.py:100);PyCFuncPtr_call (_ctypes.c:4201);ffi_call (libffi.so.8.1.2);"
+    (_HANDLER + "ChunkManager.store_unknown (cas/chunk/manager.py:295);LocalStore.put_many (cas/chunk/store.py:94);"
+     "LocalStore._sync (cas/chunk/store.py:100);PyCFuncPtr_call (_ctypes.c:4201);ffi_call (libffi.so.8.1.2);"
      "syncfs (libc.so.6)", True, SYNC),
-    (_HANDLER + "Database.transaction (cas/meta.py:361);Cursor.execute (pymysql/cursors.py:170);"
+    (_HANDLER + "Database.transaction (cas/db/database.py:361);Cursor.execute (pymysql/cursors.py:170);"
      "Connection._read_packet (pymysql/connections.py:789);sock_recv_into (socketmodule.c:1)", True, MYSQL),
     (_LOOP + "run (trio/_core/_run.py:2532);unrolled_run (trio/_core/_run.py:2866);"
      "__pyx_gb_7pyfuse3_44generator14 (handlers.pxi:523);fuse_reply_write (libfuse3.so.3.14.0);"
      "0x7fab8f7d7166 (libfuse3.so.3.14.0);writev (libc.so.6)", True, FUSE),
     (_LOOP + "run (trio/_core/_run.py:2532);unrolled_run (trio/_core/_run.py:2866);"
      "_translate.<locals>.wrapper (fusefront/operations.py:93);CasOperations.getattr (fusefront/operations.py:171);"
-     "_locked.<locals>.wrapper (cas/fs.py:112);rlock_acquire (_threadmodule.c:1);0x7fab91aaed90 (libc.so.6)",
+     "_locked.<locals>.wrapper (cas/engine/fs.py:112);rlock_acquire (_threadmodule.c:1);0x7fab91aaed90 (libc.so.6)",
      True, WAIT_LOCK),
-    (_HANDLER + "FileData._flush_many (cas/filedata.py:520)", True, CASFS),
-    (_WORKER + "ChunkManager.store_unknown.<locals>.<lambda> (cas/chunks.py:294);ChunkCodec.seal (cas/envelope.py:191);"
-     "_compress (cas/envelope.py:97);ZstdCompressor_compress (compressor.c:554);ZSTD_compressStream2 (zstd.c:29494);"
+    (_HANDLER + "FileData._flush_many (cas/engine/filedata.py:520)", True, CASFS),
+    (_WORKER + "ChunkManager.store_unknown.<locals>.<lambda> (cas/chunk/manager.py:294);ChunkCodec.seal (cas/chunk/envelope.py:191);"
+     "_compress (cas/chunk/envelope.py:97);ZstdCompressor_compress (compressor.c:554);ZSTD_compressStream2 (zstd.c:29494);"
      "0x7fab8f7d7166 (libzstd.so)", False, COMPRESS),
-    (_WORKER + "ChunkCodec.chunk_id (cas/envelope.py:181);_hashlib_openssl_sha256 (_hashopenssl.c.h:427);"
+    (_WORKER + "ChunkCodec.chunk_id (cas/chunk/envelope.py:181);_hashlib_openssl_sha256 (_hashopenssl.c.h:427);"
      "EVP_hash (_hashopenssl.c:442);SHA256_Update (libcrypto.so.3)", False, HASH),
-    (_WORKER + "ChunkCodec.chunk_id (cas/envelope.py:181);_hashlib_openssl_sha256 (_hashopenssl.c.h:427);"
+    (_WORKER + "ChunkCodec.chunk_id (cas/chunk/envelope.py:181);_hashlib_openssl_sha256 (_hashopenssl.c.h:427);"
      "py_evp_fromname (_hashopenssl.c:907);pthread_cond_timedwait (libc.so.6);0x7fab91aa3f16 (libc.so.6)",
      False, WAIT_GIL),
-    (_WORKER + "LocalStore._put_one (cas/store.py:116);os_write (libpython3.11.so.1.0);write (libc.so.6)",
+    (_WORKER + "LocalStore._put_one (cas/chunk/store.py:116);os_write (libpython3.11.so.1.0);write (libc.so.6)",
      False, CHUNK_IO),
     ("0x7fab91a4524a (libc.so.6);thread_run (libpython3.11.so.1.0);Thread.run (threading.py:982);"
      "_worker (concurrent/futures/thread.py:81);_queue_SimpleQueue_get (_queuemodule.c.h:177);"

@@ -22,8 +22,8 @@ from typing import Any
 import pymysql
 import pytest
 
-from cas.meta import SCHEMA_VERSION, parse_meta_url
-from cas.server import EmbeddedServer, pid_running
+from cas.db.database import SCHEMA_VERSION, parse_meta_url
+from cas.db.server import EmbeddedServer, pid_running
 from fusefront.mountpoint import find_mount, is_dead_mount
 
 from .conftest import CasEnv

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from cas.server import pid_running
+from cas.db.server import pid_running
 from tests.conftest import CasEnv
 from tests.treeutil import snapshot_stdlib
 

@@ -1,5 +1,5 @@
 """kill -9 of a volume's embedded MariaDB server during a copy: the mount recovers by
-itself (cas.server.ServerSupervisor restarts the server, cas.meta.Database waits for it
+itself (cas.db.server.ServerSupervisor restarts the server, cas.db.database.Database waits for it
 and reconnects), without a remount, and loses no fsync'd byte (docs/database.md)."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pymysql
 
-from cas.server import EmbeddedServer, pid_running
+from cas.db.server import EmbeddedServer, pid_running
 from fusefront.mountpoint import find_mount
 from tests.conftest import CasEnv
 from tests.waiting import wait_for

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import tomli_w
 
-from cas.meta import connect
-from cas.volume import open_volume
+from cas.db.database import connect
+from cas.config.volume import open_volume
 from tests.conftest import CasEnv
 from tests.test_drive import drained, fsync_tree, stats
 from tests.waiting import wait_for

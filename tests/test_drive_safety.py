@@ -127,8 +127,8 @@ def test_failed_upload_and_failed_recovery_are_retried_until_the_queue_drains(
 
 
 def test_a_mount_recovers_a_pack_whose_lease_expires_while_it_runs(casenv: CasEnv, drive_sim: DriveSim) -> None:
-    from cas.meta import connect
-    from cas.volume import open_volume
+    from cas.db.database import connect
+    from cas.config.volume import open_volume
     auth(casenv, drive_sim, "vol", "--pack-size", "64MiB", "--pack-age", "3600")   # the mount waits
     mp = casenv.mount("vol")
     (mp / "f").write_bytes(os.urandom(3 * CHUNK))
@@ -229,8 +229,8 @@ def test_daily_cap_is_told_by_reason_push_names_it_and_a_remount_is_not_stale_pa
 
 def test_restore_skips_a_pack_drive_will_not_give_reports_it_and_counts_cloud_only_chunks(
         casenv: CasEnv, drive_sim: DriveSim) -> None:
-    from cas.meta import connect
-    from cas.volume import open_volume
+    from cas.db.database import connect
+    from cas.config.volume import open_volume
     mp, src = uploaded_tree(casenv, drive_sim, seed=31, files=16)
     evict_all(casenv, mp)
     casenv.umount(mp)
@@ -266,8 +266,8 @@ def test_fsck_cloud_finds_missing_and_damaged_packs_and_names_the_files(
     import hashlib
     import urllib.request
 
-    from cas.meta import connect
-    from cas.volume import open_volume
+    from cas.db.database import connect
+    from cas.config.volume import open_volume
     mp, src = uploaded_tree(casenv, drive_sim, seed=41, files=16)
     out = casenv.run("fsck", "--cloud", "vol").stdout
     assert "0 missing or different" in out

@@ -22,7 +22,7 @@ import pytest
 from googleapiclient.errors import HttpError
 from googleapiclient.http import MediaIoBaseUpload
 
-from cas.drive import DriveObjectStore, build_service, ensure_folder
+from cas.tier.drive import DriveObjectStore, build_service, ensure_folder
 from tests.drivesim_fixture import drive_sim  # noqa: F401  (fixture)
 from tools.drivesim import CHUNK_ALIGN, FOLDER_MIME, DriveSim
 

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import pytest
 
-from cas.server import pid_running
+from cas.db.server import pid_running
 from fusefront.mountpoint import find_mount, is_dead_mount
-from cas.store import fsync_dir
+from cas.chunk.store import fsync_dir
 from tests.conftest import CasEnv
 from tests.waiting import wait_for
 

@@ -181,7 +181,7 @@ def test_wrong_passphrase_passwd_key_file_and_a_damaged_chunk(casenv: CasEnv) ->
     assert toml.read_bytes() == before
     events = audit_lines(casenv)
     assert len(events) == 2 and all("op=unlock result=EACCES volume=vol" in ln for ln in events)
-    # ... and in the volume's audit log (cas/audit.py), one JSON line each
+    # ... and in the volume's audit log (cas/config/audit.py), one JSON line each
     records = [json.loads(ln) for ln in (casenv.data_home / "vol" / "log" / "audit.jsonl").read_text().splitlines()]
     unlocks = [r for r in records if r.get("op") == "unlock"]
     assert len(unlocks) == 2 and all(r["result"] == "EACCES" and r["uid"] == os.getuid() for r in unlocks)

@@ -18,7 +18,7 @@ from tests.conftest import CasEnv
 from tests.test_drive import drained, fsync_tree, setup_volume, stats
 from tests.waiting import wait_for
 from tools.drivesim import DriveSim
-from tools.mountcmd import commit_before_unmount
+from tools.cli.mountcmd import commit_before_unmount
 
 CHUNK = 64 * 1024
 DAY = 86400

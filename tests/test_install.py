@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from cas.server import pid_running
+from cas.db.server import pid_running
 from fusefront.mountpoint import find_mount
 from tests.conftest import ROOT, CasEnv
 from tests.waiting import wait_exit, wait_for
@@ -87,12 +87,12 @@ def test_wheel_installs_inits_and_mounts(casenv: CasEnv, wheel_venv: Path) -> No
     env = _env(casenv)
     cwd = wheel_venv.parent  # not the repository
     r = _run([str(wheel_venv / "python"), "-c",
-              "import cas.meta, tools.cli, tools.cachebench as c; "
-              "print(cas.meta.__file__); print(cas.meta.SCHEMA_FILE.read_text()[:2]); "
-              "print(c.STDLIB_TRACE.is_file())"], cwd=cwd, env=env)
-    where, head, trace = r.stdout.split("\n")[:3]
+              "import importlib.util as u, cas.db.database, tools.cli; "
+              "print(cas.db.database.__file__); print(cas.db.database.SCHEMA_FILE.read_text()[:2]); "
+              "print([m for m in ('tools.bench', 'tools.drivesim') if u.find_spec(m)])"], cwd=cwd, env=env)
+    where, head, left_out = r.stdout.split("\n")[:3]
     assert where.startswith(str(wheel_venv.parent)), where  # the wheel's code, not the repository's
-    assert head == "--" and trace == "True"
+    assert head == "--" and left_out == "[]"  # benchmarks and drivesim stay out of the wheel
     casfs = str(wheel_venv / "casfs")
     _run([casfs, "init", "--meta", casenv.meta_url(f"whl{os.getpid()}"), "wv"], cwd=cwd, env=env)
     mp = casenv.tmp / "mnt-wheel"

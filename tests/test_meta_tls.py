@@ -1,4 +1,4 @@
-"""TLS to an external metadata server (cas/metatls.py, docs/database.md).
+"""TLS to an external metadata server (cas/db/tls.py, docs/database.md).
 
 A real MariaDB with a certificate from a CA the test makes (cryptography), on a TCP port
 of 127.0.0.1, and an account that REQUIRE SSL; a volume made with `casfs init --meta URL
@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from cas.server import EmbeddedServer, _find
+from cas.db.server import EmbeddedServer, _find
 from tests.conftest import CasEnv
 from tests.waiting import wait_for
 

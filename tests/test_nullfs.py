@@ -1,4 +1,4 @@
-"""Tests of the null pyfuse3 filesystem (tools/nullfs.py) and of tools/bench.py.
+"""Tests of the null pyfuse3 filesystem (tools/bench/nullfs.py) and of tools/bench/__init__.py.
 
 The null fs is mounted for real (needs /dev/fuse and fusermount3); the tests are
 marked ``mount`` and skipped where FUSE is unavailable.
@@ -34,7 +34,7 @@ def nullfs(tmp_path: Path) -> Iterator[Path]:
     mp = tmp_path / "mnt"
     mp.mkdir()
     log = open(tmp_path / "nullfs.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "tools.nullfs", str(mp)],
+    proc = subprocess.Popen([sys.executable, "-m", "tools.bench.nullfs", str(mp)],
                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                             env=child_env(), cwd=REPO_ROOT, start_new_session=True)
     try:

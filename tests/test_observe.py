@@ -26,7 +26,7 @@ import pytest
 import tomli_w
 import yaml
 
-from cas.meta import parse_meta_url
+from cas.db.database import parse_meta_url
 from tests.conftest import ROOT, CasEnv
 from tests.waiting import wait_for
 from tools.drivesim import DriveSim
@@ -311,10 +311,10 @@ def test_refused_drive_credentials_are_audited(casenv: CasEnv, drive_sim: DriveS
 
 
 def test_command_events_and_rotation(casenv: CasEnv) -> None:
-    """A CLI command's events (cas.audit.attach) land in the volume's audit log, with the
+    """A CLI command's events (cas.config.audit.attach) land in the volume's audit log, with the
     process's uid/gid/pid filled in; rotation keeps every file 0600."""
-    from cas import audit
-    from cas.volume import open_volume
+    from cas.config import audit
+    from cas.config.volume import open_volume
     casenv.init("vol")
     vol = open_volume("vol")
     logger = logging.getLogger(audit.LOGGER)

@@ -214,8 +214,8 @@ def data_bytes_mismatches(vol: str, chunk_size: int) -> list[tuple[int, int, int
     """(inode, data_bytes, bytes its manifest says) of every inode of ``vol`` whose
     ``data_bytes`` is not the sum over its manifest slots of the slot's bytes below the
     file's size (the 2->3 migration's formula). Reads the committed state."""
-    from cas.meta import connect
-    from cas.volume import open_volume
+    from cas.db.database import connect
+    from cas.config.volume import open_volume
     with connect(open_volume(vol)) as meta:
         rows = meta.db.query(
             "SELECT i.id, i.data_bytes, COALESCE(t.b, 0) FROM inodes i LEFT JOIN (SELECT m.inode, "
@@ -295,8 +295,8 @@ def test_st_blocks_counts_stored_bytes_not_holes(casenv: Any, tmp_path: Path) ->
 def server_counters(vol: str) -> dict[str, int]:
     """The volume's private MariaDB server's statement and row-read counters (global:
     every session of that server, the mount's included)."""
-    from cas.meta import connect
-    from cas.volume import open_volume
+    from cas.db.database import connect
+    from cas.config.volume import open_volume
     with connect(open_volume(vol)) as meta:
         rows = meta.db.query("SHOW GLOBAL STATUS WHERE Variable_name IN ('Questions', "
                              "'Handler_read_key', 'Handler_read_next', 'Handler_read_rnd_next', "
@@ -311,8 +311,8 @@ def test_ls_l_cost_per_entry_does_not_grow(casenv: Any) -> None:
     rows read per entry, also with the stale table statistics that once made MariaDB
     sort the whole directory for every batch. The counters are the volume's own MariaDB
     server's, so nothing else is counted."""
-    from cas.meta import connect
-    from cas.volume import open_volume
+    from cas.db.database import connect
+    from cas.config.volume import open_volume
     casenv.init("many", chunk_size="64KiB", embedded=True)
     mp = casenv.mount("many")
     # statistics of the nearly empty tables, frozen: what bulk-added rows look like to
@@ -395,8 +395,8 @@ def test_removed_cwd_and_unlinked_o_path_file_behave_like_ext4(casenv: Any, tmp_
     its contents. The same script on the local disk gives the same results. Once the
     process is gone the kernel forgets those inodes, and casfs frees them (and it
     frees them although '.' and '..' were listed several times before)."""
-    from cas.meta import connect
-    from cas.volume import open_volume
+    from cas.db.database import connect
+    from cas.config.volume import open_volume
     casenv.init("gone", chunk_size="64KiB")
     mp = casenv.mount("gone")
     ref = tmp_path / "reference"

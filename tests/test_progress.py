@@ -1,4 +1,4 @@
-"""Progress of long commands (tools/progress.py, docs/status.md "Progress"), on a real
+"""Progress of long commands (tools/cli/progress.py, docs/status.md "Progress"), on a real
 mount and the real CLI: a tqdm bar with a rate on a terminal (a pseudo-terminal here),
 plain periodic lines when stderr is a pipe, nothing extra with --json."""
 from __future__ import annotations

@@ -30,7 +30,7 @@ from pathlib import Path
 import pymysql
 import pytest
 
-from cas.server import EmbeddedServer, find_server, is_server_of, pid_running, private_dir_problem
+from cas.db.server import EmbeddedServer, find_server, is_server_of, pid_running, private_dir_problem
 from fusefront.mountpoint import find_mount
 
 from .conftest import CasEnv
@@ -464,7 +464,7 @@ def test_trusted_xattrs_hidden_from_other_users(casenv: CasEnv) -> None:
 
 
 def test_maximum_file_size(casenv: CasEnv) -> None:
-    from cas.fs import MAX_FILE_SIZE
+    from cas.engine.fs import MAX_FILE_SIZE
     casenv.init("vol")
     mp = casenv.mount("vol")
     f = mp / "big"

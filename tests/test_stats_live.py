@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tests.conftest import ROOT, CasEnv
 from tests.waiting import wait_for
-from tools.mountcmd import commit_before_unmount
+from tools.cli.mountcmd import commit_before_unmount
 
 CHUNK = 64 * 1024
 

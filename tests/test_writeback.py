@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from cas import rescue
-from cas.server import EmbeddedServer
+from cas.engine import rescue
+from cas.db.server import EmbeddedServer
 from fusefront.mountpoint import find_mount
 from tests.conftest import CasEnv
 from tests.treeutil import tmpfs

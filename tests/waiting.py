@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from cas.server import pid_running
+from cas.db.server import pid_running
 
 
 def wait_for(cond: Callable[[], object], what: str, timeout: float = 60.0,

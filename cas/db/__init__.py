@@ -16,6 +16,6 @@ scopes and the invariants each statement relies on):
 * :mod:`cas.db.tables` - consistent reads, dumps and loads of whole tables.
 
 Callers pass the cursor of the transaction they run in (``Database.transaction`` bodies)
-or the :class:`cas.meta.Database` for single reads; functions return typed rows
+or the :class:`cas.db.database.Database` for single reads; functions return typed rows
 (dataclasses or NamedTuples), never raw tuples.
 """

@@ -1,7 +1,7 @@
 """The chunks table: one row per stored chunk, its refcount and its marks (schema.sql).
 
 The statements of the dedup protocol between writers and gc (invariants 1-3 and 8,
-docs/design.md; the protocol itself is in cas/chunks.py and cas/gc.py):
+docs/design.md; the protocol itself is in cas/chunk/manager.py and cas/maint/gc.py):
 
 - :func:`lock_gaining` takes the X row lock of every chunk a transaction is about to
   reference, in id order (so two writers can only wait for each other, never deadlock
@@ -23,11 +23,11 @@ from typing import NamedTuple, TYPE_CHECKING
 from pymysql.cursors import Cursor
 import pymysql.cursors
 
-from .batch import batches, values
-from .source import Source, rows
+from cas.db.batch import batches, values
+from cas.db.source import Source, rows
 
 if TYPE_CHECKING:
-    from cas.meta import Database
+    from cas.db.database import Database
 
 
 class ChunkState(NamedTuple):
@@ -70,7 +70,7 @@ def recorded(src: Source, ids: Iterable[bytes]) -> set[bytes]:
 
 def states(src: Source, ids: Iterable[bytes]) -> list[ChunkState]:
     """The rows among ``ids`` that exist, for the dedup check before a flush's
-    transaction (cas.chunks.ChunkManager.store_unknown). No lock: the check is repeated
+    transaction (cas.chunk.manager.ChunkManager.store_unknown). No lock: the check is repeated
     under the row lock (:func:`lock_gaining`) for every chunk at refcount 0."""
     out: list[ChunkState] = []
     for batch in batches(sorted(ids)):
@@ -141,7 +141,7 @@ def mark_bad_if_local(cur: Cursor, ids: Sequence[bytes]) -> None:
 
 
 # -- used by gc, the cloud tier and maintenance
-# The statements on the ``chunks`` table that gc (cas.gc), the cloud tier (cas.cloud:
+# The statements on the ``chunks`` table that gc (cas.maint.gc), the cloud tier (cas.tier.cloud:
 # eviction, local marks, restore), scrub, repair, fsck and snapshots run. Lock order
 # and transaction scopes: docs/metadata-packs.md. A function taking a cursor runs in
 # the caller's transaction; one taking the Database is autocommitted (reads: no lock).
@@ -209,7 +209,7 @@ class LocalTotals(NamedTuple):
     bytes: int
 
 
-# gc (cas.gc.collect): invariant 3 of docs/design.md
+# gc (cas.maint.gc.collect): invariant 3 of docs/design.md
 
 def collectable(db: Database, grace_us: int) -> list[bytes]:
     """Ids of chunks at refcount <= 0 for longer than ``grace_us`` microseconds (server
@@ -254,7 +254,7 @@ def insert_placeholder(cur: pymysql.cursors.Cursor, chunk: bytes) -> bool:
     return int(cur.rowcount) == 1
 
 
-# the cloud tier (cas.cloud): local marks, eviction, restore
+# the cloud tier (cas.tier.cloud): local marks, eviction, restore
 
 def exists(cur: pymysql.cursors.Cursor, chunk: bytes) -> bool:
     """Whether ``chunk`` has a row: a plain read in the caller's transaction, no lock."""
@@ -398,7 +398,7 @@ def local_after(db: Database, after: bytes, limit: int) -> list[StoredChunk]:
         (after, limit))]
 
 
-# fsck (cas.fsck.check, in its REPEATABLE READ snapshot)
+# fsck (cas.maint.fsck.check, in its REPEATABLE READ snapshot)
 
 def refcount_mismatches(cur: pymysql.cursors.Cursor) -> list[RefcountMismatch]:
     """Chunks whose refcount differs from the manifest slots naming them (invariant 2).
@@ -431,7 +431,7 @@ def recount(cur: pymysql.cursors.Cursor, chunk: bytes) -> None:
                 "COALESCE(zero_since, NOW(6)), NULL) WHERE id = %s", (chunk, chunk, chunk))
 
 
-# snapshots (cas.snapshot)
+# snapshots (cas.tier.snapshot)
 
 def count_lacking(cur: pymysql.cursors.Cursor) -> int:
     """Referenced chunks with no cloud copy (a plain read of the caller's snapshot). No lock."""

@@ -5,7 +5,7 @@ hole. Every change here commits in the same transaction as the refcount deltas o
 chunks it gains and loses (invariant 2, docs/design.md: cas.db.chunks) and, for a new
 chunk, only after the chunk's file is durable (invariant 1). The mount is the only
 writer of its volume's manifests, so the rows of a file it holds open are what its RAM
-manifest says (cas/filedata.py).
+manifest says (cas/engine/filedata.py).
 
 Locks (InnoDB, READ COMMITTED; see cas.db.namespace for the background): writes X-lock
 the (inode, slot) records they change until the transaction (the group) ends.
@@ -18,11 +18,11 @@ from typing import NamedTuple, TYPE_CHECKING
 from pymysql.cursors import Cursor
 import pymysql.cursors
 
-from .batch import batches, values
-from .source import Source, rows
+from cas.db.batch import batches, values
+from cas.db.source import Source, rows
 
 if TYPE_CHECKING:
-    from cas.meta import Database
+    from cas.db.database import Database
 
 
 class ManifestRow(NamedTuple):

@@ -3,11 +3,11 @@
 Every statement casfs's engine runs on these tables is a function here. Functions that
 write take the cursor of the caller's transaction (``Database.transaction`` body: under
 group commit a savepoint of the mount's open group); reads take a :data:`Source` (that
-cursor, or the :class:`cas.meta.Database` for a single read). Each docstring names the
+cursor, or the :class:`cas.db.database.Database` for a single read). Each docstring names the
 row locks the statement takes and the rule it serves; docs/metadata.md gives the lock
 order of the transactions that combine them.
 
-Locking background (InnoDB, READ COMMITTED, the session level of cas.meta): a plain
+Locking background (InnoDB, READ COMMITTED, the session level of cas.db.database): a plain
 SELECT takes no lock (a consistent read); UPDATE and DELETE take exclusive (X) locks on
 the index records they change (READ COMMITTED releases the locks of rows that did not
 match); INSERT takes an X lock on the new record, and on a duplicate key a shared (S)
@@ -31,10 +31,10 @@ import pymysql.cursors
 import pymysql.err
 from pymysql.cursors import Cursor
 
-from ..errors import Exists
-from ..meta import Database
-from .batch import batches, values
-from .source import Source, rows
+from cas.errors import Exists
+from cas.db.database import Database
+from cas.db.batch import batches, values
+from cas.db.source import Source, rows
 
 #: the columns of an inodes row, in :class:`InodeRow` order
 INODE_COLUMNS = ("id", "mode", "uid", "gid", "nlink", "size", "rdev", "atime_ns", "mtime_ns",
@@ -397,7 +397,7 @@ def count_inodes(db: Database) -> int:
 # A create (mknod, mkdir, symlink, create) is held in RAM (:class:`HeldCreates`) and
 # written with the other creates held with it, by multi-row INSERTs, in one savepoint
 # of the group transaction, before the next statement on the mount's connection and
-# before every commit (cas.meta.Database.write_held; docs/smallfiles.md). Locks: the
+# before every commit (cas.db.database.Database.write_held; docs/smallfiles.md). Locks: the
 # INSERTs take the new rows' locks only; the UPDATE of a parent directory takes that
 # inode row's lock. All inside the mount's group transaction, the only writer of the
 # namespace (docs/concurrency.md).
@@ -457,7 +457,7 @@ class HeldCreates:
         """Send every held row through ``cur`` (a transaction body): multi-row INSERTs of
         at most :data:`cas.db.batch.BATCH_ROWS` rows into inodes, dentries, symlinks, and
         one UPDATE per parent directory that is not held. 3 + parents statements for up
-        to 500 creates. Raises pymysql errors (1062 for a name taken: cas.fs checks names
+        to 500 creates. Raises pymysql errors (1062 for a name taken: cas.engine.fs checks names
         before holding a create, so that is a broken invariant, and the group is lost)."""
         for part in batches(list(self.inodes.values())):
             sql, args = values(part)
@@ -484,7 +484,7 @@ def reserve_inodes(db: Database, at_least: int, n: int) -> int:
     of its own (not the mount's, whose group transaction is open): the reservation is
     durable even when the group that uses the numbers is lost, so that no later mount
     hands out a number of a lost create again (the rescue area names files by inode,
-    cas/rescue.py). Locks the meta row (FOR UPDATE), reads inodes without locks.
+    cas/engine/rescue.py). Locks the meta row (FOR UPDATE), reads inodes without locks.
     Raises MetaError."""
     def body(cur: Any) -> int:
         cur.execute("SELECT v FROM meta WHERE k = %s FOR UPDATE", (INODE_NEXT_KEY,))

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import pymysql.cursors
 
-from .batch import batches, values
+from cas.db.batch import batches, values
 
 if TYPE_CHECKING:
-    from cas.meta import Database
+    from cas.db.database import Database
 
 
 class PackClaim(NamedTuple):
@@ -162,7 +162,7 @@ class Totals(NamedTuple):
     bytes: int
 
 
-# -- the uploader: claim, confirm, release, recover (cas.cloud) -----------------------------
+# -- the uploader: claim, confirm, release, recover (cas.tier.cloud) -----------------------------
 
 def insert_uploading(cur: pymysql.cursors.Cursor, name: str, size: int, md5: bytes, sha256: bytes,
                      owner: str, lease_s: int) -> int:
@@ -244,7 +244,7 @@ def figures(db: Database) -> PackFigures:
     return PackFigures(int(up), int(pn), int(pb), int(live))
 
 
-# -- reading evicted chunks (cas.cloud.CloudTier.fetch / fetch_ahead) ------------------------
+# -- reading evicted chunks (cas.tier.cloud.CloudTier.fetch / fetch_ahead) ------------------------
 
 def locate(db: Database, chunk: bytes) -> Location | None:
     """``chunk``'s confirmed cloud copy, or None. No lock."""
@@ -282,7 +282,7 @@ def delete_entry(cur: pymysql.cursors.Cursor, chunk: bytes) -> None:
     cur.execute("DELETE FROM pack_entries WHERE chunk = %s", (chunk,))
 
 
-# -- gc of packs (cas.gc.collect_cloud) -------------------------------------------------------
+# -- gc of packs (cas.maint.gc.collect_cloud) -------------------------------------------------------
 
 def fill(db: Database) -> list[PackFill]:
     """:class:`PackFill` of every confirmed pack. No lock."""
@@ -358,7 +358,7 @@ def uploading_names(db: Database) -> set[str]:
     return {str(r[0]) for r in db.query("SELECT name FROM packs WHERE state = 'uploading'")}
 
 
-# -- fsck --cloud and scrub (cas.cloudcheck, cas.scrub) --------------------------------------
+# -- fsck --cloud and scrub (cas.maint.cloudcheck, cas.maint.scrub) --------------------------------------
 
 def confirmed(db: Database) -> list[PackRecord]:
     """Every confirmed pack, by id. No lock."""
@@ -398,7 +398,7 @@ def drop_entry(cur: pymysql.cursors.Cursor, chunk: bytes, pack: int) -> None:
     cur.execute("DELETE FROM pack_entries WHERE chunk = %s AND pack = %s", (chunk, pack))
 
 
-# -- snapshot pins (cas.snapshot, cas.gc) -----------------------------------------------------
+# -- snapshot pins (cas.tier.snapshot, cas.maint.gc) -----------------------------------------------------
 
 def lock_confirmed_names(cur: pymysql.cursors.Cursor, names: Sequence[str]) -> int:
     """How many of ``names`` (distinct, at most one batch) name a confirmed pack, each

@@ -1,6 +1,6 @@
 """The ``upload_queue`` table: chunks stored locally and not yet confirmed in the cloud.
 
-A row is added in the transaction that creates its chunk row (cas.chunks, when the
+A row is added in the transaction that creates its chunk row (cas.chunk.manager, when the
 tier is enabled), or by :func:`queue_unconfirmed` / :func:`requeue`. An uploader
 *claims* rows for a pack (:func:`claim`: ``FOR UPDATE SKIP LOCKED``, then
 :func:`assign` writes the pack, offset and length into them); the rows leave with
@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import pymysql.cursors
 
-from .batch import batches, values
+from cas.db.batch import batches, values
 
 if TYPE_CHECKING:
-    from cas.meta import Database
+    from cas.db.database import Database
 
 
 class QueuedChunk(NamedTuple):
@@ -70,7 +70,7 @@ def queue_unconfirmed(cur: pymysql.cursors.Cursor) -> int:
 
 def enqueue(cur: pymysql.cursors.Cursor, chunks: Sequence[bytes]) -> None:
     """Queue ``chunks`` (new chunk rows, and bad ones just rewritten) in the transaction
-    that creates or rewrites their chunk rows (cas.chunks.ChunkManager.apply_deltas,
+    that creates or rewrites their chunk rows (cas.chunk.manager.ChunkManager.apply_deltas,
     with the tier enabled): no pending upload is ever lost (invariant 5). ``INSERT
     IGNORE``: rows already queued stay. The caller holds the chunk rows' locks (lock
     order chunk -> queue); locks the queue rows it inserts to its COMMIT. One statement

@@ -4,8 +4,8 @@
 None of them takes a lock: each is one statement, so under READ COMMITTED it reads one
 consistent snapshot (of the committed database when run on a connection of its own, as
 the CLI does; a mount's own connection also sees its open group's rows). The figures are
-defined in the modules that present them (cas/find.py, cas/du.py, cas/stats.py,
-cas/syncstatus.py); invariant 22 (docs/design.md) is the rule they keep.
+defined in the modules that present them (cas/maint/find.py, cas/maint/du.py, cas/maint/stats.py,
+cas/engine/syncstatus.py); invariant 22 (docs/design.md) is the rule they keep.
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from typing import Any, NamedTuple
 
 import pymysql.cursors
 
-from ..errors import MetaError
-from ..meta import ROOT_INODE, Database
-from .namespace import Dentry
-from .source import Source, rows
+from cas.errors import MetaError
+from cas.db.database import ROOT_INODE, Database
+from cas.db.namespace import Dentry
+from cas.db.source import Source, rows
 
 _FMT, _DIR, _REG, _LNK = S.S_IFMT(0o170000), S.S_IFDIR, S.S_IFREG, S.S_IFLNK
 # bytes of a path the find statement can build: a column type that cannot truncate in
@@ -29,7 +29,7 @@ PATH_BYTES = 65535
 # '' typed as a binary string of PATH_BYTES: a recursive CTE's column takes its type
 # from the anchor row, and CAST('' AS BINARY(n)) would pad the value with n zero bytes
 _EMPTY_PATH = f"IF(0, REPEAT(_binary' ', {PATH_BYTES}), _binary'')"
-#: the sync states `casfs find --status` knows (cas/find.py)
+#: the sync states `casfs find --status` knows (cas/maint/find.py)
 FIND_STATUSES = ("synced", "pending", "cloud-only")
 
 
@@ -48,8 +48,8 @@ class FoundRow(NamedTuple):
 
 @dataclass(frozen=True)
 class FindFilter:
-    """The tests of a search, all of which must hold (cas.find.Query, resolved):
-    ``like``/``regexp`` on the entry's name (bytes patterns, cas.find.glob_to_sql),
+    """The tests of a search, all of which must hold (cas.maint.find.Query, resolved):
+    ``like``/``regexp`` on the entry's name (bytes patterns, cas.maint.find.glob_to_sql),
     ``ftype_mode`` an S_IFMT value, ``size`` and ``mtime`` (op, value) with op one of
     ``>``, ``<``, ``=`` (bytes; ns), ``xattrs`` (name, value or None) pairs,
     ``duplicates_of`` an inode, ``status`` one of FIND_STATUSES."""
@@ -183,7 +183,7 @@ def find(db: Database, start: int, f: FindFilter) -> Iterator[FoundRow]:
 # -- du ----------------------------------------------------------------------------------
 
 class SubtreeUsage(NamedTuple):
-    """The raw figures of one subtree (cas.du.Usage defines them): regular files,
+    """The raw figures of one subtree (cas.maint.du.Usage defines them): regular files,
     their sizes, their bytes outside holes, directories below the start, then the
     plaintext and envelope bytes of the chunks referenced only inside (unique) and also
     outside (shared) the subtree, and the number of distinct chunks."""
@@ -270,7 +270,7 @@ def file_chunks(src: Source, ino: int) -> FileChunks:
 
 class NamespaceFigures(NamedTuple):
     """Linked inodes by type, the logical bytes of the regular files and the bytes of
-    them in holes (cas.stats defines them)."""
+    them in holes (cas.maint.stats defines them)."""
 
     files: int
     directories: int

@@ -2,7 +2,7 @@
 
 A function that only reads can be called inside a transaction (the cursor of a
 ``Database.transaction`` body: it sees that transaction's uncommitted rows) or outside
-one (the :class:`cas.meta.Database`: a single read, with its reconnect-and-retry rules,
+one (the :class:`cas.db.database.Database`: a single read, with its reconnect-and-retry rules,
 which under group commit still runs on the mount's connection and so sees the open
 group's rows). :data:`Source` is either; :func:`rows` runs a statement on it.
 """
@@ -13,7 +13,7 @@ from typing import Any, Union
 
 import pymysql.cursors
 
-from ..meta import Database
+from cas.db.database import Database
 
 Source = Union[Database, pymysql.cursors.Cursor]
 

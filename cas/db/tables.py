@@ -1,7 +1,7 @@
 """Statements over whole tables: consistent reads across tables, generic dumps and loads
-of a table list (metadata snapshots, cas.snapshot), and removing a half-loaded database.
+of a table list (metadata snapshots, cas.tier.snapshot), and removing a half-loaded database.
 
-The table list itself is defined once, by the caller (``cas.snapshot.TABLES``); the only
+The table list itself is defined once, by the caller (``cas.tier.snapshot.TABLES``); the only
 per-table rule here is :data:`ROW_FILTER` (which rows of a table a dump takes).
 
 Locks: a consistent read (:func:`begin_consistent`, :func:`repeatable_read`) takes no
@@ -18,7 +18,7 @@ import pymysql.connections
 import pymysql.cursors
 
 if TYPE_CHECKING:
-    from cas.meta import Database
+    from cas.db.database import Database
 
 #: rows a dump takes of a table (all when not named): only confirmed packs, so every pack
 #: a snapshot names was confirmed on the store (docs/backup.md)
@@ -45,7 +45,7 @@ def begin_consistent(cur: pymysql.cursors.Cursor) -> None:
 def repeatable_read(db: Database) -> Iterator[None]:
     """Run the ``with`` body's transactions at REPEATABLE READ (one read view per
     transaction: fsck's checks agree with one another), then return the session to
-    READ COMMITTED (cas.meta's default). No lock of its own (session setting)."""
+    READ COMMITTED (cas.db.database's default). No lock of its own (session setting)."""
     db.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
     try:
         yield

@@ -1,8 +1,8 @@
 """The ``meta`` table: one row per volume-wide setting or piece of state, ``k -> v``.
 
-Keys: ``schema_version``, ``volume_uuid``, ``chunk_size``, ``encryption`` (cas.meta);
-``cloud_enabled`` and the uploader's ``drive_*`` keys (cas.cloud); the scrub cursors
-``scrub_*`` (cas.scrub); the snapshot keys ``snapshot_*`` (cas.snapshot). Values are
+Keys: ``schema_version``, ``volume_uuid``, ``chunk_size``, ``encryption`` (cas.db.database);
+``cloud_enabled`` and the uploader's ``drive_*`` keys (cas.tier.cloud); the scrub cursors
+``scrub_*`` (cas.maint.scrub); the snapshot keys ``snapshot_*`` (cas.tier.snapshot). Values are
 text of at most 255 characters (schema.sql); :func:`set_values` cuts longer ones.
 
 Locks: reads take none (READ COMMITTED, or the caller's consistent snapshot); an upsert
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import pymysql.cursors
 
 if TYPE_CHECKING:
-    from cas.meta import Database
+    from cas.db.database import Database
 
 #: the column's width (schema.sql ``meta.v VARCHAR(255)``)
 VALUE_MAX = 255

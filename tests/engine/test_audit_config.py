@@ -1,4 +1,4 @@
-"""volume.toml's [audit] table (cas.audit.AuditConfig): values that would make the log
+"""volume.toml's [audit] table (cas.config.audit.AuditConfig): values that would make the log
 misbehave are one-line VolumeErrors, not a log that grows without bound."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from cas.audit import DEFAULT_BACKUPS, AuditConfig
+from cas.config.audit import DEFAULT_BACKUPS, AuditConfig
 from cas.errors import VolumeError
-from cas.volume import create_volume_dir
+from cas.config.volume import create_volume_dir
 
 
 def test_backups_zero_is_refused(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Tests for cas.cache: the W-TinyLFU LFUCache (byte bound, segments, admission, adaptive
+"""Tests for cas.chunk.cache: the W-TinyLFU LFUCache (byte bound, segments, admission, adaptive
 window, aging, stats, thread safety) and its FrequencySketch.
 
 The main property test replays random operation sequences against a deliberately naive
@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cas.cache import (
+from cas.chunk.cache import (
     COUNTER_MAX,
     GHOST_FRACTION,
     MIN_SAMPLE,

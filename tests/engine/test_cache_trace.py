@@ -1,4 +1,4 @@
-"""Trace tests of the chunk cache with tools.cachebench: our LFUCache against LRU and the
+"""Trace tests of the chunk cache with tools.bench.cache: our LFUCache against LRU and the
 offline optimum on the quick traces (fixed seeds, so hit ratios are deterministic and
 the asserted relations are exact), and the correctness of the reference policies and
 bounds (Belady against a brute-force optimum on small traces).  No timings are asserted.
@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from cas.envelope import chunk_id
-from cas.volume import MIN_CHUNK
-from tools import cachebench as cb
+from cas.chunk.envelope import chunk_id
+from cas.config.volume import MIN_CHUNK
+from tools.bench import cache as cb
 
 Rows = dict[tuple[str, int], cb.Row]
 
 
 @pytest.fixture(scope="module")
 def rows() -> Rows:
-    """Every row of ``python -m tools.cachebench --quick``, by (trace, size %)."""
+    """Every row of ``python -m tools.bench.cache --quick``, by (trace, size %)."""
     return {(r.trace, r.pct): r for t in cb.all_traces(quick=True) for r in cb.evaluate(t)}
 
 

@@ -1,6 +1,6 @@
-"""Engine tests of the cloud tier (cas.cloud, cas.gc.collect_cloud) on a directory store.
+"""Engine tests of the cloud tier (cas.tier.cloud, cas.maint.gc.collect_cloud) on a directory store.
 
-The store is cas.objstore.DirObjectStore (the same ObjectStore interface the Drive
+The store is cas.tier.objstore.DirObjectStore (the same ObjectStore interface the Drive
 store implements and passes the same conformance suite), so these tests exercise the
 queue, packs, confirmation, eviction, fetch, recovery, gc and restore logic without
 HTTP; tests/test_drive.py runs the same paths against the Drive test server. Expected
@@ -18,16 +18,16 @@ from pathlib import Path
 
 import pytest
 
-import cas.cloud
-import cas.fs
-import cas.gc
-import cas.meta
-import cas.store
-import cas.volume
-from cas.cloud import CloudConfig, CloudTier
+import cas.tier.cloud
+import cas.engine.fs
+import cas.maint.gc
+import cas.db.database
+import cas.chunk.store
+import cas.config.volume
+from cas.tier.cloud import CloudConfig, CloudTier
 from cas.errors import FsError
-from cas.objstore import DirObjectStore
-from cas.server import EmbeddedServer
+from cas.tier.objstore import DirObjectStore
+from cas.db.server import EmbeddedServer
 from tests.engine.test_fs import CS, Engine, make_file, read_name, slots_of
 
 
@@ -39,9 +39,9 @@ class CloudEngine(Engine):
         self.objdir = tmp_path / "cloud"
         self.objects = DirObjectStore(self.objdir)
         with self.other() as m:
-            cas.cloud.enable(m.db)
+            cas.tier.cloud.enable(m.db)
         self.reopen()
-        self.tiers: list[tuple[CloudTier, cas.meta.Metadata]] = []
+        self.tiers: list[tuple[CloudTier, cas.db.database.Metadata]] = []
 
     def cfg(self, **kw: object) -> CloudConfig:
         c = CloudConfig(endpoint=f"file:{self.objdir}", pack_size=256 << 10, read_attempts=2)
@@ -91,7 +91,7 @@ def rand(n: int, seed: int) -> bytes:
 def uploaded_chunks(e: CloudEngine) -> list[bytes]:
     """Chunk ids found in the store's objects, by cutting each pack at the recorded
     positions and hashing the plaintext (independent of pack_entries' claims)."""
-    from cas.envelope import open_envelope
+    from cas.chunk.envelope import open_envelope
     blobs = e.pack_blobs()
     out = []
     rows = e.q("SELECT e.chunk, p.object_id, e.pos, e.length FROM pack_entries e JOIN packs p ON p.id = e.pack")
@@ -258,7 +258,7 @@ def _claimed_by_dead_uploader(ceng: CloudEngine, data: bytes) -> tuple[int, str,
 
 def test_recovery_adopts_a_completed_upload_of_a_dead_uploader(ceng: CloudEngine) -> None:
     _, name, blob = _claimed_by_dead_uploader(ceng, rand(4 * CS, 50))
-    cas.cloud.put_checked(ceng.objects, name, blob, ceng.vol.uuid)   # ... and then it died
+    cas.tier.cloud.put_checked(ceng.objects, name, blob, ceng.vol.uuid)   # ... and then it died
     fresh = ceng.tier()
     assert fresh.recover() == 1
     assert len(ceng.pack_blobs()) == 1                     # adopted, not uploaded again
@@ -306,7 +306,7 @@ def test_gc_deletes_empty_packs_rewrites_sparse_ones_and_keeps_data_readable(cen
     ceng.fs.unlink(1, b"solo")
     ceng.gc(0)
     t = ceng.tier(pack_size=600 << 10)
-    r = cas.gc.collect_cloud(t, grace_s=0)
+    r = cas.maint.gc.collect_cloud(t, grace_s=0)
     assert r.packs_rewritten >= 1 and r.new_packs >= 1 and r.packs_deleted >= 1
     after = ceng.pack_blobs()
     assert not (packs_before & set(after)) or len(after) < len(packs_before)
@@ -328,8 +328,8 @@ def test_gc_removes_orphan_objects_after_the_grace_period(ceng: CloudEngine) -> 
     others = [ceng.objects.put("casfs-pack-other", b"y" * 10, {"casfs_volume": "another-volume"}).id,
               ceng.objects.put("casfs-pack-nobody", b"z" * 10).id]
     t = ceng.tier()
-    assert cas.gc.collect_cloud(t, grace_s=3600).orphans_deleted == 0
-    r = cas.gc.collect_cloud(t, grace_s=0)
+    assert cas.maint.gc.collect_cloud(t, grace_s=3600).orphans_deleted == 0
+    r = cas.maint.gc.collect_cloud(t, grace_s=0)
     assert r.orphans_deleted == 1 and r.orphan_bytes_deleted == 1000
     assert stray.id not in ceng.pack_blobs()
     assert set(others) <= set(ceng.pack_blobs())          # not this volume's: never deleted
@@ -351,7 +351,7 @@ def test_chunk_collected_while_its_pack_uploads_is_not_recorded(ceng: CloudEngin
     info = ceng.objects.put(name, blob, {"casfs_volume": ceng.vol.uuid})
     assert t._confirm(pack, info, t.owner)
     assert ceng.q("SELECT COUNT(*) FROM pack_entries")[0][0] == 0
-    assert cas.gc.collect_cloud(t, grace_s=0).packs_deleted == 1
+    assert cas.maint.gc.collect_cloud(t, grace_s=0).packs_deleted == 1
     assert ceng.pack_blobs() == {}
 
 
@@ -369,7 +369,7 @@ def test_restore_rebuilds_a_lost_local_store(ceng: CloudEngine) -> None:
     shutil.rmtree(ceng.vol.chunk_dir)
     os.mkdir(ceng.vol.chunk_dir)
     t = ceng.tier()
-    r = cas.cloud.restore(t)
+    r = cas.tier.cloud.restore(t)
     assert r.restored == sum(len(slots_of(d)) for d in files.values())
     assert r.lost == [hashlib.sha256(lost).hexdigest()]
     ceng.fs = ceng.new_fs(cache_bytes=0)
@@ -385,7 +385,7 @@ def test_lazy_restore_marks_missing_chunks_cloud_only(ceng: CloudEngine) -> None
     ceng.drain()
     for c in list(ceng.store_files()):
         os.unlink(ceng.vol.chunk_dir / c.hex()[:2] / c.hex()[2:4] / c.hex())
-    r = cas.cloud.restore(ceng.tier(), lazy=True)
+    r = cas.tier.cloud.restore(ceng.tier(), lazy=True)
     assert r.marked_remote == 3 and r.restored == 0 and not r.lost
     assert ceng.stats().cloud_only_chunks == 3
     fs = ceng.reopen(cache_bytes=0)
@@ -412,7 +412,7 @@ def test_config_round_trip_and_bad_values(ceng: CloudEngine) -> None:
     from cas.errors import VolumeError
     ceng.vol.drive = {"endpoint": "http://127.0.0.1:1/", "pack_size": 1 << 20, "repack_threshold": 0.25}
     ceng.vol.save()
-    v = cas.volume.open_volume(str(ceng.vol.path))
+    v = cas.config.volume.open_volume(str(ceng.vol.path))
     cfg = CloudConfig.from_volume(v)
     assert (cfg.endpoint, cfg.pack_size, cfg.repack_threshold) == ("http://127.0.0.1:1/", 1 << 20, 0.25)
     assert cfg.folder == f"casfs-{v.uuid}"
@@ -429,7 +429,7 @@ def test_queued_chunk_whose_file_is_lost_leaves_the_queue(ceng: CloudEngine,
     ceng.fs.sync()
     lost = hashlib.sha256(data[:CS]).digest()
     os.unlink(ceng.vol.chunk_dir / lost.hex()[:2] / lost.hex()[2:4] / lost.hex())   # disk damage
-    with caplog.at_level("ERROR", logger="cas.cloud"):
+    with caplog.at_level("ERROR", logger="cas.tier.cloud"):
         ceng.drain()
     assert ceng.q("SELECT COUNT(*) FROM upload_queue")[0][0] == 0     # no endless retry
     assert lost not in set(uploaded_chunks(ceng)) and len(uploaded_chunks(ceng)) == 2
@@ -437,7 +437,7 @@ def test_queued_chunk_whose_file_is_lost_leaves_the_queue(ceng: CloudEngine,
     assert ceng.fsck().missing_files == [lost.hex()]
 
 
-def read_in_chunks(fs: cas.fs.Filesystem, ino: int, size: int) -> bytes:
+def read_in_chunks(fs: cas.engine.fs.Filesystem, ino: int, size: int) -> bytes:
     """``size`` bytes of ``ino`` read sequentially, one chunk per read (as a reader would)."""
     fs.open(ino)
     try:
@@ -462,12 +462,12 @@ def test_read_ahead_is_per_file_and_offers_each_slot_once(ceng: CloudEngine,
     reader = ceng.tier()
     fs.attach_cloud(reader)
     stats = [0]
-    real_stat = cas.store.LocalStore.stat
+    real_stat = cas.chunk.store.LocalStore.stat
 
-    def counted(self: cas.store.LocalStore, cid: bytes) -> object:
+    def counted(self: cas.chunk.store.LocalStore, cid: bytes) -> object:
         stats[0] += 1
         return real_stat(self, cid)
-    monkeypatch.setattr(cas.store.LocalStore, "stat", counted)
+    monkeypatch.setattr(cas.chunk.store.LocalStore, "stat", counted)
 
     assert read_in_chunks(fs, fs.lookup(1, b"cold").ino, n * CS) == cold
     assert reader.fetches >= 1

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import hashlib
 
-import cas.cloud
-import cas.gc
-from cas import keys
-from cas.envelope import ChunkCodec, codec_for
+import cas.tier.cloud
+import cas.maint.gc
+from cas.config import keys
+from cas.chunk.envelope import ChunkCodec, codec_for
 from tests.engine.test_cloud import CloudEngine, ceng, rand  # noqa: F401
 from tests.engine.test_fs import CS, make_file, read_name, slots_of
 
@@ -33,7 +33,7 @@ def test_gc_repacks_restores_and_reads_encrypted_packs(ceng: CloudEngine) -> Non
     for name in drop:
         ceng.fs.unlink(1, name)
     ceng.gc(0)
-    r = cas.gc.collect_cloud(ceng.tier(pack_size=600 << 10), grace_s=0)
+    r = cas.maint.gc.collect_cloud(ceng.tier(pack_size=600 << 10), grace_s=0)
     assert r.packs_rewritten >= 1 and r.new_packs >= 1
     blobs = ceng.pack_blobs()
     live = {codec.chunk_id(p) for d in keep.values() for p in slots_of(d).values()}
@@ -48,7 +48,7 @@ def test_gc_repacks_restores_and_reads_encrypted_packs(ceng: CloudEngine) -> Non
     for p in ceng.vol.chunk_dir.rglob("*"):                    # local store gone: restore from packs
         if p.is_file():
             p.unlink()
-    res = cas.cloud.restore(ceng.tier())
+    res = cas.tier.cloud.restore(ceng.tier())
     assert res.restored == len(live) and not res.lost
     ceng.tier().evict(0)                                       # and read back from the packs
     fs = ceng.reopen(cache_bytes=0)

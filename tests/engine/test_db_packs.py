@@ -17,9 +17,9 @@ from typing import TypeVar
 
 import pymysql.cursors
 
-import cas.gc
-import cas.meta
-import cas.snapshot
+import cas.maint.gc
+import cas.db.database
+import cas.tier.snapshot
 from cas.db import packs as pack_rows
 from cas.db.batch import BATCH_ROWS
 from cas.db import queue as queue_rows
@@ -31,7 +31,7 @@ T = TypeVar("T")
 
 
 @contextmanager
-def open_transaction(db: cas.meta.Database) -> Iterator[pymysql.cursors.Cursor]:
+def open_transaction(db: cas.db.database.Database) -> Iterator[pymysql.cursors.Cursor]:
     """A transaction on ``db``'s connection left open for the ``with`` body (it holds
     whatever locks the body's statements take); rolled back at the end."""
     db.conn.begin()
@@ -57,7 +57,7 @@ def in_thread(fn: Callable[[], T]) -> tuple[threading.Thread, list[T], list[Base
     return t, out, err
 
 
-def blocked_in(ceng: CloudEngine, db: cas.meta.Database, statement: str) -> bool:
+def blocked_in(ceng: CloudEngine, db: cas.db.database.Database, statement: str) -> bool:
     """Whether ``db``'s connection is inside a statement matching ``statement`` (a LIKE
     pattern) right now: a one-row lookup by key stays there only while it waits for a
     row lock. (information_schema.processlist: MariaDB lists a locking read that waits
@@ -66,7 +66,7 @@ def blocked_in(ceng: CloudEngine, db: cas.meta.Database, statement: str) -> bool
                        "AND info LIKE %s", (db.conn.thread_id(), statement), sync=False))
 
 
-def confirmed_pack(db: cas.meta.Database, name: str) -> int:
+def confirmed_pack(db: cas.db.database.Database, name: str) -> int:
     """A confirmed pack row with no entry (what gc finds dead), made with the typed
     functions as the uploader makes one; returns its id."""
     def body(cur: pymysql.cursors.Cursor) -> int:
@@ -114,7 +114,7 @@ def test_a_pin_under_way_keeps_gc_from_deleting_its_pack(ceng: CloudEngine) -> N
             # a snapshot pins the pack: shared lock on its row, pin row not committed yet
             assert pack_rows.lock_confirmed_names(cur, ["casfs-pack-pinned"]) == 1
             pack_rows.insert_pins(cur, 7, ["casfs-pack-pinned"])
-            t, out, err = in_thread(lambda: cas.gc._drop_dead_pack(tier, pack))
+            t, out, err = in_thread(lambda: cas.maint.gc._drop_dead_pack(tier, pack))
             wait_for(lambda: blocked_in(ceng, tier.db, "SELECT name FROM packs WHERE id = %FOR UPDATE"),
                      "gc to wait for the pin's lock", 30)
             snap.db.conn.commit()
@@ -123,7 +123,7 @@ def test_a_pin_under_way_keeps_gc_from_deleting_its_pack(ceng: CloudEngine) -> N
     assert ceng.q("SELECT COUNT(*) FROM packs WHERE id = %s", (pack,))[0][0] == 1
     assert pack_rows.pinned_names(tier.db) == {"casfs-pack-pinned"}
     pack_rows.unpin(tier.db, 7)                        # retention dropped the generation
-    assert cas.gc._drop_dead_pack(tier, pack) is True
+    assert cas.maint.gc._drop_dead_pack(tier, pack) is True
     assert ceng.q("SELECT COUNT(*) FROM packs WHERE id = %s", (pack,))[0][0] == 0
 
 
@@ -137,7 +137,7 @@ def test_a_pack_gc_is_deleting_is_never_pinned(ceng: CloudEngine) -> None:
             assert not pack_rows.has_entries(cur, pack)
             assert not pack_rows.is_pinned(cur, "casfs-pack-dying")
             pack_rows.delete_pack(cur, pack)
-            t, out, err = in_thread(lambda: cas.snapshot._pin(tier.db, 8, ["casfs-pack-dying"]))
+            t, out, err = in_thread(lambda: cas.tier.snapshot._pin(tier.db, 8, ["casfs-pack-dying"]))
             wait_for(lambda: blocked_in(ceng, tier.db, "SELECT id FROM packs WHERE name IN %LOCK IN SHARE MODE"),
                      "the pin to wait for gc's lock", 30)
             gc.db.conn.commit()

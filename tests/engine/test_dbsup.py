@@ -19,8 +19,8 @@ import pymysql
 import pytest
 
 from cas.errors import CasError, FsError, MetaError
-from cas.meta import Database, MetaTarget
-from cas.server import EmbeddedServer, ServerSupervisor, pid_running
+from cas.db.database import Database, MetaTarget
+from cas.db.server import EmbeddedServer, ServerSupervisor, pid_running
 from tests.engine.test_fs import CS, FILE_MODE, GID, ROOT, UID, Engine, eng, make_file, read_name  # noqa: F401
 from tests.conftest import running_server
 from tests.waiting import wait_for

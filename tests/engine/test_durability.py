@@ -12,9 +12,9 @@ import stat as S
 
 import pytest
 
-import cas.meta
+import cas.db.database
 from cas.errors import InvalidArgument
-from cas.fs import GROUP, IMMEDIATE, Filesystem
+from cas.engine.fs import GROUP, IMMEDIATE, Filesystem
 from tests.engine.test_fs import FILE_MODE, GID, ROOT, UID, Engine, eng  # noqa: F401 - the fixture
 
 
@@ -22,7 +22,7 @@ def open_fs(eng: Engine, durability: str) -> Filesystem:
     """Replace the engine's Filesystem with one in ``durability`` mode."""
     eng.fs.close()
     eng.opened.remove(eng.fs)
-    eng.fs = Filesystem(cas.meta.connect(eng.vol), cache_bytes=16 << 20, durability=durability)
+    eng.fs = Filesystem(cas.db.database.connect(eng.vol), cache_bytes=16 << 20, durability=durability)
     eng.opened.append(eng.fs)
     return eng.fs
 
@@ -83,5 +83,5 @@ def test_immediate_rename_commits_the_files_buffered_contents_first(eng: Engine)
 
 
 def test_unknown_durability_is_refused(eng: Engine) -> None:
-    with cas.meta.connect(eng.vol) as meta, pytest.raises(InvalidArgument):
+    with cas.db.database.connect(eng.vol) as meta, pytest.raises(InvalidArgument):
         Filesystem(meta, durability="sometimes")

@@ -1,4 +1,4 @@
-"""Tests of cas.envelope: chunk ids, the on-disk header, compression, verification."""
+"""Tests of cas.chunk.envelope: chunk ids, the on-disk header, compression, verification."""
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +11,7 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cas.envelope import (CODEC_RAW, CODEC_ZSTD, FORMAT_VERSION, HEADER_SIZE, MAGIC, chunk_id,
+from cas.chunk.envelope import (CODEC_RAW, CODEC_ZSTD, FORMAT_VERSION, HEADER_SIZE, MAGIC, chunk_id,
                           open_envelope, parse_codec, seal)
 from cas.errors import FsError, IntegrityError
 

@@ -1,4 +1,4 @@
-"""cas.envelope.ChunkCodec: the encrypted envelope (docs/format.md) and the plain one."""
+"""cas.chunk.envelope.ChunkCodec: the encrypted envelope (docs/format.md) and the plain one."""
 from __future__ import annotations
 
 import hashlib
@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from cas import keys
-from cas.envelope import (CODEC_RAW, CODEC_ZSTD, FLAG_AEAD, HEADER_SIZE, NONCE_SIZE, PLAIN, TAG_SIZE,
+from cas.config import keys
+from cas.chunk.envelope import (CODEC_RAW, CODEC_ZSTD, FLAG_AEAD, HEADER_SIZE, NONCE_SIZE, PLAIN, TAG_SIZE,
                           ChunkCodec, codec_for, seal)
 from cas.errors import IntegrityError, VolumeError
-from cas.volume import Volume
+from cas.config.volume import Volume
 
 TEXT = b"a compressible line of text, over and over\n" * 2000
 

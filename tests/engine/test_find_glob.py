@@ -1,4 +1,4 @@
-"""cas.find.glob_to_sql: the LIKE (and REGEXP) it makes match on the real MariaDB server
+"""cas.maint.find.glob_to_sql: the LIKE (and REGEXP) it makes match on the real MariaDB server
 exactly the names Python's fnmatch.fnmatchcase matches (fnmatch(3) without flags,
 find(1)'s -name), for globs and names drawn from the characters special to either."""
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cas.find import glob_to_sql
-from cas.meta import Database, MetaTarget
-from cas.server import EmbeddedServer
+from cas.maint.find import glob_to_sql
+from cas.db.database import Database, MetaTarget
+from cas.db.server import EmbeddedServer
 
 # no backslash: fnmatchcase has no escape character, fnmatch(3) and casfs do; no '^':
 # glibc's fnmatch (find -name) reads "[^" as "[!", fnmatchcase as a literal '^'

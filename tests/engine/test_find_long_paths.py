@@ -1,11 +1,11 @@
-"""casfs find (cas/find.py) builds paths in a recursive CTE whose column type comes
+"""casfs find (cas/maint/find.py) builds paths in a recursive CTE whose column type comes
 from its anchor row: a path longer than Linux's PATH_MAX (4096 bytes; reachable
 through relative paths) comes back whole, not cut at the column's length."""
 from __future__ import annotations
 
 import os
 
-from cas.find import Query, search
+from cas.maint.find import Query, search
 from tests.engine.test_fs import ROOT, Engine, eng, make_file  # noqa: F401 - the fixture
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from cas.errors import CasError, NoSpace
-from cas.fs import Filesystem
+from cas.engine.fs import Filesystem
 from tests.engine.test_fs import CS, GID, ROOT, UID, Engine, eng  # noqa: F401 - the fixture
 from tests.engine.test_writeback import _kill_session
 

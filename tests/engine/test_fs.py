@@ -1,11 +1,11 @@
-"""Engine tests of cas.fs.Filesystem, without FUSE.
+"""Engine tests of cas.engine.fs.Filesystem, without FUSE.
 
 Each test gets a volume in ``tmp_path`` whose metadata lives in a database of its own on
 the session MariaDB server (``mysql_server``), dropped at teardown. The chunk size is
 64 KiB so that multi-chunk files stay small. Expected chunk ids, refcounts and sizes are
 computed in the test from the bytes written (hashlib), never taken from the engine.
 
-The engine group-commits its namespace operations (cas.meta.Database.start_group_commit),
+The engine group-commits its namespace operations (cas.db.database.Database.start_group_commit),
 so the tests look at the database through their own connection after ``fs.sync()``
 (``Engine.q``), and run fsck, stats and gc on connections of their own, as the CLI does.
 """
@@ -27,15 +27,15 @@ from typing import Any
 import pymysql
 import pytest
 
-import cas.fsck
-import cas.gc
-import cas.meta
-import cas.stats
-from cas.envelope import HEADER_SIZE
+import cas.maint.fsck
+import cas.maint.gc
+import cas.db.database
+import cas.maint.stats
+from cas.chunk.envelope import HEADER_SIZE
 from cas.errors import CasError, FsError
-from cas.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, Filesystem
-from cas.server import EmbeddedServer
-from cas.volume import Volume, create_volume_dir
+from cas.engine.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, Filesystem
+from cas.db.server import EmbeddedServer
+from cas.config.volume import Volume, create_volume_dir
 
 CS = 64 * 1024
 ROOT = 1
@@ -74,7 +74,7 @@ class Engine:
         self.server = server
         url = f"mysql://root@localhost/{self.dbname}?unix_socket={server.socket}"
         self.vol: Volume = create_volume_dir(str(tmp_path / "vol"), CS, "zstd:3", url)
-        cas.meta.initialize(self.vol, UID, GID)
+        cas.db.database.initialize(self.vol, UID, GID)
         self.vol.save()
         self.admin = pymysql.connect(unix_socket=str(server.socket), user="root", password="",
                                      database=self.dbname, autocommit=True)
@@ -82,7 +82,7 @@ class Engine:
         self.fs = self.new_fs()
 
     def new_fs(self, cache_bytes: int = 64 << 20) -> Filesystem:
-        fs = Filesystem(cas.meta.connect(self.vol), cache_bytes=cache_bytes)
+        fs = Filesystem(cas.db.database.connect(self.vol), cache_bytes=cache_bytes)
         self.opened.append(fs)
         return fs
 
@@ -128,24 +128,24 @@ class Engine:
                     out[bytes.fromhex(f)] = os.path.getsize(os.path.join(dirpath, f))
         return out
 
-    def other(self) -> cas.meta.Metadata:
+    def other(self) -> cas.db.database.Metadata:
         """A second connection to the volume (what `casfs fsck|gc|stats` would open)."""
-        return cas.meta.connect(self.vol)
+        return cas.db.database.connect(self.vol)
 
-    def fsck(self, **kw: Any) -> cas.fsck.FsckReport:
+    def fsck(self, **kw: Any) -> cas.maint.fsck.FsckReport:
         self.fs.sync()
         with self.other() as m:
-            return cas.fsck.check(m, **kw)
+            return cas.maint.fsck.check(m, **kw)
 
-    def stats(self) -> cas.stats.VolumeStats:
+    def stats(self) -> cas.maint.stats.VolumeStats:
         self.fs.sync()
         with self.other() as m:
-            return cas.stats.collect(m)
+            return cas.maint.stats.collect(m)
 
-    def gc(self, grace_s: float) -> cas.gc.GcResult:
+    def gc(self, grace_s: float) -> cas.maint.gc.GcResult:
         self.fs.sync()
         with self.other() as m:
-            return cas.gc.collect(m, grace_s=grace_s)
+            return cas.maint.gc.collect(m, grace_s=grace_s)
 
     def close(self) -> None:
         for fs in self.opened:
@@ -924,7 +924,7 @@ def test_gc_between_precheck_and_commit(eng: Engine) -> None:
 
     def racing_write_chunks(chunks: Any, todo: list[bytes]) -> dict[bytes, int]:
         stored = orig(chunks, todo)
-        results.append(cas.gc.collect(gc_meta, grace_s=0))
+        results.append(cas.maint.gc.collect(gc_meta, grace_s=0))
         return stored
 
     fs.chunks.write_chunks = racing_write_chunks  # type: ignore[method-assign]
@@ -956,8 +956,8 @@ def test_gc_waits_for_uncommitted_reference(eng: Engine) -> None:
     fs.write(ino, 0, x)
     fs.setattr(ino, size=CS)                         # flushed, not committed: row locked
     gc_meta = eng.other()
-    results: list[cas.gc.GcResult] = []
-    t = threading.Thread(target=lambda: results.append(cas.gc.collect(gc_meta, grace_s=0)))
+    results: list[cas.maint.gc.GcResult] = []
+    t = threading.Thread(target=lambda: results.append(cas.maint.gc.collect(gc_meta, grace_s=0)))
     try:
         t.start()
         t.join(1.0)
@@ -980,7 +980,7 @@ def test_gc_waits_for_uncommitted_reference(eng: Engine) -> None:
 
 def test_gc_orphan_files_respect_grace(eng: Engine) -> None:
     fs = eng.fs
-    from cas.envelope import seal
+    from cas.chunk.envelope import seal
     orphan = b"orphan chunk never committed"
     fs.store.put(sha(orphan), seal(orphan))
     live = random.Random(63).randbytes(CS)

@@ -1,4 +1,4 @@
-"""The mount-helper calling conventions and -o option translation (tools/fstab.py,
+"""The mount-helper calling conventions and -o option translation (tools/cli/fstab.py,
 docs/mounting.md), without a mount."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import click
 import pytest
 
 from tools.cli import main, mount
-from tools.fstab import expand_options, helper_args, kernel_flags
+from tools.cli.fstab import expand_options, helper_args, kernel_flags
 
 
 def test_options_translate_to_mount_arguments() -> None:

@@ -1,4 +1,4 @@
-"""cas.keys: wrapping the master key, unlocking, sealed metadata blobs."""
+"""cas.config.keys: wrapping the master key, unlocking, sealed metadata blobs."""
 from __future__ import annotations
 
 import logging
@@ -8,10 +8,10 @@ from pathlib import Path
 import pymysql
 import pytest
 
-from cas import keys
+from cas.config import keys
 from cas.errors import IntegrityError
-from cas.server import EmbeddedServer
-from cas.volume import Volume
+from cas.db.server import EmbeddedServer
+from cas.config.volume import Volume
 from tests.engine.test_cloud import CloudEngine, ceng  # noqa: F401 - the fixture
 
 
@@ -89,19 +89,19 @@ def test_an_encrypted_volume_that_lost_its_table_is_refused(tmp_path: Path, mysq
     [encryption] table is then refused instead of going on as plain (docs/encryption.md)."""
     from dataclasses import replace
 
-    import cas.meta
+    import cas.db.database
     from cas.errors import VolumeError
-    from cas.volume import create_volume_dir, open_volume
+    from cas.config.volume import create_volume_dir, open_volume
     from tests.engine.test_fs import CS, Engine
     url = f"mysql://root@localhost/tkeys_{os.getpid()}?unix_socket={mysql_server.socket}"
     vol = create_volume_dir(str(tmp_path / "new"), CS, "zstd:3", url)
     vol.encryption = keys.new_encryption_table(keys.new_master_key(), "pw", None, volume_uuid=vol.uuid)
-    cas.meta.initialize(vol, 0, 0)
+    cas.db.database.initialize(vol, 0, 0)
     try:
-        with cas.meta.connect(vol) as m:             # not unlocked: connects (stats, drive status)
+        with cas.db.database.connect(vol) as m:             # not unlocked: connects (stats, drive status)
             assert dict(m.db.query("SELECT k, v FROM meta"))["encryption"] == "aes-256-gcm/blake3-keyed"
         with pytest.raises(VolumeError, match="no \\[encryption\\] table"):
-            cas.meta.connect(replace(vol, encryption={}))
+            cas.db.database.connect(replace(vol, encryption={}))
     finally:
         admin = pymysql.connect(unix_socket=str(mysql_server.socket), user="root", password="")
         with admin.cursor() as cur:
@@ -111,10 +111,10 @@ def test_an_encrypted_volume_that_lost_its_table_is_refused(tmp_path: Path, mysq
     e = Engine(tmp_path / "old", mysql_server)
     try:
         assert e.q("SELECT v FROM meta WHERE k = 'encryption'") == []
-        cas.meta.connect(replace(e.vol, encryption={})).close()       # unknown: no refusal
+        cas.db.database.connect(replace(e.vol, encryption={})).close()       # unknown: no refusal
         e.vol.encryption = keys.new_encryption_table(keys.new_master_key(), "pw", None, volume_uuid=e.vol.uuid)
         e.vol.save()
-        with cas.meta.connect(e.vol):                  # locked: nothing recorded yet
+        with cas.db.database.connect(e.vol):                  # locked: nothing recorded yet
             pass
         assert e.q("SELECT v FROM meta WHERE k = 'encryption'") == []
         keys.unlock(e.vol, "pw")
@@ -123,7 +123,7 @@ def test_an_encrypted_volume_that_lost_its_table_is_refused(tmp_path: Path, mysq
         lost = open_volume(str(e.vol.path))
         lost.encryption = {}
         with pytest.raises(VolumeError, match="refusing to go on as plain"):
-            cas.meta.connect(lost)
+            cas.db.database.connect(lost)
     finally:
         e.close()
 
@@ -133,7 +133,7 @@ def test_rescue_records_are_bound_to_volume_and_name_and_scrypt_is_bounded(
     """Sealed rescue records open only under their own volume uuid and file name; an
     encrypted volume that is not unlocked writes none; scrypt parameters beyond the
     bounds are refused before running (docs/encryption.md)."""
-    from cas import rescue
+    from cas.engine import rescue
     from cas.errors import VolumeError
     from tests.engine.test_cloud_encrypted import encrypt
     from tests.engine.test_fs import CS
@@ -168,7 +168,7 @@ def test_the_passphrase_leaves_the_environment_once_read(tmp_path: Path, monkeyp
     daemon and an embedded mariadbd started later do not inherit it (/proc/PID/environ)."""
     import os
 
-    from tools.keycmd import unlock_volume
+    from tools.cli.keycmd import unlock_volume
     master = keys.new_master_key()
     vol = _vol(tmp_path, keys.new_encryption_table(master, "pw", None, volume_uuid="u-1"))
     monkeypatch.setenv("CASFS_PASSPHRASE", "pw")

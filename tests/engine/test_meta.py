@@ -1,4 +1,4 @@
-"""Tests of cas.meta: URL parsing, schema creation and checks, transactions.
+"""Tests of cas.db.database: URL parsing, schema creation and checks, transactions.
 
 The database tests run against the session MariaDB server (``mysql_server``), each in a
 database of its own that is dropped at teardown.
@@ -16,10 +16,10 @@ import pymysql
 import pytest
 
 from cas.errors import MetaError, SchemaMismatch
-from cas.meta import (ROOT_INODE, SCHEMA_VERSION, Database, MetaTarget, connect, initialize,
+from cas.db.database import (ROOT_INODE, SCHEMA_VERSION, Database, MetaTarget, connect, initialize,
                       parse_meta_url, schema_statements)
-from cas.server import EmbeddedServer
-from cas.volume import Volume
+from cas.db.server import EmbeddedServer
+from cas.config.volume import Volume
 
 # -- parse_meta_url --------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ import cas.db.queue as dbqueue
 import cas.db.tables as dbtables
 import cas.db.volume as dbvolume
 import cas.db.reports as reports
-import cas.meta
+import cas.db.database
 from cas.db.batch import BATCH_ROWS
 from tests.engine.test_fs import ROOT, Engine, eng  # noqa: F401 - the fixture
 
@@ -37,21 +37,21 @@ REPO = Path(__file__).resolve().parents[2]
 #: modules whose SQL lives in cas/db/; none of them may run a statement of its own
 #: (the maintenance and cloud modules join this list when their SQL moves there)
 SQL_FREE_MODULES: tuple[str, ...] = (
-    "cas/fs.py",
-    "cas/filedata.py",
-    "cas/xattrs.py",
-    "cas/chunks.py",
-    "cas/find.py",
-    "cas/du.py",
-    "cas/syncstatus.py",
-    "cas/stats.py",
-    "cas/cloud.py",
-    "cas/gc.py",
-    "cas/cloudcheck.py",
-    "cas/scrub.py",
-    "cas/repair.py",
-    "cas/fsck.py",
-    "cas/snapshot.py",
+    "cas/engine/fs.py",
+    "cas/engine/filedata.py",
+    "cas/engine/xattrs.py",
+    "cas/chunk/manager.py",
+    "cas/maint/find.py",
+    "cas/maint/du.py",
+    "cas/engine/syncstatus.py",
+    "cas/maint/stats.py",
+    "cas/tier/cloud.py",
+    "cas/maint/gc.py",
+    "cas/maint/cloudcheck.py",
+    "cas/maint/scrub.py",
+    "cas/maint/repair.py",
+    "cas/maint/fsck.py",
+    "cas/tier/snapshot.py",
 )
 
 #: (module, function) whose statements another section of work moves (the create path:
@@ -145,17 +145,17 @@ def test_every_layer_function_states_its_locks() -> None:
 # -- typed functions on a real MariaDB ---------------------------------------------------
 
 @pytest.fixture
-def db(eng: Engine) -> Iterator[cas.meta.Database]:
+def db(eng: Engine) -> Iterator[cas.db.database.Database]:
     """A connection of its own to the volume's database (no group commit: each
     transaction commits), closed at teardown."""
-    meta = cas.meta.connect(eng.vol)
+    meta = cas.db.database.connect(eng.vol)
     try:
         yield meta.db
     finally:
         meta.close()
 
 
-def test_manifest_rows_round_trip_in_batches(eng: Engine, db: cas.meta.Database) -> None:
+def test_manifest_rows_round_trip_in_batches(eng: Engine, db: cas.db.database.Database) -> None:
     ino = eng.fs.create(ROOT, b"f", 0o644, os.getuid(), os.getgid()).ino
     eng.fs.release(ino)
     eng.fs.sync()
@@ -181,7 +181,7 @@ def test_manifest_rows_round_trip_in_batches(eng: Engine, db: cas.meta.Database)
     assert dbmanifests.manifest_of(db, ino) == {}
 
 
-def test_refcount_deltas_over_more_than_a_batch(eng: Engine, db: cas.meta.Database) -> None:
+def test_refcount_deltas_over_more_than_a_batch(eng: Engine, db: cas.db.database.Database) -> None:
     n = BATCH_ROWS * 2 + 11
     ids = sorted(i.to_bytes(2, "big") * 16 for i in range(1, n + 1))
     refs = [dbchunks.ChunkRef(cid, 1000 + i, 500 + i, 1 + i % 3) for i, cid in enumerate(ids)]
@@ -212,7 +212,7 @@ def test_refcount_deltas_over_more_than_a_batch(eng: Engine, db: cas.meta.Databa
     assert dbchunks.states(db, [bad[0]]) == [dbchunks.ChunkState(bad[0], False, True, 77)]
 
 
-def test_inode_rows_are_typed_and_updates_checked(eng: Engine, db: cas.meta.Database) -> None:
+def test_inode_rows_are_typed_and_updates_checked(eng: Engine, db: cas.db.database.Database) -> None:
     fs = eng.fs
     d = fs.mkdir(ROOT, b"d", 0o755, os.getuid(), os.getgid())
     f = fs.create(d.ino, b"f", 0o600, os.getuid(), os.getgid())

@@ -1,5 +1,5 @@
 """The object-store conformance suite, run on every ObjectStore implementation
-(cas.objstore.DirObjectStore, cas.drive.DriveObjectStore against tools.drivesim), and
+(cas.tier.objstore.DirObjectStore, cas.tier.drive.DriveObjectStore against tools.drivesim), and
 then the Drive store's own behaviour: error translation, resumable uploads surviving
 faults, timeouts, retrying with Retry-After, batch deletes, paging, folders, credentials.
 
@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 
-from cas.drive import (CHUNK_UNIT, MULTIPART_MAX, DriveObjectStore, build_service, ensure_folder,
+from cas.tier.drive import (CHUNK_UNIT, MULTIPART_MAX, DriveObjectStore, build_service, ensure_folder,
                        load_credentials)
-from cas.objstore import (DailyLimit, DirObjectStore, ObjectInfo, ObjectNotFound, ObjectStore,
+from cas.tier.objstore import (DailyLimit, DirObjectStore, ObjectInfo, ObjectNotFound, ObjectStore,
                           ObjectStoreError, TryAgain, now_utc, retrying)
 from tools.drivesim import FOLDER_MIME, DriveSim
 

@@ -20,7 +20,7 @@ import pytest
 import trio
 
 import fusefront.observe as observe
-from cas.audit import CHANGES, LOGGER
+from cas.config.audit import CHANGES, LOGGER
 from fusefront.observe import Observer
 from fusefront.operations import CasOperations
 from tests.engine.test_fs import ROOT, Engine, eng  # noqa: F401 - the fixture

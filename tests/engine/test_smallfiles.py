@@ -10,7 +10,7 @@ import stat as S
 import pytest
 
 from cas.errors import Exists, MetaError, NotEmpty, NotFound
-from cas.fs import Filesystem
+from cas.engine.fs import Filesystem
 from tests.engine.test_fs import CS, GID, ROOT, UID, Engine, eng, make_file, read_name  # noqa: F401 - eng is the fixture
 
 N = 500   # creates in each of two directories

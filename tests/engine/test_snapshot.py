@@ -1,4 +1,4 @@
-"""Engine tests of the snapshot format (cas.snapshot.dump / load) on the real MariaDB:
+"""Engine tests of the snapshot format (cas.tier.snapshot.dump / load) on the real MariaDB:
 a dump loads into a fresh database from schema.sql with every row equal, and a
 damaged or truncated dump is refused (docs/backup.md, "The snapshot format")."""
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pymysql
 import pytest
 import zstandard
 
-from cas import snapshot
-from cas.meta import Database, parse_meta_url
-from cas.objstore import ObjectStoreError
+from cas.tier import snapshot
+from cas.db.database import Database, parse_meta_url
+from cas.tier.objstore import ObjectStoreError
 from tests.engine.test_cloud import CloudEngine, ceng, rand  # noqa: F401 - the fixture
 from tests.engine.test_fs import CS, make_file
 
@@ -216,8 +216,8 @@ def test_the_volume_object_follows_key_passwd_on_disk(ceng: CloudEngine, monkeyp
         return real_tf(*a, **kw)
     monkeypatch.setattr(tempfile, "TemporaryFile", recording)
 
-    from cas import keys
-    from cas.volume import open_volume
+    from cas.config import keys
+    from cas.config.volume import open_volume
     from tests.engine.test_cloud_encrypted import encrypt
     encrypt(ceng)
     make_file(ceng.fs, b"a", rand(CS, 6))

@@ -1,4 +1,4 @@
-"""Tests of cas.store.LocalStore: round trips, layout, temporary files, ENOSPC, absence."""
+"""Tests of cas.chunk.store.LocalStore: round trips, layout, temporary files, ENOSPC, absence."""
 from __future__ import annotations
 
 import errno
@@ -10,9 +10,9 @@ import pytest
 
 from tests.treeutil import tmpfs
 
-from cas.envelope import chunk_id, open_envelope, seal
+from cas.chunk.envelope import chunk_id, open_envelope, seal
 from cas.errors import ChunkMissing, FsError, NoSpace
-from cas.store import LocalStore, StoredChunk
+from cas.chunk.store import LocalStore, StoredChunk
 
 
 def make(data: bytes) -> tuple[bytes, bytes]:

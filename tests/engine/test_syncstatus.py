@@ -1,4 +1,4 @@
-"""The sync status of a file (cas/syncstatus.py, docs/status.md) on the engine: the
+"""The sync status of a file (cas/engine/syncstatus.py, docs/status.md) on the engine: the
 value's shape, where buffered bytes count, the read-only virtual name, and the places."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import pytest
 
 from cas.errors import FsError, NoData
-from cas.syncstatus import STATUS_XATTR, FileSync, _where
+from cas.engine.syncstatus import STATUS_XATTR, FileSync, _where
 
 from .test_fs import CS, ROOT, Engine, eng, make_file  # noqa: F401 - eng is a fixture
 

@@ -12,9 +12,9 @@ import stat as S
 
 import pytest
 
-from cas import rescue
+from cas.engine import rescue
 from cas.errors import CasError
-from cas.fs import Filesystem
+from cas.engine.fs import Filesystem
 from tests.engine.test_fs import CS, GID, ROOT, UID, Engine, eng  # noqa: F401 - the fixture
 
 

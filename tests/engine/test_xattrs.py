@@ -1,4 +1,4 @@
-"""The engine's xattr limits (cas/xattrs.py, docs/security.md): the per-inode space,
+"""The engine's xattr limits (cas/engine/xattrs.py, docs/security.md): the per-inode space,
 the byte bound of the xattr cache, bare namespace prefixes, and the maximum file size."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import os
 import pytest
 
 from cas.errors import FsError
-from cas.fs import MAX_FILE_SIZE
-from cas.xattrs import XATTR_CACHE_BYTES, XATTR_INODE_MAX, XattrCache
+from cas.engine.fs import MAX_FILE_SIZE
+from cas.engine.xattrs import XATTR_CACHE_BYTES, XATTR_INODE_MAX, XattrCache
 
 from .test_fs import Engine, eng, make_file  # noqa: F401 - eng is a fixture
 

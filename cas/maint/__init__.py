@@ -1,0 +1,1 @@
+"""Maintenance and reports: gc, fsck and repair, scrub, the cloud check, stats, find, du."""

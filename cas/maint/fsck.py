@@ -1,0 +1,125 @@
+"""fsck: check a volume's metadata against its chunk store, and repair what can be.
+
+Checks, on one consistent snapshot of the database (REPEATABLE READ):
+- every chunk's refcount equals the number of manifest slots naming it;
+- every chunk a manifest names has a row, a file or a confirmed cloud copy, and
+  (unless ``verify=False``) a local file whose plaintext hashes to its id (cloud copies
+  are verified when read, not by fsck); a missing file of a chunk whose row says
+  ``is_local = 1`` or ``bad = 1`` is missing even when a cloud copy exists, and a
+  chunk marked bad whose file verifies is listed in ``bad_marked``;
+- every non-directory inode's nlink equals its number of directory entries;
+- no directory entry points to a missing inode;
+and lists orphan chunk files (a file with no row; gc removes them after the grace
+period). ``repair`` rewrites refcounts and link counts from the manifests and entries;
+missing, corrupt and bad-marked chunks are repaired by cas.maint.repair (from the cloud tier).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pymysql.cursors
+
+from cas.db import chunks as chunk_rows
+from cas.db import manifests as manifest_rows
+from cas.db import namespace as namespace_rows
+from cas.db import tables
+from cas.chunk.envelope import codec_for
+from cas.errors import ChunkMissing, IntegrityError
+from cas.db.database import Metadata
+from cas.chunk.store import LocalStore
+
+
+#: what fsck reads in its one snapshot: refcount mismatches (id, stored, actual), chunk
+#: ids with no row, live chunk ids, (cloud-only ids, bad-marked ids), nlink mismatches
+#: (inode, stored, actual), dangling entries (parent, name), every chunk id
+_Snapshot = tuple[list[tuple[bytes, int, int]], list[bytes], list[bytes], tuple[set[bytes], set[bytes]],
+                  list[tuple[int, int, int]], list[tuple[int, str]], set[bytes]]
+
+
+@dataclass(frozen=True)
+class FsckReport:
+    """Findings of one fsck run; ids are hex chunk ids."""
+
+    chunks_checked: int
+    refcount_mismatches: list[tuple[str, int, int]] = field(default_factory=list)  # id, stored, actual
+    missing_rows: list[str] = field(default_factory=list)
+    missing_files: list[str] = field(default_factory=list)
+    corrupt_chunks: list[str] = field(default_factory=list)
+    nlink_mismatches: list[tuple[int, int, int]] = field(default_factory=list)  # inode, stored, actual
+    dangling_entries: list[tuple[int, str]] = field(default_factory=list)
+    orphan_files: int = 0
+    repaired: bool = False
+    cloud_only: int = 0   # live chunks with no local file but a confirmed cloud copy (not an error)
+    bad_marked: list[str] = field(default_factory=list)  # marked bad, yet the local file verifies now
+
+    @property
+    def clean(self) -> bool:
+        """True when nothing is wrong (orphan files are not an error: gc removes them)."""
+        return not (self.refcount_mismatches or self.missing_rows or self.missing_files
+                    or self.corrupt_chunks or self.nlink_mismatches or self.dangling_entries
+                    or self.bad_marked)
+
+
+def check(meta: Metadata, repair: bool = False, verify: bool = True,
+          progress: Callable[[int], None] | None = None,
+          on_total: Callable[[int], None] | None = None) -> FsckReport:
+    """Run the checks of the module docstring; with ``repair`` fix refcounts and nlinks.
+
+    ``on_total`` is called once with the number of live chunks to check (after the
+    database snapshot), ``progress`` with 1 per live chunk checked."""
+    db = meta.db
+    store = LocalStore(meta.volume.chunk_dir)
+    envelope = codec_for(meta.volume)
+
+    def snapshot(cur: pymysql.cursors.Cursor) -> _Snapshot:
+        refs = [(r.chunk, r.stored, r.actual) for r in chunk_rows.refcount_mismatches(cur)]
+        no_row = manifest_rows.chunks_without_row(cur)
+        rows = chunk_rows.live(cur)
+        live = [r.id for r in rows]
+        in_cloud = {r.id for r in rows if r.in_cloud and not (r.is_local or r.bad)}   # meant to be cloud-only
+        marked = {r.id for r in rows if r.bad}
+        nlinks = [(r.inode, r.stored, r.actual) for r in namespace_rows.nlink_mismatches(cur)]
+        dangling = [(r.parent, r.name.decode(errors="replace")) for r in namespace_rows.dangling(cur)]
+        all_ids = chunk_rows.all_ids(cur)
+        return refs, no_row, live, (in_cloud, marked), nlinks, dangling, all_ids
+
+    with tables.repeatable_read(db):
+        refs, no_row, live, (in_cloud, marked), nlinks, dangling, all_ids = db.transaction(snapshot)
+    missing, corrupt, bad_marked = [], [], []
+    cloud_only = 0
+    if on_total is not None:
+        on_total(len(live))
+    for cid in live:
+        if progress is not None:
+            progress(1)
+        try:
+            blob = store.get(cid)
+            if verify:
+                envelope.open(blob, cid)
+        except ChunkMissing:
+            if cid in in_cloud:
+                cloud_only += 1   # evicted, or lost locally: reads fetch it (casfs restore)
+            else:
+                missing.append(cid.hex())
+        except IntegrityError:
+            corrupt.append(cid.hex())
+        else:
+            if cid in marked:
+                bad_marked.append(cid.hex())
+    orphans = sum(1 for cid in store.iter_ids() if cid not in all_ids)
+    repaired = False
+    if repair and (refs or nlinks):
+        def fix(cur: pymysql.cursors.Cursor) -> None:
+            for cid, _, _ in refs:
+                chunk_rows.recount(cur, cid)
+            for ino, _, _ in nlinks:
+                namespace_rows.recount_nlink(cur, ino)
+        db.transaction(fix)
+        repaired = True
+    return FsckReport(
+        chunks_checked=len(live),
+        refcount_mismatches=[(c.hex(), a, b) for c, a, b in refs],
+        missing_rows=[c.hex() for c in no_row], missing_files=missing, corrupt_chunks=corrupt,
+        nlink_mismatches=nlinks, dangling_entries=dangling, orphan_files=orphans, repaired=repaired,
+        cloud_only=cloud_only, bad_marked=bad_marked)
