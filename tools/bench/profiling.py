@@ -93,15 +93,15 @@ _CASFS_FILE = re.compile(r"(^|/)(cas|fusefront|tools)/[\w/]+\.py$")
 RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
     (WAIT_GIL, _GIL_WAIT),
     (HASH, re.compile(r"sha256|SHA256|_hashlib|hashopenssl|EVP_hash|EVP_Digest|blake3|blake2|"
-                      r"^\S*chunk_id \(\S*cas/envelope\.py")),
+                      r"^\S*chunk_id \(\S*cas/chunk/envelope\.py")),
     (COMPRESS, re.compile(r"ZSTD|Zstd|zstd\.c|compressor\.c|decompressor\.c|"
-                          r"^_(de)?compress \(\S*cas/envelope\.py")),
+                          r"^_(de)?compress \(\S*cas/chunk/envelope\.py")),
     (CRYPT, re.compile(r"AESGCM|aesgcm|aes_gcm|aesni|EVP_(En|De)crypt|EVP_Cipher|cryptography/")),
-    (SYNC, re.compile(r"^(syncfs|fsync|fdatasync|os_fsync\w*) |^\S*\._sync \(\S*cas/store\.py|"
+    (SYNC, re.compile(r"^(syncfs|fsync|fdatasync|os_fsync\w*) |^\S*\._sync \(\S*cas/chunk/store\.py|"
                       r"^fsync_dir \(")),
     (MYSQL, re.compile(r"pymysql/")),
     (IDLE, re.compile(r"get_events \(\S*trio/_core/_io_\w+\.py|^time_sleep |^(select_)?epoll_wait ")),
-    (CHUNK_IO, re.compile(r"\(\S*cas/store\.py:")),
+    (CHUNK_IO, re.compile(r"\(\S*cas/chunk/store\.py:")),
     (FUSE, re.compile(r"\.pyx:|\.pxi:|_pyfuse3\.py:|libfuse3|pyfuse3")),
     (TRIO, re.compile(r"\(\S*trio/")),
     (CASFS, re.compile(r"\(\S*(cas|fusefront)/\S+\.py:")),
