@@ -297,13 +297,17 @@ def evictable(db: Database, limit: int) -> list[StoredChunk]:
 
 
 def lock_evictable(cur: pymysql.cursors.Cursor, ids: Sequence[bytes]) -> list[bytes]:
-    """Those of ``ids`` still marked local and still located in a pack, each under its
-    exclusive row lock (``FOR UPDATE``, to the caller's COMMIT): a chunk is evicted only
+    """Those of ``ids`` (any order: the caller's LFU order) still marked local and still
+    located in a pack, each chunk row and its ``pack_entries`` row under an exclusive
+    row lock (``FOR UPDATE``, to the caller's COMMIT), taken **in id order**: ``ids``
+    are sorted here, then locked one statement per BATCH_ROWS ids, as a writer's
+    :func:`lock_gaining` does, so an evictor and a writer holding chunk rows never wait
+    for each other in a cycle (docs/metadata.md, lock order). A chunk is evicted only
     while its confirmed copy is recorded (invariant 5)."""
     out: list[bytes] = []
-    for part in batches(ids):
+    for part in batches(sorted(set(ids))):
         cur.execute("SELECT c.id FROM chunks c JOIN pack_entries e ON e.chunk = c.id "
-                    "WHERE c.id IN %s AND c.is_local = 1 FOR UPDATE", (list(part),))
+                    "WHERE c.id IN %s AND c.is_local = 1 ORDER BY c.id FOR UPDATE", (list(part),))
         out.extend(bytes(r[0]) for r in cur.fetchall())
     return out
 
