@@ -6,11 +6,11 @@ Keys: ``schema_version``, ``volume_uuid``, ``chunk_size``, ``encryption`` (cas.d
 text of at most 255 characters (schema.sql); :func:`set_values` cuts longer ones.
 
 Locks: reads take none (READ COMMITTED, or the caller's consistent snapshot); an upsert
-locks its one row until the caller's COMMIT; :func:`lock_value` takes the row's
-exclusive lock (``FOR UPDATE``) so that a read-modify-write of a counter (the snapshot
-generation) is serialized between processes. Every statement here touches only the
-rows of the keys it names, so no statement of this module waits for a lock held on
-another table (docs/metadata-packs.md, "Lock order").
+locks its one row until the caller's COMMIT; :func:`lock_value` creates the row if
+absent and takes its exclusive lock so that a read-modify-write of a counter (the
+snapshot generation) is serialized between processes, the first one included. Every
+statement here touches only the rows of the keys it names (docs/metadata-packs.md,
+"Lock order", for what a transaction may lock after a ``meta`` row).
 """
 from __future__ import annotations
 
@@ -65,13 +65,22 @@ def add_if_absent(db: Database, key: str, value: str) -> None:
     db.execute("INSERT IGNORE INTO meta (k, v) VALUES (%s, %s)", (key, value[:VALUE_MAX]))
 
 
-def lock_value(cur: pymysql.cursors.Cursor, key: str) -> str | None:
-    """The value of ``key`` under its row's exclusive lock (``SELECT ... FOR UPDATE``,
-    held to the caller's COMMIT), or None when there is no row (InnoDB then holds a gap
-    lock on where it would be, so two callers still serialize)."""
+def lock_value(cur: pymysql.cursors.Cursor, key: str, initial: str) -> str:
+    """The value of ``key`` under its row's exclusive lock (held to the caller's
+    COMMIT); a key without a row first gets one holding ``initial`` (in the caller's
+    transaction: it is rolled back with it, and a caller that writes the key later in
+    the transaction never lets ``initial`` be seen).
+
+    The row is created and locked by one ``INSERT ... ON DUPLICATE KEY UPDATE v = v``
+    (an X lock on the new or the existing row), then read. A plain ``SELECT ... FOR
+    UPDATE`` of an absent key locks nothing under READ COMMITTED (no gap locks, see
+    cas.db.namespace): two first read-modify-writes of a counter would both read
+    "absent" and hand out the same value. Guarded by
+    tests/engine/test_db_packs.py::test_two_first_snapshot_generations_differ."""
+    cur.execute("INSERT INTO meta (k, v) VALUES (%s, %s) ON DUPLICATE KEY UPDATE v = v",
+                (key, initial[:VALUE_MAX]))
     cur.execute("SELECT v FROM meta WHERE k = %s FOR UPDATE", (key,))
-    row = cur.fetchone()
-    return None if row is None else str(row[0])
+    return str(cur.fetchone()[0])
 
 
 def delete_keys(db: Database, keys: Iterable[str]) -> None:

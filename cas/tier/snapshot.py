@@ -441,8 +441,7 @@ class SnapshotResult:
 
 def _next_generation(db: Database) -> int:
     def body(cur: pymysql.cursors.Cursor) -> int:
-        row = meta_rows.lock_value(cur, "snapshot_generation")
-        gen = (int(row) if row else 0) + 1
+        gen = int(meta_rows.lock_value(cur, "snapshot_generation", "0")) + 1
         meta_rows.set_value(cur, "snapshot_generation", str(gen))
         return gen
     return db.transaction(body)
@@ -533,8 +532,7 @@ def take(tier: CloudTier, keep: int, keys: Sealer | None = None,
         raise
 
     def record(cur: pymysql.cursors.Cursor) -> None:
-        row = meta_rows.lock_value(cur, "snapshot_last_generation")
-        if row is not None and int(row) > gen:
+        if int(meta_rows.lock_value(cur, "snapshot_last_generation", "0")) > gen:
             return   # a newer one (another process) was confirmed first
         for k, v in (("snapshot_last_generation", str(gen)), ("snapshot_confirmed_at", _iso(_utc_now())),
                      ("snapshot_ctime_mark", str(info.ctime_mark)),

@@ -17,7 +17,6 @@ from typing import TypeVar
 
 import pymysql.cursors
 import pymysql.err
-import pytest
 
 import cas.maint.gc
 import cas.db.database
@@ -26,6 +25,7 @@ import cas.db.chunks as dbchunks
 from cas.db import packs as pack_rows
 from cas.db.batch import BATCH_ROWS
 from cas.db import queue as queue_rows
+import cas.db.volume as dbvolume
 from tests.engine.test_cloud import CloudEngine, ceng, rand  # noqa: F401 - ceng is a fixture
 from tests.engine.test_fs import CS, make_file
 from tests.waiting import wait_for
@@ -206,3 +206,25 @@ def test_eviction_locks_chunk_rows_in_id_order_whatever_order_it_is_given(ceng: 
                     t.join(60)
                 assert not t.is_alive()
     assert not err and out == [ids]
+
+
+def test_two_first_snapshot_generations_differ(ceng: CloudEngine) -> None:
+    """The first two snapshot generations of a volume (no ``snapshot_generation`` row
+    yet), handed out by two processes at once, differ: the first one's transaction holds
+    the key's row (``volume.lock_value`` creates it), so the second waits and counts on.
+    Under READ COMMITTED a ``FOR UPDATE`` of the absent row locked nothing, and both got 1."""
+    assert dbvolume.get(ceng.fs.db, "snapshot_generation") is None
+    with ceng.other() as a, ceng.other() as b:
+        with open_transaction(a.db) as ca:
+            first = int(dbvolume.lock_value(ca, "snapshot_generation", "0")) + 1
+            t, out, err = in_thread(lambda: cas.tier.snapshot._next_generation(b.db))
+            try:
+                wait_for(lambda: bool(out or err) or blocked_in(ceng, b.db, "INSERT INTO meta%"),
+                         "the second generation to be handed out or to wait", 30)
+                dbvolume.set_value(ca, "snapshot_generation", str(first))
+                a.db.conn.commit()
+            finally:
+                a.db.conn.rollback()
+                t.join(60)
+    assert not err and first == 1 and out == [2]
+    assert dbvolume.get(ceng.fs.db, "snapshot_generation") == "2"
