@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 
 import pymysql.cursors
 
+from cas.db.source import Source, rows
+
 if TYPE_CHECKING:
     from cas.db.database import Database
 
@@ -26,10 +28,12 @@ if TYPE_CHECKING:
 VALUE_MAX = 255
 
 
-def get(db: Database, key: str) -> str | None:
-    """The value of ``key``, or None when there is no row. No lock."""
-    rows = db.query("SELECT v FROM meta WHERE k = %s", (key,))
-    return str(rows[0][0]) if rows else None
+def get(src: Source, key: str) -> str | None:
+    """The value of ``key``, or None when there is no row: on the Database the last
+    committed value, on a cursor the one its transaction sees (a consistent snapshot's
+    own, cas.db.tables.begin_consistent). No lock."""
+    found = rows(src, "SELECT v FROM meta WHERE k = %s", (key,))
+    return str(found[0][0]) if found else None
 
 
 def values_of(db: Database, keys: Sequence[str]) -> dict[str, str]:

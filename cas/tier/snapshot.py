@@ -176,7 +176,7 @@ def dump(db: Database, out: IO[bytes], volume_uuid: str, generation: int,
         with conn.cursor() as cur:
             t0 = time.time_ns()
             tables.begin_consistent(cur)
-            schema = tables.schema_version(cur)
+            schema = meta_rows.get(cur, "schema_version")
             mark = namespace_rows.max_ctime(cur)
             lacking = chunk_rows.count_lacking(cur)
             columns: dict[str, list[tables.Column]] = {}
@@ -973,7 +973,7 @@ def _restore_loaded(volume: Volume, objects: ObjectStore, cfg: Any, folder_id: s
             say(f"kept the {len(names)} packs of generation {other.generation} safe from gc")
         lost = [c.hex() for c in chunk_rows.lacking(db)]
         live = chunk_rows.count_live(db)
-        inodes = namespace_rows.count_inodes(db)
+        inodes = namespace_rows.inode_count(db)
         downloaded = downloaded_bytes = 0
         unreadable: list[str] = []
         failed: list[str] = []
