@@ -2,8 +2,9 @@
 
 Keys: ``schema_version``, ``volume_uuid``, ``chunk_size``, ``encryption`` (cas.db.database);
 ``cloud_enabled`` and the uploader's ``drive_*`` keys (cas.tier.cloud); the scrub cursors
-``scrub_*`` (cas.maint.scrub); the snapshot keys ``snapshot_*`` (cas.tier.snapshot). Values are
-text of at most 255 characters (schema.sql); :func:`set_values` cuts longer ones.
+``scrub_*`` (cas.maint.scrub); the snapshot keys ``snapshot_*`` (cas.tier.snapshot);
+``inode_next`` (cas.db.namespace.reserve_inodes). Values are text of at most 255
+characters (schema.sql); :func:`set_values` cuts longer ones.
 
 Locks: reads take none (READ COMMITTED, or the caller's consistent snapshot); an upsert
 locks its one row until the caller's COMMIT; :func:`lock_value` creates the row if
