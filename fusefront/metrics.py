@@ -27,6 +27,7 @@ from cas.counters import MYSQL_COMMIT, MYSQL_RETRIES, MYSQL_TX, HistogramSnapsho
 from cas.errors import CasError
 from cas.engine.fs import Filesystem
 from cas.db.database import Database
+from cas.db import chunks as chunk_rows, queue as queue_rows, reports, volume as meta_rows
 
 from .observe import HANDLERS, Observer
 
@@ -95,26 +96,22 @@ class CasCollector(Collector):
         with self._db_lock:
             if self._db is None:
                 self._db = Database(self.fs.db.target)
-            q = self._db.query
-            n, size, age = q("SELECT COUNT(*), COALESCE(SUM(c.stored_length), 0), "
-                             "TIMESTAMPDIFF(MICROSECOND, MIN(q.queued), NOW(6)) "
-                             "FROM upload_queue q JOIN chunks c ON c.id = q.chunk")[0]
+            queued = queue_rows.figures(self._db)
             t, moved = time.monotonic(), self._store_changes()
             if self._local is None or t - self._local[0] >= self.local_bytes_ttl_s or moved != self._local[1]:
-                self._local = (t, moved,
-                               int(q("SELECT COALESCE(SUM(stored_length), 0) FROM chunks WHERE is_local = 1")[0][0]))
+                self._local = (t, moved, chunk_rows.local_bytes(self._db))
             local = self._local[2]
-            snap = q("SELECT v FROM meta WHERE k = %s", (SNAPSHOT_KEY,))
-            now = q("SELECT UTC_TIMESTAMP()")[0][0]
+            snap = meta_rows.get(self._db, SNAPSHOT_KEY)
+            now = reports.server_utc_now(self._db)
         snapshot_age = math.nan
-        if snap:
+        if snap is not None:
             try:
-                at = datetime.strptime(str(snap[0][0]), "%Y-%m-%d %H:%M:%S")
+                at = datetime.strptime(snap, "%Y-%m-%d %H:%M:%S")
                 snapshot_age = max(0.0, (now - at).total_seconds())
             except ValueError:
                 pass
-        return {"queue_chunks": int(n), "queue_bytes": int(size),
-                "queue_age_s": 0.0 if age is None else int(age) / 1e6,
+        return {"queue_chunks": queued.chunks, "queue_bytes": queued.bytes,
+                "queue_age_s": queued.oldest_us / 1e6,
                 "local_bytes": int(local), "snapshot_age_s": snapshot_age}
 
     def _store_changes(self) -> tuple[int, int, int]:

@@ -245,15 +245,10 @@ class ChunkManager:
             return [self.envelope.chunk_id(d) for d in datas]
         return list(self.pool.map(self.envelope.chunk_id, datas))
 
-    @staticmethod
-    def recorded(db: Database, ids: Iterable[bytes]) -> set[bytes]:
-        """The ids among ``ids`` that have a chunk row, any refcount (no locks taken)."""
-        return dbchunks.recorded(db, ids)
-
     def store_unknown(self, db: Database, chunks: Mapping[bytes, Plain]) -> dict[bytes, int]:
         """Durably store the chunks of ``chunks`` (id -> plaintext) that have no usable copy:
         no row, a row marked bad, or a row saying ``is_local = 1`` whose file is missing or
-        has another size than recorded (invariant 4: a bad chunk gets no new references;
+        has another size than recorded (invariant 8: a bad chunk gets no new references;
         the file is written again and :meth:`apply_deltas` clears the mark).
 
         A chunk with a usable row is stored already (a row is written only after its file
@@ -309,7 +304,7 @@ class ChunkManager:
         the envelope length of those written by :meth:`store_unknown`. Takes the row
         locks of gaining chunks and makes sure their files exist (invariant 3); a chunk
         whose file was written again (it was bad, missing, or collected) gets
-        ``bad = 0, is_local = 1`` and its new length in this transaction (invariant 4).
+        ``bad = 0, is_local = 1`` and its new length in this transaction (invariant 8).
         """
         gain = sorted(c for c, d in deltas.items() if d > 0)
         rows = dbchunks.lock_gaining(cur, gain)

@@ -10,7 +10,8 @@ docs/design.md; the protocol itself is in cas/chunk/manager.py and cas/maint/gc.
   transaction, with the manifest change (invariant 2); ``zero_since`` records when a
   refcount reached 0 (gc's grace period counts from it).
 - :func:`mark_bad` / :func:`mark_bad_if_local` / :func:`mark_rewritten`: a bad chunk
-  gets no new reference until a write brings its bytes again (invariant 8).
+  gets no new reference until a write brings its bytes again (invariant 8). The two
+  bad marks take a cursor (the caller's transaction) or the Database (autocommitted).
 
 Multi-row statements run in batches of BATCH_ROWS ids (cas.db.batch). Locks: InnoDB,
 READ COMMITTED (see cas.db.namespace for the background).
@@ -24,7 +25,7 @@ from pymysql.cursors import Cursor
 import pymysql.cursors
 
 from cas.db.batch import batches, values
-from cas.db.source import Source, rows
+from cas.db.source import Source, execute, rows
 
 if TYPE_CHECKING:
     from cas.db.database import Database
@@ -119,25 +120,30 @@ def drop_refs(cur: Cursor, delta: int, ids: Sequence[bytes]) -> None:
 
 
 def mark_rewritten(cur: Cursor, cid: bytes, stored_length: int) -> None:
-    """Chunk ``cid``'s file was written again (it was bad, missing or collected): clear
+    """Chunk ``cid``'s file was written again and verifies (a writer brought its bytes
+    again after it was bad, missing or collected; repair wrote a verified copy): clear
     ``bad``, set ``is_local`` and its new envelope length (bytes). X-locks the row
-    (locked already by :func:`lock_gaining`). Invariant 8: the write that brings a bad
-    chunk's bytes again heals it."""
+    (locked already by :func:`lock_gaining` or :func:`lock_exists`). Invariant 8: the
+    write that brings a bad chunk's bytes again heals it."""
     cur.execute("UPDATE chunks SET bad = 0, is_local = 1, stored_length = %s WHERE id = %s", (stored_length, cid))
 
 
-def mark_bad(cur: Cursor, ids: Sequence[bytes]) -> None:
-    """Mark ``ids`` bad (their local file failed verification). X-locks the rows.
-    Invariant 8."""
-    for batch in batches(ids):
-        cur.execute("UPDATE chunks SET bad = 1 WHERE id IN %s", (batch,))
+def mark_bad(src: Source, ids: Sequence[bytes]) -> None:
+    """Mark ``ids`` bad (their local file failed verification or could not be read),
+    one statement per batch: in the caller's transaction on a cursor, each batch
+    autocommitted on the Database (scrub, repair). X-locks the rows, in id order, to
+    the COMMIT. Invariant 8."""
+    for batch in batches(sorted(ids)):
+        execute(src, "UPDATE chunks SET bad = 1 WHERE id IN %s", (list(batch),))
 
 
-def mark_bad_if_local(cur: Cursor, ids: Sequence[bytes]) -> None:
-    """Mark bad those of ``ids`` whose row says the local store holds their file
-    (``is_local = 1``) though it could not be read. X-locks the rows. Invariant 8."""
-    for batch in batches(ids):
-        cur.execute("UPDATE chunks SET bad = 1 WHERE is_local = 1 AND id IN %s", (batch,))
+def mark_bad_if_local(src: Source, ids: Sequence[bytes]) -> None:
+    """Mark bad those of ``ids`` whose row still says the local store holds their file
+    (``is_local = 1``) though it could not be read (an eviction meanwhile is no
+    damage), as :func:`mark_bad` does (cursor or Database). X-locks the rows, in id
+    order, to the COMMIT. Invariant 8."""
+    for batch in batches(sorted(ids)):
+        execute(src, "UPDATE chunks SET bad = 1 WHERE is_local = 1 AND id IN %s", (list(batch),))
 
 
 # -- used by gc, the cloud tier and maintenance
@@ -236,14 +242,6 @@ def delete_row(cur: pymysql.cursors.Cursor, chunk: bytes) -> None:
     cur.execute("DELETE FROM chunks WHERE id = %s", (chunk,))
 
 
-def known(db: Database, ids: Sequence[bytes]) -> set[bytes]:
-    """Those of ``ids`` that have a chunk row (one query per batch). No lock."""
-    out: set[bytes] = set()
-    for part in batches(ids):
-        out.update(bytes(r[0]) for r in db.query("SELECT id FROM chunks WHERE id IN %s", (list(part),)))
-    return out
-
-
 def insert_placeholder(cur: pymysql.cursors.Cursor, chunk: bytes) -> bool:
     """Insert a placeholder row for an orphan file's id (refcount 0, sizes 0), holding
     the row lock a writer recording that id would take; False when a row exists (a
@@ -297,13 +295,17 @@ def evictable(db: Database, limit: int) -> list[StoredChunk]:
 
 
 def lock_evictable(cur: pymysql.cursors.Cursor, ids: Sequence[bytes]) -> list[bytes]:
-    """Those of ``ids`` still marked local and still located in a pack, each under its
-    exclusive row lock (``FOR UPDATE``, to the caller's COMMIT): a chunk is evicted only
+    """Those of ``ids`` (any order: the caller's LFU order) still marked local and still
+    located in a pack, each chunk row and its ``pack_entries`` row under an exclusive
+    row lock (``FOR UPDATE``, to the caller's COMMIT), taken **in id order**: ``ids``
+    are sorted here, then locked one statement per BATCH_ROWS ids, as a writer's
+    :func:`lock_gaining` does, so an evictor and a writer holding chunk rows never wait
+    for each other in a cycle (docs/metadata.md, lock order). A chunk is evicted only
     while its confirmed copy is recorded (invariant 5)."""
     out: list[bytes] = []
-    for part in batches(ids):
+    for part in batches(sorted(set(ids))):
         cur.execute("SELECT c.id FROM chunks c JOIN pack_entries e ON e.chunk = c.id "
-                    "WHERE c.id IN %s AND c.is_local = 1 FOR UPDATE", (list(part),))
+                    "WHERE c.id IN %s AND c.is_local = 1 ORDER BY c.id FOR UPDATE", (list(part),))
         out.extend(bytes(r[0]) for r in cur.fetchall())
     return out
 
@@ -326,25 +328,8 @@ def copies(db: Database) -> list[ChunkCopies]:
                 "WHERE c.refcount > 0 OR c.is_local = 1")]
 
 
-# bad marks: scrub, repair, the uploader (invariant 8 of docs/design.md)
-
-def mark_bad_now(db: Database, chunk: bytes) -> None:
-    """Mark ``chunk`` bad (:func:`mark_bad`), autocommitted. Locks the row for that statement only. Invariant 8."""
-    db.execute("UPDATE chunks SET bad = 1 WHERE id = %s", (chunk,))
-
-
-def mark_bad_if_still_local(db: Database, chunk: bytes) -> None:
-    """Mark ``chunk`` bad if its row still says ``is_local = 1`` (an eviction since does
-    not count as damage). Autocommitted. Locks the row for that statement only. Invariant 8."""
-    db.execute("UPDATE chunks SET bad = 1 WHERE id = %s AND is_local = 1", (chunk,))
-
-
-def mark_bad_many(db: Database, ids: Sequence[bytes]) -> None:
-    """Mark ``ids`` bad, one autocommitted statement per batch. Locks each batch's rows for its
-    statement only. Invariant 8."""
-    for part in batches(ids):
-        db.execute("UPDATE chunks SET bad = 1 WHERE id IN %s", (list(part),))
-
+# bad marks: scrub, repair, the uploader (invariant 8 of docs/design.md; the marks
+# themselves: mark_bad, mark_bad_if_local, mark_rewritten above)
 
 def is_local(db: Database, chunk: bytes) -> bool:
     """Whether ``chunk``'s row says ``is_local = 1`` (False without a row). No lock."""
@@ -369,13 +354,6 @@ def lock_exists(cur: pymysql.cursors.Cursor, chunk: bytes) -> bool:
 def clear_bad(cur: pymysql.cursors.Cursor, chunk: bytes) -> None:
     """Clear ``chunk``'s bad mark (its local file verifies). Caller holds the row lock."""
     cur.execute("UPDATE chunks SET bad = 0 WHERE id = %s", (chunk,))
-
-
-def set_good_local(cur: pymysql.cursors.Cursor, chunk: bytes, stored_length: int) -> None:
-    """Record a verified copy written durably to the local store: bad = 0, is_local = 1,
-    its envelope bytes. Caller holds the row lock."""
-    cur.execute("UPDATE chunks SET bad = 0, is_local = 1, stored_length = %s WHERE id = %s",
-                (stored_length, chunk))
 
 
 def bad_referenced(db: Database) -> list[bytes]:

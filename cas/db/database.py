@@ -1,7 +1,7 @@
 """The metadata database: connecting, the schema, and transactions with retry.
 
 PyMySQL errors are converted to :class:`~cas.errors.MetaError` here, where they enter the
-engine. The session runs in READ COMMITTED with autocommit on; :meth:`Database.tx` opens
+engine. The session runs in READ COMMITTED with autocommit on; :meth:`Database.transaction` runs
 an explicit transaction, retried whole on deadlock (1213) and lock wait timeout (1205).
 ``schema.sql`` (repository root) is the single source of truth of the schema; the
 package reads it as ``cas/schema.sql``, a symlink to it in the repository that sdists

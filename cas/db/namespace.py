@@ -35,6 +35,7 @@ from cas.errors import Exists
 from cas.db.database import Database
 from cas.db.batch import batches, values
 from cas.db.source import Source, rows
+from cas.db import volume
 
 #: the columns of an inodes row, in :class:`InodeRow` order
 INODE_COLUMNS = ("id", "mode", "uid", "gid", "nlink", "size", "rdev", "atime_ns", "mtime_ns",
@@ -341,12 +342,6 @@ class Dangling(NamedTuple):
     name: bytes
 
 
-def first_name(db: Database, inode: int) -> NameOf | None:
-    """One directory entry naming ``inode`` (any), or None. No lock."""
-    rows = db.query("SELECT parent, name FROM dentries WHERE inode = %s LIMIT 1", (inode,))
-    return None if not rows else NameOf(int(rows[0][0]), bytes(rows[0][1]))
-
-
 def names_of(db: Database, inode: int) -> list[NameOf]:
     """Every directory entry naming ``inode`` (hard links: several). No lock."""
     return [NameOf(int(p), bytes(n)) for p, n in db.query(
@@ -386,11 +381,6 @@ def max_ctime(cur: pymysql.cursors.Cursor) -> int:
 def count_changed_since(db: Database, mark: int) -> int:
     """Inodes with ctime_ns > ``mark`` (one scan of the inodes table). No lock."""
     return int(db.query("SELECT COUNT(*) FROM inodes WHERE ctime_ns > %s", (mark,))[0][0])
-
-
-def count_inodes(db: Database) -> int:
-    """Inode rows. No lock."""
-    return int(db.query("SELECT COUNT(*) FROM inodes")[0][0])
 
 
 # -- creates -----------------------------------------------------------
@@ -469,8 +459,7 @@ class HeldCreates:
             sql, args = values(spart)
             cur.execute(f"INSERT INTO symlinks (inode, target) VALUES {sql}", args)
         for parent, (now, d) in self.touches.items():
-            cur.execute("UPDATE inodes SET mtime_ns = %s, ctime_ns = %s, nlink = nlink + %s WHERE id = %s",
-                        (now, now, d, parent))
+            touch_dir(cur, parent, now, d)
 
 
 #: meta key: every inode number a mount may hand out is below it (committed first)
@@ -484,14 +473,14 @@ def reserve_inodes(db: Database, at_least: int, n: int) -> int:
     of its own (not the mount's, whose group transaction is open): the reservation is
     durable even when the group that uses the numbers is lost, so that no later mount
     hands out a number of a lost create again (the rescue area names files by inode,
-    cas/engine/rescue.py). Locks the meta row (FOR UPDATE), reads inodes without locks.
+    cas/engine/rescue.py). Locks the meta row (``cas.db.volume.lock_value``, created if
+    absent), reads inodes without locks.
     Raises MetaError."""
-    def body(cur: Any) -> int:
-        cur.execute("SELECT v FROM meta WHERE k = %s FOR UPDATE", (INODE_NEXT_KEY,))
-        row = cur.fetchone()
+    def body(cur: Cursor) -> int:
+        reserved = int(volume.lock_value(cur, INODE_NEXT_KEY, "0"))
         cur.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM inodes")
-        start = max(at_least, int(cur.fetchone()[0]), int(row[0]) if row else 0)
-        cur.execute("REPLACE INTO meta (k, v) VALUES (%s, %s)", (INODE_NEXT_KEY, str(start + n)))
+        start = max(at_least, int(cur.fetchone()[0]), reserved)
+        volume.set_value(cur, INODE_NEXT_KEY, str(start + n))
         return start
     return db.transaction(body)
 

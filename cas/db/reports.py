@@ -12,6 +12,7 @@ from __future__ import annotations
 import stat as S
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, NamedTuple
 
 import pymysql.cursors
@@ -341,3 +342,15 @@ def cloud_figures(src: Source) -> CloudFigures:
     return CloudFigures(int(local_bytes), int(local_only), int(cloud_only), int(both), int(packs),
                         int(cloud_bytes), int(queued))
 
+
+
+# -- the server's clock ------------------------------------------------------------------
+
+def server_utc_now(src: Source) -> datetime:
+    """The database server's UTC wall clock (``UTC_TIMESTAMP()``, whole seconds, naive
+    datetime): what ages of timestamps the server or a snapshot wrote in UTC are
+    measured against (the metrics' last-snapshot age). No lock (no table)."""
+    value = rows(src, "SELECT UTC_TIMESTAMP()")[0][0]
+    if not isinstance(value, datetime):
+        raise MetaError(f"UTC_TIMESTAMP() returned {value!r}")
+    return value

@@ -4,7 +4,9 @@ A function that only reads can be called inside a transaction (the cursor of a
 ``Database.transaction`` body: it sees that transaction's uncommitted rows) or outside
 one (the :class:`cas.db.database.Database`: a single read, with its reconnect-and-retry rules,
 which under group commit still runs on the mount's connection and so sees the open
-group's rows). :data:`Source` is either; :func:`rows` runs a statement on it.
+group's rows). :data:`Source` is either; :func:`rows` runs a statement on it,
+:func:`execute` one that returns no rows (in the caller's transaction on a cursor,
+autocommitted on the Database).
 """
 from __future__ import annotations
 
@@ -26,3 +28,13 @@ def rows(src: Source, sql: str, args: Sequence[Any] | None = None) -> list[tuple
         return src.query(sql, args)
     src.execute(sql, args)
     return list(src.fetchall())
+
+
+def execute(src: Source, sql: str, args: Sequence[Any] | None = None) -> int:
+    """Run ``sql`` (no result rows) on ``src``; the affected row count. On the Database
+    it is one autocommitted statement (cas.db.database.Database.execute); on a cursor
+    it runs in the caller's transaction. Raises MetaError (Database) or PyMySQL's
+    errors (cursor)."""
+    if isinstance(src, Database):
+        return src.execute(sql, args)
+    return int(src.execute(sql, args))

@@ -53,12 +53,6 @@ def repeatable_read(db: Database) -> Iterator[None]:
         db.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
 
 
-def schema_version(cur: pymysql.cursors.Cursor) -> str:
-    """The ``meta`` row ``schema_version`` in the caller's snapshot. No lock."""
-    cur.execute("SELECT v FROM meta WHERE k = 'schema_version'")
-    return str(cur.fetchone()[0])
-
-
 def columns(cur: pymysql.cursors.Cursor, table: str) -> list[Column]:
     """``table``'s columns in definition order (empty: no such table in the current
     database). No lock (information_schema)."""

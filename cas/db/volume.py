@@ -2,15 +2,16 @@
 
 Keys: ``schema_version``, ``volume_uuid``, ``chunk_size``, ``encryption`` (cas.db.database);
 ``cloud_enabled`` and the uploader's ``drive_*`` keys (cas.tier.cloud); the scrub cursors
-``scrub_*`` (cas.maint.scrub); the snapshot keys ``snapshot_*`` (cas.tier.snapshot). Values are
-text of at most 255 characters (schema.sql); :func:`set_values` cuts longer ones.
+``scrub_*`` (cas.maint.scrub); the snapshot keys ``snapshot_*`` (cas.tier.snapshot);
+``inode_next`` (cas.db.namespace.reserve_inodes). Values are text of at most 255
+characters (schema.sql); :func:`set_values` cuts longer ones.
 
 Locks: reads take none (READ COMMITTED, or the caller's consistent snapshot); an upsert
-locks its one row until the caller's COMMIT; :func:`lock_value` takes the row's
-exclusive lock (``FOR UPDATE``) so that a read-modify-write of a counter (the snapshot
-generation) is serialized between processes. Every statement here touches only the
-rows of the keys it names, so no statement of this module waits for a lock held on
-another table (docs/metadata-packs.md, "Lock order").
+locks its one row until the caller's COMMIT; :func:`lock_value` creates the row if
+absent and takes its exclusive lock so that a read-modify-write of a counter (the
+snapshot generation) is serialized between processes, the first one included. Every
+statement here touches only the rows of the keys it names (docs/metadata-packs.md,
+"Lock order", for what a transaction may lock after a ``meta`` row).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import pymysql.cursors
 
+from cas.db.source import Source, rows
+
 if TYPE_CHECKING:
     from cas.db.database import Database
 
@@ -26,10 +29,12 @@ if TYPE_CHECKING:
 VALUE_MAX = 255
 
 
-def get(db: Database, key: str) -> str | None:
-    """The value of ``key``, or None when there is no row. No lock."""
-    rows = db.query("SELECT v FROM meta WHERE k = %s", (key,))
-    return str(rows[0][0]) if rows else None
+def get(src: Source, key: str) -> str | None:
+    """The value of ``key``, or None when there is no row: on the Database the last
+    committed value, on a cursor the one its transaction sees (a consistent snapshot's
+    own, cas.db.tables.begin_consistent). No lock."""
+    found = rows(src, "SELECT v FROM meta WHERE k = %s", (key,))
+    return str(found[0][0]) if found else None
 
 
 def values_of(db: Database, keys: Sequence[str]) -> dict[str, str]:
@@ -65,13 +70,22 @@ def add_if_absent(db: Database, key: str, value: str) -> None:
     db.execute("INSERT IGNORE INTO meta (k, v) VALUES (%s, %s)", (key, value[:VALUE_MAX]))
 
 
-def lock_value(cur: pymysql.cursors.Cursor, key: str) -> str | None:
-    """The value of ``key`` under its row's exclusive lock (``SELECT ... FOR UPDATE``,
-    held to the caller's COMMIT), or None when there is no row (InnoDB then holds a gap
-    lock on where it would be, so two callers still serialize)."""
+def lock_value(cur: pymysql.cursors.Cursor, key: str, initial: str) -> str:
+    """The value of ``key`` under its row's exclusive lock (held to the caller's
+    COMMIT); a key without a row first gets one holding ``initial`` (in the caller's
+    transaction: it is rolled back with it, and a caller that writes the key later in
+    the transaction never lets ``initial`` be seen).
+
+    The row is created and locked by one ``INSERT ... ON DUPLICATE KEY UPDATE v = v``
+    (an X lock on the new or the existing row), then read. A plain ``SELECT ... FOR
+    UPDATE`` of an absent key locks nothing under READ COMMITTED (no gap locks, see
+    cas.db.namespace): two first read-modify-writes of a counter would both read
+    "absent" and hand out the same value. Guarded by
+    tests/engine/test_db_packs.py::test_two_first_snapshot_generations_differ."""
+    cur.execute("INSERT INTO meta (k, v) VALUES (%s, %s) ON DUPLICATE KEY UPDATE v = v",
+                (key, initial[:VALUE_MAX]))
     cur.execute("SELECT v FROM meta WHERE k = %s FOR UPDATE", (key,))
-    row = cur.fetchone()
-    return None if row is None else str(row[0])
+    return str(cur.fetchone()[0])
 
 
 def delete_keys(db: Database, keys: Iterable[str]) -> None:

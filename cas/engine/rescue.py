@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from cas.errors import CasError, Exists, FsError, IntegrityError
 from cas.chunk.store import fsync_dir
+import cas.db.namespace as ns
 
 if TYPE_CHECKING:
     from cas.engine.fs import Filesystem
@@ -246,8 +247,8 @@ def replay(fs: Filesystem, directory: Path) -> ReplayResult:
 
 
 def _live_file(fs: Filesystem, ino: int) -> bool:
-    rows = fs.db.query("SELECT mode, nlink FROM inodes WHERE id = %s", (ino,))
-    return bool(rows) and S.S_ISREG(int(rows[0][0])) and int(rows[0][1]) > 0
+    row = ns.inode(fs.db, ino)
+    return row is not None and S.S_ISREG(row.mode) and row.nlink > 0
 
 
 def _replay_one(fs: Filesystem, rec: Record) -> str | None:
@@ -280,9 +281,9 @@ def _replay_one(fs: Filesystem, rec: Record) -> str | None:
 def _lost_found_file(fs: Filesystem, h: dict[str, Any]) -> tuple[str, int]:
     """Create (open) ``/lost+found/<ino>-<name>`` for a record whose inode is gone."""
     root = fs.getattr(1)
-    rows = fs.db.query("SELECT inode FROM dentries WHERE parent = 1 AND name = %s", (LOST_FOUND,))
-    if rows:
-        lf = int(rows[0][0])
+    found = ns.entry(fs.db, 1, LOST_FOUND)
+    if found is not None:
+        lf = found
     else:
         lf = fs.mkdir(1, LOST_FOUND, 0o700, root.uid, root.gid).ino
     base = os.path.basename(h["path"] or "") or "unnamed"

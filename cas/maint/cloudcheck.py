@@ -102,7 +102,7 @@ def path_of(db: Database, inode: int) -> str:
     ino = inode
     seen = set()
     while ino != ROOT_INODE:
-        row = namespace_rows.first_name(db, ino)
+        row = namespace_rows.dentry_of(db, ino)
         if row is None or ino in seen:
             return f"<inode {inode}>"
         seen.add(ino)

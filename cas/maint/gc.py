@@ -87,7 +87,7 @@ def _sweep_orphans(meta: Metadata, store: LocalStore, grace_s: float, dry_run: b
     ids = list(store.iter_ids())
     if on_total is not None:
         on_total(len(ids))
-    known = chunk_rows.known(db, ids)
+    known = chunk_rows.recorded(db, ids)
     count = total = 0
     for cid in ids:
         if progress is not None:

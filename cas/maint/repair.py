@@ -93,7 +93,7 @@ def repair_chunks(meta: Metadata, ids: list[bytes], tier: CloudTier | None,
         _set_good(db, cid, len(blob))
         log.warning("repair: chunk %s replaced by its verified cloud copy", cid.hex())
         replaced.append(cid.hex())
-    chunk_rows.mark_bad_many(db, lost)
+    chunk_rows.mark_bad(db, lost)
     paths = affected_paths(db, lost)
     return ChunkRepair(replaced, cleared, [c.hex() for c in lost],
                        {c.hex(): paths.get(c, []) for c in lost}, cloud_error)
@@ -123,7 +123,7 @@ def _set_good(db: Database, cid: bytes, stored_length: int | None) -> None:
         if stored_length is None:
             chunk_rows.clear_bad(cur, cid)
         else:
-            chunk_rows.set_good_local(cur, cid, stored_length)
+            chunk_rows.mark_rewritten(cur, cid, stored_length)
     db.transaction(body)
 
 
@@ -162,7 +162,7 @@ def _dir_path(db: Database, ino: int, cache: dict[int, str]) -> str:
     chain: list[tuple[int, str]] = []
     cur = ino
     while cur not in cache:
-        row = namespace_rows.first_name(db, cur)
+        row = namespace_rows.dentry_of(db, cur)
         if row is None or len(chain) > 4096:
             cache[cur] = f"<detached inode {cur}>"
             break

@@ -206,20 +206,20 @@ def _verify_local(db: Database, store: LocalStore, cid: bytes, res: PassResult, 
     except ChunkMissing:
         # evicted or collected since our query? then its row no longer says is_local = 1
         if chunk_rows.is_local(db, cid) and store.stat(cid) is None:
-            chunk_rows.mark_bad_if_still_local(db, cid)
+            chunk_rows.mark_bad_if_local(db, [cid])
             log.error("scrub: chunk %s: local file missing; marked bad", cid.hex())
             res.bad.append(cid.hex())
         return 0
     except FsError as exc:   # an OS read error (EIO from the disk)
         log.error("scrub: chunk %s: %s; marked bad", cid.hex(), exc)
-        chunk_rows.mark_bad_now(db, cid)
+        chunk_rows.mark_bad(db, [cid])
         res.bad.append(cid.hex())
         return 0
     try:
         envelope.open(blob, cid)
     except FsError as exc:
         log.error("scrub: chunk %s fails verification (%s); marked bad", cid.hex(), exc)
-        chunk_rows.mark_bad_now(db, cid)
+        chunk_rows.mark_bad(db, [cid])
         res.bad.append(cid.hex())
     return len(blob)
 

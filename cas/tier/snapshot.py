@@ -176,7 +176,7 @@ def dump(db: Database, out: IO[bytes], volume_uuid: str, generation: int,
         with conn.cursor() as cur:
             t0 = time.time_ns()
             tables.begin_consistent(cur)
-            schema = tables.schema_version(cur)
+            schema = meta_rows.get(cur, "schema_version")
             mark = namespace_rows.max_ctime(cur)
             lacking = chunk_rows.count_lacking(cur)
             columns: dict[str, list[tables.Column]] = {}
@@ -441,8 +441,7 @@ class SnapshotResult:
 
 def _next_generation(db: Database) -> int:
     def body(cur: pymysql.cursors.Cursor) -> int:
-        row = meta_rows.lock_value(cur, "snapshot_generation")
-        gen = (int(row) if row else 0) + 1
+        gen = int(meta_rows.lock_value(cur, "snapshot_generation", "0")) + 1
         meta_rows.set_value(cur, "snapshot_generation", str(gen))
         return gen
     return db.transaction(body)
@@ -533,8 +532,7 @@ def take(tier: CloudTier, keep: int, keys: Sealer | None = None,
         raise
 
     def record(cur: pymysql.cursors.Cursor) -> None:
-        row = meta_rows.lock_value(cur, "snapshot_last_generation")
-        if row is not None and int(row) > gen:
+        if int(meta_rows.lock_value(cur, "snapshot_last_generation", "0")) > gen:
             return   # a newer one (another process) was confirmed first
         for k, v in (("snapshot_last_generation", str(gen)), ("snapshot_confirmed_at", _iso(_utc_now())),
                      ("snapshot_ctime_mark", str(info.ctime_mark)),
@@ -975,7 +973,7 @@ def _restore_loaded(volume: Volume, objects: ObjectStore, cfg: Any, folder_id: s
             say(f"kept the {len(names)} packs of generation {other.generation} safe from gc")
         lost = [c.hex() for c in chunk_rows.lacking(db)]
         live = chunk_rows.count_live(db)
-        inodes = namespace_rows.count_inodes(db)
+        inodes = namespace_rows.inode_count(db)
         downloaded = downloaded_bytes = 0
         unreadable: list[str] = []
         failed: list[str] = []

@@ -16,13 +16,16 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 import pymysql.cursors
+import pymysql.err
 
 import cas.maint.gc
 import cas.db.database
 import cas.tier.snapshot
+import cas.db.chunks as dbchunks
 from cas.db import packs as pack_rows
 from cas.db.batch import BATCH_ROWS
 from cas.db import queue as queue_rows
+import cas.db.volume as dbvolume
 from tests.engine.test_cloud import CloudEngine, ceng, rand  # noqa: F401 - ceng is a fixture
 from tests.engine.test_fs import CS, make_file
 from tests.waiting import wait_for
@@ -161,3 +164,67 @@ def test_enqueue_adds_each_chunk_once_in_batches_and_keeps_claims(ceng: CloudEng
         assert set(rows) == set(ids)
         assert {c for c, p in rows.items() if p is not None} == claimed
         assert {p for p in rows.values() if p is not None} == {pack}
+
+
+def test_eviction_locks_chunk_rows_in_id_order_whatever_order_it_is_given(ceng: CloudEngine) -> None:
+    """``chunks.lock_evictable`` gets its victims least frequently used first; it must
+    lock them in id order (the writers' order), batch by batch. A writer holds the
+    largest id's row: the evictor, given the ids largest first, waits for that row in
+    its last batch, by which time it holds the smallest id's row; locking in the given
+    order it would wait in its first batch, never having touched the smallest."""
+    ids = sorted(hashlib.sha256(b"evict %d" % i).digest() for i in range(2 * BATCH_ROWS + 3))
+    refs = [dbchunks.ChunkRef(c, 100, 50, 1) for c in ids]
+    tier = ceng.tier()
+    tier.db.transaction(lambda cur: dbchunks.add_refs(cur, refs))
+    pack = confirmed_pack(tier.db, "casfs-pack-evict")
+    with ceng.admin.cursor() as cur:      # seeding: every chunk has its confirmed copy
+        cur.executemany("INSERT INTO pack_entries (chunk, pack, pos, length) VALUES (%s, %s, %s, 50)",
+                        [(c, pack, 50 * i) for i, c in enumerate(ids)])
+
+    def locked_elsewhere(cid: bytes) -> bool:
+        """Whether another transaction holds ``cid``'s row (a NOWAIT lock fails)."""
+        try:
+            with open_transaction(probe.db) as cp:
+                cp.execute("SELECT id FROM chunks WHERE id = %s FOR UPDATE NOWAIT", (cid,))
+        except pymysql.err.OperationalError as exc:
+            if exc.args[0] != 1205:
+                raise
+            return True
+        return False
+
+    with ceng.other() as writer, ceng.other() as evictor, ceng.other() as probe:
+        with open_transaction(writer.db) as cw:
+            assert set(dbchunks.lock_gaining(cw, [ids[-1]])) == {ids[-1]}
+            with open_transaction(evictor.db) as ce:
+                t, out, err = in_thread(lambda: dbchunks.lock_evictable(ce, ids[::-1]))
+                try:
+                    # in the given (largest first) order it would wait before touching ids[0]
+                    wait_for(lambda: locked_elsewhere(ids[0]), "the evictor to lock the smallest id first", 30)
+                    assert t.is_alive() and not out     # still waiting for the writer's row
+                finally:
+                    writer.db.conn.rollback()              # the evictor goes on, then its rollback
+                    t.join(60)
+                assert not t.is_alive()
+    assert not err and out == [ids]
+
+
+def test_two_first_snapshot_generations_differ(ceng: CloudEngine) -> None:
+    """The first two snapshot generations of a volume (no ``snapshot_generation`` row
+    yet), handed out by two processes at once, differ: the first one's transaction holds
+    the key's row (``volume.lock_value`` creates it), so the second waits and counts on.
+    Under READ COMMITTED a ``FOR UPDATE`` of the absent row locked nothing, and both got 1."""
+    assert dbvolume.get(ceng.fs.db, "snapshot_generation") is None
+    with ceng.other() as a, ceng.other() as b:
+        with open_transaction(a.db) as ca:
+            first = int(dbvolume.lock_value(ca, "snapshot_generation", "0")) + 1
+            t, out, err = in_thread(lambda: cas.tier.snapshot._next_generation(b.db))
+            try:
+                wait_for(lambda: bool(out or err) or blocked_in(ceng, b.db, "INSERT INTO meta%"),
+                         "the second generation to be handed out or to wait", 30)
+                dbvolume.set_value(ca, "snapshot_generation", str(first))
+                a.db.conn.commit()
+            finally:
+                a.db.conn.rollback()
+                t.join(60)
+    assert not err and first == 1 and out == [2]
+    assert dbvolume.get(ceng.fs.db, "snapshot_generation") == "2"

@@ -143,7 +143,7 @@ def tls_table(meta: str, mode: str | None, ca: str | None, cert: str | None,
                    "are evicted (least frequently used first) and read back on demand.")
 @click.option("--drive-endpoint", default=None, metavar="URL",
               help="Use this Drive-compatible server instead of the volume's configured one "
-                   "(e.g. python -m tools.drivesim).")
+                   "(e.g. python -m tools.drivesim, run from a source checkout: it is not installed).")
 @click.option("--durability", type=click.Choice(DURABILITY_MODES), default=None,
               help="When namespace operations (create, rename, unlink, chmod ...) become durable: "
                    "'group' (default) commits them together every 0.5 s and at fsync; 'immediate' "

@@ -17,6 +17,7 @@ import click
 from cas.tier import cloud, snapshot
 from cas.errors import VolumeError
 from cas.db.database import Metadata, connect
+from cas.db import volume as meta_rows
 from cas.tier.objstore import DailyLimit
 from cas.config.volume import DEFAULT_NAME, Volume, open_volume, write_private
 
@@ -54,7 +55,8 @@ def drive() -> None:
 @click.option("--service-account", type=click.Path(dir_okay=False, path_type=Path),
               help="A service-account key JSON file instead of a user sign-in.")
 @click.option("--endpoint", default="", metavar="URL",
-              help="A Drive-compatible server (e.g. python -m tools.drivesim) instead of Google.")
+              help="A Drive-compatible server instead of Google (e.g. python -m tools.drivesim, "
+                   "run from a source checkout: it is not installed).")
 @click.option("--folder", default="", help="Drive folder name [default: casfs-<volume uuid>].")
 @click.option("--pack-size", default="32MiB", show_default=True, help="Target size of a pack file.")
 @click.option("--pack-age", default=60.0, show_default=True, type=click.FloatRange(min=0),
@@ -115,7 +117,7 @@ def auth(volume: str, client_secrets: Path | None, service_account: Path | None,
         _forget_other_folder(meta, cfg)
         cloud.open_objects(vol, cfg, meta.db)   # creates the folder; proves the credentials work
         queued = cloud.enable(meta.db)
-        folder_id = meta.db.query("SELECT v FROM meta WHERE k = 'drive_folder_id'")[0][0]
+        folder_id = meta_rows.get(meta.db, "drive_folder_id")
     where = cfg.endpoint or "Google Drive"
     click.echo(f"volume {vol.name}: cloud tier on {where}, folder {cfg.folder} ({folder_id}); "
                f"{queued} chunks queued for upload (the next mount uploads them)")
@@ -137,10 +139,9 @@ def _refuse_foreign_folder(vol: Volume, cfg: cloud.CloudConfig, meta: Metadata, 
 def _forget_other_folder(meta: Metadata, cfg: cloud.CloudConfig) -> None:
     """Drop the recorded folder id when it was made for another endpoint or folder name
     (open_objects then finds or creates the right one), and record which it is for."""
-    rows = dict(meta.db.query("SELECT k, v FROM meta WHERE k = 'drive_folder_key'"))
     key = cloud.folder_key(cfg)
-    if rows.get("drive_folder_key") != key:
-        meta.db.execute("DELETE FROM meta WHERE k = 'drive_folder_id'")
+    if meta_rows.get(meta.db, "drive_folder_key") != key:
+        meta_rows.delete_keys(meta.db, ["drive_folder_id"])
         cloud.set_meta(meta.db, {"drive_folder_key": key})
 
 

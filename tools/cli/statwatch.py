@@ -29,6 +29,7 @@ import click
 
 from cas.tier import cloud
 from cas.db.database import Metadata, connect
+from cas.db import queue as queue_rows
 from cas.config.volume import Volume
 from fusefront.daemon import STATS_FILE
 
@@ -81,9 +82,8 @@ def queue(meta: Metadata) -> tuple[int, int]:
     """(chunks, envelope bytes) in the upload queue; (0, 0) without a cloud tier."""
     if not cloud.enabled(meta.db):
         return 0, 0
-    n, b = meta.db.query("SELECT COUNT(*), COALESCE(SUM(c.stored_length), 0) FROM upload_queue q "
-                         "JOIN chunks c ON c.id = q.chunk")[0]
-    return int(n), int(b)
+    f = queue_rows.figures(meta.db)
+    return f.chunks, f.bytes
 
 
 def rates(prev: dict[str, Any], cur: dict[str, Any], queued: tuple[int, int],
