@@ -164,21 +164,35 @@ class CasOperations(pyfuse3.Operations):
             engine_hook = db.on_group_lost
 
             def group_lost() -> None:
-                # this layer's tables belong to the loop thread: a loss found by an
-                # engine call in a worker thread (offload) clears them on the loop, at
-                # its next turn (TrioToken.run_sync_soon does not wait)
+                # the engine's resync first, whatever happens to this layer's tables:
+                # it gives the lost group's bytes back as buffers (and at unmount, after
+                # the loop ended, they reach the rescue area only through it)
                 try:
-                    trio.lowlevel.current_trio_token()
-                    on_loop = True
-                except RuntimeError:
-                    on_loop = False
-                if on_loop or self.token is None:
-                    self._forget_tables()
-                else:
-                    self.token.run_sync_soon(self._forget_tables)
-                if engine_hook is not None:
-                    engine_hook()
+                    if engine_hook is not None:
+                        engine_hook()
+                finally:
+                    self._forget_tables_soon()
             db.on_group_lost = group_lost
+
+    def _forget_tables_soon(self) -> None:
+        """Clear this layer's tables after a lost group. They belong to the loop thread:
+        a loss found by an engine call in a worker thread (offload) clears them on the
+        loop, at its next turn (TrioToken.run_sync_soon does not wait); once the loop
+        has ended (a commit at unmount, after serve() returned) no handler can run any
+        more, so they are cleared right here."""
+        try:
+            trio.lowlevel.current_trio_token()
+            on_loop = True
+        except RuntimeError:
+            on_loop = False
+        if on_loop or self.token is None:
+            self._forget_tables()
+            return
+        try:
+            self.token.run_sync_soon(self._forget_tables)
+        except trio.RunFinishedError:
+            self.token = None
+            self._forget_tables()
 
     @staticmethod
     def _now(fn: Callable[..., R]) -> Callable[..., Awaitable[R]]:
@@ -316,7 +330,10 @@ class CasOperations(pyfuse3.Operations):
         truncate = bool(flags & os.O_TRUNC)
         if truncate:
             self.pages.changed(inode)
-        self.fs.open(inode, truncate=truncate)
+            # a truncation flushes and waits for the file's flight: a worker thread
+            await offload(self.fs.open, inode, truncate=True)
+        else:
+            self.fs.open(inode)
         a = self.fs.getattr(inode)
         keep = self.pages.keep(a)
         self.pages.record(a)
@@ -341,7 +358,7 @@ class CasOperations(pyfuse3.Operations):
     @_translate
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         self.pages.changed(fh)
-        if self.fs.write_may_block(fh, len(buf)):
+        if self.fs.write_may_block(fh, len(buf), off):
             return await offload(self.fs.write, fh, off, buf)
         return self.fs.write(fh, off, buf)
 

@@ -90,6 +90,14 @@ class ChunkManager:
         with self._marks_lock:
             self._missing.add(cid)
 
+    def unnote_missing(self, cids: Iterable[bytes]) -> None:
+        """Forget that ``cids`` were found missing: a read found them gone because a
+        flush of the same file dropped their last reference meanwhile (gc then deleted
+        them), not because a live chunk is lost (cas.engine.fs.Filesystem.read_finish).
+        Thread-safe."""
+        with self._marks_lock:
+            self._missing.difference_update(cids)
+
     def apply_marks(self, db: Database) -> int:
         """Mark the noted chunks ``bad = 1`` in one transaction on ``db`` (under group
         commit it joins the open group, so this connection's next dedup check sees the
@@ -148,7 +156,7 @@ class ChunkManager:
                 continue
             if len(self._readahead) >= READAHEAD_MAX:
                 for old in [c for c, f in list(self._readahead.items()) if f.done()]:
-                    del self._readahead[old]
+                    self._readahead.pop(old, None)   # load() in a worker may have taken it
                 if len(self._readahead) >= READAHEAD_MAX:
                     return
             self._readahead[cid] = self.io_pool.submit(self._load_from_store, cid)

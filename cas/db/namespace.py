@@ -545,8 +545,3 @@ def insert_entry(cur: Cursor, parent: int, name: bytes, ino: int) -> None:
         raise
 
 
-def move_inode_counter(db: Database, past: int) -> None:
-    """Move the inodes table's AUTO_INCREMENT past inode number ``past`` (after a lost
-    group: InnoDB may have forgotten numbers the kernel still holds). An implicit
-    commit (DDL); takes the table's metadata lock for the statement. Raises MetaError."""
-    db.execute(f"ALTER TABLE inodes AUTO_INCREMENT = {int(past) + 1}")

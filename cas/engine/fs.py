@@ -39,7 +39,7 @@ from cas.chunk.envelope import codec_for
 from cas.errors import ChunkMissing, IntegrityError
 from cas.errors import (CasError, Exists, FsError, InvalidArgument, IsADirectory, MetaError, NameTooLong,
                      NoData, NotADirectory, NotEmpty, NotFound)
-from cas.engine.filedata import FileData, InodeData, ReadPlan
+from cas.engine.filedata import ChunkRef, FileData, InodeData, ReadPlan
 from cas.db.database import ROOT_INODE, Database, Metadata
 from cas.chunk.store import LocalStore
 from cas.engine.syncstatus import VIRTUAL_XATTRS, FileSync, file_sync
@@ -304,26 +304,12 @@ class Filesystem:
         self.xattr_cache.clear()
         # files closed since the last commit come back with their buffers: write them
         # back like released files (docs/database.md)
-        try:
-            self.closed_dirty.update(self.data.reload_all())
-        finally:
-            self._reserve_inodes()
+        # (inode numbers need nothing here: they come from reserve_inodes, committed on
+        # a connection of its own before use, and the RAM counter only counts up)
+        self.closed_dirty.update(self.data.reload_all())
 
     def _group_committed(self) -> None:
         self.data.group_committed()
-
-    def _reserve_inodes(self) -> None:
-        """After a lost group: keep the inode numbers handed out in it from being
-        handed out again (the kernel and open files still hold them) by moving the
-        inodes table's AUTO_INCREMENT past them; InnoDB may have forgotten them
-        when its server died. Failure is logged, not raised."""
-        used = max([0, *self.lookups, *self.data.states, *self.dir_opens])
-        if not used:
-            return
-        try:
-            ns.move_inode_counter(self.db, used)
-        except CasError as exc:
-            log.warning("cannot move the inode counter past %d: %s", used, exc)
 
     # -- attributes ------------------------------------------------------------------
     def _attr_row(self, row: ns.InodeRow) -> Attr:
@@ -472,9 +458,11 @@ class Filesystem:
                 raise InvalidArgument("truncate of a special file")
             transient = ino not in self.data.states
             self.known_manifests.pop(ino, None)
-            self.data.truncate(ino, size)
-            if transient:
-                self.data.drop_state(ino)
+            try:
+                self.data.truncate(ino, size)
+            finally:
+                if transient:
+                    self._settle_unopened(ino)
         changes: dict[str, int] = {"ctime_ns": now}
         if mode is not None:
             changes["mode"] = (cur.mode & ~0o7777) | (mode & 0o7777)
@@ -491,6 +479,23 @@ class Filesystem:
             self.db.transaction(lambda cur: ns.update_inode(cur, ino, {c: changes[c] for c in cols}))
             self._patch(ino, **changes)
         return self._get(ino)
+
+    def _settle_unopened(self, ino: int) -> None:
+        """After a truncate loaded the state of ``ino`` for itself (the file was not
+        open here): decide again what becomes of the state, because the truncate's
+        flush released the engine lock and another thread may have opened and written
+        the file meanwhile (docs/concurrency.md, "A state loaded for a truncate").
+        Opened since: left alone. Changes not written back (the flush failed, or
+        columns buffered since): joins the released files (``closed_dirty``), written
+        back by the tick. Else dropped through :meth:`_drop` (waits for a flight, frees
+        an unlinked inode)."""
+        st = self.data.states.get(ino)
+        if st is None or st.opens > 0:
+            return
+        if st.needs_flush and not st.lost:
+            self.closed_dirty.add(ino)
+        elif not st.needs_flush:
+            self._drop(ino)
 
     # -- namespace -------------------------------------------------------------------
     def _dir(self, ino: int) -> Attr:
@@ -931,11 +936,35 @@ class Filesystem:
         :meth:`ChunkManager.load` does (the cloud copy). Raises EIO errors; bad marks
         are written under the lock."""
         if plan.data is None:
-            plan.data = self._assemble(plan)
+            try:
+                plan.data = self.data.assemble(plan)
+            except ChunkMissing as exc:
+                plan.data = self._read_again(plan, exc)
+            except IntegrityError:
+                with self.lock:
+                    self._mark_bad()
+                raise
             if self.chunks.from_cloud:
                 with self.lock:
                     self.data.note_read(plan)
         return plan.data
+
+    def _read_again(self, plan: ReadPlan, exc: ChunkMissing) -> bytes:
+        """A chunk of ``plan`` was missing: a flight of the same file may have dropped
+        its last reference after the plan was resolved, and gc deleted it. Resolve the
+        plan again under the lock, once: when it names other chunks, read those (and
+        forget the missing notes of the chunks no longer named, which are not bad);
+        else (or when the new plan fails too) mark the noted chunks bad and raise ``exc``
+        (EIO). Raises ChunkMissing, IntegrityError, NotFound, MetaError."""
+        old = {src.cid for src, _, _ in plan.parts if isinstance(src, ChunkRef)}
+        with self.lock:
+            again = self.data.read_plan(plan.ino, plan.offset, plan.end - plan.offset)
+            now = {src.cid for src, _, _ in again.parts if isinstance(src, ChunkRef)}
+            if now >= old:      # the same chunks: the missing one is still named
+                self._mark_bad()
+                raise exc
+            self.chunks.unnote_missing(old - now)
+        return self._assemble(again)
 
     def _assemble(self, plan: ReadPlan) -> bytes:
         try:
@@ -953,15 +982,53 @@ class Filesystem:
         except CasError as exc:
             log.error("could not mark bad chunks now (will retry): %s", exc)
 
-    def write_may_block(self, ino: int, n: int) -> bool:
-        """Whether a write of ``n`` bytes to ``ino`` may wait for more than RAM work: the
-        file is not loaded, its buffers (or all files') reach their limit (a flush, or
-        back-pressure), or its writeback is failing. A hint for the FUSE layer (a worker
-        thread or the loop); no lock, a racy read of RAM counters is fine for a hint."""
+    def write_may_block(self, ino: int, n: int, offset: int | None = None) -> bool:
+        """Whether a write of ``n`` bytes at ``offset`` to ``ino`` may wait for more than
+        RAM work: the file is not loaded, its writeback is failing, the write must load
+        a slot's old bytes that are not in the RAM cache (a partial write into a slot
+        not buffered, or the short last slot of a growing file: a local chunk file or a
+        Drive GET), or its buffers (or all files') reach their limit (a flush, or
+        back-pressure). A partial write into a slot not buffered adds the whole slot to
+        the buffers, so each such slot counts ``chunk_size`` bytes on top of ``n``;
+        without ``offset`` every write counts as touching two such slots. A hint for the
+        FUSE layer (a worker thread or the loop); no lock, a racy read of RAM state is
+        fine for a hint (docs/concurrency.md)."""
         st = self.data.states.get(ino)
+        if st is None or st.wb_error != 0:
+            return True
         d = self.data
-        return (st is None or st.wb_error != 0 or st.dirty_bytes + n >= d.inode_dirty_limit
-                or d.total_dirty + d.total_flying + n >= d.total_dirty_limit)
+        cs = self.chunk_size
+        grow = 0
+        if offset is None:
+            grow = 2 * cs
+        elif n > 0:
+            end = offset + n
+            # only the first and the last slot can be written in part (FileData.write)
+            partial = {s for s in (offset // cs, (end - 1) // cs)
+                       if not (offset <= s * cs and end >= (s + 1) * cs)}
+            size = st.size
+            if offset + n > size and size % cs:
+                partial.add(size // cs)   # the old short last slot is cut again (FileData._grow)
+            for s in partial:
+                if s in st.dirty:
+                    continue
+                grow += cs
+                if self._slot_not_in_ram(st, s):
+                    return True
+        return (st.dirty_bytes + n + grow >= d.inode_dirty_limit
+                or d.total_dirty + d.total_flying + n + grow >= d.total_dirty_limit)
+
+    def _slot_not_in_ram(self, st: InodeData, slot: int) -> bool:
+        """Whether the old bytes of ``slot`` of ``st`` must be loaded from a chunk file or
+        the cloud tier: its committed chunk, when no buffer, flight or pending truncation
+        stands in front of it, is not in the RAM cache. No lock (a hint)."""
+        if slot in st.flying:
+            return False
+        for tf in (st.truncate_from, st.flying_trunc):
+            if tf is not None and slot >= tf:
+                return False
+        cid = st.manifest.get(slot)
+        return cid is not None and cid not in self.chunks.cache
 
     @_locked
     def write(self, ino: int, offset: int, data: bytes) -> int:
@@ -1022,9 +1089,10 @@ class Filesystem:
         """Whether :meth:`release` of ``ino`` may wait for a flight or a flush of the
         released batch (a hint for the FUSE layer). No lock."""
         st = self.data.states.get(ino)
+        a = self.attrs.get(ino)   # read once: another thread may drop it meanwhile
         return st is not None and (st.busy or st.queued or st.opens <= 1 and (
             st.needs_flush and len(self.closed_dirty) + 1 >= CLOSED_DIRTY_BATCH
-            or self.attrs.get(ino) is None or self.attrs[ino].nlink == 0))
+            or a is None or a.nlink == 0))
 
     def _space_tight(self) -> bool:
         try:
