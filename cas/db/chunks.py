@@ -297,15 +297,17 @@ def evictable(db: Database, limit: int) -> list[StoredChunk]:
 def lock_evictable(cur: pymysql.cursors.Cursor, ids: Sequence[bytes]) -> list[bytes]:
     """Those of ``ids`` (any order: the caller's LFU order) still marked local and still
     located in a pack, each chunk row and its ``pack_entries`` row under an exclusive
-    row lock (``FOR UPDATE``, to the caller's COMMIT), taken **in id order**: ``ids``
-    are sorted here, then locked one statement per BATCH_ROWS ids, as a writer's
-    :func:`lock_gaining` does, so an evictor and a writer holding chunk rows never wait
-    for each other in a cycle (docs/metadata.md, lock order). A chunk is evicted only
-    while its confirmed copy is recorded (invariant 5)."""
+    row lock (``FOR UPDATE SKIP LOCKED``, to the caller's COMMIT), in id order, one
+    statement per BATCH_ROWS ids. Rows another transaction holds (a writer's group
+    gaining references, gc, a pack confirmation) are skipped, not waited for: eviction
+    is opportunistic (a skipped chunk stays local until a later round), so the evictor
+    never waits for a lock and can never close a lock cycle with the mount's group
+    transaction (docs/metadata.md, lock order). A chunk is evicted only while its
+    confirmed copy is recorded (invariant 5)."""
     out: list[bytes] = []
     for part in batches(sorted(set(ids))):
         cur.execute("SELECT c.id FROM chunks c JOIN pack_entries e ON e.chunk = c.id "
-                    "WHERE c.id IN %s AND c.is_local = 1 ORDER BY c.id FOR UPDATE", (list(part),))
+                    "WHERE c.id IN %s AND c.is_local = 1 ORDER BY c.id FOR UPDATE SKIP LOCKED", (list(part),))
         out.extend(bytes(r[0]) for r in cur.fetchall())
     return out
 
