@@ -253,18 +253,7 @@ class PosixModel(RuleBasedStateMachine):
 
     def entries(self) -> list[tuple[str, int]]:
         """(relative path, S_IFMT of lstat) of everything in the reference tree."""
-        out: list[tuple[str, int]] = []
-
-        def walk(d: Path, rel: str) -> None:
-            for name in sorted(os.listdir(d)):
-                r = f"{rel}/{name}" if rel else name
-                kind = stat.S_IFMT(os.lstat(d / name).st_mode)
-                out.append((r, kind))
-                if kind == stat.S_IFDIR:
-                    walk(d / name, r)
-
-        walk(self.roots[0], "")
-        return out
+        return tree_entries(self.roots[0])
 
     def existing(self, data: st.DataObject, prefer: int | None = stat.S_IFREG) -> str:
         """A path that exists in the reference tree (preferably of type ``prefer``).
@@ -581,6 +570,23 @@ def run_both(roots: tuple[Path, Path], what: str, fn: Callable[[Path, int], Any]
         raise AssertionError(f"{what}: reference -> {clip(results[0])}, casfs -> {clip(results[1])}")
     return results[0]
 
+
+
+def tree_entries(root: Path) -> list[tuple[str, int]]:
+    """(path relative to ``root``, S_IFMT of lstat) of everything below ``root``, in
+    sorted order, depth first (a directory before its contents)."""
+    out: list[tuple[str, int]] = []
+
+    def walk(d: Path, rel: str) -> None:
+        for name in sorted(os.listdir(d)):
+            r = f"{rel}/{name}" if rel else name
+            kind = stat.S_IFMT(os.lstat(d / name).st_mode)
+            out.append((r, kind))
+            if kind == stat.S_IFDIR:
+                walk(d / name, r)
+
+    walk(root, "")
+    return out
 
 def errname(e: OSError) -> str:
     """The symbolic errno of ``e`` (ENOENT, ...)."""

@@ -85,7 +85,7 @@ import pytest
 from tests.conftest import CasEnv
 from tests.test_posix_details import data_bytes_mismatches
 from tests.test_posix_model import (RENAME_EXCHANGE, RENAME_NOREPLACE, compare_trees, errname, mount_log,
-                                    read_direct, renameat2)
+                                    read_direct, renameat2, tree_entries)
 from tests.treeutil import unique_chunk_bytes
 
 pytestmark = [
@@ -215,18 +215,7 @@ class Worker:
     # -- choosing paths and data (from the model tree, so a seed gives one sequence) ---
     def entries(self) -> list[tuple[str, int]]:
         """(relative path, S_IFMT) of everything in the model subtree."""
-        out: list[tuple[str, int]] = []
-
-        def walk(d: Path, rel: str) -> None:
-            for name in sorted(os.listdir(d)):
-                r = f"{rel}/{name}" if rel else name
-                kind = stat.S_IFMT(os.lstat(d / name).st_mode)
-                out.append((r, kind))
-                if kind == stat.S_IFDIR:
-                    walk(d / name, r)
-
-        walk(self.roots[0], "")
-        return out
+        return tree_entries(self.roots[0])
 
     def existing(self, prefer: int | None = stat.S_IFREG) -> str:
         """An existing path (usually of type ``prefer``); a missing name if the tree is empty."""
