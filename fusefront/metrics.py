@@ -151,6 +151,8 @@ class CasCollector(Collector):
                 eio += n
         yield errs
         yield CounterMetricFamily("casfs_eio_errors", "FUSE requests answered with EIO", value=eio)
+        yield CounterMetricFamily("casfs_audit_path_queries", "Dentry queries the audit log ran to name a "
+                                  "path (names the mount had not seen)", value=ob.path_queries)
         yield CounterMetricFamily("casfs_read_bytes", "Bytes returned to applications by read", value=fs.bytes_read)
         yield CounterMetricFamily("casfs_written_bytes", "Bytes written by applications", value=written)
         yield CounterMetricFamily("casfs_dedup_bytes", "Bytes of written-back slots whose chunk was stored "

@@ -20,8 +20,11 @@ fsync, release and readdir, so their audit records carry the uid/gid/pid of the
 last process that opened the inode through this mount (file handles are inode numbers,
 see fusefront/operations.py). Paths: a path of the inode (one of its hard links), built
 from a RAM map inode -> (parent inode, name) that the hook keeps up to date from the
-requests it sees (lookup, mkdir, mknod, symlink, create and link add names; rename moves
-one; unlink and rmdir drop one), so an open, setattr, read or write of a known inode
+requests it sees (lookup, mkdir, mknod, symlink, create and link add names, and so does
+every entry a readdir hands to the kernel (readdirplus: the kernel holds those inodes
+without a lookup, so a tree walked by ``os.walk``/``find`` is opened by inode, never
+looked up); rename moves one; unlink and rmdir drop one; a lost group transaction
+empties the map), so an open, setattr, read or write of a known inode
 runs no query; an inode not in the map is found through its dentry
 (:meth:`cas.engine.fs.Filesystem.dentry_of`, one indexed query per unknown level) and
 remembered. The walk to the root is a loop capped at MAX_DEPTH levels (a deeper path,
@@ -68,7 +71,8 @@ WITH_CTX = frozenset(("lookup", "getattr", "setattr", "readlink", "mknod", "mkdi
                       "setxattr", "listxattr", "removexattr", "access"))
 #: handlers naming (parent inode, name) in their first two arguments
 BY_NAME = frozenset(("lookup", "mknod", "mkdir", "unlink", "rmdir", "symlink", "create", "rename"))
-NAMES_MAX = 100_000       # inodes whose (parent, name) is remembered (about 250 bytes each)
+NAMES_MAX = 100_000       # inodes whose (parent, name) is remembered (about 250 bytes each;
+                          # when full, the oldest learned goes)
 MAX_DEPTH = 10_000        # levels a path walk climbs before it gives up (None)
 #: handlers whose success adds, moves or drops a name in the path map
 TRACKS = frozenset(("lookup", "mknod", "mkdir", "symlink", "create", "link", "rename", "unlink", "rmdir"))
@@ -99,6 +103,7 @@ class Observer:
         self._inos: dict[tuple[int, bytes], int] = {}    # (parent inode, name) -> inode
         self._openers: dict[int, tuple[int, int, int]] = {}
         self.hook_errors = 0     # exceptions of the hook's own bookkeeping, dropped
+        self.path_queries = 0    # dentry queries of path walks (names missing from the map)
 
     @property
     def enabled(self) -> bool:
@@ -116,6 +121,31 @@ class Observer:
         for op in HANDLERS:
             if self.metrics or self.audited(op) or (self.audit_level != OFF and op in TRACKS):
                 setattr(ops, op, self._wrap(op, getattr(ops, op)))
+        if self.audit_level == OFF:
+            return
+        if hasattr(ops, "entry_seen"):   # CasOperations: the names readdir hands out
+            setattr(ops, "entry_seen", self._entry_seen)
+        forget_tables = getattr(ops, "_forget_tables", None)
+        if forget_tables is not None:
+            # a lost group transaction rolled namespace changes back behind the hook's
+            # back: the FUSE layer forgets its tables (on the loop thread), so does the map
+            def forget_all() -> None:
+                forget_tables()
+                self.forget_names()
+            setattr(ops, "_forget_tables", forget_all)
+
+    def forget_names(self) -> None:
+        """Empty the path map (its names are asked for again on demand)."""
+        self._names.clear()
+        self._inos.clear()
+
+    def _entry_seen(self, parent: int, name: bytes, ino: int) -> None:
+        """A readdir handed the kernel ``name`` in ``parent`` as inode ``ino``: learn it.
+        Never raises (the hook cannot fail a request)."""
+        try:
+            self._learn(parent, name, ino)
+        except Exception as exc:
+            self._trouble("readdir", exc)
 
     # -- the hook ----------------------------------------------------------------------
     def _wrap(self, op: str, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -230,13 +260,18 @@ class Observer:
         if ino == ROOT_INODE or not ino:
             return
         key = (parent, bytes(name))
-        if len(self._names) >= NAMES_MAX or len(self._inos) >= NAMES_MAX:
-            self._names.clear()    # rare (NAMES_MAX inodes seen): start over, the
-            self._inos.clear()     # dentries give every name back on demand
+        if self._inos.get(key) == ino:
+            return                 # known already (a listing read again)
         self._drop(key)
         old = self._names.get(ino)
         if old is not None:
             self._inos.pop(old, None)
+        elif len(self._names) >= NAMES_MAX:
+            # full: the oldest learned name goes (the two maps are each other's
+            # inverse, so one entry leaves each); the dentries give it back on demand
+            gone_ino, gone_key = next(iter(self._names.items()))
+            del self._names[gone_ino]
+            self._inos.pop(gone_key, None)
         self._names[ino] = key
         self._inos[key] = ino
 
@@ -281,6 +316,7 @@ class Observer:
                 return "/" + b"/".join(reversed(parts)).decode(errors="replace")
             hit = self._names.get(cur)
             if hit is None:
+                self.path_queries += 1
                 hit = self.fs.dentry_of(cur)
                 if hit is None:
                     return None

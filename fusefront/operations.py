@@ -156,6 +156,9 @@ class CasOperations(pyfuse3.Operations):
         self.enable_writeback_cache = writeback_cache
         self.pages = PageCacheGuard()
         self.listings = Listings()
+        # called with (directory inode, name, inode) for every entry a readdir hands the
+        # kernel (the audit hook learns paths from it; fusefront/observe.py)
+        self.entry_seen: Callable[[int, bytes, int], None] | None = None
         self.token: trio.lowlevel.TrioToken | None = None   # the loop's, set by the first request
         db = getattr(fs, "db", None)
         if db is not None and hasattr(db, "on_group_lost"):
@@ -429,6 +432,8 @@ class CasOperations(pyfuse3.Operations):
                 if not pyfuse3.readdir_reply(token, rows.names[i], reply[1], offs[i] + DOT_OFFSETS):
                     return
                 self.fs.count_lookup(attr.ino)  # readdirplus replies count as lookups
+                if self.entry_seen is not None:
+                    self.entry_seen(fh, rows.names[i], attr.ino)
                 after = offs[i]
                 i += 1
             else:
@@ -457,6 +462,8 @@ class CasOperations(pyfuse3.Operations):
                         self.listings.keep_tail(fh, after, batch[k:], replies[k:])
                     return
                 self.fs.count_lookup(attr.ino)
+                if self.entry_seen is not None:
+                    self.entry_seen(fh, name, attr.ino)
                 after = off
 
     @_translate

@@ -398,3 +398,39 @@ def test_deep_tree_does_not_kill_the_mount(casenv: CasEnv) -> None:
     assert [(r["op"], r["path"], r.get("path2")) for r in recs if r["op"] == "rename"] == [
         ("rename", "/a", "/b"), ("rename", "/d", "/e")]
     assert sum(r["op"] == "mkdir" for r in recs) == DEPTH
+
+
+def test_audit_paths_from_listed_names_and_renames(casenv: CasEnv) -> None:
+    """The audit log names paths from what the mount handed the kernel, readdir's entries
+    included: after a remount, a tree walked with os.walk (readdirplus: the kernel holds
+    every inode without a lookup) and every file opened runs no dentry query for the
+    audit log; a directory renamed afterwards gives its new path to the next open below
+    it, and a file moved to another directory its new parent (docs/monitoring.md)."""
+    casenv.init("vol")
+    mp = casenv.mount("vol")
+    files = [f"{d}/f{i}" for d in ("a", "a/b", "a/b/c", "e") for i in range(3)]
+    for rel in files:
+        (mp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (mp / rel).write_bytes(rel.encode())
+    casenv.umount(mp)
+    port = free_port()
+    mp = casenv.mount("vol", mp, "--metrics", f"127.0.0.1:{port}")
+    seen = []
+    for dirpath, _dirs, names_ in os.walk(mp):
+        for name in sorted(names_):
+            p = Path(dirpath) / name
+            assert p.read_bytes() == str(p.relative_to(mp)).encode()
+            seen.append("/" + str(p.relative_to(mp)))
+    assert sorted(seen) == sorted("/" + f for f in files)
+    assert scrape(port)["casfs_audit_path_queries_total"] == 0   # every name was known
+    os.rename(mp / "a" / "b", mp / "e" / "x")     # a directory moves to another parent
+    os.rename(mp / "a", mp / "z")                 # and one is renamed in place
+    os.rename(mp / "e" / "f0", mp / "z" / "g")    # a file moves
+    assert (mp / "e" / "x" / "c" / "f1").read_bytes() == b"a/b/c/f1"
+    assert (mp / "z" / "f2").read_bytes() == b"a/f2"
+    assert (mp / "z" / "g").read_bytes() == b"e/f0"
+    assert scrape(port)["casfs_audit_path_queries_total"] == 0
+    casenv.umount(mp)
+    opens = [r["path"] for r in audit_records(casenv) if r["op"] == "open"]
+    assert sorted(opens[-len(files) - 3:-3]) == sorted(seen)
+    assert opens[-3:] == ["/e/x/c/f1", "/z/f2", "/z/g"]

@@ -20,6 +20,7 @@ import pytest
 import trio
 
 import fusefront.observe as observe
+import fusefront.operations as operations
 from cas.config.audit import CHANGES, LOGGER
 from fusefront.observe import Observer
 from fusefront.operations import CasOperations
@@ -127,3 +128,37 @@ def test_hook_failure_leaves_the_result(eng: Engine, audit_records: Records,
         trio.run(run)
     assert obs.hook_errors == 3
     assert sum("hook failed" in r.getMessage() for r in caplog.records) == 1   # logged once
+
+
+def test_listed_names_and_a_full_map(eng: Engine, audit_records: Records, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names a readdir hands out are learned (no query at the open that follows); a full
+    map lets its oldest name go, which costs a query later, never a wrong path; a lost
+    group transaction (the FUSE layer forgets its tables) empties the map."""
+    monkeypatch.setattr(observe, "NAMES_MAX", 4)
+    d = eng.fs.mkdir(ROOT, b"d", 0o40755, os.getuid(), os.getgid()).ino
+    inos = [eng.fs.create(d, b"f%d" % i, 0o100644, os.getuid(), os.getgid()).ino for i in range(3)]
+    ops = CasOperations(eng.fs)
+    obs = Observer(eng.fs, audit_level=CHANGES)
+    obs.install(ops)
+    calls = count_dentry_queries(eng)
+
+    async def run() -> None:
+        assert (await ops.lookup(ROOT, b"d", CTX)).st_ino == d
+        await ops.opendir(d, CTX)
+        await ops.readdir(d, 0, None)   # type: ignore[arg-type]
+        for ino in inos:
+            await ops.release((await ops.open(ino, os.O_RDONLY, CTX)).fh)
+    monkeypatch.setattr(operations.pyfuse3, "readdir_reply", lambda *a: True)   # no kernel here
+    trio.run(run)
+    assert [r["path"] for r in audit_records.recs if r["op"] == "open"] == ["/d/f0", "/d/f1", "/d/f2"]
+    assert calls[0] == 0
+    assert len(obs._names) == 4
+    e = eng.fs.create(d, b"g", 0o100644, os.getuid(), os.getgid()).ino
+    # g is not in the map: one query; learning it lets the oldest name (d) go, so d
+    # costs a query too (and lets f0 go)
+    assert obs.path(e) == "/d/g" and calls[0] == 2
+    assert len(obs._names) == 4 and inos[0] not in obs._names
+    assert obs.path(inos[2]) == "/d/f2" and calls[0] == 2
+    assert obs.path(inos[0]) == "/d/f0" and calls[0] == 3
+    ops._forget_tables()
+    assert obs._names == {} and obs._inos == {}
