@@ -339,19 +339,7 @@ class PosixModel(RuleBasedStateMachine):
         path = self.existing(data)
 
         def op(root: Path, side: int) -> int:
-            fd = os.open(root / path, os.O_RDWR)
-            try:
-                size = os.fstat(fd).st_size
-                if size == 0:
-                    return 0
-                start = min(offset, size - 1)
-                piece = payload[:size - start]
-                with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as m:
-                    m[start:start + len(piece)] = piece
-                    m.flush()
-                return len(piece)
-            finally:
-                os.close(fd)
+            return mmap_store(root / path, offset, payload)
         self.both(f"mmap-write {path} at {offset} up to {len(payload)} bytes", op)
 
     @rule(data=st.data(), size=offsets)
@@ -571,6 +559,25 @@ def run_both(roots: tuple[Path, Path], what: str, fn: Callable[[Path, int], Any]
     return results[0]
 
 
+
+
+def mmap_store(path: Path, offset: int, payload: bytes) -> int:
+    """Store ``payload`` into the existing bytes of file ``path`` at ``offset`` (clamped to
+    the last byte) through a shared writable mmap, then msync; returns the bytes stored
+    (0 for an empty file: an mmap cannot grow a file). Raises OSError."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return 0
+        start = min(offset, size - 1)
+        piece = payload[:size - start]
+        with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as m:
+            m[start:start + len(piece)] = piece
+            m.flush()
+        return len(piece)
+    finally:
+        os.close(fd)
 
 def tree_entries(root: Path) -> list[tuple[str, int]]:
     """(path relative to ``root``, S_IFMT of lstat) of everything below ``root``, in

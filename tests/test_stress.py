@@ -85,7 +85,7 @@ import pytest
 from tests.conftest import CasEnv
 from tests.test_posix_details import data_bytes_mismatches
 from tests.test_posix_model import (RENAME_EXCHANGE, RENAME_NOREPLACE, compare_trees, errname, mount_log,
-                                    read_direct, renameat2, tree_entries)
+                                    mmap_store, read_direct, renameat2, tree_entries)
 from tests.treeutil import unique_chunk_bytes
 
 pytestmark = [
@@ -434,19 +434,7 @@ class Worker:
         path, off, payload = self.existing(), self.offset(), self.data(self.length())
 
         def op(root: Path, side: int) -> int:
-            fd = os.open(root / path, os.O_RDWR)
-            try:
-                size = os.fstat(fd).st_size
-                if size == 0:
-                    return 0
-                start = min(off, size - 1)
-                piece = payload[:size - start]
-                with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as m:
-                    m[start:start + len(piece)] = piece
-                    m.flush()
-                return len(piece)
-            finally:
-                os.close(fd)
+            return mmap_store(root / path, off, payload)
         self.both(i, f"mmap-write {path} at {off} up to {len(payload)} bytes {payload[:6]!r}", op)
 
     def op_unlink(self, i: int) -> None:

@@ -392,7 +392,8 @@ def count_changed_since(db: Database, mark: int) -> int:
 # inode row's lock. All inside the mount's group transaction, the only writer of the
 # namespace (docs/concurrency.md).
 
-INODE_COLS = ("id", "mode", "uid", "gid", "nlink", "size", "rdev", "atime_ns", "mtime_ns", "ctime_ns")
+#: the columns a held create writes: every inodes column but data_bytes (0 for a new inode)
+INODE_COLS = INODE_COLUMNS[:INODE_COLUMNS.index("data_bytes")]
 
 
 @dataclass
