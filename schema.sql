@@ -8,7 +8,7 @@ CREATE TABLE meta (
     v VARCHAR(255) NOT NULL
 ) ENGINE=InnoDB;
 
-INSERT INTO meta (k, v) VALUES ('schema_version', '4');
+INSERT INTO meta (k, v) VALUES ('schema_version', '5');
 
 -- One row per inode. Times in ns since the epoch. nlink = 0 marks a file unlinked while
 -- still open; it is freed at its last release (or at the next mount after a crash).
@@ -122,13 +122,18 @@ CREATE TABLE pack_entries (
 -- A row is added in the transaction that creates the chunk row (when the cloud tier is
 -- enabled: meta key cloud_enabled). pack, pos and length are set when an uploader claims the row
 -- for a pack; the row is deleted when that pack is confirmed.
+-- store (schema 5): the local chunk store that holds the chunk's bytes until the upload
+-- (cas.config.volume.Volume.store); NULL in rows queued before schema 5, which belong to
+-- the volume's first store. Only a mount of that store claims the row (docs/sharing.md).
 CREATE TABLE upload_queue (
     chunk BINARY(32) NOT NULL PRIMARY KEY,
     queued DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
     pack BIGINT UNSIGNED NULL,
     pos BIGINT UNSIGNED NULL,
     length INT UNSIGNED NULL,
-    KEY pack_idx (pack, queued)
+    store CHAR(32) NULL,
+    KEY pack_idx (pack, queued),
+    KEY store_idx (store, pack)
 ) ENGINE=InnoDB;
 
 -- Metadata snapshots on the cloud store (cas/tier/snapshot.py, docs/backup.md): the packs
@@ -140,4 +145,47 @@ CREATE TABLE snapshot_packs (
     pack VARCHAR(64) NOT NULL,
     PRIMARY KEY (generation, pack),
     KEY pack_idx (pack)
+) ENGINE=InnoDB;
+
+-- Mount sessions (schema 5; cas/db/sessions.py, docs/sharing.md): one row per running
+-- mount of the volume, on any machine. heartbeat is server time, renewed every few
+-- seconds; a session whose heartbeat is older than the timeout is dead and any live mount
+-- reaps it. store: the session's local chunk store (cas.config.volume.Volume.store).
+-- mode 'exclusive': a mount of a volume that is not shared (meta key shared); it refuses
+-- to start beside any other live session, and a shared mount refuses beside it.
+CREATE TABLE sessions (
+    id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    host VARCHAR(255) NOT NULL,
+    pid INT UNSIGNED NOT NULL,
+    store CHAR(32) NOT NULL,
+    mode ENUM('exclusive', 'shared') NOT NULL,
+    consistency VARCHAR(16) NOT NULL,
+    started DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+    heartbeat DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+    KEY heartbeat_idx (heartbeat)
+) ENGINE=InnoDB;
+
+-- Sustained inodes (schema 5): an inode unlinked (nlink = 0) while session `session`
+-- still had it open. It is freed at that session's last release, or when the session is
+-- reaped; a mount frees at start only nlink = 0 inodes no live session sustains.
+CREATE TABLE sustained (
+    session BIGINT UNSIGNED NOT NULL,
+    inode BIGINT UNSIGNED NOT NULL,
+    PRIMARY KEY (session, inode),
+    KEY inode_idx (inode)
+) ENGINE=InnoDB;
+
+-- The change log of a shared volume (schema 5; cas/db/changes.py, docs/sharing.md): one
+-- row per inode (and, for namespace changes, per dentry parent/name) a session changed,
+-- written in the transaction that changes it. Other sessions poll it to drop their RAM
+-- and kernel caches. AUTO_INCREMENT ids are not commit order: pollers re-read a window.
+-- Rows older than a few minutes are deleted by any mount.
+CREATE TABLE changes (
+    id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    session BIGINT UNSIGNED NOT NULL,
+    inode BIGINT UNSIGNED NOT NULL,
+    parent BIGINT UNSIGNED NULL,
+    name VARBINARY(255) NULL,
+    at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+    KEY at_idx (at)
 ) ENGINE=InnoDB;

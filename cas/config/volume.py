@@ -3,6 +3,7 @@
 A volume is a directory ``$XDG_DATA_HOME/casfs/NAME/`` (``~/.local/share`` when unset)::
 
     volume.toml   config: format, uuid, chunk_size, compression, meta_url, meta_password,
+                  store_id (this machine's local store, docs/sharing.md),
                   [drive] (cloud tier, cas.tier.cloud.CloudConfig),
                   [mount] (defaults of `casfs mount`: durability = "group" | "immediate"),
                   [meta] (TLS to an external server, cas.db.tls)
@@ -83,6 +84,7 @@ class Volume:
     meta_tls: dict[str, object] = field(default_factory=dict)  # the [meta] table: TLS (cas/db/tls.py)
     audit: dict[str, object] = field(default_factory=dict)   # the [audit] table (cas.config.audit.AuditConfig)
     encryption: dict[str, Any] = field(default_factory=dict)  # the [encryption] table (cas.config.keys); {} = plain
+    store_id: str = ""   # this side's local chunk store id (32 hex); "" = the volume's first store
     # the unlocked keys of an encrypted volume (cas.config.keys.unlock sets them; never saved)
     keys: VolumeKeys | None = field(default=None, repr=False, compare=False)
 
@@ -90,6 +92,14 @@ class Volume:
     def embedded(self) -> bool:
         """True when the volume uses its private MariaDB server (no meta URL)."""
         return not self.meta_url
+
+    @property
+    def store(self) -> str:
+        """The id of this side's local chunk store: 32 lowercase hex characters. The store
+        made by ``casfs init`` has the volume uuid's hex digits (no config key needed);
+        ``casfs join`` gives each further machine's store a random id (``store_id`` in
+        volume.toml). Upload queue rows and sessions name it (docs/sharing.md)."""
+        return self.store_id or uuid.UUID(self.uuid).hex
 
     @property
     def chunk_dir(self) -> Path:
@@ -122,6 +132,8 @@ class Volume:
         }
         if self.meta_password:
             cfg["meta_password"] = self.meta_password
+        if self.store_id:
+            cfg["store_id"] = self.store_id
         if self.drive:
             cfg["drive"] = dict(self.drive)
         if self.mount:
@@ -176,8 +188,12 @@ def open_volume(name: str) -> Volume:
             meta_tls=dict(cfg.get("meta", {})),
             audit=dict(cfg.get("audit", {})),
             encryption=dict(cfg.get("encryption", {})),
+            store_id=str(cfg.get("store_id", "")),
         )
         parse_codec(vol.compression)
+        if vol.store_id and not re.fullmatch(r"[0-9a-f]{32}", vol.store_id):
+            raise ValueError(f"store_id {vol.store_id!r} is not 32 lowercase hex digits")
+        uuid.UUID(vol.uuid)
     except (KeyError, ValueError) as exc:
         raise VolumeError(f"volume {name!r}: bad config {cfg_file}: {exc}") from exc
     return vol

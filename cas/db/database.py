@@ -31,7 +31,7 @@ from cas.config.volume import Volume
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schema.sql"   # package data (docs/install.md)
 EMBEDDED_DB = "casfs"
 ROOT_INODE = 1
@@ -133,6 +133,9 @@ class Database:
         self.held_ops = 0
         self.before_statement: Callable[[], None] | None = None
         self._writing_held = False
+        # The mount session this connection works for (cas.db.sessions; 0: none, e.g. a
+        # CLI tool or an engine test): change-log rows and sustained inodes name it.
+        self.session_id = 0
 
     def _connect(self) -> pymysql.connections.Connection:
         t = self.target
@@ -504,9 +507,21 @@ def _v3_to_v4(db: Database) -> None:
         db.execute("ALTER TABLE xattrs ADD KEY name_idx (name, value(64))")
 
 
+def _v4_to_v5(db: Database) -> None:
+    """Schema 4 -> 5 (several mounts of one volume, docs/sharing.md): upload_queue.store,
+    and every table of schema.sql the database lacks (sessions, sustained, changes)."""
+    if "store" not in _columns(db, "upload_queue"):
+        db.execute("ALTER TABLE upload_queue ADD COLUMN store CHAR(32) NULL, "
+                   "ADD KEY store_idx (store, pack)")
+    for stmt in schema_statements():
+        if stmt.startswith("CREATE TABLE "):
+            db.execute(stmt.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS", 1))
+
+
 #: from_version -> the step to the next version; each step is idempotent (DDL commits
 #: on its own in MySQL, so a step cut short by a crash is simply run again).
-_MIGRATIONS: dict[str, Callable[[Database], None]] = {"1": _v1_to_v2, "2": _v2_to_v3, "3": _v3_to_v4}
+_MIGRATIONS: dict[str, Callable[[Database], None]] = {"1": _v1_to_v2, "2": _v2_to_v3, "3": _v3_to_v4,
+                                                     "4": _v4_to_v5}
 
 
 def _upgrade(db: Database, version: int) -> None:

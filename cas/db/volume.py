@@ -3,7 +3,8 @@
 Keys: ``schema_version``, ``volume_uuid``, ``chunk_size``, ``encryption`` (cas.db.database);
 ``cloud_enabled`` and the uploader's ``drive_*`` keys (cas.tier.cloud); the scrub cursors
 ``scrub_*`` (cas.maint.scrub); the snapshot keys ``snapshot_*`` (cas.tier.snapshot);
-``inode_next`` (cas.db.namespace.reserve_inodes). Values are text of at most 255
+``inode_next`` (cas.db.namespace.reserve_inodes); ``shared`` ('1': several mounts may
+run at once, docs/sharing.md). Values are text of at most 255
 characters (schema.sql); :func:`set_values` cuts longer ones.
 
 Locks: reads take none (READ COMMITTED, or the caller's consistent snapshot); an upsert
@@ -105,3 +106,19 @@ def enable_cloud(cur: pymysql.cursors.Cursor) -> None:
     new chunk row gets its upload_queue row in the transaction that creates it. Locks the row
     (exclusive) to the caller's COMMIT."""
     set_value(cur, "cloud_enabled", "1")
+
+
+#: meta key: '1' when the volume may be mounted by several sessions at once (docs/sharing.md)
+SHARED_KEY = "shared"
+
+
+def is_shared(src: Source) -> bool:
+    """True when the volume is shared (meta ``shared`` = '1'): several mounts, on any
+    machines, may run at once, and each runs its engine in shared mode. Locks: none."""
+    return get(src, SHARED_KEY) == "1"
+
+
+def set_shared(cur: pymysql.cursors.Cursor) -> None:
+    """Mark the volume shared (``casfs init --shared``, ``casfs join``). Locks: the
+    ``shared`` row, exclusive, until the caller's COMMIT."""
+    set_value(cur, SHARED_KEY, "1")

@@ -82,6 +82,10 @@ SNAPSHOT_PROPERTY = "casfs_snapshot"   # app property: the generation number of 
 #: dumped tables, in load order; packs first, so that the packs a generation names can be
 #: read without decompressing the rest (:func:`pack_names`)
 #: (which rows of each table a dump takes: cas.db.tables.ROW_FILTER)
+#: schema versions whose snapshots load exactly into this release's tables: schema 5 only
+#: added tables and a column snapshots do not carry, and the loaded meta row
+#: ``schema_version`` makes the next connect run the (idempotent) migration to 5
+RESTORABLE_SCHEMAS = ("4", str(SCHEMA_VERSION))
 TABLES = ("packs", "meta", "inodes", "dentries", "symlinks", "xattrs", "chunks", "manifests", "pack_entries")
 _BINARY_TYPES = {"binary", "varbinary", "tinyblob", "blob", "mediumblob", "longblob"}
 #: meta keys of the source volume that a restored volume does not take over (they describe
@@ -297,7 +301,7 @@ def _load(db: Database, blob: bytes, progress: Callable[[str, int], None] | None
         raise SnapshotError("not a casfs snapshot")
     if int(header.get("version", 0)) != FORMAT_VERSION:
         raise SnapshotError(f"snapshot format version {header.get('version')} is not supported")
-    if str(header.get("schema_version")) != str(SCHEMA_VERSION):
+    if str(header.get("schema_version")) not in RESTORABLE_SCHEMAS:
         raise SnapshotError(f"the snapshot is of schema version {header.get('schema_version')}, this casfs "
                             f"speaks {SCHEMA_VERSION}: restore with a matching casfs release")
     rows: dict[str, int] = {}

@@ -132,7 +132,8 @@ def test_initialize_and_connect(volume: Volume) -> None:
         assert root == [(ROOT_INODE, 0o40755, 1234, 5678, 2, 0)]
         tables = {r[0] for r in db.query("SHOW TABLES")}
         assert tables == {"meta", "inodes", "dentries", "symlinks", "xattrs", "chunks", "manifests",
-                          "packs", "pack_entries", "upload_queue", "snapshot_packs"}
+                          "packs", "pack_entries", "upload_queue", "snapshot_packs", "sessions",
+                          "sustained", "changes"}
         # tx_isolation (MariaDB < 11.1) or transaction_isolation (MySQL 8, MariaDB >= 11.1)
         iso = {v for _, v in db.query("SHOW SESSION VARIABLES WHERE Variable_name IN "
                                           "('tx_isolation', 'transaction_isolation')")}
@@ -145,7 +146,7 @@ def test_initialize_and_connect(volume: Volume) -> None:
 
 def test_schema_statements_cover_schema() -> None:
     stmts = list(schema_statements())
-    assert sum(s.upper().startswith("CREATE TABLE") for s in stmts) == 11
+    assert sum(s.upper().startswith("CREATE TABLE") for s in stmts) == 14
     assert any(f"'schema_version', '{SCHEMA_VERSION}'" in s for s in stmts)
     assert not any("--" in s.splitlines()[0] for s in stmts)
 
@@ -214,6 +215,30 @@ def test_schema_3_database_is_upgraded_to_4(volume: Volume) -> None:
         assert db.query("SELECT COUNT(*) FROM information_schema.statistics WHERE table_schema = DATABASE() "
                         "AND table_name = 'xattrs' AND index_name = 'name_idx'")[0][0] >= 1
         assert db.query("SELECT value FROM xattrs WHERE inode = 1 AND name = 'user.k'") == [(b"v",)]
+    finally:
+        db.close()
+
+
+def test_schema_4_database_is_upgraded_to_5(volume: Volume) -> None:
+    """A schema-4 database (no sessions, sustained or changes table, no upload_queue.store)
+    is upgraded in place at connect, keeping its queue rows (store NULL: the first store's)."""
+    initialize(volume, 0, 0)
+    db = Database(parse_meta_url(volume.meta_url))
+    try:
+        db.execute("DROP TABLE sessions, sustained, changes")
+        db.execute("ALTER TABLE upload_queue DROP KEY store_idx, DROP COLUMN store")
+        db.execute("INSERT INTO upload_queue (chunk) VALUES (%s)", (b"\x01" * 32,))
+        db.execute("UPDATE meta SET v = '4' WHERE k = 'schema_version'")
+    finally:
+        db.close()
+    connect(volume).close()
+    connect(volume).close()   # already at 5: nothing to do
+    db = Database(parse_meta_url(volume.meta_url))
+    try:
+        assert db.query("SELECT v FROM meta WHERE k = 'schema_version'") == [(str(SCHEMA_VERSION),)]
+        for table in ("sessions", "sustained", "changes"):
+            assert db.query(f"SELECT COUNT(*) FROM {table}") == [(0,)]
+        assert db.query("SELECT chunk, store FROM upload_queue") == [(b"\x01" * 32, None)]
     finally:
         db.close()
 
