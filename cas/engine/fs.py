@@ -1199,7 +1199,12 @@ class Filesystem:
                 self.closed_dirty.add(ino)
                 return
         self.closed_dirty.discard(ino)
+        clean = (st is not None and not st.needs_flush and not st.busy and not st.holds_unsynced
+                 and not st.lost)
         self.data.drop_state(ino)
+        if clean and st is not None and st.size <= SMALL_SLOTS * self.chunk_size:
+            # its committed manifest, for the next open of the file: no query then
+            self._know_manifests({ino: dict(st.manifest)})
         self._maybe_free(ino)
 
     def _flush_closed(self, older_than_s: float | None = None) -> None:

@@ -232,3 +232,36 @@ def test_cold_open_of_small_files(eng: Engine) -> None:
     assert read_name(fs, b"f1", parent=d) == b"NE"
     report = eng.fsck()
     assert report.clean, report
+
+
+def test_reopen_of_a_closed_small_file_runs_no_query(eng: Engine) -> None:
+    """A small file closed clean keeps its committed manifest in RAM: opening, reading
+    and closing it again costs no round trip; after a write, the next open reads the new
+    bytes (the kept manifest is the committed one, never stale), also after a remount."""
+    fs = eng.fs
+    ino = make_file(fs, b"f", b"first version\n" * 100)
+    fs.flush_all()
+    fs.open(ino)
+    assert fs.read(ino, 0, 4096).startswith(b"first version")
+    fs.release(ino)
+    before = questions(fs)
+    for _ in range(50):
+        fs.open(ino)
+        assert fs.read(ino, 0, 14) == b"first version\n"
+        fs.release(ino)
+    trips = questions(fs) - before - 1
+    assert trips == 0, f"{trips} round trips for 50 re-opens of a cached small file"
+    fs.open(ino)
+    fs.write(ino, 0, b"SECOND")
+    fs.release(ino)
+    fs.flush_all()
+    fs.open(ino)
+    assert fs.read(ino, 0, 14) == b"SECONDversion\n"
+    fs.release(ino)
+    fs.setattr(ino, size=3)
+    fs.open(ino)
+    assert fs.read(ino, 0, 100) == b"SEC"
+    fs.release(ino)
+    fs = eng.reopen()
+    assert read_name(fs, b"f") == b"SEC"
+    assert eng.fsck().clean
