@@ -38,6 +38,7 @@ from cas.db import chunks as dbchunks
 from cas.db import manifests as dbmanifests
 from cas.db import namespace as ns
 from cas.db import volume
+from cas.db.batch import batches
 from cas.db.server import pid_running
 from cas.db.source import Source, execute, rows
 
@@ -96,11 +97,22 @@ class SessionRow(NamedTuple):
     queued: int
 
 
+#: env var naming this machine in session rows instead of its hostname: tests that
+#: simulate several machines on one box give each its own (tests/machines.py)
+HOST_ENV = "CASFS_SESSION_HOST"
+
+
+def this_host() -> str:
+    """The host name session rows give this machine: env ``CASFS_SESSION_HOST``, else
+    ``socket.gethostname()``. No lock (no statement)."""
+    return os.environ.get(HOST_ENV) or socket.gethostname()
+
+
 def is_stale_here(host: str, pid: int) -> bool:
-    """True when a session names a process of this host (``socket.gethostname()``) that no
+    """True when a session names a process of this host (:func:`this_host`) that no
     longer runs: it died without ending its session (kill -9, a crash). No lock (no
     statement). A session of another host is never stale here: only its heartbeat tells."""
-    return host == socket.gethostname() and not pid_running(pid)
+    return host == this_host() and not pid_running(pid)
 
 
 def list_sessions(src: Source, timeout: float | None = None, store_of_first: str = "") -> list[SessionRow]:
@@ -225,7 +237,9 @@ def free_unlinked(cur: Cursor, ino: int, session: int = 0, timeout: float | None
     freed. A gone inode only loses its sustained rows; an inode with links only loses
     ``session``'s row. Locks, in order: the inode row (``nlink_for_update``), the other
     sessions' sustained rows of it, its manifest rows, its chunks' rows in id order, its
-    symlink/xattr/inode rows, its sustained rows; to the caller's COMMIT."""
+    symlink/xattr/inode rows, its sustained rows; to the caller's COMMIT. The chunk rows
+    are taken with ``NOWAIT`` (:func:`_lock_chunks_nowait`): MetaError / a retry of the
+    caller's transaction when a mount's group holds one."""
     nlink = ns.nlink_for_update(cur, ino)
     if nlink is None:
         forget_inode(cur, ino)
@@ -233,6 +247,7 @@ def free_unlinked(cur: Cursor, ino: int, session: int = 0, timeout: float | None
     if release_sustained(cur, session, ino, timeout) or nlink != 0:
         return False
     lost = dbmanifests.chunks_for_update(cur, ino)
+    _lock_chunks_nowait(cur, sorted(set(lost)))
     counts: dict[bytes, int] = {}
     for cid in lost:
         counts[cid] = counts.get(cid, 0) + 1
@@ -246,6 +261,18 @@ def free_unlinked(cur: Cursor, ino: int, session: int = 0, timeout: float | None
     ns.delete_inode(cur, ino)
     forget_inode(cur, ino)
     return True
+
+
+def _lock_chunks_nowait(cur: Cursor, ids: Sequence[bytes]) -> None:
+    """X-lock the chunk rows ``ids`` (sorted) in id order, failing at once (``NOWAIT``:
+    MySQL error 1205, which Database.transaction retries whole after a back-off) instead
+    of waiting for a row another transaction holds. A reaper holds several chunk rows;
+    waiting for one while a mount's group waits for another it holds would close a
+    cycle (docs/metadata.md, "Lock order"), so it never waits for a chunk row: a
+    mount's group may wait for it, never the other way round."""
+    for batch in batches(list(ids)):
+        cur.execute("SELECT id FROM chunks WHERE id IN %s ORDER BY id FOR UPDATE NOWAIT", (batch,))
+        cur.fetchall()
 
 
 # -- reaping ---------------------------------------------------------------------------------

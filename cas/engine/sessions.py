@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 
 from pymysql.cursors import Cursor
@@ -79,7 +78,7 @@ class SessionKeeper:
     def register(self, session_id: int = 0) -> None:
         """Insert the session row under the registration lock. Raises VolumeError (one
         line) when the volume may not be mounted now, MetaError on a database error."""
-        host, pid = socket.gethostname(), os.getpid()
+        host, pid = dbsessions.this_host(), os.getpid()
 
         def body(cur: Cursor) -> tuple[int, bool]:
             dbsessions.lock_registrations(cur)
