@@ -1,0 +1,111 @@
+"""Sessions at the engine level, on a real MariaDB (cas/db/sessions.py,
+cas/engine/sessions.py; docs/sharing.md "Sessions", "Reaping"): registrations that start at
+once, the reaper's exact frees, lease expiry, and sessions it must leave alone.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+import cas.db.database
+from cas.engine import sessions
+from cas.errors import VolumeError
+from tests.engine.test_fs import ROOT, Engine, eng, make_file  # noqa: F401 - the fixture
+
+
+@pytest.fixture
+def keepers() -> Iterator[list[sessions.SessionKeeper]]:
+    """Keepers a test started; stopped (sessions ended) at teardown."""
+    started: list[sessions.SessionKeeper] = []
+    try:
+        yield started
+    finally:
+        for k in started:
+            k.stop()
+
+
+def test_two_exclusive_mounts_starting_at_once_one_is_refused(
+        eng: Engine, keepers: list[sessions.SessionKeeper]) -> None:
+    metas = [cas.db.database.connect(eng.vol) for _ in range(4)]
+    barrier = threading.Barrier(len(metas))
+    got: list[object] = []
+    lock = threading.Lock()
+
+    def go(meta: cas.db.database.Metadata) -> None:
+        barrier.wait()
+        try:
+            k: object = sessions.start(meta)
+        except VolumeError as exc:
+            k = exc
+        with lock:
+            got.append(k)
+
+    threads = [threading.Thread(target=go, args=(m,)) for m in metas]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        keepers.extend(k for k in got if isinstance(k, sessions.SessionKeeper))
+        for m in metas:
+            m.close()
+    assert len(got) == 4
+    assert len(keepers) == 1, got
+    assert all("already mounted by" in str(e) for e in got if isinstance(e, VolumeError))
+    assert eng.q("SELECT mode FROM sessions", sync=False) == [("exclusive",)]
+
+
+def test_reaper_frees_exactly_expires_leases_and_spares_live_sessions(
+        eng: Engine, keepers: list[sessions.SessionKeeper], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CASFS_SESSION_TIMEOUT_S", "2")
+    eng.q("INSERT INTO meta (k, v) VALUES ('shared', '1')")
+    ins = "INSERT INTO sessions (host, pid, store, mode, consistency, heartbeat) VALUES (%s, %s, %s, 'shared', 'session', "
+    eng.q(ins + "NOW(6))", ("elsewhere", 4242, "a" * 32))
+    eng.q(ins + "NOW(6) + INTERVAL 1 HOUR)", ("elsewhere2", 4242, "b" * 32))   # live throughout
+    (dead,), (live,) = eng.q("SELECT id FROM sessions ORDER BY id")
+    # the dead session's mount: files unlinked while open there (sustained), then a crash
+    fs = eng.fs
+    fs.sustain_open = True
+    fs.db.session_id = dead
+    solo = make_file(fs, b"solo", bytes(range(256)) * 800, release=False)       # 4 slots of 64 KiB
+    both = make_file(fs, b"both", b"b" * 150_000, release=False)
+    make_file(fs, b"keep", bytes(range(256)) * 256)                               # solo's first chunk
+    fs.unlink(ROOT, b"solo")
+    fs.unlink(ROOT, b"both")
+    eng.q("INSERT INTO sustained (session, inode) VALUES (%s, %s)", (live, both))
+    assert sorted(eng.q("SELECT session, inode FROM sustained")) == sorted([(dead, solo), (dead, both), (live, both)])
+    refs = eng.refcounts()
+    slots = eng.manifest_counts()
+    solo_chunks = [bytes(r[0]) for r in eng.q("SELECT chunk FROM manifests WHERE inode = %s", (solo,))]
+    assert len(solo_chunks) == 4
+    eng.abandon(fs)
+    eng.fs = eng.new_fs()
+    eng.q("INSERT INTO packs (name, state, size, md5, sha256, owner, lease_until) VALUES "
+          "('p-dead', 'uploading', 0, %s, %s, 'elsewhere:4242:ab', NOW(6) + INTERVAL 1 HOUR), "
+          "('p-live', 'uploading', 0, %s, %s, 'elsewhere2:4242:cd', NOW(6) + INTERVAL 1 HOUR)",
+          (bytes(16), bytes(32), bytes(16), bytes(32)))
+    meta = eng.other()
+    try:
+        keeper = sessions.start(meta)
+    finally:
+        meta.close()
+    keepers.append(keeper)
+    keeper._stop.set()          # this test drives the reaper itself
+    assert keeper.reap() == 0   # both heartbeats are fresh: nobody is reaped
+    eng.q("UPDATE sessions SET heartbeat = NOW(6) - INTERVAL 10 SECOND WHERE id = %s", (dead,))
+    assert keeper.reap() == 1
+    assert sorted(r[0] for r in eng.q("SELECT id FROM sessions")) == sorted([live, keeper.session_id])
+    # solo freed with exact decrements; both kept (a live session sustains it), its row alone left
+    assert eng.q("SELECT COUNT(*) FROM inodes WHERE id = %s", (solo,)) == [(0,)]
+    assert eng.q("SELECT nlink FROM inodes WHERE id = %s", (both,)) == [(0,)]
+    assert eng.q("SELECT session, inode FROM sustained") == [(live, both)]
+    after = eng.refcounts()
+    lost = {c: solo_chunks.count(c) for c in solo_chunks}
+    assert after == {c: refs[c] - lost.get(c, 0) for c in refs}
+    assert sum(after.values()) == sum(slots.values()) - 4
+    assert eng.fsck(verify=False).refcount_mismatches == []
+    leases = dict(eng.q("SELECT name, lease_until <= NOW(6) FROM packs"))
+    assert leases == {"p-dead": 1, "p-live": 0}
