@@ -180,8 +180,23 @@ def test_join_and_init_shared_errors(two_machines: Machines) -> None:
     r = m.a.run("init", "--shared", "emb", check=False)
     assert "--shared needs --meta" in one_line_error(r)
     assert not (m.a.data_home / "emb").exists()
+    # a volume made before join settings existed (rows deleted), with a cloud tier: join
+    # says what to do; the first side's next mount records them; join copies [drive]
+    m.init_a("vol", "1MiB", False)
+    objects = m.a.tmp / "objects"
+    m.a.run("drive", "auth", "vol", "--endpoint", f"file:{objects}", "--pack-age", "7")
+    sql(m, "DELETE FROM meta WHERE k LIKE 'join_config%%'")
+    r = m.join_b("vol", check=False)
+    assert "no join settings yet" in one_line_error(r)
+    assert not (m.b.data_home / "vol").exists()
+    assert sql(m, "SELECT COUNT(*) FROM meta WHERE k = 'shared'") == [(0,)]
+    m.a.umount(m.a.mount("vol"))
+    m.join_b("vol")
+    drive_a = tomllib.loads((m.a.data_home / "vol" / "volume.toml").read_text())["drive"]
+    drive_b = tomllib.loads((m.b.data_home / "vol" / "volume.toml").read_text())["drive"]
+    assert drive_b == drive_a and drive_b["endpoint"] == f"file:{objects}" and drive_b["pack_age_s"] == 7
+    assert sql(m, "SELECT v FROM meta WHERE k = 'shared'") == [("1",)]
     # a volume name that exists on this machine
-    m.shared_volume("vol")
     r = m.join_b("vol", check=False)
     assert "already exists" in one_line_error(r)
 

@@ -30,7 +30,7 @@ import logging
 import os
 import socket
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from pymysql.cursors import Cursor
 
@@ -115,21 +115,26 @@ def is_stale_here(host: str, pid: int) -> bool:
     return host == this_host() and not pid_running(pid)
 
 
-def list_sessions(src: Source, timeout: float | None = None, store_of_first: str = "") -> list[SessionRow]:
+def list_sessions(src: Source, timeout: float | None = None, store_of_first: str = "",
+                  counts: bool = True) -> list[SessionRow]:
     """Every session, oldest first, with liveness from the server's clock (and
-    :func:`is_stale_here`), its sustained inode count and the queued chunks of its store
-    (queue rows with a NULL store count for ``store_of_first``, the volume's first
-    store). No lock: three plain SELECTs."""
+    :func:`is_stale_here`); with ``counts`` also its sustained inode count and the
+    queued chunks of its store (queue rows with a NULL store count for
+    ``store_of_first``, the volume's first store; both reads are O(rows counted), so
+    the heartbeat's checks go without them: zeros). No lock: plain SELECTs."""
     t = timeout_s() if timeout is None else timeout
     found = rows(src, "SELECT id, host, pid, store, mode, consistency, "
                       "DATE_FORMAT(started, '%%Y-%%m-%%d %%H:%%i:%%s'), "
                       "TIMESTAMPDIFF(MICROSECOND, heartbeat, NOW(6)), "
                       "heartbeat >= NOW(6) - INTERVAL %s MICROSECOND FROM sessions ORDER BY id", (_us(t),))
-    held = dict(rows(src, "SELECT session, COUNT(*) FROM sustained GROUP BY session"))
-    queued = {("" if s is None else str(s)): int(n) for s, n in
-              rows(src, "SELECT store, COUNT(*) FROM upload_queue WHERE pack IS NULL GROUP BY store")}
-    if store_of_first:
-        queued[store_of_first] = queued.get(store_of_first, 0) + queued.pop("", 0)
+    held: dict[Any, Any] = {}
+    queued: dict[str, int] = {}
+    if counts and found:
+        held = dict(rows(src, "SELECT session, COUNT(*) FROM sustained GROUP BY session"))
+        queued = {("" if s is None else str(s)): int(n) for s, n in
+                  rows(src, "SELECT store, COUNT(*) FROM upload_queue WHERE pack IS NULL GROUP BY store")}
+        if store_of_first:
+            queued[store_of_first] = queued.get(store_of_first, 0) + queued.pop("", 0)
     out = []
     for i, host, pid, store, mode, cons, started, age_us, fresh in found:
         live = bool(fresh) and not is_stale_here(str(host), int(pid))
@@ -142,7 +147,7 @@ def list_sessions(src: Source, timeout: float | None = None, store_of_first: str
 def live_others(cur: Cursor, own: int, timeout: float | None = None) -> list[SessionRow]:
     """The live sessions other than ``own`` (0: none is ours), read in the caller's
     transaction. No lock of its own: callers hold :data:`LOCK_KEY` (registration, join)."""
-    return [s for s in list_sessions(cur, timeout) if s.live and s.id != own]
+    return [s for s in list_sessions(cur, timeout, counts=False) if s.live and s.id != own]
 
 
 def register(cur: Cursor, *, host: str, pid: int, store: str, mode: str, consistency: str,
@@ -196,15 +201,16 @@ def sustain(cur: Cursor, session: int, ino: int) -> None:
 def release_sustained(cur: Cursor, session: int, ino: int, timeout: float | None = None) -> bool:
     """``session`` no longer keeps ``ino`` (its last release): delete its row; True when
     another *live* session still sustains ``ino`` (then the caller must not free it).
-    Locks: ``session``'s row of ``ino`` (deleted) and the other sessions' rows of ``ino``
-    (``FOR UPDATE``), to the caller's COMMIT; the caller holds the inode row
-    (cas.db.namespace.nlink_for_update)."""
+    Locks: ``session``'s row of ``ino`` (deleted), to the caller's COMMIT; the other
+    sessions' rows are read without a lock: the caller holds the inode row
+    (cas.db.namespace.nlink_for_update) of an inode with nlink 0, which no transaction
+    can make sustained again (it has no name left to unlink), so those rows can only go."""
     t = timeout_s() if timeout is None else timeout
     if session:
         cur.execute("DELETE FROM sustained WHERE session = %s AND inode = %s", (session, ino))
     cur.execute("SELECT x.id, x.host, x.pid FROM sustained s JOIN sessions x ON x.id = s.session "
-                "WHERE s.inode = %s AND s.session <> %s AND x.heartbeat >= NOW(6) - INTERVAL %s MICROSECOND "
-                "FOR UPDATE", (ino, session, _us(t)))
+                "WHERE s.inode = %s AND s.session <> %s AND x.heartbeat >= NOW(6) - INTERVAL %s MICROSECOND",
+                (ino, session, _us(t)))
     return any(not is_stale_here(str(h), int(p)) for _, h, p in cur.fetchall())
 
 
@@ -235,8 +241,8 @@ def free_unlinked(cur: Cursor, ino: int, session: int = 0, timeout: float | None
     sustained rows deleted. The same statements as the engine's free of an inode
     (cas.engine.fs ``_free_inode``), for a reaper that has no engine. Returns True when
     freed. A gone inode only loses its sustained rows; an inode with links only loses
-    ``session``'s row. Locks, in order: the inode row (``nlink_for_update``), the other
-    sessions' sustained rows of it, its manifest rows, its chunks' rows in id order, its
+    ``session``'s row. Locks, in order: the inode row (``nlink_for_update``), ``session``'s
+    sustained row of it, its manifest rows, its chunks' rows in id order, its
     symlink/xattr/inode rows, its sustained rows; to the caller's COMMIT. The chunk rows
     are taken with ``NOWAIT`` (:func:`_lock_chunks_nowait`): MetaError / a retry of the
     caller's transaction when a mount's group holds one."""
@@ -280,7 +286,7 @@ def _lock_chunks_nowait(cur: Cursor, ids: Sequence[bytes]) -> None:
 def dead_sessions(src: Source, own: int, timeout: float | None = None) -> list[SessionRow]:
     """Sessions other than ``own`` that are dead (heartbeat older than the timeout, or a
     process of this host that is gone). No lock."""
-    return [s for s in list_sessions(src, timeout) if not s.live and s.id != own]
+    return [s for s in list_sessions(src, timeout, counts=False) if not s.live and s.id != own]
 
 
 def lock_dead(cur: Cursor, session: int, timeout: float | None = None) -> SessionRow | None:
@@ -332,5 +338,5 @@ def sessions_exist(src: Source, ids: Sequence[int]) -> set[int]:
 
 def any_live(src: Source, timeout: float | None = None) -> list[SessionRow]:
     """The live sessions (fsck --repair refuses while one runs, anywhere). No lock."""
-    return [s for s in list_sessions(src, timeout) if s.live]
+    return [s for s in list_sessions(src, timeout, counts=False) if s.live]
 
