@@ -109,3 +109,25 @@ def test_reaper_frees_exactly_expires_leases_and_spares_live_sessions(
     assert eng.fsck(verify=False).refcount_mismatches == []
     leases = dict(eng.q("SELECT name, lease_until <= NOW(6) FROM packs"))
     assert leases == {"p-dead": 1, "p-live": 0}
+
+
+def test_a_reaped_mount_registers_again_under_its_id(
+        eng: Engine, keepers: list[sessions.SessionKeeper]) -> None:
+    # a machine that slept past the timeout: another mount reaped its session meanwhile
+    meta = eng.other()
+    try:
+        keeper = sessions.start(meta)
+    finally:
+        meta.close()
+    keepers.append(keeper)
+    keeper._stop.set()          # this test drives the heartbeat itself
+    sid = keeper.session_id
+    eng.q("DELETE FROM sessions WHERE id = %s", (sid,), sync=False)
+    keeper.beat()
+    assert eng.q("SELECT id, mode FROM sessions", sync=False) == [(sid, "exclusive")]
+    # ... unless another mount took the volume meanwhile: then it stays out, and says so
+    eng.q("DELETE FROM sessions WHERE id = %s", (sid,), sync=False)
+    eng.q("INSERT INTO sessions (host, pid, store, mode, consistency) VALUES "
+          "('elsewhere', 1, %s, 'exclusive', 'session')", ("c" * 32,), sync=False)
+    keeper.beat()
+    assert [r[0] for r in eng.q("SELECT host FROM sessions", sync=False)] == ["elsewhere"]
