@@ -81,6 +81,9 @@ def test_two_shared_mounts_listed_and_an_exclusive_mount_refused_elsewhere(two_m
     m.a.umount(mp_a)
     listed = m.sessions(m.b)
     assert [s["host"] for s in listed] == ["machine-B"]
+    # A's side is not mounted, B's is: a repair from A would rewrite counts B is changing
+    r = m.a.run("fsck", "--repair", "vol", check=False)
+    assert "is mounted by machine-B:" in one_line_error(r)
     m.b.umount(mp_b)
     assert m.sessions(m.a) == []
 

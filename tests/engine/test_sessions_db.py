@@ -11,6 +11,7 @@ import pytest
 
 import cas.db.database
 from cas.engine import sessions
+from cas.maint import sessioncheck
 from cas.errors import VolumeError
 from tests.engine.test_fs import ROOT, Engine, eng, make_file  # noqa: F401 - the fixture
 
@@ -131,3 +132,25 @@ def test_a_reaped_mount_registers_again_under_its_id(
           "('elsewhere', 1, %s, 'exclusive', 'session')", ("c" * 32,), sync=False)
     keeper.beat()
     assert [r[0] for r in eng.q("SELECT host FROM sessions", sync=False)] == ["elsewhere"]
+
+
+def test_fsck_repair_frees_inodes_sustained_by_vanished_sessions(eng: Engine) -> None:
+    fs = eng.fs
+    fs.sustain_open = True
+    fs.db.session_id = 777      # a session whose row is gone (ended or reaped half-way)
+    ino = make_file(fs, b"f", b"x" * 100_000, release=False)
+    fs.unlink(ROOT, b"f")
+    eng.fs.sync()
+    eng.abandon(fs)
+    eng.fs = eng.new_fs()
+    assert eng.q("SELECT session, inode FROM sustained", sync=False) == [(777, ino)]
+    with eng.other() as m:
+        r = sessioncheck.check(m)
+    assert r.orphan_sustained == [(777, ino)] and not r.clean
+    with eng.other() as m:
+        r = sessioncheck.check(m, repair=True)
+    assert r.freed == 1 and r.clean
+    assert eng.q("SELECT COUNT(*) FROM inodes WHERE id = %s", (ino,)) == [(0,)]
+    assert eng.q("SELECT COUNT(*) FROM sustained") == [(0,)]
+    report = eng.fsck(verify=False)
+    assert report.refcount_mismatches == [] and report.nlink_mismatches == []
