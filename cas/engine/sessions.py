@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 from pymysql.cursors import Cursor
 
@@ -33,6 +34,12 @@ from cas.db.server import EmbeddedServer
 from cas.errors import CasError, VolumeError
 
 log = logging.getLogger(__name__)
+
+
+def _boottime() -> float:
+    """Seconds of CLOCK_BOOTTIME (Linux): like monotonic time, but it runs on while the
+    machine is suspended."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def _conflict(vol_name: str, shared: bool, others: list[dbsessions.SessionRow]) -> str | None:
@@ -69,6 +76,8 @@ class SessionKeeper:
         self.reaped = 0            # dead sessions this keeper reaped
         self.freed = 0             # inodes freed while reaping
         self._stop = threading.Event()
+        self._healthy_since: float | None = _boottime()   # since when heartbeats run without a gap
+        self._last_ok = _boottime()
         self._thread: threading.Thread | None = None
         # an embedded volume's server, held as one more user so that it outlives the
         # engine's close until the session has ended (cas.db.server.EmbeddedServer)
@@ -103,12 +112,29 @@ class SessionKeeper:
         while not self._stop.wait(self.interval):
             try:
                 self.beat()
+            except CasError as exc:   # the database is away: the next beat tries again
+                log.warning("session %d: heartbeat failed: %s", self.session_id, str(exc).splitlines()[0])
             except Exception:  # noqa: BLE001 - the next beat tries again; the mount goes on
                 log.exception("session %d: heartbeat or reaping failed", self.session_id)
 
     def beat(self) -> None:
-        """One heartbeat, then reap dead sessions. Raises MetaError (the thread logs it)."""
-        if not dbsessions.heartbeat(self.db, self.session_id):
+        """One heartbeat, then reap dead sessions. Raises MetaError (the thread logs it).
+
+        Sessions found dead by their heartbeat's age are reaped only once this keeper
+        has itself beaten without a gap for a whole timeout (:meth:`may_reap_by_age`):
+        after an outage of the database, or a sleep of this machine, every live mount's
+        heartbeat is old too, and the first keeper back must not reap the others. A
+        session of this host whose process is gone is reaped at once."""
+        now = _boottime()
+        try:
+            ok = dbsessions.heartbeat(self.db, self.session_id)
+        except CasError:
+            self._healthy_since = None
+            raise
+        if self._healthy_since is None or now - self._last_ok > self.timeout / 2:
+            self._healthy_since = now     # first beat after a failure, or after a stall
+        self._last_ok = now
+        if not ok:
             log.error("session %d was reaped by another mount (no heartbeat for over %.0f s): inodes "
                       "this mount kept open after their unlink may have been freed; registering again",
                       self.session_id, self.timeout)
@@ -117,13 +143,21 @@ class SessionKeeper:
             except VolumeError as exc:
                 log.critical("session %d cannot register again: %s", self.session_id, exc)
                 return
-        self.reap()
+        self.reap(by_age=self.may_reap_by_age())
 
-    def reap(self) -> int:
-        """Reap every dead session of another mount; returns how many were reaped here.
-        Raises MetaError."""
+    def may_reap_by_age(self) -> bool:
+        """Whether this keeper's heartbeats have run without a gap for a whole timeout
+        (CLOCK_BOOTTIME: a suspend counts as a gap)."""
+        return self._healthy_since is not None and _boottime() - self._healthy_since >= self.timeout
+
+    def reap(self, by_age: bool = True) -> int:
+        """Reap every dead session of another mount (with ``by_age`` False only those of
+        this host whose process is gone); returns how many were reaped here. Raises
+        MetaError."""
         n = 0
         for dead in dbsessions.dead_sessions(self.db, self.session_id, self.timeout):
+            if not by_age and not dbsessions.is_stale_here(dead.host, dead.pid):
+                continue
             if self._reap_one(dead):
                 n += 1
         return n

@@ -154,3 +154,28 @@ def test_fsck_repair_frees_inodes_sustained_by_vanished_sessions(eng: Engine) ->
     assert eng.q("SELECT COUNT(*) FROM sustained") == [(0,)]
     report = eng.fsck(verify=False)
     assert report.refcount_mismatches == [] and report.nlink_mismatches == []
+
+
+def test_no_reaping_by_heartbeat_age_right_after_an_outage_or_a_stall(
+        eng: Engine, keepers: list[sessions.SessionKeeper], monkeypatch: pytest.MonkeyPatch) -> None:
+    # after the database was away (or this machine slept) every live mount's heartbeat is
+    # old: the first keeper back must not reap the others before they could beat again
+    monkeypatch.setenv("CASFS_SESSION_TIMEOUT_S", "30")
+    meta = eng.other()
+    try:
+        keeper = sessions.start(meta)
+    finally:
+        meta.close()
+    keepers.append(keeper)
+    keeper._stop.set()
+    eng.q("INSERT INTO sessions (host, pid, store, mode, consistency, heartbeat) VALUES "
+          "('elsewhere', 1, %s, 'shared', 'session', NOW(6) - INTERVAL 100 SECOND)", ("d" * 32,), sync=False)
+    keeper.beat()               # up for less than a timeout: no reaping by age
+    assert len(eng.q("SELECT id FROM sessions", sync=False)) == 2
+    keeper._healthy_since = (keeper._healthy_since or 0) - 31    # a timeout of beats without a gap
+    keeper._last_ok -= 100      # ... but then a stall (suspend, outage) before this beat
+    keeper.beat()
+    assert len(eng.q("SELECT id FROM sessions", sync=False)) == 2
+    keeper._healthy_since = (keeper._healthy_since or 0) - 31    # healthy for a timeout again
+    keeper.beat()
+    assert eng.q("SELECT id FROM sessions", sync=False) == [(keeper.session_id,)]
