@@ -35,6 +35,7 @@ from cas.chunk.manager import ChunkManager
 from cas.tier.cloud import CloudTier
 from cas.tier.cloud import enabled as cloud_enabled
 from cas.db import namespace as ns
+from cas.db import sessions as dbsessions
 from cas.chunk.envelope import codec_for
 from cas.errors import ChunkMissing, IntegrityError
 from cas.errors import (CasError, Exists, FsError, InvalidArgument, IsADirectory, MetaError, NameTooLong,
@@ -220,6 +221,10 @@ class Filesystem:
         # New chunks join the upload queue whenever the volume has a cloud tier, even
         # while this mount cannot reach it (the queue is drained by a later mount).
         self.chunks.enqueue = cloud_enabled(self.db)
+        # Shared volume (docs/sharing.md, "Sessions"): an inode unlinked while open here
+        # gets a ``sustained`` row of this mount's session (db.session_id) in the unlink's
+        # transaction, so that no other mount frees it; set by the mount daemon.
+        self.sustain_open = False
 
     def runtime_stats(self) -> dict[str, float | int]:
         """Live counters of this mount, for `casfs stats`: the RAM cache's hits, misses,
@@ -262,10 +267,12 @@ class Filesystem:
     def recover(self) -> int:
         """Free inodes left with nlink 0 by a crash (unlinked while open). Returns count."""
         rows = ns.unlinked_inodes(self.db)
+        freed = 0
         for ino in rows:
-            self._free_inode(ino)
+            # on a shared volume an inode a live session sustains is not freed
+            freed += self._free_inode(ino)
         self.db.commit()
-        return len(rows)
+        return freed
 
     @_locked
     def close(self) -> None:
@@ -706,6 +713,7 @@ class Filesystem:
                 ns.set_unlinked(cur, ino, now)
             else:
                 self._drop_link(cur, ino, now)
+            self._sustain_if_open(cur, ino)
             ns.delete_entry(cur, parent, name)
             self._touch_dir(cur, parent, now, -1 if is_dir else 0)
             return ino
@@ -780,6 +788,7 @@ class Filesystem:
                     self._touch_dir(cur, new_parent, now, -1)
                 else:
                     self._drop_link(cur, dst, now)
+                self._sustain_if_open(cur, dst)
                 ns.delete_entry(cur, new_parent, new_name)
                 freed = dst
             ns.move_entry(cur, old_parent, old_name, new_parent, new_name)
@@ -1282,19 +1291,39 @@ class Filesystem:
             self._free_inode(ino)
         self.held.discard(ino)
 
-    def _free_inode(self, ino: int) -> None:
-        def body(cur: pymysql.cursors.Cursor) -> None:
+    def _sustain_if_open(self, cur: pymysql.cursors.Cursor, ino: int) -> None:
+        """Shared volume: ``ino`` lost a link in this transaction; if it has none left
+        while this mount has it open, record it as sustained by this mount's session
+        (cas.db.sessions.sustain; docs/sharing.md, "Sessions"), so that no other mount's
+        start-up recovery frees it. The inode row is locked already."""
+        if not self.sustain_open or not self.db.session_id:
+            return
+        if ino not in self.data.states and ino not in self.dir_opens:
+            return
+        if ns.nlink_for_update(cur, ino) == 0:
+            dbsessions.sustain(cur, self.db.session_id, ino)
+
+    def _free_inode(self, ino: int) -> bool:
+        """Free ``ino`` if its nlink is 0 (checked under its row lock); on a shared
+        volume not while another live session sustains it. True when freed."""
+        def body(cur: pymysql.cursors.Cursor) -> bool:
             nlink = ns.nlink_for_update(cur, ino)
             if nlink is None or nlink != 0:
-                return
+                return False
+            if self.sustain_open and dbsessions.release_sustained(cur, self.db.session_id, ino):
+                return False   # another live session keeps it open (docs/sharing.md)
             self.data.free_manifest(cur, ino)
             ns.delete_inode(cur, ino)
-        self.db.transaction(body)
+            if self.sustain_open:
+                dbsessions.forget_inode(cur, ino)
+            return True
+        done = self.db.transaction(body)
         self._names_drop(ino)
         self.known_manifests.pop(ino, None)
         self.attrs.pop(ino, None)
         self.xattr_cache.pop(ino, None)
         self.held.discard(ino)
+        return done
 
     # -- xattrs ----------------------------------------------------------------------
     @_locked

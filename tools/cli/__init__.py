@@ -25,6 +25,7 @@ from fusefront.metrics import parse_listen
 
 from tools.cli import drivecmd, maint, mountcmd
 from tools.cli import findcmd, keycmd
+from tools.cli import joincmd
 from tools.cli import scrubcmd
 from tools.cli import statuscmd
 from tools.cli.common import human, parse_size, user_errors
@@ -90,12 +91,19 @@ def init_volume(name: str, chunk_size: int, compression: str, meta: str,
               help="With --encrypt: also wrap the master key under this key file (created if missing).")
 @click.option("--passphrase-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="With --encrypt: read the passphrase from this file (first line).")
+@click.option("--shared", is_flag=True,
+              help="Let several machines mount the volume at once (`casfs join` on the others; needs "
+                   "--meta: an embedded server's socket is private to this machine). docs/sharing.md.")
 @click.argument("name", default=DEFAULT_NAME)
 @user_errors
 def init(chunk_size: str, compression: str, meta: str, name: str, tls_mode: str | None = None,
          tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
-         encrypt: bool = False, key_file: Path | None = None, passphrase_file: Path | None = None) -> None:
+         encrypt: bool = False, key_file: Path | None = None, passphrase_file: Path | None = None,
+         shared: bool = False) -> None:
     """Create volume NAME (default: "default")."""
+    if shared and not meta:
+        raise click.ClickException("--shared needs --meta: an embedded MariaDB's socket is private to "
+                                   "this machine, other machines cannot reach it")
     size = parse_size(chunk_size)
     if not encrypt and (key_file is not None or passphrase_file is not None):
         raise click.UsageError("--key-file and --passphrase-file need --encrypt")
@@ -103,12 +111,15 @@ def init(chunk_size: str, compression: str, meta: str, name: str, tls_mode: str 
     secrets = keycmd.new_secrets(key_file, passphrase_file) if encrypt else None
     init_volume(name, size, compression, meta, tls, secrets)
     vol = open_volume(name)
+    if meta:
+        joincmd.after_init(vol, shared)
     enc = ""
     if vol.encryption:
         kinds = " and ".join(str(w["kind"]).replace("keyfile", "key file") for w in vol.encryption["wraps"])
         enc = f", encrypted (unlocks with its {kinds}; `casfs key export` prints a backup of the key)"
     click.echo(f"created volume {vol.name} at {vol.path} (chunk size {human(vol.chunk_size)}, "
-               f"{vol.compression}, metadata: {vol.meta_url or 'embedded MariaDB'}{enc})")
+               f"{vol.compression}, metadata: {vol.meta_url or 'embedded MariaDB'}{enc})"
+               + ("; shared: join other machines with `casfs join`" if shared else ""))
 
 
 def tls_table(meta: str, mode: str | None, ca: str | None, cert: str | None,
@@ -216,6 +227,7 @@ def umount(mountpoint: str, timeout: float) -> None:
 maint.register(main)
 findcmd.register(main)
 drivecmd.register(main)
+joincmd.register(main)
 main.add_command(scrubcmd.scrub)
 statuscmd.register(main, drivecmd.drive)
 main.add_command(keycmd.key)

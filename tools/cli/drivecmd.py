@@ -21,6 +21,7 @@ from cas.db import volume as meta_rows
 from cas.tier.objstore import DailyLimit
 from cas.config.volume import DEFAULT_NAME, Volume, open_volume, write_private
 
+from tools.cli import joincmd
 from tools.cli.common import human, open_tier, parse_size, user_errors
 from tools.cli.keycmd import key_options, unlock_volume
 from tools.cli.mountcmd import is_mounted
@@ -116,6 +117,7 @@ def auth(volume: str, client_secrets: Path | None, service_account: Path | None,
     with connect(vol) as meta:
         _forget_other_folder(meta, cfg)
         cloud.open_objects(vol, cfg, meta.db)   # creates the folder; proves the credentials work
+        joincmd.record_join_settings(meta)      # what `casfs join` copies (docs/sharing.md)
         queued = cloud.enable(meta.db)
         folder_id = meta_rows.get(meta.db, "drive_folder_id")
     where = cfg.endpoint or "Google Drive"

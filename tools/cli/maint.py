@@ -14,12 +14,14 @@ import click
 from cas.tier import cloud
 from cas.maint import cloudcheck
 from cas.maint import fsck as fsck_mod
+from cas.maint import sessioncheck
 from cas.engine import rescue
 from cas.tier import snapshot
 from cas.maint import gc as gc_mod
 from cas.maint import repair as repair_mod
 from cas.maint import stats as stats_mod
 from cas.errors import CasError
+from cas.db import sessions as dbsessions
 from cas.db.database import Metadata, connect
 from cas.tier.objstore import ObjectStoreError
 from cas.maint.safety import DEFAULT_GRACE_S
@@ -184,13 +186,17 @@ def fsck(volume: str, repair: bool, no_verify: bool, as_json: bool, check_cloud:
     if repair and is_mounted(vol):
         raise click.ClickException(f"volume {vol.name} is mounted: unmount it before `casfs fsck --repair`")
     with connect(vol) as meta:
+        if repair:
+            _refuse_live_sessions(meta)
         with progress("fsck", unit="chunks", json_mode=as_json) as p:
             r = fsck_mod.check(meta, repair=repair, verify=not no_verify, progress=p, on_total=p.set_total)
         fixed = _repair_chunks(meta, r) if repair else None
         cr = _check_cloud(meta) if check_cloud else None
+        sr = sessioncheck.check(meta, repair=repair)
     if as_json:
         d = {k: getattr(r, k) for k in r.__dataclass_fields__}
         d["clean"] = r.clean
+        d["sessions"] = sr.as_dict()
         if fixed is not None:
             d["chunk_repair"] = fixed.as_dict()
         if cr is not None:
@@ -214,6 +220,8 @@ def fsck(volume: str, repair: bool, no_verify: bool, as_json: bool, check_cloud:
             _echo_chunk_repair(fixed)
     if cr is not None and not as_json:
         _print_cloud(cr)
+    if not as_json:
+        _print_sessions(sr)
     unrepaired = r.missing_rows or r.dangling_entries or (
         fixed.unrepaired if fixed is not None else (r.missing_files or r.corrupt_chunks or r.bad_marked))
     if repair and r.repaired and not as_json:
@@ -225,6 +233,31 @@ def fsck(volume: str, repair: bool, no_verify: bool, as_json: bool, check_cloud:
         raise SystemExit(1)
     if cr is not None and not cr.clean:
         raise SystemExit(1)
+    if not sr.clean:
+        raise SystemExit(1)
+
+
+def _refuse_live_sessions(meta: Metadata) -> None:
+    """fsck --repair rewrites counts a mount may be changing: refuse while any session
+    is live, on any machine (docs/sharing.md). Raises click.ClickException."""
+    live = dbsessions.any_live(meta.db)
+    if live:
+        s = live[0]
+        raise click.ClickException(f"volume {meta.volume.name} is mounted by {s.host}:{s.pid} (session "
+                                   f"{s.id}): unmount every mount before `casfs fsck --repair`")
+
+
+def _print_sessions(sr: sessioncheck.SessionReport) -> None:
+    """fsck's lines about sessions: one per session, then orphan sustained rows."""
+    click.echo(f"{len(sr.sessions)} sessions ({len(sr.dead)} dead, not yet reaped), "
+               f"{len(sr.orphan_sustained)} sustained inodes of vanished sessions")
+    for s in sr.sessions:
+        click.echo(f"  session {s.id}: {s.host}:{s.pid} store {s.store} {s.mode} "
+                   f"{'live' if s.live else 'dead'} (heartbeat {s.age_s:.1f} s ago), "
+                   f"{s.sustained} sustained inodes, {s.queued} chunks queued")
+    for session, ino in sr.orphan_sustained[:20]:
+        click.echo(f"  inode {ino} sustained by vanished session {session}"
+                   + (" (freed)" if sr.repaired else ""))
 
 
 def _repair_chunks(meta: Metadata, r: fsck_mod.FsckReport) -> repair_mod.ChunkRepair:

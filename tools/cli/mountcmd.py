@@ -32,6 +32,7 @@ import click
 from cas.config import audit
 from cas.tier import cloud, snapshot
 from cas.engine import rescue
+from cas.engine import sessions
 from cas.errors import CasError, VolumeError
 from cas.engine.fs import DURABILITY_MODES, GROUP, Filesystem
 from cas.db.database import Metadata, connect
@@ -102,6 +103,25 @@ def durability_of(vol: Volume, opts: MountOptions) -> str:
         raise VolumeError(f"volume {vol.name}: durability {mode!r} (volume.toml [mount]) is not one of "
                           f"{', '.join(DURABILITY_MODES)}")
     return str(mode)
+
+
+def consistency_of(vol: Volume, opts: MountOptions) -> str:
+    """The consistency level the mount's session row names (docs/sharing.md): the
+    mount option when there is one, else ``consistency`` of the volume's ``[mount]``
+    table, else "session"."""
+    given = getattr(opts, "consistency", None)
+    return str(given or vol.mount.get("consistency", "session"))
+
+
+def _record_join_settings(meta: Metadata) -> None:
+    """Refresh what `casfs join` copies to a further machine (tools/cli/joincmd.py);
+    a failure is logged, the mount goes on."""
+    from tools.cli import joincmd
+    try:
+        if joincmd.record_join_settings(meta):
+            log.info("recorded the join settings of volume %s", meta.volume.name)
+    except CasError as exc:
+        log.warning("cannot record the join settings of volume %s: %s", meta.volume.name, exc)
 
 
 def start_cloud(meta: Metadata, fs: Filesystem, opts: MountOptions) -> cloud.CloudTier | None:
@@ -334,7 +354,12 @@ def run_daemon(vol: Volume, mp: Path, opts: MountOptions, on_ready: Callable[[st
             supervisor.start()
         fs = Filesystem(meta, cache_bytes=opts.cache_bytes, durability=durability)
         log.info("namespace durability: %s", durability)
+        keeper: sessions.SessionKeeper | None = None
         try:
+            # the cross-machine mount lock and the heartbeat (docs/sharing.md, "Sessions")
+            keeper = sessions.start(meta, consistency_of(vol, opts))
+            fs.sustain_open = keeper.shared
+            _record_join_settings(meta)
             start_cloud(meta, fs, opts)
             freed = fs.recover()
             if freed:
@@ -360,6 +385,8 @@ def run_daemon(vol: Volume, mp: Path, opts: MountOptions, on_ready: Callable[[st
                     metrics.stop()
                 _close_or_rescue(fs, vol)
             finally:
+                if keeper is not None:
+                    keeper.stop()   # after the engine freed what the session sustained
                 if supervisor is not None:
                     supervisor.stop()
     finally:
