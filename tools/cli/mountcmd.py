@@ -34,6 +34,8 @@ from cas.tier import cloud, snapshot
 from cas.engine import rescue
 from cas.errors import CasError, VolumeError
 from cas.engine.fs import DURABILITY_MODES, GROUP, Filesystem
+from cas.engine.coherence import CONSISTENCY_LEVELS, SESSION
+from cas.db.volume import is_shared
 from cas.db.database import Metadata, connect
 from cas.tier.objstore import CredentialsRefused, ObjectStoreError
 from cas.db.server import ServerSupervisor, pid_running
@@ -91,6 +93,7 @@ class MountOptions:
     metrics: str | None = None      # [HOST:]PORT of the Prometheus endpoint; None: off
     audit: str | None = None        # audit level; None: the volume's [audit] level, else "changes"
     snapshot_interval_s: float | None = None   # None: the volume's [drive] snapshot_interval_s
+    consistency: str | None = None  # None: the volume's [mount] consistency, else "session"
 
 
 def durability_of(vol: Volume, opts: MountOptions) -> str:
@@ -102,6 +105,17 @@ def durability_of(vol: Volume, opts: MountOptions) -> str:
         raise VolumeError(f"volume {vol.name}: durability {mode!r} (volume.toml [mount]) is not one of "
                           f"{', '.join(DURABILITY_MODES)}")
     return str(mode)
+
+
+def consistency_of(vol: Volume, opts: MountOptions) -> str:
+    """The consistency level of a mount of a shared volume (docs/sharing.md):
+    ``opts.consistency``, else ``consistency`` of the volume's ``[mount]`` table, else
+    "session". Raises VolumeError for anything but "eventual", "session" or "strong"."""
+    level = opts.consistency if opts.consistency is not None else vol.mount.get("consistency", SESSION)
+    if level not in CONSISTENCY_LEVELS:
+        raise VolumeError(f"volume {vol.name}: consistency {level!r} (volume.toml [mount]) is not one of "
+                          f"{', '.join(CONSISTENCY_LEVELS)}")
+    return str(level)
 
 
 def start_cloud(meta: Metadata, fs: Filesystem, opts: MountOptions) -> cloud.CloudTier | None:
@@ -326,14 +340,19 @@ def run_daemon(vol: Volume, mp: Path, opts: MountOptions, on_ready: Callable[[st
     metrics: MetricsServer | None = None
     try:
         durability = durability_of(vol, opts)
+        consistency = consistency_of(vol, opts)
         audit_level, audit_handler = open_audit(vol, opts)
         meta = connect(vol)
         # an embedded server that dies is restarted (docs/database.md)
         supervisor = ServerSupervisor(meta.server) if meta.server is not None else None
         if supervisor is not None:
             supervisor.start()
-        fs = Filesystem(meta, cache_bytes=opts.cache_bytes, durability=durability)
+        shared = is_shared(meta.db)
+        fs = Filesystem(meta, cache_bytes=opts.cache_bytes, durability=durability, shared=shared,
+                        consistency=consistency)
         log.info("namespace durability: %s", durability)
+        if shared:
+            log.info("shared volume: consistency %s", consistency)
         try:
             start_cloud(meta, fs, opts)
             freed = fs.recover()

@@ -1,0 +1,171 @@
+"""Engine tests of shared mode (docs/sharing.md): two Filesystem objects in shared mode
+on one volume database stand for two machines, each with its own connection, RAM
+caches and session id (set by hand: the sessions table need not have the rows). They
+share one chunk store directory here (the engine test's shortcut: the data plane across
+stores is not what these tests look at). Expected refcounts are computed from the bytes
+the test wrote (hashlib), never taken from the engine.
+"""
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pymysql
+import pytest
+
+import cas.db.database
+import cas.maint.fsck
+from cas.db.server import EmbeddedServer
+from cas.engine.fs import Filesystem
+from cas.errors import FsError
+from tests.engine.test_fs import CS, ROOT, UID, GID, Engine, expected_refs, sha
+
+MODE = 0o644
+
+
+class Shared:
+    """An engine-test volume with two shared-mode Filesystems, A (session 1) and B
+    (session 2)."""
+
+    def __init__(self, tmp_path: Path, server: EmbeddedServer) -> None:
+        self.eng = Engine(tmp_path, server)
+        self.eng.fs.close()          # the plain one: not used here
+        self.eng.opened.clear()
+        self.a = self._open(1)
+        self.b = self._open(2)
+
+    def _open(self, session: int) -> Filesystem:
+        meta = cas.db.database.connect(self.eng.vol)
+        meta.db.session_id = session
+        fs = Filesystem(meta, cache_bytes=16 << 20, shared=True)
+        self.eng.opened.append(fs)
+        return fs
+
+    def q(self, sql: str, args: object = None) -> list[tuple[object, ...]]:
+        with self.eng.admin.cursor() as cur:
+            cur.execute(sql, args)
+            return list(cur.fetchall())
+
+    def refcounts(self) -> dict[bytes, int]:
+        return {bytes(r[0]): int(r[1]) for r in self.q("SELECT id, refcount FROM chunks") if int(r[1]) > 0}
+
+    def fsck(self) -> cas.maint.fsck.FsckReport:
+        with self.eng.other() as m:
+            return cas.maint.fsck.check(m)
+
+
+@pytest.fixture
+def two(tmp_path: Path, mysql_server: EmbeddedServer) -> Iterator[Shared]:
+    s = Shared(tmp_path, mysql_server)
+    try:
+        yield s
+    finally:
+        s.eng.close()
+
+
+def _write_file(fs: Filesystem, ino: int, content: bytes) -> None:
+    fs.write(ino, 0, content)
+    fs.fsync(ino)
+
+
+def test_refcount_deltas_come_from_the_manifest_rows(two: Shared) -> None:
+    """B loaded the manifest of f, then A replaced slot 0 and committed; B then replaces
+    slot 0 too (and truncates slot 2 away). The decrements must hit the chunk A wrote
+    (what the rows name), not the one B's RAM manifest names: refcounts stay exact and
+    fsck is clean. On the old code (decrements from RAM) chunk X0 went to -1 (clamped) and
+    Y0 kept a reference no row makes."""
+    a, b = two.a, two.b
+    x = [os.urandom(CS) for _ in range(3)]
+    f = a.create(ROOT, b"f", MODE, UID, GID).ino
+    _write_file(a, f, b"".join(x))
+    b.open(f)                        # B's RAM manifest: slots 0, 1, 2 -> X0, X1, X2
+    y0 = os.urandom(CS)
+    a.write(f, 0, y0)
+    a.fsync(f)                       # committed: slot 0 -> Y0, X0 has no reference
+    z0 = os.urandom(CS)
+    b.write(f, 0, z0)                # B has not polled: it still thinks slot 0 is X0
+    b.setattr(f, size=2 * CS)        # and cuts slot 2 (X2) off
+    b.fsync(f)
+    final = z0 + x[1]
+    assert two.refcounts() == dict(expected_refs(final))
+    assert sha(y0) not in two.refcounts() and sha(x[0]) not in two.refcounts()
+    report = two.fsck()
+    assert report.refcount_mismatches == [] and report.clean, report
+    # both sides read the committed file after a poll
+    a.poll_changes()
+    a.open(f)
+    assert a.read(f, 0, 3 * CS) == final
+    assert b.read(f, 0, 3 * CS) == final
+
+
+def test_change_log_window_sees_a_row_committed_after_a_later_one(two: Shared) -> None:
+    """A change row whose id was handed out before a poll but whose transaction commits
+    after it (ids are not commit order) is still seen by the next poll, once, and what it
+    names is dropped from RAM."""
+    a = two.a
+    d = a.mkdir(ROOT, b"d", 0o755, UID, GID).ino
+    assert a.getattr(d).mode & 0o777 == 0o755      # cached in A's RAM now
+    a.poll_changes()
+    slow = pymysql.connect(unix_socket=str(two.eng.server.socket), user="root", password="",
+                           database=two.eng.dbname, autocommit=False)
+    try:
+        with slow.cursor() as cur:   # another machine's chmod, its change row not committed yet
+            cur.execute("UPDATE inodes SET mode = %s WHERE id = %s", (0o40700, d))
+            cur.execute("INSERT INTO changes (session, inode) VALUES (7, %s)", (d,))
+            cur.execute("SELECT LAST_INSERT_ID()")
+            early = int(cur.fetchone()[0])
+        two.q("INSERT INTO changes (session, inode) VALUES (7, %s)", (ROOT,))   # a later id, committed
+        late = int(two.q("SELECT MAX(id) FROM changes")[0][0])
+        assert late > early
+        seen: list[int] = []
+        a.on_changes = lambda rows: seen.extend(c.id for c in rows)
+        assert a.poll_changes() == 1 and seen == [late]
+        assert a.getattr(d).mode & 0o777 == 0o755     # not committed: the old mode
+        slow.commit()
+    finally:
+        slow.close()
+    assert a.poll_changes() == 1 and seen == [late, early]
+    assert a.getattr(d).mode & 0o777 == 0o700     # dropped from RAM, read again
+    assert a.poll_changes() == 0 and seen == [late, early]   # never twice
+
+
+def test_namespace_operations_are_checked_in_the_database(two: Shared) -> None:
+    """What another machine did is checked under row locks, whatever this one has in
+    RAM: a name it created is EEXIST here, a name it removed is ENOENT, a directory it
+    filled is ENOTEMPTY, a directory it removed takes no new entries (ENOENT); change
+    rows name each change for the other side."""
+    a, b = two.a, two.b
+    d = a.mkdir(ROOT, b"d", 0o755, UID, GID).ino
+    with pytest.raises(FsError) as exc:      # B looked nothing up: the database says EEXIST
+        b.mkdir(ROOT, b"d", 0o755, UID, GID)
+    assert exc.value.errno == errno.EEXIST
+    with pytest.raises(FsError) as exc:       # a lookup that found nothing is not remembered
+        b.lookup(d, b"x")
+    assert exc.value.errno == errno.ENOENT
+    a.create(d, b"x", MODE, UID, GID)
+    assert b.lookup(d, b"x").mode & 0o777 == MODE
+    with pytest.raises(FsError) as exc:      # B's RAM knows d as empty: the rows do not
+        b.rmdir(ROOT, b"d")
+    assert exc.value.errno == errno.ENOTEMPTY
+    a.unlink(d, b"x")
+    with pytest.raises(FsError) as exc:
+        b.unlink(d, b"x")
+    assert exc.value.errno == errno.ENOENT
+    a.rmdir(ROOT, b"d")
+    with pytest.raises(FsError) as exc:      # B's attribute cache still has d as a directory
+        b.create(d, b"y", MODE, UID, GID)
+    assert exc.value.errno == errno.ENOENT
+    r = b.create(ROOT, b"r", MODE, UID, GID).ino
+    b.release(r)
+    with pytest.raises(FsError) as exc:      # nor by a rename
+        b.rename(ROOT, b"r", d, b"z")
+    assert exc.value.errno == errno.ENOENT
+    seen: list[tuple[int, int | None, bytes | None]] = []
+    b.on_changes = lambda rows: seen.extend((c.inode, c.parent, c.name) for c in rows)
+    b.poll_changes()
+    assert (d, ROOT, b"d") in seen and any(p == d and n == b"x" for _, p, n in seen)
+    assert not two.q("SELECT * FROM dentries WHERE parent = %s", (d,))
+    report = two.fsck()
+    assert report.clean, report
