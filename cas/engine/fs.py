@@ -640,9 +640,9 @@ class Filesystem:
 
         def body(cur: pymysql.cursors.Cursor) -> None:
             ns.create_one(cur, row, parent, name, target)
-            self._touch_dir(cur, parent, row[7], 1 if is_dir else 0)
-            if not ns.nlink_for_update(cur, parent):
+            if not ns.nlink_for_update(cur, parent):   # before touch_dir changes nlink
                 raise NotFound(f"directory {parent} was removed")
+            self._touch_dir(cur, parent, row[7], 1 if is_dir else 0)
             self._log(cur, [(ino, parent, name)])
 
         self.db.transaction(body)
@@ -858,6 +858,8 @@ class Filesystem:
             if src is None:
                 raise NotFound(old_name.decode(errors="replace"))
             dst = self._entry(cur, new_parent, new_name)
+            if self.shared and not ns.nlink_for_update(cur, new_parent):   # removed by another machine
+                raise NotFound(f"directory {new_parent} was removed")
             src_dir = S.S_ISDIR(mode_of(cur, src))
             if src_dir and new_parent != old_parent:
                 self._check_not_below(cur, new_parent, src)
@@ -909,8 +911,6 @@ class Filesystem:
                 if new_parent != old_parent:
                     self._touch_dir(cur, new_parent, now)
             ns.set_ctime(cur, now, src)
-            if self.shared and not ns.nlink_for_update(cur, new_parent):   # removed by another machine
-                raise NotFound(f"directory {new_parent} was removed")
             self._log(cur, [(src, old_parent, old_name), (src, new_parent, new_name)]
                       + ([(dst, None, None)] if dst is not None else []))
             return src, dst, freed

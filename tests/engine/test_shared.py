@@ -157,9 +157,11 @@ def test_namespace_operations_are_checked_in_the_database(two: Shared) -> None:
     with pytest.raises(FsError) as exc:      # B's attribute cache still has d as a directory
         b.create(d, b"y", MODE, UID, GID)
     assert exc.value.errno == errno.ENOENT
-    r = b.create(ROOT, b"r", MODE, UID, GID).ino
-    b.release(r)
-    with pytest.raises(FsError) as exc:      # nor by a rename
+    with pytest.raises(FsError) as exc:      # nor a subdirectory (its nlink count must not revive d)
+        b.mkdir(d, b"sub", 0o755, UID, GID)
+    assert exc.value.errno == errno.ENOENT
+    b.mkdir(ROOT, b"r", 0o755, UID, GID)
+    with pytest.raises(FsError) as exc:      # nor a directory renamed into it
         b.rename(ROOT, b"r", d, b"z")
     assert exc.value.errno == errno.ENOENT
     seen: list[tuple[int, int | None, bytes | None]] = []
