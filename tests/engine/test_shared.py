@@ -171,3 +171,29 @@ def test_namespace_operations_are_checked_in_the_database(two: Shared) -> None:
     assert not two.q("SELECT * FROM dentries WHERE parent = %s", (d,))
     report = two.fsck()
     assert report.clean, report
+
+
+def test_a_poll_reloads_an_open_file_under_its_dirty_slots(two: Shared) -> None:
+    """B has f open with a dirty slot 1 when A commits a new slot 0: B's poll reloads
+    the committed manifest under B's dirty slot (B then reads A's slot 0 and its own
+    slot 1, its size stays its own), and B's commit keeps A's slot 0."""
+    a, b = two.a, two.b
+    x0, x1 = os.urandom(CS), os.urandom(CS)
+    f = a.create(ROOT, b"f", MODE, UID, GID).ino
+    _write_file(a, f, x0 + x1)
+    b.poll_changes()
+    b.open(f)
+    z1 = os.urandom(CS)
+    b.write(f, CS, z1)               # dirty here, not written back
+    y0 = os.urandom(CS)
+    a.write(f, 0, y0)
+    a.fsync(f)
+    assert b.read(f, 0, CS) == x0    # not polled yet: what B loaded
+    assert b.poll_changes() >= 1
+    assert b.read(f, 0, 2 * CS) == y0 + z1
+    assert b.getattr(f).size == 2 * CS
+    b.fsync(f)
+    assert two.refcounts() == dict(expected_refs(y0 + z1))
+    a.poll_changes()
+    assert a.read(f, 0, 2 * CS) == y0 + z1
+    assert two.fsck().clean
