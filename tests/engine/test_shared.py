@@ -197,3 +197,27 @@ def test_a_poll_reloads_an_open_file_under_its_dirty_slots(two: Shared) -> None:
     a.poll_changes()
     assert a.read(f, 0, 2 * CS) == y0 + z1
     assert two.fsck().clean
+
+
+def test_consistency_option_sources(tmp_path: Path, mysql_server: EmbeddedServer) -> None:
+    """--consistency, -o consistency=..., [mount] consistency (checked: a bad level is a
+    one-line VolumeError), default session; an unknown level is refused by the engine."""
+    from tools.cli import mount as mount_cmd
+    from tools.cli.fstab import expand_options
+    from tools.cli.mountcmd import MountOptions, consistency_of
+    from cas.errors import InvalidArgument, VolumeError
+    assert expand_options(mount_cmd, "consistency=strong") == ["--consistency", "strong"]
+    eng = Engine(tmp_path, mysql_server)
+    try:
+        vol = eng.vol
+        assert consistency_of(vol, MountOptions()) == "session"
+        vol.mount["consistency"] = "eventual"
+        assert consistency_of(vol, MountOptions()) == "eventual"
+        assert consistency_of(vol, MountOptions(consistency="strong")) == "strong"
+        vol.mount["consistency"] = "sometimes"
+        with pytest.raises(VolumeError, match="consistency 'sometimes'"):
+            consistency_of(vol, MountOptions())
+        with eng.other() as m, pytest.raises(InvalidArgument):
+            Filesystem(m, consistency="sometimes")
+    finally:
+        eng.close()
