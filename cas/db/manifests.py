@@ -74,6 +74,16 @@ def slots_for_update(cur: Cursor, ino: int, slots: Sequence[int], from_slot: int
     return out
 
 
+def stored_bytes(cur: Cursor, ino: int, size: int, chunk_size: int) -> int:
+    """The bytes of ``ino``'s manifest slots below ``size`` (``inodes.data_bytes``,
+    invariant 14: the 2 -> 3 migration's formula), read in the caller's transaction. A
+    flush on a shared volume computes it from the rows (another machine's slots are
+    not in its RAM manifest) while it holds the inode's row lock. No lock of its own."""
+    cur.execute("SELECT COALESCE(SUM(LEAST(%s, CAST(%s AS SIGNED) - CAST(slot AS SIGNED) * %s)), 0) "
+                "FROM manifests WHERE inode = %s", (chunk_size, size, chunk_size, ino))
+    return max(0, int(cur.fetchone()[0]))
+
+
 def delete_from(cur: Cursor, ino: int, first_slot: int) -> None:
     """Delete the rows of slots >= ``first_slot`` of ``ino`` (truncation). X-locks them."""
     cur.execute("DELETE FROM manifests WHERE inode = %s AND slot >= %s", (ino, first_slot))

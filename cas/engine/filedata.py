@@ -731,7 +731,11 @@ class FileData:
                     if self.shared:
                         # another machine may have changed the slots since this mount
                         # loaded the manifest: the decrements come from the rows
-                        # (docs/sharing.md), read under the inode's row lock
+                        # (docs/sharing.md), read under the inode's row lock; rows past
+                        # this commit's size (another machine's longer file) go, so the
+                        # last commit's size and slots are one file
+                        end = -(-st.flying_size // self.cs)
+                        trunc = end if trunc is None else min(trunc, end)
                         old = dbmanifests.slots_for_update(cur, st.ino, list(new), trunc)
                     else:
                         old = {s: st.manifest[s] for s in new if s in st.manifest}
@@ -752,6 +756,10 @@ class FileData:
                     ns.update_inode(cur, st.ino, {**{c: attrs[c] for c in cols}, "size": st.flying_size})
                 self.chunks.apply_deltas(cur, net_deltas(gained, lost), chunk_data, stored)
                 dbmanifests.put(cur, manifest_rows)
+                if self.shared:   # data_bytes from the rows: RAM may miss another machine's slots
+                    for st, _ in plan:
+                        st.flying_attrs["data_bytes"] = dbmanifests.stored_bytes(cur, st.ino, st.flying_size, self.cs)
+                        ns.update_inode(cur, st.ino, {"data_bytes": st.flying_attrs["data_bytes"]})
                 if self.log_changes is not None:
                     self.log_changes(cur, [(st.ino, None, None) for st, _ in plan])
 
@@ -831,6 +839,10 @@ class FileData:
                     st.manifest.pop(slot, None)
                 else:
                     st.manifest[slot] = maybe
+            if self.shared:   # rows past the committed size went with the flush (_flush_many)
+                end = -(-st.flying_size // self.cs)
+                for s in [s for s in st.manifest if s >= end]:
+                    del st.manifest[s]
             self.total_flying -= st.flying_bytes
             st.flying, st.flying_trunc, st.flying_attrs = {}, None, {}
             st.wb_error = st.wb_failures = 0

@@ -221,3 +221,29 @@ def test_consistency_option_sources(tmp_path: Path, mysql_server: EmbeddedServer
             Filesystem(m, consistency="sometimes")
     finally:
         eng.close()
+
+
+def test_the_last_commit_is_one_file_size_and_slots(two: Shared) -> None:
+    """A grows f to 4 slots while B, which loaded it at 2 slots, rewrites slot 0: B's
+    commit (the last) is the file: its size, its slots, no rows past its size (their
+    references dropped), and data_bytes from the rows (invariant 14); growing the file
+    again shows zeros there, not A's old slots."""
+    a, b = two.a, two.b
+    x = [os.urandom(CS) for _ in range(4)]
+    f = a.create(ROOT, b"f", MODE, UID, GID).ino
+    _write_file(a, f, x[0] + x[1])
+    b.poll_changes()
+    b.open(f)                          # B: 2 slots
+    a.write(f, 2 * CS, x[2] + x[3])
+    a.fsync(f)                         # committed: 4 slots
+    z0 = os.urandom(CS)
+    b.write(f, 0, z0)
+    b.fsync(f)                         # the last commit: 2 slots, slot 0 rewritten
+    assert two.refcounts() == dict(expected_refs(z0 + x[1]))
+    assert two.q("SELECT size, data_bytes FROM inodes WHERE id = %s", (f,)) == [(2 * CS, 2 * CS)]
+    assert two.fsck().clean
+    b.setattr(f, size=4 * CS)
+    assert b.read(f, 0, 4 * CS) == z0 + x[1] + bytes(2 * CS)
+    a.poll_changes()
+    a.open(f)
+    assert a.read(f, 0, 4 * CS) == z0 + x[1] + bytes(2 * CS)
