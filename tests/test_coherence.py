@@ -30,6 +30,7 @@ import tomli_w
 
 from cas.engine.coherence import LEVELS, SESSION, STRONG
 from tests.conftest import CasEnv
+from tests.test_posix_details import data_bytes_mismatches
 from tests.waiting import wait_for
 
 pytestmark = [
@@ -127,7 +128,7 @@ def test_session_close_to_open_namespace_bound_and_two_writers(two_sides) -> Non
        stated bound (poll 1 s + kernel timeout 1 s), measured from A's return;
     3. both sides write different slots of one file, then the same slots at once: each
        slot holds one side's whole slot (the last commit's), never a mix; both sides read
-       the same bytes; fsck finds the refcounts exact.
+       the same bytes; fsck finds the refcounts exact, and data_bytes matches the rows.
     """
     a, mp_a, b, mp_b = two_sides(SESSION)
     # 1. close-to-open on a file B has cached
@@ -199,6 +200,7 @@ def test_session_close_to_open_namespace_bound_and_two_writers(two_sides) -> Non
         assert final_a[s * CS:(s + 1) * CS] in allowed, f"slot {s} mixes two writes"
     r = a.run("fsck", "vol", check=False)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert data_bytes_mismatches("vol", CS) == []   # st_blocks' source, from the rows
 
 
 def test_strong_getattr_sees_a_write_fsynced_on_the_other_side(two_sides) -> None:  # type: ignore[no-untyped-def]
