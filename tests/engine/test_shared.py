@@ -247,3 +247,44 @@ def test_the_last_commit_is_one_file_size_and_slots(two: Shared) -> None:
     a.poll_changes()
     a.open(f)
     assert a.read(f, 0, 4 * CS) == z0 + x[1] + bytes(2 * CS)
+
+
+def test_crossing_renames_of_two_machines_never_fail(two: Shared) -> None:
+    """A moves files from d1 to d2 while B moves others from d2 to d1, both creating and
+    removing files there: their bodies lock the two directories in opposite orders, and
+    InnoDB rolls one back as a deadlock victim now and then. A shared mount runs that
+    body again (it was alone in its transaction: nothing else is lost), so no operation
+    fails, and every name and link count is right afterwards (fsck clean)."""
+    import threading
+    a, b = two.a, two.b
+    d1 = a.mkdir(ROOT, b"d1", 0o755, UID, GID).ino
+    d2 = a.mkdir(ROOT, b"d2", 0o755, UID, GID).ino
+    n = 40
+    for i in range(n):
+        for fs, d, tag in ((a, d1, b"a"), (b, d2, b"b")):
+            fs.release(fs.create(d, tag + b"%d" % i, MODE, UID, GID).ino)
+    errors: list[BaseException] = []
+
+    def run(fs: Filesystem, src: int, dst: int, tag: bytes) -> None:
+        try:
+            for i in range(n):
+                fs.rename(src, tag + b"%d" % i, dst, tag + b"%d" % i)
+                fs.release(fs.create(src, tag + b"new%d" % i, MODE, UID, GID).ino)
+                fs.unlink(src, tag + b"new%d" % i)
+                fs.mkdir(dst, tag + b"dir%d" % i, 0o755, UID, GID)
+        except BaseException as exc:   # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(a, d1, d2, b"a")),
+               threading.Thread(target=run, args=(b, d2, d1, b"b"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    names = {(int(p), bytes(nm)) for p, nm in two.q("SELECT parent, name FROM dentries WHERE parent IN (%s, %s)",
+                                                     (d1, d2))}
+    want = ({(d2, b"a%d" % i) for i in range(n)} | {(d1, b"b%d" % i) for i in range(n)}
+            | {(d2, b"adir%d" % i) for i in range(n)} | {(d1, b"bdir%d" % i) for i in range(n)})
+    assert names == want
+    assert two.fsck().clean
