@@ -127,6 +127,25 @@ async def _writeback(fs: Filesystem) -> None:
             last_error = ""
 
 
+async def _poll_changes(fs: Filesystem) -> None:
+    """Shared volume: read the change log every ``fs.level.poll_s`` seconds in a worker
+    thread (the engine takes its lock for one query and the RAM drops), deleting old
+    change rows now and then (docs/sharing.md, "Consistency")."""
+    last_error = ""
+    while True:
+        await trio.sleep(fs.level.poll_s)
+        try:
+            await offload(fs.poll_changes, True)
+        except CasError as exc:  # retried next poll
+            if str(exc) != last_error:
+                log.error("cannot read the change log (will retry): %s", exc)
+            last_error = str(exc)
+        except Exception:
+            log.exception("reading the change log failed (will retry)")
+        else:
+            last_error = ""
+
+
 async def _flush_audit() -> None:
     while True:
         await trio.sleep(AUDIT_FLUSH_S)
@@ -134,9 +153,13 @@ async def _flush_audit() -> None:
             h.flush()
 
 
-async def _main(fs: Filesystem, state: dict[str, bool], audit: bool = False) -> None:
+async def _main(fs: Filesystem, state: dict[str, bool], audit: bool = False,
+                ops: CasOperations | None = None) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_writeback, fs)
+        if ops is not None and ops.invalidator is not None:   # a shared volume
+            nursery.start_soon(ops.invalidator.run)
+            nursery.start_soon(_poll_changes, fs)
         nursery.start_soon(_publish, fs)
         nursery.start_soon(_sync_requests, fs)
         if audit:
@@ -178,6 +201,6 @@ def serve(fs: Filesystem, mountpoint: Path, *, fsname: str, allow_other: bool = 
     state = {"unmounted": False}
     try:
         on_ready()
-        trio.run(_main, fs, state, observer is not None and observer.audit_level != "off")
+        trio.run(_main, fs, state, observer is not None and observer.audit_level != "off", ops)
     finally:
         pyfuse3.close(unmount=not state["unmounted"])

@@ -51,6 +51,7 @@ from cas.errors import CasError, FsError, NoData, NotFound
 from cas.engine.fs import Attr, Filesystem
 
 from .acl import ACL_DEFAULT, acl_chmod, acl_create
+from .coherence import Invalidator
 from .kernelcache import Listings, PageCacheGuard, acl_mode
 
 log = logging.getLogger(__name__)
@@ -113,13 +114,15 @@ def _translate(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def entry(attr: Attr, blksize: int) -> pyfuse3.EntryAttributes:
-    """pyfuse3 EntryAttributes for engine attributes ``attr``."""
+def entry(attr: Attr, blksize: int, entry_timeout: float = ENTRY_TIMEOUT_S,
+          attr_timeout: float = ATTR_TIMEOUT_S) -> pyfuse3.EntryAttributes:
+    """pyfuse3 EntryAttributes for engine attributes ``attr``; the kernel may cache the
+    entry for ``entry_timeout`` and the attributes for ``attr_timeout`` seconds."""
     e = pyfuse3.EntryAttributes()
     e.st_ino = attr.ino
     e.generation = 0
-    e.entry_timeout = ENTRY_TIMEOUT_S
-    e.attr_timeout = ATTR_TIMEOUT_S
+    e.entry_timeout = entry_timeout
+    e.attr_timeout = attr_timeout
     e.st_mode = attr.mode
     e.st_nlink = attr.nlink
     e.st_uid = attr.uid
@@ -160,6 +163,19 @@ class CasOperations(pyfuse3.Operations):
         # kernel (the audit hook learns paths from it; fusefront/observe.py)
         self.entry_seen: Callable[[int, bytes, int], None] | None = None
         self.token: trio.lowlevel.TrioToken | None = None   # the loop's, set by the first request
+        # A shared volume (docs/sharing.md, "Consistency"): other machines change it, so
+        # the kernel caches entries and attributes only as long as the consistency level
+        # says, keeps pages across opens only if it allows, and forgets what the change
+        # log names (fusefront/coherence.py). Otherwise the long timeouts above.
+        self.entry_timeout = ENTRY_TIMEOUT_S
+        self.attr_timeout = ATTR_TIMEOUT_S
+        self.keep_cache = True
+        self.invalidator: Invalidator | None = None
+        if getattr(fs, "shared", False):
+            self.entry_timeout = self.attr_timeout = fs.level.kernel_timeout_s
+            self.keep_cache = fs.level.keep_cache
+            self.invalidator = Invalidator(self)
+            fs.on_changes = self.invalidator.seen
         db = getattr(fs, "db", None)
         if db is not None and hasattr(db, "on_group_lost"):
             # a lost group transaction rolls namespace changes back behind the kernel's
@@ -209,7 +225,13 @@ class CasOperations(pyfuse3.Operations):
         self.listings.clear()
 
     def _e(self, attr: Attr) -> pyfuse3.EntryAttributes:
-        return entry(attr, self.blksize)
+        return entry(attr, self.blksize, self.entry_timeout, self.attr_timeout)
+
+    def _drain(self) -> None:
+        """After an engine call that may have read the change log (shared volume):
+        apply what it found to this layer's tables and the kernel's attributes now."""
+        if self.invalidator is not None and self.invalidator.pending:
+            self.invalidator.drain()
 
     @_translate
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
@@ -217,11 +239,15 @@ class CasOperations(pyfuse3.Operations):
             return self._e(self.fs.lookup(parent_inode, name))
         except NotFound:
             # a negative entry the kernel may cache (st_ino 0): creating the name through
-            # the mount replaces it, and nothing else creates names
+            # the mount replaces it, and nothing else creates names (on a shared volume
+            # other machines do: cached only for the consistency level's timeout, and
+            # dropped when the change log names it)
             e = pyfuse3.EntryAttributes()
             e.st_ino = 0
-            e.entry_timeout = ENTRY_TIMEOUT_S
+            e.entry_timeout = self.entry_timeout
             return e
+        finally:
+            self._drain()
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # the kernel forgets an inode when it evicts it, page cache and all
@@ -232,7 +258,10 @@ class CasOperations(pyfuse3.Operations):
 
     @_translate
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        return self._e(self.fs.getattr(inode))
+        try:
+            return self._e(self.fs.getattr(inode, fresh=True))
+        finally:
+            self._drain()
 
     @_translate
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
@@ -337,8 +366,9 @@ class CasOperations(pyfuse3.Operations):
             await offload(self.fs.open, inode, truncate=True)
         else:
             self.fs.open(inode)
+        self._drain()   # what an open's read of the change log found (shared volume)
         a = self.fs.getattr(inode)
-        keep = self.pages.keep(a)
+        keep = self.keep_cache and self.pages.keep(a)
         self.pages.record(a)
         return pyfuse3.FileInfo(fh=inode, keep_cache=keep)
 
@@ -349,7 +379,7 @@ class CasOperations(pyfuse3.Operations):
         mode, access, dacl = self._inherit(parent_inode, mode, ctx.umask)
         a = self._set_inherited(self.fs.create(parent_inode, name, mode, ctx.uid, ctx.gid), access, dacl)
         self.pages.record(a)
-        return pyfuse3.FileInfo(fh=a.ino, keep_cache=True), self._e(a)
+        return pyfuse3.FileInfo(fh=a.ino, keep_cache=self.keep_cache), self._e(a)
 
     @_translate
     async def read(self, fh: int, off: int, size: int) -> bytes:

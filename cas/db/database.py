@@ -45,6 +45,7 @@ _RECONNECT_CODES = SERVER_GONE_CODES
 RECONNECT_WAIT_S = 10.0
 _GROUP_FATAL = {1213} | _RECONNECT_CODES  # errors after which InnoDB kept nothing
 GROUP_COMMIT_MAX_OPS = 1000
+LONE_DEADLOCK_RETRIES = 20   # runs again of a deadlocked body of a shared mount (Database.lone_bodies)
 T = TypeVar("T")
 
 
@@ -136,6 +137,13 @@ class Database:
         # The mount session this connection works for (cas.db.sessions; 0: none, e.g. a
         # CLI tool or an engine test): change-log rows and sustained inodes name it.
         self.session_id = 0
+        # Shared volumes (docs/sharing.md): each body runs alone in its group (max_ops 1).
+        # A body that fails ends the transaction (ROLLBACK TO SAVEPOINT keeps the row
+        # locks InnoDB took after the savepoint: another machine must not wait for them
+        # until the next commit), and a body InnoDB picked as a deadlock victim (1213) is
+        # run again, up to LONE_DEADLOCK_RETRIES times, instead of being reported as a
+        # lost group: nothing else was lost with it. False keeps the single-writer rules.
+        self.lone_bodies = False
 
     def _connect(self) -> pymysql.connections.Connection:
         t = self.target
@@ -382,7 +390,8 @@ class Database:
             self._group_open = True
             return
 
-    def _in_group(self, body: Callable[[pymysql.cursors.Cursor], T], again: bool = True, ops: int = 1) -> T:
+    def _in_group(self, body: Callable[[pymysql.cursors.Cursor], T], again: bool = True, ops: int = 1,
+                  deadlocks: int = 0) -> T:
         if not self._group_open:
             self._begin_group()
         try:
@@ -394,19 +403,36 @@ class Database:
                     if exc.args and exc.args[0] in _GROUP_FATAL:
                         raise  # the server rolled back the whole transaction
                     cur.execute("ROLLBACK TO SAVEPOINT op")
+                    self._end_lone()
                     raise _convert(exc, self.target) from exc
                 except BaseException:
                     cur.execute("ROLLBACK TO SAVEPOINT op")
+                    self._end_lone()
                     raise
         except pymysql.err.MySQLError as exc:  # the server rolled the whole group back
             if again and self._group_ops == 0 and self.held_ops == 0 and _code(exc) in _RECONNECT_CODES:
                 self._lose_group(exc)  # it held nothing: reconnect and run the body again
                 return self._in_group(body, again=False, ops=ops)
+            if (self.lone_bodies and deadlocks < LONE_DEADLOCK_RETRIES and self._group_ops == 0
+                    and self.held_ops == 0 and _code(exc) == 1213):
+                self._rollback()   # InnoDB rolled the body back: it held nothing else, run it again
+                self._group_open = False
+                MYSQL_RETRIES.add()
+                time.sleep(min(0.2, 0.005 * 2 ** deadlocks))
+                return self._in_group(body, again=again, ops=ops, deadlocks=deadlocks + 1)
             self._group_lost(exc)
         self._group_ops += ops
         if self._group_ops + self.held_ops >= self._group_max:
             self.commit()
         return result
+
+    def _end_lone(self) -> None:
+        """After a failed body rolled back to its savepoint: with ``lone_bodies`` and
+        nothing else in the group, roll the transaction back whole, which releases the
+        row locks the body took (docs/sharing.md)."""
+        if self.lone_bodies and self._group_ops == 0 and self.held_ops == 0:
+            self.conn.rollback()
+            self._group_open = False
 
     def transaction(self, body: Callable[[pymysql.cursors.Cursor], T], retries: int = 20, ops: int = 1) -> T:
         """Run ``body(cursor)`` in one transaction and commit; retry on deadlock.

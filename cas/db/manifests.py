@@ -56,6 +56,34 @@ def put(cur: Cursor, manifest_rows: Sequence[ManifestRow]) -> None:
         cur.execute("REPLACE INTO manifests (inode, slot, chunk) VALUES " + text, args)
 
 
+def slots_for_update(cur: Cursor, ino: int, slots: Sequence[int], from_slot: int | None) -> dict[int, bytes]:
+    """The committed rows of ``ino`` (slot -> chunk id) for ``slots`` and, unless
+    ``from_slot`` is None, every slot >= ``from_slot``, X-locking them: a flush on a
+    shared volume derives the refcount decrements of the rows it replaces or deletes
+    from these rows, not from its RAM manifest, because another machine may have changed
+    the slots since (invariant 2; docs/sharing.md). The caller holds the inode's row
+    lock first (cas.db.namespace.nlink_for_update), which serializes the flushes of one
+    file. One statement per BATCH_ROWS slots, plus one for the range."""
+    out: dict[int, bytes] = {}
+    for batch in batches(list(slots)):
+        cur.execute("SELECT slot, chunk FROM manifests WHERE inode = %s AND slot IN %s FOR UPDATE", (ino, batch))
+        out.update((int(s), bytes(c)) for s, c in cur.fetchall())
+    if from_slot is not None:
+        cur.execute("SELECT slot, chunk FROM manifests WHERE inode = %s AND slot >= %s FOR UPDATE", (ino, from_slot))
+        out.update((int(s), bytes(c)) for s, c in cur.fetchall())
+    return out
+
+
+def stored_bytes(cur: Cursor, ino: int, size: int, chunk_size: int) -> int:
+    """The bytes of ``ino``'s manifest slots below ``size`` (``inodes.data_bytes``,
+    invariant 14: the 2 -> 3 migration's formula), read in the caller's transaction. A
+    flush on a shared volume computes it from the rows (another machine's slots are
+    not in its RAM manifest) while it holds the inode's row lock. No lock of its own."""
+    cur.execute("SELECT COALESCE(SUM(LEAST(%s, CAST(%s AS SIGNED) - CAST(slot AS SIGNED) * %s)), 0) "
+                "FROM manifests WHERE inode = %s", (chunk_size, size, chunk_size, ino))
+    return max(0, int(cur.fetchone()[0]))
+
+
 def delete_from(cur: Cursor, ino: int, first_slot: int) -> None:
     """Delete the rows of slots >= ``first_slot`` of ``ino`` (truncation). X-locks them."""
     cur.execute("DELETE FROM manifests WHERE inode = %s AND slot >= %s", (ino, first_slot))

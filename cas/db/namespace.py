@@ -546,3 +546,17 @@ def insert_entry(cur: Cursor, parent: int, name: bytes, ino: int) -> None:
         raise
 
 
+
+
+def create_one(cur: Cursor, row: Sequence[int], parent: int, name: bytes, target: bytes | None) -> None:
+    """Write one create at once (a shared volume holds no creates in RAM,
+    docs/sharing.md): the entry ``name`` of ``parent`` naming inode ``row[0]`` (raises
+    Exists, EEXIST, when the name is taken, by this or another machine: nothing is
+    written then), the inode row (``row`` in INODE_COLS order) and a symlink's
+    ``target``. The caller updates the parent's row (:func:`touch_dir`) after. Locks: X
+    on the new entry (a shared lock on an existing one), the new inode and symlink rows."""
+    insert_entry(cur, parent, name, int(row[0]))
+    cur.execute(f"INSERT INTO inodes ({', '.join(INODE_COLS)}) VALUES ({', '.join(['%s'] * len(INODE_COLS))})",
+                list(row))
+    if target is not None:
+        cur.execute("INSERT INTO symlinks (inode, target) VALUES (%s, %s)", (int(row[0]), target))

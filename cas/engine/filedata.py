@@ -153,6 +153,12 @@ class FileData:
         # found their chunk stored already (deduplicated); read by the metrics collector
         self.new_bytes = 0
         self.dedup_bytes = 0
+        # shared mode (cas.engine.fs.Filesystem._share, docs/sharing.md): a flush locks
+        # its inode rows and derives refcount decrements from the manifest rows it
+        # replaces, and writes change rows through ``log_changes`` (cursor, items)
+        self.shared = False
+        self.log_changes: Callable[[pymysql.cursors.Cursor, list[tuple[int, int | None, bytes | None]]],
+                                   None] | None = None
 
     def _add_dirty(self, st: InodeData, n: int) -> None:
         """Change ``st.dirty_bytes`` by ``n`` bytes, keeping :attr:`total_dirty` in step."""
@@ -233,6 +239,19 @@ class FileData:
             st.lost = True
         elif not st.needs_flush and not st.busy:
             st.size = committed
+
+    def refresh(self, st: InodeData) -> None:
+        """Shared mode: another machine committed a change of ``st``'s file. Reload its
+        committed manifest (dirty and in-flight slots stay in front of it: a flight's
+        slots join it when the flight lands) and, unless the file has changes of its own
+        here, its size. A file whose row is gone is left as it is (its next flush finds
+        it missing). Raises MetaError."""
+        size, manifest = self._committed(st.ino)
+        if size is None:
+            return
+        st.manifest = manifest
+        if not st.needs_flush and not st.busy:
+            st.size = size
 
     def group_committed(self) -> None:
         """The group transaction committed: unsynced bytes are durable now, drop them."""
@@ -691,7 +710,11 @@ class FileData:
 
             def body(cur: pymysql.cursors.Cursor) -> None:   # (c)
                 # never manifest rows for an inode whose row is missing (a lost group)
-                found = ns.existing_inodes(cur, [st.ino for st, _ in plan])
+                if self.shared:   # lock the inode rows, in id order: one flush of a file at a time
+                    found = {i for i in sorted({st.ino for st, _ in plan})
+                             if ns.nlink_for_update(cur, i) is not None}
+                else:
+                    found = ns.existing_inodes(cur, [st.ino for st, _ in plan])
                 missing = [st for st, _ in plan if st.ino not in found]
                 if missing:
                     for st in missing:
@@ -704,10 +727,21 @@ class FileData:
                     # this mount is the only writer of its open inodes' manifests, and
                     # one flight of an inode runs at a time: the RAM manifest is the
                     # committed one
-                    old = {s: st.manifest[s] for s in new if s in st.manifest}
                     trunc = st.flying_trunc
+                    if self.shared:
+                        # another machine may have changed the slots since this mount
+                        # loaded the manifest: the decrements come from the rows
+                        # (docs/sharing.md), read under the inode's row lock; rows past
+                        # this commit's size (another machine's longer file) go, so the
+                        # last commit's size and slots are one file
+                        end = -(-st.flying_size // self.cs)
+                        trunc = end if trunc is None else min(trunc, end)
+                        old = dbmanifests.slots_for_update(cur, st.ino, list(new), trunc)
+                    else:
+                        old = {s: st.manifest[s] for s in new if s in st.manifest}
+                        if trunc is not None:
+                            old.update({s: c for s, c in st.manifest.items() if s >= trunc})
                     if trunc is not None:
-                        old.update({s: c for s, c in st.manifest.items() if s >= trunc})
                         dbmanifests.delete_from(cur, st.ino, trunc)
                     lost.extend(old.values())
                     holes = [s for s, c in new.items() if c is None and s in old]
@@ -722,6 +756,12 @@ class FileData:
                     ns.update_inode(cur, st.ino, {**{c: attrs[c] for c in cols}, "size": st.flying_size})
                 self.chunks.apply_deltas(cur, net_deltas(gained, lost), chunk_data, stored)
                 dbmanifests.put(cur, manifest_rows)
+                if self.shared:   # data_bytes from the rows: RAM may miss another machine's slots
+                    for st, _ in plan:
+                        st.flying_attrs["data_bytes"] = dbmanifests.stored_bytes(cur, st.ino, st.flying_size, self.cs)
+                        ns.update_inode(cur, st.ino, {"data_bytes": st.flying_attrs["data_bytes"]})
+                if self.log_changes is not None:
+                    self.log_changes(cur, [(st.ino, None, None) for st, _ in plan])
 
             self.db.transaction(body)
         except (_RowsMissing, _Replan):
@@ -799,6 +839,10 @@ class FileData:
                     st.manifest.pop(slot, None)
                 else:
                     st.manifest[slot] = maybe
+            if self.shared:   # rows past the committed size went with the flush (_flush_many)
+                end = -(-st.flying_size // self.cs)
+                for s in [s for s in st.manifest if s >= end]:
+                    del st.manifest[s]
             self.total_flying -= st.flying_bytes
             st.flying, st.flying_trunc, st.flying_attrs = {}, None, {}
             st.wb_error = st.wb_failures = 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import secrets
 import stat as S
 import threading
 import time
@@ -36,6 +37,9 @@ from cas.tier.cloud import CloudTier
 from cas.tier.cloud import enabled as cloud_enabled
 from cas.db import namespace as ns
 from cas.db import sessions as dbsessions
+from cas.db import changes as dbchanges
+from cas.db.changes import Change
+from cas.engine import coherence
 from cas.chunk.envelope import codec_for
 from cas.errors import ChunkMissing, IntegrityError
 from cas.errors import (CasError, Exists, FsError, InvalidArgument, IsADirectory, MetaError, NameTooLong,
@@ -156,7 +160,8 @@ class Filesystem:
     """
 
     def __init__(self, meta: Metadata, cache_bytes: int = 256 << 20, workers: int = 2,
-                 group_commit: bool = True, durability: str = GROUP, flush_behind: bool = True) -> None:
+                 group_commit: bool = True, durability: str = GROUP, flush_behind: bool = True,
+                 shared: bool = False, consistency: str = coherence.SESSION) -> None:
         vol = meta.volume
         envelope = codec_for(vol)   # VolumeError for an encrypted volume not unlocked: before any thread starts
         self.meta = meta
@@ -165,8 +170,11 @@ class Filesystem:
             raise InvalidArgument(f"durability {durability!r}: choose one of {', '.join(DURABILITY_MODES)}")
         # IMMEDIATE: every transaction body commits before it returns (docs/durability.md)
         self.immediate = durability == IMMEDIATE
+        # shared mode (docs/sharing.md): several machines mount the volume at once
+        self.shared = shared
+        self.level = coherence.level(consistency)
         if group_commit:  # see Database.start_group_commit and docs/concurrency.md
-            if self.immediate:
+            if self.immediate or shared:   # shared: every body commits before it returns
                 self.db.start_group_commit(max_ops=1)
             else:
                 self.db.start_group_commit()
@@ -225,6 +233,72 @@ class Filesystem:
         # gets a ``sustained`` row of this mount's session (db.session_id) in the unlink's
         # transaction, so that no other mount frees it; set by the mount daemon.
         self.sustain_open = False
+        # shared mode: the change feed of the other sessions, and the FUSE layer's hook
+        # for what they changed (kernel invalidations); docs/sharing.md
+        self.feed: coherence.ChangeFeed | None = None
+        self.on_changes: Callable[[list[Change]], None] | None = None
+        if shared:
+            self._share()
+
+    def _share(self) -> None:
+        """Shared mode (docs/sharing.md, "Consistency"): no held creates, no RAM answer
+        taken as the truth, every transaction body committed at once (so no row lock
+        is held across bodies, and another machine's deadlock can cost only the one
+        body, which runs again), refcount deltas from the manifest rows, change rows
+        written with every change, and a change feed to poll. A database connection
+        with no session id yet (an engine test, or a mount before it registers its
+        session) gets a random one so that its own change rows are told apart."""
+        if not self.db.session_id:
+            self.db.session_id = (1 << 62) | secrets.randbits(61)
+        self.db.lone_bodies = True
+        self.data.shared = True
+        self.data.log_changes = self._log
+        self.feed = coherence.ChangeFeed(dbchanges.latest_id(self.db))
+
+    def _log(self, cur: pymysql.cursors.Cursor, items: list[tuple[int, int | None, bytes | None]]) -> None:
+        """Shared mode: record change rows for ``items`` ((inode, dentry parent or None,
+        name or None)) in the caller's transaction body, as its last statement
+        (cas/db/changes.py). Nothing on a volume that is not shared."""
+        if self.shared and items:
+            dbchanges.record(cur, self.db.session_id, items)
+
+    @_locked
+    def poll_changes(self, prune: bool = False) -> int:
+        """Shared mode: read the change rows other sessions committed since the last
+        poll and drop what they name from RAM (attributes, xattrs, small manifests;
+        an open file reloads its committed manifest under its dirty slots, and its size
+        unless it has changes of its own), then hand them to :attr:`on_changes` (the
+        FUSE layer's kernel invalidations). With ``prune``, now and then delete change
+        rows older than CHANGES_KEEP_S. Returns how many rows were applied (0 when not
+        shared). Raises MetaError."""
+        if self.feed is None:
+            return 0
+        rows = self.feed.poll(self.db, self.db.session_id)
+        if rows:
+            self._apply_changes(rows)
+        if prune and self.feed.prune_due():
+            dbchanges.prune(self.db, coherence.CHANGES_KEEP_S)
+        return len(rows)
+
+    def _apply_changes(self, rows: list[Change]) -> None:
+        refresh: set[int] = set()
+        for c in rows:
+            self.attrs.pop(c.inode, None)
+            self.xattr_cache.pop(c.inode, None)
+            self.known_manifests.pop(c.inode, None)
+            if c.parent is not None:
+                self.attrs.pop(c.parent, None)
+                self._names_drop(c.parent)
+                if c.name is not None:
+                    self.absent.pop((c.parent, c.name), None)
+            if c.inode in self.data.states:
+                refresh.add(c.inode)
+        for ino in refresh:
+            st = self.data.states.get(ino)
+            if st is not None and not st.lost:
+                self.data.refresh(st)
+        if self.on_changes is not None:
+            self.on_changes(rows)
 
     def runtime_stats(self) -> dict[str, float | int]:
         """Live counters of this mount, for `casfs stats`: the RAM cache's hits, misses,
@@ -321,8 +395,8 @@ class Filesystem:
     # -- attributes ------------------------------------------------------------------
     def _attr_row(self, row: ns.InodeRow) -> Attr:
         """Attributes from an inodes row (cached), with unflushed size/times applied."""
-        a = self.attrs.get(row.id) or self._cache(Attr(*row))
-        return self._with_pending(a)
+        a = None if self.shared else self.attrs.get(row.id)   # shared: the row just read wins
+        return self._with_pending(a or self._cache(Attr(*row)))
 
     def _xattrs(self, ino: int) -> dict[bytes, bytes]:
         """The extended attributes of ``ino`` (write-through cache, like attrs)."""
@@ -372,8 +446,12 @@ class Filesystem:
         return attr
 
     @_locked
-    def getattr(self, ino: int) -> Attr:
-        """Attributes of ``ino``. Raises NotFound."""
+    def getattr(self, ino: int, fresh: bool = False) -> Attr:
+        """Attributes of ``ino``. ``fresh``: the kernel asks (FUSE GETATTR); under
+        strong consistency on a shared volume the change log is read first. Raises
+        NotFound, MetaError."""
+        if fresh and self.level.poll_at_lookup:
+            self.poll_changes()
         return self._get(ino)
 
     @_locked
@@ -384,6 +462,8 @@ class Filesystem:
         """
         if len(name) > NAME_MAX:
             raise NameTooLong(f"name of {len(name)} bytes")
+        if self.level.poll_at_lookup:   # strong consistency on a shared volume
+            self.poll_changes()
         if name == b".":
             return self._remember(self._get(parent))
         if name == b"..":
@@ -410,6 +490,8 @@ class Filesystem:
         """Keep the committed manifests of small files that are not open (a state's
         manifest is the truth for an open file, and a dropped state not yet committed
         is kept in ``data.retired``), for the next open."""
+        if self.shared:   # another machine may change them: an open reads the rows
+            return
         for ino, m in manifests.items():
             if ino in self.data.states or ino in self.data.retired:
                 continue
@@ -477,13 +559,17 @@ class Filesystem:
             if val is not None:
                 changes[col] = val
         st = self.data.states.get(ino)
-        if st is not None and not self.immediate:  # an open (or release-pending) file: commit with its next flush
+        if st is not None and not (self.immediate or self.shared):  # an open (or release-pending) file: commit with its next flush
             st.set_attrs(**changes)
         else:
-            if st is not None:  # IMMEDIATE: commit now; its next flush must not write older values back
+            if st is not None:  # IMMEDIATE or shared: commit now; its next flush must not write older values back
                 st.attrs.update((c, v) for c, v in changes.items() if c in st.attrs)
             cols = sorted(changes)
-            self.db.transaction(lambda cur: ns.update_inode(cur, ino, {c: changes[c] for c in cols}))
+
+            def body(cur: pymysql.cursors.Cursor) -> None:
+                ns.update_inode(cur, ino, {c: changes[c] for c in cols})
+                self._log(cur, [(ino, None, None)])
+            self.db.transaction(body)
             self._patch(ino, **changes)
         return self._get(ino)
 
@@ -533,6 +619,9 @@ class Filesystem:
 
         now = time.time_ns()
         nlink = 2 if is_dir else 1
+        if self.shared:
+            return self._make_now([self._new_ino(), mode, uid, gid, nlink, size, rdev, now, now, now],
+                                  parent, name, target)
         if self._entry_ino(parent, name) is not None:
             raise Exists(name.decode(errors="replace"))
         # held in RAM, written with the creates around it (docs/smallfiles.md)
@@ -547,6 +636,26 @@ class Filesystem:
         attr = self._cache(Attr(ino, mode, uid, gid, nlink, size, rdev, now, now, now))
         self.db.hold_op()   # may write and commit the group; MetaError if it is lost
         return self._remember(attr)
+
+    def _make_now(self, row: list[int], parent: int, name: bytes, target: bytes | None) -> Attr:
+        """Shared mode: write a create at once (no held creates): the entry (EEXIST
+        when any machine has the name), the inode row, the parent's times and link
+        count, checked under the parent's row lock to be a live directory (a directory
+        another machine removed meanwhile gives ENOENT, POSIX), and the change row."""
+        ino, mode = row[0], row[1]
+        is_dir = S.S_ISDIR(mode)
+
+        def body(cur: pymysql.cursors.Cursor) -> None:
+            ns.create_one(cur, row, parent, name, target)
+            if not ns.nlink_for_update(cur, parent):   # before touch_dir changes nlink
+                raise NotFound(f"directory {parent} was removed")
+            self._touch_dir(cur, parent, row[7], 1 if is_dir else 0)
+            self._log(cur, [(ino, parent, name)])
+
+        self.db.transaction(body)
+        self.attrs.pop(parent, None)
+        _bounded_put(self.xattr_cache, ino, {})
+        return self._remember(self._cache(Attr(*row)))
 
     def _new_ino(self) -> int:
         """A fresh inode number, counted up in RAM within a range of INODE_RESERVE
@@ -619,6 +728,8 @@ class Filesystem:
             self._dir_names_count -= len(names)
 
     def _note_absent(self, parent: int, name: bytes) -> None:
+        if self.shared:   # another machine may create it: never answered from RAM
+            return
         self.absent[(parent, name)] = None
         if len(self.absent) > ABSENT_MAX:
             self.absent.popitem(last=False)
@@ -672,8 +783,13 @@ class Filesystem:
 
         def body(cur: pymysql.cursors.Cursor) -> None:
             ns.insert_entry(cur, parent, name, ino)
+            if self.shared and not ns.nlink_for_update(cur, ino):   # another machine removed it
+                raise NotFound(f"inode {ino}")
             ns.add_link(cur, ino, now)
             self._touch_dir(cur, parent, now)
+            if self.shared and not ns.nlink_for_update(cur, parent):
+                raise NotFound(f"directory {parent} was removed")
+            self._log(cur, [(ino, parent, name)])
 
         self.db.transaction(body)
         self._names_set(parent, name, ino)
@@ -716,6 +832,7 @@ class Filesystem:
             self._sustain_if_open(cur, ino)
             ns.delete_entry(cur, parent, name)
             self._touch_dir(cur, parent, now, -1 if is_dir else 0)
+            self._log(cur, [(ino, parent, name)])
             return ino
 
         ino = self.db.transaction(body)
@@ -749,6 +866,8 @@ class Filesystem:
             if src is None:
                 raise NotFound(old_name.decode(errors="replace"))
             dst = self._entry(cur, new_parent, new_name)
+            if self.shared and not ns.nlink_for_update(cur, new_parent):   # removed by another machine
+                raise NotFound(f"directory {new_parent} was removed")
             src_dir = S.S_ISDIR(mode_of(cur, src))
             if src_dir and new_parent != old_parent:
                 self._check_not_below(cur, new_parent, src)
@@ -769,6 +888,7 @@ class Filesystem:
                     self._touch_dir(cur, new_parent, now)
                     self._touch_dir(cur, old_parent, now)
                 ns.set_ctime(cur, now, src, dst)
+                self._log(cur, [(dst, old_parent, old_name), (src, new_parent, new_name)])
                 return src, dst, None
             if dst == src:
                 return src, None, None  # same inode: POSIX says do nothing
@@ -800,6 +920,8 @@ class Filesystem:
                 if new_parent != old_parent:
                     self._touch_dir(cur, new_parent, now)
             ns.set_ctime(cur, now, src)
+            self._log(cur, [(src, old_parent, old_name), (src, new_parent, new_name)]
+                      + ([(dst, None, None)] if dst is not None else []))
             return src, dst, freed
 
         before = self._entry_ino(new_parent, new_name) if new_parent in self.dir_names else None
@@ -911,7 +1033,12 @@ class Filesystem:
 
     @_locked
     def open(self, ino: int, truncate: bool = False) -> None:
-        """Open ``ino`` (open count +1); with ``truncate`` (O_TRUNC) set its size to 0."""
+        """Open ``ino`` (open count +1); with ``truncate`` (O_TRUNC) set its size to 0.
+        On a shared volume under session or strong consistency the change log is read
+        first (close-to-open: the contents and size another machine committed before
+        this open started). Raises NotFound, IsADirectory, MetaError."""
+        if self.level.poll_at_open and self.shared:
+            self.poll_changes()
         a = self._get(ino)
         if S.S_ISDIR(a.mode):
             raise IsADirectory(f"inode {ino}")
@@ -1069,7 +1196,9 @@ class Filesystem:
         committed: that is the group's job) when its last writeback failed, when the
         last writeback of this mount failed, when it holds CLOSE_WRITEBACK_BYTES or more,
         or when the store's disk has less than the buffered bytes + CLOSE_SPACE_MARGIN
-        free; a failure raises its errno (ENOSPC, EIO), as NFS reports errors at close.
+        free, or (shared volume, session or strong consistency) always, so that an open
+        on another machine after this close sees the contents (docs/sharing.md); a
+        failure raises its errno (ENOSPC, EIO), as NFS reports errors at close.
         Buffers are never dropped. See docs/writeback.md.
         """
         st = self.data.pending(ino)
@@ -1077,7 +1206,7 @@ class Filesystem:
             return
         self.data.wait_idle([st])   # a flush-behind still running: its error is reported here
         if not (st.wb_error or self.data.failing or st.dirty_bytes >= CLOSE_WRITEBACK_BYTES
-                or self._space_tight()):
+                or self._space_tight() or self._commit_at_close(st)):
             return
         try:
             self.data.flush(st)
@@ -1092,7 +1221,12 @@ class Filesystem:
         st = self.data.states.get(ino)
         return st is not None and (st.busy or st.queued or (st.needs_flush and (
             st.wb_error != 0 or self.data.failing or st.dirty_bytes >= CLOSE_WRITEBACK_BYTES
-            or self._space_tight())))
+            or self._space_tight() or self._commit_at_close(st))))
+
+    def _commit_at_close(self, st: InodeData) -> bool:
+        """Shared volume, session or strong consistency: a close of a file with changes
+        not written back commits them before it returns (close-to-open, docs/sharing.md)."""
+        return self.shared and self.level.commit_at_close and st.needs_flush
 
     def release_may_block(self, ino: int) -> bool:
         """Whether :meth:`release` of ``ino`` may wait for a flight or a flush of the
@@ -1316,6 +1450,7 @@ class Filesystem:
             ns.delete_inode(cur, ino)
             if self.sustain_open:
                 dbsessions.forget_inode(cur, ino)
+            self._log(cur, [(ino, None, None)])
             return True
         done = self.db.transaction(body)
         self._names_drop(ino)
@@ -1360,6 +1495,7 @@ class Filesystem:
         def body(cur: pymysql.cursors.Cursor) -> None:
             ns.set_xattr(cur, ino, name, value)
             ns.set_ctime(cur, now, ino)
+            self._log(cur, [(ino, None, None)])
         self.db.transaction(body)
         xattrs[name] = bytes(value)
         self.xattr_cache.changed(ino)
@@ -1386,6 +1522,7 @@ class Filesystem:
         def body(cur: pymysql.cursors.Cursor) -> None:
             ns.delete_xattr(cur, ino, name)
             ns.set_ctime(cur, now, ino)
+            self._log(cur, [(ino, None, None)])
         self.db.transaction(body)
         del xattrs[name]
         self.xattr_cache.changed(ino)

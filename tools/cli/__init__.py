@@ -19,6 +19,7 @@ from cas.config.audit import LEVELS as AUDIT_LEVELS
 from cas.db.database import initialize
 from cas.errors import VolumeError
 from cas.engine.fs import DURABILITY_MODES
+from cas.engine.coherence import CONSISTENCY_LEVELS
 from cas.config.volume import DEFAULT_CHUNK, DEFAULT_NAME, create_volume_dir, open_volume, volume_path
 
 from fusefront.metrics import parse_listen
@@ -160,6 +161,12 @@ def tls_table(meta: str, mode: str | None, ca: str | None, cert: str | None,
                    "'group' (default) commits them together every 0.5 s and at fsync; 'immediate' "
                    "commits each before it returns (slower). Default: volume.toml [mount] durability, "
                    "else group. See docs/durability.md.")
+@click.option("--consistency", type=click.Choice(CONSISTENCY_LEVELS), default=None,
+              help="On a volume several machines mount (shared): 'session' (default; close-to-open, "
+                   "other machines' namespace changes seen within 2 s), 'strong' (every lookup, "
+                   "getattr and open reads the change log) or 'eventual' (seen within 20 s). "
+                   "Default: volume.toml [mount] consistency, else session. No effect on a volume "
+                   "that is not shared. See docs/sharing.md.")
 @click.option("--metrics", default=None, metavar="[HOST:]PORT",
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (HOST defaults to 127.0.0.1). "
                    "Off unless given. See docs/monitoring.md.")
@@ -177,7 +184,8 @@ def tls_table(meta: str, mode: str | None, ca: str | None, cert: str | None,
 def mount(mountpoint: str, volume: str, foreground: bool, allow_other: bool, cache_size: str,
           local_limit: str | None, drive_endpoint: str | None, durability: str | None,
           metrics: str | None, audit: str | None, debug: bool,
-          fuse_options: tuple[str, ...] = (), snapshot_interval: float | None = None) -> None:
+          fuse_options: tuple[str, ...] = (), snapshot_interval: float | None = None,
+          consistency: str | None = None) -> None:
     """Mount VOLUME (default: "default", created if missing) at MOUNTPOINT.
 
     Returns once the mount is ready; the daemon runs in the background until
@@ -206,7 +214,8 @@ def mount(mountpoint: str, volume: str, foreground: bool, allow_other: bool, cac
                                  local_limit=None if local_limit is None else parse_size(local_limit),
                                  drive_endpoint=drive_endpoint, durability=durability,
                                  fuse_options=kernel_flags(fuse_options),
-                                 metrics=metrics, audit=audit, snapshot_interval_s=snapshot_interval)
+                                 metrics=metrics, audit=audit, snapshot_interval_s=snapshot_interval,
+                                 consistency=consistency)
     mountcmd.mount(vol, mountpoint, opts, foreground=foreground, debug=debug)
 
 

@@ -35,6 +35,8 @@ from cas.engine import rescue
 from cas.engine import sessions
 from cas.errors import CasError, VolumeError
 from cas.engine.fs import DURABILITY_MODES, GROUP, Filesystem
+from cas.engine.coherence import CONSISTENCY_LEVELS, SESSION
+from cas.db.volume import is_shared
 from cas.db.database import Metadata, connect
 from cas.tier.objstore import CredentialsRefused, ObjectStoreError
 from cas.db.server import ServerSupervisor, pid_running
@@ -92,6 +94,7 @@ class MountOptions:
     metrics: str | None = None      # [HOST:]PORT of the Prometheus endpoint; None: off
     audit: str | None = None        # audit level; None: the volume's [audit] level, else "changes"
     snapshot_interval_s: float | None = None   # None: the volume's [drive] snapshot_interval_s
+    consistency: str | None = None  # None: the volume's [mount] consistency, else "session"
 
 
 def durability_of(vol: Volume, opts: MountOptions) -> str:
@@ -106,11 +109,14 @@ def durability_of(vol: Volume, opts: MountOptions) -> str:
 
 
 def consistency_of(vol: Volume, opts: MountOptions) -> str:
-    """The consistency level the mount's session row names (docs/sharing.md): the
-    mount option when there is one, else ``consistency`` of the volume's ``[mount]``
-    table, else "session"."""
-    given = getattr(opts, "consistency", None)
-    return str(given or vol.mount.get("consistency", "session"))
+    """The consistency level of a mount of a shared volume (docs/sharing.md):
+    ``opts.consistency``, else ``consistency`` of the volume's ``[mount]`` table, else
+    "session". Raises VolumeError for anything but "eventual", "session" or "strong"."""
+    level = opts.consistency if opts.consistency is not None else vol.mount.get("consistency", SESSION)
+    if level not in CONSISTENCY_LEVELS:
+        raise VolumeError(f"volume {vol.name}: consistency {level!r} (volume.toml [mount]) is not one of "
+                          f"{', '.join(CONSISTENCY_LEVELS)}")
+    return str(level)
 
 
 def _record_join_settings(meta: Metadata) -> None:
@@ -346,18 +352,23 @@ def run_daemon(vol: Volume, mp: Path, opts: MountOptions, on_ready: Callable[[st
     metrics: MetricsServer | None = None
     try:
         durability = durability_of(vol, opts)
+        consistency = consistency_of(vol, opts)
         audit_level, audit_handler = open_audit(vol, opts)
         meta = connect(vol)
         # an embedded server that dies is restarted (docs/database.md)
         supervisor = ServerSupervisor(meta.server) if meta.server is not None else None
         if supervisor is not None:
             supervisor.start()
-        fs = Filesystem(meta, cache_bytes=opts.cache_bytes, durability=durability)
+        shared = is_shared(meta.db)
+        fs = Filesystem(meta, cache_bytes=opts.cache_bytes, durability=durability, shared=shared,
+                        consistency=consistency)
         log.info("namespace durability: %s", durability)
+        if shared:
+            log.info("shared volume: consistency %s", consistency)
         keeper: sessions.SessionKeeper | None = None
         try:
             # the cross-machine mount lock and the heartbeat (docs/sharing.md, "Sessions")
-            keeper = sessions.start(meta, consistency_of(vol, opts))
+            keeper = sessions.start(meta, consistency)
             fs.sustain_open = keeper.shared
             _record_join_settings(meta)
             start_cloud(meta, fs, opts)

@@ -1,0 +1,82 @@
+"""The change log of a shared volume: the ``changes`` table (schema.sql, docs/sharing.md).
+
+On a shared volume (meta ``shared`` = '1', :func:`cas.db.volume.is_shared`) every
+transaction that changes an inode's attributes or manifest, or a dentry, also inserts
+one row per inode it changed (with the dentry's parent and name for a namespace change)
+through :func:`record`, in the same transaction: the rows commit exactly when the change
+does. Every mount polls the rows of the other sessions (:func:`since`) and drops what
+they name from its RAM and kernel caches (cas/engine/coherence.py).
+
+``id`` is AUTO_INCREMENT: ids are handed out at INSERT, not at COMMIT, so a row may
+become visible after rows with higher ids. Pollers therefore re-read a window of
+recent ids (cas.engine.coherence.ChangeFeed). Any mount deletes rows older than a few
+minutes now and then (:func:`prune`).
+
+Locks (InnoDB, READ COMMITTED): :func:`record` X-locks the rows it inserts (and the
+table's AUTO-INC counter for the statement only); :func:`since` and :func:`latest_id`
+take none (consistent reads of committed rows); :func:`prune` X-locks the rows it
+deletes, which no writer ever waits for (nobody updates old rows).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from pymysql.cursors import Cursor
+
+from cas.db.batch import batches, values
+from cas.db.source import Source, execute, rows
+
+#: rows one poll statement reads at most (a poll loops until it got fewer)
+POLL_ROWS = 5000
+
+
+class Change(NamedTuple):
+    """One ``changes`` row: session ``session`` changed inode ``inode`` (attributes,
+    manifest, or its life) and, when ``parent`` is not None, the dentry ``name`` of
+    directory ``parent`` (created, removed or repointed; the parent's attributes too)."""
+
+    id: int
+    session: int
+    inode: int
+    parent: int | None
+    name: bytes | None
+
+
+def record(cur: Cursor, session: int, items: Sequence[tuple[int, int | None, bytes | None]]) -> None:
+    """Insert one change row per (inode, parent or None, name or None) of ``items`` for
+    ``session``, in the caller's transaction (they commit with the change they name).
+    One multi-row INSERT per BATCH_ROWS rows. Locks: X on the new rows."""
+    for part in batches([(session, ino, parent, name) for ino, parent, name in items]):
+        text, args = values(part)
+        cur.execute("INSERT INTO changes (session, inode, parent, name) VALUES " + text, args)
+
+
+def since(src: Source, after_id: int, session: int) -> list[Change]:
+    """Committed change rows with id > ``after_id`` of sessions other than ``session``,
+    in id order. Reads POLL_ROWS rows per statement, as many statements as needed.
+    No lock (a consistent read of what is committed now)."""
+    out: list[Change] = []
+    while True:
+        got = rows(src, "SELECT id, session, inode, parent, name FROM changes "
+                        "WHERE id > %s AND session <> %s ORDER BY id LIMIT %s",
+                   (after_id, session, POLL_ROWS))
+        out.extend(Change(int(r[0]), int(r[1]), int(r[2]), None if r[3] is None else int(r[3]),
+                          None if r[4] is None else bytes(r[4])) for r in got)
+        if len(got) < POLL_ROWS:
+            return out
+        after_id = int(got[-1][0])
+
+
+def latest_id(src: Source) -> int:
+    """The highest change id committed so far (0 for none): where a new mount starts
+    polling (what it loaded after this is fresh). No lock."""
+    return int(rows(src, "SELECT COALESCE(MAX(id), 0) FROM changes")[0][0])
+
+
+def prune(src: Source, older_than_s: float) -> int:
+    """Delete change rows older than ``older_than_s`` seconds (server time), at most
+    POLL_ROWS per call; returns how many went. Locks: X on the deleted rows (by the
+    ``at_idx`` range), which no writer waits for."""
+    return execute(src, "DELETE FROM changes WHERE at < NOW(6) - INTERVAL %s MICROSECOND LIMIT %s",
+                   (int(older_than_s * 1e6), POLL_ROWS))

@@ -1,0 +1,290 @@
+"""Engine tests of shared mode (docs/sharing.md): two Filesystem objects in shared mode
+on one volume database stand for two machines, each with its own connection, RAM
+caches and session id (set by hand: the sessions table need not have the rows). They
+share one chunk store directory here (the engine test's shortcut: the data plane across
+stores is not what these tests look at). Expected refcounts are computed from the bytes
+the test wrote (hashlib), never taken from the engine.
+"""
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pymysql
+import pytest
+
+import cas.db.database
+import cas.maint.fsck
+from cas.db.server import EmbeddedServer
+from cas.engine.fs import Filesystem
+from cas.errors import FsError
+from tests.engine.test_fs import CS, ROOT, UID, GID, Engine, expected_refs, sha
+
+MODE = 0o644
+
+
+class Shared:
+    """An engine-test volume with two shared-mode Filesystems, A (session 1) and B
+    (session 2)."""
+
+    def __init__(self, tmp_path: Path, server: EmbeddedServer) -> None:
+        self.eng = Engine(tmp_path, server)
+        self.eng.fs.close()          # the plain one: not used here
+        self.eng.opened.clear()
+        self.a = self._open(1)
+        self.b = self._open(2)
+
+    def _open(self, session: int) -> Filesystem:
+        meta = cas.db.database.connect(self.eng.vol)
+        meta.db.session_id = session
+        fs = Filesystem(meta, cache_bytes=16 << 20, shared=True)
+        self.eng.opened.append(fs)
+        return fs
+
+    def q(self, sql: str, args: object = None) -> list[tuple[object, ...]]:
+        with self.eng.admin.cursor() as cur:
+            cur.execute(sql, args)
+            return list(cur.fetchall())
+
+    def refcounts(self) -> dict[bytes, int]:
+        return {bytes(r[0]): int(r[1]) for r in self.q("SELECT id, refcount FROM chunks") if int(r[1]) > 0}
+
+    def fsck(self) -> cas.maint.fsck.FsckReport:
+        with self.eng.other() as m:
+            return cas.maint.fsck.check(m)
+
+
+@pytest.fixture
+def two(tmp_path: Path, mysql_server: EmbeddedServer) -> Iterator[Shared]:
+    s = Shared(tmp_path, mysql_server)
+    try:
+        yield s
+    finally:
+        s.eng.close()
+
+
+def _write_file(fs: Filesystem, ino: int, content: bytes) -> None:
+    fs.write(ino, 0, content)
+    fs.fsync(ino)
+
+
+def test_refcount_deltas_come_from_the_manifest_rows(two: Shared) -> None:
+    """B loaded the manifest of f, then A replaced slot 0 and committed; B then replaces
+    slot 0 too (and truncates slot 2 away). The decrements must hit the chunk A wrote
+    (what the rows name), not the one B's RAM manifest names: refcounts stay exact and
+    fsck is clean. On the old code (decrements from RAM) chunk X0 went to -1 (clamped) and
+    Y0 kept a reference no row makes."""
+    a, b = two.a, two.b
+    x = [os.urandom(CS) for _ in range(3)]
+    f = a.create(ROOT, b"f", MODE, UID, GID).ino
+    _write_file(a, f, b"".join(x))
+    b.open(f)                        # B's RAM manifest: slots 0, 1, 2 -> X0, X1, X2
+    y0 = os.urandom(CS)
+    a.write(f, 0, y0)
+    a.fsync(f)                       # committed: slot 0 -> Y0, X0 has no reference
+    z0 = os.urandom(CS)
+    b.write(f, 0, z0)                # B has not polled: it still thinks slot 0 is X0
+    b.setattr(f, size=2 * CS)        # and cuts slot 2 (X2) off
+    b.fsync(f)
+    final = z0 + x[1]
+    assert two.refcounts() == dict(expected_refs(final))
+    assert sha(y0) not in two.refcounts() and sha(x[0]) not in two.refcounts()
+    report = two.fsck()
+    assert report.refcount_mismatches == [] and report.clean, report
+    # both sides read the committed file after a poll
+    a.poll_changes()
+    a.open(f)
+    assert a.read(f, 0, 3 * CS) == final
+    assert b.read(f, 0, 3 * CS) == final
+
+
+def test_change_log_window_sees_a_row_committed_after_a_later_one(two: Shared) -> None:
+    """A change row whose id was handed out before a poll but whose transaction commits
+    after it (ids are not commit order) is still seen by the next poll, once, and what it
+    names is dropped from RAM."""
+    a = two.a
+    d = a.mkdir(ROOT, b"d", 0o755, UID, GID).ino
+    assert a.getattr(d).mode & 0o777 == 0o755      # cached in A's RAM now
+    a.poll_changes()
+    slow = pymysql.connect(unix_socket=str(two.eng.server.socket), user="root", password="",
+                           database=two.eng.dbname, autocommit=False)
+    try:
+        with slow.cursor() as cur:   # another machine's chmod, its change row not committed yet
+            cur.execute("UPDATE inodes SET mode = %s WHERE id = %s", (0o40700, d))
+            cur.execute("INSERT INTO changes (session, inode) VALUES (7, %s)", (d,))
+            cur.execute("SELECT LAST_INSERT_ID()")
+            early = int(cur.fetchone()[0])
+        two.q("INSERT INTO changes (session, inode) VALUES (7, %s)", (ROOT,))   # a later id, committed
+        late = int(two.q("SELECT MAX(id) FROM changes")[0][0])
+        assert late > early
+        seen: list[int] = []
+        a.on_changes = lambda rows: seen.extend(c.id for c in rows)
+        assert a.poll_changes() == 1 and seen == [late]
+        assert a.getattr(d).mode & 0o777 == 0o755     # not committed: the old mode
+        slow.commit()
+    finally:
+        slow.close()
+    assert a.poll_changes() == 1 and seen == [late, early]
+    assert a.getattr(d).mode & 0o777 == 0o700     # dropped from RAM, read again
+    assert a.poll_changes() == 0 and seen == [late, early]   # never twice
+
+
+def test_namespace_operations_are_checked_in_the_database(two: Shared) -> None:
+    """What another machine did is checked under row locks, whatever this one has in
+    RAM: a name it created is EEXIST here, a name it removed is ENOENT, a directory it
+    filled is ENOTEMPTY, a directory it removed takes no new entries (ENOENT); change
+    rows name each change for the other side."""
+    a, b = two.a, two.b
+    d = a.mkdir(ROOT, b"d", 0o755, UID, GID).ino
+    with pytest.raises(FsError) as exc:      # B looked nothing up: the database says EEXIST
+        b.mkdir(ROOT, b"d", 0o755, UID, GID)
+    assert exc.value.errno == errno.EEXIST
+    with pytest.raises(FsError) as exc:       # a lookup that found nothing is not remembered
+        b.lookup(d, b"x")
+    assert exc.value.errno == errno.ENOENT
+    a.create(d, b"x", MODE, UID, GID)
+    assert b.lookup(d, b"x").mode & 0o777 == MODE
+    with pytest.raises(FsError) as exc:      # B's RAM knows d as empty: the rows do not
+        b.rmdir(ROOT, b"d")
+    assert exc.value.errno == errno.ENOTEMPTY
+    a.unlink(d, b"x")
+    with pytest.raises(FsError) as exc:
+        b.unlink(d, b"x")
+    assert exc.value.errno == errno.ENOENT
+    a.rmdir(ROOT, b"d")
+    with pytest.raises(FsError) as exc:      # B's attribute cache still has d as a directory
+        b.create(d, b"y", MODE, UID, GID)
+    assert exc.value.errno == errno.ENOENT
+    with pytest.raises(FsError) as exc:      # nor a subdirectory (its nlink count must not revive d)
+        b.mkdir(d, b"sub", 0o755, UID, GID)
+    assert exc.value.errno == errno.ENOENT
+    b.mkdir(ROOT, b"r", 0o755, UID, GID)
+    with pytest.raises(FsError) as exc:      # nor a directory renamed into it
+        b.rename(ROOT, b"r", d, b"z")
+    assert exc.value.errno == errno.ENOENT
+    seen: list[tuple[int, int | None, bytes | None]] = []
+    b.on_changes = lambda rows: seen.extend((c.inode, c.parent, c.name) for c in rows)
+    b.poll_changes()
+    assert (d, ROOT, b"d") in seen and any(p == d and n == b"x" for _, p, n in seen)
+    assert not two.q("SELECT * FROM dentries WHERE parent = %s", (d,))
+    report = two.fsck()
+    assert report.clean, report
+
+
+def test_a_poll_reloads_an_open_file_under_its_dirty_slots(two: Shared) -> None:
+    """B has f open with a dirty slot 1 when A commits a new slot 0: B's poll reloads
+    the committed manifest under B's dirty slot (B then reads A's slot 0 and its own
+    slot 1, its size stays its own), and B's commit keeps A's slot 0."""
+    a, b = two.a, two.b
+    x0, x1 = os.urandom(CS), os.urandom(CS)
+    f = a.create(ROOT, b"f", MODE, UID, GID).ino
+    _write_file(a, f, x0 + x1)
+    b.poll_changes()
+    b.open(f)
+    z1 = os.urandom(CS)
+    b.write(f, CS, z1)               # dirty here, not written back
+    y0 = os.urandom(CS)
+    a.write(f, 0, y0)
+    a.fsync(f)
+    assert b.read(f, 0, CS) == x0    # not polled yet: what B loaded
+    assert b.poll_changes() >= 1
+    assert b.read(f, 0, 2 * CS) == y0 + z1
+    assert b.getattr(f).size == 2 * CS
+    b.fsync(f)
+    assert two.refcounts() == dict(expected_refs(y0 + z1))
+    a.poll_changes()
+    assert a.read(f, 0, 2 * CS) == y0 + z1
+    assert two.fsck().clean
+
+
+def test_consistency_option_sources(tmp_path: Path, mysql_server: EmbeddedServer) -> None:
+    """--consistency, -o consistency=..., [mount] consistency (checked: a bad level is a
+    one-line VolumeError), default session; an unknown level is refused by the engine."""
+    from tools.cli import mount as mount_cmd
+    from tools.cli.fstab import expand_options
+    from tools.cli.mountcmd import MountOptions, consistency_of
+    from cas.errors import InvalidArgument, VolumeError
+    assert expand_options(mount_cmd, "consistency=strong") == ["--consistency", "strong"]
+    eng = Engine(tmp_path, mysql_server)
+    try:
+        vol = eng.vol
+        assert consistency_of(vol, MountOptions()) == "session"
+        vol.mount["consistency"] = "eventual"
+        assert consistency_of(vol, MountOptions()) == "eventual"
+        assert consistency_of(vol, MountOptions(consistency="strong")) == "strong"
+        vol.mount["consistency"] = "sometimes"
+        with pytest.raises(VolumeError, match="consistency 'sometimes'"):
+            consistency_of(vol, MountOptions())
+        with eng.other() as m, pytest.raises(InvalidArgument):
+            Filesystem(m, consistency="sometimes")
+    finally:
+        eng.close()
+
+
+def test_the_last_commit_is_one_file_size_and_slots(two: Shared) -> None:
+    """A grows f to 4 slots while B, which loaded it at 2 slots, rewrites slot 0: B's
+    commit (the last) is the file: its size, its slots, no rows past its size (their
+    references dropped), and data_bytes from the rows (invariant 14); growing the file
+    again shows zeros there, not A's old slots."""
+    a, b = two.a, two.b
+    x = [os.urandom(CS) for _ in range(4)]
+    f = a.create(ROOT, b"f", MODE, UID, GID).ino
+    _write_file(a, f, x[0] + x[1])
+    b.poll_changes()
+    b.open(f)                          # B: 2 slots
+    a.write(f, 2 * CS, x[2] + x[3])
+    a.fsync(f)                         # committed: 4 slots
+    z0 = os.urandom(CS)
+    b.write(f, 0, z0)
+    b.fsync(f)                         # the last commit: 2 slots, slot 0 rewritten
+    assert two.refcounts() == dict(expected_refs(z0 + x[1]))
+    assert two.q("SELECT size, data_bytes FROM inodes WHERE id = %s", (f,)) == [(2 * CS, 2 * CS)]
+    assert two.fsck().clean
+    b.setattr(f, size=4 * CS)
+    assert b.read(f, 0, 4 * CS) == z0 + x[1] + bytes(2 * CS)
+    a.poll_changes()
+    a.open(f)
+    assert a.read(f, 0, 4 * CS) == z0 + x[1] + bytes(2 * CS)
+
+
+def test_crossing_renames_of_two_machines_never_fail(two: Shared) -> None:
+    """A moves files from d1 to d2 while B moves others from d2 to d1, both creating and
+    removing files there: their bodies lock the two directories in opposite orders, and
+    InnoDB rolls one back as a deadlock victim now and then. A shared mount runs that
+    body again (it was alone in its transaction: nothing else is lost), so no operation
+    fails, and every name and link count is right afterwards (fsck clean)."""
+    import threading
+    a, b = two.a, two.b
+    d1 = a.mkdir(ROOT, b"d1", 0o755, UID, GID).ino
+    d2 = a.mkdir(ROOT, b"d2", 0o755, UID, GID).ino
+    n = 40
+    for i in range(n):
+        for fs, d, tag in ((a, d1, b"a"), (b, d2, b"b")):
+            fs.release(fs.create(d, tag + b"%d" % i, MODE, UID, GID).ino)
+    errors: list[BaseException] = []
+
+    def run(fs: Filesystem, src: int, dst: int, tag: bytes) -> None:
+        try:
+            for i in range(n):
+                fs.rename(src, tag + b"%d" % i, dst, tag + b"%d" % i)
+                fs.release(fs.create(src, tag + b"new%d" % i, MODE, UID, GID).ino)
+                fs.unlink(src, tag + b"new%d" % i)
+                fs.mkdir(dst, tag + b"dir%d" % i, 0o755, UID, GID)
+        except BaseException as exc:   # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(a, d1, d2, b"a")),
+               threading.Thread(target=run, args=(b, d2, d1, b"b"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    names = {(int(p), bytes(nm)) for p, nm in two.q("SELECT parent, name FROM dentries WHERE parent IN (%s, %s)",
+                                                     (d1, d2))}
+    want = ({(d2, b"a%d" % i) for i in range(n)} | {(d1, b"b%d" % i) for i in range(n)}
+            | {(d2, b"adir%d" % i) for i in range(n)} | {(d1, b"bdir%d" % i) for i in range(n)})
+    assert names == want
+    assert two.fsck().clean
