@@ -35,6 +35,8 @@ from cas.chunk.manager import ChunkManager
 from cas.tier.cloud import CloudTier
 from cas.tier.cloud import enabled as cloud_enabled
 from cas.db import namespace as ns
+from cas.db.queue import first_store as vol_first_store
+from cas.db.volume import is_shared as vol_is_shared
 from cas.chunk.envelope import codec_for
 from cas.errors import ChunkMissing, IntegrityError
 from cas.errors import (CasError, Exists, FsError, InvalidArgument, IsADirectory, MetaError, NameTooLong,
@@ -220,6 +222,10 @@ class Filesystem:
         # New chunks join the upload queue whenever the volume has a cloud tier, even
         # while this mount cannot reach it (the queue is drained by a later mount).
         self.chunks.enqueue = cloud_enabled(self.db)
+        # queue rows name this side's store; a shared volume's dedup and bad marks know
+        # that other machines' stores hold chunks this one lacks (docs/sharing.md, "Data")
+        self.chunks.store_id, self.chunks.first_store = vol.store, vol_first_store(vol.uuid)
+        self.chunks.shared = vol_is_shared(self.db)
 
     def runtime_stats(self) -> dict[str, float | int]:
         """Live counters of this mount, for `casfs stats`: the RAM cache's hits, misses,

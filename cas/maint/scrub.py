@@ -294,7 +294,7 @@ def _requeue(tier: CloudTier, cid: bytes, pack: int) -> bool:
                 pass
             else:
                 pack_rows.drop_entry(cur, cid, pack)
-                queue_rows.requeue(cur, cid)
+                queue_rows.requeue(cur, cid, tier.scope.store)   # our verified file goes up
                 return True
         chunk_rows.mark_bad(cur, [cid])
         return False
