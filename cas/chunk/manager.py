@@ -35,7 +35,7 @@ from cas.chunk.cache import LFUCache
 from cas.db import chunks as dbchunks
 from cas.db import queue as dbqueue
 from cas.chunk.envelope import PLAIN, ChunkCodec
-from cas.errors import ChunkMissing, FsError, IntegrityError
+from cas.errors import ChunkMissing, ChunkPending, FsError, IntegrityError
 from cas.db.database import Database
 from cas.chunk.store import LocalStore
 
@@ -154,7 +154,10 @@ class ChunkManager:
             return data
         fut = self._readahead.pop(cid, None)
         if fut is not None:
-            return fut.result()
+            try:
+                return fut.result()
+            except ChunkPending:
+                pass   # the read-ahead did not wait for another machine's upload; this read does
         return self._load_from_store(cid)
 
     def prefetch(self, cids: Iterable[bytes]) -> None:
@@ -171,7 +174,8 @@ class ChunkManager:
                     self._readahead.pop(old, None)   # load() in a worker may have taken it
                 if len(self._readahead) >= READAHEAD_MAX:
                     return
-            self._readahead[cid] = self.io_pool.submit(self._load_from_store, cid)
+            # no wait for another machine's upload in the I/O threads: a flush needs them
+            self._readahead[cid] = self.io_pool.submit(self._load_from_store, cid, False)
 
     def remote_room(self) -> bool:
         """True when the cloud tier overlaps its GETs and its read-ahead has room for
@@ -209,7 +213,7 @@ class ChunkManager:
         _, taken = self.cloud.fetch_ahead_prefix([c for _, c in cand])
         return cand[taken][0] if taken < len(cand) else end
 
-    def _load_from_store(self, cid: bytes) -> bytes:
+    def _load_from_store(self, cid: bytes, wait: bool = True) -> bytes:
         """Load and verify ``cid`` from the local store, else from the cloud tier. A chunk
         that fails verification, or cannot be found, is noted for a bad mark
         (:meth:`apply_marks`) and the error (EIO) raised. A corrupt local file whose
@@ -221,7 +225,9 @@ class ChunkManager:
                 self.note_missing(cid)
                 raise
             try:
-                return self._load_from_cloud(cid)
+                return self._load_from_cloud(cid, wait)
+            except ChunkPending:
+                raise   # not lost: another store holds it (``wait`` False: a read-ahead)
             except ChunkMissing:
                 self.note_missing(cid)
                 raise
@@ -242,9 +248,9 @@ class ChunkManager:
         self.cache.put(cid, data)
         return data
 
-    def _load_from_cloud(self, cid: bytes) -> bytes:
+    def _load_from_cloud(self, cid: bytes, wait: bool = True) -> bytes:
         assert self.cloud is not None
-        blob = self.cloud.fetch(cid)
+        blob = self.cloud.fetch(cid, wait)
         try:
             data = self.envelope.open(blob, cid)
         except IntegrityError:

@@ -214,6 +214,13 @@ def delete_claims(cur: pymysql.cursors.Cursor, pack: int) -> None:
 
 # -- stores (docs/sharing.md, "Data") -------------------------------------------------------
 
+def claimed_any(db: Database, scope: Scope) -> bool:
+    """Whether some row of ``scope``'s store is claimed for a pack (an upload of that
+    store not settled yet). No lock."""
+    cond, args = scope.where()
+    return bool(db.query(f"SELECT 1 FROM upload_queue WHERE pack IS NOT NULL AND {cond} LIMIT 1", args))
+
+
 def holder(db: Database, chunk: bytes, first: str) -> str | None:
     """The store whose queue row holds ``chunk`` (NULL read as ``first``), or None when
     it has no queue row (confirmed, collected, or the tier is off). No lock."""

@@ -50,7 +50,7 @@ from cas.db import packs as pack_rows
 from cas.db import queue as queue_rows
 from cas.db import volume as meta_rows
 from cas.chunk.envelope import codec_for
-from cas.errors import CasError, ChunkMissing, FsError, MetaError, VolumeError
+from cas.errors import CasError, ChunkMissing, ChunkPending, FsError, MetaError, VolumeError
 from cas.errors import IntegrityError
 from cas.db.database import Database, Metadata
 from cas.config import audit
@@ -418,6 +418,8 @@ class CloudTier:
                 after = pack_rows.following(self._read_db, pack, pos, self.cfg.fetch_span)
                 end = pos + length
                 for c, p, n, is_local in after:
+                    if self.shared:   # is_local says "some store": ask ours
+                        is_local = self.store.stat(c) is not None
                     if p != end or is_local or p + n - pos > self.cfg.fetch_span:
                         break
                     span.append((c, p, n))
@@ -431,7 +433,7 @@ class CloudTier:
         return retrying(lambda: self.objects.get(object_id, offset, length), self.cfg.read_attempts,
                         initial_s=0.5, cap_s=4.0)
 
-    def fetch(self, cid: bytes) -> bytes:
+    def fetch(self, cid: bytes, wait: bool = True) -> bytes:
         """The envelope of chunk ``cid`` from its pack (ranged GET), not yet verified.
 
         One GET also brings the evicted chunks that follow ``cid`` in its pack (see
@@ -440,6 +442,8 @@ class CloudTier:
         thread (read-ahead) waits for that download instead of starting its own.
         Retries transient errors ``read_attempts`` times with short backoff; raises
         ChunkMissing (EIO) when the chunk has no cloud copy or the store cannot give it.
+        A chunk another store holds unconfirmed is waited for (:meth:`_await_upload`)
+        when ``wait``, else ChunkPending is raised at once.
         """
         self.last_fetch_at = time.monotonic()
         while True:
@@ -456,7 +460,7 @@ class CloudTier:
                 break
         loc = self.locate(cid)
         if loc is None:
-            got = self._await_upload(cid)
+            got = self._await_upload(cid, wait)
             if isinstance(got, bytes):
                 return got
             loc = got
@@ -500,7 +504,7 @@ class CloudTier:
                 self._read_db = Database(self.target)
             return queue_rows.holder(self._read_db, cid, self.scope.first)
 
-    def _await_upload(self, cid: bytes) -> tuple[str, list[tuple[bytes, int, int]]] | bytes:
+    def _await_upload(self, cid: bytes, wait: bool = True) -> tuple[str, list[tuple[bytes, int, int]]] | bytes:
         """A chunk with no confirmed cloud copy: when another store holds it (its queue
         row names that store: a machine of a shared volume wrote it and has not uploaded
         it yet), wait for its upload, looking every REMOTE_POLL_S for the copy, for at
@@ -509,15 +513,18 @@ class CloudTier:
         Returns the copy's location, or the envelope when a file of it appeared in this
         store meanwhile (a write here brought the same bytes). Raises ChunkMissing (EIO)
         when no store holds it, when this store should and does not, or when the wait
-        ends, with a log line naming the chunk and the store that holds it."""
+        ends, with a log line naming the chunk and the store that holds it; ChunkPending
+        at once when not ``wait`` (a read-ahead)."""
         holder = self._holder(cid)
         if holder is None or holder == self.scope.store:
             raise ChunkMissing(f"chunk {cid.hex()} is neither in the local store nor in the cloud")
-        wait = remote_wait_s()
+        if not wait:
+            raise ChunkPending(f"chunk {cid.hex()}: held by store {holder}, not uploaded yet")
+        wait_s = remote_wait_s()
         self.remote_waits += 1
         log.info("chunk %s is held by store %s and not uploaded yet: waiting up to %.0f s",
-                 cid.hex(), holder, wait)
-        end = time.monotonic() + wait
+                 cid.hex(), holder, wait_s)
+        end = time.monotonic() + wait_s
         while True:
             if self.store.stat(cid) is not None:
                 try:
@@ -534,8 +541,8 @@ class CloudTier:
                 raise ChunkMissing(f"chunk {cid.hex()} is neither in the local store nor in the cloud")
             if time.monotonic() >= end:
                 log.error("chunk %s: its only copy is in store %s (another machine), which did not "
-                          "upload it within %.0f s: EIO", cid.hex(), holder, wait)
-                raise ChunkMissing(f"chunk {cid.hex()}: held by store {holder}, not uploaded within {wait:.0f} s")
+                          "upload it within %.0f s: EIO", cid.hex(), holder, wait_s)
+                raise ChunkMissing(f"chunk {cid.hex()}: held by store {holder}, not uploaded within {wait_s:.0f} s")
             time.sleep(min(REMOTE_POLL_S, max(0.0, end - time.monotonic())))
 
     def fetch_ahead(self, cids: Iterable[bytes]) -> int:
@@ -1023,6 +1030,11 @@ class CloudTier:
                 on_pack(n)
 
     def _uploading_left(self) -> bool:
+        """Whether an upload of ours is unsettled: any 'uploading' pack (one store), or
+        on a shared volume a pack holding rows of this store (another machine's
+        uploads are not ours to wait for)."""
+        if self.shared:
+            return queue_rows.claimed_any(self.db, self.scope)
         return pack_rows.any_uploading(self.db)
 
     # -- the background thread of a mount ----------------------------------------------
