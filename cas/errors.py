@@ -77,6 +77,11 @@ class ChunkMissing(FsError):
     errno = _errno.EIO
 
 
+class ChunkPending(ChunkMissing):
+    """A chunk another machine's local store holds is not uploaded yet, and the caller
+    asked not to wait for it (a read-ahead; docs/sharing.md, "Data"). EIO."""
+
+
 class MetaError(CasError):
     """The metadata server is unreachable, refused us, or failed a statement."""
 

@@ -35,7 +35,7 @@ from cas.chunk.cache import LFUCache
 from cas.db import chunks as dbchunks
 from cas.db import queue as dbqueue
 from cas.chunk.envelope import PLAIN, ChunkCodec
-from cas.errors import ChunkMissing, FsError, IntegrityError
+from cas.errors import ChunkMissing, ChunkPending, FsError, IntegrityError
 from cas.db.database import Database
 from cas.chunk.store import LocalStore
 
@@ -71,6 +71,13 @@ class ChunkManager:
         self.cloud: RemoteChunks | None = None
         # Queue new chunks for upload in the transaction that creates their row.
         self.enqueue = False
+        # This side's local store (cas.config.volume.Volume.store): queue rows name it.
+        # None writes NULL (engine tests without a volume: the first store).
+        self.store_id: str | None = None
+        self.first_store = ""   # the volume's first store (uuid hex): owns NULL queue rows
+        # A shared volume (meta key shared): other machines' stores hold chunks this one
+        # lacks; dedup and bad marks look at where a chunk is (docs/sharing.md, "Data").
+        self.shared = False
         # Chunks found bad by reads (any thread), not yet marked in the database.
         self._marks_lock = threading.Lock()
         self._corrupt: set[bytes] = set()
@@ -111,7 +118,12 @@ class ChunkManager:
 
         def body(cur: pymysql.cursors.Cursor) -> None:
             dbchunks.mark_bad(cur, corrupt)
-            dbchunks.mark_bad_if_local(cur, missing)
+            if self.shared and self.store_id:
+                # a file this store never had is no damage: only our own unconfirmed
+                # chunks (their queue row names this store) are lost when missing
+                dbchunks.mark_bad_if_held(cur, missing, self.store_id, self.first_store)
+            else:
+                dbchunks.mark_bad_if_local(cur, missing)
         try:
             db.transaction(body)
         except BaseException:
@@ -142,7 +154,10 @@ class ChunkManager:
             return data
         fut = self._readahead.pop(cid, None)
         if fut is not None:
-            return fut.result()
+            try:
+                return fut.result()
+            except ChunkPending:
+                pass   # the read-ahead did not wait for another machine's upload; this read does
         return self._load_from_store(cid)
 
     def prefetch(self, cids: Iterable[bytes]) -> None:
@@ -159,7 +174,8 @@ class ChunkManager:
                     self._readahead.pop(old, None)   # load() in a worker may have taken it
                 if len(self._readahead) >= READAHEAD_MAX:
                     return
-            self._readahead[cid] = self.io_pool.submit(self._load_from_store, cid)
+            # no wait for another machine's upload in the I/O threads: a flush needs them
+            self._readahead[cid] = self.io_pool.submit(self._load_from_store, cid, False)
 
     def remote_room(self) -> bool:
         """True when the cloud tier overlaps its GETs and its read-ahead has room for
@@ -197,7 +213,7 @@ class ChunkManager:
         _, taken = self.cloud.fetch_ahead_prefix([c for _, c in cand])
         return cand[taken][0] if taken < len(cand) else end
 
-    def _load_from_store(self, cid: bytes) -> bytes:
+    def _load_from_store(self, cid: bytes, wait: bool = True) -> bytes:
         """Load and verify ``cid`` from the local store, else from the cloud tier. A chunk
         that fails verification, or cannot be found, is noted for a bad mark
         (:meth:`apply_marks`) and the error (EIO) raised. A corrupt local file whose
@@ -209,7 +225,9 @@ class ChunkManager:
                 self.note_missing(cid)
                 raise
             try:
-                return self._load_from_cloud(cid)
+                return self._load_from_cloud(cid, wait)
+            except ChunkPending:
+                raise   # not lost: another store holds it (``wait`` False: a read-ahead)
             except ChunkMissing:
                 self.note_missing(cid)
                 raise
@@ -230,9 +248,9 @@ class ChunkManager:
         self.cache.put(cid, data)
         return data
 
-    def _load_from_cloud(self, cid: bytes) -> bytes:
+    def _load_from_cloud(self, cid: bytes, wait: bool = True) -> bytes:
         assert self.cloud is not None
-        blob = self.cloud.fetch(cid)
+        blob = self.cloud.fetch(cid, wait)
         try:
             data = self.envelope.open(blob, cid)
         except IntegrityError:
@@ -277,6 +295,8 @@ class ChunkManager:
         if not chunks:
             return []
         self.apply_marks(db)
+        if self.shared:
+            return self._unusable_shared(db, chunks)
         usable: set[bytes] = set()
         for cid, bad, is_local, slen in dbchunks.states(db, chunks):
             if bad:
@@ -288,6 +308,30 @@ class ChunkManager:
                                 "missing" if st is None else "of the wrong size")
                     continue
             usable.add(cid)
+        return [cid for cid in chunks if cid not in usable]
+
+    def _unusable_shared(self, db: Database, chunks: Mapping[bytes, Plain]) -> list[bytes]:
+        """:meth:`unusable` on a shared volume (docs/sharing.md, "Data"): a chunk is
+        usable when it is not bad and either this store has its file (of the recorded
+        size) or a confirmed cloud copy is recorded (nothing is stored: reads fetch it,
+        and Drive never gets it twice). A chunk another store holds unconfirmed is
+        written here too: this side keeps its own copy so that it can read its own data
+        without waiting for the other machine's upload, and queues nothing (that
+        store's queue row stays the one upload). Raises MetaError."""
+        usable: set[bytes] = set()
+        for p in dbchunks.places(db, chunks, self.first_store):
+            if p.bad:
+                continue
+            st = self.store.stat(p.id)
+            if st is not None and (not p.stored_length or st.size == p.stored_length):
+                usable.add(p.id)
+            elif p.confirmed:
+                usable.add(p.id)
+            elif not p.is_local and p.holder is None:
+                usable.add(p.id)   # marked cloud-only with no copy recorded: as unusable() does
+            elif p.holder == self.store_id:
+                log.warning("integrity: chunk %s: local file %s; writing it again", p.id.hex(),
+                            "missing" if st is None else "of the wrong size")
         return [cid for cid in chunks if cid not in usable]
 
     def write_chunks(self, chunks: Mapping[bytes, Plain], todo: list[bytes]) -> dict[bytes, int]:
@@ -343,13 +387,23 @@ class ChunkManager:
                     slen = st.size
             values.append(dbchunks.ChunkRef(cid, len(chunks[cid]), slen, deltas[cid]))
         dbchunks.add_refs(cur, values)
+        # A chunk with no row had no row lock to take before add_refs: an orphan sweep
+        # (cas.chunk.sweep; on a shared volume the mount's own, for rows another
+        # machine's gc deleted) may have deleted the old file this write relies on
+        # between the stat above and the insert. From the insert on the row lock is ours
+        # (a sweep's placeholder now finds the row), so a file present now stays.
+        for cid in gain:
+            if cid not in rows and cid not in stored and self.store.stat(cid) is None:
+                blob = self.envelope.seal(chunks[cid], self.codec, self.level, cid)
+                self.store.put(cid, blob)
+                rewritten.append((len(blob), cid))
         for slen, cid in rewritten:
             dbchunks.mark_rewritten(cur, cid, slen)
         if self.enqueue:
             # new chunks, and rewritten ones (a bad chunk left the queue unuploaded; one
             # already confirmed in a pack is dropped from the queue at the next claim)
             new = [cid for cid in gain if cid not in rows] + [cid for _, cid in rewritten]
-            dbqueue.enqueue(cur, new)
+            dbqueue.enqueue(cur, new, self.store_id)
         by_delta: dict[int, list[bytes]] = {}
         for cid, d in deltas.items():
             if d < 0:

@@ -49,9 +49,11 @@ class RemoteChunks(Protocol):
         """The tier's access counts (:meth:`ChunkManager.load` touches every chunk read)."""
         ...
 
-    def fetch(self, cid: bytes) -> bytes:
+    def fetch(self, cid: bytes, wait: bool = True) -> bytes:
         """The envelope of evicted chunk ``cid``, unverified. Raises ChunkMissing when no
-        copy is recorded, FsError(EIO) when the store will not give it."""
+        copy is recorded, FsError(EIO) when the store will not give it. A chunk another
+        store holds and has not uploaded yet is waited for (bounded) when ``wait``, else
+        ChunkPending is raised at once (a read-ahead must not hold its thread)."""
         ...
 
     def keep_local(self, cid: bytes, blob: bytes) -> None:

@@ -146,6 +146,79 @@ def mark_bad_if_local(src: Source, ids: Sequence[bytes]) -> None:
         execute(src, "UPDATE chunks SET bad = 1 WHERE is_local = 1 AND id IN %s", (list(batch),))
 
 
+# -- a shared volume: several local stores (docs/sharing.md, "Data") -----------------------
+# chunks.is_local with several stores: 1 = some local store holds a file of the chunk
+# that must be there (while the chunk is not confirmed in the cloud, the store its
+# upload_queue row names holds its only copy); 0 = every read goes to the confirmed
+# cloud copy. Which store holds a file is known to that store only (a stat), and for an
+# unconfirmed chunk from its queue row; so a store that lacks a file never reads
+# is_local = 1 as "my file is damaged" unless the queue row names that store.
+
+
+class ChunkPlace(NamedTuple):
+    """What the dedup check of a shared volume needs of a chunk row: the fields of
+    :class:`ChunkState`, whether a confirmed cloud copy is recorded (a ``pack_entries``
+    row), and the store whose queue row holds it (None: no queue row)."""
+
+    id: bytes
+    bad: bool
+    is_local: bool
+    stored_length: int
+    confirmed: bool
+    holder: str | None
+
+
+def places(src: Source, ids: Iterable[bytes], first: str) -> list[ChunkPlace]:
+    """:class:`ChunkPlace` of the rows among ``ids`` that exist (a queue row's NULL store
+    read as ``first``). No lock: as :func:`states`, the check is repeated under the row
+    lock for chunks at refcount 0."""
+    out: list[ChunkPlace] = []
+    for batch in batches(sorted(ids)):
+        out.extend(ChunkPlace(bytes(c), bool(bad), bool(loc), int(slen), bool(conf), None if h is None else str(h))
+                   for c, bad, loc, slen, conf, h in rows(
+            src, "SELECT c.id, c.bad, c.is_local, c.stored_length, e.chunk IS NOT NULL, "
+                 "IF(q.chunk IS NULL, NULL, COALESCE(q.store, %s)) FROM chunks c "
+                 "LEFT JOIN pack_entries e ON e.chunk = c.id LEFT JOIN upload_queue q ON q.chunk = c.id "
+                 "WHERE c.id IN %s", (first, batch)))
+    return out
+
+
+def mark_bad_if_held(src: Source, ids: Sequence[bytes], store: str, first: str) -> None:
+    """Shared volume: mark bad those of ``ids`` whose queue row names store ``store``
+    (NULL read as ``first``): that store's file is the chunk's only copy and it could
+    not be read. A chunk held by another store, or confirmed, is not damaged because
+    this store lacks it. Cursor or Database, as :func:`mark_bad`. X-locks the rows to
+    the COMMIT. Invariant 8."""
+    for batch in batches(sorted(ids)):
+        execute(src, "UPDATE chunks c JOIN upload_queue q ON q.chunk = c.id SET c.bad = 1 "
+                     "WHERE c.id IN %s AND COALESCE(q.store, %s) = %s", (list(batch), first, store))
+
+
+def confirmed_among(db: Database, ids: Sequence[bytes]) -> set[bytes]:
+    """The ids among ``ids`` that have a confirmed cloud copy (a ``pack_entries`` row of a
+    confirmed pack): a shared mount's evictor may delete its files of them. No lock."""
+    out: set[bytes] = set()
+    for part in batches(sorted(set(ids))):
+        out.update(bytes(r[0]) for r in db.query(
+            "SELECT e.chunk FROM pack_entries e JOIN packs p ON p.id = e.pack "
+            "WHERE p.state = 'confirmed' AND e.chunk IN %s", (list(part),)))
+    return out
+
+
+def lock_confirmed(cur: pymysql.cursors.Cursor, ids: Sequence[bytes]) -> list[bytes]:
+    """Those of ``ids`` still located in a pack, each chunk row under an exclusive row
+    lock (``FOR UPDATE SKIP LOCKED``, in id order, to the caller's COMMIT): a shared
+    mount's evictor deletes its files of them after the COMMIT, without touching
+    ``is_local`` (other stores keep theirs). Skips rows others hold, as
+    :func:`lock_evictable`."""
+    out: list[bytes] = []
+    for part in batches(sorted(set(ids))):
+        cur.execute("SELECT c.id FROM chunks c JOIN pack_entries e ON e.chunk = c.id "
+                    "WHERE c.id IN %s ORDER BY c.id FOR UPDATE SKIP LOCKED", (list(part),))
+        out.extend(bytes(r[0]) for r in cur.fetchall())
+    return out
+
+
 # -- used by gc, the cloud tier and maintenance
 # The statements on the ``chunks`` table that gc (cas.maint.gc), the cloud tier (cas.tier.cloud:
 # eviction, local marks, restore), scrub, repair, fsck and snapshots run. Lock order

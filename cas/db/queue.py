@@ -8,6 +8,12 @@ tier is enabled), or by :func:`queue_unconfirmed` / :func:`requeue`. An uploader
 queue with :func:`release`. Invariant 5 (docs/design.md): a chunk is in at most one
 pack being uploaded, and leaves the queue only when a confirmed pack holds it.
 
+Stores (schema 5, docs/sharing.md "Data"): every row names the local chunk store that
+holds the chunk's bytes until the upload (``store``, cas.config.volume.Volume.store);
+rows queued before schema 5 have NULL, which means the volume's first store (the one
+whose id is the volume uuid's hex). An uploader sees and claims only the rows of its
+own store (:class:`Scope`): another machine's bytes are not in its store.
+
 Lock order (docs/metadata-packs.md): chunk row, then its queue row (writers, gc);
 queue rows, then the pack row (the uploader). Functions taking a cursor run in the
 caller's transaction; those taking the Database are autocommitted reads.
@@ -15,15 +21,55 @@ caller's transaction; those taking the Database are autocommitted reads.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import uuid
 from datetime import datetime
 from typing import TYPE_CHECKING, NamedTuple
 
 import pymysql.cursors
 
 from cas.db.batch import batches, values
+from cas.db.source import Source, rows
 
 if TYPE_CHECKING:
     from cas.db.database import Database
+
+
+def first_store(volume_uuid: str) -> str:
+    """The id of a volume's first store (the one ``casfs init`` made): the hex digits
+    of its uuid (cas.config.volume.Volume.store). Queue rows with a NULL store are its.
+    No statement, no lock."""
+    return uuid.UUID(volume_uuid).hex
+
+
+class Scope(NamedTuple):
+    """The queue rows one local store owns: ``store`` (32 hex, this side's
+    cas.config.volume.Volume.store) and ``first`` (the volume's first store: the volume
+    uuid's hex, which also owns the rows whose store is NULL)."""
+
+    store: str
+    first: str
+
+    @classmethod
+    def of(cls, volume_uuid: str, store: str) -> "Scope":
+        """The scope of store ``store`` of the volume with uuid ``volume_uuid``."""
+        return cls(store, first_store(volume_uuid))
+
+    def where(self, alias: str = "") -> tuple[str, tuple[str, ...]]:
+        """An SQL condition (and its parameter) selecting this store's rows of
+        ``upload_queue`` (``alias``: the table's alias with its dot, or "")."""
+        if self.store == self.first:
+            return f"({alias}store = %s OR {alias}store IS NULL)", (self.store,)
+        return f"{alias}store = %s", (self.store,)
+
+
+class StoreQueue(NamedTuple):
+    """The queue rows of one store (NULL counted as the first store's): store id, rows,
+    rows claimed for a pack, envelope bytes."""
+
+    store: str
+    chunks: int
+    claimed: int
+    bytes: int
 
 
 class QueuedChunk(NamedTuple):
@@ -59,31 +105,37 @@ class QueueFigures(NamedTuple):
     oldest_us: int
 
 
-def queue_unconfirmed(cur: pymysql.cursors.Cursor) -> int:
+def queue_unconfirmed(cur: pymysql.cursors.Cursor, store: str | None = None) -> int:
     """Queue every chunk that has no ``pack_entries`` row (``INSERT IGNORE``: rows already
-    queued stay as they are). Returns the rows added. Reads chunks and pack_entries
-    without locks; locks the queue rows it inserts. Used when the tier is enabled."""
+    queued stay as they are), as held by store ``store`` (the store of the side that
+    enables the tier; None: NULL, the first store). Returns the rows added. Reads
+    chunks and pack_entries without locks; locks the queue rows it inserts. Used when
+    the tier is enabled."""
     return int(cur.execute(
-        "INSERT IGNORE INTO upload_queue (chunk) SELECT c.id FROM chunks c "
-        "LEFT JOIN pack_entries p ON p.chunk = c.id WHERE p.chunk IS NULL"))
+        "INSERT IGNORE INTO upload_queue (chunk, store) SELECT c.id, %s FROM chunks c "
+        "LEFT JOIN pack_entries p ON p.chunk = c.id WHERE p.chunk IS NULL", (store,)))
 
 
-def enqueue(cur: pymysql.cursors.Cursor, chunks: Sequence[bytes]) -> None:
+def enqueue(cur: pymysql.cursors.Cursor, chunks: Sequence[bytes], store: str | None = None) -> None:
     """Queue ``chunks`` (new chunk rows, and bad ones just rewritten) in the transaction
     that creates or rewrites their chunk rows (cas.chunk.manager.ChunkManager.apply_deltas,
     with the tier enabled): no pending upload is ever lost (invariant 5). ``INSERT
-    IGNORE``: rows already queued stay. The caller holds the chunk rows' locks (lock
-    order chunk -> queue); locks the queue rows it inserts to its COMMIT. One statement
-    per batch of :data:`cas.db.batch.BATCH_ROWS`."""
+    IGNORE``: rows already queued stay (another store's row keeps naming that store: its
+    bytes go to the cloud from there, once). ``store``: the local store that holds the
+    new files (the writer's Volume.store; None writes NULL, the first store). The caller
+    holds the chunk rows' locks (lock order chunk -> queue); locks the queue rows it
+    inserts to its COMMIT. One statement per batch of :data:`cas.db.batch.BATCH_ROWS`."""
     for part in batches(chunks):
-        sql, params = values([(c,) for c in part])
-        cur.execute(f"INSERT IGNORE INTO upload_queue (chunk) VALUES {sql}", params)
+        sql, params = values([(c, store) for c in part])
+        cur.execute(f"INSERT IGNORE INTO upload_queue (chunk, store) VALUES {sql}", params)
 
 
-def requeue(cur: pymysql.cursors.Cursor, chunk: bytes) -> None:
-    """Queue ``chunk`` again (its cloud copy was found bad and forgotten); a row already
-    there stays. The caller holds the chunk row's lock (lock order: chunk, queue)."""
-    cur.execute("INSERT IGNORE INTO upload_queue (chunk) VALUES (%s)", (chunk,))
+def requeue(cur: pymysql.cursors.Cursor, chunk: bytes, store: str | None = None) -> None:
+    """Queue ``chunk`` again (its cloud copy was found bad and forgotten) as held by
+    ``store`` (the store whose verified file will be uploaded; None: NULL, the first
+    store); a row already there stays. The caller holds the chunk row's lock (lock
+    order: chunk, queue)."""
+    cur.execute("INSERT IGNORE INTO upload_queue (chunk, store) VALUES (%s, %s)", (chunk, store))
 
 
 def dequeue(cur: pymysql.cursors.Cursor, chunk: bytes) -> None:
@@ -92,13 +144,16 @@ def dequeue(cur: pymysql.cursors.Cursor, chunk: bytes) -> None:
     cur.execute("DELETE FROM upload_queue WHERE chunk = %s", (chunk,))
 
 
-def backlog(db: Database, pack_age_us: int) -> Backlog:
-    """:class:`Backlog` of the unclaimed rows (``pack IS NULL``), age measured against
-    ``pack_age_us`` microseconds on the server's clock. No lock (READ COMMITTED)."""
+def backlog(db: Database, pack_age_us: int, scope: Scope | None = None) -> Backlog:
+    """:class:`Backlog` of the unclaimed rows (``pack IS NULL``) of ``scope``'s store
+    (None: every store), age measured against ``pack_age_us`` microseconds on the
+    server's clock. No lock (READ COMMITTED)."""
+    cond, args = scope.where("q.") if scope is not None else ("1", ())
     n, size, old = db.query(
         "SELECT COUNT(*), COALESCE(SUM(c.stored_length), 0), "
         "COALESCE(MIN(q.queued) <= NOW(6) - INTERVAL %s MICROSECOND, 0) "
-        "FROM upload_queue q JOIN chunks c ON c.id = q.chunk WHERE q.pack IS NULL", (pack_age_us,))[0]
+        f"FROM upload_queue q JOIN chunks c ON c.id = q.chunk WHERE q.pack IS NULL AND {cond}",
+        (pack_age_us, *args))[0]
     return Backlog(int(n), int(size), bool(old))
 
 
@@ -111,24 +166,27 @@ def figures(db: Database) -> QueueFigures:
     return QueueFigures(int(n), int(size), max(int(oldest), 0))
 
 
-def drop_confirmed(cur: pymysql.cursors.Cursor) -> None:
-    """Delete the unclaimed rows of chunks that already have a confirmed cloud copy (a
-    ``pack_entries`` row: another uploader confirmed them first, or a healing write
-    queued a chunk that was in a pack). Locks the rows it deletes. The first statement
-    of a claim."""
+def drop_confirmed(cur: pymysql.cursors.Cursor, scope: Scope | None = None) -> None:
+    """Delete the unclaimed rows (of ``scope``'s store; None: every store) of chunks
+    that already have a confirmed cloud copy (a ``pack_entries`` row: another uploader
+    confirmed them first, or a healing write queued a chunk that was in a pack). Locks
+    the rows it deletes. The first statement of a claim."""
+    cond, args = scope.where("q.") if scope is not None else ("1", ())
     cur.execute("DELETE q FROM upload_queue q JOIN pack_entries e ON e.chunk = q.chunk "
-                "WHERE q.pack IS NULL")
+                f"WHERE q.pack IS NULL AND {cond}", args)
 
 
-def claim(cur: pymysql.cursors.Cursor, limit: int) -> list[QueuedChunk]:
-    """Up to ``limit`` unclaimed rows, oldest first (then by chunk id), each locked
+def claim(cur: pymysql.cursors.Cursor, limit: int, scope: Scope | None = None) -> list[QueuedChunk]:
+    """Up to ``limit`` unclaimed rows of ``scope``'s store (None: any store: tests and
+    tools), oldest first (then by chunk id), each locked
     ``FOR UPDATE SKIP LOCKED``: rows another transaction holds (another uploader's
     claim under way, a writer's insert not yet committed) are skipped, never waited
     for, so two uploaders sharing the database never claim the same chunk
     (invariant 5). The locks last until the caller's COMMIT, which follows
     :func:`assign`."""
-    cur.execute("SELECT chunk, queued FROM upload_queue WHERE pack IS NULL ORDER BY queued, chunk "
-                "LIMIT %s FOR UPDATE SKIP LOCKED", (limit,))
+    cond, args = scope.where() if scope is not None else ("1", ())
+    cur.execute(f"SELECT chunk, queued FROM upload_queue WHERE pack IS NULL AND {cond} ORDER BY queued, chunk "
+                "LIMIT %s FOR UPDATE SKIP LOCKED", (*args, limit))
     return [QueuedChunk(bytes(c), q) for c, q in cur.fetchall()]
 
 
@@ -152,3 +210,52 @@ def delete_claims(cur: pymysql.cursors.Cursor, pack: int) -> None:
     :func:`cas.db.packs.enter_claimed` gave them their locations (invariant 5). Locks the rows it
     deletes (the caller's claim holds them already, or a recovery under the pack row's lock)."""
     cur.execute("DELETE FROM upload_queue WHERE pack = %s", (pack,))
+
+
+# -- stores (docs/sharing.md, "Data") -------------------------------------------------------
+
+def claimed_any(db: Database, scope: Scope) -> bool:
+    """Whether some row of ``scope``'s store is claimed for a pack (an upload of that
+    store not settled yet). No lock."""
+    cond, args = scope.where()
+    return bool(db.query(f"SELECT 1 FROM upload_queue WHERE pack IS NOT NULL AND {cond} LIMIT 1", args))
+
+
+def holder(db: Database, chunk: bytes, first: str) -> str | None:
+    """The store whose queue row holds ``chunk`` (NULL read as ``first``), or None when
+    it has no queue row (confirmed, collected, or the tier is off). No lock."""
+    got = db.query("SELECT COALESCE(store, %s) FROM upload_queue WHERE chunk = %s", (first, chunk))
+    return None if not got else str(got[0][0])
+
+
+def pack_store(db: Database, pack: int, first: str) -> str | None:
+    """The store of the rows claimed for pack ``pack`` (NULL read as ``first``; an
+    uploader claims only its own store's rows, so a pack has one), or None when no row
+    names the pack any more. No lock."""
+    got = db.query("SELECT COALESCE(store, %s) FROM upload_queue WHERE pack = %s LIMIT 1", (first, pack))
+    return None if not got else str(got[0][0])
+
+
+def per_store(src: Source, first: str) -> list[StoreQueue]:
+    """:class:`StoreQueue` of every store with queue rows, by store id (fsck). On a
+    cursor: a plain read of the caller's snapshot; on the Database: no lock."""
+    return [StoreQueue(str(s), int(n), int(c), int(b)) for s, n, c, b in rows(
+        src, "SELECT COALESCE(q.store, %s) s, COUNT(*), COALESCE(SUM(q.pack IS NOT NULL), 0), "
+             "COALESCE(SUM(c.stored_length), 0) FROM upload_queue q LEFT JOIN chunks c ON c.id = q.chunk "
+             "GROUP BY s ORDER BY s", (first,))]
+
+
+def session_stores(src: Source) -> set[str]:
+    """The stores named by a row of ``sessions`` (live or not yet reaped): the stores
+    some mount serves or served lately (fsck tells a queue row of a store no session
+    names). A plain read (cursor: the caller's snapshot; Database: no lock)."""
+    return {str(r[0]) for r in rows(src, "SELECT DISTINCT store FROM sessions")}
+
+
+def holders(src: Source, first: str) -> dict[bytes, str]:
+    """chunk id -> the store its queue row names (NULL read as ``first``), for every
+    queue row of a referenced chunk (fsck on a shared volume). A plain read, no lock
+    (cursor: the caller's snapshot)."""
+    return {bytes(c): str(s) for c, s in rows(
+        src, "SELECT q.chunk, COALESCE(q.store, %s) FROM upload_queue q JOIN chunks c ON c.id = q.chunk "
+             "WHERE c.refcount > 0", (first,))}

@@ -40,6 +40,8 @@ from cas.db import sessions as dbsessions
 from cas.db import changes as dbchanges
 from cas.db.changes import Change
 from cas.engine import coherence
+from cas.db.queue import first_store as vol_first_store
+from cas.db.volume import is_shared as vol_is_shared
 from cas.chunk.envelope import codec_for
 from cas.errors import ChunkMissing, IntegrityError
 from cas.errors import (CasError, Exists, FsError, InvalidArgument, IsADirectory, MetaError, NameTooLong,
@@ -237,6 +239,10 @@ class Filesystem:
         # for what they changed (kernel invalidations); docs/sharing.md
         self.feed: coherence.ChangeFeed | None = None
         self.on_changes: Callable[[list[Change]], None] | None = None
+        # queue rows name this side's store; a shared volume's dedup and bad marks know
+        # that other machines' stores hold chunks this one lacks (docs/sharing.md, "Data")
+        self.chunks.store_id, self.chunks.first_store = vol.store, vol_first_store(vol.uuid)
+        self.chunks.shared = vol_is_shared(self.db)
         if shared:
             self._share()
 

@@ -10,7 +10,12 @@ Checks, on one consistent snapshot of the database (REPEATABLE READ):
 - every non-directory inode's nlink equals its number of directory entries;
 - no directory entry points to a missing inode;
 and lists orphan chunk files (a file with no row; gc removes them after the grace
-period). ``repair`` rewrites refcounts and link counts from the manifests and entries;
+period). The upload queue is counted per local store; a queue row of a store that no
+mount session names is reported (``unknown_stores``: its chunks upload only when that
+machine mounts again). On a shared volume (docs/sharing.md, "Data") a live chunk this
+store lacks is fine when it has a confirmed cloud copy (``cloud_only``) or when its
+queue row names another store (``held_elsewhere``: that machine holds the only copy
+until it uploads it); it is missing only when it should be in this store. ``repair`` rewrites refcounts and link counts from the manifests and entries;
 missing, corrupt and bad-marked chunks are repaired by cas.maint.repair (from the cloud tier).
 """
 from __future__ import annotations
@@ -21,6 +26,8 @@ from dataclasses import dataclass, field
 import pymysql.cursors
 
 from cas.db import chunks as chunk_rows
+from cas.db import queue as queue_rows
+from cas.db import volume as volume_rows
 from cas.db import manifests as manifest_rows
 from cas.db import namespace as namespace_rows
 from cas.db import tables
@@ -52,6 +59,10 @@ class FsckReport:
     repaired: bool = False
     cloud_only: int = 0   # live chunks with no local file but a confirmed cloud copy (not an error)
     bad_marked: list[str] = field(default_factory=list)  # marked bad, yet the local file verifies now
+    held_elsewhere: int = 0   # shared volume: live chunks another store holds, not uploaded yet (not an error)
+    # upload queue per store: [store id, rows, rows claimed for a pack, envelope bytes]
+    queue_stores: list[tuple[str, int, int, int]] = field(default_factory=list)
+    unknown_stores: list[str] = field(default_factory=list)  # queue rows of stores no session names (a warning)
 
     @property
     def clean(self) -> bool:
@@ -71,6 +82,8 @@ def check(meta: Metadata, repair: bool = False, verify: bool = True,
     db = meta.db
     store = LocalStore(meta.volume.chunk_dir)
     envelope = codec_for(meta.volume)
+    shared = volume_rows.is_shared(db)
+    first = queue_rows.first_store(meta.volume.uuid)
 
     def snapshot(cur: pymysql.cursors.Cursor) -> _Snapshot:
         refs = [(r.chunk, r.stored, r.actual) for r in chunk_rows.refcount_mismatches(cur)]
@@ -78,16 +91,23 @@ def check(meta: Metadata, repair: bool = False, verify: bool = True,
         rows = chunk_rows.live(cur)
         live = [r.id for r in rows]
         in_cloud = {r.id for r in rows if r.in_cloud and not (r.is_local or r.bad)}   # meant to be cloud-only
+        if shared:   # is_local says "some store": a confirmed chunk is readable here regardless
+            in_cloud = {r.id for r in rows if r.in_cloud and not r.bad}
         marked = {r.id for r in rows if r.bad}
         nlinks = [(r.inode, r.stored, r.actual) for r in namespace_rows.nlink_mismatches(cur)]
         dangling = [(r.parent, r.name.decode(errors="replace")) for r in namespace_rows.dangling(cur)]
         all_ids = chunk_rows.all_ids(cur)
         return refs, no_row, live, (in_cloud, marked), nlinks, dangling, all_ids
 
+    def queue_snapshot(cur: pymysql.cursors.Cursor) -> tuple[list[queue_rows.StoreQueue], set[str], dict[bytes, str]]:
+        per = queue_rows.per_store(cur, first)
+        return per, queue_rows.session_stores(cur), queue_rows.holders(cur, first) if shared else {}
+
     with tables.repeatable_read(db):
         refs, no_row, live, (in_cloud, marked), nlinks, dangling, all_ids = db.transaction(snapshot)
+        per_store, with_session, holder = db.transaction(queue_snapshot)
     missing, corrupt, bad_marked = [], [], []
-    cloud_only = 0
+    cloud_only = held_elsewhere = 0
     if on_total is not None:
         on_total(len(live))
     for cid in live:
@@ -100,6 +120,8 @@ def check(meta: Metadata, repair: bool = False, verify: bool = True,
         except ChunkMissing:
             if cid in in_cloud:
                 cloud_only += 1   # evicted, or lost locally: reads fetch it (casfs restore)
+            elif holder.get(cid, meta.volume.store) != meta.volume.store:
+                held_elsewhere += 1   # another machine's store holds it until its upload
             else:
                 missing.append(cid.hex())
         except IntegrityError:
@@ -122,4 +144,19 @@ def check(meta: Metadata, repair: bool = False, verify: bool = True,
         refcount_mismatches=[(c.hex(), a, b) for c, a, b in refs],
         missing_rows=[c.hex() for c in no_row], missing_files=missing, corrupt_chunks=corrupt,
         nlink_mismatches=nlinks, dangling_entries=dangling, orphan_files=orphans, repaired=repaired,
-        cloud_only=cloud_only, bad_marked=bad_marked)
+        cloud_only=cloud_only, bad_marked=bad_marked, held_elsewhere=held_elsewhere,
+        queue_stores=[(q.store, q.chunks, q.claimed, q.bytes) for q in per_store],
+        unknown_stores=[q.store for q in per_store
+                        if q.store not in with_session and q.store not in (first, meta.volume.store)])
+
+
+def store_lines(r: FsckReport) -> list[str]:
+    """The lines of the text report about stores: the queue per store and the stores
+    no session names, and the chunks other stores hold."""
+    out = [f"  upload queue of store {s}: {n} chunks ({c} in packs being uploaded), {b} bytes"
+           for s, n, c, b in r.queue_stores]
+    out += [f"  warning: store {s} has queued chunks and no mount session: they upload only when "
+            "that machine mounts the volume again (lost with it if it is gone)" for s in r.unknown_stores]
+    if r.held_elsewhere:
+        out.append(f"  {r.held_elsewhere} live chunks are held by other machines' stores until they upload them")
+    return out

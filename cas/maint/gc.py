@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -27,6 +26,7 @@ from cas.tier.objstore import ObjectNotFound, now_utc
 from cas.maint.safety import DEFAULT_GRACE_S
 from cas.tier.snapshot import is_backup_object
 from cas.chunk.store import LocalStore
+from cas.chunk.sweep import sweep_orphans
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,8 @@ def collect(meta: Metadata, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = Fa
             if row is None or row.refcount > 0 or not row.expired:
                 return None
             if not dry_run:
+                # this side's file only: another machine's store keeps its file until that
+                # mount's own sweep finds the row gone (docs/sharing.md, "Data")
                 store.delete(cid)
                 chunk_rows.delete_row(cur, cid)
                 forget_sql(cur, cid)
@@ -83,39 +85,10 @@ def collect(meta: Metadata, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = Fa
 def _sweep_orphans(meta: Metadata, store: LocalStore, grace_s: float, dry_run: bool,
                    progress: Callable[[int], None] | None = None,
                    on_total: Callable[[int], None] | None = None) -> tuple[int, int]:
-    db = meta.db
-    ids = list(store.iter_ids())
-    if on_total is not None:
-        on_total(len(ids))
-    known = chunk_rows.recorded(db, ids)
-    count = total = 0
-    for cid in ids:
-        if progress is not None:
-            progress(1)
-        if cid in known:
-            continue
-        st = store.stat(cid)
-        if st is None or time.time_ns() - st.mtime_ns < grace_s * 1e9:
-            continue
-        if dry_run:
-            count += 1
-            total += st.size
-            continue
-
-        def body(cur: pymysql.cursors.Cursor, cid: bytes = cid) -> int | None:
-            # placeholder row: holds the row lock a writer would take for this id
-            if not chunk_rows.insert_placeholder(cur, cid):
-                return None  # a writer recorded it meanwhile
-            now_st = store.stat(cid)
-            if now_st is not None and time.time_ns() - now_st.mtime_ns >= grace_s * 1e9:
-                store.delete(cid)
-            chunk_rows.delete_row(cur, cid)
-            return now_st.size if now_st is not None else 0
-        n = db.transaction(body)
-        if n:
-            count += 1
-            total += n
-    return count, total
+    """The orphan sweep of this side's store (cas.chunk.sweep): only the files of the
+    store gc runs beside; other machines' stores are swept by their mounts."""
+    r = sweep_orphans(meta.db, store, grace_s, dry_run, progress, on_total)
+    return r.files, r.bytes
 
 
 # -- the cloud tier ------------------------------------------------------------------------
@@ -280,10 +253,14 @@ def _sweep_cloud_orphans(tier: CloudTier, grace_s: float, dry_run: bool,
                          progress: Callable[[int], None] | None = None,
                          on_total: Callable[[int], None] | None = None) -> tuple[int, int]:
     db = tier.db
-    known = pack_rows.confirmed_object_ids(db)
+    # In this order, so that an upload running meanwhile (a mount of this or another
+    # machine) never loses its object: an object created before the cutoff had its pack
+    # row before it, so that row is 'uploading' when read next (busy), or confirmed by
+    # the time the confirmed ids are read after (known); one created later is too young.
+    cutoff = now_utc() - timedelta(seconds=grace_s)
     busy = pack_rows.uploading_names(db)
     busy |= pack_rows.pinned_names(db)   # kept generations' packs
-    cutoff = now_utc() - timedelta(seconds=grace_s)
+    known = pack_rows.confirmed_object_ids(db)
     n = total = 0
     listed = list(tier.objects.list())
     if on_total is not None:

@@ -156,6 +156,9 @@ def scrub_local(meta: Metadata, pacer: Pacer, progress: Progress | None = None,
     db = meta.db
     store = LocalStore(meta.volume.chunk_dir)
     envelope = codec_for(meta.volume)
+    # a shared volume: a file missing here is damage only for a chunk whose queue row
+    # names this store (docs/sharing.md, "Data"); other stores hold theirs
+    held = (meta.volume.store, queue_rows.first_store(meta.volume.uuid)) if meta_rows.is_shared(db) else None
     budget = budget or _Budget(None)
     saved = _cursor(db, LOCAL_CURSOR)
     res = PassResult(resumed=saved is not None)
@@ -176,7 +179,7 @@ def scrub_local(meta: Metadata, pacer: Pacer, progress: Progress | None = None,
             for cid, slen in rows:
                 if budget.spent():
                     break
-                n = _verify_local(db, store, cid, res, envelope)
+                n = _verify_local(db, store, cid, res, envelope, held)
                 res.checked += 1
                 res.bytes += n
                 budget.use()
@@ -199,11 +202,21 @@ def scrub_local(meta: Metadata, pacer: Pacer, progress: Progress | None = None,
     return res
 
 
-def _verify_local(db: Database, store: LocalStore, cid: bytes, res: PassResult, envelope: ChunkCodec) -> int:
-    """Verify one local chunk; mark it bad when it fails. Returns the bytes read."""
+def _verify_local(db: Database, store: LocalStore, cid: bytes, res: PassResult, envelope: ChunkCodec,
+                  held: tuple[str, str] | None = None) -> int:
+    """Verify one local chunk; mark it bad when it fails. Returns the bytes read.
+    ``held``: (this store, the first store) on a shared volume, where a missing file
+    is damage only when the chunk's queue row names this store."""
     try:
         blob = store.get(cid)
     except ChunkMissing:
+        if held is not None:
+            if queue_rows.holder(db, cid, held[1]) == held[0] and store.stat(cid) is None:
+                chunk_rows.mark_bad_if_held(db, [cid], held[0], held[1])
+                log.error("scrub: chunk %s: local file of this store's unconfirmed chunk missing; "
+                          "marked bad", cid.hex())
+                res.bad.append(cid.hex())
+            return 0
         # evicted or collected since our query? then its row no longer says is_local = 1
         if chunk_rows.is_local(db, cid) and store.stat(cid) is None:
             chunk_rows.mark_bad_if_local(db, [cid])
@@ -294,7 +307,7 @@ def _requeue(tier: CloudTier, cid: bytes, pack: int) -> bool:
                 pass
             else:
                 pack_rows.drop_entry(cur, cid, pack)
-                queue_rows.requeue(cur, cid)
+                queue_rows.requeue(cur, cid, tier.scope.store)   # our verified file goes up
                 return True
         chunk_rows.mark_bad(cur, [cid])
         return False

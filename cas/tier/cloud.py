@@ -50,7 +50,7 @@ from cas.db import packs as pack_rows
 from cas.db import queue as queue_rows
 from cas.db import volume as meta_rows
 from cas.chunk.envelope import codec_for
-from cas.errors import CasError, ChunkMissing, FsError, MetaError, VolumeError
+from cas.errors import CasError, ChunkMissing, ChunkPending, FsError, MetaError, VolumeError
 from cas.errors import IntegrityError
 from cas.db.database import Database, Metadata
 from cas.config import audit
@@ -58,6 +58,7 @@ from cas.tier.objstore import (CredentialsRefused, DailyLimit, ObjectInfo, Objec
                        TryAgain, retrying)
 from cas.db.server import pid_running
 from cas.chunk.store import LocalStore
+from cas.chunk.sweep import sweep_orphans
 from cas.config.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,30 @@ AHEAD_STALE_S = 30.0    # read-ahead bytes unread this long are dropped (they ho
 EVICT_INTERVAL_S = 2.0  # how often the mount's thread checks the local limit
 LEASE_S = 600            # an uploading pack belongs to its owner this long without renewal
 _CLAIM_BATCH = 5000
+# a shared volume (docs/sharing.md, "Data"): readers on other machines wait for our uploads
+SHARED_PACK_AGE_S = 2.0       # most seconds a queued chunk waits to fill a pack
+REMOTE_WAIT_S = 120.0         # most seconds a read waits for another store's upload (env CASFS_REMOTE_WAIT_S)
+REMOTE_POLL_S = 0.5           # how often that read looks for the confirmed copy
+LEFT_RETRY_S = 60.0           # another store's stale 'uploading' pack is looked at again after this
+SWEEP_INTERVAL_S = 600.0      # a shared mount sweeps its store's orphan files this often (env CASFS_STORE_SWEEP_S)
+SWEEP_GRACE_S = 3600.0        # ... older than this (cas.maint.safety.DEFAULT_GRACE_S; env CASFS_STORE_SWEEP_GRACE_S)
+
+
+def _env_seconds(name: str, default: float) -> float:
+    """Seconds from environment variable ``name`` (a number >= 0), else ``default``."""
+    raw = os.environ.get(name, "")
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        log.warning("ignoring %s=%r: not a number of seconds", name, raw)
+        return default
+    return max(0.0, value)
+
+
+def remote_wait_s() -> float:
+    """How long a read waits for a chunk another store holds and has not uploaded yet:
+    env CASFS_REMOTE_WAIT_S, else REMOTE_WAIT_S (seconds)."""
+    return _env_seconds("CASFS_REMOTE_WAIT_S", REMOTE_WAIT_S)
 
 
 @dataclass
@@ -130,12 +155,13 @@ def enabled(db: Database) -> bool:
     return meta_rows.cloud_enabled(db)
 
 
-def enable(db: Database) -> int:
-    """Enable the cloud tier: queue every chunk not yet confirmed in a pack. Returns the
-    number of chunks queued. Idempotent."""
+def enable(db: Database, store: str | None = None) -> int:
+    """Enable the cloud tier: queue every chunk not yet confirmed in a pack, as held by
+    local store ``store`` (the enabling side's Volume.store; None: the first store).
+    Returns the number of chunks queued. Idempotent."""
     def body(cur: pymysql.cursors.Cursor) -> int:
         meta_rows.enable_cloud(cur)
-        return queue_rows.queue_unconfirmed(cur)
+        return queue_rows.queue_unconfirmed(cur, store)
     return db.transaction(body)
 
 
@@ -310,6 +336,14 @@ class CloudTier:
         self.local_limit = local_limit
         self.owner = owner or owner_id()
         self.store = LocalStore(meta.volume.chunk_dir)
+        # the queue rows this side uploads: those of its own store (docs/sharing.md, "Data")
+        self.scope = queue_rows.Scope.of(meta.volume.uuid, meta.volume.store)
+        self.shared = meta_rows.is_shared(meta.db)
+        # a shared volume uploads promptly: readers on other machines wait for it
+        self.pack_age_s = min(cfg.pack_age_s, SHARED_PACK_AGE_S) if self.shared else cfg.pack_age_s
+        self.remote_waits = 0     # reads that waited for another store's upload
+        self.swept_files = 0      # orphan files the store sweep deleted
+        self._left: dict[int, float] = {}   # pack -> when to look again (another store's, not adoptable)
         self.envelope = codec_for(meta.volume)   # opens this volume's envelopes (plain or encrypted)
         self.counts = AccessCounts()
         self._db: Database | None = None       # uploader / evictor thread
@@ -384,6 +418,8 @@ class CloudTier:
                 after = pack_rows.following(self._read_db, pack, pos, self.cfg.fetch_span)
                 end = pos + length
                 for c, p, n, is_local in after:
+                    if self.shared:   # is_local says "some store": ask ours
+                        is_local = self.store.stat(c) is not None
                     if p != end or is_local or p + n - pos > self.cfg.fetch_span:
                         break
                     span.append((c, p, n))
@@ -397,7 +433,7 @@ class CloudTier:
         return retrying(lambda: self.objects.get(object_id, offset, length), self.cfg.read_attempts,
                         initial_s=0.5, cap_s=4.0)
 
-    def fetch(self, cid: bytes) -> bytes:
+    def fetch(self, cid: bytes, wait: bool = True) -> bytes:
         """The envelope of chunk ``cid`` from its pack (ranged GET), not yet verified.
 
         One GET also brings the evicted chunks that follow ``cid`` in its pack (see
@@ -406,6 +442,8 @@ class CloudTier:
         thread (read-ahead) waits for that download instead of starting its own.
         Retries transient errors ``read_attempts`` times with short backoff; raises
         ChunkMissing (EIO) when the chunk has no cloud copy or the store cannot give it.
+        A chunk another store holds unconfirmed is waited for (:meth:`_await_upload`)
+        when ``wait``, else ChunkPending is raised at once.
         """
         self.last_fetch_at = time.monotonic()
         while True:
@@ -422,7 +460,10 @@ class CloudTier:
                 break
         loc = self.locate(cid)
         if loc is None:
-            raise ChunkMissing(f"chunk {cid.hex()} is neither in the local store nor in the cloud")
+            got = self._await_upload(cid, wait)
+            if isinstance(got, bytes):
+                return got
+            loc = got
         oid, span = loc
         done = threading.Event()
         with self._read_lock:
@@ -455,6 +496,54 @@ class CloudTier:
                     if self._inflight.get(c) is done:
                         del self._inflight[c]
             done.set()
+
+    def _holder(self, cid: bytes) -> str | None:
+        """The store whose queue row holds ``cid`` (None: no queue row). Raises MetaError."""
+        with self._read_lock:
+            if self._read_db is None:
+                self._read_db = Database(self.target)
+            return queue_rows.holder(self._read_db, cid, self.scope.first)
+
+    def _await_upload(self, cid: bytes, wait: bool = True) -> tuple[str, list[tuple[bytes, int, int]]] | bytes:
+        """A chunk with no confirmed cloud copy: when another store holds it (its queue
+        row names that store: a machine of a shared volume wrote it and has not uploaded
+        it yet), wait for its upload, looking every REMOTE_POLL_S for the copy, for at
+        most :func:`remote_wait_s` seconds (docs/sharing.md, "Data"). Runs in the reading
+        thread: a worker without the engine lock, never the FUSE loop (docs/concurrency.md).
+        Returns the copy's location, or the envelope when a file of it appeared in this
+        store meanwhile (a write here brought the same bytes). Raises ChunkMissing (EIO)
+        when no store holds it, when this store should and does not, or when the wait
+        ends, with a log line naming the chunk and the store that holds it; ChunkPending
+        at once when not ``wait`` (a read-ahead)."""
+        holder = self._holder(cid)
+        if holder is None or holder == self.scope.store:
+            raise ChunkMissing(f"chunk {cid.hex()} is neither in the local store nor in the cloud")
+        if not wait:
+            raise ChunkPending(f"chunk {cid.hex()}: held by store {holder}, not uploaded yet")
+        wait_s = remote_wait_s()
+        self.remote_waits += 1
+        log.info("chunk %s is held by store %s and not uploaded yet: waiting up to %.0f s",
+                 cid.hex(), holder, wait_s)
+        end = time.monotonic() + wait_s
+        while True:
+            if self.store.stat(cid) is not None:
+                try:
+                    return self.store.get(cid)
+                except ChunkMissing:
+                    pass
+            loc = self.locate(cid)
+            if loc is not None:
+                return loc
+            if self._holder(cid) is None:   # confirmed meanwhile (or collected): look once more
+                loc = self.locate(cid)
+                if loc is not None:
+                    return loc
+                raise ChunkMissing(f"chunk {cid.hex()} is neither in the local store nor in the cloud")
+            if time.monotonic() >= end:
+                log.error("chunk %s: its only copy is in store %s (another machine), which did not "
+                          "upload it within %.0f s: EIO", cid.hex(), holder, wait_s)
+                raise ChunkMissing(f"chunk {cid.hex()}: held by store {holder}, not uploaded within {wait_s:.0f} s")
+            time.sleep(min(REMOTE_POLL_S, max(0.0, end - time.monotonic())))
 
     def fetch_ahead(self, cids: Iterable[bytes]) -> int:
         """Start ranged GETs, in background threads, for the evicted chunks among ``cids``
@@ -631,7 +720,10 @@ class CloudTier:
     def evict(self, limit: int) -> tuple[int, int]:
         """Delete local files of chunks confirmed in the cloud, least frequently used first,
         until the local store holds at most ``limit`` bytes (or nothing evictable is
-        left). Returns (chunks evicted, bytes freed)."""
+        left). Returns (chunks evicted, bytes freed). On a shared volume: see
+        :meth:`evict_shared`."""
+        if self.shared:
+            return self.evict_shared(limit)
         excess = self.local_bytes() - limit
         done = freed = 0
         while excess > 0:
@@ -663,11 +755,65 @@ class CloudTier:
                 break
         return done, freed
 
+    def evict_shared(self, limit: int) -> tuple[int, int]:
+        """:meth:`evict` of a shared volume (docs/sharing.md, "Data"): ``chunks.is_local``
+        cannot tell which store holds a file, so this store's bytes are its files' sizes
+        (one listing of the store and a stat per file), the candidates its files of
+        chunks with a confirmed cloud copy, least frequently used first; each is deleted
+        after a COMMIT that held its row lock (``FOR UPDATE SKIP LOCKED``: rows a writer
+        or gc holds are left for a later round). ``is_local`` is left as it is: other
+        stores may still hold their files. A chunk not confirmed is never evicted (its
+        file may be the only copy). Returns (chunks evicted, bytes freed)."""
+        sizes: dict[bytes, int] = {}
+        for cid in self.store.iter_ids():
+            st = self.store.stat(cid)
+            if st is not None:
+                sizes[cid] = st.size
+        excess = sum(sizes.values()) - limit
+        if excess <= 0:
+            return 0, 0
+        cands = sorted(chunk_rows.confirmed_among(self.db, list(sizes)), key=self.counts.get)
+        done = freed = 0
+        for i in range(0, len(cands), _CLAIM_BATCH):
+            if excess <= 0:
+                break
+            victims: list[bytes] = []
+            for cid in cands[i:i + _CLAIM_BATCH]:
+                if excess <= 0:
+                    break
+                victims.append(cid)
+                excess -= sizes[cid]
+
+            def body(cur: pymysql.cursors.Cursor, v: list[bytes] = victims) -> list[bytes]:
+                return chunk_rows.lock_confirmed(cur, v)
+            ids = self.db.transaction(body)
+            for cid in ids:
+                if self.store.delete(cid):
+                    done += 1
+                    freed += sizes[cid]
+            excess += sum(sizes[c] for c in victims) - sum(sizes[c] for c in ids)
+        self.evicted_chunks += done
+        self.evicted_bytes += freed
+        return done, freed
+
+    def sweep(self, grace_s: float | None = None) -> int:
+        """Delete this store's chunk files whose row is gone and that are older than
+        ``grace_s`` seconds (None: env CASFS_STORE_SWEEP_GRACE_S, else SWEEP_GRACE_S),
+        under the placeholder-lock protocol of cas.chunk.sweep: gc run on another
+        machine deletes rows volume-wide but files only in its own store. Returns the
+        files deleted. Raises MetaError."""
+        grace = _env_seconds("CASFS_STORE_SWEEP_GRACE_S", SWEEP_GRACE_S) if grace_s is None else grace_s
+        n = sweep_orphans(self.db, self.store, grace).files
+        self.swept_files += n
+        if n:
+            log.info("store sweep: deleted %d chunk files whose rows are gone", n)
+        return n
+
     # -- uploading ---------------------------------------------------------------------
     def ready_to_upload(self, force: bool) -> bool:
-        """True when the unclaimed queue holds a pack's worth of bytes, or its oldest
-        entry is older than pack_age_s, or ``force``."""
-        n, size, old = queue_rows.backlog(self.db, int(self.cfg.pack_age_s * 1e6))
+        """True when this store's unclaimed queue rows hold a pack's worth of bytes, or
+        the oldest is older than the pack age (:attr:`pack_age_s`), or ``force``."""
+        n, size, old = queue_rows.backlog(self.db, int(self.pack_age_s * 1e6), self.scope)
         return n > 0 and (force or size >= self.cfg.pack_size or old)
 
     def _claim(self) -> tuple[int, str, list[tuple[bytes, int, int]]] | None:
@@ -676,8 +822,8 @@ class CloudTier:
         name = PACK_PREFIX + secrets.token_hex(12)
 
         def body(cur: pymysql.cursors.Cursor) -> tuple[int, str, list[tuple[bytes, int, int]]] | None:
-            queue_rows.drop_confirmed(cur)
-            ids = file_order(cur, queue_rows.claim(cur, _CLAIM_BATCH))
+            queue_rows.drop_confirmed(cur, self.scope)
+            ids = file_order(cur, queue_rows.claim(cur, _CLAIM_BATCH, self.scope))
             layout: list[tuple[bytes, int, int]] = []
             pos = 0
             missing: list[bytes] = []
@@ -799,15 +945,22 @@ class CloudTier:
             log.warning("pack %s: recovery after a failed upload deferred: %s", name, exc)
             self._note_error(exc)
 
-    def recover_pack(self, pack: int, name: str) -> str:
+    def recover_pack(self, pack: int, name: str, adopt_only: bool = False) -> str:
         """Settle an 'uploading' pack whose upload is over (failed or owner dead).
-        Returns 'adopted' or 'released'."""
+        Returns 'adopted' or 'released'; with ``adopt_only`` (a pack of another store:
+        its chunks are not in ours) only a complete object is adopted, and otherwise
+        nothing is touched ('left')."""
         sums = pack_rows.uploading_checksums(self.db, pack)
         if sums is None:
             return "released"
         size, md5, sha = sums.size, sums.md5.hex(), sums.sha256.hex()
         found = [o for o in self.objects.find(name) if owned(o, self.volume.uuid)]
         keep = next((o for o in found if matches(o, size, md5, sha)), None)
+        if adopt_only:
+            if keep is not None and self._confirm(pack, keep, None):
+                log.info("pack %s of another store: adopted the upload already in the store", name)
+                return "adopted"
+            return "left"
         for o in found:
             if o is not keep:
                 try:
@@ -823,13 +976,22 @@ class CloudTier:
     def recover(self) -> int:
         """Settle 'uploading' packs whose upload is over: our own (this tier uploads one
         pack at a time, so any left between calls failed and could not be settled then),
-        those whose owner died (this host), and those whose lease expired.
-        Returns how many were settled."""
+        those whose owner died (this host), and those whose lease expired. A pack whose
+        claimed rows belong to another store (another machine of a shared volume) is
+        only adopted when its object is complete: its chunks' bytes are in that store,
+        so only that store re-claims them (docs/sharing.md, "Data").
+        Returns how many were looked at."""
         rows = pack_rows.uploading(self.db)
         n = 0
+        now = time.monotonic()
         for pack, name, owner, expired in rows:
             if owner == self.owner or _owner_dead(owner) or expired:
-                self.recover_pack(pack, name)
+                if self._left.get(pack, 0.0) > now:
+                    continue   # another store's pack looked at lately: one list call a minute
+                store = queue_rows.pack_store(self.db, pack, self.scope.first)
+                other = store is not None and store != self.scope.store
+                if self.recover_pack(pack, name, adopt_only=other) == "left":
+                    self._left[pack] = now + LEFT_RETRY_S
                 n += 1
         return n
 
@@ -868,6 +1030,11 @@ class CloudTier:
                 on_pack(n)
 
     def _uploading_left(self) -> bool:
+        """Whether an upload of ours is unsettled: any 'uploading' pack (one store), or
+        on a shared volume a pack holding rows of this store (another machine's
+        uploads are not ours to wait for)."""
+        if self.shared:
+            return queue_rows.claimed_any(self.db, self.scope)
         return pack_rows.any_uploading(self.db)
 
     # -- the background thread of a mount ----------------------------------------------
@@ -901,6 +1068,8 @@ class CloudTier:
     def _run(self) -> None:
         backoff = 0
         next_evict = 0.0
+        sweep_every = _env_seconds("CASFS_STORE_SWEEP_S", SWEEP_INTERVAL_S)
+        next_sweep = time.monotonic() + sweep_every
         while not self._stop.is_set():
             try:
                 # Every round, not only at start or after an error: a pack whose upload
@@ -914,8 +1083,13 @@ class CloudTier:
                     self._wait(max(0.0, n / self.cfg.bwlimit - (time.monotonic() - started)))
                 self.flush_local_marks()
                 if self.local_limit is not None and time.monotonic() >= next_evict:
+                    began = time.monotonic()
                     self.evict(self.local_limit)   # sums the local bytes: not every round
-                    next_evict = time.monotonic() + EVICT_INTERVAL_S
+                    # a shared store is listed to be measured: keep that under 10% of the time
+                    next_evict = time.monotonic() + max(EVICT_INTERVAL_S, 10 * (time.monotonic() - began))
+                if self.shared and time.monotonic() >= next_sweep:
+                    self.sweep()   # files of rows gc deleted from another machine
+                    next_sweep = time.monotonic() + sweep_every
                 backoff = 0   # the last error stays recorded (with its time) for `drive status`
                 if not n and not (self.on_idle is not None and self.on_idle()):
                     self._wait(1.0)

@@ -118,7 +118,7 @@ def auth(volume: str, client_secrets: Path | None, service_account: Path | None,
         _forget_other_folder(meta, cfg)
         cloud.open_objects(vol, cfg, meta.db)   # creates the folder; proves the credentials work
         joincmd.record_join_settings(meta)      # what `casfs join` copies (docs/sharing.md)
-        queued = cloud.enable(meta.db)
+        queued = cloud.enable(meta.db, vol.store)
         folder_id = meta_rows.get(meta.db, "drive_folder_id")
     where = cfg.endpoint or "Google Drive"
     click.echo(f"volume {vol.name}: cloud tier on {where}, folder {cfg.folder} ({folder_id}); "

@@ -216,6 +216,8 @@ def fsck(volume: str, repair: bool, no_verify: bool, as_json: bool, check_cloud:
             click.echo(f"  corrupt chunk {cid}")
         for cid in r.bad_marked[:20]:
             click.echo(f"  chunk {cid} is marked bad but its local file verifies")
+        for line in fsck_mod.store_lines(r):
+            click.echo(line)
         if fixed is not None:
             _echo_chunk_repair(fixed)
     if cr is not None and not as_json:

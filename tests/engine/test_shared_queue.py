@@ -1,0 +1,71 @@
+"""The upload queue of a volume with several local stores (docs/sharing.md, "Data"),
+without FUSE: queue rows name the writer's store, an uploader claims only its own
+store's rows (NULL rows are the first store's), and a stale 'uploading' pack of another
+store is only ever adopted, never released, by an uploader of another store."""
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import cas.db.database
+from cas.db import queue as queue_rows
+from cas.db import volume as volume_rows
+from cas.tier.cloud import CloudTier
+from cas.db.server import EmbeddedServer
+from tests.engine.test_cloud import CloudEngine, rand
+from tests.engine.test_fs import CS, make_file
+
+
+@pytest.fixture
+def shared(tmp_path: Path, mysql_server: EmbeddedServer) -> Iterator[CloudEngine]:
+    e = CloudEngine(tmp_path, mysql_server)
+    try:
+        with e.other() as m:
+            m.db.transaction(volume_rows.set_shared)
+        e.reopen()
+        yield e
+    finally:
+        e.close()
+
+
+def side_tier(e: CloudEngine, tmp_path: Path) -> CloudTier:
+    """An uploader of a second store of ``e``'s volume (its own chunk directory)."""
+    vol_b = dataclasses.replace(e.vol, path=tmp_path / "side-b", store_id=secrets.token_hex(16))
+    (vol_b.path / "chunks").mkdir(parents=True)
+    m = cas.db.database.connect(vol_b)
+    t = CloudTier(m, e.objects, e.cfg())
+    e.tiers.append((t, m))
+    return t
+
+
+def test_an_uploader_claims_only_its_own_stores_rows(shared: CloudEngine, tmp_path: Path) -> None:
+    e = shared
+    make_file(e.fs, b"a", rand(6 * CS, 31))
+    e.fs.sync()
+    first = queue_rows.first_store(e.vol.uuid)
+    assert e.vol.store == first
+    assert {r[0] for r in e.q("SELECT store FROM upload_queue")} == {first}   # never NULL
+    a, b = e.tier(pack_size=1 << 20), side_tier(e, tmp_path)
+    assert a.shared and b.shared and a.pack_age_s <= 2.0
+    assert b._claim() is None and b.drain(5) == 0          # A's bytes are not in B's store
+    assert e.q("SELECT COUNT(*) FROM upload_queue WHERE pack IS NULL")[0][0] == 6
+    e.q("UPDATE upload_queue SET store = NULL")            # rows queued before schema 5
+    assert b._claim() is None
+    claim = a._claim()                                     # the first store's, NULL or not
+    assert claim is not None and len(claim[2]) == 6
+    pack = claim[0]
+    # the claim's lease runs out (A died on another host): B only adopts a complete
+    # object, and there is none, so the pack and its claims stay for A
+    e.q("UPDATE packs SET lease_until = NOW(6) - INTERVAL 1 SECOND, owner = 'elsewhere:1:x' WHERE id = %s",
+        (pack,))
+    b.recover()
+    assert e.q("SELECT state FROM packs WHERE id = %s", (pack,)) == [("uploading",)]
+    assert e.q("SELECT COUNT(*) FROM upload_queue WHERE pack = %s", (pack,))[0][0] == 6
+    a.recover()                                            # A's own store: released, then uploaded
+    assert not e.q("SELECT 1 FROM packs WHERE id = %s", (pack,))
+    assert a.drain(30) > 0
+    assert e.q("SELECT COUNT(*) FROM upload_queue")[0][0] == 0

@@ -1,0 +1,308 @@
+"""The data plane of a shared volume (docs/sharing.md, "Data"): two machines, one MariaDB
+database, one drivesim, each machine with its own local chunk store.
+
+A "machine" is a separate XDG_DATA_HOME on this box with its own mountpoint. Side B is
+made by copying A's volume.toml and giving it a fresh ``store_id``, which is what
+`casfs join` produces (:func:`_side_b_by_copy`). Everything runs for real: the casfs
+CLI, FUSE mounts, the google-api-python-client against tools.drivesim.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import re
+import os
+import random
+import secrets
+import shutil
+import threading
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+
+from cas.chunk.store import LocalStore
+from cas.config.volume import open_volume
+from cas.db import volume as volume_rows
+from cas.db.database import connect
+from cas.db.server import EmbeddedServer
+from tests.conftest import CasEnv
+from tests.test_drive import CHUNK, fsync_tree, make_tree, pack_files
+from tests.treeutil import compare_trees
+from tests.waiting import wait_for
+from tools.drivesim import DriveSim
+
+
+def sql(query: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Run ``query`` on the test volume's database (side A's volume.toml names it)."""
+    meta = connect(open_volume("vol"))
+    try:
+        return [tuple(r) for r in meta.db.query(query, args)]
+    finally:
+        meta.close()
+
+
+def setup_shared(a: CasEnv, sim: DriveSim) -> None:
+    """Side A: a volume on the session server with a Drive tier on ``sim``, marked
+    shared (what `casfs init --shared` records)."""
+    a.init("vol", chunk_size="64KiB")
+    a.run("drive", "auth", "--endpoint", sim.url, "--pack-size", "256KiB", "--pack-age", "0", "vol")
+    meta = connect(open_volume("vol"))
+    try:
+        meta.db.transaction(volume_rows.set_shared)
+    finally:
+        meta.close()
+
+
+def _side_b_by_copy(a: CasEnv, b: CasEnv) -> str:
+    """Make side B of A's volume "vol" in B's XDG data dir: A's volume.toml with a fresh
+    random ``store_id`` and empty chunks/, run/ and log/ (what `casfs join` makes).
+    Returns B's store id."""
+    cfg = tomllib.loads((a.data_home / "vol" / "volume.toml").read_text())
+    cfg["store_id"] = secrets.token_hex(16)
+    d = b.data_home / "vol"
+    for sub in ("chunks", "run", "log"):
+        (d / sub).mkdir(parents=True, mode=0o700)
+    d.chmod(0o700)
+    (d / "volume.toml").write_bytes(tomli_w.dumps(cfg).encode())
+    (d / "volume.toml").chmod(0o600)
+    return str(cfg["store_id"])
+
+
+@pytest.fixture
+def side_b(tmp_path: Path, mysql_server: EmbeddedServer, casenv: CasEnv) -> Iterator[Callable[..., CasEnv]]:
+    """A factory of side B (a second machine) of casenv's volume: its own XDG dirs, the
+    same database server; its mounts are unmounted at teardown."""
+    made: list[CasEnv] = []
+
+    def make(**env: str) -> CasEnv:
+        root = tmp_path / f"b{len(made)}"
+        (root / "xdg").mkdir(parents=True)
+        e = dict(casenv.env)
+        e["XDG_DATA_HOME"] = str(root / "xdg")
+        e.update(env)
+        b = CasEnv(tmp=root, server=mysql_server, env=e)
+        made.append(b)
+        return b
+    try:
+        yield make
+    finally:
+        for b in made:
+            b.cleanup()
+
+
+def store_ids(env: CasEnv) -> set[bytes]:
+    """The chunk ids with a file in ``env``'s local store of "vol"."""
+    return set(LocalStore(env.data_home / "vol" / "chunks").iter_ids())
+
+
+def queue_by_store() -> dict[str, int]:
+    return {str(s): int(n) for s, n in sql("SELECT COALESCE(store, 'NULL'), COUNT(*) FROM upload_queue GROUP BY 1")}
+
+
+def drained() -> bool:
+    return not sql("SELECT 1 FROM upload_queue LIMIT 1") and not sql(
+        "SELECT 1 FROM packs WHERE state = 'uploading' LIMIT 1")
+
+
+def packs_on_drive(sim: DriveSim) -> list[tuple[str, int]]:
+    """(name, size) of every pack object on the server (not the metadata snapshots)."""
+    return sorted((str(f["name"]), int(f["size"])) for f in pack_files(sim))
+
+
+def fsck(env: CasEnv) -> dict[str, Any]:
+    return dict(json.loads(env.run("fsck", "--json", "vol").stdout))
+
+
+def test_b_reads_a_tree_from_drive_and_its_copy_stores_and_uploads_nothing(
+        casenv: CasEnv, side_b: Callable[..., CasEnv], drive_sim: DriveSim) -> None:
+    a = casenv
+    setup_shared(a, drive_sim)
+    mp_a = a.mount("vol")
+    src = a.tmp / "src"
+    make_tree(src, seed=21)
+    shutil.copytree(src, mp_a / "t")
+    fsync_tree(mp_a)
+    wait_for(drained, "A's uploads", 120, interval=0.2)
+    a_files = store_ids(a)
+    chunks = sql("SELECT COUNT(*) FROM chunks")[0][0]
+    before = packs_on_drive(drive_sim)
+    assert a_files and queue_by_store() == {}
+
+    b = side_b()
+    _side_b_by_copy(a, b)
+    mp_b = b.mount("vol")
+    # B writes the same tree from its own disk: every chunk is confirmed on Drive, so B
+    # stores no file, adds no chunk row and no queue row, and Drive gets nothing
+    shutil.copytree(src, mp_b / "copy")
+    fsync_tree(mp_b)
+    assert store_ids(b) == set()
+    assert sql("SELECT COUNT(*) FROM chunks")[0][0] == chunks and queue_by_store() == {}
+    # B reads A's tree and its own copy byte-exact, from Drive (B's store had none of it)
+    downloads = drive_sim.counters.requests.get("download", 0)
+    assert compare_trees(src, mp_b / "t", mtimes=False) == []
+    assert compare_trees(src, mp_b / "copy", mtimes=False) == []
+    assert drive_sim.counters.requests.get("download", 0) > downloads
+    shutil.copytree(mp_b / "t", mp_b / "t3")             # and a copy within the volume
+    fsync_tree(mp_b)
+    assert sql("SELECT COUNT(*) FROM chunks")[0][0] == chunks and queue_by_store() == {}
+    b.run("drive", "push", "vol")                        # B's store has nothing queued
+    a.run("drive", "push", "vol")
+    assert packs_on_drive(drive_sim) == before                 # not one pack (or byte) more
+    assert all(n == 1 for name, n in drive_sim.counters.created_by_name.items() if name.startswith("casfs-pack-"))
+    assert len(before) == sql("SELECT COUNT(*) FROM packs WHERE state = 'confirmed'")[0][0]
+    # the copies B keeps of what it read are a cache: evictable under --local-limit, and
+    # B's eviction leaves A's store alone
+    kept = store_ids(b)
+    assert kept
+    b.umount(mp_b)
+    b.mount("vol", mp_b, "--local-limit", "0")
+    wait_for(lambda: not store_ids(b), "B's eviction", 60, interval=0.2)
+    assert store_ids(a) == a_files
+    assert compare_trees(src, mp_b / "t", mtimes=False) == []      # from Drive again
+    for side in (a, b):
+        rep = fsck(side)
+        assert rep["clean"], rep
+
+
+def test_a_read_on_b_waits_for_a_pending_upload_and_b_keeps_its_own_copy(
+        casenv: CasEnv, side_b: Callable[..., CasEnv], drive_sim: DriveSim) -> None:
+    a = casenv
+    setup_shared(a, drive_sim)
+    held = drive_sim.inject("server_error", times=10**6, match="upload_multipart")   # A's uploads fail
+    mp_a = a.mount("vol")
+    rnd = random.Random(22)
+    f, g = rnd.randbytes(3 * CHUNK + 100), rnd.randbytes(2 * CHUNK + 7)
+    (mp_a / "f").write_bytes(f)
+    (mp_a / "g").write_bytes(g)
+    fsync_tree(mp_a)
+    wait_for(lambda: held.fired >= 1, "A's first failed upload", 60, interval=0.2)
+    store_a = open_volume("vol").store
+    n = sql("SELECT COUNT(*) FROM chunks")[0][0]
+    assert n == 7 and queue_by_store() == {store_a: n}
+
+    # a read that waits less than A takes to upload: EIO, and the log names the store
+    b = side_b(CASFS_REMOTE_WAIT_S="1")
+    store_b = _side_b_by_copy(a, b)
+    mp_b = b.mount("vol")
+    with pytest.raises(OSError) as ei:
+        (mp_b / "f").read_bytes()
+    assert ei.value.errno == errno.EIO
+    log_b = (b.data_home / "vol" / "log" / "mount.log").read_text()
+    assert f"its only copy is in store {store_a}" in log_b
+    rep = fsck(b)                                        # nothing is damaged: A holds them
+    assert rep["clean"] and rep["held_elsewhere"] == n, rep
+    assert sql("SELECT COUNT(*) FROM chunks WHERE bad = 1")[0][0] == 0
+    # B writes f's bytes itself: it keeps its own copy (no queue row: A's rows stay the
+    # one upload) and reads its data at once, without waiting for A
+    (mp_b / "f2").write_bytes(f)
+    fsync_tree(mp_b)
+    assert (mp_b / "f2").read_bytes() == f and (mp_b / "f").read_bytes() == f
+    # and B's uploader never claimed A's rows (A's bytes are not in B's store)
+    assert len(store_ids(b)) == 4 and queue_by_store() == {store_a: n}
+
+    # a third machine, default wait: its read of g waits for A's upload and succeeds once
+    # A's uploads go through again
+    b2 = side_b()
+    _side_b_by_copy(a, b2)
+    logf = b2.data_home / "vol" / "log" / "mount.log"
+    mp_b = b2.mount("vol")
+    got: list[bytes] = []
+    errs: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            got.append((mp_b / "g").read_bytes())
+        except BaseException as exc:   # noqa: BLE001 - reported by the assertion below
+            errs.append(exc)
+    t = threading.Thread(target=read)
+    t.start()
+    wait_for(lambda: f"is held by store {store_a}" in logf.read_text(), "B's read to wait", 60, 0.1)
+    assert t.is_alive()
+    drive_sim.clear_faults()
+    released = time.monotonic()
+    t.join(150)
+    assert not t.is_alive() and not errs and got == [g]
+    print(f"B's read returned {time.monotonic() - released:.1f} s after A's uploads were let through")
+    wait_for(drained, "A's uploads", 120, interval=0.2)
+    assert all(k == 1 for name, k in drive_sim.counters.created_by_name.items() if name.startswith("casfs-pack-"))
+    # fsck counts the queue per store and warns of a store no session names
+    sql_exec("INSERT INTO upload_queue (chunk, store) VALUES (%s, %s)", (b"\x01" * 32, "f" * 32))
+    rep = fsck(a)
+    assert rep["unknown_stores"] == ["f" * 32] and rep["clean"]
+    assert "no mount session" in a.run("fsck", "vol").stdout
+    assert store_b not in rep["unknown_stores"]
+
+
+def sql_exec(query: str, args: tuple[Any, ...]) -> None:
+    meta = connect(open_volume("vol"))
+    try:
+        meta.db.execute(query, args)
+    finally:
+        meta.close()
+
+
+def test_gc_from_b_while_a_writes_loses_nothing_and_a_sweeps_its_store(
+        casenv: CasEnv, side_b: Callable[..., CasEnv], drive_sim: DriveSim) -> None:
+    a = casenv
+    setup_shared(a, drive_sim)
+    a.env.update(CASFS_STORE_SWEEP_S="1", CASFS_STORE_SWEEP_GRACE_S="3")
+    mp_a = a.mount("vol")
+    b = side_b()
+    _side_b_by_copy(a, b)
+    rnd = random.Random(23)
+    expected: dict[str, bytes] = {}
+    for i in range(8):
+        expected[f"f{i}"] = rnd.randbytes(rnd.randrange(CHUNK, 4 * CHUNK))
+        (mp_a / f"f{i}").write_bytes(expected[f"f{i}"])
+    fsync_tree(mp_a)
+    stop = threading.Event()
+    errs: list[BaseException] = []
+
+    def writer() -> None:   # A overwrites, unlinks and creates files while B's gc runs
+        try:
+            n = 0
+            while not stop.is_set() or n < 20:
+                name = f"f{rnd.randrange(12)}"
+                if name in expected and rnd.random() < 0.25:
+                    (mp_a / name).unlink()
+                    del expected[name]
+                else:
+                    data = rnd.randbytes(rnd.randrange(1, 4 * CHUNK))
+                    with open(mp_a / name, "wb") as fh:
+                        fh.write(data)
+                        os.fsync(fh.fileno())
+                    expected[name] = data
+                n += 1
+        except BaseException as exc:   # noqa: BLE001 - reported below
+            errs.append(exc)
+    t = threading.Thread(target=writer)
+    t.start()
+    deleted = 0
+    try:
+        for _ in range(2):
+            out = b.run("gc", "--grace", "0", "vol").stdout
+            m = re.search(r"(?:deleted|freed) (\d+) chunks", out)
+            assert m is not None, out
+            deleted += int(m.group(1))
+    finally:
+        stop.set()
+        t.join(300)
+    assert not errs and not t.is_alive()
+    fsync_tree(mp_a)
+    assert deleted > 0                                   # B's gc did delete rows A had dropped
+    # A's mount sweeps the files of rows B's gc deleted: A's store keeps no orphan
+    wait_for(lambda: not store_ids(a) - {bytes(r[0]) for r in sql("SELECT id FROM chunks")},
+             "A's store sweep", 60, interval=0.3)
+    a.umount(mp_a)
+    for side in (a, b):
+        rep = fsck(side)
+        assert rep["clean"] and rep["orphan_files"] == 0, rep
+    a.mount("vol", mp_a)
+    assert sorted(p.name for p in mp_a.iterdir()) == sorted(expected)
+    for name, data in expected.items():
+        assert (mp_a / name).read_bytes() == data, name
