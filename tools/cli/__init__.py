@@ -26,6 +26,7 @@ from fusefront.metrics import parse_listen
 from tools.cli import drivecmd, maint, mountcmd
 from tools.cli import findcmd, keycmd
 from tools.cli import scrubcmd
+from tools.cli import s3cmd
 from tools.cli import statuscmd
 from tools.cli.common import human, parse_size, user_errors
 from tools.cli.fstab import CasfsMainGroup, MountCommand, kernel_flags
@@ -216,6 +217,7 @@ def umount(mountpoint: str, timeout: float) -> None:
 maint.register(main)
 findcmd.register(main)
 drivecmd.register(main)
+s3cmd.register(main)
 main.add_command(scrubcmd.scrub)
 statuscmd.register(main, drivecmd.drive)
 main.add_command(keycmd.key)
