@@ -57,8 +57,8 @@ def drained(casenv: CasEnv) -> bool:
     return bool(s["queued_chunks"] == 0 and s["uploading_packs"] == 0)
 
 
-def volume_uuid(casenv: CasEnv) -> str:
-    text = (casenv.data_home / "vol" / "volume.toml").read_text()
+def volume_uuid(casenv: CasEnv, name: str = "vol") -> str:
+    text = (casenv.data_home / name / "volume.toml").read_text()
     return text.split('uuid = "')[1].split('"')[0]
 
 
@@ -114,6 +114,20 @@ def test_s3_upload_evict_read_back_and_restore(casenv: CasEnv, s3_server: S3Serv
     assert json.loads(casenv.run("fsck", "--cloud", "--json", "vol").stdout)["clean"]
     casenv.mount("vol", mp)
     assert compare_trees(src, mp / "t", mtimes=False) == []
+
+    # the whole volume lost (config, database, chunks): `casfs s3 restore` recreates it from
+    # the bucket's metadata snapshot on a new database; reads fetch from the bucket
+    casenv.run("s3", "push", "vol")                  # a snapshot, unless the last unmount's is current
+    snap = status(casenv)["snapshot"]
+    assert snap["generation"] >= 1 and snap["changes_since"] == 0 and snap["lacking_chunks"] == 0
+    casenv.umount(mp)
+    out = casenv.run("s3", "restore", "vol2", "--bucket", bucket, "--endpoint", s3_server.url,
+                     "--credentials-file", str(creds), "--meta", casenv.meta_url(f"t{os.getpid()}_s3_restored")).stdout
+    assert "restored volume vol2" in out and f"from generation {snap['generation']}" in out, out
+    assert volume_uuid(casenv, "vol2") == uuid
+    mp2 = casenv.mount("vol2")
+    assert compare_trees(src, mp2 / "t", mtimes=False) == []
+    assert json.loads(casenv.run("fsck", "--json", "vol2").stdout)["clean"]
 
 
 def test_s3_enable_refuses_what_would_mix_stores(casenv: CasEnv, s3_server: S3Server) -> None:  # noqa: F811

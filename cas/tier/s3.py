@@ -420,6 +420,23 @@ class S3ObjectStore:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
+    def prefixes(self, start: str = "") -> Sequence[str]:
+        """The key prefixes just below this store's prefix that begin with ``start``, up
+        to and including the next ``/`` (ListObjectsV2 with a ``/`` delimiter: the
+        ``casfs-<uuid>/`` prefixes of the volumes in a bucket). Raises TryAgain,
+        CredentialsRefused, ObjectStoreError."""
+        found: list[str] = []
+        token: str | None = None
+        while True:
+            kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix + start, "Delimiter": "/"}
+            if token:
+                kw["ContinuationToken"] = token
+            page = _run(f"list {self.bucket}", lambda: self.client.list_objects_v2(**kw))
+            found += [str(p["Prefix"]) for p in page.get("CommonPrefixes", [])]
+            token = page.get("NextContinuationToken") if page.get("IsTruncated") else None
+            if not token:
+                return found
+
     def _stat_if_there(self, key: str) -> ObjectInfo | None:
         try:
             return self.stat(key)

@@ -1,4 +1,4 @@
-"""The S3 cloud-store commands: `casfs s3 enable | status | push`.
+"""The S3 cloud-store commands: `casfs s3 enable | status | push | restore`.
 
 `s3 enable` writes the ``[s3]`` table of volume.toml (bucket, prefix, endpoint_url,
 region, profile, credentials_file and the tier settings; never a key or a secret: those
@@ -7,12 +7,13 @@ bucket is there (``--create-bucket`` creates it) and that the prefix holds no ot
 volume's objects, and enables the tier (every chunk not yet in a pack joins the upload
 queue). The next mount uploads. `s3 status` and `s3 push` are `drive status` and
 `drive push`, which act on whichever store the volume has (docs/cloud.md,
-"S3-compatible stores").
+"S3-compatible stores"). `s3 restore` recreates a volume on a new machine from its
+prefix in the bucket (the S3 twin of `casfs restore --from-drive`, docs/backup.md).
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
-
 import click
 
 from cas.config.volume import DEFAULT_NAME, Volume, open_volume
@@ -22,7 +23,8 @@ from cas.errors import VolumeError
 from cas.tier import cloud
 
 from tools.cli import drivecmd
-from tools.cli.common import parse_size, user_errors
+from tools.cli.common import human, parse_size, user_errors
+from tools.cli.keycmd import key_options, unlock_volume
 from tools.cli.mountcmd import is_mounted
 
 
@@ -116,6 +118,91 @@ def _refuse_moving_packs(vol: Volume, before: dict[str, str], cfg: cloud.CloudCo
     if (before.get("bucket"), before.get("prefix")) != (cfg.s3["bucket"], cfg.s3["prefix"]):
         raise VolumeError(f"volume {vol.name} has {figures.confirmed} packs in s3://{before.get('bucket')}/"
                           f"{before.get('prefix')}: casfs does not move them to another bucket or prefix")
+
+
+@s3.command(name="restore")
+@click.argument("volume", default=DEFAULT_NAME)
+@click.option("--bucket", required=True, help="The bucket that holds the volume's objects.")
+@click.option("--prefix", default=None,
+              help="The volume's key prefix [default: the only casfs-<uuid>/ prefix in the bucket].")
+@click.option("--endpoint", default="", metavar="URL", help="An S3-compatible server instead of AWS.")
+@click.option("--region", default="", help="The bucket's region [default: us-east-1].")
+@click.option("--profile", default="", help="A profile of the AWS config files.")
+@click.option("--credentials-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="An AWS shared-credentials file (its path is kept in volume.toml).")
+@click.option("--generation", default=None, type=click.IntRange(min=1),
+              help="The snapshot generation to restore [default: the newest].")
+@click.option("--eager", is_flag=True, help="Download every chunk now instead of on first read.")
+@click.option("--meta", "meta_url", default="", metavar="URL",
+              help="Load the database into this (empty) MySQL database instead of a new embedded MariaDB.")
+@key_options
+@user_errors
+def restore(volume: str, bucket: str, prefix: str | None, endpoint: str, region: str, profile: str,
+            credentials_file: Path | None, generation: int | None, eager: bool, meta_url: str) -> None:
+    """Recreate VOLUME on this machine from its objects in an S3 bucket: volume.toml
+    (with an [s3] table), the database (from a metadata snapshot) and the chunk store.
+
+    Exits 1 when chunks were not in the bucket when the snapshot was taken (the files
+    using them read as errors; casfs fsck lists them). An existing volume is never
+    overwritten; the new directory is removed again when anything fails.
+    """
+    from cas.config.volume import check_new_volume_dir, create_volume_dir, volume_path
+    from cas.tier import snapshot
+    from cas.tier.s3 import DEFAULT_REGION, S3ObjectStore, make_client
+
+    path = volume_path(volume)
+    if path.exists() and any(path.iterdir()):
+        raise VolumeError(f"refusing to restore into {path}: it exists and is not empty (an existing "
+                          "volume is never overwritten); give another volume name")
+    check_new_volume_dir(path)
+    if credentials_file is not None:
+        credentials_file = credentials_file.expanduser().resolve()
+    client = make_client(endpoint or None, region or DEFAULT_REGION, profile=profile or None,
+                         credentials_file=credentials_file)
+    if prefix is None:
+        found = S3ObjectStore(client, bucket).prefixes("casfs-")
+        if len(found) != 1:
+            raise VolumeError(f"{'several' if found else 'no'} casfs-<uuid>/ prefixes in bucket {bucket}; "
+                              "give --prefix" + (": " + ", ".join(found[:10]) if found else ""))
+        prefix = found[0]
+    elif prefix and not prefix.endswith("/"):
+        prefix += "/"
+    objects = S3ObjectStore(client, bucket, prefix)
+    plan = snapshot.plan_restore(objects, generation)
+    doc = plan.volume
+    vol = create_volume_dir(volume, int(doc["chunk_size"]), str(doc["compression"]), meta_url)
+    try:
+        vol.uuid = str(doc["uuid"])
+        table: dict[str, object] = {k: v for k, v in dict(doc.get("s3") or doc.get("drive") or {}).items()
+                                    if k not in cloud.DRIVE_ONLY_KEYS}
+        table.update({"bucket": bucket, "prefix": prefix})
+        for k, v in (("endpoint_url", endpoint), ("region", region), ("profile", profile),
+                     ("credentials_file", str(credentials_file) if credentials_file else "")):
+            table.pop(k, None)
+            if v:
+                table[k] = v
+        vol.s3 = table
+        if doc.get("encryption"):
+            vol.encryption = dict(doc["encryption"])
+            unlock_volume(vol)
+        cfg = cloud.CloudConfig.from_volume(vol)
+        click.echo(f"restoring volume {vol.name} ({vol.uuid}) from {cfg.label()}: generation "
+                   f"{plan.chosen.generation} of {plan.chosen.created:%Y-%m-%d %H:%M:%S} UTC")
+        r = snapshot.restore_into(vol, objects, cfg, "", plan, keys=vol.keys, eager=eager, progress=click.echo)
+        vol.save()
+    except BaseException:
+        shutil.rmtree(vol.path, ignore_errors=True)
+        raise
+    finally:
+        objects.close()
+    how = (f"{r.downloaded} chunks downloaded ({human(r.downloaded_bytes)})" if eager
+           else f"{r.live_chunks} chunks in the bucket, fetched on first read")
+    click.echo(f"restored volume {vol.name} at {vol.path} from generation {r.generation} (taken {r.created}): "
+               f"{r.inodes} inodes, {how}; mount it with `casfs mount MOUNTPOINT {volume}`")
+    if r.lost:
+        click.echo(f"{len(r.lost)} chunks were not in the bucket when generation {r.generation} was taken: "
+                   "the files using them read as errors (casfs fsck lists them)")
+        raise SystemExit(1)
 
 
 s3.add_command(drivecmd.status)
