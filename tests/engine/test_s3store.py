@@ -240,3 +240,39 @@ def test_put_sends_content_md5_and_sha256_and_md5_falls_back_when_etag_is_not_on
     assert path.startswith("/bucket/p/pack/")
     assert (info.md5, info.sha256, info.properties) == (md5.hexdigest(), hashlib.sha256(data).hexdigest(),
                                                         {"casfs_volume": "v1"})
+
+
+# -- the [s3] table of volume.toml ---------------------------------------------------------
+
+def test_s3_table_round_trips_and_bad_tables_are_refused(tmp_path: Path) -> None:
+    import uuid as uuidlib
+
+    from cas.config.volume import Volume, open_volume
+    from cas.errors import VolumeError
+    from cas.tier.cloud import CloudConfig
+
+    vol = Volume(path=tmp_path / "v", name="v", uuid=str(uuidlib.uuid4()), chunk_size=1 << 20, compression="zstd:3")
+    vol.path.mkdir()
+    vol.s3 = {"bucket": "b", "endpoint_url": "http://127.0.0.1:9/", "credentials_file": "creds",
+              "pack_size": 1 << 20, "fetch_ahead": 4}
+    vol.save()
+    v = open_volume(str(vol.path))
+    cfg = CloudConfig.from_volume(v)
+    assert (cfg.kind, cfg.endpoint, cfg.pack_size, cfg.fetch_ahead) == ("s3", "http://127.0.0.1:9/", 1 << 20, 4)
+    assert cfg.s3 == {"bucket": "b", "endpoint_url": "http://127.0.0.1:9/", "credentials_file": "creds",
+                      "prefix": f"casfs-{v.uuid}/"}
+    assert cfg.label() == f"s3://b/casfs-{v.uuid}/ at http://127.0.0.1:9/"
+    v.s3 = cfg.as_table()                                   # what `s3 enable` writes reads back the same
+    assert CloudConfig.from_volume(v) == cfg
+    assert "folder" not in v.s3 and "endpoint" not in v.s3
+    for bad, words in [({"endpoint_url": "http://x/"}, "no bucket"), ({"bucket": "b", "folder": "f"}, "'folder'"),
+                       ({"bucket": "b", "endpoint": "http://x/"}, "endpoint_url"),
+                       ({"bucket": "b", "pack_size": "big"}, "[s3] pack_size")]:
+        v.s3 = bad
+        with pytest.raises(VolumeError) as e:
+            CloudConfig.from_volume(v)
+        assert words in str(e.value)
+    v.s3, v.drive = {"bucket": "b"}, {"endpoint": "http://127.0.0.1:1/"}
+    with pytest.raises(VolumeError) as e:
+        CloudConfig.from_volume(v)
+    assert "both [drive] and [s3]" in str(e.value)
