@@ -31,9 +31,14 @@ from tests.s3_fixture import S3Server, s3_bucket, s3_server, write_credentials  
 # -- credentials -----------------------------------------------------------------------
 
 @pytest.fixture
-def signed_server(s3_server: S3Server, tmp_path: Path) -> Iterator[tuple[S3Server, Path, str]]:
+def signed_server(s3_server: S3Server, tmp_path: Path,  # noqa: F811
+                  monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[S3Server, Path, str]]:
     """moto's server with request authentication on, a bucket, and a credentials file of
-    an IAM user allowed s3:*; authentication is turned off again in the finalizer."""
+    an IAM user allowed s3:*; authentication is turned off again in the finalizer. AWS
+    credentials in the environment (which come before any file in the AWS chain) are
+    hidden for the test."""
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
     iam = boto3.client("iam", endpoint_url=s3_server.url, region_name="us-east-1",
                        aws_access_key_id="x", aws_secret_access_key="x")
     user = f"casfs-{tmp_path.name[-20:]}"
