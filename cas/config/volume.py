@@ -5,6 +5,7 @@ A volume is a directory ``$XDG_DATA_HOME/casfs/NAME/`` (``~/.local/share`` when 
     volume.toml   config: format, uuid, chunk_size, compression, meta_url, meta_password,
                   store_id (this machine's local store, docs/sharing.md),
                   [drive] (cloud tier, cas.tier.cloud.CloudConfig),
+                  [s3] (cloud tier on an S3-compatible store instead, cas.tier.cloud.CloudConfig),
                   [mount] (defaults of `casfs mount`: durability = "group" | "immediate"),
                   [meta] (TLS to an external server, cas.db.tls)
                   [audit] (the audit log: level, max_bytes, backups; cas.config.audit.AuditConfig)
@@ -85,6 +86,7 @@ class Volume:
     audit: dict[str, object] = field(default_factory=dict)   # the [audit] table (cas.config.audit.AuditConfig)
     encryption: dict[str, Any] = field(default_factory=dict)  # the [encryption] table (cas.config.keys); {} = plain
     store_id: str = ""   # this side's local chunk store id (32 hex); "" = the volume's first store
+    s3: dict[str, object] = field(default_factory=dict)   # the [s3] table (cas.tier.cloud.CloudConfig)
     # the unlocked keys of an encrypted volume (cas.config.keys.unlock sets them; never saved)
     keys: VolumeKeys | None = field(default=None, repr=False, compare=False)
 
@@ -144,6 +146,8 @@ class Volume:
             cfg["audit"] = dict(self.audit)
         if self.encryption:
             cfg["encryption"] = dict(self.encryption)
+        if self.s3:
+            cfg["s3"] = dict(self.s3)
         tmp = self.path / "volume.toml.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
@@ -189,6 +193,7 @@ def open_volume(name: str) -> Volume:
             audit=dict(cfg.get("audit", {})),
             encryption=dict(cfg.get("encryption", {})),
             store_id=str(cfg.get("store_id", "")),
+            s3=dict(cfg.get("s3", {})),
         )
         parse_codec(vol.compression)
         if vol.store_id and not re.fullmatch(r"[0-9a-f]{32}", vol.store_id):

@@ -95,14 +95,23 @@ def remote_wait_s() -> float:
     return _env_seconds("CASFS_REMOTE_WAIT_S", REMOTE_WAIT_S)
 
 
+S3_KEYS = ("endpoint_url", "bucket", "prefix", "region", "profile", "credentials_file")
+DRIVE_ONLY_KEYS = ("endpoint", "credentials", "folder", "upload_chunk")
+
+
 @dataclass
 class CloudConfig:
-    """The ``[drive]`` table of volume.toml. Sizes in bytes, times in seconds.
+    """The ``[drive]`` table of volume.toml, or its ``[s3]`` table (a volume has one
+    store). Sizes in bytes, times in seconds.
 
     ``endpoint``: "" for Google Drive; ``http://HOST:PORT/`` for a Drive-compatible server
-    (tools/drivesim/); ``file:/PATH`` for a directory (cas.tier.objstore.DirObjectStore).
+    (tools/drivesim/); ``file:/PATH`` for a directory (cas.tier.objstore.DirObjectStore);
+    for S3 the ``endpoint_url`` of an S3-compatible server ("" = AWS).
     ``credentials``: file in the volume directory holding an OAuth token or a
     service-account key ("" = none, only for a test endpoint).
+    ``s3``: the location keys of an ``[s3]`` table (:data:`S3_KEYS`: bucket, prefix,
+    region, profile, credentials_file, endpoint_url), {} for Drive; the tier keys (pack
+    size, ages, limits) are shared by both tables (docs/cloud.md, "S3-compatible stores").
     """
 
     endpoint: str = ""
@@ -121,33 +130,79 @@ class CloudConfig:
     snapshot_interval_s: float = 600.0   # metadata snapshots: at most one per interval (cas.tier.snapshot)
     keep_generations: int = 7            # snapshot generations kept on the store
     unmount_snapshot_s: float = 30.0     # bound on the unmount's queue drain before its snapshot
+    s3: dict[str, str] = field(default_factory=dict)   # [s3] location keys; {} = Google Drive
 
     @classmethod
     def from_volume(cls, volume: Volume) -> "CloudConfig":
-        """The volume's config; raises VolumeError on a bad value."""
-        raw = dict(volume.drive)
-        known = {f.name: f.type for f in fields(cls)}
+        """The volume's config, from ``[s3]`` when volume.toml has one, else from
+        ``[drive]``; raises VolumeError on a bad value, on both tables at once, and on an
+        ``[s3]`` table without a bucket or with a Drive-only key."""
+        if volume.s3 and volume.drive:
+            raise VolumeError(f"volume {volume.name}: volume.toml has both [drive] and [s3]; a volume "
+                              "has one cloud store: remove one table")
+        section = "s3" if volume.s3 else "drive"
+        raw = dict(volume.s3 or volume.drive)
+        location: dict[str, str] = {}
+        if section == "s3":
+            location = {k: str(raw.pop(k)) for k in S3_KEYS if k in raw}
+            for k in DRIVE_ONLY_KEYS:
+                if k in raw:
+                    raise VolumeError(f"volume {volume.name}: unknown [s3] key {k!r}"
+                                      + (" (the S3 server is endpoint_url)" if k == "endpoint" else ""))
+            if not location.get("bucket"):
+                raise VolumeError(f"volume {volume.name}: [s3] names no bucket")
+        known = {f.name: f.type for f in fields(cls) if f.name != "s3"}
         cfg = cls()
         for k, v in raw.items():
             if k not in known:
-                raise VolumeError(f"volume {volume.name}: unknown [drive] key {k!r}")
+                raise VolumeError(f"volume {volume.name}: unknown [{section}] key {k!r}")
             cur = getattr(cfg, k)
             try:
                 setattr(cfg, k, type(cur)(v))
             except (TypeError, ValueError) as exc:
-                raise VolumeError(f"volume {volume.name}: bad [drive] {k} = {v!r}") from exc
+                raise VolumeError(f"volume {volume.name}: bad [{section}] {k} = {v!r}") from exc
         if (cfg.pack_size < 1 or not 0 <= cfg.repack_threshold <= 1 or cfg.read_attempts < 1
                 or cfg.fetch_ahead < 0 or cfg.keep_generations < 1 or cfg.snapshot_interval_s < 0):
-            raise VolumeError(f"volume {volume.name}: bad [drive] values {raw}")
+            raise VolumeError(f"volume {volume.name}: bad [{section}] values {raw}")
         if not cfg.folder:
             cfg.folder = f"casfs-{volume.uuid}"
+        if location:
+            location.setdefault("prefix", default_prefix(volume.uuid))
+            cfg.s3 = location
+            cfg.endpoint = location.get("endpoint_url", "")
         return cfg
 
     def as_table(self) -> dict[str, object]:
-        """Non-default values, for volume.toml."""
+        """Non-default values, for volume.toml: the ``[drive]`` table, or for an S3
+        store the ``[s3]`` table (its location keys, ``endpoint`` as ``endpoint_url``)."""
         d = CloudConfig()
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if getattr(self, f.name) != getattr(d, f.name)}
+        table = {f.name: getattr(self, f.name) for f in fields(self)
+                 if f.name != "s3" and getattr(self, f.name) != getattr(d, f.name)}
+        if self.s3:
+            for k in DRIVE_ONLY_KEYS:
+                table.pop(k, None)
+            table.update({k: v for k, v in self.s3.items() if v != "" and k != "endpoint_url"})
+            if self.endpoint:
+                table["endpoint_url"] = self.endpoint
+        return table
+
+    @property
+    def kind(self) -> str:
+        """"s3" or "drive": which store the config names."""
+        return "s3" if self.s3 else "drive"
+
+    def label(self) -> str:
+        """The store in a few words, for `drive status` and messages: ``Google Drive``,
+        the Drive-compatible endpoint, or ``s3://BUCKET/PREFIX`` (``at URL``)."""
+        if self.s3:
+            where = f"s3://{self.s3.get('bucket', '')}/{self.s3.get('prefix', '')}"
+            return f"{where} at {self.endpoint}" if self.endpoint else where
+        return self.endpoint or "Google Drive"
+
+
+def default_prefix(volume_uuid: str) -> str:
+    """The key prefix of a volume's objects in an S3 bucket when [s3] names none."""
+    return f"casfs-{volume_uuid}/"
 
 
 def enabled(db: Database) -> bool:
@@ -1192,7 +1247,12 @@ def open_objects(volume: Volume, cfg: CloudConfig, db: Database, *,
     and folder name, else the folder is found (or created) by name.
 
     Raises ObjectStoreError (bad credentials, unreachable store) or VolumeError.
+
+    An ``[s3]`` store (:func:`open_s3`) is opened without a request: a missing bucket or
+    refused credentials show at its first use (`casfs s3 enable` checks both).
     """
+    if cfg.s3:
+        return open_s3(volume, cfg, credentials_file)
     if cfg.endpoint.startswith("file:"):
         from cas.tier.objstore import DirObjectStore
         return DirObjectStore(Path(cfg.endpoint[5:]))
@@ -1220,6 +1280,26 @@ def open_objects(volume: Volume, cfg: CloudConfig, db: Database, *,
         meta_rows.add_if_absent(db, "drive_folder_id", folder)
         folder = str(meta_rows.get(db, "drive_folder_id"))
     return drive.DriveObjectStore(factory, folder, chunk_size=cfg.upload_chunk)
+
+
+def open_s3(volume: Volume, cfg: CloudConfig, credentials_file: Path | None = None) -> ObjectStore:
+    """The S3 store of ``cfg.s3`` (cas.tier.s3): bucket and prefix, endpoint ``cfg.endpoint``
+    ("" = AWS), region, profile, and credentials from the AWS chain or the
+    ``credentials_file`` key (a path; relative to the volume directory), which
+    ``credentials_file`` overrides. Raises CredentialsRefused (unreadable credentials
+    file, unknown profile), ObjectStoreError."""
+    from cas.tier import s3
+    loc = cfg.s3
+    path: Path | None = None
+    if loc.get("credentials_file"):
+        path = Path(loc["credentials_file"]).expanduser()
+        if not path.is_absolute():
+            path = volume.path / path
+    if credentials_file is not None:
+        path = credentials_file
+    return s3.open_store(loc["bucket"], loc.get("prefix", ""), endpoint_url=cfg.endpoint or None,
+                         region=loc.get("region") or s3.DEFAULT_REGION, profile=loc.get("profile") or None,
+                         credentials_file=path, timeout_s=cfg.timeout_s)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -408,6 +408,8 @@ def volume_document(volume: Volume, encryption: dict[str, Any] | None = None) ->
     drive = {k: v for k, v in volume.drive.items() if k not in ("endpoint", "credentials")}
     doc: dict[str, Any] = {"format": 1, "uuid": volume.uuid, "name": volume.name,
                            "chunk_size": volume.chunk_size, "compression": volume.compression, "drive": drive}
+    if volume.s3:   # an S3 store: its tier settings and bucket, prefix, region (not where, not who)
+        doc["s3"] = {k: v for k, v in volume.s3.items() if k not in ("endpoint_url", "credentials_file", "profile")}
     if encryption:
         doc["encryption"] = encryption
     return json.dumps(doc, sort_keys=True, indent=1).encode()

@@ -1,5 +1,6 @@
 """The object-store conformance suite, run on every ObjectStore implementation
-(cas.tier.objstore.DirObjectStore, cas.tier.drive.DriveObjectStore against tools.drivesim), and
+(cas.tier.objstore.DirObjectStore, cas.tier.drive.DriveObjectStore against tools.drivesim,
+cas.tier.s3.S3ObjectStore against moto's S3 server), and
 then the Drive store's own behaviour: error translation, resumable uploads surviving
 faults, timeouts, retrying with Retry-After, batch deletes, paging, folders, credentials.
 
@@ -27,6 +28,8 @@ from cas.tier.drive import (CHUNK_UNIT, MULTIPART_MAX, DriveObjectStore, build_s
                        load_credentials)
 from cas.tier.objstore import (DailyLimit, DirObjectStore, ObjectInfo, ObjectNotFound, ObjectStore,
                           ObjectStoreError, TryAgain, now_utc, retrying)
+from cas.tier.s3 import S3ObjectStore
+from tests.s3_fixture import S3Server, s3_server  # noqa: F401 - moto's S3 server (a subprocess)
 from tools.drivesim import FOLDER_MIME, DriveSim
 
 CHUNK = CHUNK_UNIT                      # small resumable chunks keep the tests quick
@@ -51,11 +54,15 @@ def drive_store(sim: DriveSim, *, timeout: float = 10.0, chunk_size: int = CHUNK
                             chunk_size=chunk_size, **kw)
 
 
-@pytest.fixture(params=["dir", "drive"])
+@pytest.fixture(params=["dir", "drive", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
     """Each ObjectStore implementation, empty."""
     if request.param == "dir":
         yield DirObjectStore(tmp_path / "objects")
+        return
+    if request.param == "s3":
+        server: S3Server = request.getfixturevalue("s3_server")
+        yield S3ObjectStore(server.client(), server.new_bucket(), "casfs-test/")
         return
     sim: DriveSim = request.getfixturevalue("drive_sim")
     with drive_store(sim) as st:

@@ -28,6 +28,7 @@ from tools.cli import drivecmd, maint, mountcmd
 from tools.cli import findcmd, keycmd
 from tools.cli import joincmd
 from tools.cli import scrubcmd
+from tools.cli import s3cmd
 from tools.cli import statuscmd
 from tools.cli.common import human, parse_size, user_errors
 from tools.cli.fstab import CasfsMainGroup, MountCommand, kernel_flags
@@ -237,6 +238,7 @@ maint.register(main)
 findcmd.register(main)
 drivecmd.register(main)
 joincmd.register(main)
+s3cmd.register(main)
 main.add_command(scrubcmd.scrub)
 statuscmd.register(main, drivecmd.drive)
 main.add_command(keycmd.key)

@@ -85,7 +85,7 @@ def open_tier(meta: Metadata, endpoint: str | None = None) -> cloud.CloudTier:
     """The volume's cloud tier for a CLI command (no background thread); ``endpoint``
     overrides the configured one. Raises VolumeError when the tier is not enabled."""
     if not cloud.enabled(meta.db):
-        raise VolumeError(f"volume {meta.volume.name} has no cloud tier; set one up with `casfs drive auth`")
+        raise VolumeError(f"volume {meta.volume.name} has no cloud tier; set one up with `casfs drive auth` or `casfs s3 enable`")
     cfg = cloud.CloudConfig.from_volume(meta.volume)
     if endpoint is not None:
         cfg.endpoint = endpoint

@@ -83,6 +83,9 @@ def auth(volume: str, client_secrets: Path | None, service_account: Path | None,
     if not (client_secrets or service_account or endpoint):
         raise click.UsageError("give --client-secrets FILE (Google sign-in), --service-account FILE, "
                                "or --endpoint URL (a test server)")
+    if vol.s3:
+        raise VolumeError(f"volume {vol.name} keeps its cloud tier in S3 ([s3] in volume.toml); a volume "
+                          "has one cloud store")
     cfg = cloud.CloudConfig.from_volume(vol)
     cfg.endpoint = endpoint
     cfg.folder = folder or cfg.folder
@@ -171,11 +174,11 @@ def status(volume: str, as_json: bool) -> None:
         click.echo(json.dumps(d, sort_keys=True))
         return
     if not st.enabled:
-        click.echo(f"volume {vol.name}: no cloud tier (set one up with `casfs drive auth`)")
+        click.echo(f"volume {vol.name}: no cloud tier (set one up with `casfs drive auth` or `casfs s3 enable`)")
         return
     cfg = cloud.CloudConfig.from_volume(vol)
     rows = [
-        ("store", cfg.endpoint or "Google Drive"),
+        ("store", cfg.label()),
         ("queue", f"{st.queued_chunks} chunks, {human(st.queued_bytes)}"
                   + (f" ({st.uploading_packs} packs uploading)" if st.uploading_packs else "")
                   + (f"; oldest not yet on Drive: {_age(st.oldest_queued_s)}" if st.queued_chunks else "")),

@@ -158,7 +158,7 @@ def passwd(volume: str, new_passphrase_file: Path | None, add_key_file: Path | N
     vol.save()
     what = "passphrase changed" if new is not None else "key file added"
     click.echo(f"volume {vol.name}: {what} (master key wrapped again; no chunk rewritten)")
-    if vol.drive:
+    if vol.drive or vol.s3:
         # the key table on Drive (casfs-volume.json) still holds the old wraps until the
         # next snapshot or push uploads it again (docs/encryption.md)
         click.echo(f"run `casfs drive push {vol.name}` to update the key table on Drive: until then "

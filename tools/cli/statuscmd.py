@@ -185,7 +185,7 @@ def wait(paths: tuple[str, ...], timeout: float | None, as_json: bool) -> None:
             no_cloud = [f for f, s in statuses if s.state == "no-cloud"]
             if no_cloud:
                 raise StatusError(f"{no_cloud[0]}: its volume has no cloud tier (set one up with "
-                                  "`casfs drive auth`): nothing will reach Drive")
+                                  "`casfs drive auth` or `casfs s3 enable`): nothing will reach the cloud")
             pending = [(f, s) for f, s in statuses if s.state != "synced"]
             before = left
             left = sum(s.bytes_left for _, s in pending)
