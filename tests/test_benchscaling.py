@@ -55,7 +55,7 @@ def test_scaling_counts_statements_at_the_server(tmp_path: Path) -> None:
     assert measured > 0, report   # a cold open reads its name from MySQL
     assert float(opened[col["shared strong*"]]) > float(opened[col["shared session*"]]) > measured, report
     for label in ("create, own directory", "create, all in one directory", "lookup (one SELECT",
-                  "change-log poll + lookup"):
+                  "change-log poll + lookup", "change-log poll alone"):
         cells = _row(report, label)
         assert all(float(c.replace(",", "")) > 0 for c in cells[1:3]), (label, report)
     assert "error" not in report, report

@@ -84,6 +84,7 @@ DB_LOAD = "scaling_load"    # database of the load generator
 LEVELS = ("eventual", "session", "strong")
 HEARTBEAT_S = 5.0           # a mount's session heartbeat period (docs/sharing.md)
 POLL_S = {"eventual": 10.0, "session": 1.0, "strong": 1.0}   # change-log poll period per level
+POLL_WINDOW_S = 3.0         # seconds of change log each poll re-reads (the load generator's poll too)
 COUNTED = ("select", "insert", "update", "delete", "commit", "savepoint", "begin")
 
 
@@ -405,7 +406,9 @@ KINDS = {
     "create_hot": "create, all in one directory (same, one parent row)",
     "lookup": "lookup (one SELECT: dentry + inode + small manifest)",
     "lookup_poll": "change-log poll + lookup (an open at session, a lookup at strong)",
+    "poll_busy": "change-log poll alone, its window holding 1,000 rows of other sessions",
 }
+BUSY_ROWS = 1000          # change-log rows in the window of the poll_busy kind
 INO_BASE = 1_000_000      # first inode number the load generator creates
 INO_SPAN = 100_000_000    # inode numbers per worker
 HOT_DIR = 99              # inode of the one directory every worker creates in (create_hot)
@@ -457,6 +460,20 @@ def setup_load_db(sock: str, workers: int) -> None:
         db.close()
 
 
+def fill_window(sock: str) -> None:
+    """Put BUSY_ROWS change-log rows of a session no worker has into every poll's window
+    (dated an hour ahead, so they stay in it for the phase)."""
+    from cas.db.database import Database, MetaTarget
+    db = Database(MetaTarget(user="root", password="", database=DB_LOAD, unix_socket=sock))
+    try:
+        rows = [(999, INO_BASE - 1 - i, 1, f"busy{i}".encode()) for i in range(BUSY_ROWS)]
+        db.execute("INSERT INTO changes (session, inode, parent, name, at) VALUES "
+                   + ", ".join(["(%s, %s, %s, %s, NOW(6) + INTERVAL 1 HOUR)"] * len(rows)),
+                   [x for r in rows for x in r])
+    finally:
+        db.close()
+
+
 def _load_worker(sock: str, kind: str, w: int, seconds: float, barrier: Barrier,
                  created: int, out: Any) -> None:
     """One worker process: one connection, ``kind`` transactions for ``seconds`` after all
@@ -493,12 +510,17 @@ def _load_worker(sock: str, kind: str, w: int, seconds: float, barrier: Barrier,
             if created and found is None:
                 raise RuntimeError(f"lookup of w{w}-create-{k} found nothing")
 
-        def lookup_poll(i: int) -> None:
+        def poll(i: int) -> None:
             db.query("SELECT id, session, inode, parent, name FROM changes "
-                     "WHERE at >= NOW(6) - INTERVAL 3 SECOND AND session <> %s", (w + 1,))
+                     "WHERE at >= NOW(6) - INTERVAL %s MICROSECOND AND session <> %s",
+                     (int(POLL_WINDOW_S * 1e6), w + 1))
+
+        def lookup_poll(i: int) -> None:
+            poll(i)
             lookup(i)
 
-        op = {"create": create, "create_hot": create, "lookup": lookup, "lookup_poll": lookup_poll}[kind]
+        op = {"create": create, "create_hot": create, "lookup": lookup, "lookup_poll": lookup_poll,
+              "poll_busy": poll}[kind]
         barrier.wait(timeout=120)
         t_start = time.monotonic()
         deadline = t_start + seconds
@@ -554,6 +576,8 @@ def measure_load(sock: str, worker_counts: list[int], seconds: float,
         setup_load_db(sock, max(worker_counts))
         created = 0
         for kind in KINDS:
+            if kind == "poll_busy":
+                fill_window(sock)
             progress(f"load: {kind}, {n} worker(s), {seconds:.0f} s")
             r = run_load(sock, kind, n, seconds, created)
             if kind == "create":
@@ -585,18 +609,24 @@ def best(results: list[LoadResult], kind: str) -> float:
 
 
 def capacity(rows: list[OpRow], results: list[LoadResult], machines: list[int]) -> list[str]:
-    """Part 3: for M machines at each level, the server's statements left after the mounts'
-    background, and the creates/s and opens/s that carries (computed from parts 1 and 2)."""
+    """Part 3: for M machines at each level, the mounts' background statements, and the
+    creates/s and opens/s the server carries for each machine when all M share it evenly
+    (computed from parts 1 and 2); and the change-log rows the polls re-read when the
+    machines create at the server's full rate."""
     per = {r.key: r for r in rows}
     reads = best(results, "lookup")              # single-statement transactions/s: the read capacity
     creates = best(results, "create")
+    hot = best(results, "create_hot")
     if not reads or not creates or "open_cold" not in per:
         return ["(not computed: parts 1 and 2 are both needed)"]
-    out = [f"read capacity {reads:,.0f} statements/s (best lookup rate), create capacity {creates:,.0f} "
-           "creates/s (best own-directory rate); the background of M mounts takes its share of the read "
-           "capacity, the rest is split by the operation's statements (computed)."]
-    table = [["machines", "level", "background stmts/s", "creates/s (all)", "cold opens/s (all)",
-              "cached opens/s (all)", "strong stats/s (all)"]]
+    out = [f"read capacity {reads:,.0f} statements/s (best lookup rate), create capacity {creates:,.0f} creates/s "
+           f"in own directories, {hot:,.0f} in one directory (best rates of part 2); the background of M mounts "
+           "takes its share of the read capacity, the rest is split evenly between the machines and divided by "
+           "the operation's statements at the level (part 1, shared columns). poll rows: the change-log rows all "
+           f"polls re-read per second when the machines create at the full rate (2 rows per create, a "
+           f"{POLL_WINDOW_S:.0f} s window re-read at every poll)."]
+    table = [["machines", "level", "background stmts/s", "creates/s each", "creates/s each, one dir",
+              "cold opens/s each", "cached opens/s each", "stats/s each", "poll rows/s"]]
     for m in machines:
         for lv in LEVELS:
             bg = m * shared_estimate(per["idle"], lv) if "idle" in per else 0.0
@@ -604,10 +634,12 @@ def capacity(rows: list[OpRow], results: list[LoadResult], machines: list[int]) 
             cold = shared_estimate(per["open_cold"], lv)
             cached = shared_estimate(per["open_cached"], lv)
             stat = shared_estimate(per["stat_cached"], lv) if "stat_cached" in per else 0.0
-            table.append([str(m), lv, f"{bg:,.1f}", f"{creates * left:,.0f}",
-                          f"{reads * left / cold:,.0f}" if cold else "no SQL",
-                          f"{reads * left / cached:,.0f}" if cached else "no SQL",
-                          f"{reads * left / stat:,.0f}" if stat else "no SQL"])
+            poll_rows = m / POLL_S[lv] * creates * 2 * POLL_WINDOW_S
+            table.append([str(m), lv, f"{bg:,.1f}", f"{creates * left / m:,.0f}", f"{hot * left / m:,.0f}",
+                          f"{reads * left / cold / m:,.0f}" if cold else "no SQL",
+                          f"{reads * left / cached / m:,.0f}" if cached else "no SQL",
+                          f"{reads * left / stat / m:,.0f}" if stat else "kernel cache",
+                          f"{poll_rows:,.0f}"])
     return out + _table(table)
 
 
