@@ -1266,6 +1266,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--encrypt", action="store_true",
                    help="also new write, cold read and create on unencrypted vs encrypted casfs volumes")
     add_profile_args(p)
+    p.add_argument("--two-mounts", action="store_true",
+                   help="instead of the table: aggregate write and create on two mounts of one shared volume "
+                        "against one mount (tools/bench/twomounts.py; needs casfs join)")
     args = p.parse_args(argv)
     only = [t.strip() for t in args.only.split(",") if t.strip()]
     bad = [t for t in only if t not in TARGETS]
@@ -1295,6 +1298,9 @@ def sigterm_to_interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, sigterm_to_interrupt)
+    if args.two_mounts:   # tools/bench/twomounts.py: a report of its own
+        from tools.bench.twomounts import two_mounts
+        return two_mounts(args)
 
     def progress(msg: str) -> None:
         if not args.quiet:
