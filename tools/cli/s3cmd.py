@@ -103,7 +103,7 @@ def enable(volume: str, bucket: str, prefix: str | None, endpoint: str, region: 
                               f"to {whose}); give this volume its own --prefix")
         vol.s3 = cfg.as_table()
         vol.save()
-        queued = cloud.enable(meta.db)
+        queued = cloud.enable(meta.db, vol.store)
     click.echo(f"volume {vol.name}: cloud tier in {cfg.label()}" + (" (bucket created)" if created else "")
                + f"; {queued} chunks queued for upload (the next mount uploads them)")
 
