@@ -270,6 +270,9 @@ def test_s3_table_round_trips_and_bad_tables_are_refused(tmp_path: Path) -> None
     v.s3 = cfg.as_table()                                   # what `s3 enable` writes reads back the same
     assert CloudConfig.from_volume(v) == cfg
     assert "folder" not in v.s3 and "endpoint" not in v.s3
+    cfg.s3["prefix"] = ""                                   # the bucket's root stays the root
+    v.s3 = cfg.as_table()
+    assert CloudConfig.from_volume(v).s3["prefix"] == ""
     for bad, words in [({"endpoint_url": "http://x/"}, "no bucket"), ({"bucket": "b", "folder": "f"}, "'folder'"),
                        ({"bucket": "b", "endpoint": "http://x/"}, "endpoint_url"),
                        ({"bucket": "b", "pack_size": "big"}, "[s3] pack_size")]:
