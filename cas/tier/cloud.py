@@ -181,7 +181,8 @@ class CloudConfig:
         if self.s3:
             for k in DRIVE_ONLY_KEYS:
                 table.pop(k, None)
-            table.update({k: v for k, v in self.s3.items() if v != "" and k != "endpoint_url"})
+            table.update({k: v for k, v in self.s3.items()
+                          if (v != "" or k == "prefix") and k != "endpoint_url"})   # "" = the bucket's root
             if self.endpoint:
                 table["endpoint_url"] = self.endpoint
         return table

@@ -270,6 +270,9 @@ def test_s3_table_round_trips_and_bad_tables_are_refused(tmp_path: Path) -> None
     v.s3 = cfg.as_table()                                   # what `s3 enable` writes reads back the same
     assert CloudConfig.from_volume(v) == cfg
     assert "folder" not in v.s3 and "endpoint" not in v.s3
+    cfg.s3["prefix"] = ""                                   # the bucket's root stays the root
+    v.s3 = cfg.as_table()
+    assert CloudConfig.from_volume(v).s3["prefix"] == ""
     for bad, words in [({"endpoint_url": "http://x/"}, "no bucket"), ({"bucket": "b", "folder": "f"}, "'folder'"),
                        ({"bucket": "b", "endpoint": "http://x/"}, "endpoint_url"),
                        ({"bucket": "b", "pack_size": "big"}, "[s3] pack_size")]:
@@ -281,3 +284,38 @@ def test_s3_table_round_trips_and_bad_tables_are_refused(tmp_path: Path) -> None
     with pytest.raises(VolumeError) as e:
         CloudConfig.from_volume(v)
     assert "both [drive] and [s3]" in str(e.value)
+
+
+# -- the cloud tier's gc on an S3 store (invariant 9) ------------------------------------------
+
+def test_gc_on_s3_deletes_dead_packs_and_own_orphans_only(tmp_path: Path, mysql_server: Any,
+                                                          s3_server: S3Server, s3_bucket: str) -> None:  # noqa: F811
+    import random
+
+    import cas.maint.gc
+    from tests.engine.test_cloud import CloudEngine
+    from tests.engine.test_fs import CS, make_file
+
+    e = CloudEngine(tmp_path, mysql_server)
+    try:
+        store = e.objects = s3.S3ObjectStore(s3_server.client(), s3_bucket, f"casfs-{e.vol.uuid}/")  # type: ignore[assignment]
+        make_file(e.fs, b"a", random.Random(5).randbytes(3 * CS))
+        assert e.drain() > 0
+        packs = {o.id for o in store.list()}
+        assert packs and all(o.properties["casfs_volume"] == e.vol.uuid for o in store.list())
+        stray = store.put("casfs-pack-stray", b"x" * 1000, {"casfs_volume": e.vol.uuid})
+        other = store.put("casfs-pack-other", b"y" * 10, {"casfs_volume": "another-volume"})
+        nobody = store.put("casfs-pack-nobody", b"z" * 10)
+        t = e.tier()
+        r = cas.maint.gc.collect_cloud(t, grace_s=0)
+        assert (r.orphans_deleted, r.orphan_bytes_deleted, r.packs_deleted) == (1, 1000, 0)
+        assert {o.id for o in store.list()} == packs | {other.id, nobody.id}
+        e.fs.unlink(1, b"a")
+        e.gc(0)                                            # the chunks die: their packs are dead
+        r = cas.maint.gc.collect_cloud(t, grace_s=0)
+        assert r.packs_deleted == len(packs)
+        assert {o.id for o in store.list()} == {other.id, nobody.id}   # never another volume's
+        with pytest.raises(ObjectNotFound):
+            store.stat(stray.id)
+    finally:
+        e.close()
