@@ -27,6 +27,8 @@ import cas.db.packs as dbpacks
 import cas.db.queue as dbqueue
 import cas.db.tables as dbtables
 import cas.db.volume as dbvolume
+import cas.db.sessions as dbsessions
+import cas.db.changes as dbchanges
 import cas.db.reports as reports
 import cas.db.database
 from cas.db.batch import BATCH_ROWS
@@ -52,7 +54,8 @@ SQL_FREE_MODULES: tuple[str, ...] = tuple(
     if not str(p.relative_to(REPO)).startswith(SQL_ALLOWED_UNDER))
 
 #: the layer's modules, each public function of which states its row locks
-LAYER_MODULES = (ns, dbmanifests, dbchunks, reports, dbpacks, dbqueue, dbvolume, dbtables)
+LAYER_MODULES = (ns, dbmanifests, dbchunks, reports, dbpacks, dbqueue, dbvolume, dbtables, dbsessions,
+                 dbchanges)
 
 # a statement's verb, upper case as every statement of casfs is written, then a blank
 # (so that prose such as "Insert the row" or errors="replace" is not one)
