@@ -242,7 +242,7 @@ class Filesystem:
         # queue rows name this side's store; a shared volume's dedup and bad marks know
         # that other machines' stores hold chunks this one lacks (docs/sharing.md, "Data")
         self.chunks.store_id, self.chunks.first_store = vol.store, vol_first_store(vol.uuid)
-        self.chunks.shared = vol_is_shared(self.db)
+        self.chunks.shared = shared or vol_is_shared(self.db)
         if shared:
             self._share()
 
