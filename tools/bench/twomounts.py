@@ -188,7 +188,6 @@ def two_mounts(args: argparse.Namespace) -> int:
             a.cli("init", "--meta", url, "--shared", *(["--chunk-size", args.chunk_size] if args.chunk_size else []),
                   VOLUME)
             b.cli("join", VOLUME, "--meta", url)
-            a.mount()
             rows: list[tuple[str, str, Callable[[str], list[Path]], int]] = [
                 ("write", "one", lambda t: [a.mp / f"{t}-0", a.mp / f"{t}-1"], args.size_mib),
                 ("create", "one", lambda t: [a.mp / f"{t}-0", a.mp / f"{t}-1"], args.files),
@@ -196,6 +195,7 @@ def two_mounts(args: argparse.Namespace) -> int:
                 ("create", "two", lambda t: [a.mp / f"{t}-a", b.mp / f"{t}-b"], args.files),
             ]
             try:
+                a.mount()
                 for kind, mounts, wheres, amount in rows:
                     if mounts == "two" and not is_fuse_mounted(b.mp):
                         progress("mounting side B")
