@@ -19,8 +19,9 @@ start to the last end, amounts summed (aggregate):
 * create: each process creates FILES files of 4 KiB in a directory of its own and
   ``fsync``\\ s the directory, files/s.
 
-First both processes on mount A alone ("one mount"), then mount B too and one process on
-each ("two mounts"); printed with the ratio two mounts / one mount. Both mounts run on
+Both processes on mount A alone ("one mount", side B unmounted), or one process on each
+mount ("two mounts"), in the order one, two, two, one (drift on a shared machine cancels);
+the best of each is printed with the ratio two mounts / one mount. Both mounts run on
 this one machine: the ratio shows what the shared metadata server and the engine cost
 two writers, not what two machines' CPUs would add.
 
@@ -37,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from tools.bench import (MiB, SMALL_FILE_SIZE, _fmt, _ratio, _write_all, child_e
                          machine_info, no_interrupts, wait_mounted, warn)
 
 VOLUME = "twom"
+ORDER = ("one", "two", "two", "one")   # ABBA: drift of a shared machine cancels; the best of each kind
 DATABASE = "bench_two_mounts"
 
 
@@ -188,24 +189,30 @@ def two_mounts(args: argparse.Namespace) -> int:
             a.cli("init", "--meta", url, "--shared", *(["--chunk-size", args.chunk_size] if args.chunk_size else []),
                   VOLUME)
             b.cli("join", VOLUME, "--meta", url)
-            a.mount()
-            rows: list[tuple[str, str, Callable[[str], list[Path]], int]] = [
-                ("write", "one", lambda t: [a.mp / f"{t}-0", a.mp / f"{t}-1"], args.size_mib),
-                ("create", "one", lambda t: [a.mp / f"{t}-0", a.mp / f"{t}-1"], args.files),
-                ("write", "two", lambda t: [a.mp / f"{t}-a", b.mp / f"{t}-b"], args.size_mib),
-                ("create", "two", lambda t: [a.mp / f"{t}-a", b.mp / f"{t}-b"], args.files),
-            ]
+
+            def wheres(kind: str, mounts: str, k: int) -> list[Path]:
+                tag = f"{kind}-{mounts}-{k}"
+                if mounts == "one":
+                    return [a.mp / f"{tag}-0", a.mp / f"{tag}-1"]
+                return [a.mp / f"{tag}-a", b.mp / f"{tag}-b"]
+
             try:
-                for kind, mounts, wheres, amount in rows:
+                a.mount()
+                for k, mounts in enumerate(ORDER):
                     if mounts == "two" and not is_fuse_mounted(b.mp):
                         progress("mounting side B")
                         b.mount()
-                    progress(f"{kind}, "
-                             f"{'two processes on mount A' if mounts == 'one' else 'one process on each mount'}")
-                    try:
-                        values[(kind, mounts)] = run_pair(kind, wheres(f"{kind}-{mounts}"), amount)
-                    except RuntimeError as e:
-                        errors.append(f"{kind} on {mounts} mount(s): {e}")
+                    elif mounts == "one" and is_fuse_mounted(b.mp):
+                        progress("unmounting side B")
+                        b.umount()
+                    for kind, amount in (("write", args.size_mib), ("create", args.files)):
+                        progress(f"round {k + 1} of {len(ORDER)}: {kind}, "
+                                 f"{'two processes on mount A' if mounts == 'one' else 'one process on each mount'}")
+                        try:
+                            got = run_pair(kind, wheres(kind, mounts, k), amount)
+                            values[(kind, mounts)] = max(values.get((kind, mounts), 0.0), got)
+                        except RuntimeError as e:
+                            errors.append(f"{kind} on {mounts} mount(s), round {k + 1}: {e}")
             finally:
                 with no_interrupts():   # while the server still runs: the unmounts commit
                     for side in (b, a):
@@ -230,7 +237,8 @@ def two_mounts(args: argparse.Namespace) -> int:
     lines += [f"params:  --two-mounts --size-mib {args.size_mib} --files {args.files}"
               + (f" --chunk-size {args.chunk_size}" if args.chunk_size else ""),
               "shared volume on one MariaDB server (embedded kind, this machine); side B joined with casfs join; "
-              "both mounts on this machine, default consistency", "", *errors]
+              "both mounts on this machine, default consistency; rounds in the order one, two, two, one mount(s), "
+              "the best of each", "", *errors]
     lines += ["| " + " | ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]) + " |"
               for r in table]
     lines.insert(len(lines) - len(table) + 1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
