@@ -319,3 +319,17 @@ def test_gc_on_s3_deletes_dead_packs_and_own_orphans_only(tmp_path: Path, mysql_
             store.stat(stray.id)
     finally:
         e.close()
+
+
+def test_join_settings_carry_the_s3_table_without_machine_credentials(tmp_path: Path) -> None:
+    """`casfs join` copies a volume's [s3] table to a further machine, but not the first
+    machine's credentials file or profile (each machine uses its own AWS chain)."""
+    from cas.config.volume import Volume
+    from tools.cli.joincmd import join_settings
+    vol = Volume(path=tmp_path, name="v", uuid="0" * 8 + "-0000-4000-8000-" + "0" * 12, chunk_size=1 << 20,
+                 compression="zstd:3", meta_url="mysql://u@h/db",
+                 s3={"bucket": "b", "prefix": "p/", "endpoint_url": "http://127.0.0.1:9/",
+                     "credentials_file": "/root/.aws/creds", "profile": "me"})
+    got = json.loads(json.dumps(join_settings(vol)))
+    assert got["s3"] == {"bucket": "b", "prefix": "p/", "endpoint_url": "http://127.0.0.1:9/"}
+    assert got["drive"] == {}

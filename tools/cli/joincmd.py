@@ -45,9 +45,12 @@ _PART = dbvolume.VALUE_MAX
 
 def join_settings(vol: Volume) -> dict[str, Any]:
     """What a joining machine copies from ``vol``'s volume.toml: compression, the
-    ``[drive]`` table without ``credentials``, the ``[encryption]`` table."""
+    ``[drive]`` table without ``credentials``, the ``[s3]`` table without its
+    machine-local ``credentials_file`` and ``profile`` (each machine finds its S3
+    credentials in its own AWS chain), the ``[encryption]`` table."""
     drive = {k: v for k, v in vol.drive.items() if k != "credentials"}
-    return {"compression": vol.compression, "drive": drive, "encryption": dict(vol.encryption),
+    s3 = {k: v for k, v in vol.s3.items() if k not in ("credentials_file", "profile")}
+    return {"compression": vol.compression, "drive": drive, "s3": s3, "encryption": dict(vol.encryption),
             "credentials": str(vol.drive.get("credentials", ""))}
 
 
@@ -141,6 +144,7 @@ def join_volume(name: str, meta_url: str, tls: dict[str, object] | None,
                 if drive_credentials is not None:
                     write_private(vol.path / creds_name, drive_credentials.read_bytes())
             vol.drive = drive
+            vol.s3 = dict(settings.get("s3") or {})
             vol.encryption = dict(settings.get("encryption") or {})
             vol.save()
         except BaseException:
