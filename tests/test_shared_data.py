@@ -251,12 +251,13 @@ def test_a_read_on_b_waits_for_a_pending_upload_and_b_keeps_its_own_copy(
     assert not t.is_alive() and not w.is_alive() and not errs and got == [g]
     assert (mp_b / "h").read_bytes() == h[:5] + b"x" + h[6:]
     print(f"B's read returned {time.monotonic() - released:.1f} s after A's uploads were let through")
-    wait_for(drained, "A's uploads", 120, interval=0.2)
+    fsync_tree(mp_b)                                     # B's new chunk of h: queued in B's store
+    wait_for(drained, "A's and B's uploads", 120, interval=0.2)
     assert all(k == 1 for name, k in drive_sim.counters.created_by_name.items() if name.startswith("casfs-pack-"))
     # fsck counts the queue per store and warns of a store no session names
     sql_exec("INSERT INTO upload_queue (chunk, store) VALUES (%s, %s)", (b"\x01" * 32, "f" * 32))
     rep = fsck(a)
-    assert rep["unknown_stores"] == ["f" * 32] and rep["clean"]
+    assert rep["unknown_stores"] == ["f" * 32] and rep["clean"], rep
     assert "no mount session" in a.run("fsck", "vol").stdout
     assert store_b not in rep["unknown_stores"]
 
