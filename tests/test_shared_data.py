@@ -176,14 +176,14 @@ def test_a_read_on_b_waits_for_a_pending_upload_and_b_keeps_its_own_copy(
     held = drive_sim.inject("server_error", times=10**6, match="upload_multipart")   # A's uploads fail
     mp_a = a.mount("vol")
     rnd = random.Random(22)
-    f, g = rnd.randbytes(3 * CHUNK + 100), rnd.randbytes(2 * CHUNK + 7)
-    (mp_a / "f").write_bytes(f)
-    (mp_a / "g").write_bytes(g)
+    f, g, h = rnd.randbytes(3 * CHUNK + 100), rnd.randbytes(2 * CHUNK + 7), rnd.randbytes(CHUNK + 50)
+    for name, data in (("f", f), ("g", g), ("h", h)):
+        (mp_a / name).write_bytes(data)
     fsync_tree(mp_a)
     wait_for(lambda: held.fired >= 1, "A's first failed upload", 60, interval=0.2)
     store_a = open_volume("vol").store
     n = sql("SELECT COUNT(*) FROM chunks")[0][0]
-    assert n == 7 and queue_by_store() == {store_a: n}
+    assert n == 9 and queue_by_store() == {store_a: n}
 
     # a read that waits less than A takes to upload: EIO, and the log names the store
     b = side_b(CASFS_REMOTE_WAIT_S="1")
@@ -219,21 +219,45 @@ def test_a_read_on_b_waits_for_a_pending_upload_and_b_keeps_its_own_copy(
             got.append((mp_b / "g").read_bytes())
         except BaseException as exc:   # noqa: BLE001 - reported by the assertion below
             errs.append(exc)
+    def write_in_part() -> None:   # must load h's first chunk: waits too, without the engine lock
+        try:
+            with open(mp_b / "h", "r+b") as fh:
+                fh.seek(5)
+                fh.write(b"x")
+        except BaseException as exc:   # noqa: BLE001 - reported by the assertion below
+            errs.append(exc)
     t = threading.Thread(target=read)
     t.start()
-    wait_for(lambda: f"is held by store {store_a}" in logf.read_text(), "B's read to wait", 60, 0.1)
-    assert t.is_alive()
+    w = threading.Thread(target=write_in_part)
+    w.start()
+    wait_for(lambda: logf.read_text().count(f"is held by store {store_a}") >= 2, "B's read and write to wait",
+             60, 0.1)
+    # meanwhile the mount serves others: a write and fsync of another file completes
+    def write_other() -> None:
+        (mp_b / "other").write_bytes(b"y" * 1000)
+        fd = os.open(mp_b / "other", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    other = threading.Thread(target=write_other)
+    other.start()
+    other.join(60)
+    assert not other.is_alive() and t.is_alive() and w.is_alive()
     drive_sim.clear_faults()
     released = time.monotonic()
     t.join(150)
-    assert not t.is_alive() and not errs and got == [g]
+    w.join(150)
+    assert not t.is_alive() and not w.is_alive() and not errs and got == [g]
+    assert (mp_b / "h").read_bytes() == h[:5] + b"x" + h[6:]
     print(f"B's read returned {time.monotonic() - released:.1f} s after A's uploads were let through")
-    wait_for(drained, "A's uploads", 120, interval=0.2)
+    fsync_tree(mp_b)                                     # B's new chunk of h: queued in B's store
+    wait_for(drained, "A's and B's uploads", 120, interval=0.2)
     assert all(k == 1 for name, k in drive_sim.counters.created_by_name.items() if name.startswith("casfs-pack-"))
     # fsck counts the queue per store and warns of a store no session names
     sql_exec("INSERT INTO upload_queue (chunk, store) VALUES (%s, %s)", (b"\x01" * 32, "f" * 32))
     rep = fsck(a)
-    assert rep["unknown_stores"] == ["f" * 32] and rep["clean"]
+    assert rep["unknown_stores"] == ["f" * 32] and rep["clean"], rep
     assert "no mount session" in a.run("fsck", "vol").stdout
     assert store_b not in rep["unknown_stores"]
 

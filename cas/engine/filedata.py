@@ -457,6 +457,8 @@ class FileData:
         Cost: O(bytes written), independent of the number of open files.
         """
         st = self.load_state(ino)
+        if self.chunks.shared and self._preload(st, offset, len(data)):
+            st = self.load_state(ino)
         if st.wb_error and (st.dirty_bytes >= self.inode_dirty_limit
                             or self.total_dirty >= self.total_dirty_limit):
             self._retry_before_write(st)
@@ -501,6 +503,39 @@ class FileData:
         except CasError:
             pass  # recorded on the states (wb_error): the bytes stay buffered and are retried
         return n
+
+    def _preload(self, st: InodeData, offset: int, n: int) -> bool:
+        """Shared volume (docs/sharing.md, "Data"): load, with the engine lock released,
+        the committed chunks a write of ``n`` bytes at ``offset`` will read (the slots it
+        writes in part, and the old short last slot of a growing file) that are not in
+        the RAM cache: such a chunk may be another machine's, not uploaded yet, and its
+        load may wait for that upload (up to CASFS_REMOTE_WAIT_S), which must not hold
+        the engine. Afterwards the write's own loads find them in the RAM cache or the
+        local store. Returns whether the lock was released (the caller looks its state
+        up again). Errors are left to the write's own load, under the lock."""
+        if n <= 0:
+            return False
+        cs = self.cs
+        end = offset + n
+        slots = {s for s in (offset // cs, (end - 1) // cs) if not (offset <= s * cs and end >= (s + 1) * cs)}
+        if end > st.size and st.size % cs:
+            slots.add(st.size // cs)
+        cids = []
+        for slot in sorted(slots):
+            if slot in st.dirty:
+                continue
+            src = self._slot_source(st, slot)
+            if isinstance(src, ChunkRef) and src.cid not in self.chunks.cache:
+                cids.append(src.cid)
+        if not cids:
+            return False
+        with self.unlocked():
+            for cid in cids:
+                try:
+                    self.chunks.load(cid)
+                except CasError:
+                    pass   # the write's own load reports it
+        return True
 
     def flush_behind(self, st: InodeData) -> None:
         """Start the flush of ``st`` in the flush-behind thread and return (without that
