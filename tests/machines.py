@@ -10,8 +10,9 @@ unless a test sets another one.
 
 Use it by importing the fixture into a test module
 (``from tests.machines import two_machines``); the ``drive_sim`` fixture gives a Drive
-for :meth:`Machines.drive_auth`. Everything is unmounted and stopped in the finalizer,
-B first, even when the test fails (CasEnv.cleanup: `casfs umount`, then
+for :meth:`Machines.drive_auth`; :meth:`Machines.join_another` adds a third machine.
+Everything is unmounted and stopped in the finalizer, further machines first, then B, then
+A, even when the test fails (CasEnv.cleanup: `casfs umount`, then
 ``fusermount3 -u -z``, then SIGKILL of the daemon by pid).
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import itertools
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +66,13 @@ def machine(tmp: Path, server: EmbeddedServer, label: str) -> Machine:
 
 @dataclass
 class Machines:
-    """Sides A and B of one volume and the name of its database."""
+    """Sides A and B of one volume, the name of its database, and any further machine
+    (:meth:`join_another`)."""
 
     a: Machine
     b: Machine
     database: str
+    more: list[Machine] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -94,6 +97,16 @@ class Machines:
         self.join_b(name)
         return name
 
+    def join_another(self, label: str, name: str = "vol", **env: str) -> Machine:
+        """A further machine ``label`` (its own XDG dirs, ``env`` added to its environment)
+        with `casfs join NAME --meta URL` run on it; the fixture's finalizer cleans it up
+        first."""
+        c = machine(self.a.tmp.parent, self.a.server, label)
+        c.env.update(env)
+        self.more.append(c)
+        c.run("join", name, "--meta", self.url)
+        return c
+
     def drive_auth(self, sim_url: str, name: str = "vol", *extra: str) -> None:
         """Give the volume a Drive tier on A (`casfs drive auth --endpoint`), before B joins:
         join copies the [drive] table A records (tools/cli/joincmd.py)."""
@@ -115,6 +128,10 @@ def two_machines(tmp_path: Path, mysql_server: EmbeddedServer) -> Iterator[Machi
         yield m
     finally:
         try:
-            b.cleanup()
+            for c in m.more:
+                c.cleanup()
         finally:
-            a.cleanup()
+            try:
+                b.cleanup()
+            finally:
+                a.cleanup()

@@ -1,40 +1,39 @@
 """The data plane of a shared volume (docs/sharing.md, "Data"): two machines, one MariaDB
 database, one drivesim, each machine with its own local chunk store.
 
-A "machine" is a separate XDG_DATA_HOME on this box with its own mountpoint. Side B is
-made by copying A's volume.toml and giving it a fresh ``store_id``, which is what
-`casfs join` produces (:func:`_side_b_by_copy`). Everything runs for real: the casfs
+The machines are those of tests/machines.py (``two_machines``): side A makes the volume
+with `casfs init --meta URL --shared` and `casfs drive auth`, side B (and a third machine
+where a test needs one) with the real `casfs join`. Everything runs for real: the casfs
 CLI, FUSE mounts, the google-api-python-client against tools.drivesim.
 """
 from __future__ import annotations
 
 import errno
 import json
-import re
 import os
 import random
-import secrets
+import re
 import shutil
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import tomli_w
 
 from cas.chunk.store import LocalStore
 from cas.config.volume import open_volume
-from cas.db import volume as volume_rows
 from cas.db.database import connect
-from cas.db.server import EmbeddedServer
 from tests.conftest import CasEnv
+from tests.machines import Machines, two_machines  # noqa: F401 - the fixture
 from tests.test_drive import CHUNK, fsync_tree, make_tree, pack_files
 from tests.treeutil import compare_trees
 from tests.waiting import wait_for
 from tools.drivesim import DriveSim
+
+#: these tests kill no mount: the default session timeout, so that a heartbeat late on a
+#: loaded machine never gets a live mount reaped
+SESSION_TIMEOUT_S = "60"
 
 
 def sql(query: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -46,53 +45,27 @@ def sql(query: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         meta.close()
 
 
-def setup_shared(a: CasEnv, sim: DriveSim) -> None:
-    """Side A: a volume on the session server with a Drive tier on ``sim``, marked
-    shared (what `casfs init --shared` records)."""
-    a.init("vol", chunk_size="64KiB")
-    a.run("drive", "auth", "--endpoint", sim.url, "--pack-size", "256KiB", "--pack-age", "0", "vol")
-    meta = connect(open_volume("vol"))
-    try:
-        meta.db.transaction(volume_rows.set_shared)
-    finally:
-        meta.close()
-
-
-def _side_b_by_copy(a: CasEnv, b: CasEnv) -> str:
-    """Make side B of A's volume "vol" in B's XDG data dir: A's volume.toml with a fresh
-    random ``store_id`` and empty chunks/, run/ and log/ (what `casfs join` makes).
-    Returns B's store id."""
-    cfg = tomllib.loads((a.data_home / "vol" / "volume.toml").read_text())
-    cfg["store_id"] = secrets.token_hex(16)
-    d = b.data_home / "vol"
-    for sub in ("chunks", "run", "log"):
-        (d / sub).mkdir(parents=True, mode=0o700)
-    d.chmod(0o700)
-    (d / "volume.toml").write_bytes(tomli_w.dumps(cfg).encode())
-    (d / "volume.toml").chmod(0o600)
-    return str(cfg["store_id"])
-
-
 @pytest.fixture
-def side_b(tmp_path: Path, mysql_server: EmbeddedServer, casenv: CasEnv) -> Iterator[Callable[..., CasEnv]]:
-    """A factory of side B (a second machine) of casenv's volume: its own XDG dirs, the
-    same database server; its mounts are unmounted at teardown."""
-    made: list[CasEnv] = []
+def machines(two_machines: Machines, monkeypatch: pytest.MonkeyPatch) -> Machines:
+    """``two_machines`` with the default session timeout, and this process's
+    XDG_DATA_HOME on A's, so that ``open_volume("vol")`` here (:func:`sql`) opens A's side."""
+    for side in (two_machines.a, two_machines.b):
+        side.env["CASFS_SESSION_TIMEOUT_S"] = SESSION_TIMEOUT_S
+    monkeypatch.setenv("XDG_DATA_HOME", two_machines.a.env["XDG_DATA_HOME"])
+    return two_machines
 
-    def make(**env: str) -> CasEnv:
-        root = tmp_path / f"b{len(made)}"
-        (root / "xdg").mkdir(parents=True)
-        e = dict(casenv.env)
-        e["XDG_DATA_HOME"] = str(root / "xdg")
-        e.update(env)
-        b = CasEnv(tmp=root, server=mysql_server, env=e)
-        made.append(b)
-        return b
-    try:
-        yield make
-    finally:
-        for b in made:
-            b.cleanup()
+
+def setup_shared(m: Machines, sim: DriveSim) -> None:
+    """`casfs init --meta URL --shared` on A, a Drive tier on ``sim`` (`casfs drive auth`
+    on A), then `casfs join` on B (which copies A's [drive] table)."""
+    m.init_a("vol", "64KiB")
+    m.drive_auth(sim.url, "vol", "--pack-size", "256KiB", "--pack-age", "0")
+    m.join_b("vol")
+
+
+def store_of(side: CasEnv) -> str:
+    """The store id `casfs join` gave ``side`` (its volume.toml's ``store_id``)."""
+    return str(tomllib.loads((side.data_home / "vol" / "volume.toml").read_text())["store_id"])
 
 
 def store_ids(env: CasEnv) -> set[bytes]:
@@ -119,9 +92,9 @@ def fsck(env: CasEnv) -> dict[str, Any]:
 
 
 def test_b_reads_a_tree_from_drive_and_its_copy_stores_and_uploads_nothing(
-        casenv: CasEnv, side_b: Callable[..., CasEnv], drive_sim: DriveSim) -> None:
-    a = casenv
-    setup_shared(a, drive_sim)
+        machines: Machines, drive_sim: DriveSim) -> None:
+    a, b = machines.a, machines.b
+    setup_shared(machines, drive_sim)
     mp_a = a.mount("vol")
     src = a.tmp / "src"
     make_tree(src, seed=21)
@@ -133,8 +106,6 @@ def test_b_reads_a_tree_from_drive_and_its_copy_stores_and_uploads_nothing(
     before = packs_on_drive(drive_sim)
     assert a_files and queue_by_store() == {}
 
-    b = side_b()
-    _side_b_by_copy(a, b)
     mp_b = b.mount("vol")
     # B writes the same tree from its own disk: every chunk is confirmed on Drive, so B
     # stores no file, adds no chunk row and no queue row, and Drive gets nothing
@@ -170,9 +141,9 @@ def test_b_reads_a_tree_from_drive_and_its_copy_stores_and_uploads_nothing(
 
 
 def test_a_read_on_b_waits_for_a_pending_upload_and_b_keeps_its_own_copy(
-        casenv: CasEnv, side_b: Callable[..., CasEnv], drive_sim: DriveSim) -> None:
-    a = casenv
-    setup_shared(a, drive_sim)
+        machines: Machines, drive_sim: DriveSim) -> None:
+    a, b = machines.a, machines.b
+    setup_shared(machines, drive_sim)
     held = drive_sim.inject("server_error", times=10**6, match="upload_multipart")   # A's uploads fail
     mp_a = a.mount("vol")
     rnd = random.Random(22)
@@ -186,8 +157,8 @@ def test_a_read_on_b_waits_for_a_pending_upload_and_b_keeps_its_own_copy(
     assert n == 9 and queue_by_store() == {store_a: n}
 
     # a read that waits less than A takes to upload: EIO, and the log names the store
-    b = side_b(CASFS_REMOTE_WAIT_S="1")
-    store_b = _side_b_by_copy(a, b)
+    b.env["CASFS_REMOTE_WAIT_S"] = "1"
+    store_b = store_of(b)
     mp_b = b.mount("vol")
     with pytest.raises(OSError) as ei:
         (mp_b / "f").read_bytes()
@@ -207,8 +178,7 @@ def test_a_read_on_b_waits_for_a_pending_upload_and_b_keeps_its_own_copy(
 
     # a third machine, default wait: its read of g waits for A's upload and succeeds once
     # A's uploads go through again
-    b2 = side_b()
-    _side_b_by_copy(a, b2)
+    b2 = machines.join_another("C", "vol", CASFS_SESSION_TIMEOUT_S=SESSION_TIMEOUT_S)
     logf = b2.data_home / "vol" / "log" / "mount.log"
     mp_b = b2.mount("vol")
     got: list[bytes] = []
@@ -271,13 +241,11 @@ def sql_exec(query: str, args: tuple[Any, ...]) -> None:
 
 
 def test_gc_from_b_while_a_writes_loses_nothing_and_a_sweeps_its_store(
-        casenv: CasEnv, side_b: Callable[..., CasEnv], drive_sim: DriveSim) -> None:
-    a = casenv
-    setup_shared(a, drive_sim)
+        machines: Machines, drive_sim: DriveSim) -> None:
+    a, b = machines.a, machines.b
+    setup_shared(machines, drive_sim)
     a.env.update(CASFS_STORE_SWEEP_S="1", CASFS_STORE_SWEEP_GRACE_S="3")
     mp_a = a.mount("vol")
-    b = side_b()
-    _side_b_by_copy(a, b)
     rnd = random.Random(23)
     expected: dict[str, bytes] = {}
     for i in range(8):
