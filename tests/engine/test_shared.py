@@ -10,13 +10,16 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pymysql
 import pytest
 
 import cas.db.database
+import cas.db.manifests
+import cas.db.namespace
 import cas.maint.fsck
 from cas.db.changes import POLL_ROWS
 from cas.db.server import EmbeddedServer
@@ -234,6 +237,52 @@ def test_prune_deletes_every_old_row_without_the_engine_lock(two: Shared) -> Non
     clock.now = PRUNE_EVERY_S + 1
     a.poll_changes(prune=True)
     assert two.q("SELECT COUNT(*) FROM changes")[0][0] == 1
+
+
+def test_a_file_state_is_read_from_one_commit(two: Shared, monkeypatch: pytest.MonkeyPatch) -> None:
+    """B's refresh and load of a file's state read its size and manifest in one
+    consistent read: A's commit (cut to one slot, slot 0 rewritten) landing right after
+    B's first statement leaves B with the old commit's pair or the new one's, never the
+    old size over the new manifest (the old code's two statements). The commit is run
+    from inside B's first statement's read helper, after it returned."""
+    a, b = two.a, two.b
+    f = a.create(ROOT, b"f", MODE, UID, GID).ino
+    x = [os.urandom(CS) for _ in range(2)]
+    _write_file(a, f, b"".join(x))
+    b.open(f)
+    old = (2 * CS, {0: sha(x[0]), 1: sha(x[1])})
+    real = {mod: mod.rows for mod in (cas.db.namespace, cas.db.manifests)}
+
+    def commit_on_a_after_the_first_read() -> list[bool]:
+        fired: list[bool] = []
+
+        def hooked(mod: Any) -> Callable[..., list[tuple[Any, ...]]]:
+            def call(src: Any, sql: str, args: Any = None) -> list[tuple[Any, ...]]:
+                got = real[mod](src, sql, args)
+                if not fired and "inodes" in sql:
+                    fired.append(True)
+                    y = os.urandom(CS)
+                    a.setattr(f, size=CS)
+                    a.write(f, 0, y)
+                    a.fsync(f)
+                    news.append((CS, {0: sha(y)}))
+                return got
+            return call
+        for mod in real:
+            monkeypatch.setattr(mod, "rows", hooked(mod))
+        return fired
+
+    news: list[tuple[int, dict[int, bytes]]] = []
+    st = b.data.states[f]
+    fired = commit_on_a_after_the_first_read()
+    b.data.refresh(st)
+    assert fired and (st.size, st.manifest) in [old, news[-1]], news
+    for mod, fn in real.items():
+        monkeypatch.setattr(mod, "rows", fn)
+    b.data.states.pop(f)                     # B loads the file's state afresh
+    fired = commit_on_a_after_the_first_read()
+    st2 = b.data.load_state(f)
+    assert fired and (st2.size, st2.manifest) in [news[-2], news[-1]], news
 
 
 def test_namespace_operations_are_checked_in_the_database(two: Shared) -> None:
