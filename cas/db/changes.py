@@ -61,18 +61,19 @@ def since(src: Source, after_id: int, session: int) -> tuple[int, list[Change]]:
     common case: a primary-key read and a primary-key range). No lock (consistent
     reads of what is committed)."""
     out: list[Change] = []
-    got = rows(src, "SELECT m.top, c.id, c.session, c.inode, c.parent, c.name "
-                    "FROM (SELECT COALESCE(MAX(id), 0) AS top FROM changes) AS m "
-                    "LEFT JOIN changes AS c ON c.id > %s AND c.session <> %s ORDER BY c.id LIMIT %s",
+    got = rows(src, "SELECT COALESCE(MAX(id), 0), NULL, NULL, NULL, NULL, NULL FROM changes UNION ALL "
+                    "(SELECT 0, id, session, inode, parent, name FROM changes "
+                    "WHERE id > %s AND session <> %s ORDER BY id LIMIT %s)",
                (after_id, session, POLL_ROWS))
-    top = int(got[0][0])
+    top = max(int(r[0]) for r in got if r[1] is None)
+    batch = sorted((r[1:] for r in got if r[1] is not None), key=lambda r: int(r[0]))
     while True:
-        out.extend(_change(r[1:]) for r in got if r[1] is not None)
-        if len(got) < POLL_ROWS:
+        out.extend(_change(r) for r in batch)
+        if len(batch) < POLL_ROWS:
             return top, out
-        got = rows(src, "SELECT 0, id, session, inode, parent, name FROM changes "
-                        "WHERE id > %s AND session <> %s ORDER BY id LIMIT %s",
-                   (int(got[-1][1]), session, POLL_ROWS))
+        batch = [r[1:] for r in rows(src, "SELECT 0, id, session, inode, parent, name FROM changes "
+                                          "WHERE id > %s AND session <> %s ORDER BY id LIMIT %s",
+                                     (int(batch[-1][0]), session, POLL_ROWS))]
 
 
 def _change(r: Sequence[Any]) -> Change:
