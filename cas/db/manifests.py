@@ -39,6 +39,18 @@ def manifest_of(src: Source, ino: int) -> dict[int, bytes]:
     return {int(s): bytes(c) for s, c in rows(src, "SELECT slot, chunk FROM manifests WHERE inode = %s", (ino,))}
 
 
+def size_and_manifest(src: Source, ino: int) -> tuple[int | None, dict[int, bytes]]:
+    """The committed size (bytes; None: no such inode) and manifest (slot -> chunk id,
+    holes absent) of ``ino``, read in one statement: one consistent read, so the pair is
+    one commit's even while another machine commits the file (a shared volume,
+    docs/sharing.md). No lock."""
+    got = rows(src, "SELECT i.size, m.slot, m.chunk FROM inodes i LEFT JOIN manifests m ON m.inode = i.id "
+                    "WHERE i.id = %s", (ino,))
+    if not got:
+        return None, {}
+    return int(got[0][0]), {int(r[1]): bytes(r[2]) for r in got if r[1] is not None}
+
+
 def chunks_for_update(cur: Cursor, ino: int) -> list[bytes]:
     """The chunk id of every slot of ``ino`` (a chunk once per slot naming it),
     X-locking the manifest rows: the file is being freed and its chunks lose these

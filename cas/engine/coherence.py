@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cas.db import changes as dbchanges
@@ -89,38 +90,55 @@ def level(name: str) -> Level:
 class ChangeFeed:
     """Which change rows of other sessions this mount has not applied yet.
 
-    AUTO_INCREMENT ids are not commit order, so each poll reads every id above ``low``:
-    the highest id this feed had seen at its latest poll that is at least
-    :data:`POLL_WINDOW_S` old (at first: the highest id committed when the mount
-    started). Ids seen since are remembered and skipped. Not thread-safe: the engine
-    calls it under its lock.
+    AUTO_INCREMENT ids are not commit order: an id handed out before a poll may commit
+    after it (within :data:`POLL_WINDOW_S` of its INSERT, see below). So each poll first
+    reads every id above ``low`` (skipping the ids it returned before), and only then
+    raises ``low`` to the ``MAX(id)`` read (in the same statement) by a poll that ended
+    at least :data:`POLL_WINDOW_S` before this one began (a *mark*): every id up to that
+    maximum was handed out before that mark, so its row had committed before this
+    poll's read began, and this read saw it. ``MAX(id)`` counts every session's rows
+    (a primary-key read), so ``low`` also moves past this mount's own rows while the
+    other mounts are idle.
+    :meth:`start` begins with a mark and a ``low`` that every row still uncommitted may
+    lie above (:func:`cas.db.changes.settled_id`), never at the latest id, which rows
+    committing after the mount started may lie below. ``clock`` (seconds, monotonic) is
+    there for tests. Not thread-safe: the engine calls it under its lock.
     """
 
-    def __init__(self, start_id: int, window_s: float = POLL_WINDOW_S) -> None:
+    def __init__(self, start_id: int = 0, window_s: float = POLL_WINDOW_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.window_s = window_s
+        self.clock = clock
         self.low = start_id
-        self.high = start_id
-        self.marks: deque[tuple[float, int]] = deque()   # (monotonic time of a poll, high then)
+        self.marks: deque[tuple[float, int]] = deque()   # (clock at a poll's end, MAX(id) it read)
         self.seen: set[int] = set()
-        self.pruned_at = time.monotonic()
+        self.pruned_at = clock()
+
+    def start(self, src: Source, session: int) -> None:
+        """Begin at a mount's start, before it loads anything: ``low`` = the highest id
+        of the rows older than twice the window (server time), and the rows above it
+        that are committed now count as seen (what they changed is what this mount will
+        load); the rows above it that commit later are returned by later polls.
+        Raises MetaError."""
+        self.low = dbchanges.settled_id(src, 2 * self.window_s)
+        self.poll(src, session)
 
     def poll(self, src: Source, session: int) -> list[Change]:
         """The committed change rows of sessions other than ``session`` not returned
         before, in id order. Raises MetaError."""
-        now = time.monotonic()
-        while self.marks and self.marks[0][0] <= now - self.window_s:
+        begun = self.clock()
+        top, got = dbchanges.since(src, self.low, session)
+        fresh = [c for c in got if c.id not in self.seen]
+        self.seen.update(c.id for c in fresh)
+        while self.marks and self.marks[0][0] <= begun - self.window_s:
             self.low = max(self.low, self.marks.popleft()[1])
-        fresh = [c for c in dbchanges.since(src, self.low, session) if c.id not in self.seen]
         self.seen = {i for i in self.seen if i > self.low}
-        for c in fresh:
-            self.seen.add(c.id)
-            self.high = max(self.high, c.id)
-        self.marks.append((now, self.high))
+        self.marks.append((self.clock(), top))
         return fresh
 
     def prune_due(self) -> bool:
         """Whether it is time to delete old change rows (every PRUNE_EVERY_S)."""
-        now = time.monotonic()
+        now = self.clock()
         if now - self.pruned_at < PRUNE_EVERY_S:
             return False
         self.pruned_at = now

@@ -188,7 +188,11 @@ class FileData:
         return st
 
     def _committed(self, ino: int) -> tuple[int | None, dict[int, bytes]]:
-        """The committed size (None: no such inode) and manifest of ``ino``."""
+        """The committed size (None: no such inode) and manifest of ``ino``. Shared mode:
+        in one statement (one consistent read), so that another machine's commit
+        between two reads cannot pair one commit's size with another's manifest."""
+        if self.shared:
+            return dbmanifests.size_and_manifest(self.db, ino)
         size = ns.inode_size(self.db, ino)
         manifest = dbmanifests.manifest_of(self.db, ino)
         return size, manifest

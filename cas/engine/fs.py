@@ -259,7 +259,8 @@ class Filesystem:
         self.db.lone_bodies = True
         self.data.shared = True
         self.data.log_changes = self._log
-        self.feed = coherence.ChangeFeed(dbchanges.latest_id(self.db))
+        self.feed = coherence.ChangeFeed()
+        self.feed.start(self.db, self.db.session_id)
 
     def _log(self, cur: pymysql.cursors.Cursor, items: list[tuple[int, int | None, bytes | None]]) -> None:
         """Shared mode: record change rows for ``items`` ((inode, dentry parent or None,
@@ -268,23 +269,40 @@ class Filesystem:
         if self.shared and items:
             dbchanges.record(cur, self.db.session_id, items)
 
-    @_locked
     def poll_changes(self, prune: bool = False) -> int:
         """Shared mode: read the change rows other sessions committed since the last
         poll and drop what they name from RAM (attributes, xattrs, small manifests;
         an open file reloads its committed manifest under its dirty slots, and its size
         unless it has changes of its own), then hand them to :attr:`on_changes` (the
-        FUSE layer's kernel invalidations). With ``prune``, now and then delete change
-        rows older than CHANGES_KEEP_S. Returns how many rows were applied (0 when not
-        shared). Raises MetaError."""
+        FUSE layer's kernel invalidations). With ``prune``, now and then (every
+        PRUNE_EVERY_S) delete change rows older than CHANGES_KEEP_S, after the poll and
+        outside the engine lock (:meth:`prune_changes`). Returns how many rows were
+        applied (0 when not shared). Raises MetaError."""
+        applied, due = self._poll_changes(prune)
+        if due:
+            self.prune_changes()
+        return applied
+
+    @_locked
+    def _poll_changes(self, prune: bool) -> tuple[int, bool]:
+        """:meth:`poll_changes` under the engine lock: (rows applied, whether a prune is
+        due)."""
         if self.feed is None:
-            return 0
+            return 0, False
         rows = self.feed.poll(self.db, self.db.session_id)
         if rows:
             self._apply_changes(rows)
-        if prune and self.feed.prune_due():
-            dbchanges.prune(self.db, coherence.CHANGES_KEEP_S)
-        return len(rows)
+        return len(rows), prune and self.feed.prune_due()
+
+    def prune_changes(self) -> int:
+        """Delete every change row older than CHANGES_KEEP_S (cas.db.changes.prune, in
+        batches until none is left) on a connection of its own, without the engine
+        lock: requests go on meanwhile. Returns how many rows went. Raises MetaError."""
+        other = Database(self.db.target)
+        try:
+            return dbchanges.prune(other, coherence.CHANGES_KEEP_S)
+        finally:
+            other.close()
 
     def _apply_changes(self, rows: list[Change]) -> None:
         refresh: set[int] = set()

@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pymysql
 import pytest
 
 import cas.db.database
+import cas.db.manifests
+import cas.db.namespace
 import cas.maint.fsck
+from cas.db.changes import POLL_ROWS
 from cas.db.server import EmbeddedServer
+from cas.engine.coherence import PRUNE_EVERY_S, ChangeFeed
 from cas.engine.fs import Filesystem
 from cas.errors import FsError
 from tests.engine.test_fs import CS, ROOT, UID, GID, Engine, expected_refs, sha
@@ -129,6 +135,154 @@ def test_change_log_window_sees_a_row_committed_after_a_later_one(two: Shared) -
     assert a.poll_changes() == 1 and seen == [late, early]
     assert a.getattr(d).mode & 0o777 == 0o700     # dropped from RAM, read again
     assert a.poll_changes() == 0 and seen == [late, early]   # never twice
+
+
+class FakeClock:
+    """A monotonic clock (seconds) the test moves by hand."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _slow_change(two: Shared, inode: int) -> tuple[pymysql.connections.Connection, int]:
+    """Another machine's transaction that inserted a change row for ``inode`` and has not
+    committed: (its connection, the row's id)."""
+    slow = pymysql.connect(unix_socket=str(two.eng.server.socket), user="root", password="",
+                           database=two.eng.dbname, autocommit=False)
+    with slow.cursor() as cur:
+        cur.execute("INSERT INTO changes (session, inode) VALUES (7, %s)", (inode,))
+        cur.execute("SELECT LAST_INSERT_ID()")
+        return slow, int(cur.fetchone()[0])
+
+
+def test_polls_further_apart_than_the_window_see_a_row_committed_late(two: Shared) -> None:
+    """At `eventual` polls are 10 s apart, twice the window: a row whose id was handed
+    out before the poll at 100 s and that commits just after it is returned by the poll
+    at 110 s (the old feed raised ``low`` past it before reading), once. And a mount
+    that writes while the others are idle moves ``low`` past its own rows."""
+    a = two.a
+    clock = FakeClock(90.0)
+    a.feed = ChangeFeed(clock=clock)
+    a.feed.start(a.db, a.db.session_id)
+    seen: list[int] = []
+    a.on_changes = lambda rows: seen.extend(c.id for c in rows)
+    slow, early = _slow_change(two, ROOT)
+    try:
+        two.q("INSERT INTO changes (session, inode) VALUES (7, %s)", (ROOT,))
+        late = int(two.q("SELECT MAX(id) FROM changes")[0][0])
+        clock.now = 100.0
+        assert a.poll_changes() == 1 and seen == [late]
+        slow.commit()                # at 100.01 s
+    finally:
+        slow.close()
+    clock.now = 110.0
+    assert a.poll_changes() == 1 and seen == [late, early]
+    clock.now = 120.0
+    assert a.poll_changes() == 0 and seen == [late, early]   # never twice
+    # a lone writer: A's own rows are never returned, and ``low`` passes them
+    for i in range(3):
+        a.mkdir(ROOT, b"lone%d" % i, 0o755, UID, GID)
+    mine = int(two.q("SELECT MAX(id) FROM changes")[0][0])
+    assert mine > late
+    for t in (130.0, 140.0, 150.0):
+        clock.now = t
+        assert a.poll_changes() == 0
+    assert a.feed.low >= mine and not a.feed.seen
+
+
+def test_a_mount_sees_a_lower_id_that_commits_after_it_started(two: Shared) -> None:
+    """A mount starting while a change row with a lower id than the latest is not yet
+    committed sees it once it commits (the old feed started at the latest id)."""
+    slow, early = _slow_change(two, ROOT)
+    try:
+        two.q("INSERT INTO changes (session, inode) VALUES (7, %s)", (ROOT,))
+        late = int(two.q("SELECT MAX(id) FROM changes")[0][0])
+        c = two._open(3)             # starts now: late is committed, early is not
+        seen: list[int] = []
+        c.on_changes = lambda rows: seen.extend(ch.id for ch in rows)
+        assert c.poll_changes() == 0
+        slow.commit()
+    finally:
+        slow.close()
+    assert late > early
+    assert c.poll_changes() == 1 and seen == [early]
+
+
+def test_prune_deletes_every_old_row_without_the_engine_lock(two: Shared) -> None:
+    """Pruning deletes every row older than CHANGES_KEEP_S, more than one batch, and
+    runs on a connection of its own while another thread holds the engine lock (the old
+    prune deleted at most one batch a minute, under the lock)."""
+    a = two.a
+    with two.eng.admin.cursor() as cur:
+        cur.executemany("INSERT INTO changes (session, inode, at) VALUES (%s, %s, NOW(6) - INTERVAL 10 MINUTE)",
+                        [(9, i) for i in range(2 * POLL_ROWS + 7)])
+        cur.execute("INSERT INTO changes (session, inode) VALUES (9, 1)")   # recent: kept
+    done: list[int] = []
+    with a.lock:
+        t = threading.Thread(target=lambda: done.append(a.prune_changes()), daemon=True)
+        t.start()
+        t.join(timeout=120)
+    assert done == [2 * POLL_ROWS + 7]
+    assert two.q("SELECT COUNT(*) FROM changes")[0][0] == 1
+    # the background poll's path: due after PRUNE_EVERY_S
+    with two.eng.admin.cursor() as cur:
+        cur.executemany("INSERT INTO changes (session, inode, at) VALUES (%s, %s, NOW(6) - INTERVAL 10 MINUTE)",
+                        [(9, i) for i in range(POLL_ROWS + 1)])
+    clock = FakeClock(0.0)
+    a.feed = ChangeFeed(clock=clock)
+    a.feed.start(a.db, a.db.session_id)
+    clock.now = PRUNE_EVERY_S + 1
+    a.poll_changes(prune=True)
+    assert two.q("SELECT COUNT(*) FROM changes")[0][0] == 1
+
+
+def test_a_file_state_is_read_from_one_commit(two: Shared, monkeypatch: pytest.MonkeyPatch) -> None:
+    """B's refresh and load of a file's state read its size and manifest in one
+    consistent read: A's commit (cut to one slot, slot 0 rewritten) landing right after
+    B's first statement leaves B with the old commit's pair or the new one's, never the
+    old size over the new manifest (the old code's two statements). The commit is run
+    from inside B's first statement's read helper, after it returned."""
+    a, b = two.a, two.b
+    f = a.create(ROOT, b"f", MODE, UID, GID).ino
+    x = [os.urandom(CS) for _ in range(2)]
+    _write_file(a, f, b"".join(x))
+    b.open(f)
+    old = (2 * CS, {0: sha(x[0]), 1: sha(x[1])})
+    real = {mod: mod.rows for mod in (cas.db.namespace, cas.db.manifests)}
+
+    def commit_on_a_after_the_first_read() -> list[bool]:
+        fired: list[bool] = []
+
+        def hooked(mod: Any) -> Callable[..., list[tuple[Any, ...]]]:
+            def call(src: Any, sql: str, args: Any = None) -> list[tuple[Any, ...]]:
+                got = real[mod](src, sql, args)
+                if not fired and "inodes" in sql:
+                    fired.append(True)
+                    y = os.urandom(CS)
+                    a.setattr(f, size=CS)
+                    a.write(f, 0, y)
+                    a.fsync(f)
+                    news.append((CS, {0: sha(y)}))
+                return got
+            return call
+        for mod in real:
+            monkeypatch.setattr(mod, "rows", hooked(mod))
+        return fired
+
+    news: list[tuple[int, dict[int, bytes]]] = []
+    st = b.data.states[f]
+    fired = commit_on_a_after_the_first_read()
+    b.data.refresh(st)
+    assert fired and (st.size, st.manifest) in [old, news[-1]], news
+    for mod, fn in real.items():
+        monkeypatch.setattr(mod, "rows", fn)
+    b.data.states.pop(f)                     # B loads the file's state afresh
+    fired = commit_on_a_after_the_first_read()
+    st2 = b.data.load_state(f)
+    assert fired and (st2.size, st2.manifest) in [news[-2], news[-1]], news
 
 
 def test_namespace_operations_are_checked_in_the_database(two: Shared) -> None:
