@@ -46,10 +46,13 @@ class Change(NamedTuple):
 def record(cur: Cursor, session: int, items: Sequence[tuple[int, int | None, bytes | None]]) -> None:
     """Insert one change row per (inode, parent or None, name or None) of ``items`` for
     ``session``, in the caller's transaction (they commit with the change they name).
-    One multi-row INSERT per BATCH_ROWS rows. Locks: X on the new rows."""
+    One multi-row INSERT per BATCH_ROWS rows; ``at`` is server time in UTC
+    (``UTC_TIMESTAMP(6)``, as :func:`prune` compares it: a DST change moves nothing).
+    Locks: X on the new rows."""
     for part in batches([(session, ino, parent, name) for ino, parent, name in items]):
         text, args = values(part)
-        cur.execute("INSERT INTO changes (session, inode, parent, name) VALUES " + text, args)
+        text = text.replace("%s)", "%s,UTC_TIMESTAMP(6))")
+        cur.execute("INSERT INTO changes (session, inode, parent, name, at) VALUES " + text, args)
 
 
 def since(src: Source, after_id: int, session: int) -> list[Change]:
@@ -75,8 +78,8 @@ def latest_id(src: Source) -> int:
 
 
 def prune(src: Source, older_than_s: float) -> int:
-    """Delete change rows older than ``older_than_s`` seconds (server time), at most
+    """Delete change rows older than ``older_than_s`` seconds (server time, UTC), at most
     POLL_ROWS per call; returns how many went. Locks: X on the deleted rows (by the
     ``at_idx`` range), which no writer waits for."""
-    return execute(src, "DELETE FROM changes WHERE at < NOW(6) - INTERVAL %s MICROSECOND LIMIT %s",
+    return execute(src, "DELETE FROM changes WHERE at < UTC_TIMESTAMP(6) - INTERVAL %s MICROSECOND LIMIT %s",
                    (int(older_than_s * 1e6), POLL_ROWS))
