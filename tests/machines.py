@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pymysql
 import pytest
 
 from cas.db.server import EmbeddedServer
@@ -120,7 +121,8 @@ class Machines:
 
 @pytest.fixture
 def two_machines(tmp_path: Path, mysql_server: EmbeddedServer) -> Iterator[Machines]:
-    """Two machines A and B (see the module docstring) and a fresh database name."""
+    """Two machines A and B (see the module docstring) and a fresh database name, dropped
+    in the finalizer after both sides are unmounted."""
     a = machine(tmp_path, mysql_server, "A")
     b = machine(tmp_path, mysql_server, "B")
     m = Machines(a, b, f"m{os.getpid()}_{next(_counter)}")
@@ -134,4 +136,17 @@ def two_machines(tmp_path: Path, mysql_server: EmbeddedServer) -> Iterator[Machi
             try:
                 b.cleanup()
             finally:
-                a.cleanup()
+                try:
+                    a.cleanup()
+                finally:
+                    drop_database(mysql_server, m.database)
+
+
+def drop_database(server: EmbeddedServer, name: str) -> None:
+    """``DROP DATABASE IF EXISTS name`` on ``server`` (root over its unix socket)."""
+    conn = pymysql.connect(unix_socket=str(server.socket), user="root", password="", autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+    finally:
+        conn.close()

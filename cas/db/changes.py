@@ -46,10 +46,13 @@ class Change(NamedTuple):
 def record(cur: Cursor, session: int, items: Sequence[tuple[int, int | None, bytes | None]]) -> None:
     """Insert one change row per (inode, parent or None, name or None) of ``items`` for
     ``session``, in the caller's transaction (they commit with the change they name).
-    One multi-row INSERT per BATCH_ROWS rows. Locks: X on the new rows."""
+    One multi-row INSERT per BATCH_ROWS rows; ``at`` is server time in UTC
+    (``UTC_TIMESTAMP(6)``, as :func:`prune` compares it: a DST change moves nothing).
+    Locks: X on the new rows."""
     for part in batches([(session, ino, parent, name) for ino, parent, name in items]):
         text, args = values(part)
-        cur.execute("INSERT INTO changes (session, inode, parent, name) VALUES " + text, args)
+        text = text.replace("%s)", "%s,UTC_TIMESTAMP(6))")
+        cur.execute("INSERT INTO changes (session, inode, parent, name, at) VALUES " + text, args)
 
 
 def since(src: Source, after_id: int, session: int) -> tuple[int, list[Change]]:
@@ -83,22 +86,22 @@ def _change(r: Sequence[Any]) -> Change:
 
 def settled_id(src: Source, older_than_s: float) -> int:
     """The highest id of the change rows inserted more than ``older_than_s`` seconds ago
-    (server time; 0 for none): where a new mount starts polling. Every row with a lower
+    (server time, UTC; 0 for none): where a new mount starts polling. Every row with a lower
     id was inserted before that one, so (committing within the poll window of its
     INSERT) it is committed already. One ``at_idx`` range read, no lock."""
-    return int(rows(src, "SELECT COALESCE(MAX(id), 0) FROM changes WHERE at < NOW(6) - INTERVAL %s MICROSECOND",
+    return int(rows(src, "SELECT COALESCE(MAX(id), 0) FROM changes WHERE at < UTC_TIMESTAMP(6) - INTERVAL %s MICROSECOND",
                     (int(older_than_s * 1e6),))[0][0])
 
 
 def prune(src: Source, older_than_s: float) -> int:
-    """Delete change rows older than ``older_than_s`` seconds (server time), POLL_ROWS
+    """Delete change rows older than ``older_than_s`` seconds (server time, UTC), POLL_ROWS
     per statement (each its own autocommit on a Database), until a statement deletes
     fewer; returns how many went. Locks: X on the deleted rows (by the ``at_idx``
     range), which no writer waits for. Run it on a connection of its own, outside the
     engine lock (cas.engine.fs.Filesystem.prune_changes)."""
     total = 0
     while True:
-        n = execute(src, "DELETE FROM changes WHERE at < NOW(6) - INTERVAL %s MICROSECOND LIMIT %s",
+        n = execute(src, "DELETE FROM changes WHERE at < UTC_TIMESTAMP(6) - INTERVAL %s MICROSECOND LIMIT %s",
                     (int(older_than_s * 1e6), POLL_ROWS))
         total += n
         if n < POLL_ROWS:

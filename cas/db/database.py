@@ -2,7 +2,8 @@
 
 PyMySQL errors are converted to :class:`~cas.errors.MetaError` here, where they enter the
 engine. The session runs in READ COMMITTED with autocommit on; :meth:`Database.transaction` runs
-an explicit transaction, retried whole on deadlock (1213) and lock wait timeout (1205).
+an explicit transaction, retried whole on deadlock (1213), lock wait timeout (1205) and
+a failed ``NOWAIT`` lock (MariaDB reports 1205, MySQL 8 reports 3572).
 ``schema.sql`` (repository root) is the single source of truth of the schema; the
 package reads it as ``cas/schema.sql``, a symlink to it in the repository that sdists
 and wheels carry as a regular file (docs/install.md).
@@ -35,7 +36,7 @@ SCHEMA_VERSION = 5
 SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schema.sql"   # package data (docs/install.md)
 EMBEDDED_DB = "casfs"
 ROOT_INODE = 1
-_RETRY_CODES = {1213, 1205}
+_RETRY_CODES = {1213, 1205, 3572}   # 3572: MySQL 8's ER_LOCK_NOWAIT
 #: "server gone" client errors (CR_CONNECTION_ERROR 2002, CR_CONN_HOST_ERROR 2003,
 #: CR_SERVER_GONE_ERROR 2006, CR_SERVER_LOST 2013): the server died or restarts
 SERVER_GONE_CODES = {2002, 2003, 2006, 2013}
@@ -435,7 +436,8 @@ class Database:
             self._group_open = False
 
     def transaction(self, body: Callable[[pymysql.cursors.Cursor], T], retries: int = 20, ops: int = 1) -> T:
-        """Run ``body(cursor)`` in one transaction and commit; retry on deadlock.
+        """Run ``body(cursor)`` in one transaction and commit; retry on deadlock, lock
+        wait timeout and a failed NOWAIT (``_RETRY_CODES``).
 
         ``body`` may run more than once, so it must not have effects outside the
         database that a retry would repeat wrongly. Raises MetaError; on any exception

@@ -4,10 +4,11 @@
 A session is one row per running mount: id, host, pid, the mount's local chunk store
 (cas.config.volume.Volume.store), its mode ('exclusive' on a volume that is not shared,
 'shared' on one that is), its consistency level, and a heartbeat in server time
-(``NOW(6)``), renewed every :func:`heartbeat_interval_s` seconds on a connection of its
+(UTC, ``UTC_TIMESTAMP(6)``: a DST change of the server's or the connection's time
+zone moves no heartbeat), renewed every :func:`heartbeat_interval_s` seconds on a connection of its
 own. A session is *live* while its heartbeat is younger than the timeout
 (:func:`timeout_s`: 60 s, or env ``CASFS_SESSION_TIMEOUT_S``), *dead* after; every
-liveness test here is computed by the server (``heartbeat >= NOW(6) - INTERVAL``) so
+liveness test here is computed by the server (``heartbeat >= UTC_TIMESTAMP(6) - INTERVAL``) so
 that clocks of the machines do not matter. A session of this host whose process is gone
 is dead at once (:func:`is_stale_here`): a mount killed with -9 does not block the next
 mount of the same machine for a timeout.
@@ -125,8 +126,8 @@ def list_sessions(src: Source, timeout: float | None = None, store_of_first: str
     t = timeout_s() if timeout is None else timeout
     found = rows(src, "SELECT id, host, pid, store, mode, consistency, "
                       "DATE_FORMAT(started, '%%Y-%%m-%%d %%H:%%i:%%s'), "
-                      "TIMESTAMPDIFF(MICROSECOND, heartbeat, NOW(6)), "
-                      "heartbeat >= NOW(6) - INTERVAL %s MICROSECOND FROM sessions ORDER BY id", (_us(t),))
+                      "TIMESTAMPDIFF(MICROSECOND, heartbeat, UTC_TIMESTAMP(6)), "
+                      "heartbeat >= UTC_TIMESTAMP(6) - INTERVAL %s MICROSECOND FROM sessions ORDER BY id", (_us(t),))
     held: dict[Any, Any] = {}
     queued: dict[str, int] = {}
     if counts and found:
@@ -158,10 +159,12 @@ def register(cur: Cursor, *, host: str, pid: int, store: str, mode: str, consist
     (exclusive) to the caller's COMMIT; the caller holds :data:`LOCK_KEY` and has checked
     :func:`live_others`."""
     if session_id:
-        cur.execute("INSERT INTO sessions (id, host, pid, store, mode, consistency) "
-                    "VALUES (%s, %s, %s, %s, %s, %s)", (session_id, host, pid, store, mode, consistency))
+        cur.execute("INSERT INTO sessions (id, host, pid, store, mode, consistency, started, heartbeat) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
+                    (session_id, host, pid, store, mode, consistency))
         return session_id
-    cur.execute("INSERT INTO sessions (host, pid, store, mode, consistency) VALUES (%s, %s, %s, %s, %s)",
+    cur.execute("INSERT INTO sessions (host, pid, store, mode, consistency, started, heartbeat) "
+                "VALUES (%s, %s, %s, %s, %s, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
                 (host, pid, store, mode, consistency))
     return int(cur.lastrowid)
 
@@ -172,11 +175,18 @@ def lock_registrations(cur: Cursor) -> None:
     volume.lock_value(cur, LOCK_KEY, "0")
 
 
-def heartbeat(src: Source, session: int) -> bool:
-    """Renew ``session``'s heartbeat (server time). False when its row is gone: another
-    mount reaped it. Locks the session's row for this statement (autocommitted on the
-    Database)."""
-    return execute(src, "UPDATE sessions SET heartbeat = NOW(6) WHERE id = %s", (session,)) > 0
+def heartbeat(src: Source, session: int, timeout: float | None = None) -> bool:
+    """Renew ``session``'s heartbeat (server time, UTC). False when its row is gone:
+    another mount reaped it. The time written is the time the row is written, not the
+    statement's start (``UTC_TIMESTAMP(6)``, like ``NOW(6)``, is the start): an UPDATE
+    that waited for the row's lock adds the wait, measured by ``SYSDATE(6)`` (execution
+    time) minus ``NOW(6)`` and bounded to [0, timeout] so that a shift of the session's
+    time zone during the wait (DST) cannot push the heartbeat far into the future.
+    Locks the session's row for this statement (autocommitted on the Database)."""
+    t = timeout_s() if timeout is None else timeout
+    return execute(src, "UPDATE sessions SET heartbeat = UTC_TIMESTAMP(6) + INTERVAL "
+                        "LEAST(GREATEST(TIMESTAMPDIFF(MICROSECOND, NOW(6), SYSDATE(6)), 0), %s) MICROSECOND "
+                        "WHERE id = %s", (_us(t), session)) > 0
 
 
 def end(cur: Cursor, session: int) -> int:
@@ -209,7 +219,7 @@ def release_sustained(cur: Cursor, session: int, ino: int, timeout: float | None
     if session:
         cur.execute("DELETE FROM sustained WHERE session = %s AND inode = %s", (session, ino))
     cur.execute("SELECT x.id, x.host, x.pid FROM sustained s JOIN sessions x ON x.id = s.session "
-                "WHERE s.inode = %s AND s.session <> %s AND x.heartbeat >= NOW(6) - INTERVAL %s MICROSECOND",
+                "WHERE s.inode = %s AND s.session <> %s AND x.heartbeat >= UTC_TIMESTAMP(6) - INTERVAL %s MICROSECOND",
                 (ino, session, _us(t)))
     return any(not is_stale_here(str(h), int(p)) for _, h, p in cur.fetchall())
 
@@ -271,8 +281,8 @@ def free_unlinked(cur: Cursor, ino: int, session: int = 0, timeout: float | None
 
 def _lock_chunks_nowait(cur: Cursor, ids: Sequence[bytes]) -> None:
     """X-lock the chunk rows ``ids`` (sorted) in id order, failing at once (``NOWAIT``:
-    MySQL error 1205, which Database.transaction retries whole after a back-off) instead
-    of waiting for a row another transaction holds. A reaper holds several chunk rows;
+    MariaDB error 1205, MySQL 8 error 3572, both of which Database.transaction retries
+    whole after a back-off) instead of waiting for a row another transaction holds. A reaper holds several chunk rows;
     waiting for one while a mount's group waits for another it holds would close a
     cycle (docs/metadata.md, "Lock order"), so it never waits for a chunk row: a
     mount's group may wait for it, never the other way round."""
@@ -294,7 +304,7 @@ def lock_dead(cur: Cursor, session: int, timeout: float | None = None) -> Sessio
     dead; None when it is gone, alive again (fresh heartbeat, a running process of this
     host), or another reaper holds it. Locks that row (exclusive) to the caller's COMMIT."""
     t = timeout_s() if timeout is None else timeout
-    cur.execute("SELECT id, host, pid, store, mode, consistency, heartbeat >= NOW(6) - INTERVAL %s MICROSECOND "
+    cur.execute("SELECT id, host, pid, store, mode, consistency, heartbeat >= UTC_TIMESTAMP(6) - INTERVAL %s MICROSECOND "
                 "FROM sessions WHERE id = %s FOR UPDATE SKIP LOCKED", (_us(t), session))
     r = cur.fetchone()
     if r is None:
@@ -313,7 +323,7 @@ def expire_leases(cur: Cursor, dead: SessionRow, timeout: float | None = None) -
     those pack rows (exclusive) to the caller's COMMIT."""
     t = timeout_s() if timeout is None else timeout
     cur.execute("SELECT COUNT(*) FROM sessions WHERE host = %s AND pid = %s AND id <> %s "
-                "AND heartbeat >= NOW(6) - INTERVAL %s MICROSECOND", (dead.host, dead.pid, dead.id, _us(t)))
+                "AND heartbeat >= UTC_TIMESTAMP(6) - INTERVAL %s MICROSECOND", (dead.host, dead.pid, dead.id, _us(t)))
     if int(cur.fetchone()[0]):
         return 0
     prefix = f"{dead.host}:{dead.pid}:".replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

@@ -64,8 +64,14 @@ class SessionKeeper:
     inodes unlinked while open). Thread-safe: the connection is used by the thread only,
     between :meth:`start_thread` and :meth:`stop`."""
 
-    def __init__(self, db: Database, vol_name: str, store: str, consistency: str) -> None:
+    def __init__(self, db: Database, vol_name: str, store: str, consistency: str,
+                 expect_shared: bool | None = None, exclusive: bool = False) -> None:
         self.db = db
+        # an exclusive session even on a shared volume (`fsck --repair`: no mount may run)
+        self.exclusive = exclusive
+        # the mode the mount's engine runs in (None: whatever the volume says): registering
+        # in the other mode is refused, the engine and the session must agree
+        self.expect_shared = expect_shared
         self.vol_name = vol_name
         self.store = store
         self.consistency = consistency
@@ -73,12 +79,18 @@ class SessionKeeper:
         self.shared = False
         self.timeout = dbsessions.timeout_s()
         self.interval = dbsessions.heartbeat_interval_s(self.timeout)
+        self.join_timeout_s = max(30.0, 2 * self.interval)   # stop() waits this long for the thread
         self.reaped = 0            # dead sessions this keeper reaped
         self.freed = 0             # inodes freed while reaping
         self._stop = threading.Event()
+        self._ending = threading.Event()   # stop() ends the session: never register or reap again
         self._healthy_since: float | None = _boottime()   # since when heartbeats run without a gap
         self._last_ok = _boottime()
         self._thread: threading.Thread | None = None
+        # a thread stop() stopped waiting for closes its connection itself when it ends
+        self._handover = threading.Lock()
+        self._thread_done = False
+        self._orphaned = False
         # an embedded volume's server, held as one more user so that it outlives the
         # engine's close until the session has ended (cas.db.server.EmbeddedServer)
         self.server: EmbeddedServer | None = None
@@ -92,15 +104,20 @@ class SessionKeeper:
         def body(cur: Cursor) -> tuple[int, bool]:
             dbsessions.lock_registrations(cur)
             shared = dbvolume.is_shared(cur)
-            why = _conflict(self.vol_name, shared, dbsessions.live_others(cur, session_id, self.timeout))
+            if self.expect_shared is not None and shared != self.expect_shared:
+                raise VolumeError(f"volume {self.vol_name} became {'shared' if shared else 'not shared'} "
+                                  "while mounting; mount again")
+            why = _conflict(self.vol_name, shared and not self.exclusive,
+                            dbsessions.live_others(cur, session_id, self.timeout))
             if why is not None:
                 raise VolumeError(why)
-            mode = dbsessions.SHARED if shared else dbsessions.EXCLUSIVE
+            mode = dbsessions.SHARED if shared and not self.exclusive else dbsessions.EXCLUSIVE
             sid = dbsessions.register(cur, host=host, pid=pid, store=self.store, mode=mode,
                                       consistency=self.consistency, session_id=session_id)
             return sid, shared
 
         self.session_id, self.shared = self.db.transaction(body)
+        self.expect_shared = self.shared   # a registration again (after a reaping) keeps the mode
 
     # -- the thread ------------------------------------------------------------------------
     def start_thread(self) -> None:
@@ -109,13 +126,19 @@ class SessionKeeper:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.beat()
-            except CasError as exc:   # the database is away: the next beat tries again
-                log.warning("session %d: heartbeat failed: %s", self.session_id, str(exc).splitlines()[0])
-            except Exception:  # noqa: BLE001 - the next beat tries again; the mount goes on
-                log.exception("session %d: heartbeat or reaping failed", self.session_id)
+        try:
+            while not self._stop.wait(self.interval):
+                try:
+                    self.beat()
+                except CasError as exc:   # the database is away: the next beat tries again
+                    log.warning("session %d: heartbeat failed: %s", self.session_id, str(exc).splitlines()[0])
+                except Exception:  # noqa: BLE001 - the next beat tries again; the mount goes on
+                    log.exception("session %d: heartbeat or reaping failed", self.session_id)
+        finally:
+            with self._handover:
+                self._thread_done = True
+                if self._orphaned:
+                    self.db.close()
 
     def beat(self) -> None:
         """One heartbeat, then reap dead sessions. Raises MetaError (the thread logs it).
@@ -124,26 +147,57 @@ class SessionKeeper:
         has itself beaten without a gap for a whole timeout (:meth:`may_reap_by_age`):
         after an outage of the database, or a sleep of this machine, every live mount's
         heartbeat is old too, and the first keeper back must not reap the others. A
-        session of this host whose process is gone is reaped at once."""
-        now = _boottime()
+        session of this host whose process is gone is reaped at once.
+
+        The time of this beat is taken after the heartbeat statement returned: a
+        statement that blocked (a row lock, a slow server) for over timeout / 2 counts
+        as a gap, like a stall between beats."""
+        if self._renew():
+            self.reap(by_age=self.may_reap_by_age())
+
+    def _renew(self) -> bool:
+        """Renew the heartbeat (see :meth:`beat`); register again under the same id when
+        another mount reaped this session. False when it could not register again (or the
+        keeper is stopping). Raises MetaError."""
+        before = _boottime()
         try:
-            ok = dbsessions.heartbeat(self.db, self.session_id)
+            ok = dbsessions.heartbeat(self.db, self.session_id, self.timeout)
         except CasError:
             self._healthy_since = None
             raise
-        if self._healthy_since is None or now - self._last_ok > self.timeout / 2:
-            self._healthy_since = now     # first beat after a failure, or after a stall
+        now = _boottime()
+        if (self._healthy_since is None or now - self._last_ok > self.timeout / 2
+                or now - before > self.timeout / 2):
+            self._healthy_since = now     # first beat after a failure, a stall or a slow beat
         self._last_ok = now
-        if not ok:
-            log.error("session %d was reaped by another mount (no heartbeat for over %.0f s): inodes "
-                      "this mount kept open after their unlink may have been freed; registering again",
-                      self.session_id, self.timeout)
-            try:
-                self.register(self.session_id)
-            except VolumeError as exc:
-                log.critical("session %d cannot register again: %s", self.session_id, exc)
-                return
-        self.reap(by_age=self.may_reap_by_age())
+        if ok:
+            return True
+        if self._ending.is_set():         # ended by stop() meanwhile: stay out
+            return False
+        log.error("session %d was reaped by another mount (no heartbeat for over %.0f s): inodes "
+                  "this mount kept open after their unlink may have been freed; registering again",
+                  self.session_id, self.timeout)
+        try:
+            self.register(self.session_id)
+        except VolumeError as exc:
+            log.critical("session %d cannot register again: %s", self.session_id, exc)
+            return False
+        return True
+
+    def _keep_beating(self, by_age: bool) -> bool:
+        """Called between the steps of a reap: renew the heartbeat when an interval has
+        passed since the last one, so that a long reap (many sustained inodes, NOWAIT
+        retries) never lets this session's own heartbeat age past the timeout. False when
+        the reap must stop: the keeper is stopping, the session is gone, or (``by_age``)
+        this beat found a gap, so reaping by age is no longer allowed."""
+        if self._ending.is_set():
+            return False
+        if _boottime() - self._last_ok < self.interval:
+            return True
+        since = self._healthy_since
+        if not self._renew():
+            return False
+        return not by_age or self._healthy_since == since
 
     def may_reap_by_age(self) -> bool:
         """Whether this keeper's heartbeats have run without a gap for a whole timeout
@@ -158,15 +212,22 @@ class SessionKeeper:
         for dead in dbsessions.dead_sessions(self.db, self.session_id, self.timeout):
             if not by_age and not dbsessions.is_stale_here(dead.host, dead.pid):
                 continue
-            if self._reap_one(dead):
+            if not self._keep_beating(by_age):
+                break
+            if self._reap_one(dead, by_age):
                 n += 1
         return n
 
-    def _reap_one(self, dead: dbsessions.SessionRow) -> bool:
+    def _reap_one(self, dead: dbsessions.SessionRow, by_age: bool = True) -> bool:
         """Free ``dead``'s sustained inodes (one transaction each), expire its pack
-        leases and delete its row; False when another reaper holds it or it came back."""
+        leases and delete its row; False when another reaper holds it, it came back, or
+        the reap stopped half-way (:meth:`_keep_beating`; the next beat goes on). The
+        heartbeat is renewed between the inodes when an interval has passed."""
         freed = 0
         for ino in dbsessions.sustained_by(self.db, dead.id):
+            if not self._keep_beating(by_age):
+                self.freed += freed
+                return False
             def free(cur: Cursor, ino: int = ino) -> bool | None:
                 if dbsessions.lock_dead(cur, dead.id, self.timeout) is None:
                     return None
@@ -199,12 +260,23 @@ class SessionKeeper:
         """Stop the thread and end the session (its sustained rows and its row go), then
         close the keeper's connection. Never raises: a session that cannot be ended is
         reaped by another mount after the timeout (or at this machine's next mount)."""
+        self._ending.set()
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=max(30.0, 2 * self.interval))
+            self._thread.join(timeout=self.join_timeout_s)
+        # a thread still in a statement keeps its connection (a connection is never used
+        # by two threads): the session ends on a fresh one, the thread's goes with it
+        with self._handover:
+            busy = self._thread is not None and not self._thread_done
+            self._orphaned = busy
+        db = self.db
         try:
+            if busy:
+                log.warning("session %d: the heartbeat thread is still busy; ending the session on "
+                            "a new connection", self.session_id)
+                db = Database(self.db.target)
             if self.session_id:
-                left = self.db.transaction(lambda cur: dbsessions.end(cur, self.session_id))
+                left = db.transaction(lambda cur: dbsessions.end(cur, self.session_id))
                 if left:
                     log.warning("session %d ended with %d sustained inodes not freed: the next "
                                 "start-up recovery frees them", self.session_id, left)
@@ -212,17 +284,26 @@ class SessionKeeper:
             log.error("cannot end session %d (%s): another mount reaps it after %.0f s", self.session_id,
                       exc, self.timeout)
         finally:
-            self.db.close()
+            if db is not self.db:
+                db.close()
+            if not busy:
+                self.db.close()
             if self.server is not None:
                 self.server.release()
                 self.server = None
 
 
-def start(meta: Metadata, consistency: str = "session") -> SessionKeeper:
+def start(meta: Metadata, consistency: str = "session", shared: bool | None = None,
+          exclusive: bool = False) -> SessionKeeper:
     """Register a session for the mount of ``meta`` (a connection of its own), set
-    ``meta.db.session_id`` and start the heartbeat thread. Returns the keeper (stop it at
-    unmount). Raises VolumeError (refused: another session's mode forbids this mount;
-    one line), MetaError."""
+    ``meta.db.session_id`` and start the heartbeat thread. ``shared``: the mode the
+    mount's engine was built in (``is_shared`` read before); the registration, which reads
+    it again under the registration lock, is refused when the volume changed meanwhile (a
+    `casfs join` elsewhere), so that the session and the engine never disagree. Returns
+    the keeper (stop it at unmount). Raises VolumeError (refused: another session's mode
+    forbids this mount, or the volume became shared while mounting; one line), MetaError.
+    ``exclusive``: register an exclusive session whatever the volume's mode (`casfs fsck
+    --repair` holds one for its length: no mount starts meanwhile, on any machine)."""
     server = None
     if meta.server is not None:
         server = EmbeddedServer(meta.server.datadir, meta.server.run_dir, meta.server.log_dir)
@@ -233,7 +314,8 @@ def start(meta: Metadata, consistency: str = "session") -> SessionKeeper:
         if server is not None:
             server.release()
         raise
-    keeper = SessionKeeper(db, meta.volume.name, meta.volume.store, consistency)
+    keeper = SessionKeeper(db, meta.volume.name, meta.volume.store, consistency, expect_shared=shared,
+                           exclusive=exclusive)
     keeper.server = server
     try:
         keeper.register()

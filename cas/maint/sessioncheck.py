@@ -45,9 +45,11 @@ class SessionReport:
 
 def check(meta: Metadata, repair: bool = False) -> SessionReport:
     """The report of the module docstring; with ``repair`` free the inodes of orphan
-    sustained rows. Raises MetaError."""
+    sustained rows. The caller's own session (``meta.db.session_id``: `fsck --repair`'s
+    exclusive session) is not listed. Raises MetaError."""
     db = meta.db
-    r = SessionReport(sessions=dbsessions.list_sessions(db, store_of_first=uuid.UUID(meta.volume.uuid).hex))
+    r = SessionReport(sessions=[s for s in dbsessions.list_sessions(db, store_of_first=uuid.UUID(meta.volume.uuid).hex)
+                                if s.id != db.session_id])
     r.dead = [s.id for s in r.sessions if not s.live]
     r.orphan_sustained = dbsessions.orphan_sustained(db)
     if repair and r.orphan_sustained:

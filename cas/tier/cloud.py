@@ -32,7 +32,6 @@ import hashlib
 import logging
 import os
 import secrets
-import socket
 import threading
 import time
 from collections import OrderedDict, deque
@@ -49,6 +48,7 @@ from cas.db import manifests as manifest_rows
 from cas.db import packs as pack_rows
 from cas.db import queue as queue_rows
 from cas.db import volume as meta_rows
+from cas.db.sessions import this_host
 from cas.chunk.envelope import codec_for
 from cas.errors import CasError, ChunkMissing, ChunkPending, FsError, MetaError, VolumeError
 from cas.errors import IntegrityError
@@ -242,8 +242,10 @@ def file_order(cur: pymysql.cursors.Cursor, queued: list[queue_rows.QueuedChunk]
 
 
 def owner_id() -> str:
-    """host:pid:token, naming this process as the owner of packs it uploads."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    """host:pid:token, naming this process as the owner of packs it uploads. The host is
+    the one session rows give this machine (cas.db.sessions.this_host), so that reaping a
+    dead session expires its packs' leases (cas.db.sessions.expire_leases)."""
+    return f"{this_host()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 def _owner_dead(owner: str | None) -> bool:
@@ -251,7 +253,7 @@ def _owner_dead(owner: str | None) -> bool:
     if not owner:
         return True
     parts = owner.rsplit(":", 2)
-    if len(parts) != 3 or parts[0] != socket.gethostname():
+    if len(parts) != 3 or parts[0] != this_host():
         return False
     try:
         return not pid_running(int(parts[1]))
@@ -380,11 +382,13 @@ class CloudTier:
     """A volume's cloud tier as used by a mount (or a CLI command): uploads, fetches of
     evicted chunks, eviction. Uses its own database connections, never the mount's.
 
-    ``local_limit``: bytes the local store may hold (None: no eviction).
+    ``local_limit``: bytes the local store may hold (None: no eviction). ``shared``:
+    whether the volume is shared (None: read ``is_shared`` now).
     """
 
     def __init__(self, meta: Metadata, objects: ObjectStore, cfg: CloudConfig,
-                 local_limit: int | None = None, owner: str | None = None) -> None:
+                 local_limit: int | None = None, owner: str | None = None,
+                 shared: bool | None = None) -> None:
         self.volume = meta.volume
         self.target = meta.db.target
         self.objects = objects
@@ -394,7 +398,9 @@ class CloudTier:
         self.store = LocalStore(meta.volume.chunk_dir)
         # the queue rows this side uploads: those of its own store (docs/sharing.md, "Data")
         self.scope = queue_rows.Scope.of(meta.volume.uuid, meta.volume.store)
-        self.shared = meta_rows.is_shared(meta.db)
+        # a mount passes its engine's mode (read once, checked by its session's
+        # registration); a CLI command reads it here
+        self.shared = meta_rows.is_shared(meta.db) if shared is None else shared
         # a shared volume uploads promptly: readers on other machines wait for it
         self.pack_age_s = min(cfg.pack_age_s, SHARED_PACK_AGE_S) if self.shared else cfg.pack_age_s
         self.remote_waits = 0     # reads that waited for another store's upload

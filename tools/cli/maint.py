@@ -16,11 +16,12 @@ from cas.maint import cloudcheck
 from cas.maint import fsck as fsck_mod
 from cas.maint import sessioncheck
 from cas.engine import rescue
+from cas.engine import sessions
 from cas.tier import snapshot
 from cas.maint import gc as gc_mod
 from cas.maint import repair as repair_mod
 from cas.maint import stats as stats_mod
-from cas.errors import CasError
+from cas.errors import CasError, VolumeError
 from cas.db import sessions as dbsessions
 from cas.db.database import Metadata, connect
 from cas.tier.objstore import ObjectStoreError
@@ -186,13 +187,16 @@ def fsck(volume: str, repair: bool, no_verify: bool, as_json: bool, check_cloud:
     if repair and is_mounted(vol):
         raise click.ClickException(f"volume {vol.name} is mounted: unmount it before `casfs fsck --repair`")
     with connect(vol) as meta:
-        if repair:
-            _refuse_live_sessions(meta)
-        with progress("fsck", unit="chunks", json_mode=as_json) as p:
-            r = fsck_mod.check(meta, repair=repair, verify=not no_verify, progress=p, on_total=p.set_total)
-        fixed = _repair_chunks(meta, r) if repair else None
-        cr = _check_cloud(meta) if check_cloud else None
-        sr = sessioncheck.check(meta, repair=repair)
+        keeper = _repair_session(meta) if repair else None
+        try:
+            with progress("fsck", unit="chunks", json_mode=as_json) as p:
+                r = fsck_mod.check(meta, repair=repair, verify=not no_verify, progress=p, on_total=p.set_total)
+            fixed = _repair_chunks(meta, r) if repair else None
+            cr = _check_cloud(meta) if check_cloud else None
+            sr = sessioncheck.check(meta, repair=repair)
+        finally:
+            if keeper is not None:
+                keeper.stop()
     if as_json:
         d = {k: getattr(r, k) for k in r.__dataclass_fields__}
         d["clean"] = r.clean
@@ -239,14 +243,20 @@ def fsck(volume: str, repair: bool, no_verify: bool, as_json: bool, check_cloud:
         raise SystemExit(1)
 
 
-def _refuse_live_sessions(meta: Metadata) -> None:
-    """fsck --repair rewrites counts a mount may be changing: refuse while any session
-    is live, on any machine (docs/sharing.md). Raises click.ClickException."""
-    live = dbsessions.any_live(meta.db)
-    if live:
-        s = live[0]
-        raise click.ClickException(f"volume {meta.volume.name} is mounted by {s.host}:{s.pid} (session "
-                                   f"{s.id}): unmount every mount before `casfs fsck --repair`")
+def _repair_session(meta: Metadata) -> sessions.SessionKeeper:
+    """fsck --repair rewrites counts a mount may be changing: register an exclusive
+    session for the repair's length (cas.engine.sessions.start), refused while any
+    session is live, on any machine, and refusing every mount that starts meanwhile
+    (docs/sharing.md). Stop it when the repair ends. Raises click.ClickException."""
+    try:
+        return sessions.start(meta, exclusive=True)
+    except VolumeError as exc:
+        live = dbsessions.any_live(meta.db)
+        if live:
+            s = live[0]
+            raise click.ClickException(f"volume {meta.volume.name} is mounted by {s.host}:{s.pid} (session "
+                                       f"{s.id}): unmount every mount before `casfs fsck --repair`") from exc
+        raise click.ClickException(str(exc)) from exc
 
 
 def _print_sessions(sr: sessioncheck.SessionReport) -> None:

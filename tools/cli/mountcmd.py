@@ -151,7 +151,7 @@ def start_cloud(meta: Metadata, fs: Filesystem, opts: MountOptions) -> cloud.Clo
             audit.event("drive credentials refused", op="drive_credentials", result="EACCES",
                         detail=str(exc).splitlines()[0] if str(exc) else "")
         return None
-    tier = cloud.CloudTier(meta, objects, cfg, local_limit=opts.local_limit)
+    tier = cloud.CloudTier(meta, objects, cfg, local_limit=opts.local_limit, shared=fs.shared)
     interval = cfg.snapshot_interval_s if opts.snapshot_interval_s is None else opts.snapshot_interval_s
     tier.snapshots = snapper = snapshot.Snapshotter(tier, interval, cfg.keep_generations,
                                                     last_commit_ns=lambda: fs.db.last_commit_ns)
@@ -368,7 +368,9 @@ def run_daemon(vol: Volume, mp: Path, opts: MountOptions, on_ready: Callable[[st
         keeper: sessions.SessionKeeper | None = None
         try:
             # the cross-machine mount lock and the heartbeat (docs/sharing.md, "Sessions")
-            keeper = sessions.start(meta, consistency)
+            # (refused when a `casfs join` made the volume shared since is_shared was read:
+            # the engine, the session and the cloud tier run in one mode)
+            keeper = sessions.start(meta, consistency, shared=shared)
             fs.sustain_open = keeper.shared
             _record_join_settings(meta)
             start_cloud(meta, fs, opts)
