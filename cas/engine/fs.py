@@ -868,6 +868,12 @@ class Filesystem:
             return ns.mode_for_update(cur, ino)
 
         def body(cur: pymysql.cursors.Cursor) -> tuple[int, int | None, int | None]:
+            if self.shared and new_parent != old_parent:
+                # one cross-directory rename at a time, volume-wide, like Linux's
+                # s_vfs_rename_mutex on one machine: else two machines each move a
+                # directory below the other's (both pass _check_not_below on the rows
+                # before either commits) and cut both off from the root
+                ns.lock_renames(cur)
             src = self._entry(cur, old_parent, old_name)
             if src is None:
                 raise NotFound(old_name.decode(errors="replace"))

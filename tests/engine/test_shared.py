@@ -288,3 +288,81 @@ def test_crossing_renames_of_two_machines_never_fail(two: Shared) -> None:
             | {(d2, b"adir%d" % i) for i in range(n)} | {(d1, b"bdir%d" % i) for i in range(n)})
     assert names == want
     assert two.fsck().clean
+
+
+def _lock_waits(two: Shared) -> int:
+    """How many statements on this test's database have been running for over half a
+    second (blocked on a row lock: each of these is a single-row statement)."""
+    return int(two.q("SELECT COUNT(*) FROM information_schema.processlist WHERE db = %s AND command = 'Query' "
+                     "AND time_ms > 500 AND info NOT LIKE %s", (two.eng.dbname, "%processlist%"))[0][0])
+
+
+def test_two_machines_cannot_move_directories_into_each_other(two: Shared) -> None:
+    """A moves /P to /Q/q1/P while B moves /Q to /P/p1/Q. Each check that the target is
+    not below the moved directory reads the parent chain before the other rename
+    commits; a third connection holds the root's row (both renames touch it) so that
+    both bodies are in flight at once. With the volume-wide rename lock (taken first
+    by every cross-directory rename of a shared mount) the second waits for the first
+    and then finds the cycle: exactly one rename is done, the other is EINVAL, every
+    directory stays reachable from the root (fsck clean)."""
+    import threading
+    import time
+    a, b = two.a, two.b
+    p = a.mkdir(ROOT, b"P", 0o755, UID, GID).ino
+    p1 = a.mkdir(p, b"p1", 0o755, UID, GID).ino
+    q = a.mkdir(ROOT, b"Q", 0o755, UID, GID).ino
+    q1 = a.mkdir(q, b"q1", 0o755, UID, GID).ino
+    a.release(a.create(ROOT, b"f", MODE, UID, GID).ino)
+    a.rename(ROOT, b"f", p, b"f")   # a cross-directory rename: a waiter on its lock's row is a lock wait
+    results: dict[str, BaseException | None] = {}
+
+    def run(fs: Filesystem, tag: str, old: bytes, new_parent: int) -> None:
+        try:
+            fs.rename(ROOT, old, new_parent, old)
+            results[tag] = None
+        except BaseException as exc:   # noqa: BLE001 - checked below
+            results[tag] = exc
+
+    holder = pymysql.connect(unix_socket=str(two.eng.server.socket), user="root", password="",
+                             database=two.eng.dbname, autocommit=False)
+    try:
+        with holder.cursor() as cur:
+            cur.execute("SELECT id FROM inodes WHERE id = %s FOR UPDATE", (ROOT,))
+        threads = [threading.Thread(target=run, args=(a, "A", b"P", q1)),
+                   threading.Thread(target=run, args=(b, "B", b"Q", p1))]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while _lock_waits(two) < 2:   # both bodies in flight: waiting for a row lock
+            assert time.monotonic() < deadline, "the two renames never both waited"
+            time.sleep(0.05)
+    finally:
+        holder.rollback()
+        holder.close()
+    for t in threads:
+        t.join(timeout=60)
+    assert set(results) == {"A", "B"}
+    failed = [exc for exc in results.values() if exc is not None]
+    assert len(failed) == 1, results
+    assert isinstance(failed[0], FsError) and failed[0].errno == errno.EINVAL
+    parents = {int(i): int(par) for par, i in two.q("SELECT parent, inode FROM dentries WHERE inode IN (%s, %s)",
+                                                   (p, q))}
+    assert parents in ({p: q1, q: ROOT}, {p: ROOT, q: p1})
+    report = two.fsck()
+    assert report.clean, report
+
+
+def test_fsck_reports_directories_cut_off_from_the_root(two: Shared) -> None:
+    """A dentry cycle (P in Q and Q in P, made here by hand in the rows) leaves both
+    directories and everything below them unreachable from the root: fsck lists them
+    and is not clean (`casfs fsck` exits 1)."""
+    a = two.a
+    p = a.mkdir(ROOT, b"P", 0o755, UID, GID).ino
+    p1 = a.mkdir(p, b"p1", 0o755, UID, GID).ino
+    q = a.mkdir(ROOT, b"Q", 0o755, UID, GID).ino
+    assert two.fsck().clean
+    two.q("UPDATE dentries SET parent = %s WHERE inode = %s", (q, p))
+    two.q("UPDATE dentries SET parent = %s WHERE inode = %s", (p1, q))
+    report = two.fsck()
+    assert report.unreachable_dirs == sorted([p, p1, q])
+    assert not report.clean
