@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from cas.errors import CasError, FsError, NoData, NotFound
+from cas.errors import CasError, Exists, FsError, IsADirectory, NoData, NotFound
 from cas.engine.fs import Attr, Filesystem
 
 from .acl import ACL_DEFAULT, acl_chmod, acl_create
@@ -71,6 +71,9 @@ R = TypeVar("R")
 # Worker threads for engine calls that may block for long (chunk I/O, a flush, a Drive
 # fetch): at most this many at once, so that the loop thread stays free (docs/concurrency.md)
 ENGINE_THREADS = 8
+# a shared volume's CREATE without O_EXCL of a name that comes and goes on other
+# machines: create or open it at most this many times, then EEXIST
+CREATE_TRIES = 3
 _limiter: trio.CapacityLimiter | None = None
 
 
@@ -171,7 +174,8 @@ class CasOperations(pyfuse3.Operations):
         self.attr_timeout = ATTR_TIMEOUT_S
         self.keep_cache = True
         self.invalidator: Invalidator | None = None
-        if getattr(fs, "shared", False):
+        self.shared = bool(getattr(fs, "shared", False))
+        if self.shared:
             self.entry_timeout = self.attr_timeout = fs.level.kernel_timeout_s
             self.keep_cache = fs.level.keep_cache
             self.invalidator = Invalidator(self)
@@ -242,9 +246,12 @@ class CasOperations(pyfuse3.Operations):
             # the mount replaces it, and nothing else creates names (on a shared volume
             # other machines do: cached only for the consistency level's timeout, and
             # dropped when the change log names it)
+            # (not at all on a shared volume: a name another machine creates meanwhile
+            # must not meet a cached negative entry here, which makes the kernel send
+            # CREATE for open(O_CREAT) of a name that exists)
             e = pyfuse3.EntryAttributes()
             e.st_ino = 0
-            e.entry_timeout = self.entry_timeout
+            e.entry_timeout = 0 if self.shared else self.entry_timeout
             return e
         finally:
             self._drain()
@@ -358,6 +365,9 @@ class CasOperations(pyfuse3.Operations):
 
     @_translate
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        return await self._open(inode, flags)
+
+    async def _open(self, inode: int, flags: int) -> pyfuse3.FileInfo:
         # pyfuse3 asks for FUSE_ATOMIC_O_TRUNC: the kernel leaves O_TRUNC to us
         truncate = bool(flags & os.O_TRUNC)
         if truncate:
@@ -377,9 +387,41 @@ class CasOperations(pyfuse3.Operations):
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self.listings.drop(parent_inode)
         mode, access, dacl = self._inherit(parent_inode, mode, ctx.umask)
-        a = self._set_inherited(self.fs.create(parent_inode, name, mode, ctx.uid, ctx.gid), access, dacl)
-        self.pages.record(a)
-        return pyfuse3.FileInfo(fh=a.ino, keep_cache=self.keep_cache), self._e(a)
+        for _ in range(CREATE_TRIES):
+            try:
+                made = self.fs.create(parent_inode, name, mode, ctx.uid, ctx.gid)
+            except Exists:
+                if not self.shared or flags & os.O_EXCL:
+                    raise
+                try:
+                    return await self._open_existing(parent_inode, name, flags)
+                except NotFound:
+                    continue   # removed again by another machine meanwhile: create it
+            a = self._set_inherited(made, access, dacl)
+            self.pages.record(a)
+            return pyfuse3.FileInfo(fh=a.ino, keep_cache=self.keep_cache), self._e(a)
+        raise Exists(name.decode(errors="replace"))
+
+    async def _open_existing(self, parent_inode: int, name: bytes,
+                             flags: int) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        """Shared volume: FUSE CREATE without O_EXCL for a name that exists. Another
+        machine created it after this kernel last looked (a negative entry it cached, or a
+        race): POSIX open(2) opens the existing file then (O_TRUNC applies), EISDIR for
+        a directory; only O_EXCL gives EEXIST. Something else (a symlink, a device) stays
+        EEXIST: the kernel would have followed or opened it, not this layer. Counts one
+        kernel lookup, as a create's reply does. Raises NotFound when the name went away
+        again."""
+        a = self.fs.lookup(parent_inode, name)
+        try:
+            if stat.S_ISDIR(a.mode):
+                raise IsADirectory(name.decode(errors="replace"))
+            if not stat.S_ISREG(a.mode):
+                raise Exists(name.decode(errors="replace"))
+            fi = await self._open(a.ino, flags)
+        except BaseException:
+            self.fs.forget([(a.ino, 1)])
+            raise
+        return fi, self._e(self.fs.getattr(a.ino))
 
     @_translate
     async def read(self, fh: int, off: int, size: int) -> bytes:

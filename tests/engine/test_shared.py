@@ -366,3 +366,43 @@ def test_fsck_reports_directories_cut_off_from_the_root(two: Shared) -> None:
     report = two.fsck()
     assert report.unreachable_dirs == sorted([p, p1, q])
     assert not report.clean
+
+
+def test_open_o_creat_of_a_name_another_machine_created_opens_it(two: Shared) -> None:
+    """B's kernel may send FUSE CREATE for a name A created after B last looked (a
+    negative entry it cached): without O_EXCL that is an open of the existing file
+    (POSIX open(2)), with O_TRUNC applied; O_EXCL stays EEXIST and a directory EISDIR.
+    A shared mount's negative lookups are not cached by the kernel at all."""
+    import types
+    import pyfuse3
+    import trio
+    from fusefront.operations import CasOperations
+    a, b = two.a, two.b
+    ops = CasOperations(b)
+    ops.invalidator = None                    # no kernel here to send invalidations to
+    b.on_changes = lambda rows: None
+    ctx = types.SimpleNamespace(uid=UID, gid=GID, umask=0o022, pid=os.getpid())
+    f = a.create(ROOT, b"log", MODE, UID, GID).ino
+    _write_file(a, f, b"hello")
+    a.release(f)
+    a.mkdir(ROOT, b"dir", 0o755, UID, GID)
+
+    async def main() -> None:
+        e = await ops.lookup(ROOT, b"nope")
+        assert e.st_ino == 0 and e.entry_timeout == 0, "a negative entry the kernel would cache"
+        fi, e = await ops.create(ROOT, b"log", MODE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, ctx)
+        assert fi.fh == f and e.st_ino == f and e.st_size == 5
+        b.release(f)
+        fi, e = await ops.create(ROOT, b"log", MODE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, ctx)
+        assert fi.fh == f and e.st_size == 0
+        b.release(f)
+        for name, flags, err in ((b"log", os.O_CREAT | os.O_EXCL, errno.EEXIST), (b"dir", os.O_CREAT, errno.EISDIR)):
+            with pytest.raises(pyfuse3.FUSEError) as exc:
+                await ops.create(ROOT, name, MODE, os.O_WRONLY | flags, ctx)
+            assert exc.value.errno == err
+
+    trio.run(main)
+    assert f not in b.data.states            # every open was released
+    a.poll_changes()                          # B's truncation, committed at its release
+    assert a.getattr(f).size == 0
+    assert two.fsck().clean
