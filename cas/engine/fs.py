@@ -71,6 +71,7 @@ ABSENT_MAX = 100_000
 # with the inode row, so that a cold open needs no query (about 200 bytes each)
 SMALL_SLOTS = 4
 KNOWN_MANIFESTS_MAX = 50_000
+SHARED_LOCK_WAIT_S = 10   # a shared mount's longest wait for one row lock (innodb_lock_wait_timeout)
 INODE_RESERVE = 10_000   # inode numbers reserved at a time (cas.db.namespace.reserve_inodes)
 IO_THREADS = 8                # threads writing chunk files (fsync waits overlap)
 CLOSED_DIRTY_BATCH = 256      # released dirty files flushed together at this count
@@ -257,6 +258,7 @@ class Filesystem:
         if not self.db.session_id:
             self.db.session_id = (1 << 62) | secrets.randbits(61)
         self.db.lone_bodies = True
+        self.db.set_lock_wait(SHARED_LOCK_WAIT_S)
         self.data.shared = True
         self.data.log_changes = self._log
         self.feed = coherence.ChangeFeed(dbchanges.latest_id(self.db))

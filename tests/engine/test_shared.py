@@ -406,3 +406,61 @@ def test_open_o_creat_of_a_name_another_machine_created_opens_it(two: Shared) ->
     a.poll_changes()                          # B's truncation, committed at its release
     assert a.getattr(f).size == 0
     assert two.fsck().clean
+
+
+def test_a_namespace_change_waiting_for_a_row_lock_leaves_the_loop_free(two: Shared) -> None:
+    """On a shared volume a mkdir is its own commit and may wait for another machine's
+    row lock (here a third connection holds the parent's row): the FUSE layer runs it
+    in a worker thread, so the trio loop serves other requests meanwhile (here: a task
+    that sees the wait and releases the lock). On the loop thread the wait would block
+    that task until a watchdog released the lock. A shared mount's row lock waits end
+    after SHARED_LOCK_WAIT_S (10 s), not the server's 50 s."""
+    import threading
+    import time
+    import types
+    import trio
+    from cas.engine.fs import SHARED_LOCK_WAIT_S
+    from fusefront.operations import CasOperations
+    b = two.b
+    assert int(b.db.query("SELECT @@SESSION.innodb_lock_wait_timeout")[0][0]) == SHARED_LOCK_WAIT_S
+    ops = CasOperations(b)
+    ops.invalidator = None                    # no kernel here to send invalidations to
+    b.on_changes = lambda rows: None
+    ctx = types.SimpleNamespace(uid=UID, gid=GID, umask=0o022, pid=os.getpid())
+    holder = pymysql.connect(unix_socket=str(two.eng.server.socket), user="root", password="",
+                             database=two.eng.dbname, autocommit=False)
+    guard = threading.Lock()
+    released_by: list[str] = []
+
+    def release(who: str) -> None:
+        with guard:
+            if not released_by:
+                released_by.append(who)
+                holder.rollback()
+
+    with holder.cursor() as cur:
+        cur.execute("SELECT id FROM inodes WHERE id = %s FOR UPDATE", (ROOT,))
+    watchdog = threading.Timer(SHARED_LOCK_WAIT_S / 2, release, args=("watchdog",))
+    watchdog.start()
+
+    async def releaser() -> None:
+        deadline = time.monotonic() + SHARED_LOCK_WAIT_S / 2
+        while await trio.to_thread.run_sync(_lock_waits, two) < 1:
+            if time.monotonic() > deadline:
+                return   # never seen waiting: the assertion below reports it
+            await trio.sleep(0.05)
+        await trio.to_thread.run_sync(release, "loop")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(releaser)
+            await ops.mkdir(ROOT, b"m", 0o755, ctx)
+
+    try:
+        trio.run(main)
+    finally:
+        watchdog.cancel()
+        release("cleanup")
+        holder.close()
+    assert released_by == ["loop"], "the mkdir's lock wait blocked the trio loop"
+    assert b.lookup(ROOT, b"m").mode & 0o7777 == 0o755
