@@ -44,6 +44,7 @@ from cas.db.queue import first_store as vol_first_store
 from cas.db.volume import is_shared as vol_is_shared
 from cas.chunk.envelope import codec_for
 from cas.errors import ChunkMissing, IntegrityError
+from cas.errors import Stale
 from cas.errors import (CasError, Exists, FsError, InvalidArgument, IsADirectory, MetaError, NameTooLong,
                      NoData, NotADirectory, NotEmpty, NotFound)
 from cas.engine.filedata import ChunkRef, FileData, InodeData, ReadPlan
@@ -427,6 +428,8 @@ class Filesystem:
         if a is None:
             row = ns.inode(self.db, ino)
             if row is None:
+                if self.shared:   # freed by another machine: the kernel's handle is stale
+                    raise Stale(f"inode {ino}")
                 raise NotFound(f"inode {ino}")
             a = self._cache(Attr(*row))
         return self._with_pending(a)

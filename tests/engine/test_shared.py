@@ -464,3 +464,21 @@ def test_a_namespace_change_waiting_for_a_row_lock_leaves_the_loop_free(two: Sha
         holder.close()
     assert released_by == ["loop"], "the mkdir's lock wait blocked the trio loop"
     assert b.lookup(ROOT, b"m").mode & 0o7777 == 0o755
+
+
+def test_an_inode_another_machine_freed_is_estale(two: Shared) -> None:
+    """B's kernel holds inode f; A unlinks and frees it. An inode-number operation on B
+    (getattr, open, setattr) is ESTALE, not ENOENT: Linux then walks the path again
+    and finds what the name is now."""
+    a, b = two.a, two.b
+    f = a.create(ROOT, b"f", MODE, UID, GID).ino
+    a.release(f)
+    assert b.lookup(ROOT, b"f").ino == f
+    a.unlink(ROOT, b"f")
+    a.forget([(f, 1)])                        # A's kernel lets go: A frees the inode
+    assert not two.q("SELECT id FROM inodes WHERE id = %s", (f,))
+    b.poll_changes()                          # drops f from B's caches
+    for call in (lambda: b.getattr(f, fresh=True), lambda: b.open(f), lambda: b.setattr(f, mode=0o600)):
+        with pytest.raises(FsError) as exc:
+            call()
+        assert exc.value.errno == errno.ESTALE
