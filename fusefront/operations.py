@@ -258,12 +258,9 @@ class CasOperations(pyfuse3.Operations):
             return self._e(await self._engine(self.fs.lookup, self.strong)(parent_inode, name))
         except NotFound:
             # a negative entry the kernel may cache (st_ino 0): creating the name through
-            # the mount replaces it, and nothing else creates names (on a shared volume
-            # other machines do: cached only for the consistency level's timeout, and
-            # dropped when the change log names it)
-            # (not at all on a shared volume: a name another machine creates meanwhile
-            # must not meet a cached negative entry here, which makes the kernel send
-            # CREATE for open(O_CREAT) of a name that exists)
+            # the mount replaces it, and nothing else creates names. On a shared volume
+            # other machines do: not cached at all (timeout 0), else the kernel sends
+            # FUSE CREATE for an open(O_CREAT) of a name another machine made meanwhile
             e = pyfuse3.EntryAttributes()
             e.st_ino = 0
             e.entry_timeout = 0 if self.shared else self.entry_timeout
