@@ -29,6 +29,14 @@ class NotFound(FsError):
     errno = _errno.ENOENT
 
 
+class Stale(NotFound):
+    """An inode number whose row is gone: another machine freed it (shared volume,
+    docs/sharing.md). ESTALE, on which Linux walks the path again (NFS's answer); still
+    a NotFound to callers that only ask whether the inode exists."""
+
+    errno = _errno.ESTALE
+
+
 class Exists(FsError):
     errno = _errno.EEXIST
 

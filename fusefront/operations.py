@@ -30,7 +30,11 @@ a close or release that writes back, fsyncdir, a truncating setattr) run in work
 threads through :func:`offload`, so the loop keeps serving other requests; the engine
 holds its lock only for short steps (a flush stores its chunks, and a read loads them,
 without it). Quick calls (getattr, lookup, a read of RAM-cached chunks, a small write)
-stay on the loop: a thread hand-off costs more than they do. This layer's own tables
+stay on the loop: a thread hand-off costs more than they do. On a shared volume every
+namespace change (mknod, mkdir, create, symlink, link, unlink, rmdir, rename), open and
+setattr is its own commit that may wait for another machine's row locks, and lookup and
+getattr under strong consistency read the change log: those run through
+:func:`offload` too (:meth:`CasOperations._engine`). This layer's own tables
 (``pages``, ``listings``) are touched on the loop thread only. See docs/concurrency.md.
 """
 from __future__ import annotations
@@ -47,7 +51,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from cas.errors import CasError, FsError, NoData, NotFound
+from cas.errors import CasError, Exists, FsError, IsADirectory, NoData, NotFound
 from cas.engine.fs import Attr, Filesystem
 
 from .acl import ACL_DEFAULT, acl_chmod, acl_create
@@ -71,6 +75,9 @@ R = TypeVar("R")
 # Worker threads for engine calls that may block for long (chunk I/O, a flush, a Drive
 # fetch): at most this many at once, so that the loop thread stays free (docs/concurrency.md)
 ENGINE_THREADS = 8
+# a shared volume's CREATE without O_EXCL of a name that comes and goes on other
+# machines: create or open it at most this many times, then EEXIST
+CREATE_TRIES = 3
 _limiter: trio.CapacityLimiter | None = None
 
 
@@ -171,7 +178,10 @@ class CasOperations(pyfuse3.Operations):
         self.attr_timeout = ATTR_TIMEOUT_S
         self.keep_cache = True
         self.invalidator: Invalidator | None = None
-        if getattr(fs, "shared", False):
+        self.shared = bool(getattr(fs, "shared", False))
+        # strong consistency: every lookup and getattr reads the change log (a worker thread)
+        self.strong = self.shared and bool(fs.level.poll_at_lookup)
+        if self.shared:
             self.entry_timeout = self.attr_timeout = fs.level.kernel_timeout_s
             self.keep_cache = fs.level.keep_cache
             self.invalidator = Invalidator(self)
@@ -213,6 +223,15 @@ class CasOperations(pyfuse3.Operations):
             self.token = None
             self._forget_tables()
 
+    def _engine(self, fn: Callable[..., R], slow: bool | None = None) -> Callable[..., Awaitable[R]]:
+        """``fn`` as a coroutine function: in a worker thread (:func:`offload`) when
+        ``slow`` (default: the volume is shared, where each namespace change is its own
+        commit that may wait for another machine's row locks, and a deadlock retry
+        sleeps), else right here on the loop thread (:meth:`_now`)."""
+        if self.shared if slow is None else slow:
+            return functools.partial(offload, fn)
+        return self._now(fn)
+
     @staticmethod
     def _now(fn: Callable[..., R]) -> Callable[..., Awaitable[R]]:
         """``fn`` as a coroutine function that runs it right here, on the loop thread."""
@@ -236,15 +255,15 @@ class CasOperations(pyfuse3.Operations):
     @_translate
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
         try:
-            return self._e(self.fs.lookup(parent_inode, name))
+            return self._e(await self._engine(self.fs.lookup, self.strong)(parent_inode, name))
         except NotFound:
             # a negative entry the kernel may cache (st_ino 0): creating the name through
-            # the mount replaces it, and nothing else creates names (on a shared volume
-            # other machines do: cached only for the consistency level's timeout, and
-            # dropped when the change log names it)
+            # the mount replaces it, and nothing else creates names. On a shared volume
+            # other machines do: not cached at all (timeout 0), else the kernel sends
+            # FUSE CREATE for an open(O_CREAT) of a name another machine made meanwhile
             e = pyfuse3.EntryAttributes()
             e.st_ino = 0
-            e.entry_timeout = self.entry_timeout
+            e.entry_timeout = 0 if self.shared else self.entry_timeout
             return e
         finally:
             self._drain()
@@ -259,7 +278,7 @@ class CasOperations(pyfuse3.Operations):
     @_translate
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
         try:
-            return self._e(self.fs.getattr(inode, fresh=True))
+            return self._e(await self._engine(self.fs.getattr, self.strong)(inode, fresh=True))
         finally:
             self._drain()
 
@@ -269,7 +288,7 @@ class CasOperations(pyfuse3.Operations):
         if fields.update_size:
             self.pages.changed(inode)
         # a size change flushes (and waits for the file's flight): a worker thread
-        call: Any = functools.partial(offload, self.fs.setattr) if fields.update_size else self._now(self.fs.setattr)
+        call: Any = self._engine(self.fs.setattr, fields.update_size or self.shared)
         a = await call(
             inode,
             mode=attr.st_mode if fields.update_mode else None,
@@ -319,45 +338,58 @@ class CasOperations(pyfuse3.Operations):
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> pyfuse3.EntryAttributes:
         self.listings.drop(parent_inode)
         mode, access, dacl = self._inherit(parent_inode, mode, ctx.umask)
-        a = self.fs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid)
-        return self._e(self._set_inherited(a, access, dacl))
+        a = await self._engine(self.fs.mknod)(parent_inode, name, mode, rdev, ctx.uid, ctx.gid)
+        self.listings.drop(parent_inode)
+        return self._e(await self._engine(self._set_inherited)(a, access, dacl))
 
     @_translate
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
         self.listings.drop(parent_inode)
         mode, access, dacl = self._inherit(parent_inode, mode | stat.S_IFDIR, ctx.umask)
-        a = self.fs.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid)
-        return self._e(self._set_inherited(a, access, dacl))
+        a = await self._engine(self.fs.mkdir)(parent_inode, name, mode, ctx.uid, ctx.gid)
+        self.listings.drop(parent_inode)
+        return self._e(await self._engine(self._set_inherited)(a, access, dacl))
 
     @_translate
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         self.listings.drop(parent_inode)
-        self.fs.unlink(parent_inode, name)
+        await self._engine(self.fs.unlink)(parent_inode, name)
+        self.listings.drop(parent_inode)   # a listing made while a worker thread ran it
 
     @_translate
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         self.listings.drop(parent_inode)
-        self.fs.rmdir(parent_inode, name)
+        await self._engine(self.fs.rmdir)(parent_inode, name)
+        self.listings.drop(parent_inode)
 
     @_translate
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
         self.listings.drop(parent_inode)
-        return self._e(self.fs.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
+        a = await self._engine(self.fs.symlink)(parent_inode, name, target, ctx.uid, ctx.gid)
+        self.listings.drop(parent_inode)
+        return self._e(a)
 
     @_translate
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: Any) -> None:
         self.listings.drop(parent_inode_old)
         self.listings.drop(parent_inode_new)
-        self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        await self._engine(self.fs.rename)(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        self.listings.drop(parent_inode_old)
+        self.listings.drop(parent_inode_new)
 
     @_translate
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
         self.listings.drop(new_parent_inode)
-        return self._e(self.fs.link(inode, new_parent_inode, new_name))
+        a = await self._engine(self.fs.link)(inode, new_parent_inode, new_name)
+        self.listings.drop(new_parent_inode)
+        return self._e(a)
 
     @_translate
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        return await self._open(inode, flags)
+
+    async def _open(self, inode: int, flags: int) -> pyfuse3.FileInfo:
         # pyfuse3 asks for FUSE_ATOMIC_O_TRUNC: the kernel leaves O_TRUNC to us
         truncate = bool(flags & os.O_TRUNC)
         if truncate:
@@ -365,7 +397,7 @@ class CasOperations(pyfuse3.Operations):
             # a truncation flushes and waits for the file's flight: a worker thread
             await offload(self.fs.open, inode, truncate=True)
         else:
-            self.fs.open(inode)
+            await self._engine(self.fs.open)(inode)
         self._drain()   # what an open's read of the change log found (shared volume)
         a = self.fs.getattr(inode)
         keep = self.keep_cache and self.pages.keep(a)
@@ -377,9 +409,42 @@ class CasOperations(pyfuse3.Operations):
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self.listings.drop(parent_inode)
         mode, access, dacl = self._inherit(parent_inode, mode, ctx.umask)
-        a = self._set_inherited(self.fs.create(parent_inode, name, mode, ctx.uid, ctx.gid), access, dacl)
-        self.pages.record(a)
-        return pyfuse3.FileInfo(fh=a.ino, keep_cache=self.keep_cache), self._e(a)
+        for _ in range(CREATE_TRIES):
+            try:
+                made = await self._engine(self.fs.create)(parent_inode, name, mode, ctx.uid, ctx.gid)
+            except Exists:
+                if not self.shared or flags & os.O_EXCL:
+                    raise
+                try:
+                    return await self._open_existing(parent_inode, name, flags)
+                except NotFound:
+                    continue   # removed again by another machine meanwhile: create it
+            self.listings.drop(parent_inode)
+            a = await self._engine(self._set_inherited)(made, access, dacl)
+            self.pages.record(a)
+            return pyfuse3.FileInfo(fh=a.ino, keep_cache=self.keep_cache), self._e(a)
+        raise Exists(name.decode(errors="replace"))
+
+    async def _open_existing(self, parent_inode: int, name: bytes,
+                             flags: int) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        """Shared volume: FUSE CREATE without O_EXCL for a name that exists. Another
+        machine created it after this kernel last looked (a negative entry it cached, or a
+        race): POSIX open(2) opens the existing file then (O_TRUNC applies), EISDIR for
+        a directory; only O_EXCL gives EEXIST. Something else (a symlink, a device) stays
+        EEXIST: the kernel would have followed or opened it, not this layer. Counts one
+        kernel lookup, as a create's reply does. Raises NotFound when the name went away
+        again."""
+        a = await self._engine(self.fs.lookup)(parent_inode, name)
+        try:
+            if stat.S_ISDIR(a.mode):
+                raise IsADirectory(name.decode(errors="replace"))
+            if not stat.S_ISREG(a.mode):
+                raise Exists(name.decode(errors="replace"))
+            fi = await self._open(a.ino, flags)
+        except BaseException:
+            self.fs.forget([(a.ino, 1)])
+            raise
+        return fi, self._e(self.fs.getattr(a.ino))
 
     @_translate
     async def read(self, fh: int, off: int, size: int) -> bytes:

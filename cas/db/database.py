@@ -120,6 +120,7 @@ class Database:
     def __init__(self, target: MetaTarget, database: str | None = None) -> None:
         self.target = target
         self._database = target.database if database is None else database
+        self.lock_wait_s = 0      # 0: the server's innodb_lock_wait_timeout (see set_lock_wait)
         self.conn = self._connect()
         self._group_max = 0       # 0: every transaction commits at once
         self._group_open = False
@@ -161,7 +162,26 @@ class Database:
             conn.close()  # PyMySQL refuses this itself (>= 1.2); never run on plaintext anyway
             raise MetaError(f"MySQL at {t.describe()} did not negotiate TLS; refusing a plaintext "
                             "connection (volume.toml [meta] tls = \"required\")")
+        if self.lock_wait_s:
+            self._apply_lock_wait(conn)
         return conn
+
+    def set_lock_wait(self, seconds: int) -> None:
+        """Wait at most ``seconds`` (whole, >= 1) for a row lock on this connection and
+        every reconnection (session ``innodb_lock_wait_timeout``; the server default is
+        50 s). A statement that waits longer fails with MySQL error 1205: its body is
+        rolled back to its savepoint and raises MetaError. A shared mount sets it
+        (cas.engine.fs, docs/sharing.md): another machine's body holds a row lock for
+        one body only, so a longer wait means that machine is stuck."""
+        self.lock_wait_s = seconds
+        self._apply_lock_wait(self.conn)
+
+    def _apply_lock_wait(self, conn: pymysql.connections.Connection) -> None:
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SET SESSION innodb_lock_wait_timeout = %s", (int(self.lock_wait_s),))
+        except pymysql.err.MySQLError as exc:
+            raise _convert(exc, self.target) from exc
 
     def _connect_wait(self) -> pymysql.connections.Connection:
         """Connect, waiting up to ``reconnect_wait_s`` seconds (RECONNECT_WAIT_S) for a

@@ -231,6 +231,19 @@ def parent_of(src: Source, ino: int) -> int | None:
     return int(r[0][0]) if r else None
 
 
+RENAME_LOCK_KEY = "rename_lock"   # meta row: the volume's cross-directory rename lock
+
+
+def lock_renames(cur: Cursor) -> None:
+    """Take the volume-wide rename lock (the ``rename_lock`` meta row, exclusive, held
+    to the caller's COMMIT): a shared volume's cross-directory renames run one at a
+    time across all machines, so the ancestry check of a directory move reads a parent
+    chain no other rename is changing (what Linux's s_vfs_rename_mutex gives on one
+    machine). Guarded by
+    tests/engine/test_shared.py::test_two_machines_cannot_move_directories_into_each_other."""
+    volume.lock_value(cur, RENAME_LOCK_KEY, "0")
+
+
 def dentry_of(src: Source, ino: int) -> Dentry | None:
     """One entry naming ``ino``, or None (unlinked; the root). No lock (``inode_idx``)."""
     r = rows(src, "SELECT parent, name FROM dentries WHERE inode = %s LIMIT 1", (ino,))
@@ -362,6 +375,20 @@ def dangling(cur: pymysql.cursors.Cursor) -> list[Dangling]:
     cur.execute("SELECT d.parent, d.name FROM dentries d LEFT JOIN inodes i ON i.id = d.inode "
                 "WHERE i.id IS NULL")
     return [Dangling(int(r[0]), bytes(r[1])) for r in cur.fetchall()]
+
+
+def unreachable_dirs(cur: pymysql.cursors.Cursor, root: int = 1) -> list[int]:
+    """Linked directories (with an entry) that the root does not reach through the
+    entries: a dentry cycle (say P in Q's subtree and Q in P's) cut off from the root.
+    One recursive query over directory entries; a plain read of the caller's snapshot
+    (fsck). No lock. Ascending inode numbers."""
+    cur.execute("WITH RECURSIVE reach (id) AS (SELECT %s UNION "
+                "SELECT d.inode FROM dentries d JOIN reach r ON d.parent = r.id "
+                "JOIN inodes i ON i.id = d.inode WHERE i.mode & %s = %s) "
+                "SELECT DISTINCT d.inode FROM dentries d JOIN inodes i ON i.id = d.inode "
+                "WHERE i.mode & %s = %s AND d.inode NOT IN (SELECT id FROM reach) ORDER BY d.inode",
+                (root, 0o170000, S.S_IFDIR, 0o170000, S.S_IFDIR))
+    return [int(r[0]) for r in cur.fetchall()]
 
 
 def recount_nlink(cur: pymysql.cursors.Cursor, inode: int) -> None:

@@ -44,6 +44,7 @@ from cas.db.queue import first_store as vol_first_store
 from cas.db.volume import is_shared as vol_is_shared
 from cas.chunk.envelope import codec_for
 from cas.errors import ChunkMissing, IntegrityError
+from cas.errors import Stale
 from cas.errors import (CasError, Exists, FsError, InvalidArgument, IsADirectory, MetaError, NameTooLong,
                      NoData, NotADirectory, NotEmpty, NotFound)
 from cas.engine.filedata import ChunkRef, FileData, InodeData, ReadPlan
@@ -71,6 +72,7 @@ ABSENT_MAX = 100_000
 # with the inode row, so that a cold open needs no query (about 200 bytes each)
 SMALL_SLOTS = 4
 KNOWN_MANIFESTS_MAX = 50_000
+SHARED_LOCK_WAIT_S = 10   # a shared mount's longest wait for one row lock (innodb_lock_wait_timeout)
 INODE_RESERVE = 10_000   # inode numbers reserved at a time (cas.db.namespace.reserve_inodes)
 IO_THREADS = 8                # threads writing chunk files (fsync waits overlap)
 CLOSED_DIRTY_BATCH = 256      # released dirty files flushed together at this count
@@ -257,6 +259,7 @@ class Filesystem:
         if not self.db.session_id:
             self.db.session_id = (1 << 62) | secrets.randbits(61)
         self.db.lone_bodies = True
+        self.db.set_lock_wait(SHARED_LOCK_WAIT_S)
         self.data.shared = True
         self.data.log_changes = self._log
         self.feed = coherence.ChangeFeed()
@@ -443,6 +446,8 @@ class Filesystem:
         if a is None:
             row = ns.inode(self.db, ino)
             if row is None:
+                if self.shared:   # freed by another machine: the kernel's handle is stale
+                    raise Stale(f"inode {ino}")
                 raise NotFound(f"inode {ino}")
             a = self._cache(Attr(*row))
         return self._with_pending(a)
@@ -886,6 +891,12 @@ class Filesystem:
             return ns.mode_for_update(cur, ino)
 
         def body(cur: pymysql.cursors.Cursor) -> tuple[int, int | None, int | None]:
+            if self.shared and new_parent != old_parent:
+                # one cross-directory rename at a time, volume-wide, like Linux's
+                # s_vfs_rename_mutex on one machine: else two machines each move a
+                # directory below the other's (both pass _check_not_below on the rows
+                # before either commits) and cut both off from the root
+                ns.lock_renames(cur)
             src = self._entry(cur, old_parent, old_name)
             if src is None:
                 raise NotFound(old_name.decode(errors="replace"))

@@ -9,6 +9,8 @@ Checks, on one consistent snapshot of the database (REPEATABLE READ):
   chunk marked bad whose file verifies is listed in ``bad_marked``;
 - every non-directory inode's nlink equals its number of directory entries;
 - no directory entry points to a missing inode;
+- every linked directory is reachable from the root (``unreachable_dirs``: a dentry
+  cycle cut off from the root, which two crossing directory moves could once make);
 and lists orphan chunk files (a file with no row; gc removes them after the grace
 period). The upload queue is counted per local store; a queue row of a store that no
 mount session names is reported (``unknown_stores``: its chunks upload only when that
@@ -33,7 +35,7 @@ from cas.db import namespace as namespace_rows
 from cas.db import tables
 from cas.chunk.envelope import codec_for
 from cas.errors import ChunkMissing, IntegrityError
-from cas.db.database import Metadata
+from cas.db.database import ROOT_INODE, Metadata
 from cas.chunk.store import LocalStore
 
 
@@ -63,13 +65,14 @@ class FsckReport:
     # upload queue per store: [store id, rows, rows claimed for a pack, envelope bytes]
     queue_stores: list[tuple[str, int, int, int]] = field(default_factory=list)
     unknown_stores: list[str] = field(default_factory=list)  # queue rows of stores no session names (a warning)
+    unreachable_dirs: list[int] = field(default_factory=list)  # linked directories the root does not reach
 
     @property
     def clean(self) -> bool:
         """True when nothing is wrong (orphan files are not an error: gc removes them)."""
         return not (self.refcount_mismatches or self.missing_rows or self.missing_files
                     or self.corrupt_chunks or self.nlink_mismatches or self.dangling_entries
-                    or self.bad_marked)
+                    or self.bad_marked or self.unreachable_dirs)
 
 
 def check(meta: Metadata, repair: bool = False, verify: bool = True,
@@ -106,6 +109,7 @@ def check(meta: Metadata, repair: bool = False, verify: bool = True,
     with tables.repeatable_read(db):
         refs, no_row, live, (in_cloud, marked), nlinks, dangling, all_ids = db.transaction(snapshot)
         per_store, with_session, holder = db.transaction(queue_snapshot)
+        unreachable = db.transaction(lambda cur: namespace_rows.unreachable_dirs(cur, ROOT_INODE))
     missing, corrupt, bad_marked = [], [], []
     cloud_only = held_elsewhere = 0
     if on_total is not None:
@@ -145,6 +149,7 @@ def check(meta: Metadata, repair: bool = False, verify: bool = True,
         missing_rows=[c.hex() for c in no_row], missing_files=missing, corrupt_chunks=corrupt,
         nlink_mismatches=nlinks, dangling_entries=dangling, orphan_files=orphans, repaired=repaired,
         cloud_only=cloud_only, bad_marked=bad_marked, held_elsewhere=held_elsewhere,
+        unreachable_dirs=unreachable,
         queue_stores=[(q.store, q.chunks, q.claimed, q.bytes) for q in per_store],
         unknown_stores=[q.store for q in per_store
                         if q.store not in with_session and q.store not in (first, meta.volume.store)])

@@ -308,16 +308,19 @@ def test_namespace_operations_are_checked_in_the_database(two: Shared) -> None:
         b.unlink(d, b"x")
     assert exc.value.errno == errno.ENOENT
     a.rmdir(ROOT, b"d")
+    # d's row is gone (A freed it): ESTALE, on which the kernel walks the path again and
+    # tells the caller ENOENT; while the row lives, the parent check says ENOENT itself
+    gone = errno.ESTALE if not two.q("SELECT id FROM inodes WHERE id = %s", (d,)) else errno.ENOENT
     with pytest.raises(FsError) as exc:      # B's attribute cache still has d as a directory
         b.create(d, b"y", MODE, UID, GID)
-    assert exc.value.errno == errno.ENOENT
+    assert exc.value.errno == gone
     with pytest.raises(FsError) as exc:      # nor a subdirectory (its nlink count must not revive d)
         b.mkdir(d, b"sub", 0o755, UID, GID)
-    assert exc.value.errno == errno.ENOENT
+    assert exc.value.errno == gone
     b.mkdir(ROOT, b"r", 0o755, UID, GID)
     with pytest.raises(FsError) as exc:      # nor a directory renamed into it
         b.rename(ROOT, b"r", d, b"z")
-    assert exc.value.errno == errno.ENOENT
+    assert exc.value.errno == gone
     seen: list[tuple[int, int | None, bytes | None]] = []
     b.on_changes = lambda rows: seen.extend((c.inode, c.parent, c.name) for c in rows)
     b.poll_changes()
@@ -442,3 +445,197 @@ def test_crossing_renames_of_two_machines_never_fail(two: Shared) -> None:
             | {(d2, b"adir%d" % i) for i in range(n)} | {(d1, b"bdir%d" % i) for i in range(n)})
     assert names == want
     assert two.fsck().clean
+
+
+def _lock_waits(two: Shared) -> int:
+    """How many statements on this test's database have been running for over half a
+    second (blocked on a row lock: each of these is a single-row statement)."""
+    return int(two.q("SELECT COUNT(*) FROM information_schema.processlist WHERE db = %s AND command = 'Query' "
+                     "AND time_ms > 500 AND info NOT LIKE %s", (two.eng.dbname, "%processlist%"))[0][0])
+
+
+def test_two_machines_cannot_move_directories_into_each_other(two: Shared) -> None:
+    """A moves /P to /Q/q1/P while B moves /Q to /P/p1/Q. Each check that the target is
+    not below the moved directory reads the parent chain before the other rename
+    commits; a third connection holds the root's row (both renames touch it) so that
+    both bodies are in flight at once. With the volume-wide rename lock (taken first
+    by every cross-directory rename of a shared mount) the second waits for the first
+    and then finds the cycle: exactly one rename is done, the other is EINVAL, every
+    directory stays reachable from the root (fsck clean)."""
+    import threading
+    import time
+    a, b = two.a, two.b
+    p = a.mkdir(ROOT, b"P", 0o755, UID, GID).ino
+    p1 = a.mkdir(p, b"p1", 0o755, UID, GID).ino
+    q = a.mkdir(ROOT, b"Q", 0o755, UID, GID).ino
+    q1 = a.mkdir(q, b"q1", 0o755, UID, GID).ino
+    a.release(a.create(ROOT, b"f", MODE, UID, GID).ino)
+    a.rename(ROOT, b"f", p, b"f")   # a cross-directory rename: a waiter on its lock's row is a lock wait
+    results: dict[str, BaseException | None] = {}
+
+    def run(fs: Filesystem, tag: str, old: bytes, new_parent: int) -> None:
+        try:
+            fs.rename(ROOT, old, new_parent, old)
+            results[tag] = None
+        except BaseException as exc:   # noqa: BLE001 - checked below
+            results[tag] = exc
+
+    holder = pymysql.connect(unix_socket=str(two.eng.server.socket), user="root", password="",
+                             database=two.eng.dbname, autocommit=False)
+    try:
+        with holder.cursor() as cur:
+            cur.execute("SELECT id FROM inodes WHERE id = %s FOR UPDATE", (ROOT,))
+        threads = [threading.Thread(target=run, args=(a, "A", b"P", q1)),
+                   threading.Thread(target=run, args=(b, "B", b"Q", p1))]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while _lock_waits(two) < 2:   # both bodies in flight: waiting for a row lock
+            assert time.monotonic() < deadline, "the two renames never both waited"
+            time.sleep(0.05)
+    finally:
+        holder.rollback()
+        holder.close()
+    for t in threads:
+        t.join(timeout=60)
+    assert set(results) == {"A", "B"}
+    failed = [exc for exc in results.values() if exc is not None]
+    assert len(failed) == 1, results
+    assert isinstance(failed[0], FsError) and failed[0].errno == errno.EINVAL
+    parents = {int(i): int(par) for par, i in two.q("SELECT parent, inode FROM dentries WHERE inode IN (%s, %s)",
+                                                   (p, q))}
+    assert parents in ({p: q1, q: ROOT}, {p: ROOT, q: p1})
+    report = two.fsck()
+    assert report.clean, report
+
+
+def test_fsck_reports_directories_cut_off_from_the_root(two: Shared) -> None:
+    """A dentry cycle (P in Q and Q in P, made here by hand in the rows) leaves both
+    directories and everything below them unreachable from the root: fsck lists them
+    and is not clean (`casfs fsck` exits 1)."""
+    a = two.a
+    p = a.mkdir(ROOT, b"P", 0o755, UID, GID).ino
+    p1 = a.mkdir(p, b"p1", 0o755, UID, GID).ino
+    q = a.mkdir(ROOT, b"Q", 0o755, UID, GID).ino
+    assert two.fsck().clean
+    two.q("UPDATE dentries SET parent = %s WHERE inode = %s", (q, p))
+    two.q("UPDATE dentries SET parent = %s WHERE inode = %s", (p1, q))
+    report = two.fsck()
+    assert report.unreachable_dirs == sorted([p, p1, q])
+    assert not report.clean
+
+
+def test_open_o_creat_of_a_name_another_machine_created_opens_it(two: Shared) -> None:
+    """B's kernel may send FUSE CREATE for a name A created after B last looked (a
+    negative entry it cached): without O_EXCL that is an open of the existing file
+    (POSIX open(2)), with O_TRUNC applied; O_EXCL stays EEXIST and a directory EISDIR.
+    A shared mount's negative lookups are not cached by the kernel at all."""
+    import types
+    import pyfuse3
+    import trio
+    from fusefront.operations import CasOperations
+    a, b = two.a, two.b
+    ops = CasOperations(b)
+    ops.invalidator = None                    # no kernel here to send invalidations to
+    b.on_changes = lambda rows: None
+    ctx = types.SimpleNamespace(uid=UID, gid=GID, umask=0o022, pid=os.getpid())
+    f = a.create(ROOT, b"log", MODE, UID, GID).ino
+    _write_file(a, f, b"hello")
+    a.release(f)
+    a.mkdir(ROOT, b"dir", 0o755, UID, GID)
+
+    async def main() -> None:
+        e = await ops.lookup(ROOT, b"nope")
+        assert e.st_ino == 0 and e.entry_timeout == 0, "a negative entry the kernel would cache"
+        fi, e = await ops.create(ROOT, b"log", MODE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, ctx)
+        assert fi.fh == f and e.st_ino == f and e.st_size == 5
+        b.release(f)
+        fi, e = await ops.create(ROOT, b"log", MODE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, ctx)
+        assert fi.fh == f and e.st_size == 0
+        b.release(f)
+        for name, flags, err in ((b"log", os.O_CREAT | os.O_EXCL, errno.EEXIST), (b"dir", os.O_CREAT, errno.EISDIR)):
+            with pytest.raises(pyfuse3.FUSEError) as exc:
+                await ops.create(ROOT, name, MODE, os.O_WRONLY | flags, ctx)
+            assert exc.value.errno == err
+
+    trio.run(main)
+    assert f not in b.data.states            # every open was released
+    a.poll_changes()                          # B's truncation, committed at its release
+    assert a.getattr(f).size == 0
+    assert two.fsck().clean
+
+
+def test_a_namespace_change_waiting_for_a_row_lock_leaves_the_loop_free(two: Shared) -> None:
+    """On a shared volume a mkdir is its own commit and may wait for another machine's
+    row lock (here a third connection holds the parent's row): the FUSE layer runs it
+    in a worker thread, so the trio loop serves other requests meanwhile (here: a task
+    that sees the wait and releases the lock). On the loop thread the wait would block
+    that task until a watchdog released the lock. A shared mount's row lock waits end
+    after SHARED_LOCK_WAIT_S (10 s), not the server's 50 s."""
+    import threading
+    import time
+    import types
+    import trio
+    from cas.engine.fs import SHARED_LOCK_WAIT_S
+    from fusefront.operations import CasOperations
+    b = two.b
+    assert int(b.db.query("SELECT @@SESSION.innodb_lock_wait_timeout")[0][0]) == SHARED_LOCK_WAIT_S
+    ops = CasOperations(b)
+    ops.invalidator = None                    # no kernel here to send invalidations to
+    b.on_changes = lambda rows: None
+    ctx = types.SimpleNamespace(uid=UID, gid=GID, umask=0o022, pid=os.getpid())
+    holder = pymysql.connect(unix_socket=str(two.eng.server.socket), user="root", password="",
+                             database=two.eng.dbname, autocommit=False)
+    guard = threading.Lock()
+    released_by: list[str] = []
+
+    def release(who: str) -> None:
+        with guard:
+            if not released_by:
+                released_by.append(who)
+                holder.rollback()
+
+    with holder.cursor() as cur:
+        cur.execute("SELECT id FROM inodes WHERE id = %s FOR UPDATE", (ROOT,))
+    watchdog = threading.Timer(SHARED_LOCK_WAIT_S / 2, release, args=("watchdog",))
+    watchdog.start()
+
+    async def releaser() -> None:
+        deadline = time.monotonic() + SHARED_LOCK_WAIT_S / 2
+        while await trio.to_thread.run_sync(_lock_waits, two) < 1:
+            if time.monotonic() > deadline:
+                return   # never seen waiting: the assertion below reports it
+            await trio.sleep(0.05)
+        await trio.to_thread.run_sync(release, "loop")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(releaser)
+            await ops.mkdir(ROOT, b"m", 0o755, ctx)
+
+    try:
+        trio.run(main)
+    finally:
+        watchdog.cancel()
+        release("cleanup")
+        holder.close()
+    assert released_by == ["loop"], "the mkdir's lock wait blocked the trio loop"
+    assert b.lookup(ROOT, b"m").mode & 0o7777 == 0o755
+
+
+def test_an_inode_another_machine_freed_is_estale(two: Shared) -> None:
+    """B's kernel holds inode f; A unlinks and frees it. An inode-number operation on B
+    (getattr, open, setattr) is ESTALE, not ENOENT: Linux then walks the path again
+    and finds what the name is now."""
+    a, b = two.a, two.b
+    f = a.create(ROOT, b"f", MODE, UID, GID).ino
+    a.release(f)
+    assert b.lookup(ROOT, b"f").ino == f
+    a.unlink(ROOT, b"f")
+    a.forget([(f, 1)])                        # A's kernel lets go: A frees the inode
+    assert not two.q("SELECT id FROM inodes WHERE id = %s", (f,))
+    b.poll_changes()                          # drops f from B's caches
+    for call in (lambda: b.getattr(f, fresh=True), lambda: b.open(f), lambda: b.setattr(f, mode=0o600)):
+        with pytest.raises(FsError) as exc:
+            call()
+        assert exc.value.errno == errno.ESTALE

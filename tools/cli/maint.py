@@ -220,6 +220,8 @@ def fsck(volume: str, repair: bool, no_verify: bool, as_json: bool, check_cloud:
             click.echo(f"  corrupt chunk {cid}")
         for cid in r.bad_marked[:20]:
             click.echo(f"  chunk {cid} is marked bad but its local file verifies")
+        for ino in r.unreachable_dirs[:20]:
+            click.echo(f"  directory inode {ino} is not reachable from the root (a dentry cycle)")
         for line in fsck_mod.store_lines(r):
             click.echo(line)
         if fixed is not None:
@@ -228,7 +230,7 @@ def fsck(volume: str, repair: bool, no_verify: bool, as_json: bool, check_cloud:
         _print_cloud(cr)
     if not as_json:
         _print_sessions(sr)
-    unrepaired = r.missing_rows or r.dangling_entries or (
+    unrepaired = r.missing_rows or r.dangling_entries or r.unreachable_dirs or (
         fixed.unrepaired if fixed is not None else (r.missing_files or r.corrupt_chunks or r.bad_marked))
     if repair and r.repaired and not as_json:
         click.echo("repaired refcounts and link counts")
