@@ -300,14 +300,13 @@ def test_gc_from_b_while_a_writes_loses_nothing_and_a_sweeps_its_store(
         assert (mp_a / name).read_bytes() == data, name
 
 
-def test_a_mounts_pack_owner_names_the_host_of_its_session(casenv: CasEnv, drive_sim: DriveSim) -> None:
+def test_a_mounts_pack_owner_names_the_host_of_its_session(machines: Machines, drive_sim: DriveSim) -> None:
     # the uploader's packs name the host the session row names (CASFS_SESSION_HOST when
-    # set): reaping a dead session expires its packs' leases by that prefix
-    a = casenv
-    a.env["CASFS_SESSION_HOST"] = "machine-a"
-    setup_shared(a, drive_sim)
+    # set: machine-A here): reaping a dead session expires its packs' leases by that prefix
+    m = machines
+    setup_shared(m, drive_sim)
     drive_sim.inject("slow", times=1, delay=8, match="upload_multipart")   # one upload in flight a while
-    mp = a.mount("vol")
+    mp = m.a.mount("vol")
     (mp / "f").write_bytes(random.Random(5).randbytes(200_000))
     fsync_tree(mp)
     seen: list[tuple[Any, ...]] = []
@@ -316,6 +315,6 @@ def test_a_mounts_pack_owner_names_the_host_of_its_session(casenv: CasEnv, drive
         seen[:] = sql("SELECT owner FROM packs WHERE state = 'uploading'")
         return bool(seen)
     wait_for(uploading, "A's pack upload", 60, interval=0.1)
-    assert sql("SELECT host FROM sessions") == [("machine-a",)]
-    assert all(str(o).startswith("machine-a:") for (o,) in seen), seen
+    assert sql("SELECT host FROM sessions") == [("machine-A",)]
+    assert all(str(o).startswith("machine-A:") for (o,) in seen), seen
     wait_for(drained, "A's upload to finish", 120, 0.2)
