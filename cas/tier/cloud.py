@@ -211,14 +211,43 @@ def enabled(db: Database) -> bool:
     return meta_rows.cloud_enabled(db)
 
 
-def enable(db: Database, store: str | None = None) -> int:
+def enable(db: Database, store: str | None = None, local: LocalStore | None = None) -> int:
     """Enable the cloud tier: queue every chunk not yet confirmed in a pack, as held by
     local store ``store`` (the enabling side's Volume.store; None: the first store).
-    Returns the number of chunks queued. Idempotent."""
+    On a shared volume give ``local`` (this side's LocalStore): only the chunks whose
+    file it holds are queued (a stat each); the other sides queue theirs at their next
+    mount (:func:`queue_held`; docs/sharing.md, "Data"). Returns the number of chunks
+    queued. Idempotent."""
+    if local is not None and store is not None:
+        held = [c for c in queue_rows.unqueued_unconfirmed(db) if local.stat(c) is not None]
+
+        def held_body(cur: pymysql.cursors.Cursor) -> int:
+            meta_rows.enable_cloud(cur)
+            return queue_rows.enqueue_existing(cur, held, store)
+        return db.transaction(held_body)
+
     def body(cur: pymysql.cursors.Cursor) -> int:
         meta_rows.enable_cloud(cur)
         return queue_rows.queue_unconfirmed(cur, store)
     return db.transaction(body)
+
+
+def queue_held(db: Database, local: LocalStore, store: str, volume_uuid: str) -> int:
+    """Queue, as held by ``store``, the chunks that are neither confirmed nor queued and
+    whose file ``local`` (that store) holds, and adopt the unclaimed queue rows of other
+    stores whose file ``local`` holds (a row queued under a store that lacks the file
+    would never be uploaded): a shared mount does it at start, so files written before
+    the tier was enabled on another side are uploaded from here (docs/sharing.md,
+    "Data"). Reads, a stat per candidate, then one transaction (chunk rows
+    share-locked, then the queue rows). Returns the rows added or adopted. Raises
+    MetaError."""
+    held = [c for c in queue_rows.unqueued_unconfirmed(db) if local.stat(c) is not None]
+    scope = queue_rows.Scope.of(volume_uuid, store)
+    theirs = [c for c in queue_rows.others_unclaimed(db, scope) if local.stat(c) is not None]
+    if not held and not theirs:
+        return 0
+    return int(db.transaction(lambda cur: queue_rows.enqueue_existing(cur, held, store)
+                              + queue_rows.adopt(cur, theirs, store)))
 
 
 def forget_sql(cur: pymysql.cursors.Cursor, cid: bytes) -> None:
@@ -399,6 +428,7 @@ class CloudTier:
         self.pack_age_s = min(cfg.pack_age_s, SHARED_PACK_AGE_S) if self.shared else cfg.pack_age_s
         self.remote_waits = 0     # reads that waited for another store's upload
         self.swept_files = 0      # orphan files the store sweep deleted
+        self._missing_logged: set[bytes] = set()   # shared: queued chunks whose file is not here, logged
         self._left: dict[int, float] = {}   # pack -> when to look again (another store's, not adoptable)
         self.envelope = codec_for(meta.volume)   # opens this volume's envelopes (plain or encrypted)
         self.counts = AccessCounts()
@@ -896,6 +926,17 @@ class CloudTier:
                 # gc deleted the chunk (and its queue row) after our SELECT, or its only
                 # copy is lost (disk damage): nothing to upload either way; fsck reports it
                 if chunk_rows.exists(cur, cid):
+                    if self.shared:
+                        # another machine's store may hold it (a row queued under the
+                        # wrong store): keep the row, at the back of the queue, never
+                        # drop another store's only copy from the upload queue
+                        if cid not in self._missing_logged:
+                            self._missing_logged.add(cid)
+                            log.error("chunk %s is queued for upload by store %s (this store) but "
+                                      "its file is not here: the row is kept (casfs fsck lists it)",
+                                      cid.hex(), self.scope.store)
+                        queue_rows.to_back(cur, cid)
+                        continue
                     log.error("chunk %s was queued for upload but its local file is gone: "
                               "dropped from the queue (casfs fsck lists it)", cid.hex())
                 queue_rows.dequeue(cur, cid)
