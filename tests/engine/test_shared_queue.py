@@ -69,3 +69,39 @@ def test_an_uploader_claims_only_its_own_stores_rows(shared: CloudEngine, tmp_pa
     assert not e.q("SELECT 1 FROM packs WHERE id = %s", (pack,))
     assert a.drain(30) > 0
     assert e.q("SELECT COUNT(*) FROM upload_queue")[0][0] == 0
+
+
+def test_fsck_reads_chunk_states_and_queue_holders_in_one_snapshot(
+        shared: CloudEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsck on side B while A's uploader confirms A's chunks: each chunk is either held by
+    A's store (queued) or confirmed in the one snapshot fsck reads, never neither (which
+    counted it missing: a false exit 1)."""
+    from cas.maint import fsck
+    e = shared
+    make_file(e.fs, b"a", rand(4 * CS, 41))
+    e.fs.sync()
+    a = e.tier(pack_size=1 << 20)
+    vol_b = dataclasses.replace(e.vol, path=tmp_path / "side-b", store_id=secrets.token_hex(16))
+    (vol_b.path / "chunks").mkdir(parents=True)
+    meta_b = cas.db.database.connect(vol_b)
+    try:
+        r = fsck.check(meta_b)
+        assert r.clean and r.held_elsewhere == 4 and r.cloud_only == 0
+        real = queue_rows.per_store
+        confirmed: list[int] = []
+
+        def confirm_then_read(src: object, first: str) -> list[queue_rows.StoreQueue]:
+            if not confirmed:   # A's upload commits between fsck's reads of chunks and queue
+                confirmed.append(a.drain(30))
+            return real(src, first)   # type: ignore[arg-type]
+        monkeypatch.setattr(queue_rows, "per_store", confirm_then_read)
+        r = fsck.check(meta_b)
+        assert confirmed and confirmed[0] > 0
+        assert not e.q("SELECT 1 FROM upload_queue")
+        assert r.clean and not r.missing_files, r
+        assert r.held_elsewhere + r.cloud_only == 4
+        monkeypatch.setattr(queue_rows, "per_store", real)
+        r = fsck.check(meta_b)
+        assert r.clean and r.cloud_only == 4 and r.held_elsewhere == 0
+    finally:
+        meta_b.close()
