@@ -829,10 +829,13 @@ class CloudTier:
                 ids = chunk_rows.lock_evictable(cur, victims)
                 if ids:
                     chunk_rows.mark_evicted(cur, ids)
+                # the files go while the row locks are held (before the COMMIT), as in the
+                # sweep: gc cannot delete a row and a writer re-create it relying on a file
+                # this is about to delete; a reader that misses the file fetches it
+                for cid in ids:
+                    self.store.delete(cid)
                 return ids
             ids = self.db.transaction(body)
-            for cid in ids:   # after the commit: a reader that misses the file fetches it
-                self.store.delete(cid)
             done += len(ids)
             sizes = {c.id: c.stored_length for c in cands}
             self.evicted_chunks += len(ids)
@@ -846,8 +849,8 @@ class CloudTier:
         cannot tell which store holds a file, so this store's bytes are its files' sizes
         (one listing of the store and a stat per file), the candidates its files of
         chunks with a confirmed cloud copy, least frequently used first; each is deleted
-        after a COMMIT that held its row lock (``FOR UPDATE SKIP LOCKED``: rows a writer
-        or gc holds are left for a later round). ``is_local`` is left as it is: other
+        while its row lock is held, before the COMMIT (``FOR UPDATE SKIP LOCKED``: rows a
+        writer or gc holds are left for a later round). ``is_local`` is left as it is: other
         stores may still hold their files. A chunk not confirmed is never evicted (its
         file may be the only copy). Returns (chunks evicted, bytes freed)."""
         sizes: dict[bytes, int] = {}
@@ -870,11 +873,21 @@ class CloudTier:
                 victims.append(cid)
                 excess -= sizes[cid]
 
-            def body(cur: pymysql.cursors.Cursor, v: list[bytes] = victims) -> list[bytes]:
-                return chunk_rows.lock_confirmed(cur, v)
+            gone: set[bytes] = set()
+
+            def body(cur: pymysql.cursors.Cursor, v: list[bytes] = victims,
+                     gone: set[bytes] = gone) -> list[bytes]:
+                ids = chunk_rows.lock_confirmed(cur, v)
+                # delete under the row locks (before the COMMIT), as the sweep does: gc
+                # on another machine cannot delete the row meanwhile and a writer here
+                # re-create it relying on the file this then deletes
+                for cid in ids:
+                    if self.store.delete(cid):
+                        gone.add(cid)
+                return ids
             ids = self.db.transaction(body)
             for cid in ids:
-                if self.store.delete(cid):
+                if cid in gone:
                     done += 1
                     freed += sizes[cid]
             excess += sum(sizes[c] for c in victims) - sum(sizes[c] for c in ids)

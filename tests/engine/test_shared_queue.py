@@ -105,3 +105,52 @@ def test_fsck_reads_chunk_states_and_queue_holders_in_one_snapshot(
         assert r.clean and r.cloud_only == 4 and r.held_elsewhere == 0
     finally:
         meta_b.close()
+
+
+def _evict_probing_row_locks(e: CloudEngine, t: CloudTier, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Evict everything from ``t``'s store; each time it deletes a file, probe (from the
+    test's own connection, ``FOR UPDATE NOWAIT``) whether that chunk's row lock is held.
+    Returns one bool per file deleted: True = the row was locked (gc could not delete it
+    and a writer could not re-create it meanwhile)."""
+    import pymysql
+    real = t.store.delete
+    held: list[bool] = []
+
+    def probing_delete(cid: bytes) -> bool:
+        try:
+            e.q("SELECT id FROM chunks WHERE id = %s FOR UPDATE NOWAIT", (cid,), sync=False)
+            held.append(False)
+        except pymysql.err.OperationalError:
+            held.append(True)
+        return real(cid)
+    monkeypatch.setattr(t.store, "delete", probing_delete)
+    t.evict(0)
+    return held
+
+
+def test_shared_eviction_deletes_files_under_the_row_locks(shared: CloudEngine,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    e = shared
+    make_file(e.fs, b"a", rand(4 * CS, 51))
+    assert e.drain() > 0
+    t = e.tier(local_limit=0)
+    assert t.shared
+    held = _evict_probing_row_locks(e, t, monkeypatch)
+    assert held and all(held), held
+    assert not list(t.store.iter_ids())
+
+
+def test_eviction_deletes_files_under_the_row_locks(tmp_path: Path, mysql_server: EmbeddedServer,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    e = CloudEngine(tmp_path, mysql_server)
+    try:
+        make_file(e.fs, b"a", rand(4 * CS, 52))
+        assert e.drain() > 0
+        t = e.tier(local_limit=0)
+        assert not t.shared
+        held = _evict_probing_row_locks(e, t, monkeypatch)
+        assert held and all(held), held
+        assert not list(t.store.iter_ids())
+        assert e.q("SELECT COUNT(*) FROM chunks WHERE is_local = 1")[0][0] == 0
+    finally:
+        e.close()
