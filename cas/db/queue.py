@@ -167,6 +167,12 @@ def adopt(cur: pymysql.cursors.Cursor, chunks: Sequence[bytes], store: str) -> i
     return n
 
 
+def unclaimed_ids(src: Source, scope: Scope) -> list[bytes]:
+    """The chunk ids of ``scope``'s unclaimed queue rows. A plain read, no lock."""
+    cond, args = scope.where()
+    return [bytes(r[0]) for r in rows(src, f"SELECT chunk FROM upload_queue WHERE pack IS NULL AND {cond}", args)]
+
+
 def to_back(cur: pymysql.cursors.Cursor, chunk: bytes) -> None:
     """Move ``chunk``'s unclaimed queue row to the back of the queue (``queued`` = now,
     server time): a shared volume's uploader keeps a row whose file its store lacks

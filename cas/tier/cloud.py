@@ -1130,6 +1130,8 @@ class CloudTier:
             if n == 0:
                 if not self.ready_to_upload(True) and not self._uploading_left():
                     return total
+                if self._only_missing_left():
+                    return total
                 if end is not None and time.monotonic() > end:
                     raise TryAgain("queue not drained before the deadline")
                 time.sleep(0.2)
@@ -1138,6 +1140,16 @@ class CloudTier:
             total += n
             if on_pack is not None:
                 on_pack(n)
+
+    def _only_missing_left(self) -> bool:
+        """Shared volume: whether every unclaimed row of this store is one whose file
+        :meth:`_claim` found missing here (kept, not uploadable from here): a drain then
+        ends instead of waiting for its deadline. One count, then a list when small."""
+        if not self.shared or not self._missing_logged or self._uploading_left():
+            return False
+        if queue_rows.backlog(self.db, 0, self.scope).chunks > len(self._missing_logged):
+            return False
+        return all(c in self._missing_logged for c in queue_rows.unclaimed_ids(self.db, self.scope))
 
     def _uploading_left(self) -> bool:
         """Whether an upload of ours is unsettled: any 'uploading' pack (one store), or

@@ -154,3 +154,26 @@ def test_eviction_deletes_files_under_the_row_locks(tmp_path: Path, mysql_server
         assert e.q("SELECT COUNT(*) FROM chunks WHERE is_local = 1")[0][0] == 0
     finally:
         e.close()
+
+
+def test_a_row_whose_file_is_elsewhere_is_kept_and_adopted_by_the_store_holding_it(
+        shared: CloudEngine, tmp_path: Path) -> None:
+    """A queue row naming store B for a chunk only A's store holds (what enabling the
+    tier on B queued before the fix): B's uploader keeps it (a drain ends, it does not
+    wait for its deadline), and A adopts it at its next mount start (queue_held)."""
+    from cas.tier.cloud import queue_held
+    e = shared
+    make_file(e.fs, b"a", rand(3 * CS, 61))
+    e.fs.sync()
+    a, b = e.tier(pack_size=1 << 20), side_tier(e, tmp_path)
+    stray = bytes(e.q("SELECT chunk FROM upload_queue ORDER BY chunk LIMIT 1")[0][0])
+    e.q("UPDATE upload_queue SET store = %s WHERE chunk = %s", (b.scope.store, stray))
+    assert b.drain(30) == 0                       # ends: nothing of B's is uploadable here
+    assert e.q("SELECT store FROM upload_queue WHERE chunk = %s", (stray,)) == [(b.scope.store,)]
+    assert a.drain(30) > 0
+    assert [bytes(r[0]) for r in e.q("SELECT chunk FROM upload_queue")] == [stray]
+    assert queue_held(a.db, a.store, a.scope.store, e.vol.uuid) == 1
+    assert e.q("SELECT store FROM upload_queue WHERE chunk = %s", (stray,)) == [(a.scope.store,)]
+    assert a.drain(30) > 0
+    assert not e.q("SELECT 1 FROM upload_queue")
+    assert not e.q("SELECT 1 FROM chunks c LEFT JOIN pack_entries p ON p.chunk = c.id WHERE p.chunk IS NULL")
