@@ -391,9 +391,11 @@ class ChunkManager:
         # (cas.chunk.sweep; on a shared volume the mount's own, for rows another
         # machine's gc deleted) may have deleted the old file this write relies on
         # between the stat above and the insert. From the insert on the row lock is ours
-        # (a sweep's placeholder now finds the row), so a file present now stays.
+        # (a sweep's placeholder now finds the row), so a file present now stays. That
+        # includes the files this flush wrote itself (``stored``): a sweep with a short
+        # grace period may take them too.
         for cid in gain:
-            if cid not in rows and cid not in stored and self.store.stat(cid) is None:
+            if cid not in rows and self.store.stat(cid) is None:
                 blob = self.envelope.seal(chunks[cid], self.codec, self.level, cid)
                 self.store.put(cid, blob)
                 rewritten.append((len(blob), cid))

@@ -116,6 +116,71 @@ def queue_unconfirmed(cur: pymysql.cursors.Cursor, store: str | None = None) -> 
         "LEFT JOIN pack_entries p ON p.chunk = c.id WHERE p.chunk IS NULL", (store,)))
 
 
+def unqueued_unconfirmed(src: Source) -> list[bytes]:
+    """The chunks with neither a ``pack_entries`` row nor a queue row (nothing confirms
+    or will upload them), by id: on a shared volume each side queues those whose file
+    its store holds (cas.tier.cloud.queue_held; docs/sharing.md, "Data"). A plain read
+    (cursor: the caller's snapshot; Database: no lock)."""
+    return [bytes(r[0]) for r in rows(
+        src, "SELECT c.id FROM chunks c LEFT JOIN pack_entries p ON p.chunk = c.id "
+             "LEFT JOIN upload_queue q ON q.chunk = c.id WHERE p.chunk IS NULL AND q.chunk IS NULL "
+             "ORDER BY c.id")]
+
+
+def enqueue_existing(cur: pymysql.cursors.Cursor, chunks: Sequence[bytes], store: str) -> int:
+    """Queue those of ``chunks`` that still have a chunk row and no ``pack_entries`` row
+    as held by ``store`` (``INSERT IGNORE``: rows already queued stay). Takes a shared
+    lock on each chunk row first (lock order chunk -> queue, so gc, which deletes the row
+    under its exclusive lock, never leaves a queue row behind), to the caller's COMMIT.
+    Returns the rows added. One pair of statements per batch."""
+    added = 0
+    for part in batches(sorted(chunks)):
+        cur.execute("SELECT id FROM chunks WHERE id IN %s ORDER BY id LOCK IN SHARE MODE", (list(part),))
+        live = [bytes(r[0]) for r in cur.fetchall()]
+        if not live:
+            continue
+        added += int(cur.execute(
+            "INSERT IGNORE INTO upload_queue (chunk, store) SELECT c.id, %s FROM chunks c "
+            "LEFT JOIN pack_entries p ON p.chunk = c.id WHERE c.id IN %s AND p.chunk IS NULL",
+            (store, live)))
+    return added
+
+
+def others_unclaimed(src: Source, scope: Scope) -> list[bytes]:
+    """The chunks whose unclaimed queue row names a store other than ``scope``'s, by
+    id (a shared mount adopts those whose file its store holds: cas.tier.cloud.queue_held).
+    A plain read (cursor: the caller's snapshot; Database: no lock)."""
+    cond, args = scope.where()
+    return [bytes(r[0]) for r in rows(
+        src, f"SELECT chunk FROM upload_queue WHERE pack IS NULL AND NOT {cond} ORDER BY chunk", args)]
+
+
+def adopt(cur: pymysql.cursors.Cursor, chunks: Sequence[bytes], store: str) -> int:
+    """Make ``store`` the holder of the unclaimed queue rows of ``chunks`` (its files
+    are there; the store the rows named may lack them). A row another uploader has
+    claimed meanwhile is left alone (``pack IS NULL``; its claim holds the row lock, so
+    this waits for that COMMIT). Locks the rows it changes. Returns the rows changed."""
+    n = 0
+    for part in batches(sorted(chunks)):
+        n += int(cur.execute("UPDATE upload_queue SET store = %s WHERE chunk IN %s AND pack IS NULL",
+                             (store, list(part))))
+    return n
+
+
+def unclaimed_ids(src: Source, scope: Scope) -> list[bytes]:
+    """The chunk ids of ``scope``'s unclaimed queue rows. A plain read, no lock."""
+    cond, args = scope.where()
+    return [bytes(r[0]) for r in rows(src, f"SELECT chunk FROM upload_queue WHERE pack IS NULL AND {cond}", args)]
+
+
+def to_back(cur: pymysql.cursors.Cursor, chunk: bytes) -> None:
+    """Move ``chunk``'s unclaimed queue row to the back of the queue (``queued`` = now,
+    server time): a shared volume's uploader keeps a row whose file its store lacks
+    rather than dropping it (docs/sharing.md, "Data"), without letting it hold up the
+    rows behind it. Locks the row (the caller's claim holds it already)."""
+    cur.execute("UPDATE upload_queue SET queued = NOW(6) WHERE chunk = %s AND pack IS NULL", (chunk,))
+
+
 def enqueue(cur: pymysql.cursors.Cursor, chunks: Sequence[bytes], store: str | None = None) -> None:
     """Queue ``chunks`` (new chunk rows, and bad ones just rewritten) in the transaction
     that creates or rewrites their chunk rows (cas.chunk.manager.ChunkManager.apply_deltas,

@@ -41,9 +41,11 @@ from cas.chunk.store import LocalStore
 
 #: what fsck reads in its one snapshot: refcount mismatches (id, stored, actual), chunk
 #: ids with no row, live chunk ids, (cloud-only ids, bad-marked ids), nlink mismatches
-#: (inode, stored, actual), dangling entries (parent, name), every chunk id
+#: (inode, stored, actual), dangling entries (parent, name), every chunk id, and the upload
+#: queue (rows per store, stores sessions name, chunk -> the store its queue row names)
 _Snapshot = tuple[list[tuple[bytes, int, int]], list[bytes], list[bytes], tuple[set[bytes], set[bytes]],
-                  list[tuple[int, int, int]], list[tuple[int, str]], set[bytes]]
+                  list[tuple[int, int, int]], list[tuple[int, str]], set[bytes],
+                  tuple[list[queue_rows.StoreQueue], set[str], dict[bytes, str]]]
 
 
 @dataclass(frozen=True)
@@ -100,15 +102,15 @@ def check(meta: Metadata, repair: bool = False, verify: bool = True,
         nlinks = [(r.inode, r.stored, r.actual) for r in namespace_rows.nlink_mismatches(cur)]
         dangling = [(r.parent, r.name.decode(errors="replace")) for r in namespace_rows.dangling(cur)]
         all_ids = chunk_rows.all_ids(cur)
-        return refs, no_row, live, (in_cloud, marked), nlinks, dangling, all_ids
-
-    def queue_snapshot(cur: pymysql.cursors.Cursor) -> tuple[list[queue_rows.StoreQueue], set[str], dict[bytes, str]]:
-        per = queue_rows.per_store(cur, first)
-        return per, queue_rows.session_stores(cur), queue_rows.holders(cur, first) if shared else {}
+        # the queue in the same snapshot as the chunk states: a chunk another machine
+        # confirms meanwhile is then either still queued there or confirmed, never neither
+        queue = (queue_rows.per_store(cur, first), queue_rows.session_stores(cur),
+                 queue_rows.holders(cur, first) if shared else {})
+        return refs, no_row, live, (in_cloud, marked), nlinks, dangling, all_ids, queue
 
     with tables.repeatable_read(db):
-        refs, no_row, live, (in_cloud, marked), nlinks, dangling, all_ids = db.transaction(snapshot)
-        per_store, with_session, holder = db.transaction(queue_snapshot)
+        (refs, no_row, live, (in_cloud, marked), nlinks, dangling, all_ids,
+         (per_store, with_session, holder)) = db.transaction(snapshot)
         unreachable = db.transaction(lambda cur: namespace_rows.unreachable_dirs(cur, ROOT_INODE))
     missing, corrupt, bad_marked = [], [], []
     cloud_only = held_elsewhere = 0

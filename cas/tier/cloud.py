@@ -211,14 +211,43 @@ def enabled(db: Database) -> bool:
     return meta_rows.cloud_enabled(db)
 
 
-def enable(db: Database, store: str | None = None) -> int:
+def enable(db: Database, store: str | None = None, local: LocalStore | None = None) -> int:
     """Enable the cloud tier: queue every chunk not yet confirmed in a pack, as held by
     local store ``store`` (the enabling side's Volume.store; None: the first store).
-    Returns the number of chunks queued. Idempotent."""
+    On a shared volume give ``local`` (this side's LocalStore): only the chunks whose
+    file it holds are queued (a stat each); the other sides queue theirs at their next
+    mount (:func:`queue_held`; docs/sharing.md, "Data"). Returns the number of chunks
+    queued. Idempotent."""
+    if local is not None and store is not None:
+        held = [c for c in queue_rows.unqueued_unconfirmed(db) if local.stat(c) is not None]
+
+        def held_body(cur: pymysql.cursors.Cursor) -> int:
+            meta_rows.enable_cloud(cur)
+            return queue_rows.enqueue_existing(cur, held, store)
+        return db.transaction(held_body)
+
     def body(cur: pymysql.cursors.Cursor) -> int:
         meta_rows.enable_cloud(cur)
         return queue_rows.queue_unconfirmed(cur, store)
     return db.transaction(body)
+
+
+def queue_held(db: Database, local: LocalStore, store: str, volume_uuid: str) -> int:
+    """Queue, as held by ``store``, the chunks that are neither confirmed nor queued and
+    whose file ``local`` (that store) holds, and adopt the unclaimed queue rows of other
+    stores whose file ``local`` holds (a row queued under a store that lacks the file
+    would never be uploaded): a shared mount does it at start, so files written before
+    the tier was enabled on another side are uploaded from here (docs/sharing.md,
+    "Data"). Reads, a stat per candidate, then one transaction (chunk rows
+    share-locked, then the queue rows). Returns the rows added or adopted. Raises
+    MetaError."""
+    held = [c for c in queue_rows.unqueued_unconfirmed(db) if local.stat(c) is not None]
+    scope = queue_rows.Scope.of(volume_uuid, store)
+    theirs = [c for c in queue_rows.others_unclaimed(db, scope) if local.stat(c) is not None]
+    if not held and not theirs:
+        return 0
+    return int(db.transaction(lambda cur: queue_rows.enqueue_existing(cur, held, store)
+                              + queue_rows.adopt(cur, theirs, store)))
 
 
 def forget_sql(cur: pymysql.cursors.Cursor, cid: bytes) -> None:
@@ -405,6 +434,7 @@ class CloudTier:
         self.pack_age_s = min(cfg.pack_age_s, SHARED_PACK_AGE_S) if self.shared else cfg.pack_age_s
         self.remote_waits = 0     # reads that waited for another store's upload
         self.swept_files = 0      # orphan files the store sweep deleted
+        self._missing_logged: set[bytes] = set()   # shared: queued chunks whose file is not here, logged
         self._left: dict[int, float] = {}   # pack -> when to look again (another store's, not adoptable)
         self.envelope = codec_for(meta.volume)   # opens this volume's envelopes (plain or encrypted)
         self.counts = AccessCounts()
@@ -805,10 +835,13 @@ class CloudTier:
                 ids = chunk_rows.lock_evictable(cur, victims)
                 if ids:
                     chunk_rows.mark_evicted(cur, ids)
+                # the files go while the row locks are held (before the COMMIT), as in the
+                # sweep: gc cannot delete a row and a writer re-create it relying on a file
+                # this is about to delete; a reader that misses the file fetches it
+                for cid in ids:
+                    self.store.delete(cid)
                 return ids
             ids = self.db.transaction(body)
-            for cid in ids:   # after the commit: a reader that misses the file fetches it
-                self.store.delete(cid)
             done += len(ids)
             sizes = {c.id: c.stored_length for c in cands}
             self.evicted_chunks += len(ids)
@@ -822,8 +855,8 @@ class CloudTier:
         cannot tell which store holds a file, so this store's bytes are its files' sizes
         (one listing of the store and a stat per file), the candidates its files of
         chunks with a confirmed cloud copy, least frequently used first; each is deleted
-        after a COMMIT that held its row lock (``FOR UPDATE SKIP LOCKED``: rows a writer
-        or gc holds are left for a later round). ``is_local`` is left as it is: other
+        while its row lock is held, before the COMMIT (``FOR UPDATE SKIP LOCKED``: rows a
+        writer or gc holds are left for a later round). ``is_local`` is left as it is: other
         stores may still hold their files. A chunk not confirmed is never evicted (its
         file may be the only copy). Returns (chunks evicted, bytes freed)."""
         sizes: dict[bytes, int] = {}
@@ -846,11 +879,21 @@ class CloudTier:
                 victims.append(cid)
                 excess -= sizes[cid]
 
-            def body(cur: pymysql.cursors.Cursor, v: list[bytes] = victims) -> list[bytes]:
-                return chunk_rows.lock_confirmed(cur, v)
+            gone: set[bytes] = set()
+
+            def body(cur: pymysql.cursors.Cursor, v: list[bytes] = victims,
+                     gone: set[bytes] = gone) -> list[bytes]:
+                ids = chunk_rows.lock_confirmed(cur, v)
+                # delete under the row locks (before the COMMIT), as the sweep does: gc
+                # on another machine cannot delete the row meanwhile and a writer here
+                # re-create it relying on the file this then deletes
+                for cid in ids:
+                    if self.store.delete(cid):
+                        gone.add(cid)
+                return ids
             ids = self.db.transaction(body)
             for cid in ids:
-                if self.store.delete(cid):
+                if cid in gone:
                     done += 1
                     freed += sizes[cid]
             excess += sum(sizes[c] for c in victims) - sum(sizes[c] for c in ids)
@@ -902,6 +945,17 @@ class CloudTier:
                 # gc deleted the chunk (and its queue row) after our SELECT, or its only
                 # copy is lost (disk damage): nothing to upload either way; fsck reports it
                 if chunk_rows.exists(cur, cid):
+                    if self.shared:
+                        # another machine's store may hold it (a row queued under the
+                        # wrong store): keep the row, at the back of the queue, never
+                        # drop another store's only copy from the upload queue
+                        if cid not in self._missing_logged:
+                            self._missing_logged.add(cid)
+                            log.error("chunk %s is queued for upload by store %s (this store) but "
+                                      "its file is not here: the row is kept (casfs fsck lists it)",
+                                      cid.hex(), self.scope.store)
+                        queue_rows.to_back(cur, cid)
+                        continue
                     log.error("chunk %s was queued for upload but its local file is gone: "
                               "dropped from the queue (casfs fsck lists it)", cid.hex())
                 queue_rows.dequeue(cur, cid)
@@ -1082,6 +1136,8 @@ class CloudTier:
             if n == 0:
                 if not self.ready_to_upload(True) and not self._uploading_left():
                     return total
+                if self._only_missing_left():
+                    return total
                 if end is not None and time.monotonic() > end:
                     raise TryAgain("queue not drained before the deadline")
                 time.sleep(0.2)
@@ -1090,6 +1146,16 @@ class CloudTier:
             total += n
             if on_pack is not None:
                 on_pack(n)
+
+    def _only_missing_left(self) -> bool:
+        """Shared volume: whether every unclaimed row of this store is one whose file
+        :meth:`_claim` found missing here (kept, not uploadable from here): a drain then
+        ends instead of waiting for its deadline. One count, then a list when small."""
+        if not self.shared or not self._missing_logged or self._uploading_left():
+            return False
+        if queue_rows.backlog(self.db, 0, self.scope).chunks > len(self._missing_logged):
+            return False
+        return all(c in self._missing_logged for c in queue_rows.unclaimed_ids(self.db, self.scope))
 
     def _uploading_left(self) -> bool:
         """Whether an upload of ours is unsettled: any 'uploading' pack (one store), or

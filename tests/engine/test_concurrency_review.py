@@ -135,3 +135,37 @@ def test_a_read_whose_chunk_a_flush_and_gc_removed_reads_again(eng: Engine) -> N
     assert not eng.q("SELECT id FROM chunks WHERE bad = 1")
     fs.release(a.ino)
     assert eng.fsck().clean
+
+
+def test_a_flush_rewrites_its_own_new_chunk_file_a_sweep_deleted_before_its_row(eng: Engine) -> None:
+    """A flush writes the file of a new chunk (no row yet), then an orphan sweep with a
+    short grace period (another machine's gc deleted rows; this mount's store sweep)
+    deletes it before the flush's row insert. The flush's re-check after the insert must
+    cover the chunks it wrote itself: the file is written again, nothing reads EIO."""
+    import pytest
+    from cas.chunk.sweep import sweep_orphans
+    from cas.db import chunks as chunk_rows
+    fs = eng.fs
+    data = random.Random(4).randbytes(3 * CS)
+    a = fs.create(ROOT, b"s", 0o644, UID, GID)
+    fs.write(a.ino, 0, data)
+    real = chunk_rows.add_refs
+    swept: list[int] = []
+
+    def sweep_first(cur, refs):   # type: ignore[no-untyped-def]
+        if not swept and refs:   # the files are written and checked, the rows not yet inserted
+            with eng.other() as m:
+                swept.append(sweep_orphans(m.db, fs.chunks.store, 0.0).files)
+        return real(cur, refs)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(chunk_rows, "add_refs", sweep_first)
+    try:
+        fs.fsync(a.ino)
+    finally:
+        mp.undo()
+    fs.release(a.ino)
+    assert swept and swept[0] >= 3, swept
+    ids = [bytes(r[0]) for r in eng.q("SELECT id FROM chunks WHERE refcount > 0")]
+    assert len(ids) == 3 and all(fs.chunks.store.stat(c) is not None for c in ids)
+    assert reread(eng, a.ino) == data
+    assert eng.fsck().clean

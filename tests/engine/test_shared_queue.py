@@ -69,3 +69,111 @@ def test_an_uploader_claims_only_its_own_stores_rows(shared: CloudEngine, tmp_pa
     assert not e.q("SELECT 1 FROM packs WHERE id = %s", (pack,))
     assert a.drain(30) > 0
     assert e.q("SELECT COUNT(*) FROM upload_queue")[0][0] == 0
+
+
+def test_fsck_reads_chunk_states_and_queue_holders_in_one_snapshot(
+        shared: CloudEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsck on side B while A's uploader confirms A's chunks: each chunk is either held by
+    A's store (queued) or confirmed in the one snapshot fsck reads, never neither (which
+    counted it missing: a false exit 1)."""
+    from cas.maint import fsck
+    e = shared
+    make_file(e.fs, b"a", rand(4 * CS, 41))
+    e.fs.sync()
+    a = e.tier(pack_size=1 << 20)
+    vol_b = dataclasses.replace(e.vol, path=tmp_path / "side-b", store_id=secrets.token_hex(16))
+    (vol_b.path / "chunks").mkdir(parents=True)
+    meta_b = cas.db.database.connect(vol_b)
+    try:
+        r = fsck.check(meta_b)
+        assert r.clean and r.held_elsewhere == 4 and r.cloud_only == 0
+        real = queue_rows.per_store
+        confirmed: list[int] = []
+
+        def confirm_then_read(src: object, first: str) -> list[queue_rows.StoreQueue]:
+            if not confirmed:   # A's upload commits between fsck's reads of chunks and queue
+                confirmed.append(a.drain(30))
+            return real(src, first)   # type: ignore[arg-type]
+        monkeypatch.setattr(queue_rows, "per_store", confirm_then_read)
+        r = fsck.check(meta_b)
+        assert confirmed and confirmed[0] > 0
+        assert not e.q("SELECT 1 FROM upload_queue")
+        assert r.clean and not r.missing_files, r
+        assert r.held_elsewhere + r.cloud_only == 4
+        monkeypatch.setattr(queue_rows, "per_store", real)
+        r = fsck.check(meta_b)
+        assert r.clean and r.cloud_only == 4 and r.held_elsewhere == 0
+    finally:
+        meta_b.close()
+
+
+def _evict_probing_row_locks(e: CloudEngine, t: CloudTier, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Evict everything from ``t``'s store; each time it deletes a file, probe (from the
+    test's own connection, ``FOR UPDATE NOWAIT``) whether that chunk's row lock is held.
+    Returns one bool per file deleted: True = the row was locked (gc could not delete it
+    and a writer could not re-create it meanwhile)."""
+    import pymysql
+    real = t.store.delete
+    held: list[bool] = []
+
+    def probing_delete(cid: bytes) -> bool:
+        try:
+            e.q("SELECT id FROM chunks WHERE id = %s FOR UPDATE NOWAIT", (cid,), sync=False)
+            held.append(False)
+        except pymysql.err.OperationalError:
+            held.append(True)
+        return real(cid)
+    monkeypatch.setattr(t.store, "delete", probing_delete)
+    t.evict(0)
+    return held
+
+
+def test_shared_eviction_deletes_files_under_the_row_locks(shared: CloudEngine,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    e = shared
+    make_file(e.fs, b"a", rand(4 * CS, 51))
+    assert e.drain() > 0
+    t = e.tier(local_limit=0)
+    assert t.shared
+    held = _evict_probing_row_locks(e, t, monkeypatch)
+    assert held and all(held), held
+    assert not list(t.store.iter_ids())
+
+
+def test_eviction_deletes_files_under_the_row_locks(tmp_path: Path, mysql_server: EmbeddedServer,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    e = CloudEngine(tmp_path, mysql_server)
+    try:
+        make_file(e.fs, b"a", rand(4 * CS, 52))
+        assert e.drain() > 0
+        t = e.tier(local_limit=0)
+        assert not t.shared
+        held = _evict_probing_row_locks(e, t, monkeypatch)
+        assert held and all(held), held
+        assert not list(t.store.iter_ids())
+        assert e.q("SELECT COUNT(*) FROM chunks WHERE is_local = 1")[0][0] == 0
+    finally:
+        e.close()
+
+
+def test_a_row_whose_file_is_elsewhere_is_kept_and_adopted_by_the_store_holding_it(
+        shared: CloudEngine, tmp_path: Path) -> None:
+    """A queue row naming store B for a chunk only A's store holds (what enabling the
+    tier on B queued before the fix): B's uploader keeps it (a drain ends, it does not
+    wait for its deadline), and A adopts it at its next mount start (queue_held)."""
+    from cas.tier.cloud import queue_held
+    e = shared
+    make_file(e.fs, b"a", rand(3 * CS, 61))
+    e.fs.sync()
+    a, b = e.tier(pack_size=1 << 20), side_tier(e, tmp_path)
+    stray = bytes(e.q("SELECT chunk FROM upload_queue ORDER BY chunk LIMIT 1")[0][0])
+    e.q("UPDATE upload_queue SET store = %s WHERE chunk = %s", (b.scope.store, stray))
+    assert b.drain(30) == 0                       # ends: nothing of B's is uploadable here
+    assert e.q("SELECT store FROM upload_queue WHERE chunk = %s", (stray,)) == [(b.scope.store,)]
+    assert a.drain(30) > 0
+    assert [bytes(r[0]) for r in e.q("SELECT chunk FROM upload_queue")] == [stray]
+    assert queue_held(a.db, a.store, a.scope.store, e.vol.uuid) == 1
+    assert e.q("SELECT store FROM upload_queue WHERE chunk = %s", (stray,)) == [(a.scope.store,)]
+    assert a.drain(30) > 0
+    assert not e.q("SELECT 1 FROM upload_queue")
+    assert not e.q("SELECT 1 FROM chunks c LEFT JOIN pack_entries p ON p.chunk = c.id WHERE p.chunk IS NULL")

@@ -90,3 +90,27 @@ def open_tier(meta: Metadata, endpoint: str | None = None) -> cloud.CloudTier:
     if endpoint is not None:
         cfg.endpoint = endpoint
     return cloud.CloudTier(meta, cloud.open_objects(meta.volume, cfg, meta.db), cfg)
+
+
+def refuse_live_sessions(meta: Metadata, command: str) -> None:
+    """Enabling the cloud tier while another mount runs would leave that mount without
+    queue rows for its new chunks (it reads ``cloud_enabled`` at start) and its files
+    unqueued: refuse while any session is live, on any machine (docs/sharing.md,
+    "Data"). Raises VolumeError (one line, exit 1)."""
+    from cas.db import sessions as dbsessions
+    live = dbsessions.any_live(meta.db)
+    if live:
+        s = live[0]
+        raise VolumeError(f"volume {meta.volume.name} is mounted by {s.host}:{s.pid} (session {s.id}): "
+                          f"unmount every mount before `casfs {command}`")
+
+
+def enable_tier(meta: Metadata) -> int:
+    """Enable the volume's cloud tier from this side (cas.tier.cloud.enable): on a shared
+    volume only the chunks whose file this side's store holds are queued (each other
+    side queues its own at its next mount). Returns the chunks queued. Raises MetaError."""
+    from cas.chunk.store import LocalStore
+    from cas.db.volume import is_shared
+    vol = meta.volume
+    local = LocalStore(vol.chunk_dir) if is_shared(meta.db) else None
+    return cloud.enable(meta.db, vol.store, local)

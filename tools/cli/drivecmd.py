@@ -22,7 +22,7 @@ from cas.tier.objstore import DailyLimit
 from cas.config.volume import DEFAULT_NAME, Volume, open_volume, write_private
 
 from tools.cli import joincmd
-from tools.cli.common import human, open_tier, parse_size, user_errors
+from tools.cli.common import enable_tier, human, open_tier, parse_size, refuse_live_sessions, user_errors
 from tools.cli.keycmd import key_options, unlock_volume
 from tools.cli.mountcmd import is_mounted
 from tools.cli.progress import progress
@@ -109,6 +109,7 @@ def auth(volume: str, client_secrets: Path | None, service_account: Path | None,
         write_private(staged, data)
     try:
         with connect(vol) as meta:
+            refuse_live_sessions(meta, "drive auth")
             _refuse_foreign_folder(vol, cfg, meta, staged)
     except BaseException:
         if staged is not None:
@@ -121,7 +122,7 @@ def auth(volume: str, client_secrets: Path | None, service_account: Path | None,
         _forget_other_folder(meta, cfg)
         cloud.open_objects(vol, cfg, meta.db)   # creates the folder; proves the credentials work
         joincmd.record_join_settings(meta)      # what `casfs join` copies (docs/sharing.md)
-        queued = cloud.enable(meta.db, vol.store)
+        queued = enable_tier(meta)
         folder_id = meta_rows.get(meta.db, "drive_folder_id")
     where = cfg.endpoint or "Google Drive"
     click.echo(f"volume {vol.name}: cloud tier on {where}, folder {cfg.folder} ({folder_id}); "

@@ -140,6 +140,14 @@ def start_cloud(meta: Metadata, fs: Filesystem, opts: MountOptions) -> cloud.Clo
             raise VolumeError(f"volume {vol.name} has no cloud tier: --local-limit and "
                               "--drive-endpoint need one (casfs drive auth)")
         return None
+    if is_shared(meta.db):   # this store's files no queue row names (docs/sharing.md, "Data")
+        try:
+            queued = cloud.queue_held(meta.db, LocalStore(vol.chunk_dir), vol.store, vol.uuid)
+        except CasError as exc:   # the next mount tries again
+            log.warning("cannot queue this store's unqueued chunks for upload: %s", exc)
+        else:
+            if queued:
+                log.info("queued or adopted %d chunks of this store for upload", queued)
     cfg = cloud.CloudConfig.from_volume(vol)
     if opts.drive_endpoint is not None:
         cfg.endpoint = opts.drive_endpoint

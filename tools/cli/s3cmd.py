@@ -23,7 +23,7 @@ from cas.errors import VolumeError
 from cas.tier import cloud
 
 from tools.cli import drivecmd
-from tools.cli.common import human, parse_size, user_errors
+from tools.cli.common import enable_tier, human, parse_size, refuse_live_sessions, user_errors
 from tools.cli.keycmd import key_options, unlock_volume
 from tools.cli.mountcmd import is_mounted
 
@@ -88,6 +88,7 @@ def enable(volume: str, bucket: str, prefix: str | None, endpoint: str, region: 
     cfg.keep_generations = keep_generations
     cfg.snapshot_interval_s = snapshot_interval
     with connect(vol) as meta:
+        refuse_live_sessions(meta, "s3 enable")
         _refuse_moving_packs(vol, before, cfg, pack_rows.figures(meta.db))
         objects = cloud.open_s3(vol, cfg)
         assert isinstance(objects, S3ObjectStore)
@@ -103,7 +104,7 @@ def enable(volume: str, bucket: str, prefix: str | None, endpoint: str, region: 
                               f"to {whose}); give this volume its own --prefix")
         vol.s3 = cfg.as_table()
         vol.save()
-        queued = cloud.enable(meta.db, vol.store)
+        queued = enable_tier(meta)
     click.echo(f"volume {vol.name}: cloud tier in {cfg.label()}" + (" (bucket created)" if created else "")
                + f"; {queued} chunks queued for upload (the next mount uploads them)")
 
