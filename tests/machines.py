@@ -33,7 +33,7 @@ from tests.conftest import ROOT, CasEnv
 from tools.cli.mountcmd import registry_file
 
 #: the session timeout both sides run with (seconds): a killed mount is reaped quickly
-SESSION_TIMEOUT_S = "3"
+SESSION_TIMEOUT_S = "6"
 _counter = itertools.count()
 
 

@@ -1,7 +1,7 @@
 """Sessions, `casfs join` and exclusive vs shared mounts, on real mounts of two simulated
 machines (tests/machines.py; docs/sharing.md "Sessions", "Joining a machine", "Reaping").
 
-Both sides run with a 3 s session timeout and their own host name in their session rows
+Both sides run with a 6 s session timeout and their own host name in their session rows
 (``CASFS_SESSION_HOST``), so a killed mount of A is found dead by B through its heartbeat's
 age, as across real machines.
 """
@@ -141,7 +141,7 @@ def test_kill_9_of_a_mount_is_reaped_and_its_unlinked_open_file_freed(two_machin
     (mp_b / "dir-b").mkdir()
     assert (mp_b / "on-b").read_bytes() == more
     assert sorted(os.listdir(mp_b)) == ["dir-b", "on-b"]
-    # B's heartbeat thread reaps A (heartbeat older than 3 s) and frees its sustained inode
+    # B's heartbeat thread reaps A (heartbeat older than 6 s) and frees its sustained inode
     wait_for(lambda: [s["host"] for s in m.sessions(m.b)] == ["machine-B"], "A's session reaped", timeout=90)
     assert sql(m, "SELECT COUNT(*) FROM inodes WHERE id = %s", (ino,))[0][0] == 0
     assert sql(m, "SELECT COUNT(*) FROM manifests WHERE inode = %s", (ino,))[0][0] == 0
