@@ -30,7 +30,6 @@ discovery document shipped in the wheel and rewriting its ``rootUrl``.
 """
 from __future__ import annotations
 
-import email.utils
 import functools
 import http.client
 import io
@@ -55,7 +54,7 @@ from googleapiclient.errors import BatchError, HttpError
 from googleapiclient.http import MediaIoBaseUpload, build_http
 
 from cas.tier.objstore import (CredentialsRefused, DailyLimit, ObjectInfo, ObjectNotFound, ObjectStoreError, TryAgain,
-                       retrying)
+                       retry_after_seconds, retrying)
 
 # The client logs 'Encountered 403 Forbidden with reason "..."' for every 403 it sees,
 # even with num_retries=0; each error is translated and reported here instead, so that a
@@ -212,24 +211,6 @@ def _error_details(content: bytes | str | None) -> tuple[str, list[str], list[st
         return text[:200], [], []
 
 
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header: delta-seconds (a decimal fraction is accepted)
-    or an HTTP date; None when absent or unreadable."""
-    if not value:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max((when - datetime.now(timezone.utc)).total_seconds(), 0.0)
-
-
 def is_daily_limit(status: int, message: str, reasons: list[str], messages: list[str]) -> bool:
     """Whether a Drive error is the daily upload cap (see the module doc): decided by the
     documented ``reason`` (``dailyLimitExceeded``; ``userRateLimitExceeded`` only with the
@@ -251,7 +232,7 @@ def translate(exc: BaseException, what: str) -> ObjectStoreError:
         text = " ".join(f"{what}: HTTP {status} {message or exc.resp.reason or ''}".split())
         if reasons and reasons[0]:
             text += f" ({reasons[0]})"
-        retry_after = _retry_after(exc.resp.get("retry-after"))
+        retry_after = retry_after_seconds(exc.resp.get("retry-after"))
         if status == 404:
             return ObjectNotFound(text)
         if status == 401 or (status == 403 and AUTH_REASONS.intersection(reasons)):

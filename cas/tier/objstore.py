@@ -20,6 +20,7 @@ Errors an implementation raises (and nothing else for store-side conditions):
 """
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import os
 import secrets
@@ -33,6 +34,24 @@ from typing import Protocol, TypeVar
 import tenacity
 
 T = TypeVar("T")
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (RFC 9110 10.2.3: delta-seconds or an HTTP
+    date; a decimal fraction is accepted); None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max((when - datetime.now(timezone.utc)).total_seconds(), 0.0)
 
 
 class ObjectStoreError(Exception):

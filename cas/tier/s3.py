@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import email.utils
 import hashlib
 import http.client
 import json
@@ -68,7 +67,8 @@ import botocore.exceptions
 import botocore.session
 from botocore.config import Config
 
-from cas.tier.objstore import CredentialsRefused, ObjectInfo, ObjectNotFound, ObjectStoreError, TryAgain
+from cas.tier.objstore import (CredentialsRefused, ObjectInfo, ObjectNotFound, ObjectStoreError, TryAgain,
+                               retry_after_seconds)
 
 T = TypeVar("T")
 
@@ -109,24 +109,6 @@ _CREDENTIAL_ERRORS: tuple[type[BaseException], ...] = (
     botocore.exceptions.UnauthorizedSSOTokenError,
 )
 _API_ERRORS = (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) + _TRANSPORT_ERRORS
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (RFC 9110 10.2.3: delta-seconds or an HTTP
-    date; a decimal fraction is accepted); None when absent or unreadable."""
-    if not value:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max((when - datetime.now(timezone.utc)).total_seconds(), 0.0)
 
 
 def translate(exc: BaseException, what: str) -> ObjectStoreError:
