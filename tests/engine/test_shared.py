@@ -27,6 +27,7 @@ from cas.engine.coherence import PRUNE_EVERY_S, ChangeFeed
 from cas.engine.fs import Filesystem
 from cas.errors import FsError
 from tests.engine.test_fs import CS, ROOT, UID, GID, Engine, expected_refs, sha
+from tests.waiting import wait_for
 
 MODE = 0o644
 
@@ -462,8 +463,6 @@ def test_two_machines_cannot_move_directories_into_each_other(two: Shared) -> No
     by every cross-directory rename of a shared mount) the second waits for the first
     and then finds the cycle: exactly one rename is done, the other is EINVAL, every
     directory stays reachable from the root (fsck clean)."""
-    import threading
-    import time
     a, b = two.a, two.b
     p = a.mkdir(ROOT, b"P", 0o755, UID, GID).ino
     p1 = a.mkdir(p, b"p1", 0o755, UID, GID).ino
@@ -489,10 +488,8 @@ def test_two_machines_cannot_move_directories_into_each_other(two: Shared) -> No
                    threading.Thread(target=run, args=(b, "B", b"Q", p1))]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 30
-        while _lock_waits(two) < 2:   # both bodies in flight: waiting for a row lock
-            assert time.monotonic() < deadline, "the two renames never both waited"
-            time.sleep(0.05)
+        # both bodies in flight: waiting for a row lock
+        wait_for(lambda: _lock_waits(two) >= 2, "the two renames both waiting for a row lock", 30)
     finally:
         holder.rollback()
         holder.close()
